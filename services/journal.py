@@ -1,0 +1,269 @@
+"""Write-ahead journal and snapshot store for the stateful services.
+
+A service loop appends records, calls `commit()` once per iteration and only then
+acknowledges anything ("journal first, then acknowledge"). On restart it loads its
+snapshot, then `replay(after_lsn=<lsn stored in the snapshot>)`.
+
+Journal format, one record per line so an operator can `cat`/`grep` it:
+
+    <crc32 of the json bytes, 8 hex chars> <json of the record with an "lsn" key>\\n
+
+Recovery never raises on bad content (a crash at start-up becomes a permanent FATAL
+under supervisord): a torn tail is cut off, a corrupt middle record is skipped and reported.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import tempfile
+import zlib
+from dataclasses import dataclass, field
+
+import orjson
+
+FSYNC_POLICIES = ("always", "group", "off")
+
+_SNAPSHOT_OPTS = orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS
+
+
+class JournalError(Exception):
+    """The journal cannot be opened or written; nothing in the failed commit is durable."""
+
+    code = "journal_error"
+
+
+@dataclass
+class ReplayReport:
+    records: int = 0
+    torn_tail: bool = False
+    corrupt: list[str] = field(default_factory=list)
+    skipped_before_lsn: int = 0
+    tail: list[str] = field(default_factory=list)  # what was cut off when torn_tail (for logs)
+
+
+def _parse(line: bytes) -> tuple[dict | None, str]:
+    """One journal line (without its newline) -> (record, "") or (None, why it is bad)."""
+    if len(line) < 11 or line[8:9] != b" ":  # shortest good line: "xxxxxxxx {}"
+        return None, "malformed line"
+    body = line[9:]
+    if line[:8] != b"%08x" % zlib.crc32(body):
+        return None, "checksum mismatch"
+    try:
+        record = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None, "invalid JSON"
+    lsn = record.get("lsn") if isinstance(record, dict) else None
+    if type(lsn) is not int:  # bool is an int subclass: exclude it
+        return None, "no integer lsn"
+    return record, ""
+
+
+def _fsync_dir(path: str | os.PathLike) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Journal:
+    def __init__(self, path: str | os.PathLike, fsync: str = "group"):
+        if fsync not in FSYNC_POLICIES:
+            raise ValueError(f"fsync policy must be one of {FSYNC_POLICIES}, not {fsync!r}")
+        self.path = os.fspath(path)
+        self.fsync = fsync
+        self._fd: int | None = None
+        self._offset = 0  # end of the last durable-or-written good record
+        self._next_lsn = 1
+        self._buffer: list[bytes] = []
+        self._dirty_tail = False  # a failed truncate left bytes past _offset
+
+    @property
+    def pending(self) -> int:
+        return len(self._buffer)
+
+    @property
+    def last_lsn(self) -> int:
+        return self._next_lsn - 1
+
+    def replay(self, after_lsn: int = 0) -> tuple[list[dict], ReplayReport]:
+        """Open for append and return the good records with lsn > after_lsn, in order."""
+        if self._fd is not None:
+            raise JournalError("journal already opened; replay() runs once per Journal")
+        directory = os.path.dirname(os.path.abspath(self.path))
+        try:
+            os.makedirs(directory, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            raise JournalError(f"cannot open journal {self.path}: {e}") from e
+        try:
+            # A second live writer would interleave with ours and corrupt the file.
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            with open(fd, "rb", closefd=False) as f:
+                data = f.read()
+        except OSError as e:
+            os.close(fd)
+            raise JournalError(f"cannot lock/read journal {self.path}: {e}") from e
+
+        records: list[dict] = []
+        report = ReplayReport()
+        bad: list[tuple[int, str]] = []
+        good_end = 0
+        max_lsn = after_lsn
+        pos = 0
+        while pos < len(data):
+            nl = data.find(b"\n", pos)
+            if nl == -1:  # last write never finished its line
+                bad.append((pos, f"offset {pos}: incomplete record ({len(data) - pos} bytes)"))
+                break
+            record, why = _parse(data[pos:nl])
+            lsn = record["lsn"] if record is not None else 0
+            if record is not None and after_lsn < lsn <= max_lsn:
+                record, why = None, f"lsn {lsn} not above {max_lsn}"  # never reorder history
+            if record is None:
+                bad.append((pos, f"offset {pos}: {why}"))
+            else:
+                good_end = nl + 1
+                if lsn <= after_lsn:
+                    report.skipped_before_lsn += 1
+                else:
+                    records.append(record)
+                max_lsn = max(max_lsn, lsn)
+            pos = nl + 1
+
+        report.records = len(records)
+        report.corrupt = [why for off, why in bad if off < good_end]
+        report.tail = [why for off, why in bad if off >= good_end]
+        self._buffer, self._dirty_tail = [], False  # a reopened Journal starts clean
+        if good_end < len(data):
+            # Cut the torn tail so the next append never follows garbage (PITFALLS 10).
+            report.torn_tail = True
+            try:
+                os.ftruncate(fd, good_end)
+                os.fsync(fd)
+            except OSError:
+                self._dirty_tail = True  # retried before the first write
+        with contextlib.suppress(OSError):
+            _fsync_dir(directory)  # make a newly created file's name durable
+        self._fd = fd
+        self._offset = good_end
+        self._next_lsn = max_lsn + 1
+        return records, report
+
+    def append(self, record: dict) -> int:
+        """Buffer one record in memory; returns its lsn (any "lsn" key given is replaced)."""
+        if self._fd is None:
+            raise JournalError("journal not open: call replay() first")
+        lsn = self._next_lsn
+        body = orjson.dumps({**record, "lsn": lsn})  # raises before the lsn is consumed
+        self._buffer.append(b"%08x %b\n" % (zlib.crc32(body), body))
+        self._next_lsn = lsn + 1
+        return lsn
+
+    def commit(self) -> int:
+        """Write the buffered records; returns how many. Raises JournalError on I/O failure."""
+        if self._fd is None:
+            raise JournalError("journal not open: call replay() first")
+        if not self._buffer:
+            return 0
+        done = 0
+        try:
+            if self._dirty_tail:
+                os.ftruncate(self._fd, self._offset)
+                self._dirty_tail = False
+            if self.fsync == "always":
+                for line in self._buffer:
+                    self._write(line)
+                    os.fdatasync(self._fd)
+                    self._offset += len(line)
+                    done += 1
+            else:
+                data = b"".join(self._buffer)
+                self._write(data)
+                if self.fsync == "group":
+                    os.fdatasync(self._fd)
+                self._offset += len(data)
+                done = len(self._buffer)
+        except OSError as e:
+            # Records already synced under "always" stay written; the rest stay pending.
+            del self._buffer[:done]
+            try:
+                os.ftruncate(self._fd, self._offset)
+            except OSError:
+                self._dirty_tail = True
+            raise JournalError(f"journal commit failed after {done} records: {e}") from e
+        self._buffer.clear()
+        return done
+
+    def _write(self, data: bytes) -> None:
+        # os.pwrite at our own offset: a short write (seen on ENOSPC) is not an exception.
+        view = memoryview(data)
+        offset = self._offset
+        while view:
+            n = os.pwrite(self._fd, view, offset)
+            if n <= 0:
+                raise OSError(errno.ENOSPC, "short write")
+            view = view[n:]
+            offset += n
+
+    def compact(self) -> None:
+        """Empty the journal; call right after a snapshot covering last_lsn is durable."""
+        self.commit()
+        # A crash or failure here is harmless: replay(after_lsn) skips covered records.
+        try:
+            os.ftruncate(self._fd, 0)
+            self._offset = 0
+            self._dirty_tail = False
+            os.fdatasync(self._fd)
+        except OSError as e:
+            raise JournalError(f"journal compaction failed: {e}") from e
+
+    def close(self) -> None:
+        """Commit what is pending (best effort: raises if that fails) and release the file."""
+        if self._fd is None:
+            return
+        try:
+            self.commit()
+        finally:
+            os.close(self._fd)  # also drops the flock
+            self._fd = None
+
+
+def write_snapshot(path: str | os.PathLike, data: dict) -> None:
+    """Atomically replace `path` with pretty JSON: temp file, fsync, rename, fsync dir."""
+    payload = orjson.dumps(data, option=_SNAPSHOT_OPTS) + b"\n"
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with open(fd, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(directory)
+
+
+def read_snapshot(path: str | os.PathLike) -> tuple[dict | None, str | None]:
+    """(data, None) if good, (None, None) if missing, (None, reason) if unusable. Never raises."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        return None, None
+    except OSError as e:
+        return None, f"cannot read snapshot {path}: {e}"
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError as e:
+        return None, f"snapshot {path} is not valid JSON: {e}"
+    if not isinstance(data, dict):
+        return None, f"snapshot {path} holds a {type(data).__name__}, not an object"
+    return data, None
