@@ -17,9 +17,8 @@ Duration, tokens and memory are learnt as ``log1p`` (they are skewed); CPU is le
 Predicting one row must be cheap (it sits on the dispatch path), and sklearn's own
 ``predict`` walks trees one Python call at a time (~15 ms for one row here). So at training
 time the fitted trees of all four models are flattened into a few numpy arrays and walked
-together, one level per numpy step,
-for the single row (checked against ``model.predict`` before it is trusted; if the check
-fails the slow path is used and ``status()`` says so). Results are also cached per
+together, one level per numpy step (checked against ``model.predict`` before it is trusted;
+if the check fails the slow path is used and ``status()`` says so). Results are also cached per
 (type, priority, description hash, payload bucket), the payload feature being bucketed so a
 cached answer is exactly what the model would say.
 
