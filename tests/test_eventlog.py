@@ -10,6 +10,7 @@ from pathlib import Path
 
 import orjson
 import pytest
+
 from cortex.services import eventlog
 from cortex.services.eventlog import (
     EventLogError,

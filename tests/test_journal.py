@@ -9,6 +9,9 @@ import zlib
 
 import orjson
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
 from cortex.services.journal import (
     FSYNC_POLICIES,
     Journal,
@@ -16,8 +19,6 @@ from cortex.services.journal import (
     read_snapshot,
     write_snapshot,
 )
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 
 def open_journal(path, after_lsn=0, fsync="group"):

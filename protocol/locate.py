@@ -1,0 +1,53 @@
+"""Where the suite lives: the home directory and the endpoints under it.
+
+The CLI, the services and the client library all find the suite the same way:
+an explicit home, else $CORTEX_HOME, else `.cortex` in the working directory.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+
+DEFAULT_HOME = ".cortex"
+IPC_PATH_MAX = 107  # sun_path limit; libzmq fails on longer ipc paths
+
+
+class HomeError(Exception):
+    code = "bad_home"
+
+
+def find_home(home: str | os.PathLike | None = None) -> Path:
+    raw = home or os.environ.get("CORTEX_HOME") or DEFAULT_HOME
+    return Path(raw).expanduser().absolute()
+
+
+def ipc(path: Path) -> str:
+    text = str(path)
+    if len(text.encode()) > IPC_PATH_MAX:
+        raise HomeError(
+            f"socket path {text!r} is {len(text.encode())} bytes, above the {IPC_PATH_MAX}-byte "
+            "ipc limit: choose a shorter --home or CORTEX_HOME")
+    return f"ipc://{text}"
+
+
+def endpoints(home: Path) -> dict[str, str]:
+    """The bus, event fan-in and live event endpoints (tcp:// when configured)."""
+    run = home / "run"
+    result = {
+        "bus": ipc(run / "bus.sock"),
+        "events_in": ipc(run / "events-in.sock"),
+        "events_live": ipc(run / "events.sock"),
+    }
+    cfg = home / "cortex.toml"
+    if cfg.exists():
+        try:
+            with cfg.open("rb") as f:
+                bus = tomllib.load(f).get("bus", {})
+        except (OSError, tomllib.TOMLDecodeError):
+            bus = {}  # the services report a bad config loudly; clients keep the defaults
+        for key in result:
+            if isinstance(bus.get(key), str) and bus[key]:
+                result[key] = bus[key]
+    return result

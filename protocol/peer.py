@@ -1,0 +1,131 @@
+"""One peer's link to the broker: socket options, hello, heartbeats both ways, re-hello.
+
+Used by every service, worker and client so the connection rules live in one place.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket as _socket
+import time
+import uuid
+
+import zmq
+
+from . import wire
+
+log = logging.getLogger(__name__)
+
+LINGER_MS = 200  # never the infinite default: a context must always terminate
+HWM = 200_000
+
+
+def make_socket(ctx: zmq.Context, kind: int, *, name: str | None = None) -> zmq.Socket:
+    """A socket with the options every Cortex socket needs (see PITFALLS.md)."""
+    sock = ctx.socket(kind)
+    sock.setsockopt(zmq.LINGER, LINGER_MS)
+    sock.setsockopt(zmq.MAXMSGSIZE, wire.MAXMSGSIZE_BACKSTOP)
+    sock.setsockopt(zmq.HANDSHAKE_IVL, 5000)
+    sock.setsockopt(zmq.SNDHWM, HWM)
+    sock.setsockopt(zmq.RCVHWM, HWM)
+    sock.setsockopt(zmq.RECONNECT_IVL, 50)
+    sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+    if name is not None:
+        sock.setsockopt(zmq.ROUTING_ID, name.encode())
+    return sock
+
+
+def unique_name(prefix: str) -> str:
+    host = _socket.gethostname().split(".")[0][:16] or "host"
+    return f"{prefix}-{host}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+class BusLink:
+    """A DEALER to the broker that says hello and keeps the two-way heartbeat.
+
+    The owner polls `socket`, passes what it receives to `accept()` (which consumes
+    control traffic and returns the rest), and calls `tick()` from its loop; `tick()`
+    returns the seconds until it needs to be called again.
+    """
+
+    def __init__(self, ctx: zmq.Context, endpoint: str, name: str, role: str,
+                 interval: float = wire.HEARTBEAT_INTERVAL, heartbeat: bool = True):
+        if not wire.valid_name(name):
+            raise ValueError(f"invalid peer name {name!r}")
+        self.name = name
+        self.role = role
+        self.interval = interval
+        self.heartbeat = heartbeat
+        self.socket = make_socket(ctx, zmq.DEALER, name=name)
+        self.socket.connect(endpoint)
+        now = time.monotonic()
+        self.last_heard = now
+        self.next_beat = now + interval
+        self.welcomed = False
+        self.dropped = 0  # malformed messages received and dropped
+        self.hello()
+
+    def hello(self) -> None:
+        self.send(wire.HELLO, wire.BROKER, body={"role": self.role, "name": self.name,
+                                                  "version": wire.VERSION})
+
+    def send(self, type_: bytes, peer: bytes, corr: bytes = b"", body=None) -> bool:
+        """Send without blocking; False when the outgoing queue is full."""
+        try:
+            self.socket.send_multipart(wire.frames(type_, peer, corr, body), flags=zmq.NOBLOCK,
+                                       copy=False)
+            return True
+        except zmq.Again:
+            return False
+
+    def accept(self, parts: list) -> wire.Message | None:
+        """Consume control messages; return anything else for the owner."""
+        try:
+            msg = wire.parse(parts)
+        except wire.ProtocolError as e:
+            self.dropped += 1
+            log.warning("dropped malformed message from broker: %s", e)
+            return None
+        self.last_heard = time.monotonic()
+        if msg.type == wire.HEARTBEAT:
+            return None
+        if msg.type == wire.WELCOME:
+            self.welcomed = True
+            return None
+        if msg.type == wire.WHO:
+            # The broker restarted and lost its table: introduce ourselves again.
+            self.welcomed = False
+            self.hello()
+            return None
+        return msg
+
+    def receive(self) -> wire.Message | None:
+        """Receive one message without blocking (None if none or it was control traffic)."""
+        try:
+            parts = self.socket.recv_multipart(flags=zmq.NOBLOCK)
+        except zmq.Again:
+            return None
+        return self.accept(parts)
+
+    @property
+    def broker_alive(self) -> bool:
+        return time.monotonic() - self.last_heard < self.interval * wire.HEARTBEAT_LIVENESS
+
+    def tick(self, now: float | None = None) -> float:
+        now = time.monotonic() if now is None else now
+        if not self.heartbeat:
+            return 3600.0
+        if now >= self.next_beat:
+            self.send(wire.HEARTBEAT, wire.BROKER)
+            self.next_beat = now + self.interval
+            if not self.broker_alive:
+                # Silent broker: say hello again so a restarted one knows our role at once.
+                self.hello()
+        return max(0.0, self.next_beat - now)
+
+    def close(self) -> None:
+        try:
+            self.send(wire.BYE, wire.BROKER)
+        finally:
+            self.socket.close(linger=LINGER_MS)

@@ -1,0 +1,233 @@
+"""The Cortex bus protocol, version 1 (`CX1`): frames, types, codes, checks.
+
+Every message on the bus is a multipart ZeroMQ message of exactly five frames:
+
+    0  tag     b"CX1"                      protocol and version
+    1  type    b"HELLO" | b"WELCOME" | ...   see TYPES below
+    2  peer    destination name when sent to the broker (a service such as b"scheduler",
+               or a peer's name); the broker replaces it with the sender's name on delivery,
+               so the receiver replies by sending to that name
+    3  corr    correlation id (0-64 bytes, chosen by the requester, echoed by the reply)
+    4  body    one msgpack map with str keys (an empty frame means {})
+
+A ROUTER adds the sender's routing id in front; every peer's routing id is its name, so
+the broker routes by name without a lookup table. Nothing here touches a socket.
+
+Types and who sends them:
+    HELLO      peer -> broker     {"role": "client"|"service"|"worker", "name": str, "version": 1}
+    WELCOME    broker -> peer     {"heartbeat_ms": int}
+    HEARTBEAT  both ways          {} ; any message counts as a sign of life
+    WHO        broker -> peer     {} ; "I do not know you" (after a broker restart): say HELLO again
+    BYE        peer -> broker     {} ; leaving on purpose
+    REQUEST    peer -> peer       {"op": str, ...}; exactly one REPLY or ERROR comes back
+    REPLY      peer -> peer       result body
+    ERROR      any -> peer        {"code": str, "message": str}
+    NOTIFY     peer -> peer       {"op": str, ...}; one-way, no reply (dispatch, worker reports)
+    EVENTS     publisher -> events router (its own fan-in socket) {"events": [event, ...]}
+    ACK        events router -> publisher {"source": str, "epoch": int, "upto": int}
+
+Liveness (Paranoid Pirate): broker and every service or worker send HEARTBEAT every
+HEARTBEAT_INTERVAL; a peer not heard from for HEARTBEAT_LIVENESS intervals is dead.
+Clients heartbeat only while they wait for a reply.
+
+Error codes are stable strings (ERROR_CODES); messages are for humans.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import msgpack
+
+TAG = b"CX1"
+VERSION = 1
+
+HELLO = b"HELLO"
+WELCOME = b"WELCOME"
+HEARTBEAT = b"HEARTBEAT"
+WHO = b"WHO"
+BYE = b"BYE"
+REQUEST = b"REQUEST"
+REPLY = b"REPLY"
+ERROR = b"ERROR"
+NOTIFY = b"NOTIFY"
+EVENTS = b"EVENTS"
+ACK = b"ACK"
+TYPES = frozenset({HELLO, WELCOME, HEARTBEAT, WHO, BYE, REQUEST, REPLY, ERROR, NOTIFY, EVENTS, ACK})
+
+FRAME_COUNT = 5
+BROKER = b"broker"  # destination for the broker's own requests
+
+# Seconds between heartbeats, and how many may be missed before a peer is dead.
+HEARTBEAT_INTERVAL = 1.0
+HEARTBEAT_LIVENESS = 3
+
+# Application limit on a whole message; ZMQ_MAXMSGSIZE is set far above it only as a
+# backstop, because libzmq enforces it per frame by silently dropping the connection.
+MAX_MESSAGE_BYTES = 1 << 20
+MAXMSGSIZE_BACKSTOP = 128 << 20
+MAX_NAME_BYTES = 64
+MAX_CORR_BYTES = 64
+MAX_INT = (1 << 63) - 1
+
+ROLES = frozenset({"client", "service", "worker"})
+
+# Stable error codes and what they mean.
+ERROR_CODES = {
+    "bad_protocol": "wrong protocol tag or version",
+    "bad_request": "malformed frames, body or fields",
+    "unknown_type": "unknown message type or operation",
+    "too_large": "message above the size limit",
+    "unavailable": "destination not connected or not answering",
+    "queue_full": "the queue for this task type is full",
+    "budget_exceeded": "the token budget cannot cover the request",
+    "not_found": "no such task, worker or budget",
+    "conflict": "the operation does not apply in the current state",
+    "timeout": "no answer within the deadline",
+    "rejected": "admission refused the task",
+    "unauthorized": "the peer may not do this",
+    "internal": "the service failed while handling the request",
+}
+
+
+class ProtocolError(Exception):
+    """A message that breaks the protocol; `.code` is one of ERROR_CODES."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(slots=True)
+class Message:
+    type: bytes
+    peer: bytes
+    corr: bytes
+    body: bytes  # still encoded: only the final receiver pays for decoding
+
+    def decoded(self) -> dict:
+        return decode_body(self.body)
+
+
+def _no_ext(code: int, data: bytes):
+    raise ProtocolError("bad_request", f"msgpack extension type {code} is not allowed")
+
+
+def encode_body(body: dict | None) -> bytes:
+    return b"" if not body else msgpack.packb(body, use_bin_type=True)
+
+
+def decode_body(raw: bytes) -> dict:
+    """Decode a body frame: a msgpack map with str keys, nothing else."""
+    if not raw:
+        return {}
+    try:
+        body = msgpack.unpackb(raw, raw=False, strict_map_key=True, ext_hook=_no_ext)
+    except ProtocolError:
+        raise
+    except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError,
+            msgpack.StackError, UnicodeDecodeError) as e:
+        raise ProtocolError("bad_request", f"body is not valid msgpack: {e}") from e
+    if not isinstance(body, dict):
+        raise ProtocolError("bad_request", "body must be a msgpack map")
+    return body
+
+
+def frames(type_: bytes, peer: bytes, corr: bytes = b"", body: dict | bytes | None = None):
+    """Build the five frames of a message; the one place the envelope is stacked."""
+    raw = body if isinstance(body, bytes) else encode_body(body)
+    return [TAG, type_, peer, corr, raw]
+
+
+def parse(parts: list[bytes]) -> Message:
+    """Check the envelope of a received message (after any routing id was removed)."""
+    if len(parts) != FRAME_COUNT:
+        raise ProtocolError("bad_request", f"expected {FRAME_COUNT} frames, got {len(parts)}")
+    tag, type_, peer, corr, body = parts
+    if tag != TAG:
+        raise ProtocolError("bad_protocol", f"unsupported protocol tag {bytes(tag[:16])!r}")
+    if type_ not in TYPES:
+        raise ProtocolError("unknown_type", f"unknown message type {bytes(type_[:32])!r}")
+    size = len(peer) + len(corr) + len(body)
+    if size > MAX_MESSAGE_BYTES:
+        raise ProtocolError("too_large", f"message of {size} bytes exceeds {MAX_MESSAGE_BYTES}")
+    if len(peer) > MAX_NAME_BYTES or len(corr) > MAX_CORR_BYTES:
+        raise ProtocolError("bad_request", "peer or correlation frame too long")
+    return Message(type_, peer, corr, body)
+
+
+def error_body(code: str, message: str) -> dict:
+    return {"code": code, "message": message}
+
+
+def valid_name(name) -> bool:
+    """Peer names are routing ids: short, printable ASCII, not starting with NUL."""
+    return (
+        isinstance(name, str)
+        and 0 < len(name) <= MAX_NAME_BYTES
+        and name.isascii()
+        and name.isprintable()
+        and " " not in name
+    )
+
+
+# --- field checks: type first (int, not bool), then range -------------------------------
+
+def field_str(body: dict, key: str, *, max_len: int = 4096, required: bool = True,
+              default: str | None = None, allow_empty: bool = False) -> str | None:
+    value = body.get(key)
+    if value is None:
+        if required:
+            raise ProtocolError("bad_request", f"missing field {key!r}")
+        return default
+    if not isinstance(value, str):
+        raise ProtocolError("bad_request", f"field {key!r} must be a string")
+    if not value and not allow_empty:
+        raise ProtocolError("bad_request", f"field {key!r} must not be empty")
+    if len(value) > max_len:
+        raise ProtocolError("bad_request", f"field {key!r} longer than {max_len} characters")
+    if "\x00" in value:
+        raise ProtocolError("bad_request", f"field {key!r} contains a NUL character")
+    return value
+
+
+def field_int(body: dict, key: str, *, lo: int = 0, hi: int = MAX_INT, required: bool = True,
+              default: int | None = None) -> int | None:
+    value = body.get(key)
+    if value is None:
+        if required:
+            raise ProtocolError("bad_request", f"missing field {key!r}")
+        return default
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ProtocolError("bad_request", f"field {key!r} must be an integer")
+    if not lo <= value <= hi:
+        raise ProtocolError("bad_request", f"field {key!r} must be between {lo} and {hi}")
+    return value
+
+
+def field_number(body: dict, key: str, *, lo: float, hi: float, required: bool = True,
+                 default: float | None = None) -> float | None:
+    value = body.get(key)
+    if value is None:
+        if required:
+            raise ProtocolError("bad_request", f"missing field {key!r}")
+        return default
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ProtocolError("bad_request", f"field {key!r} must be a number")
+    if not math.isfinite(value) or not lo <= value <= hi:
+        raise ProtocolError("bad_request", f"field {key!r} must be between {lo} and {hi}")
+    return float(value)
+
+
+def field_choice(body: dict, key: str, choices, *, required: bool = True, default=None):
+    value = body.get(key)
+    if value is None:
+        if required:
+            raise ProtocolError("bad_request", f"missing field {key!r}")
+        return default
+    if not isinstance(value, str) or value not in choices:
+        raise ProtocolError(
+            "bad_request", f"field {key!r} must be one of {', '.join(sorted(choices))}")
+    return value

@@ -1,0 +1,334 @@
+"""The `Worker` helper: a process that takes tasks of one type from the scheduler.
+
+    from cortex.protocol import Worker
+
+    def summarize(ctx):                    # ctx: TaskContext
+        ctx.use_tokens(1200)               # raises BudgetExceeded before crossing the reservation
+        ctx.progress(0.5, "half way")
+        return {"summary": ctx.payload["text"][:100]}
+
+    Worker("summarize", summarize).run()   # until SIGTERM / stop()
+
+The pool's own workers are this same class. The handler runs in a thread of its own
+while the main thread keeps the bus: heartbeats to the broker, task heartbeats to the
+scheduler, progress, cancels. Messages to and from the scheduler (ops, all NOTIFY unless
+marked REQUEST):
+    worker.ready {type, pid, done}        worker -> scheduler   idle and able to take a task
+    worker.leaving {}                     worker -> scheduler   stop dispatching to me
+    worker.sync {}                        scheduler -> worker   (after a scheduler restart) tell me your state
+    task.run {task}                       scheduler -> worker   run this task (attempt included)
+    task.rejected {id, attempt, reason}   worker -> scheduler   could not take it (stopping)
+    task.started {id, attempt, at}        worker -> scheduler
+    task.heartbeat {id, attempt, ...}     worker -> scheduler   while the handler runs
+    task.cancel {id, attempt}             scheduler -> worker
+    task.finished REQUEST {id, attempt, ok, result|error, tokens_used, timings}
+                                          worker -> scheduler   re-sent until acknowledged
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import signal
+import threading
+import time
+import traceback
+
+import msgpack
+import zmq
+
+from . import errors, locate, wire
+from .peer import BusLink, make_socket, unique_name
+
+log = logging.getLogger(__name__)
+
+TASK_HEARTBEAT = 5.0  # seconds between task heartbeats while a handler runs
+RESEND_AFTER = 1.0  # a task.finished not acknowledged after this is sent again
+EXTEND_TIMEOUT = 5.0
+
+
+class BudgetExceeded(errors.BudgetExceeded):
+    """Raised inside a handler before a token use would cross the task's reservation."""
+
+
+class Cancelled(errors.CortexError):
+    code = "cancelled"
+
+
+class TaskContext:
+    """What a handler sees of its task, and how it reports back."""
+
+    def __init__(self, worker: Worker, task: dict):
+        self._worker = worker
+        self.task = task
+        self.id: str = task["id"]
+        self.attempt: int = task["attempt"]
+        self.type: str = task["type"]
+        self.description: str = task.get("description", "")
+        self.priority: str = task.get("priority", "medium")
+        self.payload = task.get("payload")
+        self.reserved: int = int(task.get("tokens", 0))
+        self.tokens_used = 0
+        self.cancelled = threading.Event()
+        self._replies: queue.SimpleQueue = queue.SimpleQueue()
+
+    def progress(self, fraction: float, message: str = "") -> None:
+        self._worker._post("progress", {"fraction": float(fraction), "message": str(message)})
+
+    def use_tokens(self, amount: int, *, extend: bool = True) -> None:
+        """Count `amount` tokens about to be used. If that would cross the reservation,
+        ask the ledger for more first; refused (or extend=False): raise BudgetExceeded."""
+        if isinstance(amount, bool) or not isinstance(amount, int) or amount < 0:
+            raise ValueError("token amount must be a non-negative int")
+        over = self.tokens_used + amount - self.reserved
+        if over > 0 and not (extend and self._extend(over)):
+            raise BudgetExceeded(
+                f"using {amount} tokens would exceed the reservation of {self.reserved} "
+                f"({self.tokens_used} used)", details={"reserved": self.reserved,
+                                                       "used": self.tokens_used})
+        self.tokens_used += amount
+        self._worker._post("tokens", {"used": self.tokens_used})
+
+    def report_tokens(self, used_total: int) -> None:
+        """Report use that already happened (no enforcement: it is committed anyway)."""
+        self.tokens_used = max(self.tokens_used, int(used_total))
+        self._worker._post("tokens", {"used": self.tokens_used})
+
+    def _extend(self, amount: int) -> bool:
+        self._worker._post("extend", {"amount": amount})
+        try:
+            granted, total = self._replies.get(timeout=EXTEND_TIMEOUT)
+        except queue.Empty:
+            return False
+        if granted:
+            self.reserved = total
+        return granted
+
+    def check_cancelled(self) -> None:
+        if self.cancelled.is_set():
+            raise Cancelled(f"task {self.id} was cancelled")
+
+
+class Worker:
+    """Takes tasks of `task_type` and runs `handler(ctx)` on each, one at a time."""
+
+    def __init__(self, task_type: str | dict, handler=None, *, home=None, name: str | None = None,
+                 endpoint: str | None = None, heartbeat: float = TASK_HEARTBEAT,
+                 max_tasks: int | None = None, max_rss_mb: float | None = None,
+                 install_signals: bool = True):
+        # One type and its handler, or {type: handler} for a worker that takes several.
+        self.handlers = dict(task_type) if isinstance(task_type, dict) else {task_type: handler}
+        if not self.handlers or not all(callable(h) for h in self.handlers.values()):
+            raise ValueError("every task type needs a callable handler")
+        self.task_type = next(iter(self.handlers))
+        self.heartbeat = heartbeat
+        self.max_tasks = max_tasks
+        self.max_rss_mb = max_rss_mb
+        self.name = name or unique_name(f"w-{task_type}")[:wire.MAX_NAME_BYTES]
+        home = locate.find_home(home)
+        self._ctx = zmq.Context.instance()
+        self._link = BusLink(self._ctx, endpoint or locate.endpoints(home)["bus"], self.name,
+                             "worker")
+        self._inbox_addr = f"inproc://worker-{id(self)}"
+        self._inbox = make_socket(self._ctx, zmq.PAIR)
+        self._inbox.bind(self._inbox_addr)
+        self._outbox = make_socket(self._ctx, zmq.PAIR)  # used by the handler thread only
+        self._outbox.connect(self._inbox_addr)
+        self._outbox_lock = threading.Lock()
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._current: TaskContext | None = None
+        self._unacked: dict[bytes, tuple[float, list]] = {}  # corr -> (resend at, frames)
+        self._extend_corr: dict[bytes, TaskContext] = {}
+        self._stopping = False
+        self._ready_due: float | None = 0.0  # when to (re)send worker.ready; None: not needed
+        self.done = 0
+        self._seq = 0
+        self._thread = threading.Thread(target=self._run_handlers, name="handler", daemon=True)
+        if install_signals and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, lambda *_: self.stop())
+            signal.signal(signal.SIGINT, lambda *_: self.stop())
+
+    # -- handler thread -----------------------------------------------------------------
+    def _post(self, kind: str, data: dict) -> None:
+        with self._outbox_lock:
+            self._outbox.send(msgpack.packb((kind, data)))
+
+    def _run_handlers(self) -> None:
+        while True:
+            ctx = self._jobs.get()
+            if ctx is None:
+                return
+            started = time.time()
+            self._post("started", {"at": started})
+            cpu0 = time.process_time()
+            try:
+                handler = self.handlers.get(ctx.type)
+                if handler is None:
+                    raise LookupError(f"this worker has no handler for {ctx.type!r}")
+                result = handler(ctx)
+                outcome = {"ok": True, "result": result}
+            except BudgetExceeded as e:
+                outcome = {"ok": False, "error": {"category": "budget_exceeded",
+                                                  "message": str(e)}}
+            except Cancelled as e:
+                outcome = {"ok": False, "error": {"category": "cancelled", "message": str(e)}}
+            except Exception as e:  # a handler's failure is the task's, never the worker's
+                log.warning("handler failed on %s: %s", ctx.id, traceback.format_exc())
+                outcome = {"ok": False, "error": {"category": "handler_error",
+                                                  "message": f"{type(e).__name__}: {e}"[:2000]}}
+            outcome.update(started_at=started, finished_at=time.time(),
+                           cpu_s=time.process_time() - cpu0, tokens_used=ctx.tokens_used)
+            try:
+                self._post("done", outcome)
+            except (TypeError, ValueError) as e:  # result not encodable
+                self._post("done", {**outcome, "ok": False, "result": None, "error": {
+                    "category": "handler_error", "message": f"result not serialisable: {e}"}})
+
+    # -- main thread: the bus -----------------------------------------------------------
+    def stop(self) -> None:
+        """Finish the task in hand, then leave (safe from a signal handler)."""
+        self._stopping = True
+
+    def _send(self, op: str, body: dict, type_=wire.NOTIFY, corr: bytes = b"") -> None:
+        self._link.send(type_, b"scheduler", corr, {"op": op, **body})
+
+    def _request(self, op: str, body: dict) -> None:
+        self._seq += 1
+        corr = self._seq.to_bytes(8, "big")
+        frames = wire.frames(wire.REQUEST, b"scheduler", corr, {"op": op, **body})
+        self._unacked[corr] = (time.monotonic() + RESEND_AFTER, frames)
+        self._link.socket.send_multipart(frames)
+
+    def _ready(self) -> None:
+        self._send("worker.ready", {"types": list(self.handlers), "pid": os.getpid(),
+                                    "done": self.done})
+        self._ready_due = None
+
+    def _on_bus(self, msg: wire.Message) -> None:
+        if msg.type in (wire.REPLY, wire.ERROR):
+            if msg.corr in self._extend_corr:
+                ctx = self._extend_corr.pop(msg.corr)
+                body = msg.decoded() if msg.type == wire.REPLY else {}
+                ctx._replies.put((bool(body.get("granted")), int(body.get("reserved", 0))))
+                return
+            if msg.type == wire.ERROR and msg.corr in self._unacked:
+                return  # scheduler unavailable: the resend timer will try again
+            if msg.type == wire.ERROR and msg.peer == b"scheduler" and self._ready_due is None:
+                self._ready_due = time.monotonic() + 0.5  # our ready may have been lost
+            self._unacked.pop(msg.corr, None)
+            return
+        if msg.type != wire.NOTIFY:
+            return
+        try:
+            body = msg.decoded()
+        except wire.ProtocolError:
+            self._link.dropped += 1
+            return
+        op = body.get("op")
+        if op == "task.run":
+            task = body.get("task") or {}
+            if self._stopping or self._current is not None:
+                self._send("task.rejected", {"id": task.get("id"), "attempt": task.get("attempt"),
+                                             "reason": "stopping" if self._stopping else "busy"})
+                return
+            self._current = TaskContext(self, task)
+            self._next_task_beat = time.monotonic() + self.heartbeat
+            self._jobs.put(self._current)
+        elif op == "task.cancel":
+            ctx = self._current
+            if ctx is not None and ctx.id == body.get("id"):
+                ctx.cancelled.set()
+        elif op == "worker.sync":
+            if self._current is None:
+                self._ready()
+            else:
+                self._task_beat()
+
+    def _task_beat(self) -> None:
+        ctx = self._current
+        self._send("task.heartbeat", {"id": ctx.id, "attempt": ctx.attempt,
+                                      "types": list(self.handlers),
+                                      "tokens_used": ctx.tokens_used, "pid": os.getpid()})
+        self._next_task_beat = time.monotonic() + self.heartbeat
+
+    def _on_handler(self, kind: str, data: dict) -> None:
+        ctx = self._current
+        if ctx is None:
+            return
+        if kind == "started":
+            self._send("task.started", {"id": ctx.id, "attempt": ctx.attempt, "at": data["at"]})
+        elif kind == "progress":
+            self._send("task.progress", {"id": ctx.id, "attempt": ctx.attempt, **data})
+        elif kind == "extend":
+            self._seq += 1
+            corr = self._seq.to_bytes(8, "big")
+            self._extend_corr[corr] = ctx
+            self._link.send(wire.REQUEST, b"ledger", corr, {
+                "op": "ledger.extend", "task": ctx.id, "attempt": ctx.attempt,
+                "amount": data["amount"]})
+        elif kind == "done":
+            self.done += 1
+            self._current = None
+            self._request("task.finished", {"id": ctx.id, "attempt": ctx.attempt, **data})
+            if not self._should_leave():
+                self._ready_due = None  # the scheduler counts a finish as ready
+
+    def _should_leave(self) -> bool:
+        if self._stopping:
+            return True
+        if self.max_tasks and self.done >= self.max_tasks:
+            self._stopping = True
+        elif self.max_rss_mb:
+            import psutil
+            if psutil.Process().memory_info().rss / 2**20 > self.max_rss_mb:
+                self._stopping = True
+        if self._stopping:
+            self._send("worker.leaving", {"reason": "recycle"})
+        return self._stopping
+
+    def run(self) -> int:
+        """Serve until stopped; returns the number of tasks done."""
+        self._thread.start()
+        poller = zmq.Poller()
+        poller.register(self._link.socket, zmq.POLLIN)
+        poller.register(self._inbox, zmq.POLLIN)
+        announced_leaving = False
+        try:
+            while True:
+                now = time.monotonic()
+                if self._stopping and not announced_leaving:
+                    self._send("worker.leaving", {"reason": "stopping"})
+                    announced_leaving = True
+                if self._stopping and self._current is None and not self._unacked:
+                    break
+                if self._ready_due is not None and now >= self._ready_due and not self._stopping:
+                    self._ready()
+                timeout = self._link.tick(now)
+                if self._current is not None:
+                    if now >= self._next_task_beat:
+                        self._task_beat()
+                    timeout = min(timeout, self._next_task_beat - now)
+                for corr, (due, frames) in list(self._unacked.items()):
+                    if now >= due:
+                        self._link.socket.send_multipart(frames)
+                        self._unacked[corr] = (now + RESEND_AFTER, frames)
+                    timeout = min(timeout, max(0.0, self._unacked[corr][0] - now))
+                if self._ready_due is not None:
+                    timeout = min(timeout, max(0.0, self._ready_due - now))
+                if self._stopping:
+                    timeout = min(timeout, 0.2)
+                for sock, _ in poller.poll(max(timeout, 0.0) * 1000):
+                    if sock is self._inbox:
+                        kind, data = msgpack.unpackb(self._inbox.recv(), raw=False)
+                        self._on_handler(kind, data)
+                    else:
+                        msg = self._link.receive()
+                        if msg is not None:
+                            self._on_bus(msg)
+        finally:
+            self._jobs.put(None)
+            self._link.close()
+            self._inbox.close(linger=0)
+            self._outbox.close(linger=0)
+        return self.done

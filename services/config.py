@@ -1,0 +1,244 @@
+"""The suite's settings: one typed object, built and checked once at start-up.
+
+Read from `<home>/cortex.toml` (written, commented, by `cortex init`). Unknown keys and
+bad values are fatal with a message that names the key. Precedence for task settings:
+the task's own value > the task type's > the global default.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+FSYNC_POLICIES = ("always", "group", "off")
+
+DEFAULT_HANDLERS = {
+    "echo": "cortex.services.handlers:echo",
+    "sleep": "cortex.services.handlers:sleep",
+    "simulated_agent": "cortex.services.handlers:simulated_agent",
+    "fail": "cortex.services.handlers:fail",
+}
+
+DEFAULT_CONFIG = """\
+# Cortex configuration. Every key is optional; the values shown are the defaults.
+
+[suite]
+# Journal fsync policy: "always" (fsync every record: safest, slowest),
+# "group" (one fsync per loop turn covering every record of that turn: nothing
+# acknowledged is lost on a crash or power cut), "off" (the OS decides: a process
+# crash loses nothing, a power cut may lose the last seconds).
+fsync = "group"
+# Seconds between heartbeats on the bus; a peer silent for 3 of them is dead.
+heartbeat_interval = 1.0
+# Seconds between human-readable snapshots under state/.
+snapshot_interval = 5.0
+
+[bus]
+# Endpoints default to ipc:// sockets under <home>/run/. Use tcp:// to span machines.
+# bus = "tcp://127.0.0.1:5555"
+
+[scheduler]
+max_queue_per_type = 500     # admission rejects non-critical tasks past this (queue_full)
+max_wait = 1800.0            # seconds; admission rejects when the estimated start is later
+default_timeout = 300.0      # seconds a task may run
+default_retries = 2          # re-runs after a lost worker or a timeout
+task_heartbeat = 5.0         # seconds between a running task's heartbeats
+retention = 20000            # finished tasks kept in memory for status queries
+aging = 30.0                 # seconds of waiting that lift a task one priority level
+memory_threshold = 80.0      # % of memory used above which non-critical work waits
+
+[ledger]
+budget = 100000000           # global token budget
+window = ""                  # "", "daily" or "rolling:<seconds>"
+# Sub-budgets per task type or agent:
+# [ledger.budgets."type:llm"]
+# limit = 500000
+# window = "daily"
+
+[pool]
+# Worker groups: each group's workers take every type listed.
+[pool.groups.default]
+count = 20
+types = ["echo", "sleep", "simulated_agent", "fail"]
+max_tasks = 0                # recycle a worker after this many tasks (0: never)
+max_rss_mb = 0               # recycle a worker above this RSS (0: never)
+
+[handlers]
+# task type = "module:function" (a Python callable taking the task context), or
+# { command = ["prog", "arg"] } for an external program fed the task as JSON on stdin.
+echo = "cortex.services.handlers:echo"
+sleep = "cortex.services.handlers:sleep"
+simulated_agent = "cortex.services.handlers:simulated_agent"
+fail = "cortex.services.handlers:fail"
+
+[events]
+max_file_bytes = 67108864    # rotate JSONL files past this size (and every UTC day)
+postgres_url = ""            # e.g. "postgresql://cortex@localhost/cortex" to copy events there
+"""
+
+
+class ConfigError(Exception):
+    code = "bad_config"
+
+
+@dataclass(frozen=True)
+class SuiteSettings:
+    fsync: str = "group"
+    heartbeat_interval: float = 1.0
+    snapshot_interval: float = 5.0
+
+
+@dataclass(frozen=True)
+class SchedulerSettings:
+    max_queue_per_type: int = 500
+    max_wait: float = 1800.0
+    default_timeout: float = 300.0
+    default_retries: int = 2
+    task_heartbeat: float = 5.0
+    retention: int = 20000
+    aging: float = 30.0
+    memory_threshold: float = 80.0
+
+
+@dataclass(frozen=True)
+class LedgerSettings:
+    budget: int = 100_000_000
+    window: str = ""
+    budgets: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class WorkerGroup:
+    name: str
+    count: int
+    types: tuple[str, ...]
+    max_tasks: int = 0
+    max_rss_mb: float = 0
+
+
+@dataclass(frozen=True)
+class EventSettings:
+    max_file_bytes: int = 64 << 20
+    postgres_url: str = ""
+
+
+@dataclass(frozen=True)
+class Settings:
+    home: Path
+    suite: SuiteSettings
+    bus: dict
+    scheduler: SchedulerSettings
+    ledger: LedgerSettings
+    groups: tuple[WorkerGroup, ...]
+    handlers: dict
+    events: EventSettings
+
+
+def _section(cls, raw: dict, name: str):
+    known = {f.name: f for f in fields(cls)}
+    unknown = set(raw) - set(known)
+    if unknown:
+        raise ConfigError(f"[{name}]: unknown key(s) {', '.join(sorted(unknown))}")
+    values = {}
+    for key, value in raw.items():
+        default = known[key].default
+        if isinstance(default, bool) or default is None:
+            values[key] = value
+            continue
+        if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, type(default)) or isinstance(value, bool):
+            raise ConfigError(f"[{name}] {key}: expected {type(default).__name__}, "
+                              f"got {value!r}")
+        if isinstance(value, int | float) and value < 0:
+            raise ConfigError(f"[{name}] {key}: must not be negative")
+        values[key] = value
+    return cls(**values)
+
+
+def _window(value, where: str) -> str:
+    if value in ("", None, "daily"):
+        return value or ""
+    if isinstance(value, str) and value.startswith("rolling:"):
+        try:
+            if float(value.split(":", 1)[1]) > 0:
+                return value
+        except ValueError:
+            pass
+    raise ConfigError(f"{where}: window must be '', 'daily' or 'rolling:<seconds>'")
+
+
+def load(home: Path) -> Settings:
+    """Load `<home>/cortex.toml` (missing file: all defaults)."""
+    path = home / "cortex.toml"
+    raw: dict = {}
+    if path.exists():
+        try:
+            with path.open("rb") as f:
+                raw = tomllib.load(f)
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: {e}") from e
+    allowed = {"suite", "bus", "scheduler", "ledger", "pool", "handlers", "events"}
+    if set(raw) - allowed:
+        raise ConfigError(f"{path}: unknown section(s) {', '.join(sorted(set(raw) - allowed))}")
+    suite = _section(SuiteSettings, raw.get("suite", {}), "suite")
+    if suite.fsync not in FSYNC_POLICIES:
+        raise ConfigError(f"[suite] fsync: must be one of {', '.join(FSYNC_POLICIES)}")
+    if suite.heartbeat_interval <= 0:
+        raise ConfigError("[suite] heartbeat_interval: must be positive")
+    ledger_raw = dict(raw.get("ledger", {}))
+    sub = ledger_raw.pop("budgets", {})
+    ledger = _section(LedgerSettings, ledger_raw, "ledger")
+    budgets = {"global": {"limit": ledger.budget, "window": _window(ledger.window, "[ledger]")
+                          or None}}
+    for scope, spec in sub.items():
+        if not (scope.startswith("type:") or scope.startswith("agent:")) or not isinstance(
+                spec, dict) or set(spec) - {"limit", "window"}:
+            raise ConfigError(f"[ledger.budgets.{scope}]: scope must be 'type:X' or 'agent:X' "
+                              "with keys limit and window")
+        limit = spec.get("limit")
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+            raise ConfigError(f"[ledger.budgets.{scope}] limit: must be a non-negative integer")
+        budgets[scope] = {"limit": limit,
+                          "window": _window(spec.get("window", ""), scope) or None}
+    ledger = LedgerSettings(ledger.budget, ledger.window, budgets)
+
+    handlers = dict(DEFAULT_HANDLERS)
+    for task_type, spec in raw.get("handlers", {}).items():
+        if isinstance(spec, str) and ":" in spec:
+            handlers[task_type] = spec
+        elif isinstance(spec, dict) and set(spec) == {"command"} and isinstance(
+                spec["command"], list) and spec["command"] and all(
+                isinstance(a, str) for a in spec["command"]):
+            handlers[task_type] = {"command": list(spec["command"])}
+        else:
+            raise ConfigError(f"[handlers] {task_type}: expected 'module:function' or "
+                              "{ command = [...] }")
+
+    groups = []
+    pool = raw.get("pool", {"groups": {"default": {}}})
+    if set(pool) - {"groups"}:
+        raise ConfigError("[pool]: only [pool.groups.NAME] tables are allowed")
+    for gname, spec in pool.get("groups", {}).items():
+        if set(spec) - {"count", "types", "max_tasks", "max_rss_mb"}:
+            raise ConfigError(f"[pool.groups.{gname}]: unknown key(s)")
+        count = spec.get("count", 20)
+        types = tuple(spec.get("types", ("echo", "sleep", "simulated_agent", "fail")))
+        if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= 1000:
+            raise ConfigError(f"[pool.groups.{gname}] count: must be an integer 0..1000")
+        missing = [t for t in types if t not in handlers]
+        if missing:
+            raise ConfigError(f"[pool.groups.{gname}] types: no handler for {missing}")
+        groups.append(WorkerGroup(gname, count, types, int(spec.get("max_tasks", 0)),
+                                  float(spec.get("max_rss_mb", 0))))
+    return Settings(
+        home=home,
+        suite=suite,
+        bus=dict(raw.get("bus", {})),
+        scheduler=_section(SchedulerSettings, raw.get("scheduler", {}), "scheduler"),
+        ledger=ledger,
+        groups=tuple(groups),
+        handlers=handlers,
+        events=_section(EventSettings, raw.get("events", {}), "events"),
+    )

@@ -1,0 +1,207 @@
+"""The event router process: fan-in, de-duplication, JSONL, live fan-out, queries.
+
+    python -m cortex.services.events [--home DIR]
+
+Publishers send EVENTS batches to the fan-in ROUTER (`run/events-in.sock`). Each new
+event (by source, epoch, seq) is appended to the JSONL log; after the turn's flush the
+router acknowledges, per publisher, the highest contiguous sequence now on disk, so a
+publisher may forget it. Duplicates (re-sends) are dropped; gaps are counted. Then the
+events go to the ring buffer (queries), the XPUB socket (live tails: topic = type), and
+PostgreSQL when configured. If the events directory cannot be written, nothing is
+acknowledged and publishers keep their events until writing works again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import msgpack
+import zmq
+
+from cortex.protocol import wire
+from cortex.protocol.peer import make_socket
+
+from .effects import Effects
+from .eventlog import EventLogError, EventLogWriter, RingBuffer, SeqTracker
+from .service import BusService
+
+RETRY_WRITE = 1.0  # seconds between attempts to write to an unwritable events directory
+
+
+class EventRouter(BusService):
+    name = "events"
+
+    def __init__(self, home=None):
+        super().__init__(home)
+        directory = self.rt.home / "events"
+        self.writer = EventLogWriter(directory, self.settings.events.max_file_bytes,
+                                     self.settings.suite.fsync)
+        self.tracker = SeqTracker.recover(directory)
+        self.ring = RingBuffer(10_000)
+        ctx = self.rt.ctx
+        self.fan_in_endpoint = self.rt.endpoints["events_in"]
+        self.live_endpoint = self.rt.endpoints["events_live"]
+        for endpoint in (self.fan_in_endpoint, self.live_endpoint):
+            self.rt.remove_socket(endpoint)
+        self.fan_in = make_socket(ctx, zmq.ROUTER)
+        self.fan_in.bind(self.fan_in_endpoint)
+        self.live = make_socket(ctx, zmq.XPUB)
+        self.live.bind(self.live_endpoint)
+        self.poller.register(self.fan_in, zmq.POLLIN)
+        self.poller.register(self.live, zmq.POLLIN)
+        self.to_ack: dict[bytes, tuple[str, int]] = {}  # publisher -> stream to acknowledge
+        self.unwritable: str | None = None
+        self.next_write_retry = 0.0
+        self.stats = {"received": 0, "written": 0, "duplicates": 0, "malformed": 0}
+        self.sink = None
+        if self.settings.events.postgres_url:
+            from .pgsink import PgSink  # only when configured: JSONL needs no database
+            self.sink = PgSink(self.settings.events.postgres_url,
+                               self.rt.home / "state" / "pg-spool")
+        self.own_seq = 0
+
+    # -- fan-in ---------------------------------------------------------------------------
+    def on_batch(self, parts: list) -> list[dict]:
+        sender, rest = parts[0], parts[1:]
+        try:
+            msg = wire.parse(rest)
+            if msg.type != wire.EVENTS:
+                raise wire.ProtocolError("unknown_type", "fan-in takes EVENTS only")
+            events = msg.decoded().get("events")
+            if not isinstance(events, list):
+                raise wire.ProtocolError("bad_request", "events must be a list")
+        except wire.ProtocolError:
+            self.stats["malformed"] += 1
+            return []
+        fresh = []
+        for event in events:
+            if not isinstance(event, dict):
+                self.stats["malformed"] += 1
+                continue
+            source, epoch, seq = event.get("source"), event.get("epoch"), event.get("seq")
+            if not isinstance(source, str) or type(epoch) is not int or type(seq) is not int:
+                self.stats["malformed"] += 1
+                continue
+            self.stats["received"] += 1
+            self.to_ack[sender] = (source, epoch)
+            if self.tracker.observe(source, epoch, seq) == "duplicate":
+                self.stats["duplicates"] += 1
+                continue
+            fresh.append(event)
+        return fresh
+
+    def emit_own(self, type_: str, data: dict) -> dict:
+        """The router's own events skip the fan-in: straight into the log."""
+        self.own_seq += 1
+        event = {"id": f"events-router:{self.rt.epoch}:{self.own_seq}", "source": "events-router",
+                 "epoch": self.rt.epoch, "seq": self.own_seq, "ts": time.time(), "type": type_,
+                 "trace": None, "task": None, "worker": None, "data": data}
+        self.tracker.observe("events-router", self.rt.epoch, self.own_seq)
+        return event
+
+    def store(self, fresh: list[dict], now: float) -> None:
+        if fresh:
+            self.writer.append(fresh)
+        if self.unwritable and now < self.next_write_retry:
+            return
+        try:
+            self.writer.flush()
+        except EventLogError as e:
+            if not self.unwritable:
+                self.log.error("events directory unwritable, holding events: %s", e)
+                self.unwritable = str(e)
+                event = self.emit_own("events.unwritable", {"error": str(e)})
+                self.ring.append(event)
+                self.publish([event])
+            self.next_write_retry = now + RETRY_WRITE
+            return
+        if self.unwritable:
+            self.log.warning("events directory writable again")
+            self.unwritable = None
+            self.writer.append([self.emit_own("events.writable", {})])
+            self.writer.flush()
+        self.stats["written"] = self.writer.events_written
+        for sender, (source, epoch) in self.to_ack.items():
+            self.fan_in.send_multipart([sender, *wire.frames(wire.ACK, b"events", b"", {
+                "source": source, "epoch": epoch,
+                "upto": self.tracker.position(source, epoch)})], flags=zmq.NOBLOCK)
+        self.to_ack.clear()
+
+    def publish(self, events: list[dict]) -> None:
+        for event in events:
+            try:
+                self.live.send_multipart([str(event.get("type", "")).encode(),
+                                          msgpack.packb(event)], flags=zmq.NOBLOCK)
+            except (zmq.Again, TypeError, ValueError):
+                pass  # live views may miss events; the log does not
+
+    # -- queries over the bus -------------------------------------------------------------
+    def handle(self, fx: Effects, msg: wire.Message, body: dict, now: float) -> None:
+        if msg.type != wire.REQUEST:
+            return
+        op = body.get("op")
+        if op == "events.recent":
+            n = wire.field_int(body, "n", lo=1, hi=10_000, required=False, default=100)
+            pattern = wire.field_str(body, "type", max_len=200, required=False)
+            fx.reply(msg.peer, msg.corr, {"events": self.ring.recent(n, pattern)})
+        elif op == "events.status":
+            fx.reply(msg.peer, msg.corr, {
+                **self.stats, "gaps": self.tracker.gaps, "buffered": self.writer.buffered,
+                "unwritable": self.unwritable,
+                "postgres": self.sink.stats() if self.sink else None})
+        else:
+            raise wire.ProtocolError("unknown_type", f"unknown operation {op!r}")
+
+    def on_tick(self, fx: Effects, now: float) -> float:
+        if self.unwritable:
+            self.store([], time.monotonic())
+            return RETRY_WRITE
+        return 1.0
+
+    def on_sockets(self, ready: dict, fx: Effects) -> None:
+        if self.fan_in in ready:
+            fresh: list[dict] = []
+            for _ in range(1000):
+                try:
+                    parts = self.fan_in.recv_multipart(flags=zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                fresh.extend(self.on_batch(parts))
+            self.store(fresh, time.monotonic())
+            if fresh:
+                self.ring.extend(fresh)
+                self.publish(fresh)
+                if self.sink is not None:
+                    self.sink.offer(fresh)
+        if self.live in ready:
+            try:
+                while True:
+                    self.live.recv(flags=zmq.NOBLOCK)  # subscription frames: nothing to do
+            except zmq.Again:
+                pass
+
+    def shutdown(self) -> None:
+        try:
+            self.writer.flush()
+        except EventLogError:
+            self.log.error("could not write %d buffered events at exit: publishers resend them",
+                           self.writer.buffered)
+        self.writer.close()
+        if self.sink is not None:
+            self.sink.close(timeout=5.0)
+        self.fan_in.close(linger=0)
+        self.live.close(linger=0)
+        self.rt.remove_socket(self.fan_in_endpoint)
+        self.rt.remove_socket(self.live_endpoint)
+        super().shutdown()
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="cortex-events", description=__doc__)
+    parser.add_argument("--home", help="suite home (default: $CORTEX_HOME or ./.cortex)")
+    EventRouter(parser.parse_args(argv).home).run()
+
+
+if __name__ == "__main__":
+    main()

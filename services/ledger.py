@@ -1,0 +1,95 @@
+"""The ledger process: the only authority on tokens.
+
+    python -m cortex.services.ledger [--home DIR]
+
+Requests (REQUEST ops): ledger.reserve {task, attempt, amount, type?, agent?},
+ledger.extend {task, attempt, amount}, ledger.commit {task, attempt, used},
+ledger.release {task, attempt}, ledger.set {scope, limit, window?}, ledger.status,
+ledger.task {task}. The logic is budgets.LedgerState; every change is journaled
+before the reply leaves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from cortex.protocol import wire
+from cortex.protocol.wire import ProtocolError
+
+from .budgets import LedgerState
+from .effects import Effects
+from .service import BusService
+
+
+class Ledger(BusService):
+    name = "ledger"
+    snapshot_name = "token-budget.json"
+
+    def __init__(self, home=None):
+        super().__init__(home)
+        self.state = LedgerState(self.settings.ledger.budgets, now=time.time())
+        self.open_journal()
+
+    def snapshot(self) -> dict:
+        return self.state.snapshot()
+
+    def restore(self, snapshot, records) -> None:
+        if snapshot:
+            self.state = LedgerState.from_snapshot(snapshot)
+            # Budgets from the config win over the snapshot's when they changed.
+        for record in records:
+            self.state.apply_journal(record)
+
+    def handle(self, fx: Effects, msg: wire.Message, body: dict, now: float) -> None:
+        if msg.type != wire.REQUEST:
+            return
+        op = body.get("op")
+        state = self.state
+        task = body.get("task")
+        attempt = body.get("attempt", 1)
+        if op == "ledger.reserve":
+            outcome = state.reserve(task, attempt, body.get("amount"), task_type=body.get("type"),
+                                    agent=body.get("agent"), now=now)
+        elif op == "ledger.extend":
+            outcome = state.extend(task, attempt, body.get("amount"), now=now)
+        elif op == "ledger.commit":
+            outcome = state.commit(task, attempt, body.get("used"), now=now)
+        elif op == "ledger.release":
+            outcome = state.release(task, attempt, now=now)
+        elif op == "ledger.set":
+            outcome = state.set_budget(body.get("scope"), body.get("limit"), body.get("window"),
+                                       now=now)
+        elif op == "ledger.status":
+            fx.reply(msg.peer, msg.corr, {"budgets": state.status(now)})
+            return
+        elif op == "ledger.task":
+            fx.reply(msg.peer, msg.corr, {"reservation": state.reservation(task)})
+            return
+        else:
+            raise ProtocolError("unknown_type", f"unknown operation {op!r}")
+        if outcome.journal is not None:
+            fx.records.append(outcome.journal)
+        for type_, data in outcome.events:
+            fx.emit(type_, data, data.get("task_id") or (task if isinstance(task, str) else None))
+        if outcome.code == "bad_request" or outcome.code == "not_found":
+            fx.error(msg.peer, msg.corr, outcome.code, outcome.reply.get("reason")
+                     or outcome.reply.get("message") or outcome.code)
+        else:
+            # A refusal is an answer, not an error: the scheduler keeps the task waiting.
+            fx.reply(msg.peer, msg.corr, {"ok": outcome.ok, **outcome.reply})
+
+    def on_tick(self, fx: Effects, now: float) -> float:
+        for type_, data in self.state.tick(now):
+            fx.emit(type_, data)
+        return 1.0
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="cortex-ledger", description=__doc__)
+    parser.add_argument("--home", help="suite home (default: $CORTEX_HOME or ./.cortex)")
+    Ledger(parser.parse_args(argv).home).run()
+
+
+if __name__ == "__main__":
+    main()

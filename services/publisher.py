@@ -1,0 +1,112 @@
+"""Publishing events to the event router without losing them.
+
+Each service keeps every event it emitted until the router acknowledges it (the router
+acknowledges after its JSONL write), and re-sends unacknowledged events when the router
+was silent or restarted. The router de-duplicates by (source, epoch, seq), so a re-send
+never doubles an event. PUB/SUB would drop them silently (PITFALLS 1, 2).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import time
+from collections import deque
+
+import zmq
+
+from cortex.protocol import wire
+from cortex.protocol.peer import make_socket
+
+log = logging.getLogger(__name__)
+
+BATCH_MAX = 500  # events per EVENTS message, well under the message size limit
+RESEND_AFTER = 1.0  # seconds without an acknowledgement before re-sending
+RESEND_MAX = 20_000  # events re-sent per silence, oldest first
+MAX_UNACKED = 1_000_000  # past this the oldest are dropped and counted (a visible gap)
+
+
+class EventPublisher:
+    def __init__(self, ctx: zmq.Context, endpoint: str, source: str, epoch: int):
+        self.source = source
+        self.epoch = epoch
+        self.seq = 0
+        self.socket = make_socket(ctx, zmq.DEALER, name=f"pub-{source}-{os.getpid()}")
+        self.socket.connect(endpoint)
+        self._pending: list[dict] = []  # emitted, not yet sent
+        self._unacked: deque[dict] = deque()  # sent, not yet acknowledged
+        self._last_send = 0.0
+        self._last_ack = time.monotonic()
+        self.dropped = 0
+
+    def emit(self, type_: str, data: dict | None = None, *, task: str | None = None,
+             trace: str | None = None, worker: str | None = None) -> dict:
+        self.seq += 1
+        event = {"id": f"{self.source}:{self.epoch}:{self.seq}", "source": self.source,
+                 "epoch": self.epoch, "seq": self.seq, "ts": time.time(), "type": type_,
+                 "trace": trace or task, "task": task, "worker": worker, "data": data or {}}
+        self._pending.append(event)
+        return event
+
+    def _send(self, events: list[dict]) -> None:
+        for i in range(0, len(events), BATCH_MAX):
+            chunk = events[i:i + BATCH_MAX]
+            try:
+                self.socket.send_multipart(
+                    wire.frames(wire.EVENTS, b"events", b"", {"events": chunk}),
+                    flags=zmq.NOBLOCK)
+            except zmq.Again:
+                return  # the router is away: the resend timer will deliver them later
+            except (TypeError, ValueError) as e:
+                log.error("event batch not encodable, dropping %d events: %s", len(chunk), e)
+                self.dropped += len(chunk)
+        self._last_send = time.monotonic()
+
+    def flush(self) -> None:
+        """Send what was emitted since the last flush (call once per loop turn)."""
+        if not self._pending:
+            return
+        batch, self._pending = self._pending, []
+        self._unacked.extend(batch)
+        while len(self._unacked) > MAX_UNACKED:
+            self._unacked.popleft()
+            self.dropped += 1
+        self._send(batch)
+
+    def on_message(self) -> None:
+        """Read acknowledgements waiting on the socket."""
+        while True:
+            try:
+                parts = self.socket.recv_multipart(flags=zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                msg = wire.parse(parts)
+                body = msg.decoded() if msg.type == wire.ACK else None
+            except wire.ProtocolError:
+                continue
+            if not body or body.get("epoch") != self.epoch:
+                continue
+            upto = body.get("upto", 0)
+            while self._unacked and self._unacked[0]["seq"] <= upto:
+                self._unacked.popleft()
+            self._last_ack = time.monotonic()
+
+    @property
+    def unacked(self) -> int:
+        return len(self._unacked) + len(self._pending)
+
+    def tick(self, now: float) -> float:
+        """Re-send the unacknowledged backlog after a silence; returns time to next check."""
+        if not self._unacked:
+            return RESEND_AFTER
+        due = max(self._last_send, self._last_ack) + RESEND_AFTER
+        if now >= due:
+            # Oldest first and bounded: the router only accepts events in sequence order.
+            self._send(list(itertools.islice(self._unacked, RESEND_MAX)))
+            return RESEND_AFTER
+        return due - now
+
+    def close(self) -> None:
+        self.socket.close(linger=200)

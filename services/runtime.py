@@ -1,0 +1,73 @@
+"""What every service process shares: its home, settings, lock, signals and logging."""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import zmq
+
+from cortex.protocol import locate
+
+from . import config
+
+SUBDIRS = ("run", "state", "wal", "events", "logs", "models")
+
+
+def prepare_home(home: Path) -> None:
+    """Create the home's directories; run/ is 0700 because its sockets accept anyone."""
+    home.mkdir(parents=True, exist_ok=True)
+    for sub in SUBDIRS:
+        (home / sub).mkdir(exist_ok=True)
+    os.chmod(home / "run", 0o700)
+
+
+class ServiceRuntime:
+    """Start-up and shut-down chores of one service; the service keeps its own loop."""
+
+    def __init__(self, name: str, home=None):
+        self.name = name
+        self.home = locate.find_home(home)
+        prepare_home(self.home)
+        logging.basicConfig(
+            level=os.environ.get("CORTEX_LOG_LEVEL", "INFO"), stream=sys.stderr,
+            format=f"%(asctime)s {name}[%(process)d] %(levelname)s %(message)s")
+        self.log = logging.getLogger(f"cortex.{name}")
+        self.settings = config.load(self.home)
+        self.endpoints = locate.endpoints(self.home)
+        # One live process per service: a second binder of an ipc path silently steals it.
+        self._lock = open(self.home / "run" / f"{name}.lock", "a+")  # noqa: SIM115
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SystemExit(f"{name}: another {name} is running for {self.home}") from None
+        self._lock.seek(0)
+        self._lock.truncate()
+        self._lock.write(f"{os.getpid()}\n")
+        self._lock.flush()
+        self.stopping = False
+        self.started = time.time()
+        self.epoch = time.time_ns()
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        self.ctx = zmq.Context()
+
+    def _on_signal(self, signum, frame) -> None:
+        self.stopping = True  # the loop notices and stops cleanly
+
+    def remove_socket(self, endpoint: str) -> None:
+        """libzmq leaves ipc socket files behind: remove the ones we bound."""
+        if endpoint.startswith("ipc://"):
+            try:
+                os.unlink(endpoint[len("ipc://"):])
+            except FileNotFoundError:
+                pass
+
+    def close(self) -> None:
+        self.ctx.term()
+        self._lock.close()

@@ -1,0 +1,119 @@
+"""The scheduler process: owns the task table; admits, dispatches, retries, times out.
+
+    python -m cortex.services.scheduler [--home DIR]
+
+Decisions live in scheduling.SchedulerState; this module only moves messages.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from cortex.protocol import wire
+from cortex.protocol.wire import ProtocolError
+
+from .effects import Effects
+from .scheduling import SchedulerState
+from .service import BusService
+
+SYNC_CORR = b"sync-peers"
+
+
+class Scheduler(BusService):
+    name = "scheduler"
+    snapshot_name = "tasks.json"
+
+    def __init__(self, home=None):
+        super().__init__(home)
+        self.state = SchedulerState(self.settings.scheduler)
+        self.open_journal()
+        # Workers that were busy when we stopped tell us what they run (worker.sync).
+        self.link.send(wire.REQUEST, wire.BROKER, SYNC_CORR, {"op": "broker.peers"})
+
+    def snapshot(self) -> dict:
+        return self.state.snapshot()
+
+    def restore(self, snapshot, records) -> None:
+        if snapshot:
+            self.state.load_snapshot(snapshot)
+        for record in records:
+            self.state.apply(record)
+        self.state.restore(time.time())
+
+    def handle(self, fx: Effects, msg: wire.Message, body: dict, now: float) -> None:
+        state = self.state
+        peer = msg.peer
+        if msg.type in (wire.REPLY, wire.ERROR):
+            if msg.corr.startswith(b"L"):
+                state.ledger_reply(fx, msg.corr, msg.type == wire.REPLY, body, now)
+            elif msg.corr == SYNC_CORR and msg.type == wire.REPLY:
+                for p in body.get("peers", []):
+                    if p.get("role") == "worker":
+                        fx.notify(p["name"], {"op": "worker.sync"})
+            elif msg.type == wire.ERROR and body.get("code") == "unavailable" \
+                    and peer.decode(errors="replace") in state.workers:
+                state.worker_gone(fx, peer.decode(), "unreachable", now)
+            return
+        op = body.get("op")
+        name = peer.decode(errors="replace")
+        if msg.type == wire.REQUEST:
+            if op == "task.submit":
+                state.submit(fx, peer, msg.corr, body, now)
+            elif op == "task.status":
+                fx.reply(peer, msg.corr, state.get(body).summary())
+            elif op == "task.wait":
+                state.wait(fx, peer, msg.corr, body, now)
+            elif op == "task.cancel":
+                state.cancel(fx, peer, msg.corr, body, now)
+            elif op == "task.list":
+                fx.reply(peer, msg.corr, state.list_tasks(body))
+            elif op == "worker.list":
+                fx.reply(peer, msg.corr, {"workers": [vars(w) | {"types": list(w.types)}
+                                                      for w in state.workers.values()]})
+            elif op == "task.finished":
+                state.task_finished(fx, name, peer, msg.corr, body, now)
+            elif op == "task.progress":
+                task = state.get(body)
+                state.task_progress(task.worker or "", body | {"attempt": task.attempt}, now)
+                fx.reply(peer, msg.corr, task.summary())
+            elif op == "scheduler.status":
+                fx.reply(peer, msg.corr, state.status(now) | {
+                    "uptime": now - self.rt.started, "bad_messages": self.bad_messages,
+                    "events_unacked": self.events.unacked})
+            else:
+                raise ProtocolError("unknown_type", f"unknown operation {op!r}")
+        elif msg.type == wire.NOTIFY:
+            if op == "worker.ready":
+                state.worker_ready(fx, name, body, now)
+            elif op == "task.started":
+                state.task_started(fx, name, body, now)
+            elif op == "task.heartbeat":
+                state.task_heartbeat(fx, name, body, now)
+            elif op == "task.progress":
+                state.task_progress(name, body, now)
+            elif op == "task.rejected":
+                state.task_rejected(fx, name, body, now)
+            elif op == "worker.leaving":
+                state.worker_leaving(name)
+            elif op == "peer.lost" and body.get("role") == "worker":
+                state.worker_gone(fx, str(body.get("name")), "lost (no heartbeat)", now)
+            elif op == "worker.exited":
+                state.worker_gone(fx, str(body.get("name")), "exited", now)
+        state.dispatch(fx, now)
+
+    def on_tick(self, fx: Effects, now: float) -> float:
+        timeout = self.state.tick(fx, now, self.settings.scheduler.task_heartbeat)
+        self.state.dispatch(fx, now)
+        return timeout
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="cortex-scheduler", description=__doc__)
+    parser.add_argument("--home", help="suite home (default: $CORTEX_HOME or ./.cortex)")
+    args = parser.parse_args(argv)
+    Scheduler(args.home).run()
+
+
+if __name__ == "__main__":
+    main()

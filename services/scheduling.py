@@ -1,0 +1,627 @@
+"""The scheduler's state: task table, queues, workers, and every decision about them.
+
+Pure logic: each handler takes a decoded request and `now`, changes state only through
+`_move()` / `_set()` (which also write the journal record), and leaves what must be
+sent in an `Effects`. The process (scheduler.py) journals the records, commits, and only
+then sends the replies: journal first, then acknowledge.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+from collections import OrderedDict, deque
+from dataclasses import dataclass
+
+from cortex.protocol import wire
+from cortex.protocol.wire import ProtocolError
+
+from .config import SchedulerSettings
+from .effects import Effects
+from .tasks import FINAL, PRIORITIES, PRIORITY_RANK, State, Task, new_task_id, transition
+
+log = logging.getLogger(__name__)
+
+MAX_DESCRIPTION = 8192
+MAX_PAYLOAD_BYTES = 512 * 1024
+LEDGER_RESEND = 1.0  # seconds before an unanswered ledger request is sent again
+BLOCKED_RETRY = 0.5  # seconds between re-tries of tasks waiting for tokens
+BACKOFF_BASE, BACKOFF_CAP = 0.5, 30.0
+TIMEOUT_GRACE = 5.0  # seconds between TERM and KILL of a timed-out task's process group
+
+
+@dataclass
+class WorkerInfo:
+    name: str
+    types: tuple[str, ...]
+    pid: int
+    state: str = "idle"  # idle | claimed (reserving tokens for a task) | busy | leaving
+    task: str | None = None
+    last_seen: float = 0.0
+    done: int = 0
+
+
+class TaskQueue:
+    """Queued tasks per type and priority, FIFO within a level (lazy removal)."""
+
+    def __init__(self):
+        self.lanes: dict[str, list[deque]] = {}
+        self.counts: dict[str, list[int]] = {}
+
+    def push(self, task: Task, front: bool = False) -> None:
+        lanes = self.lanes.setdefault(task.type, [deque() for _ in PRIORITIES])
+        counts = self.counts.setdefault(task.type, [0] * len(PRIORITIES))
+        lane = lanes[PRIORITY_RANK[task.priority]]
+        lane.appendleft(task) if front else lane.append(task)
+        counts[PRIORITY_RANK[task.priority]] += 1
+
+    def pop_for(self, types) -> Task | None:
+        """The best queued task among `types`: highest priority, then oldest."""
+        best = None
+        for rank in range(len(PRIORITIES)):
+            for t in types:
+                lane = self.lanes.get(t)
+                if not lane:
+                    continue
+                dq = lane[rank]
+                while dq and (dq[0].state is not State.QUEUED or dq[0].waiting != "worker"):
+                    dq.popleft()  # cancelled or moved elsewhere since it was queued
+                if dq and (best is None or dq[0].times["created"] < best.times["created"]):
+                    best = dq[0]
+            if best is not None:
+                self.lanes[best.type][rank].popleft()
+                self.counts[best.type][rank] -= 1
+                return best
+        return None
+
+    def discard(self, task: Task) -> None:
+        """Account for a queued task leaving the queue other than by pop (lazy removal)."""
+        self.counts[task.type][PRIORITY_RANK[task.priority]] -= 1
+
+    def depth(self, task_type: str) -> int:
+        return sum(self.counts.get(task_type, ()))
+
+    def ahead_of(self, task: Task) -> int:
+        counts = self.counts.get(task.type, [0] * len(PRIORITIES))
+        return sum(counts[: PRIORITY_RANK[task.priority] + 1])
+
+    def by_priority(self) -> dict[str, int]:
+        totals = dict.fromkeys(PRIORITIES, 0)
+        for counts in self.counts.values():
+            for p, n in zip(PRIORITIES, counts, strict=True):
+                totals[p] += n
+        return totals
+
+
+class SchedulerState:
+    def __init__(self, settings: SchedulerSettings):
+        self.settings = settings
+        self.tasks: dict[str, Task] = {}
+        self.keys: dict[str, str] = {}  # idempotency key -> task id
+        self.finished: OrderedDict[str, None] = OrderedDict()  # retention order
+        self.queue = TaskQueue()
+        self.blocked: dict[str, Task] = {}  # queued but waiting for tokens
+        self.backoff: list[tuple[float, str]] = []  # (not before, task id) heap
+        self.workers: dict[str, WorkerInfo] = {}
+        self.waiters: dict[str, list[tuple[bytes, bytes, float]]] = {}  # id -> (peer, corr, until)
+        self.ledger_pending: dict[bytes, tuple[float, dict]] = {}  # corr -> (resend at, body)
+        self.ledger_seq = 0
+        self.avg_duration: dict[str, float] = {}
+        self.counters = {"submitted": 0, "completed": 0, "failed": 0, "cancelled": 0,
+                         "dead": 0, "retried": 0, "rejected": 0, "late_results": 0,
+                         "duplicates": 0}
+        self.next_blocked_retry = 0.0
+
+    # -- the only two ways state changes -------------------------------------------------
+    def _set(self, fx: Effects, task: Task, **changes) -> None:
+        for key, value in changes.items():
+            setattr(task, key, value)
+        fx.records.append({"k": "set", "id": task.id, **changes})
+
+    def _move(self, fx: Effects, task: Task, new: State, now: float, **changes) -> None:
+        was_queued = task.state is State.QUEUED
+        transition(task, new, now)
+        if was_queued and task.waiting == "worker" and new is not State.QUEUED:
+            pass  # popped from the queue already or discarded by the caller
+        for key, value in changes.items():
+            setattr(task, key, value)
+        fx.records.append({"k": "set", "id": task.id, "state": str(new), "at": now, **changes})
+        if new in FINAL:
+            self.counters[str(new)] = self.counters.get(str(new), 0) + 1
+            self.finished[task.id] = None
+            self._retain()
+
+    def apply(self, record: dict) -> None:
+        """Replay one journal record (recovery)."""
+        if record["k"] == "new":
+            task = Task(**record["task"])
+            task.state = State(task.state)
+            self.tasks[task.id] = task
+            self.keys[task.key] = task.id
+            return
+        task = self.tasks.get(record["id"])
+        if task is None:
+            return  # dropped by retention before the snapshot
+        for key, value in record.items():
+            if key in ("k", "id", "at"):
+                continue
+            if key == "state":
+                task.state = State(value)
+                task.times[value] = record["at"]
+            else:
+                setattr(task, key, value)
+
+    def restore(self, now: float) -> None:
+        """After snapshot + replay: rebuild queues; in-flight attempts go back to the queue
+        (their workers will tell us if they still run them)."""
+        for task in sorted(self.tasks.values(), key=lambda t: t.times.get("created", 0)):
+            if task.state in FINAL:
+                self.finished[task.id] = None
+            elif task.state is State.QUEUED:
+                task.waiting = "worker"
+                self.queue.push(task)
+            else:
+                # Dispatched or running when we crashed: wait for its worker's heartbeat
+                # (worker.sync), and requeue it if none comes (see tick()).
+                task.waiting = None
+                task.times["recovered"] = now
+        self._retain()
+
+    def _retain(self) -> None:
+        while len(self.finished) > self.settings.retention:
+            old, _ = self.finished.popitem(last=False)
+            task = self.tasks.pop(old, None)
+            if task is not None and self.keys.get(task.key) == old:
+                del self.keys[task.key]
+
+    # -- client requests -----------------------------------------------------------------
+    def submit(self, fx: Effects, peer: bytes, corr: bytes, body: dict, now: float) -> None:
+        key = wire.field_str(body, "idempotency_key", max_len=128)
+        existing = self.keys.get(key)
+        if existing is not None and existing in self.tasks:
+            self.counters["duplicates"] += 1
+            fx.reply(peer, corr, self.tasks[existing].summary())
+            return
+        task_type = wire.field_str(body, "type", max_len=64)
+        description = wire.field_str(body, "description", max_len=MAX_DESCRIPTION,
+                                     required=False, default="", allow_empty=True)
+        priority = wire.field_choice(body, "priority", PRIORITIES, required=False,
+                                     default="medium")
+        tokens = wire.field_int(body, "tokens", required=False, default=0)
+        timeout = wire.field_number(body, "timeout", lo=0.001, hi=7 * 86400, required=False,
+                                    default=self.settings.default_timeout)
+        retries = wire.field_int(body, "retries", hi=100, required=False,
+                                 default=self.settings.default_retries)
+        deadline = wire.field_number(body, "deadline", lo=0, hi=1e11, required=False)
+        agent = wire.field_str(body, "agent", max_len=128, required=False,
+                               default=peer.decode(errors="replace"))
+        payload = body.get("payload")
+        eta = self.estimate_start(task_type, priority, now)
+        if priority != "critical" and self.queue.depth(task_type) >= \
+                self.settings.max_queue_per_type:
+            self._reject(fx, peer, corr, "queue_full", task_type, priority,
+                         f"queue for {task_type} is full "
+                         f"({self.settings.max_queue_per_type} tasks)", now)
+            return
+        if deadline is not None and eta > deadline:
+            self._reject(fx, peer, corr, "rejected", task_type, priority,
+                         f"estimated start {eta:.3f} is past the deadline {deadline:.3f} "
+                         f"(in {eta - now:.1f} s)", now)
+            return
+        if eta - now > self.settings.max_wait:
+            self._reject(fx, peer, corr, "rejected", task_type, priority,
+                         f"estimated start in {eta - now:.0f} s exceeds the maximum wait of "
+                         f"{self.settings.max_wait:.0f} s", now)
+            return
+        task = Task(id=new_task_id(now), type=task_type, description=description,
+                    priority=priority, tokens=tokens, timeout=timeout, retries=retries,
+                    agent=agent, key=key, payload=payload, deadline=deadline,
+                    times={"created": now}, waiting="worker", eta=eta)
+        self.tasks[task.id] = task
+        self.keys[key] = task.id
+        self.queue.push(task)
+        self.counters["submitted"] += 1
+        fx.records.append({"k": "new", "task": task.summary() | {"final": None}})
+        fx.records[-1]["task"].pop("final")
+        fx.emit("task.created", {"type": task_type, "priority": priority, "tokens": tokens,
+                                 "agent": agent, "eta": eta,
+                                 "description": description[:200]}, task.id)
+        fx.reply(peer, corr, task.summary())
+
+    def _reject(self, fx, peer, corr, code, task_type, priority, reason, now) -> None:
+        self.counters["rejected"] += 1
+        fx.emit("scheduler.rejected", {"type": task_type, "priority": priority, "code": code,
+                                       "reason": reason})
+        fx.error(peer, corr, code, reason)
+
+    def estimate_start(self, task_type: str, priority: str, now: float) -> float:
+        """Queue position x mean duration / workers of the type (0 when idle capacity)."""
+        workers = [w for w in self.workers.values() if task_type in w.types
+                   and w.state != "leaving"]
+        idle = sum(1 for w in workers if w.state == "idle")
+        counts = self.queue.counts.get(task_type, [0] * len(PRIORITIES))
+        ahead = sum(counts[: PRIORITY_RANK[priority] + 1])
+        if idle > ahead:
+            return now
+        mean = self.avg_duration.get(task_type, 1.0)
+        return now + (ahead + 1) * mean / max(len(workers), 1)
+
+    def get(self, body: dict) -> Task:
+        task_id = wire.field_str(body, "id", max_len=64)
+        task = self.tasks.get(task_id)
+        if task is None:
+            raise ProtocolError("not_found", f"no task {task_id}")
+        return task
+
+    def wait(self, fx: Effects, peer: bytes, corr: bytes, body: dict, now: float) -> None:
+        task = self.get(body)
+        hold = wire.field_number(body, "hold", lo=0, hi=60, required=False, default=0)
+        if task.final or hold == 0:
+            fx.reply(peer, corr, task.summary())
+        else:
+            self.waiters.setdefault(task.id, []).append((peer, corr, now + hold))
+
+    def _wake(self, fx: Effects, task: Task) -> None:
+        for peer, corr, _ in self.waiters.pop(task.id, ()):
+            fx.reply(peer, corr, task.summary())
+
+    def cancel(self, fx: Effects, peer: bytes, corr: bytes, body: dict, now: float) -> None:
+        task = self.get(body)
+        if task.final:
+            fx.reply(peer, corr, task.summary())
+            return
+        error = {"category": "cancelled", "message": "cancelled on request"}
+        if task.state is State.QUEUED:
+            self._leave_queue(task)
+            self._move(fx, task, State.CANCELLED, now, error=error, waiting=None)
+            self._settle_tokens(fx, task, now)
+        else:
+            worker = self.workers.get(task.worker or "")
+            fx.notify(task.worker, {"op": "task.cancel", "id": task.id, "attempt": task.attempt})
+            # The handler may ignore the flag: the pool ends the worker after a grace period.
+            if worker is not None:
+                self._kill_worker(fx, worker, "cancel")
+            self._move(fx, task, State.CANCELLED, now, error=error)
+            self._settle_tokens(fx, task, now)
+        fx.emit("task.cancelled", {"attempt": task.attempt}, task.id, task.worker)
+        self._wake(fx, task)
+        fx.reply(peer, corr, task.summary())
+
+    def _leave_queue(self, task: Task) -> None:
+        if task.waiting == "worker":
+            self.queue.discard(task)
+        self.blocked.pop(task.id, None)
+        task.waiting = None
+
+    def list_tasks(self, body: dict) -> dict:
+        state = wire.field_str(body, "state", max_len=16, required=False)
+        limit = wire.field_int(body, "limit", lo=1, hi=10000, required=False, default=100)
+        if state is not None and state not in State.__members__.values():
+            raise ProtocolError("bad_request", f"unknown state {state!r}")
+        chosen = [t for t in self.tasks.values() if state is None or t.state == state]
+        chosen = chosen[-limit:]
+        return {"tasks": [t.summary() | {"payload": None, "result": None} for t in chosen],
+                "total": len(chosen)}
+
+    def status(self, now: float) -> dict:
+        states: dict[str, int] = {}
+        for t in self.tasks.values():
+            states[str(t.state)] = states.get(str(t.state), 0) + 1
+        workers: dict[str, dict[str, int]] = {}
+        for w in self.workers.values():
+            for t in w.types:
+                row = workers.setdefault(t, {"idle": 0, "busy": 0})
+                row["idle" if w.state == "idle" else "busy"] += 1
+        return {"queue": self.queue.by_priority(), "states": states, "workers": workers,
+                "waiting_tokens": len(self.blocked), "backoff": len(self.backoff),
+                "counters": dict(self.counters)}
+
+    # -- workers -------------------------------------------------------------------------
+    def worker_ready(self, fx: Effects, name: str, body: dict, now: float) -> None:
+        types = body.get("types") or [body.get("type")]
+        if not all(isinstance(t, str) and t for t in types):
+            raise ProtocolError("bad_request", "worker.ready needs its task types")
+        pid = wire.field_int(body, "pid", required=False, default=0)
+        worker = self.workers.get(name)
+        if worker is None:
+            worker = self.workers[name] = WorkerInfo(name, tuple(types), pid, last_seen=now)
+            fx.emit("worker.registered", {"types": types, "pid": pid}, worker=name)
+        elif worker.task is not None:
+            # It says it is idle, so whatever we think it runs has been lost.
+            task = self.tasks.get(worker.task)
+            if task is not None and not task.final and task.worker == name:
+                self._retry(fx, task, "worker_lost", "worker restarted its task", now)
+        worker.types, worker.pid, worker.last_seen = tuple(types), pid, now
+        worker.state, worker.task = "idle", None
+
+    def worker_gone(self, fx: Effects, name: str, reason: str, now: float) -> None:
+        worker = self.workers.pop(name, None)
+        if worker is None:
+            return
+        fx.emit("worker.lost", {"reason": reason, "pid": worker.pid}, worker.task, name)
+        task = self.tasks.get(worker.task or "")
+        if task is not None and not task.final and task.worker == name:
+            self._retry(fx, task, "worker_lost", f"worker {name} {reason}", now)
+
+    def worker_leaving(self, name: str) -> None:
+        worker = self.workers.get(name)
+        if worker is not None:
+            worker.state = "leaving" if worker.task is None else worker.state
+            if worker.task is None:
+                del self.workers[name]
+
+    def _kill_worker(self, fx: Effects, worker: WorkerInfo, reason: str) -> None:
+        fx.sends.append((b"pool", wire.NOTIFY, b"", {"op": "pool.kill", "worker": worker.name,
+                                                      "pid": worker.pid, "reason": reason,
+                                                      "grace": TIMEOUT_GRACE}))
+        self.workers.pop(worker.name, None)
+
+    def task_started(self, fx: Effects, name: str, body: dict, now: float) -> None:
+        task = self._current(name, body)
+        if task is not None and task.state is State.DISPATCHED:
+            at = wire.field_number(body, "at", lo=0, hi=1e11, required=False, default=now)
+            self._move(fx, task, State.RUNNING, now)
+            task.times["started"] = at
+            fx.emit("task.started", {"attempt": task.attempt, "at": at}, task.id, name)
+
+    def task_heartbeat(self, fx: Effects, name: str, body: dict, now: float) -> None:
+        worker = self.workers.get(name)
+        if worker is None:
+            # We restarted: a busy worker re-introduces itself through its heartbeat.
+            types = body.get("types") or [body.get("type")]
+            if all(isinstance(t, str) and t for t in types):
+                worker = self.workers[name] = WorkerInfo(
+                    name, tuple(types), int(body.get("pid") or 0), state="busy",
+                    last_seen=now)
+        else:
+            worker.last_seen = now
+        task = self._current(name, body)
+        if task is not None and worker is not None:
+            worker.state, worker.task = "busy", task.id
+            task.times["heartbeat"] = now
+            used = body.get("tokens_used")
+            if isinstance(used, int) and not isinstance(used, bool) and used >= 0:
+                task.tokens_used = used
+
+    def task_progress(self, name: str, body: dict, now: float) -> None:
+        task = self._current(name, body)
+        if task is not None:
+            task.progress = wire.field_number(body, "fraction", lo=0, hi=1, required=False,
+                                              default=task.progress)
+            task.message = wire.field_str(body, "message", max_len=500, required=False,
+                                          default="", allow_empty=True)
+
+    def _current(self, name: str, body: dict) -> Task | None:
+        task = self.tasks.get(body.get("id") if isinstance(body.get("id"), str) else "")
+        if task is None or task.final or task.worker != name or task.attempt != body.get(
+                "attempt"):
+            return None
+        return task
+
+    def task_rejected(self, fx: Effects, name: str, body: dict, now: float) -> None:
+        task = self._current(name, body)
+        self.workers.pop(name, None) if body.get("reason") == "stopping" else None
+        if task is not None:
+            # The worker never ran it: back to the front of the queue, same attempt.
+            self._move(fx, task, State.QUEUED, now, worker=None, waiting="worker")
+            self.queue.push(task, front=True)
+
+    def task_finished(self, fx: Effects, name: str, peer: bytes, corr: bytes, body: dict,
+                      now: float) -> None:
+        fx.reply(peer, corr, {"ok": True})
+        worker = self.workers.get(name)
+        if worker is not None:
+            worker.last_seen = now
+            if worker.task == body.get("id"):
+                worker.state, worker.task = "idle", None
+                worker.done += 1
+        task = self._current(name, body)
+        if task is None:
+            self.counters["late_results"] += 1
+            fx.emit("task.late_result", {"attempt": body.get("attempt"), "worker": name},
+                    body.get("id") if isinstance(body.get("id"), str) else None, name)
+            return
+        used = body.get("tokens_used", 0)
+        task.tokens_used = used if isinstance(used, int) and not isinstance(used, bool) \
+            and 0 <= used <= wire.MAX_INT else 0
+        started = body.get("started_at")
+        if isinstance(started, float):
+            task.times["started"] = started
+        finished_at = body.get("finished_at") if isinstance(body.get("finished_at"), float) \
+            else now
+        duration = max(0.0, finished_at - task.times.get("started", finished_at))
+        prev = self.avg_duration.get(task.type)
+        self.avg_duration[task.type] = duration if prev is None else 0.9 * prev + 0.1 * duration
+        timings = {"queued": task.times.get("dispatched", now) - task.times["created"],
+                   "duration": duration, "cpu_s": body.get("cpu_s")}
+        if body.get("ok") is True:
+            self._move(fx, task, State.COMPLETED, now, result=body.get("result"),
+                       tokens_used=task.tokens_used)
+            fx.emit("task.completed", {"attempt": task.attempt, "tokens_used": task.tokens_used,
+                                       "type": task.type, "priority": task.priority,
+                                       **timings}, task.id, name)
+        else:
+            error = body.get("error") if isinstance(body.get("error"), dict) else {}
+            category = error.get("category", "handler_error")
+            self._move(fx, task, State.FAILED, now, tokens_used=task.tokens_used,
+                       error={"category": category,
+                              "message": str(error.get("message", ""))[:2000]})
+            fx.emit("task.failed", {"attempt": task.attempt, "category": category,
+                                    "message": str(error.get("message", ""))[:500],
+                                    "tokens_used": task.tokens_used, **timings}, task.id, name)
+        self._settle_tokens(fx, task, now)
+        self._wake(fx, task)
+
+    def _retry(self, fx: Effects, task: Task, category: str, message: str, now: float) -> None:
+        """A lost attempt: release its tokens, then back to the queue or to the dead letters."""
+        self._settle_tokens(fx, task, now)
+        error = {"category": category, "message": message}
+        if task.attempt > task.retries:
+            self._move(fx, task, State.DEAD, now, error=error, worker=None)
+            fx.emit("task.dead", {"attempt": task.attempt, **error}, task.id)
+            self._wake(fx, task)
+            return
+        self.counters["retried"] += 1
+        delay = min(BACKOFF_BASE * 2 ** (task.attempt - 1), BACKOFF_CAP)
+        self._move(fx, task, State.QUEUED, now, attempt=task.attempt + 1, worker=None,
+                   error=error, waiting="backoff", reserved=0, tokens_used=0)
+        heapq.heappush(self.backoff, (now + delay, task.id))
+        fx.emit("task.retry", {"attempt": task.attempt, "after": delay, **error}, task.id)
+
+    # -- tokens --------------------------------------------------------------------------
+    def _ledger(self, fx: Effects, body: dict, now: float) -> bytes:
+        self.ledger_seq += 1
+        corr = b"L" + self.ledger_seq.to_bytes(8, "big")
+        self.ledger_pending[corr] = (now + LEDGER_RESEND, body)
+        fx.sends.append((b"ledger", wire.REQUEST, corr, body))
+        return corr
+
+    def _settle_tokens(self, fx: Effects, task: Task, now: float) -> None:
+        """Commit what the attempt used (releasing the rest) or release its reservation."""
+        if task.tokens_used > 0:
+            self._ledger(fx, {"op": "ledger.commit", "task": task.id, "attempt": task.attempt,
+                              "used": task.tokens_used}, now)
+        elif task.reserved > 0:
+            self._ledger(fx, {"op": "ledger.release", "task": task.id, "attempt": task.attempt},
+                         now)
+        if task.reserved:
+            self._set(fx, task, reserved=0)
+
+    def ledger_reply(self, fx: Effects, corr: bytes, ok: bool, body: dict, now: float) -> None:
+        pending = self.ledger_pending.pop(corr, None)
+        if pending is None:
+            return
+        request = pending[1]
+        if not ok and body.get("code") == "unavailable":
+            self.ledger_pending[corr] = (now + LEDGER_RESEND, request)  # ledger restarting
+            return
+        if request["op"] != "ledger.reserve":
+            self.next_blocked_retry = now  # tokens came back: waiting tasks may fit now
+            return
+        task = self.tasks.get(request["task"])
+        worker = self.workers.get(request["worker"])
+        if worker is not None and worker.state == "claimed" and worker.task == request["task"]:
+            worker.state, worker.task = "idle", None
+        if task is None or task.state is not State.QUEUED or task.attempt != request["attempt"]:
+            if ok and body.get("granted"):  # the task moved on meanwhile: give them back
+                self._ledger(fx, {"op": "ledger.release", "task": request["task"],
+                                  "attempt": request["attempt"]}, now)
+            return
+        if ok and body.get("granted"):
+            self._set(fx, task, reserved=request["amount"])
+            fx.emit("task.reserved", {"attempt": task.attempt, "tokens": request["amount"]},
+                    task.id)
+            if worker is not None and worker.state == "idle":
+                self._dispatch(fx, task, worker, now)
+            else:
+                task.waiting = "worker"
+                self.queue.push(task, front=True)
+        else:
+            reason = body.get("reason") or body.get("message") or "token budget"
+            task.waiting = "tokens"
+            self.blocked[task.id] = task
+            fx.emit("task.waiting", {"reason": "tokens", "detail": str(reason)[:300]}, task.id)
+
+    # -- dispatch ------------------------------------------------------------------------
+    def dispatch(self, fx: Effects, now: float) -> None:
+        """Give every idle worker the best task it can take."""
+        for worker in list(self.workers.values()):
+            while worker.state == "idle":
+                task = self.queue.pop_for(worker.types)
+                if task is None:
+                    break
+                if task.tokens > 0 and task.reserved == 0:
+                    # Reserve first; the worker waits for this task meanwhile, while other
+                    # workers keep taking other tasks (no head-of-line blocking).
+                    task.waiting = "reserving"
+                    worker.state, worker.task = "claimed", task.id
+                    self._ledger(fx, {"op": "ledger.reserve", "task": task.id,
+                                      "attempt": task.attempt, "amount": task.tokens,
+                                      "type": task.type, "agent": task.agent,
+                                      "worker": worker.name}, now)
+                    break
+                self._dispatch(fx, task, worker, now)
+
+    def _dispatch(self, fx: Effects, task: Task, worker: WorkerInfo, now: float) -> None:
+        self._move(fx, task, State.DISPATCHED, now, worker=worker.name, waiting=None)
+        worker.state, worker.task = "busy", task.id
+        worker.last_seen = now
+        fx.notify(worker.name, {"op": "task.run", "task": {
+            "id": task.id, "attempt": task.attempt, "type": task.type,
+            "description": task.description, "priority": task.priority,
+            "payload": task.payload, "tokens": task.reserved, "timeout": task.timeout}})
+        fx.emit("task.dispatched", {"attempt": task.attempt, "worker": worker.name,
+                                    "waited": now - task.times["created"]}, task.id,
+                worker.name)
+
+    # -- time ----------------------------------------------------------------------------
+    def tick(self, fx: Effects, now: float, task_heartbeat: float) -> float:
+        """Handle everything due by `now`; returns seconds until the next deadline."""
+        next_due = now + 1.0
+        while self.backoff and self.backoff[0][0] <= now:
+            _, task_id = heapq.heappop(self.backoff)
+            task = self.tasks.get(task_id)
+            if task is not None and task.state is State.QUEUED and task.waiting == "backoff":
+                task.waiting = "worker"
+                self.queue.push(task, front=True)
+        if self.backoff:
+            next_due = min(next_due, self.backoff[0][0])
+        if self.blocked and now >= self.next_blocked_retry:
+            for task in list(self.blocked.values()):
+                del self.blocked[task.id]
+                task.waiting = "worker"
+                self.queue.push(task, front=True)
+            self.next_blocked_retry = now + BLOCKED_RETRY
+        for corr, (due, body) in list(self.ledger_pending.items()):
+            if now >= due:
+                self.ledger_pending[corr] = (now + LEDGER_RESEND, body)
+                fx.sends.append((b"ledger", wire.REQUEST, corr, body))
+        for task_id, waits in list(self.waiters.items()):
+            keep = [w for w in waits if w[2] > now]
+            for peer, corr, _ in (w for w in waits if w[2] <= now):
+                task = self.tasks.get(task_id)
+                if task is not None:
+                    fx.reply(peer, corr, task.summary())
+            if keep:
+                self.waiters[task_id] = keep
+                next_due = min(next_due, min(w[2] for w in keep))
+            else:
+                del self.waiters[task_id]
+        lost_after = task_heartbeat * wire.HEARTBEAT_LIVENESS
+        for task in [t for t in self.tasks.values()
+                     if t.state in (State.DISPATCHED, State.RUNNING)]:
+            since = task.times.get("dispatched", now)
+            if now - since > task.timeout:
+                worker = self.workers.get(task.worker or "")
+                if worker is not None:
+                    self._kill_worker(fx, worker, "timeout")
+                fx.emit("task.timeout", {"attempt": task.attempt, "timeout": task.timeout},
+                        task.id, task.worker)
+                self._retry(fx, task, "timeout", f"ran past its timeout of {task.timeout} s",
+                            now)
+                continue
+            seen = max(task.times.get("heartbeat", 0), since, task.times.get("recovered", 0))
+            worker = self.workers.get(task.worker or "")
+            if worker is not None:
+                seen = max(seen, worker.last_seen)
+            if now - seen > lost_after:
+                if worker is not None:
+                    self._kill_worker(fx, worker, "silent")  # hung (e.g. SIGSTOP): end it
+                fx.emit("worker.lost", {"reason": "no heartbeat", "silent_for": now - seen},
+                        task.id, task.worker)
+                self._retry(fx, task, "worker_lost",
+                            f"no heartbeat from {task.worker} for {now - seen:.1f} s", now)
+        return max(0.0, next_due - now)
+
+    # -- snapshots -----------------------------------------------------------------------
+    def snapshot(self) -> dict:
+        return {"tasks": [t.summary() for t in self.tasks.values()],
+                "counters": self.counters, "avg_duration": self.avg_duration}
+
+    def load_snapshot(self, data: dict) -> None:
+        for row in data.get("tasks", []):
+            row = dict(row)
+            row.pop("final", None)
+            self.apply({"k": "new", "task": row})
+        self.counters.update(data.get("counters", {}))
+        self.avg_duration.update(data.get("avg_duration", {}))

@@ -1,0 +1,163 @@
+"""The loop every bus service runs: one poller, one turn at a time.
+
+A turn: read what is waiting (bounded), let the service decide (filling an Effects),
+write the turn's journal records with one commit, then send replies and publish events.
+Journal first, then acknowledge. Timeouts come from the next deadline, never a sleep.
+"""
+
+from __future__ import annotations
+
+import time
+
+import zmq
+
+from cortex.protocol import wire
+from cortex.protocol.peer import BusLink
+
+from .effects import Effects
+from .journal import Journal, JournalError, read_snapshot, write_snapshot
+from .publisher import EventPublisher
+from .runtime import ServiceRuntime
+
+MAX_BATCH = 2000  # messages per turn, so timers and acks still get their turn
+
+
+class BusService:
+    name = "service"
+    snapshot_name: str | None = None  # file under state/ for stateful services
+
+    def __init__(self, home=None):
+        self.rt = ServiceRuntime(self.name, home)
+        self.settings = self.rt.settings
+        self.log = self.rt.log
+        ctx = self.rt.ctx
+        self.link = BusLink(ctx, self.rt.endpoints["bus"], self.name, "service",
+                            interval=self.settings.suite.heartbeat_interval)
+        self.events = EventPublisher(ctx, self.rt.endpoints["events_in"], self.name,
+                                     self.rt.epoch)
+        self.poller = zmq.Poller()
+        self.poller.register(self.link.socket, zmq.POLLIN)
+        self.poller.register(self.events.socket, zmq.POLLIN)
+        self.journal: Journal | None = None
+        self.next_snapshot = time.monotonic() + self.settings.suite.snapshot_interval
+        self.bad_messages = 0
+
+    # -- hooks for the service ------------------------------------------------------------
+    def handle(self, fx: Effects, msg: wire.Message, body: dict, now: float) -> None:
+        raise NotImplementedError
+
+    def on_tick(self, fx: Effects, now: float) -> float:
+        return 1.0
+
+    def on_sockets(self, ready: dict, fx: Effects) -> None:
+        """Serve the service's own sockets (those it registered with self.poller)."""
+
+    def snapshot(self) -> dict:
+        return {}
+
+    def restore(self, snapshot: dict | None, records: list[dict]) -> None:
+        pass
+
+    # -- recovery -------------------------------------------------------------------------
+    def open_journal(self) -> None:
+        """Latest snapshot + journal replay; a bad file is reported, never fatal."""
+        path = self.rt.home / "state" / self.snapshot_name
+        snap, why = read_snapshot(path)
+        if why:
+            self.log.error("snapshot %s unreadable (%s): recovering from the journal alone",
+                           path, why)
+        self.journal = Journal(self.rt.home / "wal" / f"{self.name}.wal",
+                               self.settings.suite.fsync)
+        records, report = self.journal.replay(after_lsn=(snap or {}).get("lsn", 0))
+        if report.torn_tail or report.corrupt:
+            self.log.error("journal: torn tail %s, corrupt records %s", report.tail,
+                           report.corrupt)
+            self.events.emit(f"{self.name}.journal_damaged",
+                             {"torn_tail": report.tail, "corrupt": report.corrupt})
+        self.restore(snap, records)
+        self.log.info("recovered: snapshot %s, %d journal records replayed",
+                      "loaded" if snap else "absent", len(records))
+        self.write_snapshot()
+
+    def write_snapshot(self) -> None:
+        if self.journal is None:
+            return
+        self.journal.commit()
+        data = self.snapshot()
+        data["lsn"] = self.journal.last_lsn
+        data["written_at"] = time.time()
+        write_snapshot(self.rt.home / "state" / self.snapshot_name, data)
+        self.journal.compact()
+
+    # -- the loop -------------------------------------------------------------------------
+    def _decode(self, fx: Effects, msg: wire.Message, now: float) -> None:
+        try:
+            body = msg.decoded()
+            self.handle(fx, msg, body, now)
+        except wire.ProtocolError as e:
+            self.bad_messages += 1
+            if msg.type == wire.REQUEST:
+                fx.error(msg.peer, msg.corr, e.code, e.message)
+
+    def flush(self, fx: Effects) -> None:
+        if fx.records and self.journal is not None:
+            for record in fx.records:
+                self.journal.append(record)
+            try:
+                self.journal.commit()
+            except JournalError:
+                # Cannot make the turn durable, so acknowledge none of it: exit and let
+                # supervisord restart us from the journal; clients re-send.
+                self.log.critical("journal commit failed: exiting without acknowledging",
+                                  exc_info=True)
+                raise SystemExit(70) from None
+        for peer, type_, corr, body in fx.sends:
+            self.link.send(type_, peer, corr, body)
+        for type_, data, task, worker in fx.events:
+            self.events.emit(type_, data, task=task, worker=worker)
+        self.events.flush()
+
+    def run(self) -> None:
+        self.log.info("%s serving %s", self.name, self.rt.home)
+        try:
+            while not self.rt.stopping:
+                now = time.monotonic()
+                fx = Effects()
+                timeout = min(self.link.tick(now), self.events.tick(now),
+                              self.on_tick(fx, time.time()))
+                if fx.sends or fx.records or fx.events:
+                    self.flush(fx)
+                    fx = Effects()
+                if self.journal is not None:
+                    if now >= self.next_snapshot:
+                        self.write_snapshot()
+                        self.next_snapshot = now + self.settings.suite.snapshot_interval
+                    timeout = min(timeout, self.next_snapshot - now)
+                ready = dict(self.poller.poll(max(0.0, timeout) * 1000))
+                if self.events.socket in ready:
+                    self.events.on_message()
+                self.on_sockets(ready, fx)
+                if self.link.socket in ready:
+                    now_wall = time.time()
+                    for _ in range(MAX_BATCH):
+                        msg = self.link.receive()
+                        if msg is None:
+                            if not self.link.socket.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                                break
+                            continue
+                        self._decode(fx, msg, now_wall)
+                    self.flush(fx)
+        finally:
+            self.shutdown()
+
+    def shutdown(self) -> None:
+        try:
+            if self.journal is not None:
+                self.write_snapshot()
+                self.journal.close()
+        finally:
+            self.events.flush()
+            self.link.close()
+            self.events.close()
+            self.rt.close()
+            self.log.info("%s stopped", self.name)

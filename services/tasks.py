@@ -1,0 +1,114 @@
+"""The task model: fields, states and the one table of allowed transitions.
+
+    queued -> dispatched -> running -> completed | failed | cancelled
+                 |            |
+                 +------------+--> queued again (retry, attempt + 1) or dead (retries spent)
+
+Nothing changes a task's state except `transition()`, which checks the edge.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from enum import StrEnum
+
+
+class State(StrEnum):
+    QUEUED = "queued"
+    DISPATCHED = "dispatched"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    DEAD = "dead"  # dead letter: retries spent
+
+
+FINAL = frozenset({State.COMPLETED, State.FAILED, State.CANCELLED, State.DEAD})
+
+EDGES: dict[State, frozenset[State]] = {
+    State.QUEUED: frozenset({State.DISPATCHED, State.CANCELLED, State.FAILED}),
+    State.DISPATCHED: frozenset({State.RUNNING, State.QUEUED, State.COMPLETED, State.FAILED,
+                                 State.CANCELLED, State.DEAD}),
+    State.RUNNING: frozenset({State.COMPLETED, State.FAILED, State.CANCELLED, State.QUEUED,
+                              State.DEAD}),
+    State.COMPLETED: frozenset(),
+    State.FAILED: frozenset(),
+    State.CANCELLED: frozenset(),
+    State.DEAD: frozenset(),
+}
+
+PRIORITIES = ("critical", "high", "medium", "low")
+PRIORITY_RANK = {p: i for i, p in enumerate(PRIORITIES)}
+ERROR_CATEGORIES = ("timeout", "worker_lost", "handler_error", "budget_exceeded", "cancelled",
+                    "rejected")
+
+
+class TransitionError(Exception):
+    code = "conflict"
+
+
+_counter = itertools.count()
+_node = os.urandom(2).hex()
+
+
+def new_task_id(now: float | None = None) -> str:
+    """Time-ordered ids: milliseconds, then a per-process counter, then a random node."""
+    ms = int((time.time() if now is None else now) * 1000)
+    return f"t{ms:011x}{next(_counter) & 0xFFFFFF:06x}{_node}"
+
+
+@dataclass(slots=True)
+class Task:
+    id: str
+    type: str
+    description: str
+    priority: str
+    tokens: int
+    timeout: float
+    retries: int
+    agent: str
+    key: str
+    payload: object = None
+    deadline: float | None = None  # SLA: unix time by which it should start
+    state: State = State.QUEUED
+    attempt: int = 1
+    worker: str | None = None
+    times: dict = field(default_factory=dict)  # state -> unix time of the latest entry
+    result: object = None
+    error: dict | None = None
+    waiting: str | None = None  # why a queued task is not running yet
+    tokens_used: int = 0
+    progress: float = 0.0
+    message: str = ""
+    reserved: int = 0  # tokens currently reserved for this attempt
+    eta: float | None = None
+
+    @property
+    def final(self) -> bool:
+        return self.state in FINAL
+
+    def summary(self) -> dict:
+        data = asdict(self)
+        data["state"] = str(self.state)
+        data["final"] = self.final
+        return data
+
+
+def transition(task: Task, new: State, now: float) -> State:
+    """Move `task` along an allowed edge; returns the old state."""
+    old = task.state
+    if new not in EDGES[old]:
+        raise TransitionError(f"task {task.id}: {old} -> {new} is not allowed")
+    task.state = new
+    task.times[str(new)] = now
+    return old
+
+
+def from_summary(data: dict) -> Task:
+    fields_ = {k: v for k, v in data.items() if k in Task.__dataclass_fields__}
+    task = Task(**fields_)
+    task.state = State(task.state)
+    return task

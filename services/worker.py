@@ -1,0 +1,41 @@
+"""A pooled worker process (started by the pool, never by hand).
+
+    python -m cortex.services.worker --home DIR --group NAME --name NAME
+
+Runs the `Worker` helper of the client library with the handlers configured for its
+group's task types. It dies with the pool (parent-death signal, set by the pool).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from cortex.protocol import locate
+from cortex.protocol.worker import Worker
+
+from . import config, handlers
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="cortex-worker", description=__doc__)
+    parser.add_argument("--home")
+    parser.add_argument("--group", default="default")
+    parser.add_argument("--name")
+    args = parser.parse_args(argv)
+    home = locate.find_home(args.home)
+    logging.basicConfig(level=os.environ.get("CORTEX_LOG_LEVEL", "WARNING"), stream=sys.stderr,
+                        format=f"%(asctime)s worker {args.name}[%(process)d] %(message)s")
+    settings = config.load(home)
+    group = next(g for g in settings.groups if g.name == args.group)
+    table = {t: handlers.resolve(settings.handlers[t]) for t in group.types}
+    worker = Worker(table, home=home, name=args.name,
+                    heartbeat=settings.scheduler.task_heartbeat,
+                    max_tasks=group.max_tasks or None, max_rss_mb=group.max_rss_mb or None)
+    worker.run()
+
+
+if __name__ == "__main__":
+    main()
