@@ -188,7 +188,7 @@ class _Budget:
         if nxt is None or now < nxt:
             return False
         period = _period(self.window)
-        self.window_start = self.origin + (now - self.origin) // period * period
+        self.window_start = now
         self.committed = self.overrun = 0
         return True
 
@@ -484,7 +484,7 @@ class LedgerState:
 
     def _apply(self, r: dict) -> None:
         # The one place state changes (besides time-driven resets), for live calls and replay.
-        pass  # live: already rolled; replay: reproduces the resets due then
+        self._roll(r["now"])  # live: already rolled; replay: reproduces the resets due then
         self.clock = max(self.clock, r["now"])
         self.lsn = r["lsn"]
         op = r["op"]

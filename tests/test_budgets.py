@@ -772,6 +772,9 @@ class LedgerMachine(RuleBasedStateMachine):
             assert (b["limit"], b["window"]) == (m["limit"], m["window"])
             assert b["reserved"] == self.model.reserved(scope)
             assert (b["committed"], b["overrun"]) == (m["committed"], m["overrun"]), scope
+            if m["period"] is not None:  # window boundaries stay aligned to their origin
+                expected = m["origin"] + (m["index"] + 1) * m["period"]
+                assert math.isclose(b["next_reset"], expected, rel_tol=0, abs_tol=1e-6), scope
             assert 0 <= b["overrun"] <= b["committed"] and b["reserved"] >= 0
             usage = b["committed"] - b["overrun"] + b["reserved"]
             # Holds always, except after a limit was lowered below usage: then usage only falls.

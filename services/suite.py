@@ -1,0 +1,190 @@
+"""Starting, checking and stopping a whole suite through supervisord.
+
+Used by the CLI (`cortex up/down/status`), the tests and the load-test harness, so there
+is one way to do it. `start(attached=True)` keeps supervisord as our child (tests, demo,
+load tests: we reap it); otherwise it daemonizes as usual.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import time
+import xmlrpc.client
+from importlib import resources
+from pathlib import Path
+
+import psutil
+
+from cortex.protocol import errors
+from cortex.protocol.client import Client
+
+from .runtime import prepare_home
+
+SERVICES = ("broker", "events", "ledger", "scheduler", "pool")
+PR_SET_CHILD_SUBREAPER = 36
+
+
+class SuiteError(Exception):
+    code = "suite_error"
+
+
+def config_path() -> Path:
+    """The supervisord.conf shipped with the package (the repo root links to it)."""
+    return Path(str(resources.files("cortex.services") / "supervisord.conf"))
+
+
+def become_subreaper() -> None:
+    """Adopt orphaned descendants (a daemonized supervisord) so we can reap them, even
+    where PID 1 does not."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1)
+    except (OSError, AttributeError):
+        pass
+
+
+def reap_orphans() -> None:
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+class Suite:
+    def __init__(self, home: Path, python: str | None = None):
+        self.home = Path(home).absolute()
+        self.python = python or sys.executable
+        self.conf = config_path()
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def env(self) -> dict:
+        return {**os.environ, "CORTEX_HOME": str(self.home), "CORTEX_PYTHON": self.python}
+
+    def supervisord_pid(self) -> int | None:
+        try:
+            pid = int((self.home / "run" / "supervisord.pid").read_text().strip())
+        except (OSError, ValueError):
+            return None
+        return pid if _alive(pid) else None
+
+    def rpc(self):
+        from supervisor.xmlrpc import SupervisorTransport
+
+        url = f"unix://{self.home}/run/supervisor.sock"
+        return xmlrpc.client.ServerProxy("http://127.0.0.1",
+                                         transport=SupervisorTransport(None, None, url))
+
+    def processes(self) -> list[dict]:
+        """supervisord's view of the five: name, statename, pid, start time."""
+        try:
+            return self.rpc().supervisor.getAllProcessInfo()
+        except (OSError, xmlrpc.client.Error) as e:
+            raise SuiteError(f"supervisord is not running for {self.home}") from e
+
+    def start(self, attached: bool = False, timeout: float = 60.0) -> None:
+        prepare_home(self.home)
+        if self.supervisord_pid():
+            raise SuiteError(f"the suite is already running for {self.home}")
+        for stale in ("supervisor.sock", "supervisord.pid"):
+            (self.home / "run" / stale).unlink(missing_ok=True)
+        cmd = [self.python, "-m", "supervisor.supervisord", "-c", str(self.conf)]
+        if attached:
+            self.proc = subprocess.Popen([*cmd, "-n"], env=self.env, start_new_session=True,
+                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        else:
+            done = subprocess.run(cmd, env=self.env, capture_output=True, text=True)
+            if done.returncode != 0:
+                raise SuiteError(f"supervisord did not start: {done.stderr.strip()[-500:]}")
+        self.wait_ready(timeout)
+
+    def ping(self, timeout: float = 2.0) -> dict[str, bool]:
+        """Does each service answer on the bus?"""
+        answers = {}
+        with Client(self.home, timeout=timeout) as client:
+            for service, op in (("broker", "broker.status"), ("events", "events.status"),
+                                ("ledger", "ledger.status"), ("scheduler", "scheduler.status"),
+                                ("pool", "pool.status")):
+                try:
+                    client.call(service, op, timeout=timeout)
+                    answers[service] = True
+                except errors.CortexError:
+                    answers[service] = False
+        return answers
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        answers: dict[str, bool] = {}
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise SuiteError(f"supervisord exited with {self.proc.returncode}; "
+                                 f"see {self.home}/logs/supervisord.log")
+            answers = self.ping(timeout=min(2.0, max(0.2, deadline - time.monotonic())))
+            if all(answers.values()):
+                return
+        missing = [s for s, ok in answers.items() if not ok] or list(SERVICES)
+        raise SuiteError(f"not answering on the bus after {timeout:.0f} s: "
+                         f"{', '.join(missing)} (logs in {self.home}/logs/)")
+
+    def pids(self) -> list[int]:
+        """Every live process of the suite: supervisord, services, workers."""
+        pids = []
+        sup = self.supervisord_pid()
+        if sup:
+            pids.append(sup)
+            try:
+                pids += [p.pid for p in psutil.Process(sup).children(recursive=True)]
+            except psutil.Error:
+                pass
+        try:
+            import json
+            rows = json.loads((self.home / "run" / "workers.pids").read_text())
+            pids += [int(r["pid"]) for r in rows]
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        return sorted({p for p in pids if _alive(p)})
+
+    def stop(self, timeout: float = 90.0) -> None:
+        """Stop everything and return only when no process of the suite is left."""
+        before = self.pids()
+        try:
+            self.rpc().supervisor.shutdown()
+        except (OSError, xmlrpc.client.Error):
+            pass  # not running (or already stopping): fall through to the checks
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc is not None:
+                try:
+                    self.proc.wait(timeout=0.1)
+                except subprocess.TimeoutExpired:
+                    continue
+            left = [p for p in before if _alive(p)] + self.pids()
+            if not left:
+                break
+            reap_orphans()
+            time.sleep(0.05)  # a CLI waiting for other processes to exit: nothing to poll
+        for pid in set(before + self.pids()):
+            if _alive(pid):  # past the deadline: kill what we know by pid
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        if self.proc is not None:
+            self.proc.wait()
+        reap_orphans()
+        run = self.home / "run"
+        for leftover in run.glob("*.sock"):
+            leftover.unlink(missing_ok=True)

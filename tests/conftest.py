@@ -1,0 +1,127 @@
+"""Shared fixtures: a real suite in a short temporary home, and leak checks.
+
+pytest makes itself a child subreaper, so anything a test orphans (a daemonized
+supervisord, a worker whose pool died) is re-parented here and reaped, even where PID 1
+does not reap. Every suite a test starts is stopped, and the test fails if any of its
+processes or socket files is left.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from cortex.services.suite import Suite, become_subreaper, reap_orphans
+
+become_subreaper()
+
+
+def pytest_addoption(parser):
+    parser.addoption("--run-slow", action="store_true", help="run long soak and chaos tests")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--run-slow"):
+        return
+    skip = pytest.mark.skip(reason="long run: use --run-slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+def short_home(prefix: str = "cx") -> Path:
+    # ipc paths must stay under 107 bytes: keep homes short, under /tmp.
+    return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+
+
+def write_config(home: Path, text: str) -> None:
+    (home / "cortex.toml").write_text(text)
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.05):
+    """Poll `predicate` until it returns something truthy, or fail after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)  # polling an outside condition with a deadline
+
+
+def zombies_of(pids) -> list[int]:
+    found = []
+    for pid in pids:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                found.append(pid)
+        except psutil.Error:
+            pass
+    return found
+
+
+class SuiteRunner:
+    """Starts suites for a test and checks, at the end, that they left nothing behind."""
+
+    def __init__(self):
+        self.suites: list[tuple[Suite, set[int]]] = []
+
+    def start(self, config: str | None = None, workers: int = 4, fsync: str = "off",
+              extra: str = "") -> Suite:
+        home = short_home()
+        write_config(home, config if config is not None else (
+            f'[suite]\nfsync = "{fsync}"\nheartbeat_interval = 0.5\nsnapshot_interval = 2.0\n'
+            f'[scheduler]\ntask_heartbeat = 1.0\n'
+            f'[pool.groups.default]\ncount = {workers}\n'
+            'types = ["echo", "sleep", "simulated_agent", "fail"]\n' + extra))
+        suite = Suite(home)
+        entry = (suite, set())
+        self.suites.append(entry)
+        suite.start(attached=True, timeout=60)
+        entry[1].update(suite.pids())
+        return suite
+
+    def seen(self, suite: Suite) -> None:
+        """Remember the suite's current pids so the final check covers them too."""
+        for s, pids in self.suites:
+            if s is suite:
+                pids.update(suite.pids())
+
+    def stop_all(self) -> list[str]:
+        problems = []
+        for suite, pids in self.suites:
+            pids.update(suite.pids())
+            suite.stop()
+            reap_orphans()
+            left = [p for p in pids if psutil.pid_exists(p) and not zombies_of([p])]
+            if left:
+                problems.append(f"processes left: {left}")
+            zombies = zombies_of(pids)
+            if zombies:
+                problems.append(f"zombies left: {zombies}")
+            sockets = list((suite.home / "run").glob("*.sock"))
+            if sockets:
+                problems.append(f"socket files left: {sockets}")
+            shutil.rmtree(suite.home, ignore_errors=True)
+        return problems
+
+
+@pytest.fixture
+def suites():
+    runner = SuiteRunner()
+    try:
+        yield runner
+    finally:
+        problems = runner.stop_all()
+        assert not problems, "; ".join(problems)
+
+
+@pytest.fixture
+def suite(suites):
+    return suites.start()
