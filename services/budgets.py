@@ -188,7 +188,7 @@ class _Budget:
         if nxt is None or now < nxt:
             return False
         period = _period(self.window)
-        self.window_start = now
+        self.window_start = self.origin + (now - self.origin) // period * period
         self.committed = self.overrun = 0
         return True
 
@@ -289,6 +289,8 @@ class LedgerState:
     # -- operations ----------------------------------------------------------------------
 
     def reserve(self, task_id, attempt, amount, task_type=None, agent=None, *, now) -> Outcome:
+        """Reserve `amount` in every applicable scope, or refuse naming the scope that blocked.
+        One reservation per (task_id, attempt): a repeat returns the original grant."""
         err = (_check_key(task_id, attempt) or _check_amount("amount", amount)
                or _check_names(task_type, agent))
         if err:
