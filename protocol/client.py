@@ -178,10 +178,15 @@ class Client(_Core):
 
     def reserve(self, task_id: str, amount: int, attempt: int = 1, task_type: str | None = None
                 ) -> dict:
+        """Reserve tokens for work done outside the pool; raises BudgetExceeded if refused."""
         body = {"task": task_id, "attempt": attempt, "amount": amount, "agent": self.agent}
         if task_type:
             body["type"] = task_type
-        return self.call("ledger", "ledger.reserve", body)
+        reply = self.call("ledger", "ledger.reserve", body)
+        if not reply.get("granted"):
+            raise errors.BudgetExceeded(reply.get("reason", "token budget exceeded"),
+                                        details=reply)
+        return reply
 
     def release(self, task_id: str, attempt: int = 1) -> dict:
         return self.call("ledger", "ledger.release", {"task": task_id, "attempt": attempt})

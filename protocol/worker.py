@@ -15,7 +15,7 @@ scheduler, progress, cancels. Messages to and from the scheduler (ops, all NOTIF
 marked REQUEST):
     worker.ready {type, pid, done}        worker -> scheduler   idle and able to take a task
     worker.leaving {}                     worker -> scheduler   stop dispatching to me
-    worker.sync {}                        scheduler -> worker   (after a scheduler restart) tell me your state
+    worker.sync {}                        scheduler -> worker   (after its restart) your state?
     task.run {task}                       scheduler -> worker   run this task (attempt included)
     task.rejected {id, attempt, reason}   worker -> scheduler   could not take it (stopping)
     task.started {id, attempt, at}        worker -> scheduler
@@ -72,6 +72,7 @@ class TaskContext:
         self.tokens_used = 0
         self.cancelled = threading.Event()
         self._replies: queue.SimpleQueue = queue.SimpleQueue()
+        self._extensions = 0
 
     def progress(self, fraction: float, message: str = "") -> None:
         self._worker._post("progress", {"fraction": float(fraction), "message": str(message)})
@@ -96,7 +97,8 @@ class TaskContext:
         self._worker._post("tokens", {"used": self.tokens_used})
 
     def _extend(self, amount: int) -> bool:
-        self._worker._post("extend", {"amount": amount})
+        self._extensions += 1  # numbered, so a re-sent request is never granted twice
+        self._worker._post("extend", {"amount": amount, "seq": self._extensions})
         try:
             granted, total = self._replies.get(timeout=EXTEND_TIMEOUT)
         except queue.Empty:
@@ -266,7 +268,7 @@ class Worker:
             self._extend_corr[corr] = ctx
             self._link.send(wire.REQUEST, b"ledger", corr, {
                 "op": "ledger.extend", "task": ctx.id, "attempt": ctx.attempt,
-                "amount": data["amount"]})
+                "amount": data["amount"], "seq": data["seq"]})
         elif kind == "done":
             self.done += 1
             self._current = None

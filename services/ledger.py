@@ -32,14 +32,28 @@ class Ledger(BusService):
         self.open_journal()
 
     def snapshot(self) -> dict:
-        return self.state.snapshot()
+        return self.state.snapshot() | {"configured": self.settings.ledger.budgets}
 
     def restore(self, snapshot, records) -> None:
         if snapshot:
             self.state = LedgerState.from_snapshot(snapshot)
-            # Budgets from the config win over the snapshot's when they changed.
         for record in records:
-            self.state.apply_journal(record)
+            try:
+                self.state.apply_journal(record)
+            except Exception as e:  # never crash-loop on a bad record: report and skip
+                self.log.error("skipping journal record %s: %r", record.get("lsn"), e)
+        # A budget edited in cortex.toml since the last start wins; one changed at run time
+        # (`cortex budget set`) and untouched in the file keeps its run-time value.
+        before = (snapshot or {}).get("configured", {})
+        fx = Effects()
+        for scope, spec in self.settings.ledger.budgets.items():
+            if snapshot and before.get(scope) == spec:
+                continue
+            outcome = self.state.set_budget(scope, spec["limit"], spec["window"], now=time.time())
+            if outcome.journal is not None:
+                fx.records.append(outcome.journal)
+        for record in fx.records:
+            self.journal.append(record)
 
     def handle(self, fx: Effects, msg: wire.Message, body: dict, now: float) -> None:
         if msg.type != wire.REQUEST:
@@ -52,7 +66,8 @@ class Ledger(BusService):
             outcome = state.reserve(task, attempt, body.get("amount"), task_type=body.get("type"),
                                     agent=body.get("agent"), now=now)
         elif op == "ledger.extend":
-            outcome = state.extend(task, attempt, body.get("amount"), now=now)
+            outcome = state.extend(task, attempt, body.get("amount"), now=now,
+                                   seq=body.get("seq", 1))
         elif op == "ledger.commit":
             outcome = state.commit(task, attempt, body.get("used"), now=now)
         elif op == "ledger.release":

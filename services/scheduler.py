@@ -38,7 +38,11 @@ class Scheduler(BusService):
         if snapshot:
             self.state.load_snapshot(snapshot)
         for record in records:
-            self.state.apply(record)
+            try:
+                self.state.apply(record)
+            except (KeyError, TypeError, ValueError) as e:
+                # Never crash on a bad record (a crash loop ends in FATAL): report, skip.
+                self.log.error("skipping journal record %s: %r", record.get("lsn"), e)
         self.state.restore(time.time())
 
     def handle(self, fx: Effects, msg: wire.Message, body: dict, now: float) -> None:

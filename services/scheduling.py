@@ -134,7 +134,8 @@ class SchedulerState:
     def apply(self, record: dict) -> None:
         """Replay one journal record (recovery)."""
         if record["k"] == "new":
-            task = Task(**record["task"])
+            row = {k: v for k, v in record["task"].items() if k in Task.__dataclass_fields__}
+            task = Task(**row)
             task.state = State(task.state)
             self.tasks[task.id] = task
             self.keys[task.key] = task.id
@@ -143,8 +144,8 @@ class SchedulerState:
         if task is None:
             return  # dropped by retention before the snapshot
         for key, value in record.items():
-            if key in ("k", "id", "at"):
-                continue
+            if key not in Task.__dataclass_fields__ or key == "id":
+                continue  # "k", "at", the journal's "lsn"
             if key == "state":
                 task.state = State(value)
                 task.times[value] = record["at"]

@@ -125,3 +125,14 @@ def suites():
 @pytest.fixture
 def suite(suites):
     return suites.start()
+
+
+@pytest.fixture(scope="module")
+def shared_suite():
+    """One suite for a whole module of tests that do not disturb each other."""
+    runner = SuiteRunner()
+    try:
+        yield runner.start()
+    finally:
+        problems = runner.stop_all()
+        assert not problems, "; ".join(problems)
