@@ -1,0 +1,127 @@
+"""python -m cortex.loadtest: drive a real Cortex suite with many agents; write a report.
+
+    python -m cortex.loadtest                          # every scenario, own suite
+    python -m cortex.loadtest --scenario noop,latency --tasks 5000 --runs 3
+    python -m cortex.loadtest --home ~/.cortex --scenario rate --rate 500 --duration 10
+
+Without --home it starts its own suite (supervisord as its child) in a temporary home
+under /tmp and stops it afterwards, checking nothing is left behind. Output in --out:
+report.json, report.md and PNG charts (with the "plot" extra, i.e. matplotlib).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from . import charts, report
+from .harness import Target
+from .scenarios import SCENARIOS, Session
+
+DEFAULT_ORDER = ("latency", "rate", "noop", "utilization", "priority", "mixed", "sweep",
+                 "chaos")
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(prog="python -m cortex.loadtest", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--home", help="attach to the suite running for this home (left running)")
+    p.add_argument("--scenario", default="all",
+                   help=f"comma-separated: {', '.join(SCENARIOS)} or all (default all)")
+    p.add_argument("--agents", type=int, default=100, help="concurrent agents (100)")
+    p.add_argument("--tasks", type=int, default=1000, help="tasks per scenario (1000)")
+    p.add_argument("--workers", type=int, default=20,
+                   help="workers of the suite started for the test (20; ignored with --home)")
+    p.add_argument("--rate", type=float, default=1000.0, help="rate scenario: tasks/s offered")
+    p.add_argument("--duration", type=float, default=0.0,
+                   help="seconds: bounds closed-loop scenarios; rate sends rate x duration "
+                        "tasks (0: task-count bound only)")
+    p.add_argument("--sleep-ms", type=float, default=50.0,
+                   help="task length of the utilization and priority scenarios (50)")
+    p.add_argument("--sweep-agents", default="10,50,100,200",
+                   help="agent counts of the sweep (10,50,100,200)")
+    p.add_argument("--chaos-base", default="noop", choices=("noop", "utilization", "mixed"),
+                   help="the workload run under chaos")
+    p.add_argument("--chaos-interval", type=float, default=2.0,
+                   help="mean seconds between kills in the chaos scenario")
+    p.add_argument("--procs", type=int, default=-1,
+                   help="agent processes (threads within each); -1 auto, 0/1 all threads "
+                        "in this process")
+    p.add_argument("--runs", type=int, default=1, help="repeat, report medians (1)")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--fsync", default="group", choices=("always", "group", "off"),
+                   help="journal fsync policy of the suite started for the test (group)")
+    p.add_argument("--out", default="loadtest-report", help="output directory")
+    p.add_argument("--no-charts", action="store_true", help="skip the PNG charts")
+    p.add_argument("--quiet", action="store_true", help="no progress line")
+    p.add_argument("--keep-home", action="store_true", help="keep the temporary home")
+    p.add_argument("--idle-seconds", type=float, default=3.0)
+    p.add_argument("--sample-interval", type=float, default=0.5)
+    p.add_argument("--call-timeout", type=float, default=30.0)
+    p.add_argument("--wait-timeout", type=float, default=120.0)
+    p.add_argument("--grace", type=float, default=30.0,
+                   help="seconds to let unfinished tasks finish before calling them lost")
+    args = p.parse_args(argv)
+    names = DEFAULT_ORDER if args.scenario == "all" else tuple(
+        s.strip() for s in args.scenario.split(",") if s.strip())
+    bad = [n for n in names if n not in SCENARIOS]
+    if bad:
+        p.error(f"unknown scenario(s): {', '.join(bad)}")
+    args.scenarios = list(names)
+    args.sweep_agents = [int(x) for x in str(args.sweep_agents).split(",") if x.strip()]
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    notes = []
+    runs = []
+    from cortex.services.prediction import SYNTHETIC_TYPES
+
+    extra_types = sorted(SYNTHETIC_TYPES) if "mixed" in args.scenarios else ()
+    for i in range(args.runs):
+        print(f"== run {i + 1} of {args.runs}", file=sys.stderr)
+        target = Target(args.home, workers=args.workers, fsync=args.fsync,
+                        extra_types=extra_types, keep_home=args.keep_home)
+        with target:
+            if not target.owned:
+                args.workers = target.workers = _count_workers(target)
+            run = Session(args, target, i).run(args.scenarios)
+        run["leftovers"] = target.leftovers
+        runs.append(run)
+        if target.leftovers:
+            notes.append(f"run {i + 1}: processes left after stop: {target.leftovers}")
+    files = []
+    if args.no_charts:
+        notes.append("charts skipped (--no-charts)")
+    elif not charts.available():
+        notes.append("charts skipped: matplotlib is missing (pip install 'cortex-agents[plot]')")
+    else:
+        files = charts.draw(out, runs[0])
+        notes.append("charts are drawn from run 1")
+    data = report.build(args, runs, notes)
+    report.write(out, data, files)
+    met = sum(1 for t in data["targets"] if t["met"])
+    print(f"report: {out / 'report.md'} ({met} of {len(data['targets'])} targets met)",
+          file=sys.stderr)
+    return 0
+
+
+def _count_workers(target) -> int:
+    from cortex.protocol import Client
+
+    deadline = time.monotonic() + 10
+    with Client(target.home, timeout=5) as c:
+        while True:
+            n = len(c.call("pool", "pool.status").get("workers", []))
+            if n or time.monotonic() > deadline:
+                return n
+            time.sleep(0.2)  # the pool is still spawning its workers
+
+
+if __name__ == "__main__":
+    sys.exit(main())
