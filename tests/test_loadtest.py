@@ -1,0 +1,105 @@
+"""The load-test harness end to end on a small scenario: the report's fields and its
+internal consistency. No timing thresholds: speed is what the harness measures, not what
+a unit test asserts."""
+
+from __future__ import annotations
+
+import json
+
+import psutil
+import pytest
+
+from cortex.loadtest import __main__ as cli
+from cortex.loadtest.harness import percentile, summarize
+from cortex.loadtest.report import median_tree
+
+PCTS = ("p50", "p95", "p99", "max")
+
+
+def test_percentiles_and_medians():
+    xs = sorted(range(1, 101))
+    assert [percentile(xs, q) for q in (50, 95, 99, 100)] == [50, 95, 99, 100]
+    assert summarize([]) == {"count": 0, "mean": None, "p50": None, "p95": None,
+                             "p99": None, "max": None}
+    assert median_tree([{"a": 1, "b": {"c": 5}}, {"a": 3, "b": {"c": 1}},
+                        {"a": 2, "b": {"c": 3}}]) == {"a": 2, "b": {"c": 3}}
+
+
+def _check_latencies(lat: dict) -> None:
+    for name, s in lat.items():
+        if s["count"] == 0:
+            continue
+        values = [s[p] for p in PCTS]
+        assert all(v is not None and v >= 0 for v in values), (name, s)
+        assert values == sorted(values), f"{name}: percentiles out of order: {s}"
+
+
+def _check_scenario(name: str, s: dict, planned: int) -> None:
+    t = s["tasks"]
+    assert t["planned"] == planned, name
+    assert t["submitted"] == t["planned"]
+    assert t["accepted"] + t["rejected"] == t["submitted"]
+    finals = t["completed"] + t["failed"] + t["dead"] + t["cancelled"]
+    assert finals + t["lost"] == t["accepted"]
+    assert t["lost"] == 0 and s["lost_ids"] == []
+    assert t["duplicated"] == 0 and s["duplicated_ids"] == []
+    assert t["completed"] == planned  # echo tasks: all complete
+    assert s["completion_rate"] == 1.0
+    assert s["zombies"] == 0
+    assert s["throughput"] > 0 and s["wall_s"] > 0
+    _check_latencies(s["latency_ms"])
+    assert s["latency_ms"]["coordination"]["count"] == planned
+    assert s["latency_ms"]["end_to_end"]["count"] == planned
+    # End to end contains coordination: at every percentile it cannot be smaller.
+    for p in PCTS:
+        assert s["latency_ms"]["end_to_end"][p] >= s["latency_ms"]["coordination"][p] - 1e-6
+    ev = s["events"]
+    assert ev["settled"] and ev["missing"] == 0 and ev["received"] == ev["jsonl_lines"]
+    # At least created, dispatched, started and completed for every task.
+    assert ev["jsonl_lines"] >= 4 * planned
+    assert s["tokens"]["reported"] == s["tokens"]["ledger_committed"] == 0
+    assert s["tokens"]["over_allocated_samples"] == 0
+    res = s["resources"]
+    assert {"broker", "scheduler", "ledger", "events", "pool", "workers"} <= set(res["cpu_s"])
+    assert all(v >= 0 for v in res["cpu_s"].values())
+    assert res["suite_peak_rss_mb"] >= res["workers_peak_rss_mb"] > 0
+    assert 0 <= s["utilization"]["overall"] <= 1.0 + 1e-6
+
+
+def test_smoke_noop_and_latency(tmp_path, capsys):
+    out = tmp_path / "report"
+    code = cli.main(["--agents", "10", "--tasks", "200", "--workers", "4",
+                     "--scenario", "latency,noop", "--out", str(out), "--idle-seconds", "0.5",
+                     "--fsync", "off"])
+    assert code == 0
+    assert "[noop] 200/200 done" in capsys.readouterr().err  # the live line's last word
+    report = json.loads((out / "report.json").read_text())
+    assert report["schema"] == "cortex.loadtest/1"
+    assert report["runs"] == 1 and list(report["scenarios"]) == ["latency", "noop"]
+    assert report["leftovers"] == [[]]
+    _check_scenario("latency", report["scenarios"]["latency"], 200)
+    _check_scenario("noop", report["scenarios"]["noop"], 200)
+    assert report["scenarios"]["latency"]["agents"] == 1
+    assert report["scenarios"]["noop"]["agents"] == 10
+    idle = report["idle_cpu"]["after"]
+    assert idle["fraction_of_core"] >= 0 and set(idle["by_role"]) >= {"scheduler", "workers"}
+    names = {(t["scenario"], t["metric"]) for t in report["targets"]}
+    assert ("latency", "latency_ms.coordination.p50") in names
+    assert ("noop", "throughput") in names
+    assert all(t["met"] in (True, False) for t in report["targets"])
+    md = (out / "report.md").read_text()
+    assert "## latency" in md and "## noop" in md and "met" in md
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    if pngs:
+        assert "noop-latency.png" in pngs and "noop-timeline.png" in pngs
+    else:
+        assert "charts skipped" in md
+    # Nothing of the suite is left: no cxlt supervisord among our children.
+    left = [c for c in psutil.Process().children(recursive=True)
+            if "supervisord" in " ".join(c.cmdline())]
+    assert not left
+
+
+def test_unknown_scenario_is_refused():
+    with pytest.raises(SystemExit):
+        cli.parse(["--scenario", "nope"])
