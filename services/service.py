@@ -103,8 +103,11 @@ class BusService:
         if fx.records and self.journal is not None:
             for record in fx.records:
                 self.journal.append(record)
+            # fdatasync only when this turn acknowledges something (a REPLY): a turn that
+            # only dispatches is written now and synced by the next acknowledging turn.
+            acks = any(send[1] == wire.REPLY for send in fx.sends)
             try:
-                self.journal.commit()
+                self.journal.commit(sync=acks)
             except JournalError:
                 # Cannot make the turn durable, so acknowledge none of it: exit and let
                 # supervisord restart us from the journal; clients re-send.
