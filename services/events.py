@@ -54,7 +54,7 @@ class EventRouter(BusService):
         self.live.bind(self.live_endpoint)
         self.poller.register(self.fan_in, zmq.POLLIN)
         self.poller.register(self.live, zmq.POLLIN)
-        self.to_ack: dict[bytes, tuple[str, int]] = {}  # publisher -> stream to acknowledge
+        self.to_ack: dict[bytes, set[tuple[str, int]]] = {}  # publisher -> streams to ack
         self.unwritable: str | None = None
         self.next_write_retry = 0.0
         self.stats = {"received": 0, "written": 0, "duplicates": 0, "malformed": 0}
@@ -89,7 +89,7 @@ class EventRouter(BusService):
                 self.stats["malformed"] += 1
                 continue
             self.stats["received"] += 1
-            self.to_ack[sender] = (source, epoch)
+            self.to_ack.setdefault(sender, set()).add((source, epoch))
             if self.tracker.observe(source, epoch, seq) == "duplicate":
                 self.stats["duplicates"] += 1
                 continue
@@ -130,10 +130,14 @@ class EventRouter(BusService):
             self.writer.append([self.emit_own("events.writable", {})])
             self.writer.flush()
         self.stats["written"] = self.writer.events_written
-        for sender, (source, epoch) in self.to_ack.items():
-            self.fan_in.send_multipart([sender, *wire.frames(wire.ACK, b"events", b"", {
-                "source": source, "epoch": epoch,
-                "upto": self.tracker.position(source, epoch)})], flags=zmq.NOBLOCK)
+        for sender, streams in self.to_ack.items():
+            for source, epoch in streams:
+                try:
+                    self.fan_in.send_multipart([sender, *wire.frames(wire.ACK, b"events", b"", {
+                        "source": source, "epoch": epoch,
+                        "upto": self.tracker.position(source, epoch)})], flags=zmq.NOBLOCK)
+                except zmq.Again:
+                    pass  # the publisher re-sends; its duplicates are acknowledged then
         self.to_ack.clear()
 
     def publish(self, events: list[dict]) -> None:

@@ -7,10 +7,7 @@ from __future__ import annotations
 
 import importlib
 import json
-import os
-import signal
 import subprocess
-import time
 
 from cortex.protocol.worker import Cancelled, TaskContext
 
@@ -61,20 +58,20 @@ def fail(ctx: TaskContext):
 
 def command(argv: list[str]):
     """A handler running `argv` (from configuration, never from a task) with the task as
-    JSON on stdin; its stdout (JSON if it parses) is the result. The command runs in its
-    own process group so a cancel or timeout ends it with all its children."""
+    JSON on stdin; its stdout (JSON if it parses) is the result. The command stays in the
+    worker's process group, so a timeout that ends the group ends it and its children."""
 
     def run(ctx: TaskContext):
         proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, start_new_session=True)
+                                stderr=subprocess.PIPE)
         task = json.dumps(ctx.task).encode()
+        out = err = None
         try:
             out, err = proc.communicate(task, timeout=0.05)
         except subprocess.TimeoutExpired:
-            out = err = None
             while out is None:
                 if ctx.cancelled.is_set():
-                    os.killpg(proc.pid, signal.SIGKILL)
+                    _kill_tree(proc.pid)
                     proc.wait()
                     raise Cancelled(f"task {ctx.id} was cancelled") from None
                 try:
@@ -93,6 +90,17 @@ def command(argv: list[str]):
     return run
 
 
+def _kill_tree(pid: int) -> None:
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        for proc in [*root.children(recursive=True), root]:
+            proc.kill()
+    except psutil.Error:
+        pass
+
+
 def resolve(spec) -> object:
     """A handler from configuration: "module:function" or {"command": [...]}."""
     if isinstance(spec, dict):
@@ -101,4 +109,3 @@ def resolve(spec) -> object:
     return getattr(importlib.import_module(module), attr)
 
 
-__all__ = ["echo", "sleep", "simulated_agent", "fail", "command", "resolve", "time"]

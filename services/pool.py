@@ -28,7 +28,6 @@ import zmq
 from cortex.protocol import wire
 
 from .effects import Effects
-from .journal import write_snapshot
 from .service import BusService
 
 PR_SET_PDEATHSIG = 1
@@ -55,6 +54,7 @@ class Child:
 
 class Pool(BusService):
     name = "pool"
+    snapshot_name = "worker-pool.json"  # journal: only its events, so none is lost
 
     def __init__(self, home=None):
         super().__init__(home)
@@ -63,7 +63,6 @@ class Pool(BusService):
         self.restart_due: list[tuple[float, str, int]] = []  # (when, group, slot)
         self.failures: dict[tuple[str, int], int] = {}
         self.spawned = 0
-        self.next_state = 0.0
         # SIGCHLD wakes the poll loop through a socket, so reaping is immediate.
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
@@ -71,6 +70,7 @@ class Pool(BusService):
         signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
         signal.signal(signal.SIGCHLD, lambda *_: None)
         self.poller.register(self._wake_r.fileno(), zmq.POLLIN)
+        self.open_journal()
         self.end_leftovers()
         for group in self.settings.groups:
             for slot in range(group.count):
@@ -125,8 +125,8 @@ class Pool(BusService):
         self._popen[proc.pid] = proc  # keep the Popen so Python does not warn or reap it
         self.children[proc.pid] = child
         self.record_pids()
-        self.events.emit("worker.spawned", {"pid": proc.pid, "group": group, "slot": slot},
-                         worker=name)
+        self.emit("worker.spawned", {"pid": proc.pid, "group": group, "slot": slot},
+                  worker=name)
 
     def reap(self, fx: Effects, now: float) -> None:
         while True:
@@ -227,10 +227,10 @@ class Pool(BusService):
                 self.spawn(group, slot)
             else:
                 timeout = min(timeout, when - mono)
-        if mono >= self.next_state:
-            write_snapshot(self.rt.home / "state" / "worker-pool.json", self.describe())
-            self.next_state = mono + self.settings.suite.snapshot_interval
         return timeout
+
+    def snapshot(self) -> dict:
+        return self.describe()
 
     def run(self) -> None:
         try:

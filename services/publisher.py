@@ -86,12 +86,28 @@ class EventPublisher:
                 body = msg.decoded() if msg.type == wire.ACK else None
             except wire.ProtocolError:
                 continue
-            if not body or body.get("epoch") != self.epoch:
+            if not body:
                 continue
-            upto = body.get("upto", 0)
-            while self._unacked and self._unacked[0]["seq"] <= upto:
+            epoch, upto = body.get("epoch"), body.get("upto", 0)
+            # Oldest first: events re-sent from a previous incarnation precede ours.
+            while self._unacked and self._unacked[0]["epoch"] == epoch \
+                    and self._unacked[0]["seq"] <= upto:
                 self._unacked.popleft()
             self._last_ack = time.monotonic()
+
+    def requeue(self, events: list[dict]) -> None:
+        """Events of an earlier incarnation, recovered from the journal: send them first."""
+        seen = set()
+        for event in sorted(events, key=lambda e: (e.get("epoch", 0), e.get("seq", 0))):
+            key = (event.get("epoch"), event.get("seq"))
+            if key not in seen:
+                seen.add(key)
+                self._unacked.append(event)
+        if self._unacked:
+            self._send(list(itertools.islice(self._unacked, RESEND_MAX)))
+
+    def unacked_events(self) -> list[dict]:
+        return list(self._unacked) + self._pending
 
     @property
     def unacked(self) -> int:

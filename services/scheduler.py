@@ -101,7 +101,8 @@ class Scheduler(BusService):
             elif op == "worker.leaving":
                 state.worker_leaving(name)
             elif op == "peer.lost" and body.get("role") == "worker":
-                state.worker_gone(fx, str(body.get("name")), "lost (no heartbeat)", now)
+                state.worker_gone(fx, str(body.get("name")), "lost (no heartbeat)", now,
+                                  kill=True)
             elif op == "worker.exited":
                 state.worker_gone(fx, str(body.get("name")), "exited", now)
         state.dispatch(fx, now)

@@ -335,10 +335,14 @@ class SchedulerState:
         worker.types, worker.pid, worker.last_seen = tuple(types), pid, now
         worker.state, worker.task = "idle", None
 
-    def worker_gone(self, fx: Effects, name: str, reason: str, now: float) -> None:
-        worker = self.workers.pop(name, None)
+    def worker_gone(self, fx: Effects, name: str, reason: str, now: float,
+                    kill: bool = False) -> None:
+        worker = self.workers.get(name)
         if worker is None:
             return
+        if kill:
+            self._kill_worker(fx, worker, reason)  # silent but maybe alive (hung): end it
+        self.workers.pop(name, None)
         fx.emit("worker.lost", {"reason": reason, "pid": worker.pid}, worker.task, name)
         task = self.tasks.get(worker.task or "")
         if task is not None and not task.final and task.worker == name:
@@ -458,8 +462,11 @@ class SchedulerState:
         self._settle_tokens(fx, task, now)
         error = {"category": category, "message": message}
         if task.attempt > task.retries:
-            self._move(fx, task, State.DEAD, now, error=error, worker=None)
-            fx.emit("task.dead", {"attempt": task.attempt, **error}, task.id)
+            # No retry policy: a plain failure. Retries spent: the dead letters.
+            final = State.FAILED if task.retries == 0 else State.DEAD
+            self._move(fx, task, final, now, error=error, worker=None)
+            fx.emit("task.failed" if final is State.FAILED else "task.dead",
+                    {"attempt": task.attempt, **error}, task.id)
             self._wake(fx, task)
             return
         self.counters["retried"] += 1

@@ -3,6 +3,10 @@
 A turn: read what is waiting (bounded), let the service decide (filling an Effects),
 write the turn's journal records with one commit, then send replies and publish events.
 Journal first, then acknowledge. Timeouts come from the next deadline, never a sleep.
+
+Events are journaled in the same commit as the state change they report, and stay in
+the snapshot until the event router has acknowledged them: a service killed before its
+events reached the router re-sends them, under their original ids, after its restart.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ class BusService:
         self.poller.register(self.link.socket, zmq.POLLIN)
         self.poller.register(self.events.socket, zmq.POLLIN)
         self.journal: Journal | None = None
+        self.pending_events: list = []  # emitted outside a turn's Effects
         self.next_snapshot = time.monotonic() + self.settings.suite.snapshot_interval
         self.bad_messages = 0
 
@@ -58,6 +63,11 @@ class BusService:
     def restore(self, snapshot: dict | None, records: list[dict]) -> None:
         pass
 
+    def emit(self, type_: str, data: dict, task: str | None = None,
+             worker: str | None = None) -> None:
+        """Emit an event outside a turn; it is journaled with the next flush."""
+        self.pending_events.append((type_, data, task, worker))
+
     # -- recovery -------------------------------------------------------------------------
     def open_journal(self) -> None:
         """Latest snapshot + journal replay; a bad file is reported, never fatal."""
@@ -72,11 +82,15 @@ class BusService:
         if report.torn_tail or report.corrupt:
             self.log.error("journal: torn tail %s, corrupt records %s", report.tail,
                            report.corrupt)
-            self.events.emit(f"{self.name}.journal_damaged",
-                             {"torn_tail": report.tail, "corrupt": report.corrupt})
-        self.restore(snap, records)
-        self.log.info("recovered: snapshot %s, %d journal records replayed",
-                      "loaded" if snap else "absent", len(records))
+            self.emit(f"{self.name}.journal_damaged",
+                      {"torn_tail": report.tail, "corrupt": report.corrupt})
+        # Events not acknowledged before the crash go out again under their own ids.
+        unsent = [e for e in (snap or {}).get("unacked_events", []) if isinstance(e, dict)]
+        unsent += [r["event"] for r in records if r.get("k") == "event"]
+        self.events.requeue(unsent)
+        self.restore(snap, [r for r in records if r.get("k") != "event"])
+        self.log.info("recovered: snapshot %s, %d journal records replayed, %d events to "
+                      "re-send", "loaded" if snap else "absent", len(records), len(unsent))
         self.write_snapshot()
 
     def write_snapshot(self) -> None:
@@ -85,6 +99,7 @@ class BusService:
         self.journal.commit()
         data = self.snapshot()
         data["lsn"] = self.journal.last_lsn
+        data["unacked_events"] = self.events.unacked_events()
         data["written_at"] = time.time()
         write_snapshot(self.rt.home / "state" / self.snapshot_name, data)
         self.journal.compact()
@@ -100,9 +115,16 @@ class BusService:
                 fx.error(msg.peer, msg.corr, e.code, e.message)
 
     def flush(self, fx: Effects) -> None:
-        if fx.records and self.journal is not None:
+        if self.pending_events:
+            fx.events.extend(self.pending_events)
+            self.pending_events = []
+        events = [self.events.emit(type_, data, task=task, worker=worker)
+                  for type_, data, task, worker in fx.events]
+        if (fx.records or events) and self.journal is not None:
             for record in fx.records:
                 self.journal.append(record)
+            for event in events:
+                self.journal.append({"k": "event", "event": event})
             # fdatasync only when this turn acknowledges something (a REPLY): a turn that
             # only dispatches is written now and synced by the next acknowledging turn.
             acks = any(send[1] == wire.REPLY for send in fx.sends)
@@ -116,8 +138,6 @@ class BusService:
                 raise SystemExit(70) from None
         for peer, type_, corr, body in fx.sends:
             self.link.send(type_, peer, corr, body)
-        for type_, data, task, worker in fx.events:
-            self.events.emit(type_, data, task=task, worker=worker)
         self.events.flush()
 
     def run(self) -> None:
@@ -128,7 +148,7 @@ class BusService:
                 fx = Effects()
                 timeout = min(self.link.tick(now), self.events.tick(now),
                               self.on_tick(fx, time.time()))
-                if fx.sends or fx.records or fx.events:
+                if fx.sends or fx.records or fx.events or self.pending_events:
                     self.flush(fx)
                     fx = Effects()
                 if self.journal is not None:

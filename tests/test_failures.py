@@ -1,0 +1,138 @@
+"""When things break: hung workers, timeouts, cancels, an unwritable events directory."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from collections import Counter
+
+import psutil
+import pytest
+
+from cortex.protocol import Client
+
+from .conftest import wait_for
+from .test_suite_integration import jsonl_events
+
+SPAWNER = '[handlers]\nspawner = { command = ["sh", "-c", "sleep 300 & sleep 300"] }\n'
+
+
+def worker_pid(client, name: str) -> int:
+    return next(w["pid"] for w in client.call("pool", "pool.status")["workers"]
+                if w["name"] == name)
+
+
+def test_hung_worker_is_detected_and_its_task_completes_elsewhere(suites):
+    suite = suites.start(workers=2)
+    with Client(suite.home, timeout=60) as c:
+        wait_for(lambda: len(c.workers()) == 2, 30, "two registered workers")
+        task = c.submit("sleep", "hangs", payload={"seconds": 2.0}, retries=2)
+        running = wait_for(lambda: (t := c.status(task["id"]))["worker"] and t, 20, "dispatch")
+        victim = worker_pid(c, running["worker"])
+        os.kill(victim, signal.SIGSTOP)
+        try:
+            done = c.wait(task["id"], timeout=60)
+        finally:
+            try:
+                os.kill(victim, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+        assert done["state"] == "completed"
+        assert done["attempt"] == 2
+        assert done["worker"] != running["worker"]
+        # The stopped worker was ended by the pool, not left behind.
+        wait_for(lambda: not psutil.pid_exists(victim)
+                 or psutil.Process(victim).status() == psutil.STATUS_ZOMBIE, 30,
+                 "the hung worker to be killed")
+    kinds = Counter(ev["type"] for ev in jsonl_events(suite.home) if ev["task"] == task["id"])
+    assert kinds["task.completed"] == 1
+    assert kinds["task.retry"] == 1
+
+
+def test_timeout_kills_the_task_with_its_children(suites):
+    suite = suites.start(workers=1, extra=SPAWNER.replace(
+        "[handlers]", '[pool.groups.spawners]\ncount = 1\ntypes = ["spawner"]\n[handlers]'))
+    with Client(suite.home, timeout=60) as c:
+        task = c.submit("spawner", "sleeps past its timeout", timeout=2.0, retries=0)
+        running = wait_for(lambda: (t := c.status(task["id"]))["state"] == "running" and t,
+                           20, "running")
+        pid = worker_pid(c, running["worker"])
+        children = wait_for(lambda: [p.pid for p in psutil.Process(pid).children(True)
+                                     if p.name() == "sleep"], 10, "the command's children")
+        assert len(children) == 2
+        done = c.wait(task["id"], timeout=60)
+        assert done["state"] == "failed"
+        assert done["error"]["category"] == "timeout"
+        wait_for(lambda: not any(psutil.pid_exists(p) and psutil.Process(p).status()
+                                 != psutil.STATUS_ZOMBIE for p in children), 30,
+                 "the timed-out command's children to be gone")
+        suites.seen(suite)
+        # The pool replaced the worker, and the next task runs.
+        again = c.submit("echo", "after the timeout", payload=1)
+        assert c.wait(again["id"], timeout=30)["state"] == "completed"
+
+
+def test_cancel_stops_a_running_handler(suites):
+    suite = suites.start(workers=1)
+    with Client(suite.home, timeout=30) as c:
+        task = c.submit("sleep", "long", payload={"seconds": 120})
+        wait_for(lambda: c.status(task["id"])["state"] == "running", 20, "running")
+        assert c.cancel(task["id"])["state"] == "cancelled"
+        done = c.wait(task["id"], timeout=5)
+        assert done["state"] == "cancelled"
+        # The only worker is free again well before the 120 s sleep would have ended.
+        after = c.submit("echo", "next", payload=2)
+        assert c.wait(after["id"], timeout=30)["result"] == 2
+
+
+def test_retries_spent_end_in_the_dead_letters(suites):
+    suite = suites.start(workers=1)
+    with Client(suite.home, timeout=60) as c:
+        task = c.submit("sleep", "always times out", payload={"seconds": 30}, timeout=0.5,
+                        retries=1)
+        done = c.wait(task["id"], timeout=60)
+        assert done["state"] == "dead"
+        assert done["attempt"] == 2
+        assert done["error"]["category"] == "timeout"
+        assert [t["id"] for t in c.list_tasks(state="dead")] == [task["id"]]
+
+
+def chattr(flag: str, paths) -> None:
+    subprocess.run(["chattr", flag, *map(str, paths)], check=True)
+
+
+def test_unwritable_events_directory_holds_events_and_resumes(suites):
+    suite = suites.start(workers=2)
+    events_dir = suite.home / "events"
+    if subprocess.run(["chattr", "+i", str(events_dir)], capture_output=True).returncode:
+        pytest.skip("chattr +i not supported on this filesystem")
+    chattr("-i", [events_dir])
+    ids = []
+    with Client(suite.home, timeout=60) as c:
+        ids.append(c.submit("echo", "before", payload=0)["id"])
+        c.wait(ids[0])
+        wait_for(lambda: c.call("events", "events.status")["buffered"] == 0, 10, "flushed")
+        locked = [events_dir, *events_dir.iterdir()]
+        chattr("+i", locked)  # even root cannot write an immutable file or directory
+        try:
+            for i in range(20):
+                ids.append(c.submit("echo", f"while unwritable {i}", payload=i)["id"])
+            for task_id in ids:
+                assert c.wait(task_id, timeout=30)["state"] == "completed"
+            status = wait_for(lambda: (s := c.call("events", "events.status"))["unwritable"]
+                              and s, 10, "the router to report the directory unwritable")
+            assert "ermission" in status["unwritable"] or "not permitted" in status["unwritable"]
+            recent = c.call("events", "events.recent", {"n": 200})["events"]
+            assert any(e["type"] == "events.unwritable" for e in recent)
+        finally:
+            chattr("-i", locked)
+        wait_for(lambda: not c.call("events", "events.status")["unwritable"], 20,
+                 "writing to resume")
+        wait_for(lambda: c.call("scheduler", "scheduler.status")["events_unacked"] == 0, 20,
+                 "every event acknowledged")
+    events = jsonl_events(suite.home)
+    assert len({e["id"] for e in events}) == len(events)
+    completed = Counter(e["task"] for e in events if e["type"] == "task.completed")
+    assert all(completed[t] == 1 for t in ids)
+    assert any(e["type"] == "events.writable" for e in events)
