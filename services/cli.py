@@ -283,23 +283,18 @@ def build_parser() -> Parser:
 # -- rendering -------------------------------------------------------------------------
 
 
-def table(headers: list[str], rows: Iterable[Iterable], indent: str = "") -> str:
+def table(headers: list[str], rows: Iterable[Iterable]) -> str:
     """Aligned columns; numbers right-aligned, None shown as '-'."""
-    cells = [[("-" if v is None else str(v)) for v in row] for row in rows]
-    raw_rows = [list(row) for row in cells]
-    widths = [len(h) for h in headers]
-    for row in raw_rows:
-        for i, v in enumerate(row):
-            widths[i] = max(widths[i], len(v))
+    cells = [["-" if v is None else str(v) for v in row] for row in rows]
+    widths = [max([len(h), *(len(row[i]) for row in cells)]) for i, h in enumerate(headers)]
 
     def numeric(v: str) -> bool:
         return v.replace(",", "").replace(".", "", 1).replace("%", "").lstrip("-").isdigit()
 
-    lines = [indent + "  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))]
-    for row in raw_rows:
-        lines.append(indent + "  ".join(
-            v.rjust(w) if numeric(v) else v.ljust(w)
-            for v, w in zip(row, widths, strict=True)).rstrip())
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))]
+    for row in cells:
+        lines.append("  ".join(v.rjust(w) if numeric(v) else v.ljust(w)
+                               for v, w in zip(row, widths, strict=True)))
     return "\n".join(line.rstrip() for line in lines)
 
 

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ from cortex.services import cli, config
 from cortex.services.suite import SERVICES, Suite, reap_orphans
 
 from .conftest import short_home, wait_for
+from .pg import fresh_database, pg_server, postgres_url  # noqa: F401 (fixtures)
 
 REPO = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "cortex.services.cli"]
@@ -299,6 +301,38 @@ def test_status_budget_workers_and_tail(suite, capsys):
         tail.kill()
         tail.wait()
     assert tail.returncode == 0 and "Traceback" not in err
+
+
+@pytest.mark.postgres
+def test_events_query_and_status_with_postgres(suites, capsys, postgres_url):  # noqa: F811
+    url = fresh_database(postgres_url, f"cli_{uuid.uuid4().hex[:12]}")
+    suite = suites.start(extra=f"[events]\npostgres_url = {json.dumps(url)}\n")
+    home = ["--home", suite.home]
+    with Client(suite.home, timeout=10) as c:
+        task = c.submit("echo", "into the database", payload={"x": 1})
+        c.wait(task["id"], timeout=20)
+
+    def drained():
+        code, out, _ = run(capsys, *home, "status", "--json")
+        pg = json.loads(out)["events"]["postgres"] if code == 0 else None
+        return pg and pg["lag"] == 0 and pg["inserted"] > 0 and pg
+
+    wait_for(drained, 20, "events copied to PostgreSQL")
+    code, out, _ = run(capsys, *home, "status")
+    assert code == 0 and "postgres   lag 0" in out
+
+    def query(source):
+        code, out, err = run(capsys, *home, "events", "query", "--task", task["id"],
+                             "--from", source, "--json")
+        assert code == 0, err
+        return [json.loads(line) for line in out.splitlines()]
+
+    wait_for(lambda: any(e["type"] == "task.completed" for e in query("postgres")), 10,
+             "the task's completion in PostgreSQL")
+    from_pg, from_jsonl = query("postgres"), query("jsonl")
+    assert {e["id"] for e in from_pg} == {e["id"] for e in from_jsonl}
+    code, out, _ = run(capsys, *home, "events", "query", "--text", "into the database")
+    assert code == 0 and "task.created" in out
 
 
 def test_up_and_down_leave_nothing_behind():
