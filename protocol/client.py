@@ -151,8 +151,13 @@ class Client(_Core):
         end = time.monotonic() + (self.timeout if timeout is None else timeout)
         while True:
             hold = max(0.0, min(WAIT_HOLD, end - time.monotonic()))
-            task = self.call("scheduler", "task.wait", {"id": task_id, "hold": hold},
-                             timeout=hold + 10.0, resend_after=hold + 1.0)
+            try:
+                task = self.call("scheduler", "task.wait", {"id": task_id, "hold": hold},
+                                 timeout=hold + 10.0, resend_after=hold + 1.0)
+            except errors.Timeout:
+                if time.monotonic() >= end:
+                    raise
+                continue  # the scheduler is restarting: keep asking until our deadline
             if task.get("final"):
                 return task
             if time.monotonic() >= end:

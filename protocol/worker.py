@@ -205,7 +205,9 @@ class Worker:
     def _ready(self) -> None:
         self._send("worker.ready", {"types": list(self.handlers), "pid": os.getpid(),
                                     "done": self.done})
-        self._ready_due = None
+        # Repeated while idle: it re-registers us after a scheduler restart and tells the
+        # scheduler a task.run lost on the way never arrived.
+        self._ready_due = time.monotonic() + self.heartbeat
 
     def _on_bus(self, msg: wire.Message) -> None:
         if msg.type in (wire.REPLY, wire.ERROR):
@@ -216,7 +218,7 @@ class Worker:
                 return
             if msg.type == wire.ERROR and msg.corr in self._unacked:
                 return  # scheduler unavailable: the resend timer will try again
-            if msg.type == wire.ERROR and msg.peer == b"scheduler" and self._ready_due is None:
+            if msg.type == wire.ERROR and self._current is None:
                 self._ready_due = time.monotonic() + 0.5  # our ready may have been lost
             self._unacked.pop(msg.corr, None)
             return
@@ -235,6 +237,7 @@ class Worker:
                                              "reason": "stopping" if self._stopping else "busy"})
                 return
             self._current = TaskContext(self, task)
+            self._ready_due = None
             self._next_task_beat = time.monotonic() + self.heartbeat
             self._jobs.put(self._current)
         elif op == "task.cancel":
@@ -274,7 +277,8 @@ class Worker:
             self._current = None
             self._request("task.finished", {"id": ctx.id, "attempt": ctx.attempt, **data})
             if not self._should_leave():
-                self._ready_due = None  # the scheduler counts a finish as ready
+                # The scheduler counts a finish as ready; idle heartbeats resume after.
+                self._ready_due = time.monotonic() + self.heartbeat
 
     def _should_leave(self) -> bool:
         if self._stopping:

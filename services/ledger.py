@@ -39,7 +39,7 @@ class Ledger(BusService):
             self.state = LedgerState.from_snapshot(snapshot)
         for record in records:
             try:
-                self.state.apply_journal(record)
+                self.state.apply_journal(record["rec"])
             except Exception as e:  # never crash-loop on a bad record: report and skip
                 self.log.error("skipping journal record %s: %r", record.get("lsn"), e)
         # A budget edited in cortex.toml since the last start wins; one changed at run time
@@ -51,7 +51,7 @@ class Ledger(BusService):
                 continue
             outcome = self.state.set_budget(scope, spec["limit"], spec["window"], now=time.time())
             if outcome.journal is not None:
-                fx.records.append(outcome.journal)
+                fx.records.append({"k": "ledger", "rec": outcome.journal})
         for record in fx.records:
             self.journal.append(record)
 
@@ -69,7 +69,8 @@ class Ledger(BusService):
             outcome = state.extend(task, attempt, body.get("amount"), now=now,
                                    seq=body.get("seq", 1))
         elif op == "ledger.commit":
-            outcome = state.commit(task, attempt, body.get("used"), now=now)
+            outcome = state.commit(task, attempt, body.get("used"), now=now,
+                                   task_type=body.get("type"), agent=body.get("agent"))
         elif op == "ledger.release":
             outcome = state.release(task, attempt, now=now)
         elif op == "ledger.set":
@@ -84,7 +85,8 @@ class Ledger(BusService):
         else:
             raise ProtocolError("unknown_type", f"unknown operation {op!r}")
         if outcome.journal is not None:
-            fx.records.append(outcome.journal)
+            # Wrapped: the journal stamps its own lsn; LedgerState keeps its own sequence.
+            fx.records.append({"k": "ledger", "rec": outcome.journal})
         for type_, data in outcome.events:
             fx.emit(type_, data, data.get("task_id") or (task if isinstance(task, str) else None))
         if outcome.code == "bad_request" or outcome.code == "not_found":

@@ -28,6 +28,8 @@ LEDGER_RESEND = 1.0  # seconds before an unanswered ledger request is sent again
 BLOCKED_RETRY = 0.5  # seconds between re-tries of tasks waiting for tokens
 BACKOFF_BASE, BACKOFF_CAP = 0.5, 30.0
 TIMEOUT_GRACE = 5.0  # seconds between TERM and KILL of a timed-out task's process group
+# A worker's idle "ready" this soon after a dispatch may have crossed the task.run.
+DISPATCH_GRACE = 2.0
 
 
 @dataclass
@@ -166,6 +168,9 @@ class SchedulerState:
                 # (worker.sync), and requeue it if none comes (see tick()).
                 task.waiting = None
                 task.times["recovered"] = now
+            for body in task.settle.values():  # ledger orders not confirmed before the crash
+                self.ledger_seq += 1
+                self.ledger_pending[b"L" + self.ledger_seq.to_bytes(8, "big")] = (now, body)
         self._retain()
 
     def _retain(self) -> None:
@@ -327,11 +332,17 @@ class SchedulerState:
         if worker is None:
             worker = self.workers[name] = WorkerInfo(name, tuple(types), pid, last_seen=now)
             fx.emit("worker.registered", {"types": types, "pid": pid}, worker=name)
+        elif worker.state == "claimed":
+            worker.last_seen = now  # idle indeed: it waits while we reserve its next task
+            return
         elif worker.task is not None:
-            # It says it is idle, so whatever we think it runs has been lost.
             task = self.tasks.get(worker.task)
             if task is not None and not task.final and task.worker == name:
-                self._retry(fx, task, "worker_lost", "worker restarted its task", now)
+                if now - task.times.get("dispatched", now) < DISPATCH_GRACE:
+                    worker.last_seen = now  # its ready crossed our task.run on the way
+                    return
+                # Idle long after we gave it a task: the task (or its run order) was lost.
+                self._retry(fx, task, "worker_lost", "worker does not have its task", now)
         worker.types, worker.pid, worker.last_seen = tuple(types), pid, now
         worker.state, worker.task = "idle", None
 
@@ -461,12 +472,13 @@ class SchedulerState:
         """A lost attempt: release its tokens, then back to the queue or to the dead letters."""
         self._settle_tokens(fx, task, now)
         error = {"category": category, "message": message}
+        lost = {"lost_attempt": task.attempt, "tokens_used": task.tokens_used}
         if task.attempt > task.retries:
             # No retry policy: a plain failure. Retries spent: the dead letters.
             final = State.FAILED if task.retries == 0 else State.DEAD
             self._move(fx, task, final, now, error=error, worker=None)
             fx.emit("task.failed" if final is State.FAILED else "task.dead",
-                    {"attempt": task.attempt, **error}, task.id)
+                    {"attempt": task.attempt, **lost, **error}, task.id)
             self._wake(fx, task)
             return
         self.counters["retried"] += 1
@@ -474,7 +486,8 @@ class SchedulerState:
         self._move(fx, task, State.QUEUED, now, attempt=task.attempt + 1, worker=None,
                    error=error, waiting="backoff", reserved=0, tokens_used=0)
         heapq.heappush(self.backoff, (now + delay, task.id))
-        fx.emit("task.retry", {"attempt": task.attempt, "after": delay, **error}, task.id)
+        fx.emit("task.retry", {"attempt": task.attempt, "after": delay, **lost, **error},
+                task.id)
 
     # -- tokens --------------------------------------------------------------------------
     def _ledger(self, fx: Effects, body: dict, now: float) -> bytes:
@@ -485,15 +498,21 @@ class SchedulerState:
         return corr
 
     def _settle_tokens(self, fx: Effects, task: Task, now: float) -> None:
-        """Commit what the attempt used (releasing the rest) or release its reservation."""
+        """Commit what the attempt used (releasing the rest) or release its reservation.
+
+        The order is journaled with the task (`settle`) until the ledger confirms it, so a
+        scheduler restart re-sends it; the ledger is idempotent by (task, attempt). A task
+        with a token budget is released even when we saw no grant: the grant may have
+        been made just before a crash."""
         if task.tokens_used > 0:
-            self._ledger(fx, {"op": "ledger.commit", "task": task.id, "attempt": task.attempt,
-                              "used": task.tokens_used}, now)
-        elif task.reserved > 0:
-            self._ledger(fx, {"op": "ledger.release", "task": task.id, "attempt": task.attempt},
-                         now)
-        if task.reserved:
-            self._set(fx, task, reserved=0)
+            body = {"op": "ledger.commit", "task": task.id, "attempt": task.attempt,
+                    "used": task.tokens_used, "type": task.type, "agent": task.agent}
+        elif task.reserved > 0 or task.tokens > 0:
+            body = {"op": "ledger.release", "task": task.id, "attempt": task.attempt}
+        else:
+            return
+        self._ledger(fx, body, now)
+        self._set(fx, task, reserved=0, settle={**task.settle, str(task.attempt): body})
 
     def ledger_reply(self, fx: Effects, corr: bytes, ok: bool, body: dict, now: float) -> None:
         pending = self.ledger_pending.pop(corr, None)
@@ -505,6 +524,10 @@ class SchedulerState:
             return
         if request["op"] != "ledger.reserve":
             self.next_blocked_retry = now  # tokens came back: waiting tasks may fit now
+            task = self.tasks.get(request["task"])
+            if task is not None and str(request["attempt"]) in task.settle:
+                settle = {k: v for k, v in task.settle.items() if k != str(request["attempt"])}
+                self._set(fx, task, settle=settle)
             return
         task = self.tasks.get(request["task"])
         worker = self.workers.get(request["worker"])

@@ -78,7 +78,7 @@ class BusService:
                            path, why)
         self.journal = Journal(self.rt.home / "wal" / f"{self.name}.wal",
                                self.settings.suite.fsync)
-        records, report = self.journal.replay(after_lsn=(snap or {}).get("lsn", 0))
+        records, report = self.journal.replay(after_lsn=(snap or {}).get("journal_lsn", 0))
         if report.torn_tail or report.corrupt:
             self.log.error("journal: torn tail %s, corrupt records %s", report.tail,
                            report.corrupt)
@@ -98,7 +98,7 @@ class BusService:
             return
         self.journal.commit()
         data = self.snapshot()
-        data["lsn"] = self.journal.last_lsn
+        data["journal_lsn"] = self.journal.last_lsn  # "lsn" may be the state's own
         data["unacked_events"] = self.events.unacked_events()
         data["written_at"] = time.time()
         write_snapshot(self.rt.home / "state" / self.snapshot_name, data)

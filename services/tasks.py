@@ -85,6 +85,7 @@ class Task:
     message: str = ""
     reserved: int = 0  # tokens currently reserved for this attempt
     eta: float | None = None
+    settle: dict = field(default_factory=dict)  # attempt -> ledger order not yet confirmed
 
     @property
     def final(self) -> bool:

@@ -8,6 +8,7 @@ processes or socket files is left.
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 import time
@@ -108,7 +109,8 @@ class SuiteRunner:
             sockets = list((suite.home / "run").glob("*.sock"))
             if sockets:
                 problems.append(f"socket files left: {sockets}")
-            shutil.rmtree(suite.home, ignore_errors=True)
+            if not os.environ.get("CORTEX_KEEP_HOMES"):  # keep them to read their logs
+                shutil.rmtree(suite.home, ignore_errors=True)
         return problems
 
 
