@@ -137,6 +137,7 @@ class Broker:
         self.log.info("broker listening on %s", self.endpoint)
         poller = zmq.Poller()
         poller.register(self.socket, zmq.POLLIN)
+        poller.register(self.rt.wake_r.fileno(), zmq.POLLIN)  # signals end the wait
         try:
             while not self.rt.stopping:
                 now = time.monotonic()
@@ -144,6 +145,7 @@ class Broker:
                     self.heartbeat(now)
                     self.next_beat = now + self.table.interval
                 if poller.poll(max(0.0, self.next_beat - now) * 1000):
+                    self.rt.drain_wakeups()
                     now = time.monotonic()
                     for _ in range(MAX_BATCH):
                         try:

@@ -17,13 +17,11 @@ import ctypes
 import json
 import os
 import signal
-import socket
 import sys
 import time
 from dataclasses import dataclass
 
 import psutil
-import zmq
 
 from cortex.protocol import wire
 
@@ -63,13 +61,8 @@ class Pool(BusService):
         self.restart_due: list[tuple[float, str, int]] = []  # (when, group, slot)
         self.failures: dict[tuple[str, int], int] = {}
         self.spawned = 0
-        # SIGCHLD wakes the poll loop through a socket, so reaping is immediate.
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self._wake_w.setblocking(False)
-        signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
+        # SIGCHLD wakes the poll loop (the runtime's wake-up socket): reaping is immediate.
         signal.signal(signal.SIGCHLD, lambda *_: None)
-        self.poller.register(self._wake_r.fileno(), zmq.POLLIN)
         self.open_journal()
         self.end_leftovers()
         for group in self.settings.groups:
@@ -198,14 +191,6 @@ class Pool(BusService):
         return {"workers": workers, "spawned": self.spawned,
                 "groups": {g.name: g.count for g in self.settings.groups}}
 
-    def on_sockets(self, ready: dict, fx: Effects) -> None:
-        if self._wake_r.fileno() in ready:
-            try:
-                while self._wake_r.recv(4096):
-                    pass
-            except BlockingIOError:
-                pass
-
     def on_tick(self, fx: Effects, now: float) -> float:
         mono = time.monotonic()
         self.reap(fx, now)
@@ -255,13 +240,10 @@ class Pool(BusService):
                         pass
                     child.kill_at = None
             if self.children:
-                self.poller.poll(100)
-                self.on_sockets({self._wake_r.fileno(): 1}, fx)
+                self.poller.poll(100)  # SIGCHLD cuts this short
+                self.rt.drain_wakeups()
         self.flush(fx)
         self.record_pids()
-        signal.set_wakeup_fd(-1)
-        self._wake_r.close()
-        self._wake_w.close()
         super().shutdown()
 
 

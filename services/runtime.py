@@ -6,6 +6,7 @@ import fcntl
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 from pathlib import Path
@@ -53,12 +54,24 @@ class ServiceRuntime:
         self.stopping = False
         self.started = time.time()
         self.epoch = time.time_ns()
+        # Signals wake the poll loop through this socket pair, so a stop is immediate.
+        self.wake_r, self._wake_w = socket.socketpair()
+        self.wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
         self.ctx = zmq.Context()
 
     def _on_signal(self, signum, frame) -> None:
         self.stopping = True  # the loop notices and stops cleanly
+
+    def drain_wakeups(self) -> None:
+        try:
+            while self.wake_r.recv(4096):
+                pass
+        except BlockingIOError:
+            pass
 
     def remove_socket(self, endpoint: str) -> None:
         """libzmq leaves ipc socket files behind: remove the ones we bound."""
@@ -69,5 +82,8 @@ class ServiceRuntime:
                 pass
 
     def close(self) -> None:
+        signal.set_wakeup_fd(-1)
+        self.wake_r.close()
+        self._wake_w.close()
         self.ctx.term()
         self._lock.close()

@@ -42,6 +42,7 @@ class BusService:
         self.poller = zmq.Poller()
         self.poller.register(self.link.socket, zmq.POLLIN)
         self.poller.register(self.events.socket, zmq.POLLIN)
+        self.poller.register(self.rt.wake_r.fileno(), zmq.POLLIN)
         self.journal: Journal | None = None
         self.pending_events: list = []  # emitted outside a turn's Effects
         self.next_snapshot = time.monotonic() + self.settings.suite.snapshot_interval
@@ -157,6 +158,8 @@ class BusService:
                         self.next_snapshot = now + self.settings.suite.snapshot_interval
                     timeout = min(timeout, self.next_snapshot - now)
                 ready = dict(self.poller.poll(max(0.0, timeout) * 1000))
+                if self.rt.wake_r.fileno() in ready:
+                    self.rt.drain_wakeups()
                 if self.events.socket in ready:
                     self.events.on_message()
                 self.on_sockets(ready, fx)
