@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import resource
 import signal
 import threading
 import time
@@ -163,7 +164,7 @@ class Worker:
                 return
             started = time.time()
             self._post("started", {"at": started})
-            cpu0 = time.process_time()
+            cpu0 = time.thread_time()  # the handler thread's own CPU
             try:
                 handler = self.handlers.get(ctx.type)
                 if handler is None:
@@ -179,8 +180,11 @@ class Worker:
                 log.warning("handler failed on %s: %s", ctx.id, traceback.format_exc())
                 outcome = {"ok": False, "error": {"category": "handler_error",
                                                   "message": f"{type(e).__name__}: {e}"[:2000]}}
+            # Peak RSS of this worker so far: the predictor's memory signal.
+            rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
             outcome.update(started_at=started, finished_at=time.time(),
-                           cpu_s=time.process_time() - cpu0, tokens_used=ctx.tokens_used)
+                           cpu_s=time.thread_time() - cpu0, tokens_used=ctx.tokens_used,
+                           rss_mb=rss_mb)
             try:
                 self._post("done", outcome)
             except (TypeError, ValueError) as e:  # result not encodable

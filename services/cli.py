@@ -1121,6 +1121,49 @@ def cmd_budget_set(args):
     return Exit.OK
 
 
+@command("model status", JSON)
+def cmd_model_status(args):
+    """Show the prediction models: trained on what and when, held-out accuracy, fallbacks."""
+    with connect(args) as client:
+        status = client.call("scheduler", "model.status")
+    if args.json:
+        print_json(status)
+        return Exit.OK
+    model = status.get("model")
+    if model:
+        print(f"model trained {stamp(model.get('trained_at'))} on "
+              f"{number(model.get('samples'))} completed tasks "
+              f"(types: {', '.join(model.get('types', [])) or '-'})")
+        rows = [[target, f"{100 * acc.get('within_25pct', 0):.1f}%", acc.get("mae"),
+                 acc.get("r2")] for target, acc in model.get("per_target", {}).items()]
+        print(table(["TARGET", "WITHIN_25%", "MAE", "R2"], rows))
+    else:
+        print(f"no model: {status.get('reason')}")
+    averages = status.get("averages", {})
+    if averages:
+        print(table(["TYPE", "COMPLETIONS", "MEAN_DURATION_S", "MEAN_TOKENS"],
+                    [[t, a.get("duration", {}).get("count"),
+                      a.get("duration", {}).get("mean"), a.get("tokens", {}).get("mean")]
+                     for t, a in sorted(averages.items())]))
+    print(f"completions since training: {status.get('completions_since_training')}, "
+          f"training now: {'yes' if status.get('training') else 'no'}"
+          + (f", last error: {status['last_error']}" if status.get("last_error") else ""))
+    return Exit.OK
+
+
+@command("model train", JSON)
+def cmd_model_train(args):
+    """Retrain the prediction models now, in the background, from the event log's history."""
+    with connect(args) as client:
+        reply = client.call("scheduler", "model.train")
+    if args.json:
+        print_json(reply)
+        return Exit.OK
+    print("training started in the background; see `cortex model status`" if reply["started"]
+          else "a training is already running; see `cortex model status`")
+    return Exit.OK
+
+
 # -- the demo --------------------------------------------------------------------------
 
 

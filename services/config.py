@@ -47,6 +47,7 @@ task_heartbeat = 5.0         # seconds between a running task's heartbeats
 retention = 20000            # finished tasks kept in memory for status queries
 aging = 30.0                 # seconds of waiting that lift a task one priority level
 memory_threshold = 80.0      # % of memory used above which non-critical work waits
+retrain_every = 500          # completions between background retrains of the predictor (0: never)
 
 [ledger]
 budget = 100000000           # global token budget
@@ -99,6 +100,7 @@ class SchedulerSettings:
     retention: int = 20000
     aging: float = 30.0
     memory_threshold: float = 80.0
+    retrain_every: int = 500
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ Decisions live in scheduling.SchedulerState; this module only moves messages.
 from __future__ import annotations
 
 import argparse
+import threading
 import time
 
 from cortex.protocol import wire
@@ -26,7 +27,10 @@ class Scheduler(BusService):
 
     def __init__(self, home=None):
         super().__init__(home)
-        self.state = SchedulerState(self.settings.scheduler)
+        from .prediction import Predictor  # scikit-learn: loaded by the scheduler alone
+
+        self.predictor = Predictor.load(self.rt.home / "models")
+        self.state = SchedulerState(self.settings.scheduler, self.predictor)
         self.open_journal()
         # Workers that were busy when we stopped tell us what they run (worker.sync).
         self.link.send(wire.REQUEST, wire.BROKER, SYNC_CORR, {"op": "broker.peers"})
@@ -63,7 +67,9 @@ class Scheduler(BusService):
         name = peer.decode(errors="replace")
         if msg.type == wire.REQUEST:
             if op == "task.submit":
+                body["_size"] = len(msg.body)  # the predictor's payload-size feature
                 state.submit(fx, peer, msg.corr, body, now)
+                self.maybe_retrain()
             elif op == "task.status":
                 fx.reply(peer, msg.corr, state.get(body).summary())
             elif op == "task.wait":
@@ -81,6 +87,11 @@ class Scheduler(BusService):
                 task = state.get(body)
                 state.task_progress(task.worker or "", body | {"attempt": task.attempt}, now)
                 fx.reply(peer, msg.corr, task.summary())
+            elif op == "model.status":
+                fx.reply(peer, msg.corr, self.predictor.status())
+            elif op == "model.train":
+                started = self.train_from_log()
+                fx.reply(peer, msg.corr, {"started": started, **self.predictor.status()})
             elif op == "scheduler.status":
                 fx.reply(peer, msg.corr, state.status(now) | {
                     "uptime": now - self.rt.started, "bad_messages": self.bad_messages,
@@ -106,6 +117,27 @@ class Scheduler(BusService):
             elif op == "worker.exited":
                 state.worker_gone(fx, str(body.get("name")), "exited", now)
         state.dispatch(fx, now)
+
+    def maybe_retrain(self) -> None:
+        every = self.settings.scheduler.retrain_every
+        if every and self.predictor.completions_since_training() >= every:
+            self.predictor.train_in_background()
+
+    def train_from_log(self) -> bool:
+        """Retrain in the background on the history in the event log (`cortex model train`)."""
+        predictor, directory = self.predictor, self.rt.home / "events"
+
+        def run() -> None:
+            from .eventlog import read_events
+            from .prediction import history_from_events
+
+            history = history_from_events(read_events(directory, type_pattern="task.completed"))
+            predictor.train(history[-50_000:])
+
+        if predictor.status()["training"]:
+            return False
+        threading.Thread(target=run, name="train-from-log", daemon=True).start()
+        return True
 
     def on_tick(self, fx: Effects, now: float) -> float:
         timeout = self.state.tick(fx, now, self.settings.scheduler.task_heartbeat)

@@ -96,8 +96,9 @@ class TaskQueue:
 
 
 class SchedulerState:
-    def __init__(self, settings: SchedulerSettings):
+    def __init__(self, settings: SchedulerSettings, predictor=None):
         self.settings = settings
+        self.predictor = predictor  # prediction.Predictor, or None (then per-type averages)
         self.tasks: dict[str, Task] = {}
         self.keys: dict[str, str] = {}  # idempotency key -> task id
         self.finished: OrderedDict[str, None] = OrderedDict()  # retention order
@@ -202,6 +203,10 @@ class SchedulerState:
         agent = wire.field_str(body, "agent", max_len=128, required=False,
                                default=peer.decode(errors="replace"))
         payload = body.get("payload")
+        size = wire.field_int(body, "_size", required=False, default=0)
+        predicted = None
+        if self.predictor is not None:
+            predicted = self.predictor.predict(task_type, priority, description, size).as_dict()
         eta = self.estimate_start(task_type, priority, now)
         if priority != "critical" and self.queue.depth(task_type) >= \
                 self.settings.max_queue_per_type:
@@ -222,7 +227,8 @@ class SchedulerState:
         task = Task(id=new_task_id(now), type=task_type, description=description,
                     priority=priority, tokens=tokens, timeout=timeout, retries=retries,
                     agent=agent, key=key, payload=payload, deadline=deadline,
-                    times={"created": now}, waiting="worker", eta=eta)
+                    times={"created": now}, waiting="worker", eta=eta, size=size,
+                    predicted=predicted)
         self.tasks[task.id] = task
         self.keys[key] = task.id
         self.queue.push(task)
@@ -240,6 +246,13 @@ class SchedulerState:
                                        "reason": reason})
         fx.error(peer, corr, code, reason)
 
+    def mean_duration(self, task_type: str) -> float:
+        if self.predictor is not None:
+            prediction = self.predictor.predict(task_type, "medium", "", 0)
+            if prediction.source != "default":
+                return prediction.duration
+        return self.avg_duration.get(task_type, 1.0)
+
     def estimate_start(self, task_type: str, priority: str, now: float) -> float:
         """Queue position x mean duration / workers of the type (0 when idle capacity)."""
         workers = [w for w in self.workers.values() if task_type in w.types
@@ -249,7 +262,7 @@ class SchedulerState:
         ahead = sum(counts[: PRIORITY_RANK[priority] + 1])
         if idle > ahead:
             return now
-        mean = self.avg_duration.get(task_type, 1.0)
+        mean = self.mean_duration(task_type)
         return now + (ahead + 1) * mean / max(len(workers), 1)
 
     def get(self, body: dict) -> Task:
@@ -450,12 +463,22 @@ class SchedulerState:
         self.avg_duration[task.type] = duration if prev is None else 0.9 * prev + 0.1 * duration
         timings = {"queued": task.times.get("dispatched", now) - task.times["created"],
                    "duration": duration, "cpu_s": body.get("cpu_s")}
+        cpu_s = body.get("cpu_s") if isinstance(body.get("cpu_s"), float) else 0.0
+        rss = body.get("rss_mb") if isinstance(body.get("rss_mb"), float) else 0.0
+        actual = {"duration": duration, "tokens": float(task.tokens_used), "memory_mb": rss,
+                  "cpu": min(cpu_s / duration, 64.0) if duration > 0 else 0.0}
         if body.get("ok") is True:
             self._move(fx, task, State.COMPLETED, now, result=body.get("result"),
-                       tokens_used=task.tokens_used)
-            fx.emit("task.completed", {"attempt": task.attempt, "tokens_used": task.tokens_used,
-                                       "type": task.type, "priority": task.priority,
-                                       **timings}, task.id, name)
+                       tokens_used=task.tokens_used, actual=actual)
+            # The learning features ride along, so the event log alone can train a model.
+            fx.emit("task.completed", {
+                "attempt": task.attempt, "tokens_used": task.tokens_used, "type": task.type,
+                "priority": task.priority, "description": task.description[:1000],
+                "payload_size": task.size, "actual": actual, "predicted": task.predicted,
+                **timings}, task.id, name)
+            if self.predictor is not None:
+                self.predictor.observe(task.type, task.priority, task.description, task.size,
+                                       actual)
         else:
             error = body.get("error") if isinstance(body.get("error"), dict) else {}
             category = error.get("category", "handler_error")

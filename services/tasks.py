@@ -86,6 +86,9 @@ class Task:
     reserved: int = 0  # tokens currently reserved for this attempt
     eta: float | None = None
     settle: dict = field(default_factory=dict)  # attempt -> ledger order not yet confirmed
+    size: int = 0  # bytes of the submit request (the predictor's payload-size feature)
+    predicted: dict | None = None  # duration, tokens, memory_mb, cpu, source
+    actual: dict | None = None  # the same, measured, once it ran
 
     @property
     def final(self) -> bool:
