@@ -119,7 +119,7 @@ class Worker:
     def __init__(self, task_type: str | dict, handler=None, *, home=None, name: str | None = None,
                  endpoint: str | None = None, heartbeat: float = TASK_HEARTBEAT,
                  max_tasks: int | None = None, max_rss_mb: float | None = None,
-                 install_signals: bool = True):
+                 idle_exit: float | None = None, install_signals: bool = True):
         # One type and its handler, or {type: handler} for a worker that takes several.
         self.handlers = dict(task_type) if isinstance(task_type, dict) else {task_type: handler}
         if not self.handlers or not all(callable(h) for h in self.handlers.values()):
@@ -128,6 +128,8 @@ class Worker:
         self.heartbeat = heartbeat
         self.max_tasks = max_tasks
         self.max_rss_mb = max_rss_mb
+        self.idle_exit = idle_exit  # an extra (surge) worker leaves after this long idle
+        self._idle_since = time.monotonic()
         self.name = name or unique_name(f"w-{task_type}")[:wire.MAX_NAME_BYTES]
         home = locate.find_home(home)
         self._ctx = zmq.Context.instance()
@@ -312,6 +314,11 @@ class Worker:
                     announced_leaving = True
                 if self._stopping and self._current is None and not self._unacked:
                     break
+                if self._current is not None:
+                    self._idle_since = now
+                elif self.idle_exit and now - self._idle_since > self.idle_exit:
+                    self._stopping = True  # retire: announced as leaving on the next turn
+                    continue
                 if self._ready_due is not None and now >= self._ready_due and not self._stopping:
                     self._ready()
                 timeout = self._link.tick(now)

@@ -48,6 +48,7 @@ retention = 20000            # finished tasks kept in memory for status queries
 aging = 30.0                 # seconds of waiting that lift a task one priority level
 memory_threshold = 80.0      # % of memory used above which non-critical work waits
 retrain_every = 500          # completions between background retrains of the predictor (0: never)
+scale_backlog = 5.0          # predicted seconds of queued work per worker that adds a worker
 
 [ledger]
 budget = 100000000           # global token budget
@@ -64,6 +65,8 @@ count = 20
 types = ["echo", "sleep", "simulated_agent", "fail"]
 max_tasks = 0                # recycle a worker after this many tasks (0: never)
 max_rss_mb = 0               # recycle a worker above this RSS (0: never)
+max = 24                     # ceiling with surge (critical tasks) and autoscaled workers
+idle_exit = 10.0             # seconds an extra worker may sit idle before it retires
 
 [handlers]
 # task type = "module:function" (a Python callable taking the task context), or
@@ -101,6 +104,7 @@ class SchedulerSettings:
     aging: float = 30.0
     memory_threshold: float = 80.0
     retrain_every: int = 500
+    scale_backlog: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -117,6 +121,8 @@ class WorkerGroup:
     types: tuple[str, ...]
     max_tasks: int = 0
     max_rss_mb: float = 0
+    max: int = 0  # ceiling with surge and autoscaled workers (>= count)
+    idle_exit: float = 10.0  # seconds an extra worker may sit idle before it retires
 
 
 @dataclass(frozen=True)
@@ -223,7 +229,7 @@ def load(home: Path) -> Settings:
     if set(pool) - {"groups"}:
         raise ConfigError("[pool]: only [pool.groups.NAME] tables are allowed")
     for gname, spec in pool.get("groups", {}).items():
-        if set(spec) - {"count", "types", "max_tasks", "max_rss_mb"}:
+        if set(spec) - {"count", "types", "max_tasks", "max_rss_mb", "max", "idle_exit"}:
             raise ConfigError(f"[pool.groups.{gname}]: unknown key(s)")
         count = spec.get("count", 20)
         types = tuple(spec.get("types", ("echo", "sleep", "simulated_agent", "fail")))
@@ -232,8 +238,12 @@ def load(home: Path) -> Settings:
         missing = [t for t in types if t not in handlers]
         if missing:
             raise ConfigError(f"[pool.groups.{gname}] types: no handler for {missing}")
+        ceiling = spec.get("max", count + 4)
+        if isinstance(ceiling, bool) or not isinstance(ceiling, int) or ceiling < count:
+            raise ConfigError(f"[pool.groups.{gname}] max: must be an integer >= count")
         groups.append(WorkerGroup(gname, count, types, int(spec.get("max_tasks", 0)),
-                                  float(spec.get("max_rss_mb", 0))))
+                                  float(spec.get("max_rss_mb", 0)), ceiling,
+                                  float(spec.get("idle_exit", 10.0))))
     return Settings(
         home=home,
         suite=suite,

@@ -48,6 +48,7 @@ class Child:
     proc: psutil.Process | None = None
     kill_at: float | None = None  # monotonic time for SIGKILL after a TERM
     reason: str = ""
+    extra: bool = False  # surge/autoscaled worker: not restarted when it exits
 
 
 class Pool(BusService):
@@ -100,16 +101,18 @@ class Pool(BusService):
         tmp.write_text(json.dumps(rows))
         os.replace(tmp, self.pidfile)
 
-    def spawn(self, group: str, slot: int) -> None:
+    def spawn(self, group: str, slot: int, extra: bool = False) -> Child:
         import subprocess
 
         self.spawned += 1
         name = f"w-{group}-{slot}-{os.getpid() % 100000}-{self.spawned}"[:wire.MAX_NAME_BYTES]
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "cortex.services.worker", "--home", str(self.rt.home),
-             "--group", group, "--name", name],
-            stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent, close_fds=True)
-        child = Child(name, group, slot, proc.pid, time.time())
+        cmd = [sys.executable, "-m", "cortex.services.worker", "--home", str(self.rt.home),
+               "--group", group, "--name", name]
+        if extra:  # surge/autoscaled: retires by itself when idle, not restarted
+            cmd += ["--idle-exit", str(self.group(group).idle_exit)]
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent,
+                                close_fds=True)
+        child = Child(name, group, slot, proc.pid, time.time(), extra=extra)
         try:
             child.proc = psutil.Process(proc.pid)
         except psutil.Error:
@@ -118,8 +121,28 @@ class Pool(BusService):
         self._popen[proc.pid] = proc  # keep the Popen so Python does not warn or reap it
         self.children[proc.pid] = child
         self.record_pids()
-        self.emit("worker.spawned", {"pid": proc.pid, "group": group, "slot": slot},
-                  worker=name)
+        self.emit("worker.spawned", {"pid": proc.pid, "group": group, "slot": slot,
+                                     "extra": extra}, worker=name)
+        return child
+
+    def group(self, name: str):
+        return next(g for g in self.settings.groups if g.name == name)
+
+    def scale(self, fx: Effects, task_type: str, add: int, reason: dict) -> None:
+        """Start up to `add` extra workers of a group taking `task_type`, within its max."""
+        for group in self.settings.groups:
+            if task_type not in group.types:
+                continue
+            live = sum(1 for c in self.children.values() if c.group == group.name)
+            room = max(0, group.max - live)
+            started = [self.spawn(group.name, group.count + live + i, extra=True).name
+                       for i in range(min(add, room))]
+            fx.emit("pool.scaled", {"group": group.name, "type": task_type,
+                                    "requested": add, "started": len(started),
+                                    "workers": live + len(started), "max": group.max,
+                                    "reason": reason})
+            return
+        fx.emit("pool.scale_refused", {"type": task_type, "reason": "no group takes this type"})
 
     def reap(self, fx: Effects, now: float) -> None:
         while True:
@@ -139,8 +162,8 @@ class Pool(BusService):
             fx.emit("worker.exited", {"pid": pid, "code": code, "reason": child.reason,
                                       "uptime": time.time() - child.started},
                     worker=child.name)
-            if self.rt.stopping:
-                continue
+            if self.rt.stopping or (child.extra and code == 0):
+                continue  # an extra worker retiring when idle is scaling down
             # Clean exits (recycling) restart at once; crashes back off, capped.
             key = (child.group, child.slot)
             fails = 0 if code == 0 or child.reason else self.failures.get(key, 0) + 1
@@ -171,6 +194,10 @@ class Pool(BusService):
                     self.log.warning("killing %s (pid %d): %s", name, child.pid,
                                      body.get("reason"))
                     self.kill(child, str(body.get("reason", "requested")), grace)
+        elif msg.type == wire.NOTIFY and op == "pool.scale":
+            add = wire.field_int(body, "add", lo=1, hi=100)
+            self.scale(fx, wire.field_str(body, "type", max_len=64), add,
+                       body.get("reason") if isinstance(body.get("reason"), dict) else {})
         elif msg.type == wire.REQUEST and op == "pool.status":
             fx.reply(msg.peer, msg.corr, self.describe())
         elif msg.type == wire.REQUEST:
@@ -180,7 +207,7 @@ class Pool(BusService):
         workers = []
         for child in sorted(self.children.values(), key=lambda c: (c.group, c.slot)):
             row = {"name": child.name, "group": child.group, "slot": child.slot,
-                   "pid": child.pid, "started": child.started}
+                   "pid": child.pid, "started": child.started, "extra": child.extra}
             try:
                 with child.proc.oneshot():
                     row["rss_mb"] = round(child.proc.memory_info().rss / 2**20, 1)

@@ -69,6 +69,9 @@ class Scheduler(BusService):
             if op == "task.submit":
                 body["_size"] = len(msg.body)  # the predictor's payload-size feature
                 state.submit(fx, peer, msg.corr, body, now)
+                if body.get("priority") == "critical":
+                    state.dispatch(fx, now)
+                    state.scale(fx, now)  # surge at once if no worker can take it
                 self.maybe_retrain()
             elif op == "task.status":
                 fx.reply(peer, msg.corr, state.get(body).summary())
@@ -142,6 +145,7 @@ class Scheduler(BusService):
     def on_tick(self, fx: Effects, now: float) -> float:
         timeout = self.state.tick(fx, now, self.settings.scheduler.task_heartbeat)
         self.state.dispatch(fx, now)
+        self.state.scale(fx, now)
         return timeout
 
 

@@ -30,6 +30,7 @@ BACKOFF_BASE, BACKOFF_CAP = 0.5, 30.0
 TIMEOUT_GRACE = 5.0  # seconds between TERM and KILL of a timed-out task's process group
 # A worker's idle "ready" this soon after a dispatch may have crossed the task.run.
 DISPATCH_GRACE = 2.0
+SCALE_COOLDOWN = 2.0  # seconds between scale requests for one type (hysteresis)
 
 
 @dataclass
@@ -114,6 +115,8 @@ class SchedulerState:
                          "dead": 0, "retried": 0, "rejected": 0, "late_results": 0,
                          "duplicates": 0}
         self.next_blocked_retry = 0.0
+        self.scale_cooldown: dict[str, float] = {}  # type -> no new scale request before
+        self.surged: dict[str, int] = {}  # type -> critical tasks queued at the last request
 
     # -- the only two ways state changes -------------------------------------------------
     def _set(self, fx: Effects, task: Task, **changes) -> None:
@@ -595,6 +598,38 @@ class SchedulerState:
                                       "worker": worker.name}, now)
                     break
                 self._dispatch(fx, task, worker, now)
+
+    def scale(self, fx: Effects, now: float) -> None:
+        """Ask the pool for extra workers: at once for a waiting critical task (surge), and
+        when the predicted backlog per worker of a type passes scale_backlog. Each request
+        is an event with the numbers behind it; extra workers retire when idle."""
+        for task_type, counts in self.queue.counts.items():
+            depth = sum(counts)
+            critical = counts[0] > 0
+            if not critical:
+                self.surged[task_type] = 0
+            # Critical work skips the cooldown once per new critical task (never waits).
+            cooling = now < self.scale_cooldown.get(task_type, 0.0)
+            if depth <= 0 or (cooling and not (critical and counts[0] > self.surged.get(
+                    task_type, 0))):
+                continue
+            workers = [w for w in self.workers.values() if task_type in w.types]
+            if any(w.state == "idle" for w in workers):
+                continue
+            mean = self.mean_duration(task_type)
+            backlog = depth * mean / max(len(workers), 1)
+            if not critical and backlog <= self.settings.scale_backlog:
+                continue
+            reason = {"why": "critical task waiting" if critical else "backlog",
+                      "queued": depth, "critical_queued": counts[0], "workers": len(workers),
+                      "predicted_task_s": round(mean, 4), "backlog_s": round(backlog, 3),
+                      "threshold_s": self.settings.scale_backlog}
+            add = max(1, counts[0]) if critical else 1
+            fx.sends.append((b"pool", wire.NOTIFY, b"", {"op": "pool.scale", "type": task_type,
+                                                          "add": min(add, 8), "reason": reason}))
+            fx.emit("scheduler.scale", {"type": task_type, "add": min(add, 8), **reason})
+            self.scale_cooldown[task_type] = now + SCALE_COOLDOWN
+            self.surged[task_type] = counts[0]
 
     def _dispatch(self, fx: Effects, task: Task, worker: WorkerInfo, now: float) -> None:
         self._move(fx, task, State.DISPATCHED, now, worker=worker.name, waiting=None)

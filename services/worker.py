@@ -24,6 +24,8 @@ def main(argv=None) -> None:
     parser.add_argument("--home")
     parser.add_argument("--group", default="default")
     parser.add_argument("--name")
+    parser.add_argument("--idle-exit", type=float, default=None,
+                        help="retire after this many idle seconds (surge workers)")
     args = parser.parse_args(argv)
     home = locate.find_home(args.home)
     logging.basicConfig(level=os.environ.get("CORTEX_LOG_LEVEL", "WARNING"), stream=sys.stderr,
@@ -33,7 +35,8 @@ def main(argv=None) -> None:
     table = {t: handlers.resolve(settings.handlers[t]) for t in group.types}
     worker = Worker(table, home=home, name=args.name,
                     heartbeat=settings.scheduler.task_heartbeat,
-                    max_tasks=group.max_tasks or None, max_rss_mb=group.max_rss_mb or None)
+                    max_tasks=group.max_tasks or None, max_rss_mb=group.max_rss_mb or None,
+                    idle_exit=args.idle_exit)
     worker.run()
 
 

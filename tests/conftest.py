@@ -56,6 +56,18 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.05):
         time.sleep(interval)  # polling an outside condition with a deadline
 
 
+def jsonl_events_of(home: Path) -> list[dict]:
+    """Every event in a home's JSONL files, in file order."""
+    import orjson
+
+    events = []
+    for path in sorted((home / "events").glob("events-*.jsonl")):
+        for line in path.read_bytes().splitlines():
+            if line.strip():
+                events.append(orjson.loads(line))
+    return events
+
+
 def zombies_of(pids) -> list[int]:
     found = []
     for pid in pids:

@@ -1,0 +1,91 @@
+"""The scheduler on the real suite: priorities under a flood, surge, admission."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from cortex.protocol import Client, QueueFull, Rejected
+from cortex.services.config import ConfigError, load
+
+from .conftest import jsonl_events_of, wait_for
+
+FLOOD = """[suite]
+fsync = "off"
+heartbeat_interval = 0.5
+[scheduler]
+task_heartbeat = 1.0
+max_queue_per_type = 60
+[pool.groups.default]
+count = 2
+max = 5
+idle_exit = 2.0
+types = ["echo", "sleep", "simulated_agent", "fail"]
+"""
+
+
+def test_critical_tasks_overtake_a_low_priority_flood_with_surge(suites):
+    suite = suites.start(config=FLOOD)
+    with Client(suite.home, timeout=60) as c:
+        wait_for(lambda: len(c.workers()) == 2, 30, "two workers")
+        low = [c.submit("sleep", f"flood {i}", priority="low", payload={"seconds": 0.3})["id"]
+               for i in range(40)]
+        wait_for(lambda: sum(w["state"] == "busy" for w in c.workers()) == 2, 20, "busy")
+        submitted = time.time()
+        crit = [c.submit("echo", f"urgent {i}", priority="critical", payload=i)["id"]
+                for i in range(3)]
+        done = [c.wait(t, timeout=60) for t in crit]
+        assert all(t["state"] == "completed" for t in done)
+        # Each critical task started before any low-priority task dispatched after it was
+        # submitted, and within one low task's duration (0.3 s) of its submission.
+        first_crit_start = max(t["times"]["started"] for t in done)
+        later_low = [c.status(t) for t in low]
+        dispatched_after = [t["times"].get("dispatched") for t in later_low
+                            if (t["times"].get("dispatched") or 0) > submitted]
+        assert all(d >= min(t["times"]["dispatched"] for t in done) for d in dispatched_after)
+        for task in done:
+            assert task["times"]["started"] - task["times"]["created"] <= 0.3 + 0.5
+        assert first_crit_start
+        for t in low:
+            c.cancel(t)
+    events = jsonl_events_of(suite.home)
+    scales = [e for e in events if e["type"] == "scheduler.scale"]
+    assert any(e["data"]["why"] == "critical task waiting" for e in scales)
+    assert any(e["type"] == "pool.scaled" and e["data"]["started"] >= 1 for e in events)
+
+
+def test_full_queue_rejects_with_queue_full_but_not_critical(suites):
+    suite = suites.start(config=FLOOD.replace("count = 2\nmax = 5", "count = 1\nmax = 1"))
+    with Client(suite.home, timeout=30) as c:
+        wait_for(lambda: len(c.workers()) == 1, 30, "one worker")
+        c.submit("sleep", "blocker", payload={"seconds": 30})
+        wait_for(lambda: c.workers()[0]["state"] == "busy", 20, "busy")
+        for i in range(60):
+            c.submit("echo", f"fill {i}", priority="low")
+        with pytest.raises(QueueFull) as info:
+            c.submit("echo", "one too many", priority="high")
+        assert info.value.code == "queue_full"
+        assert c.submit("echo", "critical passes", priority="critical")["state"] == "queued"
+        assert c.call("scheduler", "scheduler.status")["counters"]["rejected"] == 1
+
+
+def test_deadline_that_cannot_be_met_is_rejected_with_the_estimate(suites):
+    suite = suites.start(config=FLOOD.replace("count = 2\nmax = 5", "count = 1\nmax = 1"))
+    with Client(suite.home, timeout=30) as c:
+        wait_for(lambda: len(c.workers()) == 1, 30, "one worker")
+        for i in range(3):  # teach the scheduler that sleep tasks take ~0.5 s
+            c.wait(c.submit("sleep", f"learn {i}", payload={"seconds": 0.5})["id"])
+        for i in range(20):
+            c.submit("sleep", f"queue {i}", payload={"seconds": 0.5})
+        with pytest.raises(Rejected) as info:
+            c.submit("sleep", "needs to start in 1 s", deadline=time.time() + 1.0)
+        assert "estimated start" in str(info.value)
+        ok = c.submit("sleep", "relaxed", deadline=time.time() + 3600)
+        assert ok["eta"] > time.time()
+
+
+def test_surge_limit_is_checked_in_config(tmp_path):
+    (tmp_path / "cortex.toml").write_text("[pool.groups.default]\ncount = 4\nmax = 2\n")
+    with pytest.raises(ConfigError):
+        load(tmp_path)
