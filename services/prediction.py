@@ -390,6 +390,21 @@ class Predictor:
                     self._since_training = 0
             return model_set.report
 
+    def reload_models(self) -> bool:
+        """Swap in the models another process saved under ``model_dir`` (the scheduler
+        trains in a child process, away from its own GIL); keeps the running averages."""
+        if self.model_dir is None:
+            return False
+        fresh = Predictor.load(self.model_dir, self.defaults, self.min_samples)
+        if fresh._models is None:
+            self._last_error = fresh._reason
+            return False
+        self._models = fresh._models
+        self._reason = None
+        with self._lock:
+            self._since_training = 0
+        return True
+
     def train_in_background(self) -> threading.Thread | None:
         """Start :meth:`train` in a daemon thread unless one is running (then None)."""
         with self._lock:  # check-and-start as one step, so two callers start one thread
@@ -668,3 +683,29 @@ def synthetic_workload(n: int, seed: int = 0, noise: float = 0.10) -> list[dict]
             row[t] = truth[t] * rng.uniform(1 - noise, 1 + noise)
         rows.append(row)
     return rows
+
+
+def main(argv=None) -> int:
+    """`python -m cortex.services.prediction train --home DIR`: fit the models on the
+    completed-task history in the event log and save them under <home>/models/."""
+    import argparse
+    import json
+
+    from cortex.protocol import locate
+
+    from .eventlog import read_events
+
+    parser = argparse.ArgumentParser(prog="cortex-train", description=main.__doc__)
+    parser.add_argument("command", choices=["train"])
+    parser.add_argument("--home")
+    parser.add_argument("--limit", type=int, default=50_000, help="most recent rows to use")
+    args = parser.parse_args(argv)
+    home = locate.find_home(args.home)
+    history = history_from_events(read_events(home / "events", type_pattern="task.completed"))
+    report = Predictor(home / "models").train(history[-args.limit:])
+    print(json.dumps(report, default=str))
+    return 0 if report.get("trained", True) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -8,7 +8,11 @@ Decisions live in scheduling.SchedulerState; this module only moves messages.
 from __future__ import annotations
 
 import argparse
-import threading
+import ctypes
+import os
+import signal
+import subprocess
+import sys
 import time
 
 from cortex.protocol import wire
@@ -19,6 +23,12 @@ from .scheduling import SchedulerState
 from .service import BusService
 
 SYNC_CORR = b"sync-peers"
+MIN_TRAINING_GAP = 60.0  # seconds between automatic retrains
+
+
+def _nice_child() -> None:  # in the training child, before exec
+    os.nice(10)  # the services come first
+    ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: dies with us
 
 
 class Scheduler(BusService):
@@ -30,6 +40,8 @@ class Scheduler(BusService):
         from .prediction import Predictor  # scikit-learn: loaded by the scheduler alone
 
         self.predictor = Predictor.load(self.rt.home / "models")
+        self.trainer: subprocess.Popen | None = None
+        self.next_training = 0.0
         self.state = SchedulerState(self.settings.scheduler, self.predictor)
         self.open_journal()
         # Workers that were busy when we stopped tell us what they run (worker.sync).
@@ -123,30 +135,47 @@ class Scheduler(BusService):
 
     def maybe_retrain(self) -> None:
         every = self.settings.scheduler.retrain_every
-        if every and self.predictor.completions_since_training() >= every:
-            self.predictor.train_in_background()
+        if every and self.predictor.completions_since_training() >= every \
+                and time.monotonic() >= self.next_training:
+            self.train_from_log()
 
     def train_from_log(self) -> bool:
-        """Retrain in the background on the history in the event log (`cortex model train`)."""
-        predictor, directory = self.predictor, self.rt.home / "events"
-
-        def run() -> None:
-            from .eventlog import read_events
-            from .prediction import history_from_events
-
-            history = history_from_events(read_events(directory, type_pattern="task.completed"))
-            predictor.train(history[-50_000:])
-
-        if predictor.status()["training"]:
+        """Retrain from the event log's history in a child process (`cortex model train`):
+        fitting in a thread of ours held the GIL for a third of the loop's time under load.
+        The new models are swapped in when the child exits (on_tick)."""
+        if self.trainer is not None:
             return False
-        threading.Thread(target=run, name="train-from-log", daemon=True).start()
+        self.trainer = subprocess.Popen(
+            [sys.executable, "-m", "cortex.services.prediction", "train", "--home",
+             str(self.rt.home)], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL, preexec_fn=_nice_child)
+        self.next_training = time.monotonic() + MIN_TRAINING_GAP
         return True
 
+    def check_trainer(self, fx: Effects) -> None:
+        if self.trainer is None or self.trainer.poll() is None:
+            return
+        out = self.trainer.stdout.read().decode(errors="replace").strip()
+        self.trainer.stdout.close()
+        code, self.trainer = self.trainer.returncode, None
+        loaded = code == 0 and self.predictor.reload_models()
+        fx.emit("model.trained" if loaded else "model.training_failed",
+                {"exit_code": code, "report": out[-2000:]})
+
     def on_tick(self, fx: Effects, now: float) -> float:
+        self.check_trainer(fx)
         timeout = self.state.tick(fx, now, self.settings.scheduler.task_heartbeat)
         self.state.dispatch(fx, now)
         self.state.scale(fx, now)
         return timeout
+
+
+    def shutdown(self) -> None:
+        if self.trainer is not None:  # never leave the training child behind
+            self.trainer.kill()
+            self.trainer.wait()
+            self.trainer.stdout.close()
+        super().shutdown()
 
 
 def main(argv=None) -> None:

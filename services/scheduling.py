@@ -31,6 +31,7 @@ TIMEOUT_GRACE = 5.0  # seconds between TERM and KILL of a timed-out task's proce
 # A worker's idle "ready" this soon after a dispatch may have crossed the task.run.
 DISPATCH_GRACE = 2.0
 SCALE_COOLDOWN = 2.0  # seconds between scale requests for one type (hysteresis)
+WATCH_INTERVAL = 0.1  # seconds between scans of running tasks for timeouts and silence
 
 
 @dataclass
@@ -115,6 +116,8 @@ class SchedulerState:
                          "dead": 0, "retried": 0, "rejected": 0, "late_results": 0,
                          "duplicates": 0}
         self.next_blocked_retry = 0.0
+        self.active: dict[str, Task] = {}  # dispatched or running: watched for timeouts
+        self.next_watch = 0.0
         self.scale_cooldown: dict[str, float] = {}  # type -> no new scale request before
         self.surged: dict[str, int] = {}  # type -> critical tasks queued at the last request
 
@@ -125,10 +128,11 @@ class SchedulerState:
         fx.records.append({"k": "set", "id": task.id, **changes})
 
     def _move(self, fx: Effects, task: Task, new: State, now: float, **changes) -> None:
-        was_queued = task.state is State.QUEUED
         transition(task, new, now)
-        if was_queued and task.waiting == "worker" and new is not State.QUEUED:
-            pass  # popped from the queue already or discarded by the caller
+        if new in (State.DISPATCHED, State.RUNNING):
+            self.active[task.id] = task
+        else:
+            self.active.pop(task.id, None)
         for key, value in changes.items():
             setattr(task, key, value)
         fx.records.append({"k": "set", "id": task.id, "state": str(new), "at": now, **changes})
@@ -172,6 +176,7 @@ class SchedulerState:
                 # (worker.sync), and requeue it if none comes (see tick()).
                 task.waiting = None
                 task.times["recovered"] = now
+                self.active[task.id] = task
             for body in task.settle.values():  # ledger orders not confirmed before the crash
                 self.ledger_seq += 1
                 self.ledger_pending[b"L" + self.ledger_seq.to_bytes(8, "big")] = (now, body)
@@ -661,6 +666,10 @@ class SchedulerState:
                 task.waiting = "worker"
                 self.queue.push(task, front=True)
             self.next_blocked_retry = now + BLOCKED_RETRY
+        # The scans below are O(pending work): at most every WATCH_INTERVAL, not every turn.
+        if now < self.next_watch:
+            return max(0.0, min(next_due, self.next_watch) - now)
+        self.next_watch = now + WATCH_INTERVAL
         for corr, (due, body) in list(self.ledger_pending.items()):
             if now >= due:
                 self.ledger_pending[corr] = (now + LEDGER_RESEND, body)
@@ -677,8 +686,7 @@ class SchedulerState:
             else:
                 del self.waiters[task_id]
         lost_after = task_heartbeat * wire.HEARTBEAT_LIVENESS
-        for task in [t for t in self.tasks.values()
-                     if t.state in (State.DISPATCHED, State.RUNNING)]:
+        for task in list(self.active.values()):
             since = task.times.get("dispatched", now)
             if now - since > task.timeout:
                 worker = self.workers.get(task.worker or "")
