@@ -12,7 +12,9 @@ report.json, report.md and PNG charts (with the "plot" extra, i.e. matplotlib).
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -74,8 +76,23 @@ def parse(argv=None):
     return args
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")  # unwinds through Target: the suite stops
+
+
 def main(argv=None) -> int:
     args = parse(argv)
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        return _main(args)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     notes = []
