@@ -30,6 +30,7 @@ BACKOFF_BASE, BACKOFF_CAP = 0.5, 30.0
 TIMEOUT_GRACE = 5.0  # seconds between TERM and KILL of a timed-out task's process group
 # A worker's idle "ready" this soon after a dispatch may have crossed the task.run.
 DISPATCH_GRACE = 2.0
+REJECTED_MEMORY = 100_000  # refused idempotency keys remembered (oldest forgotten first)
 SCALE_COOLDOWN = 2.0  # seconds between scale requests for one type (hysteresis)
 WATCH_INTERVAL = 0.1  # seconds between scans of running tasks for timeouts and silence
 
@@ -103,6 +104,7 @@ class SchedulerState:
         self.predictor = predictor  # prediction.Predictor, or None (then per-type averages)
         self.tasks: dict[str, Task] = {}
         self.keys: dict[str, str] = {}  # idempotency key -> task id
+        self.rejected: OrderedDict[str, tuple[str, str]] = OrderedDict()  # key -> refusal
         self.finished: OrderedDict[str, None] = OrderedDict()  # retention order
         self.queue = TaskQueue()
         self.blocked: dict[str, Task] = {}  # queued but waiting for tokens
@@ -143,6 +145,9 @@ class SchedulerState:
 
     def apply(self, record: dict) -> None:
         """Replay one journal record (recovery)."""
+        if record["k"] == "rejected":
+            self.rejected[record["key"]] = (record["code"], record["reason"])
+            return
         if record["k"] == "new":
             row = {k: v for k, v in record["task"].items() if k in Task.__dataclass_fields__}
             task = Task(**row)
@@ -197,6 +202,11 @@ class SchedulerState:
             self.counters["duplicates"] += 1
             fx.reply(peer, corr, self.tasks[existing].summary())
             return
+        if key in self.rejected:
+            # A re-sent copy of a request we refused: the same answer, never a late accept
+            # (the client already took the refusal and may have submitted anew).
+            fx.error(peer, corr, *self.rejected[key])
+            return
         task_type = wire.field_str(body, "type", max_len=64)
         description = wire.field_str(body, "description", max_len=MAX_DESCRIPTION,
                                      required=False, default="", allow_empty=True)
@@ -218,19 +228,19 @@ class SchedulerState:
         eta = self.estimate_start(task_type, priority, now)
         if priority != "critical" and self.queue.depth(task_type) >= \
                 self.settings.max_queue_per_type:
-            self._reject(fx, peer, corr, "queue_full", task_type, priority,
+            self._reject(fx, peer, corr, key, "queue_full", task_type, priority,
                          f"queue for {task_type} is full "
-                         f"({self.settings.max_queue_per_type} tasks)", now)
+                         f"({self.settings.max_queue_per_type} tasks)")
             return
         if deadline is not None and eta > deadline:
-            self._reject(fx, peer, corr, "rejected", task_type, priority,
+            self._reject(fx, peer, corr, key, "rejected", task_type, priority,
                          f"estimated start {eta:.3f} is past the deadline {deadline:.3f} "
-                         f"(in {eta - now:.1f} s)", now)
+                         f"(in {eta - now:.1f} s)")
             return
         if eta - now > self.settings.max_wait:
-            self._reject(fx, peer, corr, "rejected", task_type, priority,
+            self._reject(fx, peer, corr, key, "rejected", task_type, priority,
                          f"estimated start in {eta - now:.0f} s exceeds the maximum wait of "
-                         f"{self.settings.max_wait:.0f} s", now)
+                         f"{self.settings.max_wait:.0f} s")
             return
         task = Task(id=new_task_id(now), type=task_type, description=description,
                     priority=priority, tokens=tokens, timeout=timeout, retries=retries,
@@ -248,7 +258,12 @@ class SchedulerState:
                                  "description": description[:200]}, task.id)
         fx.reply(peer, corr, task.summary())
 
-    def _reject(self, fx, peer, corr, code, task_type, priority, reason, now) -> None:
+    def _reject(self, fx, peer, corr, key, code, task_type, priority, reason) -> None:
+        if key:
+            self.rejected[key] = (code, reason)
+            fx.records.append({"k": "rejected", "key": key, "code": code, "reason": reason})
+            while len(self.rejected) > REJECTED_MEMORY:
+                self.rejected.popitem(last=False)
         self.counters["rejected"] += 1
         fx.emit("scheduler.rejected", {"type": task_type, "priority": priority, "code": code,
                                        "reason": reason})
@@ -713,7 +728,8 @@ class SchedulerState:
     # -- snapshots -----------------------------------------------------------------------
     def snapshot(self) -> dict:
         return {"tasks": [t.summary() for t in self.tasks.values()],
-                "counters": self.counters, "avg_duration": self.avg_duration}
+                "counters": self.counters, "avg_duration": self.avg_duration,
+                "rejected": [[k, *v] for k, v in self.rejected.items()]}
 
     def load_snapshot(self, data: dict) -> None:
         for row in data.get("tasks", []):
@@ -721,4 +737,7 @@ class SchedulerState:
             row.pop("final", None)
             self.apply({"k": "new", "task": row})
         self.counters.update(data.get("counters", {}))
+        for row in data.get("rejected", []):
+            if isinstance(row, list) and len(row) == 3:
+                self.rejected[row[0]] = (row[1], row[2])
         self.avg_duration.update(data.get("avg_duration", {}))
