@@ -44,7 +44,7 @@ max_wait = 1800.0            # seconds; admission rejects when the estimated sta
 default_timeout = 300.0      # seconds a task may run
 default_retries = 2          # re-runs after a lost worker or a timeout
 task_heartbeat = 5.0         # seconds between a running task's heartbeats
-retention = 20000            # finished tasks kept in memory for status queries
+retention = 10000            # finished tasks kept in memory for status queries
 aging = 30.0                 # seconds of waiting that lift a task one priority level
 memory_threshold = 80.0      # % of memory used above which non-critical work waits
 retrain_every = 500          # completions between background retrains of the predictor (0: never)
@@ -100,7 +100,7 @@ class SchedulerSettings:
     default_timeout: float = 300.0
     default_retries: int = 2
     task_heartbeat: float = 5.0
-    retention: int = 20000
+    retention: int = 10000
     aging: float = 30.0
     memory_threshold: float = 80.0
     retrain_every: int = 500

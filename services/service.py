@@ -47,6 +47,7 @@ class BusService:
         self.pending_events: list = []  # emitted outside a turn's Effects
         self.next_snapshot = time.monotonic() + self.settings.suite.snapshot_interval
         self.bad_messages = 0
+        self.snapshot_lsn = -1  # journal position the last snapshot covered
 
     # -- hooks for the service ------------------------------------------------------------
     def handle(self, fx: Effects, msg: wire.Message, body: dict, now: float) -> None:
@@ -100,6 +101,7 @@ class BusService:
         self.journal.commit()
         data = self.snapshot()
         data["journal_lsn"] = self.journal.last_lsn  # "lsn" may be the state's own
+        self.snapshot_lsn = self.journal.last_lsn
         data["unacked_events"] = self.events.unacked_events()
         data["written_at"] = time.time()
         write_snapshot(self.rt.home / "state" / self.snapshot_name, data)
@@ -154,8 +156,15 @@ class BusService:
                     fx = Effects()
                 if self.journal is not None:
                     if now >= self.next_snapshot:
-                        self.write_snapshot()
-                        self.next_snapshot = now + self.settings.suite.snapshot_interval
+                        # Only when something changed, and never more than ~5% of the
+                        # loop's time: a big table takes a while to write.
+                        took = 0.0
+                        if self.journal.last_lsn != self.snapshot_lsn or self.events.unacked:
+                            began = time.monotonic()
+                            self.write_snapshot()
+                            took = time.monotonic() - began
+                        self.next_snapshot = time.monotonic() + max(
+                            self.settings.suite.snapshot_interval, 20 * took)
                     timeout = min(timeout, self.next_snapshot - now)
                 ready = dict(self.poller.poll(max(0.0, timeout) * 1000))
                 if self.rt.wake_r.fileno() in ready:
