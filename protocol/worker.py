@@ -145,6 +145,7 @@ class Worker:
         self._current: TaskContext | None = None
         self._unacked: dict[bytes, tuple[float, list]] = {}  # corr -> (resend at, frames)
         self._extend_corr: dict[bytes, TaskContext] = {}
+        self._extend_retry: dict[bytes, float] = {}  # corr -> when to ask the ledger again
         self._stopping = False
         self._ready_due: float | None = 0.0  # when to (re)send worker.ready; None: not needed
         self.done = 0
@@ -218,8 +219,14 @@ class Worker:
     def _on_bus(self, msg: wire.Message) -> None:
         if msg.type in (wire.REPLY, wire.ERROR):
             if msg.corr in self._extend_corr:
-                ctx = self._extend_corr.pop(msg.corr)
-                body = msg.decoded() if msg.type == wire.REPLY else {}
+                ctx, body = self._extend_corr[msg.corr], msg.decoded()
+                if msg.type == wire.ERROR and body.get("code") == "unavailable" \
+                        and time.monotonic() < ctx._extend_deadline:
+                    # The ledger is restarting: ask again (same seq: never granted twice).
+                    self._extend_retry[msg.corr] = time.monotonic() + 0.2
+                    return
+                del self._extend_corr[msg.corr]
+                body = body if msg.type == wire.REPLY else {}
                 ctx._replies.put((bool(body.get("granted")), int(body.get("reserved", 0))))
                 return
             if msg.type == wire.ERROR and msg.corr in self._unacked:
@@ -275,9 +282,10 @@ class Worker:
             self._seq += 1
             corr = self._seq.to_bytes(8, "big")
             self._extend_corr[corr] = ctx
-            self._link.send(wire.REQUEST, b"ledger", corr, {
-                "op": "ledger.extend", "task": ctx.id, "attempt": ctx.attempt,
-                "amount": data["amount"], "seq": data["seq"]})
+            ctx._extend_deadline = time.monotonic() + EXTEND_TIMEOUT - 0.5
+            ctx._extend_body = {"op": "ledger.extend", "task": ctx.id, "attempt": ctx.attempt,
+                                "amount": data["amount"], "seq": data["seq"]}
+            self._link.send(wire.REQUEST, b"ledger", corr, ctx._extend_body)
         elif kind == "done":
             self.done += 1
             self._current = None
@@ -333,6 +341,14 @@ class Worker:
                     timeout = min(timeout, max(0.0, self._unacked[corr][0] - now))
                 if self._ready_due is not None:
                     timeout = min(timeout, max(0.0, self._ready_due - now))
+                for corr, due in list(self._extend_retry.items()):
+                    if now >= due:
+                        del self._extend_retry[corr]
+                        ctx = self._extend_corr.get(corr)
+                        if ctx is not None:
+                            self._link.send(wire.REQUEST, b"ledger", corr, ctx._extend_body)
+                    else:
+                        timeout = min(timeout, due - now)
                 if self._stopping:
                     timeout = min(timeout, 0.2)
                 for sock, _ in poller.poll(max(timeout, 0.0) * 1000):
