@@ -86,7 +86,9 @@ class Scheduler(BusService):
                     state.scale(fx, now)  # surge at once if no worker can take it
                 self.maybe_retrain()
             elif op == "task.status":
-                fx.reply(peer, msg.corr, state.get(body).summary())
+                task = state.get(body)
+                state.refresh_eta(task, now)
+                fx.reply(peer, msg.corr, task.summary())
             elif op == "task.wait":
                 state.wait(fx, peer, msg.corr, body, now)
             elif op == "task.cancel":

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import heapq
 import logging
-from collections import OrderedDict, deque
+import time
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 
 from cortex.protocol import wire
@@ -18,6 +19,9 @@ from cortex.protocol.wire import ProtocolError
 
 from .config import SchedulerSettings
 from .effects import Effects
+from .feasibility import ResourceMonitor, check
+from .feasibility import estimate_start as simulate_start
+from .ordering import TaskQueue
 from .tasks import FINAL, PRIORITIES, PRIORITY_RANK, State, Task, new_task_id, transition
 
 log = logging.getLogger(__name__)
@@ -46,58 +50,6 @@ class WorkerInfo:
     done: int = 0
 
 
-class TaskQueue:
-    """Queued tasks per type and priority, FIFO within a level (lazy removal)."""
-
-    def __init__(self):
-        self.lanes: dict[str, list[deque]] = {}
-        self.counts: dict[str, list[int]] = {}
-
-    def push(self, task: Task, front: bool = False) -> None:
-        lanes = self.lanes.setdefault(task.type, [deque() for _ in PRIORITIES])
-        counts = self.counts.setdefault(task.type, [0] * len(PRIORITIES))
-        lane = lanes[PRIORITY_RANK[task.priority]]
-        lane.appendleft(task) if front else lane.append(task)
-        counts[PRIORITY_RANK[task.priority]] += 1
-
-    def pop_for(self, types) -> Task | None:
-        """The best queued task among `types`: highest priority, then oldest."""
-        best = None
-        for rank in range(len(PRIORITIES)):
-            for t in types:
-                lane = self.lanes.get(t)
-                if not lane:
-                    continue
-                dq = lane[rank]
-                while dq and (dq[0].state is not State.QUEUED or dq[0].waiting != "worker"):
-                    dq.popleft()  # cancelled or moved elsewhere since it was queued
-                if dq and (best is None or dq[0].times["created"] < best.times["created"]):
-                    best = dq[0]
-            if best is not None:
-                self.lanes[best.type][rank].popleft()
-                self.counts[best.type][rank] -= 1
-                return best
-        return None
-
-    def discard(self, task: Task) -> None:
-        """Account for a queued task leaving the queue other than by pop (lazy removal)."""
-        self.counts[task.type][PRIORITY_RANK[task.priority]] -= 1
-
-    def depth(self, task_type: str) -> int:
-        return sum(self.counts.get(task_type, ()))
-
-    def ahead_of(self, task: Task) -> int:
-        counts = self.counts.get(task.type, [0] * len(PRIORITIES))
-        return sum(counts[: PRIORITY_RANK[task.priority] + 1])
-
-    def by_priority(self) -> dict[str, int]:
-        totals = dict.fromkeys(PRIORITIES, 0)
-        for counts in self.counts.values():
-            for p, n in zip(PRIORITIES, counts, strict=True):
-                totals[p] += n
-        return totals
-
-
 class SchedulerState:
     def __init__(self, settings: SchedulerSettings, predictor=None):
         self.settings = settings
@@ -106,7 +58,11 @@ class SchedulerState:
         self.keys: dict[str, str] = {}  # idempotency key -> task id
         self.rejected: OrderedDict[str, tuple[str, str]] = OrderedDict()  # key -> refusal
         self.finished: OrderedDict[str, None] = OrderedDict()  # retention order
-        self.queue = TaskQueue()
+        self.queue = TaskQueue(aging=settings.aging or None)
+        self.monitor = ResourceMonitor()  # machine readings, sampled at most once a second
+        self.dispatched_since_sample = {"cpu": 0.0, "memory_mb": 0.0}
+        self.sample_count = -1
+        self.memory_pressure = False
         self.blocked: dict[str, Task] = {}  # queued but waiting for tokens
         self.backoff: list[tuple[float, str]] = []  # (not before, task id) heap
         self.workers: dict[str, WorkerInfo] = {}
@@ -276,17 +232,29 @@ class SchedulerState:
                 return prediction.duration
         return self.avg_duration.get(task_type, 1.0)
 
-    def estimate_start(self, task_type: str, priority: str, now: float) -> float:
-        """Queue position x mean duration / workers of the type (0 when idle capacity)."""
+    def estimate_start(self, task_type: str, priority: str, now: float,
+                       ahead: int | None = None) -> float:
+        """When a task of this type and priority would start: the tasks ahead of it go,
+        each for its predicted duration, to the workers of its type as they free up."""
         workers = [w for w in self.workers.values() if task_type in w.types
                    and w.state != "leaving"]
-        idle = sum(1 for w in workers if w.state == "idle")
-        counts = self.queue.counts.get(task_type, [0] * len(PRIORITIES))
-        ahead = sum(counts[: PRIORITY_RANK[priority] + 1])
-        if idle > ahead:
-            return now
+        if ahead is None:
+            counts = self.queue.counts.get(task_type, [0] * len(PRIORITIES))
+            ahead = sum(counts[: PRIORITY_RANK[priority] + 1])
         mean = self.mean_duration(task_type)
-        return now + (ahead + 1) * mean / max(len(workers), 1)
+        remaining = []
+        for w in workers:
+            task = self.tasks.get(w.task or "")
+            if task is not None and w.state == "busy":
+                started = task.times.get("dispatched", now)
+                expected = (task.predicted or {}).get("duration", mean)
+                remaining.append(max(0.0, started + expected - now))
+        return simulate_start(now, ahead, mean, len(workers), remaining)
+
+    def refresh_eta(self, task: Task, now: float) -> None:
+        if task.state is State.QUEUED:
+            task.eta = self.estimate_start(task.type, task.priority, now,
+                                           ahead=self.queue.ahead_of(task))
 
     def get(self, body: dict) -> Task:
         task_id = wire.field_str(body, "id", max_len=64)
@@ -355,7 +323,9 @@ class SchedulerState:
                 row = workers.setdefault(t, {"idle": 0, "busy": 0})
                 row["idle" if w.state == "idle" else "busy"] += 1
         return {"queue": self.queue.by_priority(), "states": states, "workers": workers,
-                "waiting_tokens": len(self.blocked), "backoff": len(self.backoff),
+                "waiting": dict(sorted(Counter(t.waiting for t in self.blocked.values())
+                                       .items())), "backoff": len(self.backoff),
+                "memory_pressure": self.memory_pressure,
                 "counters": dict(self.counters)}
 
     # -- workers -------------------------------------------------------------------------
@@ -600,13 +570,48 @@ class SchedulerState:
             fx.emit("task.waiting", {"reason": "tokens", "detail": str(reason)[:300]}, task.id)
 
     # -- dispatch ------------------------------------------------------------------------
+    def needs(self, task: Task) -> dict:
+        """Predicted resources that feasibility weighs. CPU counts only for tasks expected
+        to run a second or more: a short task's CPU share says nothing about headroom."""
+        pred = task.predicted or {}
+        if pred.get("source", "default") == "default":
+            return {"cpu": 0.0, "memory_mb": 0.0}  # nothing learned yet: no guessing
+        cpu = pred.get("cpu", 0.0) if pred.get("duration", 0.0) >= 1.0 else 0.0
+        return {"cpu": cpu, "memory_mb": pred.get("memory_mb", 0.0)}
+
+    def feasible(self, fx: Effects, task: Task, readings, now: float) -> bool:
+        if self.monitor.samples != self.sample_count:  # fresh readings include earlier work
+            self.sample_count = self.monitor.samples
+            self.dispatched_since_sample = {"cpu": 0.0, "memory_mb": 0.0}
+        needs = self.needs(task)
+        reason = check(needs, readings, self.dispatched_since_sample, task.priority,
+                       self.settings.memory_threshold)
+        if reason is None:
+            for key in needs:
+                self.dispatched_since_sample[key] += needs[key]
+            return True
+        if task.waiting != reason:
+            fx.emit("task.waiting", {"reason": reason, "needs": needs,
+                                     "readings": readings.as_dict(),
+                                     "dispatched_since_sample": dict(
+                                         self.dispatched_since_sample)}, task.id)
+        task.waiting = reason
+        self.blocked[task.id] = task  # retried with the token waiters (no head-of-line)
+        return False
+
     def dispatch(self, fx: Effects, now: float) -> None:
-        """Give every idle worker the best task it can take."""
+        """Give every idle worker the best task it can take and that fits the machine."""
+        readings = None
         for worker in list(self.workers.values()):
             while worker.state == "idle":
-                task = self.queue.pop_for(worker.types)
+                task = self.queue.pop_for(worker.types, now)
                 if task is None:
                     break
+                if readings is None:
+                    readings = self.monitor.readings(time.monotonic())
+                    self.memory_pressure = readings.mem_percent > self.settings.memory_threshold
+                if not self.feasible(fx, task, readings, now):
+                    continue
                 if task.tokens > 0 and task.reserved == 0:
                     # Reserve first; the worker waits for this task meanwhile, while other
                     # workers keep taking other tasks (no head-of-line blocking).

@@ -89,3 +89,25 @@ def test_surge_limit_is_checked_in_config(tmp_path):
     (tmp_path / "cortex.toml").write_text("[pool.groups.default]\ncount = 4\nmax = 2\n")
     with pytest.raises(ConfigError):
         load(tmp_path)
+
+
+def test_an_agent_flooding_does_not_delay_another_beyond_a_fair_share(suites):
+    config = FLOOD.replace("max_queue_per_type = 60", "max_queue_per_type = 5000").replace(
+        "count = 2\nmax = 5", "count = 2\nmax = 2")
+    suite = suites.start(config=config)
+    with Client(suite.home, timeout=60, agent="flooder") as a, \
+            Client(suite.home, timeout=60, agent="modest") as b:
+        wait_for(lambda: len(a.workers()) == 2, 30, "two workers")
+        flood = [a.submit("sleep", f"flood {i}", payload={"seconds": 0.02})["id"]
+                 for i in range(1000)]
+        mine = [b.submit("sleep", f"mine {i}", payload={"seconds": 0.02})["id"]
+                for i in range(10)]
+        done = [b.wait(t, timeout=120) for t in mine]
+        first = min(t["times"]["created"] for t in done)
+        last = max(t["times"]["dispatched"] for t in done)
+        overtaking = [t for t in (a.status(i) for i in flood)
+                      if first < (t["times"].get("dispatched") or 0) < last]
+        # Round robin between the two agents: about one flood task per task of ours.
+        assert len(overtaking) <= len(mine) + 2, len(overtaking)
+        for t in flood:
+            a.cancel(t)
