@@ -601,6 +601,8 @@ class SchedulerState:
 
     def dispatch(self, fx: Effects, now: float) -> None:
         """Give every idle worker the best task it can take and that fits the machine."""
+        if not any(any(counts) for counts in self.queue.counts.values()):
+            return  # nothing queued: the common case at light load, checked cheaply
         readings = None
         for worker in list(self.workers.values()):
             while worker.state == "idle":

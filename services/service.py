@@ -123,25 +123,36 @@ class BusService:
             self.pending_events = []
         events = [self.events.emit(type_, data, task=task, worker=worker)
                   for type_, data, task, worker in fx.events]
+        acks = [send for send in fx.sends if send[1] in (wire.REPLY, wire.ERROR)]
+        orders = [send for send in fx.sends if send[1] not in (wire.REPLY, wire.ERROR)]
         if (fx.records or events) and self.journal is not None:
             for record in fx.records:
                 self.journal.append(record)
             for event in events:
                 self.journal.append({"k": "event", "event": event})
-            # fdatasync only when this turn acknowledges something (a REPLY): a turn that
-            # only dispatches is written now and synced by the next acknowledging turn.
-            acks = any(send[1] == wire.REPLY for send in fx.sends)
-            try:
-                self.journal.commit(sync=acks)
-            except JournalError:
-                # Cannot make the turn durable, so acknowledge none of it: exit and let
-                # supervisord restart us from the journal; clients re-send.
-                self.log.critical("journal commit failed: exiting without acknowledging",
-                                  exc_info=True)
-                raise SystemExit(70) from None
-        for peer, type_, corr, body in fx.sends:
+            # Written first (a killed process loses nothing written). Orders to workers
+            # and services go out before the fdatasync, so the sync is off the dispatch
+            # path; replies (acknowledgements) only after it. A power cut between the two
+            # may re-run a dispatched task whose submit was never acknowledged: at least
+            # once, and recorded once.
+            self._commit(sync=False)
+        for peer, type_, corr, body in orders:
+            self.link.send(type_, peer, corr, body)
+        if acks and self.journal is not None:
+            self._commit(sync=True)
+        for peer, type_, corr, body in acks:
             self.link.send(type_, peer, corr, body)
         self.events.flush()
+
+    def _commit(self, sync: bool) -> None:
+        try:
+            self.journal.commit(sync=sync)
+        except JournalError:
+            # Cannot make the turn durable, so acknowledge none of it: exit and let
+            # supervisord restart us from the journal; clients re-send.
+            self.log.critical("journal commit failed: exiting without acknowledging",
+                              exc_info=True)
+            raise SystemExit(70) from None
 
     def run(self) -> None:
         self.log.info("%s serving %s", self.name, self.rt.home)
