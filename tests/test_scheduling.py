@@ -1,0 +1,1320 @@
+"""Pure unit tests of the scheduler's state logic: SchedulerState driven through its
+methods with an explicit `now` and an `Effects`, the machine readings injected.
+
+Every turn goes the way Scheduler.handle does it (handle, then dispatch), and the journal
+records of every turn are kept (through JSON, as the journal stores them) so that replay
+and snapshot + replay can be checked against the live state.
+"""
+
+from __future__ import annotations
+
+import math
+
+import msgpack
+import orjson
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from cortex.protocol import wire
+from cortex.protocol.client import _Core
+from cortex.protocol.wire import ProtocolError
+from cortex.services import scheduling
+from cortex.services.config import SchedulerSettings
+from cortex.services.effects import Effects
+from cortex.services.feasibility import Readings, ResourceMonitor
+from cortex.services.scheduling import (
+    BACKOFF_BASE,
+    BLOCKED_RETRY,
+    DISPATCH_GRACE,
+    LEDGER_RESEND,
+    WATCH_INTERVAL,
+    SchedulerState,
+)
+from cortex.services.tasks import State
+
+T0 = 1_700_000_000.0
+CLIENT = b"client-1"
+HB = 5.0  # task heartbeat interval given to tick(): lost after 3 of them
+IDLE_MACHINE = Readings(cpu_free_cores=64.0, mem_available_mb=1e6, mem_percent=10.0,
+                        mem_total_mb=1e6, cpu_cores=64)
+
+
+def journal_copy(value):
+    """What the journal gives back: the record through JSON."""
+    return orjson.loads(orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS))
+
+
+class Sim:
+    """A SchedulerState, its clock, and every journal record it wrote."""
+
+    def __init__(self, **overrides):
+        self.settings = SchedulerSettings(**overrides)
+        self.state = SchedulerState(self.settings)
+        self.state.monitor = ResourceMonitor(sample=lambda: IDLE_MACHINE)
+        self.records: list[dict] = []
+        self.now = T0
+        self._corr = 0
+        self._key = 0
+
+    def turn(self, handler, *args, dispatch: bool = True) -> Effects:
+        fx = Effects()
+        handler(fx, *args)
+        if dispatch:
+            self.state.dispatch(fx, self.now)
+        self.records.extend(journal_copy(r) for r in fx.records)
+        return fx
+
+    def corr(self) -> bytes:
+        self._corr += 1
+        return b"c%d" % self._corr
+
+    # -- clients ---------------------------------------------------------------------------
+    def submit(self, **fields) -> Effects:
+        self._key += 1
+        body = {"idempotency_key": f"key-{self._key}", "type": "echo"} | fields
+        return self.turn(self.state.submit, CLIENT, self.corr(), body, self.now)
+
+    def add(self, **fields):
+        """Submit and expect acceptance; returns the task."""
+        kind, body = answer(self.submit(**fields))
+        assert kind == wire.REPLY, body
+        return self.state.tasks[body["id"]]
+
+    def cancel(self, task) -> Effects:
+        return self.turn(self.state.cancel, CLIENT, self.corr(), {"id": task.id}, self.now)
+
+    def wait(self, task, hold: float, corr: bytes = b"w") -> Effects:
+        return self.turn(self.state.wait, b"waiter", corr, {"id": task.id, "hold": hold},
+                         self.now)
+
+    # -- workers ---------------------------------------------------------------------------
+    def ready(self, name: str, types=("echo",), pid: int = 100) -> Effects:
+        return self.turn(self.state.worker_ready, name, {"types": list(types), "pid": pid},
+                         self.now)
+
+    def started(self, name: str, task, attempt: int | None = None) -> Effects:
+        body = {"id": task.id, "attempt": attempt or task.attempt, "at": self.now}
+        return self.turn(self.state.task_started, name, body, self.now)
+
+    def heartbeat(self, name: str, task, **extra) -> Effects:
+        body = {"id": task.id, "attempt": task.attempt, "types": ["echo"]} | extra
+        return self.turn(self.state.task_heartbeat, name, body, self.now)
+
+    def finish(self, name: str, task, ok: bool = True, attempt: int | None = None,
+               **extra) -> Effects:
+        body = {"id": task.id, "attempt": attempt or task.attempt, "ok": ok,
+                "result": {"echo": task.id} if ok else None} | extra
+        return self.turn(self.state.task_finished, name, name.encode(), self.corr(), body,
+                         self.now)
+
+    def gone(self, name: str, kill: bool = False) -> Effects:
+        return self.turn(self.state.worker_gone, name, "exited", self.now, kill)
+
+    # -- ledger and time -------------------------------------------------------------------
+    def ledger(self, corr: bytes, ok: bool = True, **body) -> Effects:
+        return self.turn(self.state.ledger_reply, corr, ok, body, self.now)
+
+    def tick(self, dt: float = 0.0) -> Effects:
+        self.now += dt
+        return self.turn(self.state.tick, self.now, HB)
+
+
+def answer(fx: Effects, peer: bytes = CLIENT):
+    """(type, body) of the last message to `peer`."""
+    sent = [(t, b) for p, t, _, b in fx.sends if p == peer]
+    assert sent, fx.sends
+    return sent[-1]
+
+
+def runs(fx: Effects) -> list[tuple[str, dict]]:
+    return [(p.decode(), b["task"]) for p, t, _, b in fx.sends
+            if t == wire.NOTIFY and b.get("op") == "task.run"]
+
+
+def ledger_requests(fx: Effects, op: str | None = None) -> list[tuple[bytes, dict]]:
+    return [(c, b) for p, t, c, b in fx.sends
+            if p == b"ledger" and t == wire.REQUEST and (op is None or b["op"] == op)]
+
+
+def kills(fx: Effects) -> list[dict]:
+    return [b for p, t, _, b in fx.sends if p == b"pool" and b.get("op") == "pool.kill"]
+
+
+def events(fx: Effects, type_: str | None = None) -> list[tuple]:
+    return [e for e in fx.events if type_ is None or e[0] == type_]
+
+
+def error_code(call, *args) -> str:
+    with pytest.raises(ProtocolError) as info:
+        call(*args)
+    assert info.value.code in wire.ERROR_CODES
+    return info.value.code
+
+
+# --- admission ----------------------------------------------------------------------------
+
+def test_submit_queues_the_task_and_replies_with_its_summary():
+    sim = Sim()
+    fx = sim.submit(description="hello", priority="high", tokens=0, payload={"a": 1})
+    kind, body = answer(fx)
+    assert kind == wire.REPLY
+    assert body["state"] == "queued" and body["final"] is False and body["attempt"] == 1
+    task = sim.state.tasks[body["id"]]
+    assert (task.priority, task.payload, task.waiting, task.agent) == (
+        "high", {"a": 1}, "worker", "client-1")
+    assert task.timeout == sim.settings.default_timeout
+    assert task.retries == sim.settings.default_retries
+    assert task.eta == T0  # nothing ahead: it could start now
+    assert [r["k"] for r in fx.records] == ["new"]
+    assert events(fx, "task.created")[0][2] == task.id
+    assert sim.state.counters["submitted"] == 1
+
+
+def test_submit_same_idempotency_key_returns_the_same_task():
+    sim = Sim()
+    first = answer(sim.turn(sim.state.submit, CLIENT, b"1",
+                            {"idempotency_key": "k", "type": "echo"}, T0))[1]
+    fx = sim.turn(sim.state.submit, CLIENT, b"2",
+                  {"idempotency_key": "k", "type": "sleep", "description": "other"}, T0 + 1)
+    kind, again = answer(fx)
+    assert kind == wire.REPLY and again["id"] == first["id"] and again["type"] == "echo"
+    assert fx.records == [] and len(sim.state.tasks) == 1
+    assert sim.state.counters["duplicates"] == 1 and sim.state.counters["submitted"] == 1
+
+
+def test_submit_same_key_after_completion_returns_the_finished_task():
+    sim = Sim()
+    task = sim.add(idempotency_key="once")
+    sim.ready("w1")
+    sim.finish("w1", task)
+    kind, body = answer(sim.turn(sim.state.submit, CLIENT, b"x",
+                                 {"idempotency_key": "once", "type": "echo"}, sim.now))
+    assert kind == wire.REPLY and body["id"] == task.id and body["state"] == "completed"
+
+
+BAD_SUBMITS = [
+    ({"idempotency_key": None}, "missing key"),
+    ({"idempotency_key": ""}, "empty key"),
+    ({"idempotency_key": "k" * 129}, "long key"),
+    ({"type": None}, "missing type"),
+    ({"type": ""}, "empty type"),
+    ({"type": 5}, "type not str"),
+    ({"type": "t" * 65}, "long type"),
+    ({"type": "ec\x00ho"}, "nul in type"),
+    ({"description": "d" * (scheduling.MAX_DESCRIPTION + 1)}, "long description"),
+    ({"description": b"bytes"}, "description bytes"),
+    ({"priority": "urgent"}, "unknown priority"),
+    ({"priority": "HIGH"}, "priority case"),
+    ({"tokens": -1}, "negative tokens"),
+    ({"tokens": 1.5}, "float tokens"),
+    ({"tokens": True}, "bool tokens"),
+    ({"tokens": wire.MAX_INT + 1}, "huge tokens"),
+    ({"timeout": 0}, "zero timeout"),
+    ({"timeout": math.nan}, "nan timeout"),
+    ({"timeout": math.inf}, "inf timeout"),
+    ({"timeout": 7 * 86400 + 1}, "timeout above a week"),
+    ({"retries": -1}, "negative retries"),
+    ({"retries": 101}, "too many retries"),
+    ({"retries": False}, "bool retries"),
+    ({"deadline": "tomorrow"}, "deadline str"),
+    ({"deadline": -1}, "negative deadline"),
+    ({"deadline": math.nan}, "nan deadline"),
+    ({"agent": ""}, "empty agent"),
+    ({"agent": "a" * 129}, "long agent"),
+]
+
+
+@pytest.mark.parametrize("fields", [f for f, _ in BAD_SUBMITS],
+                         ids=[i.replace(" ", "_") for _, i in BAD_SUBMITS])
+def test_submit_validation_error_is_bad_request_and_changes_nothing(fields):
+    sim = Sim()
+    body = {"idempotency_key": "k", "type": "echo"} | fields
+    body = {k: v for k, v in body.items() if v is not None}
+    fx = Effects()
+    assert error_code(sim.state.submit, fx, CLIENT, b"c", body, T0) == "bad_request"
+    assert fx.sends == fx.records == [] and sim.state.tasks == {}
+    assert sim.state.counters["submitted"] == 0
+
+
+@pytest.mark.parametrize("field_,value", [("timeout", 0.001), ("timeout", 7 * 86400),
+                                          ("retries", 0), ("retries", 100),
+                                          ("tokens", wire.MAX_INT), ("deadline", 1e11)])
+def test_submit_accepts_the_limits(field_, value):
+    assert getattr(Sim().add(**{field_: value}), field_) == value
+
+
+def test_submit_queue_full_refuses_non_critical_but_accepts_critical():
+    sim = Sim(max_queue_per_type=2)
+    sim.add()
+    sim.add(priority="low")
+    for priority in ("low", "medium", "high"):
+        kind, body = answer(sim.submit(priority=priority))
+        assert kind == wire.ERROR and body["code"] == "queue_full", priority
+        assert "full" in body["message"]
+    assert sim.add(priority="critical").state is State.QUEUED
+    assert sim.add(type="sleep").state is State.QUEUED  # per type
+    assert sim.state.counters["rejected"] == 3
+
+
+def test_refused_submit_journals_the_refusal_and_emits_why():
+    sim = Sim(max_queue_per_type=0)
+    fx = sim.submit(idempotency_key="full-1")
+    assert fx.records == [{"k": "rejected", "key": "full-1", "code": "queue_full",
+                           "reason": answer(fx)[1]["message"]}]
+    assert events(fx, "scheduler.rejected")[0][1]["code"] == "queue_full"
+
+
+def test_resent_refused_submit_gets_the_same_refusal_even_when_it_would_now_fit():
+    sim = Sim(max_queue_per_type=1)
+    first = sim.add()
+    refused = answer(sim.submit(idempotency_key="again"))
+    sim.cancel(first)  # room now
+    kind, body = answer(sim.turn(sim.state.submit, CLIENT, b"r",
+                                 {"idempotency_key": "again", "type": "echo"}, sim.now))
+    assert (kind, body) == refused
+
+
+def test_submit_deadline_before_the_estimated_start_is_rejected_with_the_eta():
+    sim = Sim()
+    sim.add()  # one task ahead, no worker: the next one starts in about 1 s (default mean)
+    kind, body = answer(sim.submit(deadline=T0 + 0.5))
+    assert kind == wire.ERROR and body["code"] == "rejected"
+    assert f"estimated start {T0 + 1:.3f}" in body["message"]
+    assert f"deadline {T0 + 0.5:.3f}" in body["message"]
+    assert sim.add(deadline=T0 + 1).deadline == T0 + 1  # exactly the ETA: accepted
+
+
+def test_submit_deadline_is_fine_with_an_idle_worker():
+    sim = Sim()
+    sim.ready("w1")
+    task = sim.add(deadline=T0)
+    assert task.eta == T0 and task.state is State.DISPATCHED
+
+
+def test_submit_beyond_max_wait_is_rejected():
+    sim = Sim(max_wait=3.0)
+    for _ in range(4):  # ETAs now, +1, +2, +3: the last is exactly the maximum
+        sim.add()
+    kind, body = answer(sim.submit())
+    assert kind == wire.ERROR and body["code"] == "rejected"
+    assert "maximum wait" in body["message"] and "in 4 s" in body["message"]
+
+
+def test_critical_eta_counts_only_critical_work_ahead():
+    sim = Sim(max_wait=3.0)
+    for _ in range(4):
+        sim.add(priority="low")
+    assert sim.add(priority="critical").eta == T0
+    assert answer(sim.submit(priority="low"))[0] == wire.ERROR
+
+
+def test_client_submit_body_is_accepted_by_the_scheduler(monkeypatch):
+    monkeypatch.delenv("CORTEX_AGENT", raising=False)
+    core = _Core(home="/tmp/x", name="n", agent=None, timeout=1, endpoint="ipc:///tmp/x.sock")
+    body = core.submit_body("echo", "desc", "high", 10, 5.0, 1, T0 + 60, {"p": [1]}, None,
+                            None)
+    body = wire.decode_body(wire.encode_body(body))
+    fx = Effects()
+    SchedulerState(SchedulerSettings()).submit(fx, CLIENT, b"c", body, T0)
+    kind, summary = answer(fx)
+    assert kind == wire.REPLY
+    assert (summary["agent"], summary["tokens"], summary["retries"]) == ("n", 10, 1)
+
+
+@pytest.mark.xfail(reason="BUG: submit accepts a payload the JSON journal cannot hold "
+                          "(bytes, non-str keys, msgpack Timestamp): the scheduler's journal "
+                          "append then raises and the scheduler process dies; the client "
+                          "re-sends and kills it again", strict=True)
+@pytest.mark.parametrize("payload", [b"\x00raw", {"k": b"v"}, {b"k": 1},
+                                     msgpack.Timestamp(1, 0)],
+                         ids=["bytes", "nested_bytes", "bytes_key", "timestamp"])
+def test_submit_refuses_a_payload_the_journal_cannot_hold(payload):
+    state = SchedulerState(SchedulerSettings())
+    fx = Effects()
+    try:
+        state.submit(fx, CLIENT, b"c", {"idempotency_key": "k", "type": "echo",
+                                        "payload": payload}, T0)
+    except ProtocolError as e:
+        assert e.code == "bad_request"
+        return
+    for record in fx.records:
+        orjson.dumps(record)  # what Journal.append does: must not raise
+
+
+@pytest.mark.xfail(reason="BUG: MAX_PAYLOAD_BYTES (512 KiB) is defined in scheduling.py "
+                          "but never checked", strict=True)
+def test_submit_refuses_a_payload_above_max_payload_bytes():
+    state = SchedulerState(SchedulerSettings())
+    body = {"idempotency_key": "k", "type": "echo",
+            "payload": "x" * (scheduling.MAX_PAYLOAD_BYTES + 1)}
+    assert error_code(state.submit, Effects(), CLIENT, b"c", body, T0) in (
+        "bad_request", "too_large")
+
+
+# --- dispatch order -----------------------------------------------------------------------
+
+def test_dispatch_priority_order_critical_high_medium_low():
+    sim = Sim()
+    for i, priority in enumerate(("low", "medium", "high", "critical")):
+        sim.now = T0 + i
+        sim.add(priority=priority, description=priority)
+    order = []
+    for i in range(4):
+        order += [t["description"] for _, t in runs(sim.ready(f"w{i}"))]
+    assert order == ["critical", "high", "medium", "low"]
+
+
+def test_dispatch_fifo_within_a_level():
+    sim = Sim()
+    for i in range(5):
+        sim.now = T0 + i * 0.01
+        sim.add(description=f"n{i}")
+    order = []
+    for i in range(5):
+        order += [t["description"] for _, t in runs(sim.ready(f"w{i}"))]
+    assert order == [f"n{i}" for i in range(5)]
+
+
+def test_dispatch_oldest_first_across_the_types_of_a_worker():
+    sim = Sim()
+    sim.add(type="sleep", description="older")
+    sim.now += 1
+    sim.add(type="echo", description="newer")
+    assert [t["description"] for _, t in runs(sim.ready("w1", ("echo", "sleep")))] == ["older"]
+
+
+def test_dispatch_gives_a_worker_only_its_types():
+    sim = Sim()
+    task = sim.add(type="sleep")
+    assert runs(sim.ready("w1", ("echo",))) == []
+    assert task.state is State.QUEUED and sim.state.workers["w1"].state == "idle"
+    assert runs(sim.ready("w2", ("sleep",)))[0][0] == "w2"
+
+
+def test_dispatch_sends_task_run_and_journals_the_move():
+    sim = Sim()
+    task = sim.add(payload={"x": 1}, timeout=9.0, description="d")
+    fx = sim.ready("w1")
+    (name, run), = runs(fx)
+    assert name == "w1"
+    assert run == {"id": task.id, "attempt": 1, "type": "echo", "description": "d",
+                   "priority": "medium", "payload": {"x": 1}, "tokens": 0, "timeout": 9.0}
+    assert task.state is State.DISPATCHED and task.worker == "w1" and task.waiting is None
+    assert sim.state.workers["w1"].state == "busy"
+    assert {"k": "set", "id": task.id, "state": "dispatched", "at": T0, "worker": "w1",
+            "waiting": None} in fx.records
+
+
+def test_one_worker_takes_one_task_at_a_time():
+    sim = Sim()
+    a, b = sim.add(), sim.add()
+    assert len(runs(sim.ready("w1"))) == 1
+    assert b.state is State.QUEUED
+    fx = sim.finish("w1", a)
+    assert [t["id"] for _, t in runs(fx)] == [b.id]  # freed by its finish, takes the next
+
+
+def test_memory_pressure_holds_non_critical_work_but_not_critical():
+    sim = Sim()
+    sim.state.monitor = ResourceMonitor(sample=lambda: Readings(8.0, 1e5, 95.0, 1e6, 8))
+    medium = sim.add()
+    fx = sim.ready("w1")
+    assert runs(fx) == [] and medium.waiting == "memory"
+    assert sim.state.status(sim.now)["memory_pressure"] is True
+    critical = sim.add(priority="critical")
+    assert critical.state is State.DISPATCHED
+
+
+# --- tokens -------------------------------------------------------------------------------
+
+def reserve_of(fx: Effects) -> tuple[bytes, dict]:
+    (corr, body), = ledger_requests(fx, "ledger.reserve")
+    return corr, body
+
+
+def test_task_with_tokens_is_reserved_before_it_runs():
+    sim = Sim()
+    task = sim.add(tokens=100)
+    fx = sim.ready("w1")
+    corr, body = reserve_of(fx)
+    assert corr.startswith(b"L")
+    assert body == {"op": "ledger.reserve", "task": task.id, "attempt": 1, "amount": 100,
+                    "type": "echo", "agent": "client-1", "worker": "w1"}
+    assert runs(fx) == []
+    assert task.state is State.QUEUED and task.waiting == "reserving"
+    assert sim.state.workers["w1"].state == "claimed"
+
+
+def test_reservation_granted_dispatches_with_the_tokens():
+    sim = Sim()
+    task = sim.add(tokens=100)
+    corr, _ = reserve_of(sim.ready("w1"))
+    fx = sim.ledger(corr, granted=True)
+    (name, run), = runs(fx)
+    assert name == "w1" and run["tokens"] == 100 and task.reserved == 100
+    assert task.state is State.DISPATCHED
+    assert events(fx, "task.reserved")
+
+
+def test_reservation_refused_waits_for_tokens_without_blocking_others():
+    sim = Sim()
+    rich = sim.add(tokens=10**9)
+    sim.now += 0.01
+    cheap = sim.add()
+    corr, _ = reserve_of(sim.ready("w1"))
+    fx = sim.ledger(corr, granted=False, reason="global budget")
+    assert rich.state is State.QUEUED and rich.waiting == "tokens"
+    assert events(fx, "task.waiting")[0][1]["detail"] == "global budget"
+    assert [t["id"] for _, t in runs(fx)] == [cheap.id]  # the worker took the next task
+    assert sim.state.status(sim.now)["waiting"] == {"tokens": 1}
+
+
+def test_refused_reservation_is_retried_every_blocked_retry():
+    sim = Sim()
+    task = sim.add(tokens=50)
+    corr, _ = reserve_of(sim.ready("w1"))
+    sim.ledger(corr, granted=False)
+    corr, _ = reserve_of(sim.tick(0.0))  # the first retry is due at once
+    sim.ledger(corr, granted=False)
+    assert ledger_requests(sim.tick(BLOCKED_RETRY / 2), "ledger.reserve") == []
+    assert task.waiting == "tokens"
+    corr, _ = reserve_of(sim.tick(BLOCKED_RETRY / 2))
+    assert runs(sim.ledger(corr, granted=True))[0][1]["id"] == task.id
+
+
+def test_grant_for_a_task_cancelled_meanwhile_is_given_back():
+    sim = Sim()
+    task = sim.add(tokens=70)
+    corr, _ = reserve_of(sim.ready("w1"))
+    sim.cancel(task)
+    fx = sim.ledger(corr, granted=True)
+    (_, release), = ledger_requests(fx, "ledger.release")
+    assert release == {"op": "ledger.release", "task": task.id, "attempt": 1}
+    assert runs(fx) == [] and sim.state.workers["w1"].state == "idle"
+
+
+def test_grant_after_the_claimed_worker_left_requeues_with_the_reservation():
+    sim = Sim()
+    task = sim.add(tokens=70)
+    corr, _ = reserve_of(sim.ready("w1"))
+    sim.gone("w1")
+    assert task.state is State.QUEUED
+    sim.ledger(corr, granted=True)
+    assert task.reserved == 70 and task.waiting == "worker"
+    fx = sim.ready("w2")
+    assert ledger_requests(fx) == [] and runs(fx)[0][1]["tokens"] == 70
+
+
+def test_ledger_unavailable_keeps_the_request_and_resends_it():
+    sim = Sim()
+    sim.add(tokens=5)
+    corr, body = reserve_of(sim.ready("w1"))
+    sim.ledger(corr, ok=False, code="unavailable", message="restarting")
+    assert corr in sim.state.ledger_pending
+    assert ledger_requests(sim.tick(LEDGER_RESEND / 2)) == []
+    assert ledger_requests(sim.tick(LEDGER_RESEND / 2)) == [(corr, body)]
+
+
+def test_unanswered_ledger_request_is_resent_with_the_same_corr():
+    sim = Sim()
+    sim.add(tokens=5)
+    corr, body = reserve_of(sim.ready("w1"))
+    assert ledger_requests(sim.tick(LEDGER_RESEND - 0.01)) == []
+    # The scans run at most every WATCH_INTERVAL: due now, sent by the next scan.
+    assert ledger_requests(sim.tick(WATCH_INTERVAL)) == [(corr, body)]
+
+
+def test_ledger_reply_with_an_unknown_corr_is_ignored():
+    sim = Sim()
+    fx = sim.ledger(b"L" + (99).to_bytes(8, "big"), granted=True)
+    assert fx.sends == fx.records == []
+
+
+# --- start and finish ---------------------------------------------------------------------
+
+def running(sim: Sim, name: str = "w1", **fields):
+    task = sim.add(**fields)
+    sim.ready(name)
+    sim.started(name, task)
+    assert task.state is State.RUNNING
+    return task
+
+
+def test_task_started_moves_dispatched_to_running_once():
+    sim = Sim()
+    task = sim.add()
+    sim.ready("w1")
+    fx = sim.started("w1", task)
+    assert task.state is State.RUNNING and task.times["started"] == sim.now
+    assert events(fx, "task.started")
+    assert sim.started("w1", task).records == []  # a duplicate changes nothing
+
+
+@pytest.mark.parametrize("who,attempt", [("w2", 1), ("w1", 2)], ids=["other_worker",
+                                                                      "other_attempt"])
+def test_task_started_from_the_wrong_worker_or_attempt_is_ignored(who, attempt):
+    sim = Sim()
+    task = sim.add()
+    sim.ready("w1")
+    assert sim.started(who, task, attempt=attempt).records == []
+    assert task.state is State.DISPATCHED
+
+
+def test_task_finished_completes_once():
+    sim = Sim()
+    task = running(sim)
+    sim.now += 2
+    fx = sim.finish("w1", task, tokens_used=0, started_at=T0, finished_at=sim.now)
+    assert answer(fx, b"w1") == (wire.REPLY, {"ok": True})
+    assert task.state is State.COMPLETED and task.result == {"echo": task.id}
+    worker = sim.state.workers["w1"]
+    assert (worker.state, worker.task, worker.done) == ("idle", None, 1)
+    assert sim.state.counters["completed"] == 1
+    assert events(fx, "task.completed")[0][1]["duration"] == 2.0
+    fx = sim.finish("w1", task)  # the same report again (re-sent)
+    assert answer(fx, b"w1") == (wire.REPLY, {"ok": True})  # acknowledged, not applied
+    assert fx.records == [] and sim.state.counters["completed"] == 1
+    assert sim.state.counters["late_results"] == 1
+    assert events(fx, "task.late_result")
+
+
+def test_task_finished_without_started_goes_dispatched_to_completed():
+    sim = Sim()
+    task = sim.add()
+    sim.ready("w1")
+    sim.finish("w1", task)
+    assert task.state is State.COMPLETED and "running" not in task.times
+
+
+def test_task_finished_not_ok_fails_with_the_category():
+    sim = Sim()
+    task = running(sim)
+    fx = sim.finish("w1", task, ok=False, error={"category": "budget_exceeded",
+                                                  "message": "m" * 5000})
+    assert task.state is State.FAILED
+    assert task.error["category"] == "budget_exceeded" and len(task.error["message"]) == 2000
+    assert events(fx, "task.failed")[0][1]["category"] == "budget_exceeded"
+
+
+def test_task_finished_not_ok_without_error_is_a_handler_error():
+    sim = Sim()
+    task = running(sim)
+    sim.finish("w1", task, ok=False, error="not a dict")
+    assert task.error == {"category": "handler_error", "message": ""}
+
+
+@pytest.mark.parametrize("used", [-1, True, 1.5, "7", wire.MAX_INT + 1])
+def test_task_finished_ignores_a_bad_tokens_used(used):
+    sim = Sim()
+    task = running(sim)
+    sim.finish("w1", task, tokens_used=used)
+    assert task.tokens_used == 0
+
+
+def test_finish_from_a_superseded_attempt_is_counted_late_and_not_applied():
+    sim = Sim()
+    task = running(sim, "w1")
+    sim.gone("w1")  # attempt 1 lost: retry as attempt 2
+    sim.ready("w2")
+    sim.tick(BACKOFF_BASE)
+    assert task.attempt == 2 and task.worker == "w2"
+    fx = sim.finish("w1", task, attempt=1)
+    assert task.state is State.DISPATCHED and task.result is None
+    assert sim.state.counters["late_results"] == 1 and fx.records == []
+    sim.finish("w2", task)
+    assert task.state is State.COMPLETED and sim.state.counters["completed"] == 1
+
+
+@pytest.mark.xfail(reason="BUG: task_finished frees the worker when worker.task matches the "
+                          "id without checking the attempt: a re-sent finish of a superseded "
+                          "attempt marks the worker running the current attempt idle "
+                          "(worker.task None), so it is handed a second task and its loss no "
+                          "longer retries the current attempt", strict=True)
+def test_late_finish_of_an_old_attempt_does_not_free_the_worker_running_the_new_one():
+    sim = Sim()
+    task = sim.add()
+    sim.ready("w1")
+    sim.now += DISPATCH_GRACE + 1
+    sim.ready("w1")  # idle long after the dispatch: the run order was lost, retry
+    sim.tick(BACKOFF_BASE)
+    assert task.attempt == 2 and task.worker == "w1"
+    sim.finish("w1", task, attempt=1)  # a copy of an old report
+    worker = sim.state.workers["w1"]
+    assert (worker.state, worker.task) == ("busy", task.id)
+
+
+def test_task_heartbeat_records_tokens_used_and_keeps_it_alive():
+    sim = Sim()
+    task = running(sim)
+    sim.now += 14
+    sim.heartbeat("w1", task, tokens_used=33)
+    assert task.tokens_used == 33 and task.times["heartbeat"] == sim.now
+    assert kills(sim.tick(14)) == [] and task.state is State.RUNNING
+
+
+def test_task_heartbeat_after_a_restart_re_registers_a_busy_worker():
+    sim = Sim()
+    task = running(sim)
+    del sim.state.workers["w1"]
+    sim.heartbeat("w1", task, pid=321)
+    worker = sim.state.workers["w1"]
+    assert (worker.state, worker.task, worker.pid) == ("busy", task.id, 321)
+
+
+def test_task_rejected_by_the_worker_goes_back_first_with_the_same_attempt():
+    sim = Sim()
+    task = sim.add()
+    sim.now += 1
+    later = sim.add()
+    sim.ready("w1")
+    fx = sim.turn(sim.state.task_rejected, "w1", {"id": task.id, "attempt": 1,
+                                                  "reason": "stopping"}, sim.now)
+    assert "w1" not in sim.state.workers
+    assert task.state is State.QUEUED and task.attempt == 1 and task.worker is None
+    assert fx.records[-1]["state"] == "queued"
+    assert [t["id"] for _, t in runs(sim.ready("w2"))] == [task.id]
+    assert later.state is State.QUEUED
+
+
+@pytest.mark.xfail(reason="BUG: task_rejected requeues the task but leaves the worker "
+                          "record busy with it, so once another worker takes the task two "
+                          "worker records hold it (worker.list) and the rejecting worker gets "
+                          "no work until its next worker.ready", strict=True)
+def test_task_rejected_leaves_no_worker_holding_the_task():
+    sim = Sim()
+    task = sim.add()
+    sim.ready("w1")
+    sim.turn(sim.state.task_rejected, "w1", {"id": task.id, "attempt": 1}, sim.now)
+    sim.ready("w2")
+    assert task.worker == "w2"
+    assert [w.name for w in sim.state.workers.values() if w.task == task.id] == ["w2"]
+
+
+# --- lost workers and retries -------------------------------------------------------------
+
+def test_worker_gone_retries_with_the_next_attempt_after_a_backoff():
+    sim = Sim()
+    task = running(sim, retries=2)
+    fx = sim.gone("w1")
+    assert task.state is State.QUEUED and task.attempt == 2 and task.worker is None
+    assert task.waiting == "backoff" and task.error["category"] == "worker_lost"
+    assert events(fx, "task.retry")[0][1]["after"] == BACKOFF_BASE
+    assert sim.state.counters["retried"] == 1
+    sim.ready("w2")
+    assert runs(sim.tick(BACKOFF_BASE - 0.01)) == []  # not before the backoff
+    (name, run), = runs(sim.tick(0.01))
+    assert name == "w2" and run["attempt"] == 2
+
+
+def test_backoff_doubles_with_each_attempt():
+    sim = Sim()
+    task = running(sim, "w0", retries=5)
+    delays = []
+    for n in range(3):
+        delays.append(events(sim.gone(f"w{n}"), "task.retry")[0][1]["after"])
+        sim.ready(f"w{n + 1}")
+        sim.tick(delays[-1])
+        sim.started(f"w{n + 1}", task)
+    assert delays == [BACKOFF_BASE, 2 * BACKOFF_BASE, 4 * BACKOFF_BASE]
+
+
+def test_retries_spent_ends_dead():
+    sim = Sim()
+    task = running(sim, retries=1)
+    sim.gone("w1")
+    sim.ready("w2")
+    sim.tick(BACKOFF_BASE)
+    assert task.attempt == 2
+    fx = sim.gone("w2")
+    assert task.state is State.DEAD and task.attempt == 2
+    assert task.error["category"] == "worker_lost"
+    assert events(fx, "task.dead") and sim.state.counters["dead"] == 1
+
+
+def test_no_retries_fails_on_the_first_loss():
+    sim = Sim()
+    task = running(sim, retries=0)
+    fx = sim.gone("w1")
+    assert task.state is State.FAILED and task.error["category"] == "worker_lost"
+    assert events(fx, "task.failed") and sim.state.counters["failed"] == 1
+
+
+def test_worker_gone_kill_asks_the_pool_to_end_it():
+    sim = Sim()
+    running(sim)
+    (kill,), = [kills(sim.gone("w1", kill=True))]
+    assert kill["worker"] == "w1" and kill["pid"] == 100 and kill["reason"] == "exited"
+
+
+def test_worker_gone_unknown_or_idle_changes_no_task():
+    sim = Sim()
+    assert sim.gone("nobody").records == []
+    sim.ready("w1")
+    assert sim.gone("w1").records == [] and sim.state.workers == {}
+
+
+def test_worker_ready_right_after_a_dispatch_keeps_the_task():
+    sim = Sim()
+    task = sim.add()
+    sim.ready("w1")
+    sim.now += DISPATCH_GRACE - 0.1
+    sim.ready("w1")  # crossed our task.run on the way
+    assert task.state is State.DISPATCHED and task.attempt == 1
+
+
+def test_worker_ready_long_after_a_dispatch_means_the_task_was_lost():
+    sim = Sim()
+    task = sim.add()
+    sim.ready("w1")
+    sim.now += DISPATCH_GRACE + 0.1
+    sim.ready("w1")
+    assert task.state is State.QUEUED and task.attempt == 2
+    assert task.error["category"] == "worker_lost"
+
+
+@pytest.mark.parametrize("body", [{}, {"types": [""]}, {"types": [1]}, {"type": None}],
+                         ids=["none", "empty", "int", "null_type"])
+def test_worker_ready_without_types_is_bad_request(body):
+    state = SchedulerState(SchedulerSettings())
+    assert error_code(state.worker_ready, Effects(), "w1", body, T0) == "bad_request"
+    assert state.workers == {}
+
+
+def test_worker_leaving_idle_is_forgotten_busy_is_kept():
+    sim = Sim()
+    running(sim, "w1")
+    sim.ready("w2")
+    sim.state.worker_leaving("w2")
+    sim.state.worker_leaving("w1")
+    assert list(sim.state.workers) == ["w1"]
+
+
+# --- timeouts and silence -----------------------------------------------------------------
+
+def test_timeout_kills_the_worker_and_retries():
+    sim = Sim()
+    task = running(sim, timeout=10.0, retries=1)
+    for n in range(1, 10):  # heartbeats keep it alive, the timeout still applies
+        sim.now = T0 + n
+        sim.heartbeat("w1", task)
+    assert kills(sim.tick(1.0)) == []  # exactly the timeout: not yet
+    fx = sim.tick(WATCH_INTERVAL)  # the next scan
+    (kill,) = kills(fx)
+    assert kill == {"op": "pool.kill", "worker": "w1", "pid": 100, "reason": "timeout",
+                    "grace": scheduling.TIMEOUT_GRACE}
+    assert events(fx, "task.timeout")
+    assert task.state is State.QUEUED and task.attempt == 2
+    assert task.error["category"] == "timeout" and "w1" not in sim.state.workers
+
+
+def test_timeout_without_retries_fails_with_category_timeout():
+    sim = Sim()
+    task = running(sim, timeout=1.0, retries=0)
+    sim.tick(1.5)
+    assert task.state is State.FAILED and task.error["category"] == "timeout"
+
+
+def test_silent_running_task_is_lost_after_three_heartbeats():
+    sim = Sim()
+    task = running(sim)
+    sim.now += 10
+    sim.heartbeat("w1", task)
+    assert kills(sim.tick(3 * HB)) == []  # exactly three heartbeats: not yet
+    fx = sim.tick(WATCH_INTERVAL)  # the next scan
+    assert kills(fx)[0]["reason"] == "silent"
+    assert events(fx, "worker.lost")[0][1]["reason"] == "no heartbeat"
+    assert task.state is State.QUEUED and task.error["category"] == "worker_lost"
+
+
+# --- cancel -------------------------------------------------------------------------------
+
+def test_cancel_queued():
+    sim = Sim()
+    task = sim.add()
+    fx = sim.cancel(task)
+    kind, body = answer(fx)
+    assert kind == wire.REPLY and body["state"] == "cancelled" and body["final"] is True
+    assert task.error["category"] == "cancelled" and sim.state.counters["cancelled"] == 1
+    assert sim.state.queue.depth("echo") == 0
+    assert runs(sim.ready("w1")) == []
+    assert ledger_requests(fx) == []  # no tokens, nothing to release
+
+
+def test_cancel_running_tells_the_worker_and_the_pool():
+    sim = Sim()
+    task = running(sim)
+    fx = sim.cancel(task)
+    notes = [b for p, t, _, b in fx.sends if p == b"w1" and t == wire.NOTIFY]
+    assert notes == [{"op": "task.cancel", "id": task.id, "attempt": 1}]
+    assert kills(fx)[0]["reason"] == "cancel"
+    assert task.state is State.CANCELLED
+    sim.finish("w1", task)  # it finished anyway: too late
+    assert task.state is State.CANCELLED and sim.state.counters["late_results"] == 1
+
+
+def test_cancel_a_final_task_changes_nothing():
+    sim = Sim()
+    task = sim.add()
+    sim.cancel(task)
+    fx = sim.cancel(task)
+    assert fx.records == [] and answer(fx)[1]["state"] == "cancelled"
+    assert sim.state.counters["cancelled"] == 1
+
+
+def test_cancel_unknown_task_is_not_found():
+    state = SchedulerState(SchedulerSettings())
+    assert error_code(state.cancel, Effects(), CLIENT, b"c", {"id": "t-none"}, T0) == \
+        "not_found"
+    assert error_code(state.cancel, Effects(), CLIENT, b"c", {}, T0) == "bad_request"
+
+
+def test_cancel_during_backoff_is_not_requeued_later():
+    sim = Sim()
+    task = running(sim)
+    sim.gone("w1")
+    sim.cancel(task)
+    sim.ready("w2")
+    assert runs(sim.tick(10)) == [] and task.state is State.CANCELLED
+
+
+def test_cancel_with_tokens_releases_them():
+    sim = Sim()
+    task = sim.add(tokens=40)
+    fx = sim.cancel(task)
+    (corr, body), = ledger_requests(fx)
+    assert body == {"op": "ledger.release", "task": task.id, "attempt": 1}
+    assert task.settle == {"1": body}
+
+
+# --- wait ---------------------------------------------------------------------------------
+
+def test_wait_without_hold_answers_at_once():
+    sim = Sim()
+    task = sim.add()
+    assert answer(sim.wait(task, 0), b"waiter")[1]["state"] == "queued"
+
+
+def test_wait_holds_until_the_task_ends():
+    sim = Sim()
+    task = sim.add()
+    fx = sim.wait(task, 30, corr=b"w1")
+    assert [s for s in fx.sends if s[0] == b"waiter"] == []
+    sim.wait(task, 30, corr=b"w2")
+    sim.ready("wk")
+    fx = sim.finish("wk", task)
+    woken = [(c, b["state"]) for p, t, c, b in fx.sends if p == b"waiter"]
+    assert woken == [(b"w1", "completed"), (b"w2", "completed")]
+    assert sim.state.waiters == {}
+
+
+def test_wait_expires_with_the_current_state():
+    sim = Sim()
+    task = sim.add()
+    sim.wait(task, 2)
+    assert sim.tick(1).sends == []
+    sim.state.next_watch = 0  # look again at once (tick scans every WATCH_INTERVAL)
+    assert sim.state.tick(Effects(), sim.now, HB) == pytest.approx(1.0)  # next: the waiter
+    fx = sim.tick(1)
+    assert answer(fx, b"waiter") == (wire.REPLY, task.summary())
+
+
+def test_wait_on_a_final_task_answers_at_once():
+    sim = Sim()
+    task = sim.add()
+    sim.cancel(task)
+    assert answer(sim.wait(task, 30), b"waiter")[1]["final"] is True
+
+
+@pytest.mark.parametrize("hold", [-1, 61, math.nan, "5"])
+def test_wait_bad_hold_is_bad_request(hold):
+    sim = Sim()
+    task = sim.add()
+    assert error_code(sim.state.wait, Effects(), b"p", b"c", {"id": task.id, "hold": hold},
+                      T0) == "bad_request"
+
+
+# --- settling tokens ----------------------------------------------------------------------
+
+def test_finish_with_tokens_used_commits_and_the_reply_clears_the_order():
+    sim = Sim()
+    task = sim.add(tokens=100)
+    corr, _ = reserve_of(sim.ready("w1"))
+    sim.ledger(corr, granted=True)
+    fx = sim.finish("w1", task, tokens_used=60)
+    (corr, body), = ledger_requests(fx)
+    assert body == {"op": "ledger.commit", "task": task.id, "attempt": 1, "used": 60,
+                    "type": "echo", "agent": "client-1"}
+    assert task.settle == {"1": body} and task.reserved == 0
+    assert {"k": "set", "id": task.id, "reserved": 0, "settle": {"1": body}} in fx.records
+    fx = sim.ledger(corr, committed=60)
+    assert task.settle == {} and fx.records == [{"k": "set", "id": task.id, "settle": {}}]
+
+
+def test_finish_without_tokens_used_releases_the_reservation():
+    sim = Sim()
+    task = sim.add(tokens=100)
+    corr, _ = reserve_of(sim.ready("w1"))
+    sim.ledger(corr, granted=True)
+    (corr, body), = ledger_requests(sim.finish("w1", task, tokens_used=0))
+    assert body == {"op": "ledger.release", "task": task.id, "attempt": 1}
+    sim.ledger(corr, released=100)
+    assert task.settle == {}
+
+
+def test_finish_of_a_task_without_tokens_sends_no_ledger_order():
+    sim = Sim()
+    task = running(sim)
+    assert ledger_requests(sim.finish("w1", task)) == [] and task.settle == {}
+
+
+def test_lost_attempt_settles_its_own_attempt_and_the_retry_starts_clean():
+    sim = Sim()
+    task = sim.add(tokens=100)
+    corr, _ = reserve_of(sim.ready("w1"))
+    sim.ledger(corr, granted=True)
+    sim.heartbeat("w1", task, tokens_used=30)
+    fx = sim.gone("w1")
+    (_, body), = ledger_requests(fx)
+    assert body["op"] == "ledger.commit" and body["attempt"] == 1 and body["used"] == 30
+    assert (task.attempt, task.reserved, task.tokens_used) == (2, 0, 0)
+    sim.ready("w2")
+    corr, reserve = reserve_of(sim.tick(BACKOFF_BASE))
+    assert reserve["attempt"] == 2
+
+
+def test_settle_reply_lets_token_waiters_retry_at_the_next_tick():
+    sim = Sim()
+    first = sim.add(tokens=100)
+    corr, _ = reserve_of(sim.ready("w1"))
+    sim.ledger(corr, granted=True)
+    second = sim.add(tokens=100)
+    corr, _ = reserve_of(sim.ready("w2"))
+    sim.ledger(corr, granted=False)
+    sim.tick(0.0)  # first retry: refused again
+    corr, _ = [(c, b) for c, (_, b) in sim.state.ledger_pending.items()
+               if b["op"] == "ledger.reserve"][0]
+    sim.ledger(corr, granted=False)
+    (corr, _), = ledger_requests(sim.finish("w1", first, tokens_used=100))
+    sim.ledger(corr, committed=100)
+    assert reserve_of(sim.tick(0.01))[1]["task"] == second.id  # before BLOCKED_RETRY
+
+
+# --- listing and status -------------------------------------------------------------------
+
+def test_list_tasks_filters_by_state_and_limits():
+    sim = Sim()
+    tasks = [sim.add() for _ in range(5)]
+    sim.cancel(tasks[0])
+    listed = sim.state.list_tasks({"state": "queued", "limit": 2})
+    assert [t["id"] for t in listed["tasks"]] == [tasks[3].id, tasks[4].id]
+    assert all(t["payload"] is None and t["result"] is None for t in listed["tasks"])
+    assert sim.state.list_tasks({})["total"] == 5
+
+
+@pytest.mark.parametrize("body", [{"state": "sleeping"}, {"limit": 0}, {"limit": 10001},
+                                  {"state": 1}])
+def test_list_tasks_bad_arguments(body):
+    assert error_code(SchedulerState(SchedulerSettings()).list_tasks, body) == "bad_request"
+
+
+def test_get_unknown_is_not_found():
+    assert error_code(SchedulerState(SchedulerSettings()).get, {"id": "t0"}) == "not_found"
+
+
+def test_status_counts():
+    sim = Sim()
+    running(sim, "w1")
+    sim.add(priority="high")
+    sim.add(priority="low")
+    status = sim.state.status(sim.now)
+    assert status["states"] == {"running": 1, "queued": 2}
+    assert status["queue"] == {"critical": 0, "high": 1, "medium": 0, "low": 1}
+    assert status["workers"] == {"echo": {"idle": 0, "busy": 1}}
+
+
+def test_retention_forgets_the_oldest_finished_tasks_and_their_keys():
+    sim = Sim(retention=2)
+    done = []
+    for i in range(3):
+        task = sim.add(idempotency_key=f"r{i}")
+        sim.cancel(task)
+        done.append(task)
+    assert done[0].id not in sim.state.tasks and "r0" not in sim.state.keys
+    assert [t.id for t in done[1:]] == list(sim.state.tasks)
+    again = sim.add(idempotency_key="r0")  # its key is free again: a new task
+    assert again.id != done[0].id
+
+
+# --- journal replay, snapshots, restore ---------------------------------------------------
+
+COMPARED = ("type", "priority", "key", "agent", "tokens", "timeout", "retries", "payload",
+            "deadline", "state", "attempt", "worker", "result", "error", "tokens_used",
+            "reserved", "settle")
+TRANSIENT_TIMES = {"started", "heartbeat", "recovered"}  # not journaled on purpose
+
+
+def table(state: SchedulerState) -> dict:
+    """The journaled part of every task. Tokens used by an attempt in flight come with its
+    heartbeats (not journaled: the worker reports them again after a restart); the final
+    count is journaled with a completion (other ends: see the xfail test below)."""
+    return {t.id: {f: getattr(t, f) for f in COMPARED}
+            | {"times": {k: v for k, v in t.times.items() if k not in TRANSIENT_TIMES},
+               "tokens_used": t.tokens_used if t.state is State.COMPLETED else None}
+            for t in state.tasks.values()}
+
+
+@pytest.mark.xfail(reason="BUG: a task cancelled while running, or ended by a lost attempt "
+                          "with no retries left, keeps the tokens_used its heartbeats "
+                          "reported, but _move() does not journal it (only the ledger commit "
+                          "order carries it): after a restart the task says 0", strict=True)
+@pytest.mark.parametrize("end", ["cancel", "lost"])
+def test_final_tokens_used_survives_replay(end):
+    sim = Sim()
+    task = running(sim, "w1", retries=0)
+    sim.heartbeat("w1", task, tokens_used=9)
+    sim.cancel(task) if end == "cancel" else sim.gone("w1")
+    assert task.final and task.tokens_used == 9
+    assert replay(sim.records).tasks[task.id].tokens_used == 9
+
+
+def replay(records, snapshot=None, overrides=None) -> SchedulerState:
+    fresh = SchedulerState(SchedulerSettings(**(overrides or {})))
+    if snapshot is not None:
+        fresh.load_snapshot(journal_copy(snapshot))
+    for record in records:
+        fresh.apply(journal_copy(record))
+    return fresh
+
+
+def scenario() -> Sim:
+    """A bit of everything: tokens, a loss and retry, a cancel, failures, a timeout."""
+    sim = Sim()
+    a = sim.add(tokens=100, payload={"n": 1})
+    b = sim.add(priority="high", retries=0)
+    c = sim.add()
+    d = sim.add(timeout=5.0)
+    sim.ready("w1")  # b
+    sim.ready("w2")  # a: reserve
+    corr, _ = [(k, v[1]) for k, v in sim.state.ledger_pending.items()][0]
+    sim.ledger(corr, granted=True)
+    sim.started("w1", b)
+    sim.started("w2", a)
+    sim.finish("w1", b, ok=False, error={"category": "handler_error", "message": "boom"})
+    sim.heartbeat("w2", a, tokens_used=10)
+    sim.gone("w2")  # a: retry as attempt 2, commit 10 for attempt 1
+    sim.cancel(c)
+    sim.ready("w3")
+    sim.tick(BACKOFF_BASE)
+    sim.tick(6.0)  # d timed out on w3
+    sim.ready("w4")
+    sim.ready("w5")
+    for _ in range(4):  # the rest runs to the end
+        sim.tick(2.0)
+        for corr in list(sim.state.ledger_pending):
+            body = sim.state.ledger_pending[corr][1]
+            sim.ledger(corr, **({"granted": True} if body["op"] == "ledger.reserve" else {}))
+        for name, worker in list(sim.state.workers.items()):
+            task = sim.state.tasks.get(worker.task or "")
+            if task is not None and worker.state == "busy":
+                sim.finish(name, task, tokens_used=3)
+    assert [str(t.state) for t in (a, b, c, d)] == ["completed", "failed", "cancelled",
+                                                    "completed"]
+    assert (a.attempt, d.attempt) == (2, 2)
+    return sim
+
+
+def test_scenario_touches_every_kind_of_change():
+    sim = scenario()
+    kinds = {r["k"] for r in sim.records}
+    states = {r.get("state") for r in sim.records}
+    assert kinds == {"new", "set"}
+    assert {"dispatched", "running", "queued", "completed", "failed", "cancelled"} <= states
+
+
+def test_replay_of_every_record_rebuilds_the_task_table():
+    sim = scenario()
+    assert table(replay(sim.records)) == table(sim.state)
+
+
+def test_every_record_is_journalable():
+    for record in scenario().records:
+        orjson.dumps(record)
+
+
+def test_snapshot_plus_the_records_after_it_rebuilds_the_same_table():
+    sim = Sim()
+    a = sim.add(tokens=10)
+    b = sim.add()
+    sim.ready("w1")
+    corr, _ = [(k, v[1]) for k, v in sim.state.ledger_pending.items()][0]
+    snap, upto = journal_copy(sim.state.snapshot()), len(sim.records)
+    sim.ledger(corr, granted=True)
+    sim.ready("w2")
+    sim.finish("w1", a, tokens_used=4)
+    sim.gone("w2")
+    assert b.attempt == 2
+    fresh = replay(sim.records[upto:], snapshot=snap)
+    assert table(fresh) == table(sim.state)
+    assert fresh.counters == journal_copy(snap)["counters"]
+
+
+def test_snapshot_keeps_refusals():
+    sim = Sim(max_queue_per_type=0)
+    refusal = answer(sim.submit(idempotency_key="no"))
+    fresh = replay([], snapshot=sim.state.snapshot())
+    fx = Effects()
+    fresh.submit(fx, CLIENT, b"c", {"idempotency_key": "no", "type": "echo"}, T0)
+    assert answer(fx) == refusal
+
+
+def test_replay_keeps_refusals():
+    sim = Sim(max_queue_per_type=0)
+    refusal = answer(sim.submit(idempotency_key="no"))
+    fresh = replay(sim.records)
+    fx = Effects()
+    fresh.submit(fx, CLIENT, b"c", {"idempotency_key": "no", "type": "echo"}, T0)
+    assert answer(fx) == refusal
+
+
+def test_restore_requeues_queued_holds_in_flight_and_resends_settle_orders():
+    sim = Sim()
+    in_flight = running(sim, "w1")
+    sim.now += 1
+    sim.add()  # stays queued
+    settled = sim.add(tokens=9)
+    sim.cancel(settled)  # a release order not confirmed before the "crash"
+    fresh = replay(sim.records)
+    fresh.monitor = ResourceMonitor(sample=lambda: IDLE_MACHINE)
+    fresh.restore(sim.now)
+    flight = fresh.tasks[in_flight.id]
+    assert flight.state is State.RUNNING and flight.times["recovered"] == sim.now
+    orders = [body for _, body in fresh.ledger_pending.values()]
+    assert orders == [{"op": "ledger.release", "task": settled.id, "attempt": 1}]
+    fx = Effects()
+    fresh.tick(fx, sim.now, HB)
+    assert [b for p, _, _, b in fx.sends if p == b"ledger"] == orders  # re-sent at once
+    fx = Effects()
+    fresh.worker_ready(fx, "w9", {"types": ["echo"]}, sim.now)
+    fresh.dispatch(fx, sim.now)
+    assert len(runs(fx)) == 1  # the queued one, now w9's
+    fx = Effects()
+    fresh.tick(fx, sim.now + 3 * HB + 1, HB)  # the in-flight worker never spoke again
+    assert flight.state is State.QUEUED and flight.attempt == 2
+
+
+# A random walk through the scheduler's handlers; then replay and snapshot + replay must
+# give the live task table back. Worker reports go to a worker that holds a task (picked
+# by index), so the walk reaches running, finished, lost and retried tasks.
+WORKERS = {"w0": ("echo",), "w1": ("echo", "llm"), "w2": ("llm",)}
+worker_names = st.sampled_from(sorted(WORKERS))
+pick = st.integers(0, 7)
+submit_op = st.tuples(st.just("submit"), st.sampled_from(["critical", "high", "medium", "low"]),
+                      st.sampled_from([0, 0, 50]), st.integers(0, 2), st.integers(0, 9),
+                      st.sampled_from(["echo", "llm"]))
+ops = st.one_of(
+    submit_op, submit_op,
+    st.tuples(st.just("ready"), worker_names),
+    st.tuples(st.just("started"), pick),
+    st.tuples(st.just("started"), pick),
+    st.tuples(st.just("heartbeat"), pick, st.sampled_from([0, 9])),
+    st.tuples(st.just("finish"), pick, st.booleans(), st.sampled_from([0, 7])),
+    st.tuples(st.just("finish"), pick, st.booleans(), st.sampled_from([0, 7])),
+    st.tuples(st.just("stale_finish"), pick),
+    st.tuples(st.just("gone"), worker_names),
+    st.tuples(st.just("rejected"), pick),
+    st.tuples(st.just("ledger"), st.booleans(), st.booleans()),
+    st.tuples(st.just("ledger"), st.just(True), st.booleans()),
+    st.tuples(st.just("cancel"), pick),
+    st.tuples(st.just("tick"), st.sampled_from([0.0, 0.1, 0.5, 2.0, 20.0, 400.0])),
+    st.tuples(st.just("snapshot")),
+)
+
+
+def run_op(sim: Sim, op: tuple, ids: list[str]) -> None:
+    kind, *args = op
+    state = sim.state
+    holding = sorted((w.name, w.task) for w in state.workers.values()
+                     if w.task in state.tasks and w.state == "busy")
+    if kind == "submit":
+        priority, tokens, retries, key, type_ = args
+        fx = sim.submit(priority=priority, tokens=tokens, retries=retries, type=type_,
+                        idempotency_key=f"k{key}", timeout=300.0)
+        kind_, body = answer(fx)
+        if kind_ == wire.REPLY and body["id"] not in ids:
+            ids.append(body["id"])
+    elif kind == "ready":
+        sim.ready(args[0], WORKERS[args[0]])
+    elif kind in ("started", "heartbeat", "finish", "rejected"):
+        if not holding:
+            return
+        name, task_id = holding[args[0] % len(holding)]
+        task = state.tasks[task_id]
+        if kind == "started":
+            sim.started(name, task)
+        elif kind == "heartbeat":
+            sim.heartbeat(name, task, tokens_used=args[1])
+        elif kind == "finish":
+            sim.finish(name, task, ok=args[1], tokens_used=args[2])
+        else:
+            sim.turn(state.task_rejected, name, {"id": task.id, "attempt": task.attempt},
+                     sim.now)
+    elif kind == "stale_finish":
+        retried = [t for t in map(state.tasks.get, ids) if t is not None and t.attempt > 1]
+        if retried:
+            task = retried[args[0] % len(retried)]
+            sim.finish("w-old", task, attempt=task.attempt - 1)  # its lost worker
+    elif kind == "gone":
+        sim.gone(args[0])
+    elif kind == "ledger":
+        if state.ledger_pending:
+            corr = next(iter(state.ledger_pending))
+            ok, granted = args
+            sim.ledger(corr, ok=ok, granted=granted, code=None if ok else "unavailable")
+    elif kind == "cancel":
+        live = [i for i in ids if i in state.tasks]
+        if live:
+            sim.cancel(state.tasks[live[args[0] % len(live)]])
+    elif kind == "tick":
+        sim.tick(args[0])
+
+
+def check_invariants(state: SchedulerState) -> None:
+    queued = {}
+    for task in state.tasks.values():
+        if task.state is State.QUEUED and task.waiting == "worker":
+            queued[task.type] = queued.get(task.type, 0) + 1
+        if task.state in (State.DISPATCHED, State.RUNNING):
+            assert task.worker is not None
+        if task.final:
+            assert task.id not in state.waiters
+    for task_type in set(queued) | set(state.queue.counts):
+        assert state.queue.depth(task_type) == queued.get(task_type, 0), task_type
+    for task in state.tasks.values():  # the worker record agrees with the task's
+        worker = state.workers.get(task.worker or "")
+        if task.state in (State.DISPATCHED, State.RUNNING) and worker is not None:
+            assert (worker.state, worker.task) == ("busy", task.id)
+    claimed = [w.task for w in state.workers.values() if w.state == "claimed"]
+    assert len(claimed) == len(set(claimed))
+    for task_id in claimed:
+        task = state.tasks.get(task_id)
+        assert task is None or task.state is not State.QUEUED or task.waiting == "reserving"
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(ops, min_size=10, max_size=60))
+def test_snapshot_and_replay_equal_the_live_state(sequence):
+    sim = Sim()
+    for name, types in WORKERS.items():
+        sim.ready(name, types)
+    ids: list[str] = []
+    snapshots = [(None, 0)]
+    for op in sequence:
+        if op[0] == "snapshot":
+            snapshots.append((journal_copy(sim.state.snapshot()), len(sim.records)))
+            continue
+        run_op(sim, op, ids)
+        check_invariants(sim.state)
+    live = table(sim.state)
+    for snap, upto in snapshots:
+        assert table(replay(sim.records[upto:], snapshot=snap)) == live
