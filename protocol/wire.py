@@ -132,7 +132,24 @@ def decode_body(raw: bytes) -> dict:
         raise ProtocolError("bad_request", f"body is not valid msgpack: {e}") from e
     if not isinstance(body, dict):
         raise ProtocolError("bad_request", "body must be a msgpack map")
+    if not all(type(key) is str for key in body):  # strict_map_key still allows bytes
+        raise ProtocolError("bad_request", "body keys must be strings")
     return body
+
+
+def json_safe(value, what: str, limit: int) -> int:
+    """Check that `value` (a payload or result) can be journaled as JSON and fits `limit`
+    bytes; returns its encoded size. Bytes, msgpack Timestamps, non-str keys and integers
+    beyond 64 bits are refused here, at the boundary, not later by the journal."""
+    import orjson
+
+    try:
+        size = len(orjson.dumps(value))
+    except (TypeError, orjson.JSONEncodeError) as e:
+        raise ProtocolError("bad_request", f"{what} must be plain JSON data: {e}") from e
+    if size > limit:
+        raise ProtocolError("too_large", f"{what} of {size} bytes exceeds {limit}")
+    return size
 
 
 def frames(type_: bytes, peer: bytes, corr: bytes = b"", body: dict | bytes | None = None):

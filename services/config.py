@@ -7,6 +7,7 @@ the task's own value > the task type's > the global default.
 
 from __future__ import annotations
 
+import math
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -143,7 +144,23 @@ class Settings:
     events: EventSettings
 
 
+def _table(raw, name: str) -> dict:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"[{name}]: must be a table, got {raw!r}")
+    return raw
+
+
+def _number(value, where: str, lo: float = 0.0, integer: bool = False):
+    kinds = int if integer else int | float
+    if isinstance(value, bool) or not isinstance(value, kinds) or not math.isfinite(value) \
+            or value < lo:
+        raise ConfigError(f"{where}: must be a {'whole ' if integer else ''}number >= {lo}, "
+                          f"got {value!r}")
+    return value
+
+
 def _section(cls, raw: dict, name: str):
+    raw = _table(raw, name)
     known = {f.name: f for f in fields(cls)}
     unknown = set(raw) - set(known)
     if unknown:
@@ -159,8 +176,8 @@ def _section(cls, raw: dict, name: str):
         if not isinstance(value, type(default)) or isinstance(value, bool):
             raise ConfigError(f"[{name}] {key}: expected {type(default).__name__}, "
                               f"got {value!r}")
-        if isinstance(value, int | float) and value < 0:
-            raise ConfigError(f"[{name}] {key}: must not be negative")
+        if isinstance(value, int | float):
+            _number(value, f"[{name}] {key}")  # NaN and infinities pass naive range checks
         values[key] = value
     return cls(**values)
 
@@ -195,8 +212,8 @@ def load(home: Path) -> Settings:
         raise ConfigError(f"[suite] fsync: must be one of {', '.join(FSYNC_POLICIES)}")
     if suite.heartbeat_interval <= 0:
         raise ConfigError("[suite] heartbeat_interval: must be positive")
-    ledger_raw = dict(raw.get("ledger", {}))
-    sub = ledger_raw.pop("budgets", {})
+    ledger_raw = dict(_table(raw.get("ledger", {}), "ledger"))
+    sub = _table(ledger_raw.pop("budgets", {}), "ledger.budgets")
     ledger = _section(LedgerSettings, ledger_raw, "ledger")
     budgets = {"global": {"limit": ledger.budget, "window": _window(ledger.window, "[ledger]")
                           or None}}
@@ -213,7 +230,7 @@ def load(home: Path) -> Settings:
     ledger = LedgerSettings(ledger.budget, ledger.window, budgets)
 
     handlers = dict(DEFAULT_HANDLERS)
-    for task_type, spec in raw.get("handlers", {}).items():
+    for task_type, spec in _table(raw.get("handlers", {}), "handlers").items():
         if isinstance(spec, str) and ":" in spec:
             handlers[task_type] = spec
         elif isinstance(spec, dict) and set(spec) == {"command"} and isinstance(
@@ -225,10 +242,11 @@ def load(home: Path) -> Settings:
                               "{ command = [...] }")
 
     groups = []
-    pool = raw.get("pool", {"groups": {"default": {}}})
+    pool = _table(raw.get("pool", {"groups": {"default": {}}}), "pool")
     if set(pool) - {"groups"}:
         raise ConfigError("[pool]: only [pool.groups.NAME] tables are allowed")
-    for gname, spec in pool.get("groups", {}).items():
+    for gname, spec in _table(pool.get("groups", {}), "pool.groups").items():
+        spec = _table(spec, f"pool.groups.{gname}")
         if set(spec) - {"count", "types", "max_tasks", "max_rss_mb", "max", "idle_exit"}:
             raise ConfigError(f"[pool.groups.{gname}]: unknown key(s)")
         count = spec.get("count", 20)
@@ -241,9 +259,12 @@ def load(home: Path) -> Settings:
         ceiling = spec.get("max", count + 4)
         if isinstance(ceiling, bool) or not isinstance(ceiling, int) or ceiling < count:
             raise ConfigError(f"[pool.groups.{gname}] max: must be an integer >= count")
-        groups.append(WorkerGroup(gname, count, types, int(spec.get("max_tasks", 0)),
-                                  float(spec.get("max_rss_mb", 0)), ceiling,
-                                  float(spec.get("idle_exit", 10.0))))
+        where = f"[pool.groups.{gname}]"
+        groups.append(WorkerGroup(
+            gname, count, types,
+            _number(spec.get("max_tasks", 0), f"{where} max_tasks", integer=True),
+            float(_number(spec.get("max_rss_mb", 0), f"{where} max_rss_mb")), ceiling,
+            float(_number(spec.get("idle_exit", 10.0), f"{where} idle_exit"))))
     return Settings(
         home=home,
         suite=suite,

@@ -537,7 +537,7 @@ class EventLogWriter:
         self._day = ""
         # Sequence state of everything written, checkpointed to .pos at rotation so a
         # restart only replays the newest file.
-        self._tracker = _recover_tracker(self.directory, 4096)
+        self._tracker = _recover_tracker(self.directory, 1_000_000)  # see events.py
         self.events_written = 0
 
     # -- public API ------------------------------------------------------------------

@@ -41,7 +41,9 @@ class EventRouter(BusService):
         directory = self.rt.home / "events"
         self.writer = EventLogWriter(directory, self.settings.events.max_file_bytes,
                                      self.settings.suite.fsync)
-        self.tracker = SeqTracker.recover(directory)
+        # Never acknowledge past a hole: publishers re-send a stuck head within a second,
+        # so holes stay small; the bound only caps memory.
+        self.tracker = SeqTracker.recover(directory, max_pending=1_000_000)
         self.ring = RingBuffer(10_000)
         ctx = self.rt.ctx
         self.fan_in_endpoint = self.rt.endpoints["events_in"]

@@ -36,8 +36,10 @@ class EventPublisher:
         self.socket.connect(endpoint)
         self._pending: list[dict] = []  # emitted, not yet sent
         self._unacked: deque[dict] = deque()  # sent, not yet acknowledged
-        self._last_send = 0.0
-        self._last_ack = time.monotonic()
+        # When the oldest unacknowledged event was last sent or the head last advanced: a
+        # head stuck past RESEND_AFTER is re-sent even while newer events keep flowing
+        # (they would otherwise hide a batch lost with a killed router).
+        self._head_since = time.monotonic()
         self.dropped = 0
 
     def emit(self, type_: str, data: dict | None = None, *, task: str | None = None,
@@ -61,13 +63,14 @@ class EventPublisher:
             except (TypeError, ValueError) as e:
                 log.error("event batch not encodable, dropping %d events: %s", len(chunk), e)
                 self.dropped += len(chunk)
-        self._last_send = time.monotonic()
 
     def flush(self) -> None:
         """Send what was emitted since the last flush (call once per loop turn)."""
         if not self._pending:
             return
         batch, self._pending = self._pending, []
+        if not self._unacked:
+            self._head_since = time.monotonic()
         self._unacked.extend(batch)
         while len(self._unacked) > MAX_UNACKED:
             self._unacked.popleft()
@@ -90,10 +93,13 @@ class EventPublisher:
                 continue
             epoch, upto = body.get("epoch"), body.get("upto", 0)
             # Oldest first: events re-sent from a previous incarnation precede ours.
+            advanced = False
             while self._unacked and self._unacked[0]["epoch"] == epoch \
                     and self._unacked[0]["seq"] <= upto:
                 self._unacked.popleft()
-            self._last_ack = time.monotonic()
+                advanced = True
+            if advanced:
+                self._head_since = time.monotonic()
 
     def requeue(self, events: list[dict]) -> None:
         """Events of an earlier incarnation, recovered from the journal: send them first."""
@@ -117,10 +123,11 @@ class EventPublisher:
         """Re-send the unacknowledged backlog after a silence; returns time to next check."""
         if not self._unacked:
             return RESEND_AFTER
-        due = max(self._last_send, self._last_ack) + RESEND_AFTER
+        due = self._head_since + RESEND_AFTER
         if now >= due:
-            # Oldest first and bounded: the router only accepts events in sequence order.
+            # Oldest first and bounded: the router acknowledges contiguous sequences only.
             self._send(list(itertools.islice(self._unacked, RESEND_MAX)))
+            self._head_since = now
             return RESEND_AFTER
         return due - now
 

@@ -177,6 +177,8 @@ class SchedulerState:
         agent = wire.field_str(body, "agent", max_len=128, required=False,
                                default=peer.decode(errors="replace"))
         payload = body.get("payload")
+        if payload is not None:
+            wire.json_safe(payload, "payload", MAX_PAYLOAD_BYTES)
         size = wire.field_int(body, "_size", required=False, default=0)
         predicted = None
         if self.predictor is not None:
@@ -291,7 +293,8 @@ class SchedulerState:
             # The handler may ignore the flag: the pool ends the worker after a grace period.
             if worker is not None:
                 self._kill_worker(fx, worker, "cancel")
-            self._move(fx, task, State.CANCELLED, now, error=error)
+            self._move(fx, task, State.CANCELLED, now, error=error,
+                       tokens_used=task.tokens_used)
             self._settle_tokens(fx, task, now)
         fx.emit("task.cancelled", {"attempt": task.attempt}, task.id, task.worker)
         self._wake(fx, task)
@@ -422,7 +425,11 @@ class SchedulerState:
 
     def task_rejected(self, fx: Effects, name: str, body: dict, now: float) -> None:
         task = self._current(name, body)
-        self.workers.pop(name, None) if body.get("reason") == "stopping" else None
+        worker = self.workers.get(name)
+        if body.get("reason") == "stopping":
+            self.workers.pop(name, None)
+        elif worker is not None and task is not None and worker.task == task.id:
+            worker.task = None  # busy with something we did not give it: wait for its ready
         if task is not None:
             # The worker never ran it: back to the front of the queue, same attempt.
             self._move(fx, task, State.QUEUED, now, worker=None, waiting="worker")
@@ -431,13 +438,14 @@ class SchedulerState:
     def task_finished(self, fx: Effects, name: str, peer: bytes, corr: bytes, body: dict,
                       now: float) -> None:
         fx.reply(peer, corr, {"ok": True})
+        task = self._current(name, body)
         worker = self.workers.get(name)
         if worker is not None:
             worker.last_seen = now
-            if worker.task == body.get("id"):
+            # Only the finish of the attempt it runs frees it (not a superseded one's).
+            if worker.task == body.get("id") and task is not None:
                 worker.state, worker.task = "idle", None
                 worker.done += 1
-        task = self._current(name, body)
         if task is None:
             self.counters["late_results"] += 1
             fx.emit("task.late_result", {"attempt": body.get("attempt"), "worker": name},
@@ -460,8 +468,13 @@ class SchedulerState:
         rss = body.get("rss_mb") if isinstance(body.get("rss_mb"), float) else 0.0
         actual = {"duration": duration, "tokens": float(task.tokens_used), "memory_mb": rss,
                   "cpu": min(cpu_s / duration, 64.0) if duration > 0 else 0.0}
+        result = body.get("result")
+        try:
+            wire.json_safe(result, "result", MAX_PAYLOAD_BYTES)
+        except ProtocolError as e:  # the journal must hold it: keep the task, not the result
+            result = {"unstorable_result": e.message}
         if body.get("ok") is True:
-            self._move(fx, task, State.COMPLETED, now, result=body.get("result"),
+            self._move(fx, task, State.COMPLETED, now, result=result,
                        tokens_used=task.tokens_used, actual=actual)
             # The learning features ride along, so the event log alone can train a model.
             fx.emit("task.completed", {
@@ -492,7 +505,8 @@ class SchedulerState:
         if task.attempt > task.retries:
             # No retry policy: a plain failure. Retries spent: the dead letters.
             final = State.FAILED if task.retries == 0 else State.DEAD
-            self._move(fx, task, final, now, error=error, worker=None)
+            self._move(fx, task, final, now, error=error, worker=None,
+                       tokens_used=task.tokens_used)
             fx.emit("task.failed" if final is State.FAILED else "task.dead",
                     {"attempt": task.attempt, **lost, **error}, task.id)
             self._wake(fx, task)

@@ -113,7 +113,7 @@ def test_wrong_type_is_fatal(tmp_path, line):
 @pytest.mark.parametrize("line", ["max_wait = -1", "max_queue_per_type = -1",
                                   "memory_threshold = -0.5"])
 def test_negative_number_is_fatal(tmp_path, line):
-    assert "must not be negative" in refused(tmp_path, f"[scheduler]\n{line}\n")
+    assert ">= 0" in refused(tmp_path, f"[scheduler]\n{line}\n")
 
 
 @pytest.mark.parametrize("value", ['"sometimes"', '"ALWAYS"', '""', "1"])
@@ -130,10 +130,6 @@ def test_zero_heartbeat_interval_is_fatal(tmp_path):
     assert "heartbeat_interval" in refused(tmp_path, "[suite]\nheartbeat_interval = 0\n")
 
 
-@pytest.mark.xfail(reason="BUG: nan passes the range checks (nan < 0 and nan <= 0 are False): "
-                          "heartbeat_interval = nan or task_heartbeat = nan is accepted, and "
-                          "with a nan liveness limit no busy worker is ever declared lost",
-                   strict=True)
 @pytest.mark.parametrize("section,key", [("suite", "heartbeat_interval"),
                                          ("scheduler", "task_heartbeat"),
                                          ("scheduler", "max_wait")])
@@ -141,10 +137,6 @@ def test_nan_is_fatal(tmp_path, section, key):
     assert key in refused(tmp_path, f"[{section}]\n{key} = nan\n")
 
 
-@pytest.mark.xfail(reason="BUG: a section that is not a table (e.g. `suite = 5`, "
-                          "`handlers = 1`, `[ledger] budgets = 5`, `[pool.groups] x = 5`) "
-                          "crashes load() with TypeError/AttributeError instead of "
-                          "a ConfigError", strict=True)
 @pytest.mark.parametrize("text", [
     "suite = 5\n", "scheduler = [1]\n", "handlers = 1\n", "pool = 3\n",
     "[ledger]\nbudgets = 5\n", "[pool.groups]\ndefault = 5\n", "[pool]\ngroups = 1\n",
@@ -274,9 +266,6 @@ def test_pool_without_groups_has_none(tmp_path):
     assert load(write(tmp_path, "[pool]\n")).groups == ()
 
 
-@pytest.mark.xfail(reason="BUG: max_tasks, max_rss_mb and idle_exit of a pool group are "
-                          "converted with int()/float() unchecked: a string crashes load() "
-                          "with ValueError, and negatives are accepted", strict=True)
 @pytest.mark.parametrize("body", ['max_tasks = "many"', 'idle_exit = "soon"',
                                   "max_tasks = -1", "max_rss_mb = -5", "idle_exit = -1"])
 def test_bad_pool_group_limits_are_config_errors(tmp_path, body):

@@ -322,10 +322,6 @@ def test_client_submit_body_is_accepted_by_the_scheduler(monkeypatch):
     assert (summary["agent"], summary["tokens"], summary["retries"]) == ("n", 10, 1)
 
 
-@pytest.mark.xfail(reason="BUG: submit accepts a payload the JSON journal cannot hold "
-                          "(bytes, non-str keys, msgpack Timestamp): the scheduler's journal "
-                          "append then raises and the scheduler process dies; the client "
-                          "re-sends and kills it again", strict=True)
 @pytest.mark.parametrize("payload", [b"\x00raw", {"k": b"v"}, {b"k": 1},
                                      msgpack.Timestamp(1, 0)],
                          ids=["bytes", "nested_bytes", "bytes_key", "timestamp"])
@@ -342,8 +338,6 @@ def test_submit_refuses_a_payload_the_journal_cannot_hold(payload):
         orjson.dumps(record)  # what Journal.append does: must not raise
 
 
-@pytest.mark.xfail(reason="BUG: MAX_PAYLOAD_BYTES (512 KiB) is defined in scheduling.py "
-                          "but never checked", strict=True)
 def test_submit_refuses_a_payload_above_max_payload_bytes():
     state = SchedulerState(SchedulerSettings())
     body = {"idempotency_key": "k", "type": "echo",
@@ -626,11 +620,6 @@ def test_finish_from_a_superseded_attempt_is_counted_late_and_not_applied():
     assert task.state is State.COMPLETED and sim.state.counters["completed"] == 1
 
 
-@pytest.mark.xfail(reason="BUG: task_finished frees the worker when worker.task matches the "
-                          "id without checking the attempt: a re-sent finish of a superseded "
-                          "attempt marks the worker running the current attempt idle "
-                          "(worker.task None), so it is handed a second task and its loss no "
-                          "longer retries the current attempt", strict=True)
 def test_late_finish_of_an_old_attempt_does_not_free_the_worker_running_the_new_one():
     sim = Sim()
     task = sim.add()
@@ -677,10 +666,6 @@ def test_task_rejected_by_the_worker_goes_back_first_with_the_same_attempt():
     assert later.state is State.QUEUED
 
 
-@pytest.mark.xfail(reason="BUG: task_rejected requeues the task but leaves the worker "
-                          "record busy with it, so once another worker takes the task two "
-                          "worker records hold it (worker.list) and the rejecting worker gets "
-                          "no work until its next worker.ready", strict=True)
 def test_task_rejected_leaves_no_worker_holding_the_task():
     sim = Sim()
     task = sim.add()
@@ -1064,10 +1049,6 @@ def table(state: SchedulerState) -> dict:
             for t in state.tasks.values()}
 
 
-@pytest.mark.xfail(reason="BUG: a task cancelled while running, or ended by a lost attempt "
-                          "with no retries left, keeps the tokens_used its heartbeats "
-                          "reported, but _move() does not journal it (only the ledger commit "
-                          "order carries it): after a restart the task says 0", strict=True)
 @pytest.mark.parametrize("end", ["cancel", "lost"])
 def test_final_tokens_used_survives_replay(end):
     sim = Sim()
