@@ -136,3 +136,21 @@ def test_unwritable_events_directory_holds_events_and_resumes(suites):
     completed = Counter(e["task"] for e in events if e["type"] == "task.completed")
     assert all(completed[t] == 1 for t in ids)
     assert any(e["type"] == "events.writable" for e in events)
+
+
+def test_workers_recycle_after_max_tasks_without_losing_work(suites):
+    config = ('[suite]\nfsync = "off"\nheartbeat_interval = 0.5\n'
+              '[scheduler]\ntask_heartbeat = 1.0\n'
+              '[pool.groups.default]\ncount = 1\nmax = 1\nmax_tasks = 3\n'
+              'types = ["echo", "sleep", "simulated_agent", "fail"]\n')
+    suite = suites.start(config=config)
+    with Client(suite.home, timeout=60) as c:
+        ids = [c.submit("echo", f"recycled {i}", payload=i)["id"] for i in range(10)]
+        done = [c.wait(t, timeout=60) for t in ids]
+        assert [t["result"] for t in done] == list(range(10))
+        assert all(t["attempt"] == 1 for t in done)  # handed over cleanly, never lost
+        # One worker slot, three tasks per worker: at least four different workers ran them.
+        assert len({t["worker"] for t in done}) >= 4
+        suites.seen(suite)
+    exits = [e for e in jsonl_events(suite.home) if e["type"] == "worker.exited"]
+    assert len(exits) >= 3 and all(e["data"]["code"] == 0 for e in exits)
