@@ -613,7 +613,8 @@ def status_report(home: Path, suite: Suite, processes: list[dict],
         "workers": sched.get("workers"),
         "queue": sched.get("queue"),
         "tasks": sched.get("states"),
-        "waiting_tokens": sched.get("waiting_tokens"),
+        "waiting": sched.get("waiting"),
+        "memory_pressure": sched.get("memory_pressure"),
         "backoff": sched.get("backoff"),
         "counters": sched.get("counters"),
         "budget": next((b for b in budgets if b.get("scope") == "global"), None),
@@ -650,9 +651,13 @@ def render_status(r: dict) -> str:
     if queue is None:
         out.append(f"queue      {unknown}")
     else:
-        extra = f"  (waiting for tokens {r['waiting_tokens']}, in retry backoff {r['backoff']})"
+        waits = ", ".join(f"{why} {n}" for why, n in (r.get("waiting") or {}).items())
+        extra = f"  (waiting: {waits or 'none'}; in retry backoff {r['backoff']})"
         out.append("queue      " + "  ".join(f"{p} {queue.get(p, 0)}" for p in PRIORITIES)
                    + extra)
+        if r.get("memory_pressure"):
+            out.append("memory     PRESSURE: memory use above the threshold; new non-critical "
+                       "work waits")
     if r["tasks"] is not None:
         out.append("tasks      " + (", ".join(f"{s} {n:,}" for s, n in sorted(
             r["tasks"].items())) or "none"))
