@@ -8,21 +8,11 @@ import signal
 import threading
 from collections import Counter
 
-import orjson
-
 from cortex.protocol import Client
 from cortex.services.tasks import PRIORITIES
 
+from .conftest import jsonl_events_of as jsonl_events
 from .conftest import wait_for
-
-
-def jsonl_events(home):
-    events = []
-    for path in sorted((home / "events").glob("events-*.jsonl")):
-        for line in path.read_bytes().splitlines():
-            if line.strip():
-                events.append(orjson.loads(line))
-    return events
 
 
 def pool_pids(client) -> set[int]:
