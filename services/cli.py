@@ -592,12 +592,14 @@ def cmd_status(args):
 
 def status_report(home: Path, suite: Suite, processes: list[dict],
                   answers: dict[str, dict | None]) -> dict:
-    services = {}
+    services, helpers = {}, {}
     for info in processes:
         name = info.get("name")
         running = info.get("statename") == "RUNNING"
         body = answers.get(name)
-        services[name] = {
+        # Programs that are not bus services (the supervisor event listener) are listed
+        # apart: they have no bus to answer on.
+        (services if name in SERVICES else helpers)[name] = {
             "state": info.get("statename"), "pid": info.get("pid") or None,
             "uptime": (info["now"] - info["start"]) if running and info.get("start") else None,
             "alive": body is not None, "description": info.get("description"),
@@ -610,6 +612,7 @@ def status_report(home: Path, suite: Suite, processes: list[dict],
         "home": str(home), "running": True,
         "supervisord": {"pid": suite.supervisord_pid()},
         "services": services,
+        "helpers": helpers,
         "workers": sched.get("workers"),
         "queue": sched.get("queue"),
         "tasks": sched.get("states"),
@@ -636,7 +639,9 @@ def render_status(r: dict) -> str:
     out.append(table(["SERVICE", "STATE", "PID", "UPTIME", "BUS"], [
         [name, s["state"], s["pid"], human_duration(s["uptime"]) if s["uptime"] else "-",
          "alive" if s["alive"] else "NOT ANSWERING"]
-        for name, s in r["services"].items()]))
+        for name, s in r["services"].items()] + [
+        [name, s["state"], s["pid"], human_duration(s["uptime"]) if s["uptime"] else "-",
+         "(listener)"] for name, s in (r.get("helpers") or {}).items()]))
     out.append("")
     unknown = "(scheduler not answering)"
     workers = r["workers"]
@@ -687,6 +692,17 @@ def render_status(r: dict) -> str:
         if ev.get("unwritable"):
             line += f", UNWRITABLE: {ev['unwritable']}"
         out.append("events     " + line)
+        names = {"queue": "submit→start", "run": "start→end", "total": "end to end"}
+        parts = []
+        for stage, label in names.items():
+            st = (ev.get("latency") or {}).get(stage) or {}
+            if st.get("count"):
+                parts.append(f"{label} p50/p95/p99 " + "/".join(
+                    human_duration(st.get(q)) for q in ("p50", "p95", "p99")))
+        if parts:
+            out.append("latency    " + "; ".join(parts))
+        if ev.get("metrics_url"):
+            out.append(f"metrics    {ev['metrics_url']} (Prometheus)")
         pg = ev.get("postgres")
         if pg:
             line = (f"lag {number(pg.get('lag'))}, inserted {number(pg.get('inserted'))}, "

@@ -80,6 +80,8 @@ fail = "cortex.services.handlers:fail"
 [events]
 max_file_bytes = 67108864    # rotate JSONL files past this size (and every UTC day)
 postgres_url = ""            # e.g. "postgresql://cortex@localhost/cortex" to copy events there
+metrics_port = 0             # Prometheus /metrics on 127.0.0.1: 0 any free port (see
+                             # run/metrics.url and `cortex status`), -1 off
 """
 
 
@@ -130,6 +132,7 @@ class WorkerGroup:
 class EventSettings:
     max_file_bytes: int = 64 << 20
     postgres_url: str = ""
+    metrics_port: int = 0
 
 
 @dataclass(frozen=True)
@@ -177,7 +180,8 @@ def _section(cls, raw: dict, name: str):
             raise ConfigError(f"[{name}] {key}: expected {type(default).__name__}, "
                               f"got {value!r}")
         if isinstance(value, int | float):
-            _number(value, f"[{name}] {key}")  # NaN and infinities pass naive range checks
+            # NaN and infinities pass naive range checks; -1 switches a port off.
+            _number(value, f"[{name}] {key}", lo=-1 if key.endswith("_port") else 0)
         values[key] = value
     return cls(**values)
 

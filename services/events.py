@@ -24,6 +24,7 @@ from cortex.protocol.peer import make_socket
 
 from .effects import Effects
 from .eventlog import EventLogError, EventLogWriter, RingBuffer, SeqTracker
+from .metrics import Metrics
 from .service import BusService
 
 RETRY_WRITE = 1.0  # seconds between attempts to write to an unwritable events directory
@@ -67,6 +68,19 @@ class EventRouter(BusService):
                                self.rt.home / "state" / "pg-spool")
         self.own_seq = 0
         self.next_flush = 0.0
+        # Streaming latency histograms and counters, fed every event; /metrics on localhost.
+        self.metrics = Metrics()
+        self.metrics.set_gauge("events_buffered", lambda: self.writer.buffered)
+        self.metrics.set_gauge("event_gaps", lambda: self.tracker.gaps)
+        self.metrics.set_gauge("postgres_lag", lambda: self.sink.lag() if self.sink else 0)
+        self.metrics_server = None
+        port = self.settings.events.metrics_port
+        if port >= 0:
+            try:
+                self.metrics_server = self.metrics.serve(port)
+                (self.rt.home / "run" / "metrics.url").write_text(self.metrics_server.url)
+            except OSError as e:
+                self.log.error("metrics endpoint not started: %s", e)
 
     # -- fan-in ---------------------------------------------------------------------------
     def on_batch(self, parts: list) -> list[dict]:
@@ -163,7 +177,11 @@ class EventRouter(BusService):
             fx.reply(msg.peer, msg.corr, {
                 **self.stats, "gaps": self.tracker.gaps, "buffered": self.writer.buffered,
                 "unwritable": self.unwritable,
-                "postgres": self.sink.stats() if self.sink else None})
+                "postgres": self.sink.stats() if self.sink else None,
+                "metrics_url": self.metrics_server.url if self.metrics_server else None,
+                "latency": self.metrics.latency()})
+        elif op == "events.metrics":
+            fx.reply(msg.peer, msg.corr, self.metrics.summary())
         else:
             raise wire.ProtocolError("unknown_type", f"unknown operation {op!r}")
 
@@ -191,6 +209,7 @@ class EventRouter(BusService):
             self.store(fresh, time.monotonic())
             if fresh:
                 self.ring.extend(fresh)
+                self.metrics.observe_many(fresh)
                 self.publish(fresh)
                 if self.sink is not None:
                     self.sink.offer(fresh)
@@ -210,6 +229,9 @@ class EventRouter(BusService):
         self.writer.close()
         if self.sink is not None:
             self.sink.close(timeout=5.0)
+        if self.metrics_server is not None:
+            self.metrics_server()
+            (self.rt.home / "run" / "metrics.url").unlink(missing_ok=True)
         self.fan_in.close(linger=0)
         self.live.close(linger=0)
         self.rt.remove_socket(self.fan_in_endpoint)

@@ -457,6 +457,8 @@ class SchedulerState:
         started = body.get("started_at")
         if isinstance(started, float):
             task.times["started"] = started
+            if task.state is State.DISPATCHED:  # a short task: its start came with its end
+                fx.emit("task.started", {"attempt": task.attempt, "at": started}, task.id, name)
         finished_at = body.get("finished_at") if isinstance(body.get("finished_at"), float) \
             else now
         duration = max(0.0, finished_at - task.times.get("started", finished_at))
