@@ -23,13 +23,16 @@ from .harness import Target
 from .scenarios import SCENARIOS, Session
 
 DEFAULT_ORDER = ("latency", "rate", "noop", "utilization", "priority", "mixed", "sweep",
-                 "chaos")
+                 "chaos", "events")
 
 
 def parse(argv=None):
     p = argparse.ArgumentParser(prog="python -m cortex.loadtest", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--home", help="attach to the suite running for this home (left running)")
+    p.add_argument("--postgres-url", default="",
+                   help="the suite started for the test copies its events to this PostgreSQL "
+                        "(the events scenario then reports PostgreSQL lag)")
     p.add_argument("--scenario", default="all",
                    help=f"comma-separated: {', '.join(SCENARIOS)} or all (default all)")
     p.add_argument("--agents", type=int, default=100, help="concurrent agents (100)")
@@ -103,7 +106,8 @@ def _main(args) -> int:
     for i in range(args.runs):
         print(f"== run {i + 1} of {args.runs}", file=sys.stderr)
         target = Target(args.home, workers=args.workers, fsync=args.fsync,
-                        extra_types=extra_types, keep_home=args.keep_home)
+                        extra_types=extra_types, keep_home=args.keep_home,
+                        postgres_url=args.postgres_url)
         with target:
             if not target.owned:
                 args.workers = target.workers = _count_workers(target)

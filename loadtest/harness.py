@@ -52,7 +52,7 @@ def summarize(values) -> dict:
 
 
 # -- the suite under test -------------------------------------------------------------------
-def own_config(workers: int, fsync: str, extra_types=()) -> str:
+def own_config(workers: int, fsync: str, extra_types=(), postgres_url: str = "") -> str:
     types = ["echo", "sleep", "simulated_agent", "fail", *extra_types]
     handlers = "".join(f'{t} = "{SYNTHETIC_HANDLER}"\n' for t in extra_types)
     return (
@@ -62,7 +62,8 @@ def own_config(workers: int, fsync: str, extra_types=()) -> str:
         "[scheduler]\nmax_queue_per_type = 100000\n"
         f"[pool.groups.default]\ncount = {workers}\n"
         f"types = [{', '.join(repr(t).replace(chr(39), chr(34)) for t in types)}]\n"
-        + (f"[handlers]\n{handlers}" if handlers else ""))
+        + (f"[handlers]\n{handlers}" if handlers else "")
+        + (f'[events]\npostgres_url = "{postgres_url}"\n' if postgres_url else ""))
 
 
 class Target:
@@ -70,14 +71,15 @@ class Target:
     end, checked for leftovers) or an existing one (`home`), which is left running."""
 
     def __init__(self, home: str | None = None, workers: int = 20, fsync: str = "group",
-                 extra_types=(), keep_home: bool = False):
+                 extra_types=(), keep_home: bool = False, postgres_url: str = ""):
         self.owned = home is None
         self.workers = workers
         self.keep_home = keep_home
         if self.owned:
             become_subreaper()
             self.home = Path(tempfile.mkdtemp(prefix="cxlt", dir="/tmp"))
-            (self.home / "cortex.toml").write_text(own_config(workers, fsync, extra_types))
+            (self.home / "cortex.toml").write_text(own_config(workers, fsync, extra_types,
+                                                              postgres_url))
         else:
             self.home = Path(home).absolute()
         self.suite = Suite(self.home)

@@ -33,6 +33,8 @@ TARGETS = [
     ("mixed", "completion_rate", ">", 0.90, "", "task completion (incl. intended failures)",
      ""),
     ("mixed", "tokens.error_pct", "abs<=", 1.0, "%", "token accounting error", ""),
+    ("events", "events.per_s", ">=", 10000.0, "events/s",
+     "events sustained into JSONL (and PostgreSQL when configured), acknowledged", ""),
     ("*", "tasks.lost", "==", 0, "", "tasks lost", ""),
     ("*", "tasks.duplicated", "==", 0, "", "tasks completed twice", ""),
     ("*", "zombies", "==", 0, "", "zombies", ""),

@@ -19,7 +19,9 @@ from cortex.services.prediction import synthetic_workload
 from . import harness
 from .agents import AgentPlan, Job, Options, Progress, Sync, run_agents
 
-SCENARIOS = ("latency", "rate", "noop", "utilization", "priority", "mixed", "sweep", "chaos")
+SCENARIOS = ("latency", "rate", "noop", "utilization", "priority", "mixed", "sweep", "chaos",
+             "events")
+EVENT_PUBLISHERS = 4  # threads publishing in the events scenario
 PRIORITY_FLOOD = 2000
 PRIORITY_CRITICAL = 200
 
@@ -371,6 +373,97 @@ class Session:
                             during=lambda: _started(Killer()))
 
     # -- a whole run ---------------------------------------------------------------------------
+    def events(self) -> dict:
+        """Events straight into the router through the same acknowledged channel the
+        services use: sustained events/s until every one is acknowledged (written to
+        JSONL), then loss and duplicates counted in the JSONL, and PostgreSQL lag (when the
+        suite copies events there) sampled until it drains."""
+        import glob
+
+        import orjson
+        import zmq
+
+        from cortex.protocol import locate
+        from cortex.services.publisher import EventPublisher
+
+        total = max(self.args.tasks * 20, EVENT_PUBLISHERS)
+        per = total // EVENT_PUBLISHERS
+        endpoint = locate.endpoints(self.target.home)["events_in"]
+        ctx = zmq.Context.instance()
+        tag = f"lt{int(time.time() * 1000) % 10**9}"
+        pg_lag: list[int] = []
+        done = threading.Barrier(EVENT_PUBLISHERS + 1)
+
+        def publish(n: int) -> None:
+            pub = EventPublisher(ctx, endpoint, f"{tag}-{n}", time.time_ns())
+            try:
+                for i in range(per):
+                    pub.emit("loadtest.event", {"i": i, "text": "x" * 64}, task=f"{tag}-{n}-{i}")
+                    if i % 200 == 199:
+                        pub.flush()
+                        pub.on_message()
+                pub.flush()
+                deadline = time.monotonic() + 120
+                while pub.unacked and time.monotonic() < deadline:
+                    if pub.socket.poll(50):
+                        pub.on_message()
+                    pub.tick(time.monotonic())
+            finally:
+                done.wait()
+                pub.close()
+
+        cpu0 = harness_cpu()
+        started = time.monotonic()
+        threads = [_started(threading.Thread(target=publish, args=(n,)))
+                   for n in range(EVENT_PUBLISHERS)]
+        done.wait()
+        elapsed = time.monotonic() - started
+        for t in threads:
+            t.join()
+        postgres = None
+        if self.client is None:
+            from cortex.protocol import Client
+
+            self.client = Client(self.target.home, timeout=10.0)
+        settle_deadline = time.monotonic() + 120
+        while True:  # PostgreSQL lag, until it drains (JSONL is already complete)
+            try:
+                status = self.client.call("events", "events.status", timeout=5)
+            except Exception:
+                status = None
+            postgres = (status or {}).get("postgres")
+            if not postgres:
+                break
+            pg_lag.append(postgres.get("lag", 0))
+            if postgres.get("lag", 0) == 0 or time.monotonic() > settle_deadline:
+                break
+            time.sleep(0.25)  # sampling an outside service's lag, with a deadline
+        pg_settle = time.monotonic() - started - elapsed
+        ids: dict[str, int] = {}
+        for path in glob.glob(str(self.target.home / "events" / "*.jsonl")):
+            with open(path, "rb") as f:
+                for line in f:
+                    if tag.encode() in line:
+                        try:
+                            ev = orjson.loads(line)
+                        except orjson.JSONDecodeError:
+                            continue
+                        ids[ev["id"]] = ids.get(ev["id"], 0) + 1
+        written = len(ids)
+        return {"agents": EVENT_PUBLISHERS, "workers": None, "wall_s": elapsed,
+                "throughput": total / elapsed, "completion_rate": written / total,
+                "tasks": {"planned": total, "lost": total - written,
+                          "duplicated": sum(1 for n in ids.values() if n > 1)},
+                "zombies": 0, "latency_ms": {},
+                "events": {"emitted": total, "written": written, "jsonl_lines": sum(ids.values()),
+                           "missing": total - written,
+                           "duplicates": sum(n - 1 for n in ids.values()),
+                           "per_s": total / elapsed,
+                           "postgres": None if postgres is None else {
+                               "lag_max": max(pg_lag or [0]), "lag_end": pg_lag[-1] if pg_lag
+                               else None, "settle_s": pg_settle, "stats": postgres}},
+                "resources": {"harness_cpu_s": harness_cpu() - cpu0}}
+
     def run(self, names: list[str]) -> dict:
         self.sampler.start()
         try:

@@ -69,13 +69,18 @@ def _check_scenario(name: str, s: dict, planned: int) -> None:
 def test_smoke_noop_and_latency(tmp_path, capsys):
     out = tmp_path / "report"
     code = cli.main(["--agents", "10", "--tasks", "200", "--workers", "4",
-                     "--scenario", "latency,noop", "--out", str(out), "--idle-seconds", "0.5",
+                     "--scenario", "latency,noop,events", "--out", str(out),
+                     "--idle-seconds", "0.5",
                      "--fsync", "off"])
     assert code == 0
     assert "[noop] 200/200 done" in capsys.readouterr().err  # the live line's last word
     report = json.loads((out / "report.json").read_text())
     assert report["schema"] == "cortex.loadtest/1"
-    assert report["runs"] == 1 and list(report["scenarios"]) == ["latency", "noop"]
+    assert report["runs"] == 1
+    assert list(report["scenarios"]) == ["latency", "noop", "events"]
+    ev = report["scenarios"]["events"]["events"]
+    assert ev["emitted"] == 200 * 20 == ev["written"] == ev["jsonl_lines"]
+    assert ev["missing"] == ev["duplicates"] == 0 and ev["per_s"] > 0
     assert report["leftovers"] == [[]]
     _check_scenario("latency", report["scenarios"]["latency"], 200)
     _check_scenario("noop", report["scenarios"]["noop"], 200)
