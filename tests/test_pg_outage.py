@@ -19,9 +19,9 @@ import pytest
 
 from cortex.protocol import Client
 
+from .conftest import jsonl_events_of as jsonl_events
 from .conftest import wait_for
 from .pg import fresh_database, pg_server, postgres_url  # noqa: F401 (fixtures)
-from .test_suite_integration import jsonl_events
 
 OUTAGE = 30.0  # seconds of each phase, as the issue asks
 AGENTS = 4

@@ -34,9 +34,9 @@ from cortex.services.supervisor_listener import (
     to_event,
 )
 
+from .conftest import jsonl_events_of as jsonl_events
 from .conftest import wait_for
 from .pg import fresh_database, pg_server, postgres_url  # noqa: F401 (fixtures)
-from .test_suite_integration import jsonl_events
 
 
 def envelope(eventname: str, payload: str, serial: int = 1) -> bytes:
