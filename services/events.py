@@ -113,13 +113,25 @@ class EventRouter(BusService):
         return fresh
 
     def emit_own(self, type_: str, data: dict) -> dict:
-        """The router's own events skip the fan-in: straight into the log."""
+        """The router's own events skip the fan-in but go everywhere else fresh events go:
+        the log (buffered: an unwritable directory holds it until it can be written), the
+        ring, live subscribers, metrics and PostgreSQL."""
         self.own_seq += 1
         event = {"id": f"events-router:{self.rt.epoch}:{self.own_seq}", "source": "events-router",
                  "epoch": self.rt.epoch, "seq": self.own_seq, "ts": time.time(), "type": type_,
                  "trace": None, "task": None, "worker": None, "data": data}
         self.tracker.observe("events-router", self.rt.epoch, self.own_seq)
+        self.writer.append([event])
+        self.deliver([event])
         return event
+
+    def deliver(self, events: list[dict]) -> None:
+        """Everything but the log: ring buffer, live fan-out, metrics, PostgreSQL."""
+        self.ring.extend(events)
+        self.metrics.observe_many(events)
+        self.publish(events)
+        if self.sink is not None:
+            self.sink.offer(events)
 
     def store(self, fresh: list[dict], now: float) -> None:
         if fresh:
@@ -135,15 +147,13 @@ class EventRouter(BusService):
             if not self.unwritable:
                 self.log.error("events directory unwritable, holding events: %s", e)
                 self.unwritable = str(e)
-                event = self.emit_own("events.unwritable", {"error": str(e)})
-                self.ring.append(event)
-                self.publish([event])
+                self.emit_own("events.unwritable", {"error": str(e)})
             self.next_write_retry = now + RETRY_WRITE
             return
         if self.unwritable:
             self.log.warning("events directory writable again")
             self.unwritable = None
-            self.writer.append([self.emit_own("events.writable", {})])
+            self.emit_own("events.writable", {})
             self.writer.flush()
         self.stats["written"] = self.writer.events_written
         for sender, streams in self.to_ack.items():
@@ -208,11 +218,7 @@ class EventRouter(BusService):
                 fresh.extend(self.on_batch(parts))
             self.store(fresh, time.monotonic())
             if fresh:
-                self.ring.extend(fresh)
-                self.metrics.observe_many(fresh)
-                self.publish(fresh)
-                if self.sink is not None:
-                    self.sink.offer(fresh)
+                self.deliver(fresh)
         if self.live in ready:
             try:
                 while True:
