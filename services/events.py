@@ -104,11 +104,11 @@ class EventRouter(BusService):
             if not isinstance(source, str) or type(epoch) is not int or type(seq) is not int:
                 self.stats["malformed"] += 1
                 continue
-            self.stats["received"] += 1
             self.to_ack.setdefault(sender, set()).add((source, epoch))
             if self.tracker.observe(source, epoch, seq) == "duplicate":
-                self.stats["duplicates"] += 1
+                self.stats["duplicates"] += 1  # a re-send: acknowledged, not written again
                 continue
+            self.stats["received"] += 1  # distinct events: each must reach the log once
             fresh.append(event)
         return fresh
 
