@@ -682,9 +682,14 @@ class SchedulerState:
             "id": task.id, "attempt": task.attempt, "type": task.type,
             "description": task.description, "priority": task.priority,
             "payload": task.payload, "tokens": task.reserved, "timeout": task.timeout}})
-        fx.emit("task.dispatched", {"attempt": task.attempt, "worker": worker.name,
-                                    "waited": now - task.times["created"]}, task.id,
-                worker.name)
+        # Why this task, now, here: its rank against what else was queued for the worker.
+        fx.emit("task.dispatched", {
+            "attempt": task.attempt, "worker": worker.name, "priority": task.priority,
+            "agent": task.agent, "deadline": task.deadline,
+            "waited": now - task.times["created"], "reserved": task.reserved,
+            "still_queued": {t: self.queue.counts.get(t, [0] * len(PRIORITIES))
+                             for t in worker.types if any(self.queue.counts.get(t, ()))},
+            "predicted": task.predicted}, task.id, worker.name)
 
     # -- time ----------------------------------------------------------------------------
     def tick(self, fx: Effects, now: float, task_heartbeat: float) -> float:
