@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
+import sys
 from collections import Counter
 
 import psutil
@@ -48,6 +50,18 @@ def test_hung_worker_is_detected_and_its_task_completes_elsewhere(suites):
     kinds = Counter(ev["type"] for ev in jsonl_events(suite.home) if ev["task"] == task["id"])
     assert kinds["task.completed"] == 1
     assert kinds["task.retry"] == 1
+    # `cortex task trace` tells the story in order: two dispatches around the retry.
+    out = subprocess.run([sys.executable, "-m", "cortex.services.cli", "--home",
+                          str(suite.home), "task", "trace", task["id"], "--json"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    story = [json.loads(line) for line in out.stdout.splitlines()]
+    types = [e["type"] for e in story]
+    assert [e["ts"] for e in story] == sorted(e["ts"] for e in story)
+    first, retry = types.index("task.dispatched"), types.index("task.retry")
+    assert types.index("task.created") < first < retry < types.index("task.completed")
+    assert types.count("task.dispatched") == 2
+    assert story[retry]["data"]["category"] == "worker_lost"
 
 
 def test_timeout_kills_the_task_with_its_children(suites):
