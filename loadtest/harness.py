@@ -25,7 +25,7 @@ import orjson
 import psutil
 
 from cortex.protocol import Client, errors
-from cortex.services.suite import Suite, SuiteError, become_subreaper, reap_orphans
+from cortex.services.suite import Suite, SuiteError, become_subreaper, reap_orphans, zombies
 
 from .agents import FINAL_STATES, fill_final
 
@@ -148,14 +148,7 @@ class Target:
                 pids.update(c.pid for c in psutil.Process(pid).children(recursive=True))
             except psutil.Error:
                 pass
-        found = []
-        for pid in pids:
-            try:
-                if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
-                    found.append(pid)
-            except psutil.Error:
-                pass
-        return sorted(found)
+        return zombies(pids)
 
     def kill(self, pid: int) -> bool:
         try:

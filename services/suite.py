@@ -56,6 +56,18 @@ def reap_orphans() -> None:
             return
 
 
+def zombies(pids) -> list[int]:
+    """Those of `pids` that are zombies (exited, not reaped)."""
+    found = []
+    for pid in pids:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                found.append(pid)
+        except psutil.Error:
+            pass
+    return sorted(found)
+
+
 def _alive(pid: int) -> bool:
     try:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE

@@ -17,7 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from cortex.services.suite import Suite, become_subreaper, reap_orphans
+from cortex.services.suite import Suite, become_subreaper, reap_orphans, zombies
 
 become_subreaper()
 
@@ -68,15 +68,7 @@ def jsonl_events_of(home: Path) -> list[dict]:
     return events
 
 
-def zombies_of(pids) -> list[int]:
-    found = []
-    for pid in pids:
-        try:
-            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
-                found.append(pid)
-        except psutil.Error:
-            pass
-    return found
+zombies_of = zombies
 
 
 class SuiteRunner:
