@@ -108,7 +108,8 @@ def new_record(job: Job, agent: str) -> dict:
             "due": None, "t_submit": None, "t_ack": None, "t_seen": None, "id": None,
             "code": None, "state": None, "category": None, "attempt": None,
             "created": None, "dispatched": None, "started": None, "ended": None,
-            "tokens_used": 0, "worker": None, "duration": None}
+            "tokens_used": 0, "worker": None, "duration": None, "predicted": None,
+            "actual": None}
 
 
 def fill_final(rec: dict, task: dict) -> None:
@@ -117,6 +118,8 @@ def fill_final(rec: dict, task: dict) -> None:
     rec["attempt"] = task.get("attempt")
     rec["worker"] = task.get("worker")
     rec["tokens_used"] = task.get("tokens_used") or 0
+    rec["predicted"] = task.get("predicted")  # what the scheduler expected, and from where
+    rec["actual"] = task.get("actual")
     rec["created"] = times.get("created", rec["created"])
     rec["dispatched"] = times.get("dispatched")
     rec["started"] = times.get("started")

@@ -286,6 +286,7 @@ class Session:
             return {"mixed": {t: {"tasks": v["tasks"], "completed": v["completed"],
                                   "end_to_end_ms": harness.summarize(v["e2e"])}
                               for t, v in sorted(by_type.items())},
+                    "prediction": prediction_accuracy(records),
                     "intended_failures": sum(1 for j in jobs if j.tag == "fail" or (
                         isinstance(j.payload, dict) and j.payload.get("fail")))}
 
@@ -481,6 +482,28 @@ class Session:
                 self.client = None
         return {"scenarios": results, "idle_cpu": {"before": idle_before, "after": idle_after},
                 "suite_start_s": self.target.start_s}
+
+
+def prediction_accuracy(records: list[dict]) -> dict:
+    """How the scheduler's predictions held up: for completed tasks predicted by the
+    learned model, the share within ±25 % of the measured duration and tokens (and how
+    many tasks each source predicted)."""
+    sources: dict[str, int] = {}
+    within = {"duration": [], "tokens": []}
+    for r in records:
+        pred, actual = r.get("predicted") or {}, r.get("actual") or {}
+        if r.get("state") != "completed" or not pred or not actual:
+            continue
+        sources[pred.get("source", "?")] = sources.get(pred.get("source", "?"), 0) + 1
+        if pred.get("source") != "model":
+            continue
+        for target in within:
+            truth = actual.get(target)
+            if truth:
+                within[target].append(abs(pred[target] - truth) <= 0.25 * abs(truth))
+    return {"sources": sources,
+            **{f"{t}_within_25pct": (sum(v) / len(v) if v else None) for t, v in within.items()},
+            "model_predicted": len(within["duration"])}
 
 
 def _started(thread):
