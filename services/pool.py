@@ -59,6 +59,7 @@ class Pool(BusService):
         super().__init__(home)
         self.pidfile = self.rt.home / "run" / "workers.pids"
         self.children: dict[int, Child] = {}
+        self._popen: dict = {}  # pid -> Popen, reaped by our own waitpid
         self.restart_due: list[tuple[float, str, int]] = []  # (when, group, slot)
         self.failures: dict[tuple[str, int], int] = {}
         self.spawned = 0
@@ -117,7 +118,6 @@ class Pool(BusService):
             child.proc = psutil.Process(proc.pid)
         except psutil.Error:
             pass
-        self._popen = getattr(self, "_popen", {})
         self._popen[proc.pid] = proc  # keep the Popen so Python does not warn or reap it
         self.children[proc.pid] = child
         self.record_pids()
@@ -243,12 +243,6 @@ class Pool(BusService):
 
     def snapshot(self) -> dict:
         return self.describe()
-
-    def run(self) -> None:
-        try:
-            super().run()  # returns when SIGTERM set rt.stopping
-        finally:
-            pass
 
     def shutdown(self) -> None:
         """Every worker finishes its task, then exits; no child is left unreaped."""

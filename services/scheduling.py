@@ -370,10 +370,8 @@ class SchedulerState:
 
     def worker_leaving(self, name: str) -> None:
         worker = self.workers.get(name)
-        if worker is not None:
-            worker.state = "leaving" if worker.task is None else worker.state
-            if worker.task is None:
-                del self.workers[name]
+        if worker is not None and worker.task is None:
+            del self.workers[name]  # a busy one leaves after its finish (or is lost)
 
     def _kill_worker(self, fx: Effects, worker: WorkerInfo, reason: str) -> None:
         fx.sends.append((b"pool", wire.NOTIFY, b"", {"op": "pool.kill", "worker": worker.name,
