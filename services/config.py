@@ -50,6 +50,8 @@ aging = 30.0                 # seconds of waiting that lift a task one priority 
 memory_threshold = 80.0      # % of memory used above which non-critical work waits
 retrain_every = 500          # completions between background retrains of the predictor (0: never)
 scale_backlog = 5.0          # predicted seconds of queued work per worker that adds a worker
+worker_start = 0.5           # seconds a new worker takes to start (then learned): a critical
+                             # task surges only if no busy worker frees sooner than this
 
 [ledger]
 budget = 100000000           # global token budget
@@ -108,6 +110,7 @@ class SchedulerSettings:
     memory_threshold: float = 80.0
     retrain_every: int = 500
     scale_backlog: float = 5.0
+    worker_start: float = 0.5
 
 
 @dataclass(frozen=True)

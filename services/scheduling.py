@@ -37,6 +37,7 @@ DISPATCH_GRACE = 2.0
 REJECTED_MEMORY = 100_000  # refused idempotency keys remembered (oldest forgotten first)
 SCALE_COOLDOWN = 2.0  # seconds between scale requests for one type (hysteresis)
 WATCH_INTERVAL = 0.1  # seconds between scans of running tasks for timeouts and silence
+WORKER_RSS_MB = 50.0  # a worker's memory before any has reported its own
 
 
 @dataclass
@@ -78,6 +79,10 @@ class SchedulerState:
         self.next_watch = 0.0
         self.scale_cooldown: dict[str, float] = {}  # type -> no new scale request before
         self.surged: dict[str, int] = {}  # type -> critical tasks queued at the last request
+        self.declined: dict[str, int] = {}  # type -> critical queued when surge last declined
+        self.scale_requested: dict[str, float] = {}  # type -> oldest unanswered scale request
+        self.worker_start_s = settings.worker_start  # learned: scale request -> registration
+        self.worker_rss_mb = WORKER_RSS_MB  # learned from the workers' reports
 
     # -- the only two ways state changes -------------------------------------------------
     def _set(self, fx: Effects, task: Task, **changes) -> None:
@@ -341,6 +346,10 @@ class SchedulerState:
         if worker is None:
             worker = self.workers[name] = WorkerInfo(name, tuple(types), pid, last_seen=now)
             fx.emit("worker.registered", {"types": types, "pid": pid}, worker=name)
+            for t in types:  # a worker we asked for: how long starting one takes
+                asked = self.scale_requested.pop(t, None)
+                if asked is not None and 0 <= now - asked < 60:
+                    self.worker_start_s = 0.7 * self.worker_start_s + 0.3 * (now - asked)
         elif worker.state == "claimed":
             worker.last_seen = now  # idle indeed: it waits while we reserve its next task
             return
@@ -466,6 +475,8 @@ class SchedulerState:
                    "duration": duration, "cpu_s": body.get("cpu_s")}
         cpu_s = body.get("cpu_s") if isinstance(body.get("cpu_s"), float) else 0.0
         rss = body.get("rss_mb") if isinstance(body.get("rss_mb"), float) else 0.0
+        if 0 < rss < 1e6:
+            self.worker_rss_mb = 0.99 * self.worker_rss_mb + 0.01 * rss
         actual = {"duration": duration, "tokens": float(task.tokens_used), "memory_mb": rss,
                   "cpu": min(cpu_s / duration, 64.0) if duration > 0 else 0.0}
         result = body.get("result")
@@ -640,37 +651,92 @@ class SchedulerState:
                     break
                 self._dispatch(fx, task, worker, now)
 
+    def next_free(self, workers: list[WorkerInfo], now: float) -> float:
+        """Seconds until the first of these busy workers is expected to free up. A task
+        past its predicted duration is assumed to need as long again as it is overdue,
+        so a stuck task soon stops looking like it will free its worker."""
+        mean: dict[str, float] = {}
+        best = float("inf")
+        for w in workers:
+            task = self.tasks.get(w.task or "")
+            if task is None or w.state != "busy":
+                return 0.0  # claimed or between tasks: about to take work
+            if task.type not in mean:
+                mean[task.type] = self.mean_duration(task.type)
+            expected = (task.predicted or {}).get("duration", mean[task.type])
+            elapsed = now - task.times.get("dispatched", now)
+            best = min(best, expected - elapsed if elapsed <= expected else elapsed - expected)
+        return max(0.0, best)
+
+    def type_needs(self, task_type: str) -> dict:
+        """What one more worker of a type would take from the machine: its interpreter
+        (the workers' measured RSS) or its tasks' predicted peak, whichever is larger, and
+        the tasks' predicted CPU when they run a second or more (as in needs())."""
+        needs = {"cpu": 0.0, "memory_mb": self.worker_rss_mb}
+        if self.predictor is not None:
+            pred = self.predictor.predict(task_type, "medium", "", 0)
+            if pred.source != "default":
+                needs["memory_mb"] = max(needs["memory_mb"], pred.memory_mb)
+                if pred.duration >= 1.0:
+                    needs["cpu"] = pred.cpu
+        return needs
+
     def scale(self, fx: Effects, now: float) -> None:
-        """Ask the pool for extra workers: at once for a waiting critical task (surge), and
-        when the predicted backlog per worker of a type passes scale_backlog. Each request
+        """Ask the pool for extra workers of a type that has none idle: for a waiting
+        critical task (surge), unless a busy worker frees sooner than a new one starts;
+        and when the predicted backlog per worker passes scale_backlog. Never past the
+        machine's headroom (feasibility.check on one more worker's needs). Each decision
         is an event with the numbers behind it; extra workers retire when idle."""
         for task_type, counts in self.queue.counts.items():
             depth = sum(counts)
             critical = counts[0] > 0
             if not critical:
                 self.surged[task_type] = 0
+                self.declined.pop(task_type, None)
             # Critical work skips the cooldown once per new critical task (never waits).
-            cooling = now < self.scale_cooldown.get(task_type, 0.0)
-            if depth <= 0 or (cooling and not (critical and counts[0] > self.surged.get(
-                    task_type, 0))):
+            fresh = critical and counts[0] > self.surged.get(task_type, 0)
+            if depth <= 0 or (now < self.scale_cooldown.get(task_type, 0.0) and not fresh):
                 continue
-            workers = [w for w in self.workers.values() if task_type in w.types]
+            workers = [w for w in self.workers.values() if task_type in w.types
+                       and w.state != "leaving"]
             if any(w.state == "idle" for w in workers):
                 continue
             mean = self.mean_duration(task_type)
             backlog = depth * mean / max(len(workers), 1)
-            if not critical and backlog <= self.settings.scale_backlog:
-                continue
-            reason = {"why": "critical task waiting" if critical else "backlog",
-                      "queued": depth, "critical_queued": counts[0], "workers": len(workers),
+            reason = {"queued": depth, "critical_queued": counts[0], "workers": len(workers),
                       "predicted_task_s": round(mean, 4), "backlog_s": round(backlog, 3),
                       "threshold_s": self.settings.scale_backlog}
-            add = max(1, counts[0]) if critical else 1
-            fx.sends.append((b"pool", wire.NOTIFY, b"", {"op": "pool.scale", "type": task_type,
-                                                          "add": min(add, 8), "reason": reason}))
-            fx.emit("scheduler.scale", {"type": task_type, "add": min(add, 8), **reason})
+            surge = False
+            if fresh:
+                free_in = self.next_free(workers, now)
+                reason |= {"worker_free_in_s": round(free_in, 4),
+                           "worker_start_s": round(self.worker_start_s, 4)}
+                surge = free_in >= self.worker_start_s
+                if not surge and self.declined.get(task_type) != counts[0]:
+                    self.declined[task_type] = counts[0]
+                    fx.emit("scheduler.surge_declined", {
+                        "type": task_type, "why": "a busy worker frees sooner than a new "
+                        "one starts", **reason})
+            if not surge and backlog <= self.settings.scale_backlog:
+                continue
+            needs = self.type_needs(task_type)
+            readings = self.monitor.readings(time.monotonic())
+            blocked = check(needs, readings, self.dispatched_since_sample,
+                            "critical" if surge else "medium", self.settings.memory_threshold)
             self.scale_cooldown[task_type] = now + SCALE_COOLDOWN
             self.surged[task_type] = counts[0]
+            if blocked is not None:
+                fx.emit("scheduler.scale_blocked", {
+                    "type": task_type, "why": f"no {blocked} headroom for another worker",
+                    "needs": needs, "readings": readings.as_dict(), **reason})
+                continue
+            add = min(max(1, counts[0]) if surge else 1, 8)
+            reason = {"why": "critical task waiting" if surge else "backlog", **reason,
+                      "needs": needs}
+            fx.sends.append((b"pool", wire.NOTIFY, b"", {"op": "pool.scale", "type": task_type,
+                                                          "add": add, "reason": reason}))
+            fx.emit("scheduler.scale", {"type": task_type, "add": add, **reason})
+            self.scale_requested.setdefault(task_type, now)
 
     def _dispatch(self, fx: Effects, task: Task, worker: WorkerInfo, now: float) -> None:
         self._move(fx, task, State.DISPATCHED, now, worker=worker.name, waiting=None)

@@ -25,12 +25,15 @@ types = ["echo", "sleep", "simulated_agent", "fail"]
 """
 
 
+LOW_SECONDS = 3.0  # long enough that a new worker starts sooner than a busy one frees
+
+
 def test_critical_tasks_overtake_a_low_priority_flood_with_surge(suites):
     suite = suites.start(config=FLOOD)
     with Client(suite.home, timeout=60) as c:
         wait_for(lambda: len(c.workers()) == 2, 30, "two workers")
-        low = [c.submit("sleep", f"flood {i}", priority="low", payload={"seconds": 0.3})["id"]
-               for i in range(40)]
+        low = [c.submit("sleep", f"flood {i}", priority="low",
+                        payload={"seconds": LOW_SECONDS})["id"] for i in range(40)]
         wait_for(lambda: sum(w["state"] == "busy" for w in c.workers()) == 2, 20, "busy")
         submitted = time.time()
         crit = [c.submit("echo", f"urgent {i}", priority="critical", payload=i)["id"]
@@ -38,14 +41,14 @@ def test_critical_tasks_overtake_a_low_priority_flood_with_surge(suites):
         done = [c.wait(t, timeout=60) for t in crit]
         assert all(t["state"] == "completed" for t in done)
         # Each critical task started before any low-priority task dispatched after it was
-        # submitted, and within one low task's duration (0.3 s) of its submission.
+        # submitted, and within one low task's duration of its submission.
         first_crit_start = max(t["times"]["started"] for t in done)
         later_low = [c.status(t) for t in low]
         dispatched_after = [t["times"].get("dispatched") for t in later_low
                             if (t["times"].get("dispatched") or 0) > submitted]
         assert all(d >= min(t["times"]["dispatched"] for t in done) for d in dispatched_after)
         for task in done:
-            assert task["times"]["started"] - task["times"]["created"] <= 0.3 + 0.5
+            assert task["times"]["started"] - task["times"]["created"] <= LOW_SECONDS
         assert first_crit_start
         for t in low:
             c.cancel(t)
@@ -59,7 +62,7 @@ def test_full_queue_rejects_with_queue_full_but_not_critical(suites):
     suite = suites.start(config=FLOOD.replace("count = 2\nmax = 5", "count = 1\nmax = 1"))
     with Client(suite.home, timeout=30) as c:
         wait_for(lambda: len(c.workers()) == 1, 30, "one worker")
-        c.submit("sleep", "blocker", payload={"seconds": 30})
+        blocker = c.submit("sleep", "blocker", payload={"seconds": 30})["id"]
         wait_for(lambda: c.workers()[0]["state"] == "busy", 20, "busy")
         for i in range(60):
             c.submit("echo", f"fill {i}", priority="low")
@@ -68,6 +71,7 @@ def test_full_queue_rejects_with_queue_full_but_not_critical(suites):
         assert info.value.code == "queue_full"
         assert c.submit("echo", "critical passes", priority="critical")["state"] == "queued"
         assert c.call("scheduler", "scheduler.status")["counters"]["rejected"] == 1
+        c.cancel(blocker)  # else stopping the suite waits for it to finish
 
 
 def test_deadline_that_cannot_be_met_is_rejected_with_the_estimate(suites):

@@ -1299,3 +1299,105 @@ def test_snapshot_and_replay_equal_the_live_state(sequence):
     live = table(sim.state)
     for snap, upto in snapshots:
         assert table(replay(sim.records[upto:], snapshot=snap)) == live
+
+
+# -- surge and autoscaling ---------------------------------------------------------------
+def scale_requests(fx: Effects) -> list[dict]:
+    return [b for p, t, _, b in fx.sends if p == b"pool" and b.get("op") == "pool.scale"]
+
+
+def busy_sim(task_seconds: float, workers: int = 2, **overrides) -> Sim:
+    """All `workers` echo workers busy with tasks the scheduler expects to take
+    `task_seconds` (the per-type average: no predictor)."""
+    sim = Sim(**overrides)
+    sim.state.avg_duration["echo"] = task_seconds
+    for i in range(workers):
+        sim.ready(f"w{i}")
+        sim.add(description=f"long {i}")
+    assert all(w.state == "busy" for w in sim.state.workers.values())
+    return sim
+
+
+def scale_turn(sim: Sim) -> Effects:
+    return sim.turn(sim.state.scale, sim.now, dispatch=False)
+
+
+def test_critical_task_surges_when_busy_workers_free_later_than_a_new_one_starts():
+    sim = busy_sim(10.0, worker_start=0.5)
+    sim.add(priority="critical", description="urgent")
+    fx = scale_turn(sim)
+    [request] = scale_requests(fx)
+    assert request["type"] == "echo" and request["add"] == 1
+    [(_, data, _, _)] = events(fx, "scheduler.scale")
+    assert data["why"] == "critical task waiting"
+    assert data["worker_free_in_s"] == pytest.approx(10.0) and data["worker_start_s"] == 0.5
+
+
+def test_critical_task_waits_for_a_busy_worker_that_frees_sooner_than_a_new_one_starts():
+    sim = busy_sim(0.05, worker_start=0.5)
+    sim.add(priority="critical", description="urgent")
+    fx = scale_turn(sim)
+    assert scale_requests(fx) == []
+    [(_, data, _, _)] = events(fx, "scheduler.surge_declined")
+    assert data["worker_free_in_s"] == pytest.approx(0.05) and data["worker_start_s"] == 0.5
+    # Explained once per critical task, not on every turn.
+    assert events(scale_turn(sim), "scheduler.surge_declined") == []
+
+
+def test_an_overdue_task_stops_counting_as_about_to_free_its_worker():
+    sim = busy_sim(0.05, worker_start=0.5)
+    sim.add(priority="critical", description="urgent")
+    assert scale_requests(scale_turn(sim)) == []
+    sim.now += 0.3  # 0.25 s overdue: "as long again" is still sooner than a new worker
+    assert scale_requests(scale_turn(sim)) == []
+    sim.now += 0.3  # 0.55 s overdue
+    [request] = scale_requests(scale_turn(sim))
+    assert request["reason"]["why"] == "critical task waiting"
+
+
+def test_no_scaling_past_memory_headroom_but_critical_may_surge_under_pressure():
+    pressure = Readings(cpu_free_cores=2.0, mem_available_mb=4000.0, mem_percent=90.0,
+                        mem_total_mb=40000.0, cpu_cores=2)
+    sim = busy_sim(10.0, scale_backlog=1.0)
+    sim.state.monitor = ResourceMonitor(sample=lambda: pressure)
+    sim.add(description="backlog")
+    fx = scale_turn(sim)
+    assert scale_requests(fx) == []
+    [(_, data, _, _)] = events(fx, "scheduler.scale_blocked")
+    assert data["why"] == "no memory headroom for another worker"
+    assert data["readings"]["mem_percent"] == 90.0 and data["backlog_s"] > 1.0
+    sim.add(priority="critical", description="urgent")
+    [request] = scale_requests(scale_turn(sim))
+    assert request["reason"]["why"] == "critical task waiting"
+
+
+def test_no_surge_when_a_worker_would_not_fit_in_memory():
+    full = Readings(cpu_free_cores=2.0, mem_available_mb=20.0, mem_percent=99.0,
+                    mem_total_mb=4000.0, cpu_cores=2)
+    sim = busy_sim(10.0)
+    sim.state.monitor = ResourceMonitor(sample=lambda: full)
+    sim.add(priority="critical", description="urgent")
+    fx = scale_turn(sim)
+    assert scale_requests(fx) == []
+    [(_, data, _, _)] = events(fx, "scheduler.scale_blocked")
+    assert data["needs"]["memory_mb"] > data["readings"]["mem_available_mb"]
+
+
+def test_backlog_scaling_has_hysteresis_and_says_why():
+    sim = busy_sim(10.0, scale_backlog=1.0)
+    sim.add(description="backlog")
+    [request] = scale_requests(scale_turn(sim))
+    assert request["reason"]["why"] == "backlog"
+    assert request["reason"]["backlog_s"] == pytest.approx(1 * 10.0 / 2)  # queued x s / workers
+    assert scale_requests(scale_turn(sim)) == []  # cooling down
+    sim.now += scheduling.SCALE_COOLDOWN
+    assert len(scale_requests(scale_turn(sim))) == 1
+
+
+def test_worker_start_time_is_learned_from_the_workers_asked_for():
+    sim = busy_sim(10.0, worker_start=0.5)
+    sim.add(priority="critical", description="urgent")
+    assert scale_requests(scale_turn(sim))
+    sim.now += 2.0
+    sim.ready("surge-1")
+    assert sim.state.worker_start_s == pytest.approx(0.7 * 0.5 + 0.3 * 2.0)
