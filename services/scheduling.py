@@ -51,6 +51,13 @@ class WorkerInfo:
     done: int = 0
 
 
+def cpu_over_interval(predicted: dict, interval: float) -> float:
+    """Average cores a task with these predictions takes over a sampling interval."""
+    duration = max(0.0, float(predicted.get("duration", 0.0) or 0.0))
+    share = min(1.0, duration / interval) if interval > 0 else 1.0
+    return max(0.0, float(predicted.get("cpu", 0.0) or 0.0)) * share
+
+
 class SchedulerState:
     def __init__(self, settings: SchedulerSettings, predictor=None):
         self.settings = settings
@@ -596,13 +603,17 @@ class SchedulerState:
 
     # -- dispatch ------------------------------------------------------------------------
     def needs(self, task: Task) -> dict:
-        """Predicted resources that feasibility weighs. CPU counts only for tasks expected
-        to run a second or more: a short task's CPU share says nothing about headroom."""
+        """Predicted resources that feasibility weighs: peak memory, and the cores the task
+        takes on average over the next sampling interval (its predicted CPU share times
+        the part of the interval it runs). A 50 us no-op is 100 % CPU while it runs but
+        adds nothing a reading would see; a thousand of them in one interval add up (they
+        are summed in dispatched_since_sample), and a task of an interval or longer
+        counts in full."""
         pred = task.predicted or {}
         if pred.get("source", "default") == "default":
             return {"cpu": 0.0, "memory_mb": 0.0}  # nothing learned yet: no guessing
-        cpu = pred.get("cpu", 0.0) if pred.get("duration", 0.0) >= 1.0 else 0.0
-        return {"cpu": cpu, "memory_mb": pred.get("memory_mb", 0.0)}
+        return {"cpu": cpu_over_interval(pred, self.monitor.interval),
+                "memory_mb": pred.get("memory_mb", 0.0)}
 
     def feasible(self, fx: Effects, task: Task, readings, now: float) -> bool:
         if self.monitor.samples != self.sample_count:  # fresh readings include earlier work
@@ -671,14 +682,13 @@ class SchedulerState:
     def type_needs(self, task_type: str) -> dict:
         """What one more worker of a type would take from the machine: its interpreter
         (the workers' measured RSS) or its tasks' predicted peak, whichever is larger, and
-        the tasks' predicted CPU when they run a second or more (as in needs())."""
+        its tasks' CPU over the sampling interval (as in needs())."""
         needs = {"cpu": 0.0, "memory_mb": self.worker_rss_mb}
         if self.predictor is not None:
             pred = self.predictor.predict(task_type, "medium", "", 0)
             if pred.source != "default":
                 needs["memory_mb"] = max(needs["memory_mb"], pred.memory_mb)
-                if pred.duration >= 1.0:
-                    needs["cpu"] = pred.cpu
+                needs["cpu"] = cpu_over_interval(pred.as_dict(), self.monitor.interval)
         return needs
 
     def scale(self, fx: Effects, now: float) -> None:

@@ -1401,3 +1401,69 @@ def test_worker_start_time_is_learned_from_the_workers_asked_for():
     sim.now += 2.0
     sim.ready("surge-1")
     assert sim.state.worker_start_s == pytest.approx(0.7 * 0.5 + 0.3 * 2.0)
+
+
+# -- CPU feasibility from predictions ----------------------------------------------------
+class FixedPredictor:
+    """Predicts the same for every task of a type (a learned model's stand-in)."""
+
+    def __init__(self, **by_type):
+        self.by_type = by_type
+
+    def predict(self, task_type, priority, description, size):
+        from cortex.services.prediction import Prediction
+
+        duration, cpu = self.by_type.get(task_type, (1.0, 0.0))
+        return Prediction(duration=duration, tokens=0.0, memory_mb=10.0, cpu=cpu,
+                          source="model")
+
+
+def cpu_sim(free_cores: float, **by_type) -> Sim:
+    sim = Sim()
+    sim.state.predictor = FixedPredictor(**by_type)
+    busy = Readings(cpu_free_cores=free_cores, mem_available_mb=1e5, mem_percent=10.0,
+                    mem_total_mb=1e6, cpu_cores=2)
+    sim.state.monitor = ResourceMonitor(sample=lambda: busy, interval=1.0)
+    return sim
+
+
+def test_a_long_cpu_bound_task_waits_for_cpu_while_others_that_fit_go_ahead():
+    sim = cpu_sim(0.3, heavy=(5.0, 1.0), echo=(0.01, 0.5))
+    heavy = sim.add(type="heavy", priority="high")
+    light = sim.add(type="echo", priority="low")
+    fx = sim.ready("w1", ("heavy", "echo"))
+    # The heavy one needs a whole core for 5 s; the light one 0.5 cores for 10 ms of the
+    # 1 s interval, i.e. 0.005 cores: it runs though it ranks lower (no head-of-line).
+    assert [t["id"] for _, t in runs(fx)] == [light.id]
+    assert heavy.waiting == "cpu" and heavy.state is State.QUEUED
+    [(_, data, _, _)] = events(fx, "task.waiting")
+    assert data["reason"] == "cpu" and data["needs"]["cpu"] == pytest.approx(1.0)
+    assert sim.state.status(sim.now)["waiting"] == {"cpu": 1}
+
+
+def test_many_short_tasks_add_up_to_a_cpu_wait_within_one_interval():
+    sim = cpu_sim(0.35, echo=(0.1, 1.0))  # each: 1 core for a tenth of the interval
+    tasks = [sim.add(description=f"t{i}") for i in range(6)]
+    for i in range(6):
+        sim.ready(f"w{i}")
+    started = [t for t in tasks if t.state is State.DISPATCHED]
+    # 0.35 free + 0.1 slack: four tasks of 0.1 cores fit before the next reading.
+    assert len(started) == 4
+    assert all(t.waiting == "cpu" for t in tasks if t.state is State.QUEUED)
+
+
+def test_scaling_up_respects_cpu_headroom():
+    sim = cpu_sim(0.2, echo=(10.0, 1.0))
+    sim.ready("w0")
+    sim.state.monitor = ResourceMonitor(sample=lambda: IDLE_MACHINE)
+    sim.add()  # runs on w0 while the machine is idle
+    busy = Readings(cpu_free_cores=0.2, mem_available_mb=1e5, mem_percent=10.0,
+                    mem_total_mb=1e6, cpu_cores=2)
+    sim.state.monitor = ResourceMonitor(sample=lambda: busy)
+    sim.state.settings = SchedulerSettings(scale_backlog=1.0)
+    sim.add()
+    fx = scale_turn(sim)
+    assert scale_requests(fx) == []
+    [(_, data, _, _)] = events(fx, "scheduler.scale_blocked")
+    assert data["why"] == "no cpu headroom for another worker"
+    assert data["needs"]["cpu"] == pytest.approx(1.0)
