@@ -32,7 +32,14 @@ report.json keys (schema "cortex.loadtest/1"; every figure is the median over --
   memory_at_end {rss_mb, pss_mb}, harness_cpu_s}, ``lost_ids``, ``duplicated_ids``;
   plus ``rate`` {offered, achieved_submit_rate, submit_lag_ms}, ``priority``
   {critical_wait_ms, low_wait_ms, flood_queued_at_critical_submit, ...}, ``mixed`` (per
-  type), ``chaos`` {kills, by_role, base, interval_s};
+  type), ``chaos`` {kills, by_role, base, interval_s}; the mixed scenario also has
+  ``phases`` {training, measurement (task counts), scale (--mixed-scale)},
+  ``model_training`` {loaded, samples, trained_at, previous_trained_at, wait_s,
+  train_calls, held_out_within_25pct (the model's own held-out figures), reason (when
+  not loaded)}, ``prediction`` {sources {source: completed tasks}, duration_within_25pct,
+  tokens_within_25pct, model_predicted} over the measurement phase (tasks submitted after
+  the retrained model was loaded) and ``prediction_training_phase`` (the same over the
+  training phase);
 - ``scenarios.sweep``: ``points`` [{agents, agent_processes, tasks, throughput,
   coordination_ms, end_to_end_ms, submit_ms, lost, duplicated, zombies, cpu_s,
   harness_cpu_s}], ``tasks`` (totals), ``zombies``.

@@ -90,7 +90,13 @@ class Target:
     def __enter__(self):
         if self.owned:
             started = time.monotonic()
-            self.suite.start(attached=True, timeout=90)
+            try:
+                self.suite.start(attached=True, timeout=90)
+            except BaseException:
+                # __exit__ is not called when __enter__ fails: a suite that never became
+                # ready would be left running (supervisord reparented to init).
+                self.__exit__(None, None, None)
+                raise
             self.start_s = time.monotonic() - started
         else:
             self.suite.wait_ready(timeout=30)

@@ -33,6 +33,10 @@ TARGETS = [
     ("mixed", "completion_rate", ">", 0.90, "", "task completion (incl. intended failures)",
      ""),
     ("mixed", "tokens.error_pct", "abs<=", 1.0, "%", "token accounting error", ""),
+    ("mixed", "prediction.duration_within_25pct", ">=", 0.80, "",
+     "model-predicted durations within ±25 % (measurement phase)", ""),
+    ("mixed", "prediction.tokens_within_25pct", ">=", 0.80, "",
+     "model-predicted tokens within ±25 % (measurement phase)", ""),
     ("events", "events.per_s", ">=", 10000.0, "events/s",
      "events sustained into JSONL (and PostgreSQL when configured), acknowledged", ""),
     ("*", "tasks.lost", "==", 0, "", "tasks lost", ""),
@@ -213,7 +217,8 @@ def markdown(report: dict, charts: list[str]) -> str:
                                   (res.get("peak_rss_mb") or {}).items())
                       + f", workers (sum) {_fmt(res.get('workers_peak_rss_mb'))}, suite "
                         f"{_fmt(res.get('suite_peak_rss_mb'))}.", ""]
-            for key in ("priority", "rate", "chaos"):
+            for key in ("priority", "rate", "chaos", "phases", "model_training",
+                        "prediction", "prediction_training_phase"):
                 if s.get(key):
                     lines += [f"{key}: `{json.dumps(s[key])}`", ""]
         else:

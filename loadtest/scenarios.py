@@ -24,6 +24,9 @@ SCENARIOS = ("latency", "rate", "noop", "utilization", "priority", "mixed", "swe
 EVENT_PUBLISHERS = 4  # threads publishing in the events scenario
 PRIORITY_FLOOD = 2000
 PRIORITY_CRITICAL = 200
+MIXED_TRAIN = 1000  # mixed: tasks of the training phase (with at least MIXED_HELD_OUT more)
+MIXED_HELD_OUT = 200
+MODEL_WAIT_S = 120.0  # mixed: longest wait for the retrained model to be loaded
 
 
 def split(jobs: list[Job], agents: int, prefix: str, mode: str = "closed", **kw
@@ -102,14 +105,20 @@ class Session:
         return opts
 
     def execute(self, name: str, plans: list[AgentPlan], opts: Options, processes: int,
-                sync: Sync | None = None, extra=None, during=None) -> dict:
-        """Run the plans with everything measured around them; returns the result."""
+                sync: Sync | None = None, extra=None, during=None, then=()) -> dict:
+        """Run the plans with everything measured around them; returns the result.
+
+        `then`: further phases, each ``(hook, plans)``: once the previous phase's tasks are
+        final and their events written, ``hook(client)`` runs (e.g. retrain the model),
+        then the plans. Every record carries its phase number (0 first) in ``"phase"``;
+        the measurement spans all phases, the pauses between them included."""
         from cortex.protocol import Client
 
         client = self.client or Client(self.target.home, timeout=10.0,
                                        name=f"loadtest-{int(time.time() * 1000) % 10**8}")
         self.client = client
-        planned = sum(len(p.jobs) for p in plans)
+        phases = [(None, plans), *then]
+        planned = sum(len(p.jobs) for _, ps in phases for p in ps)
         agents = len(plans)
         offsets = harness.event_offsets(self.target.home)
         before = harness.bus_snapshot(client)
@@ -121,9 +130,19 @@ class Session:
         side = None
         if during is not None:
             side = during()
+        t0, records = None, []
         try:
-            t0, records = run_agents(self.target.home, plans, opts, progress,
-                                     processes=processes, sync=sync)
+            for number, (hook, phase_plans) in enumerate(phases):
+                if hook is not None:
+                    harness.resolve_unfinished(client, records, grace=self.args.grace)
+                    harness.settle_events(client)  # the hook may read the event log
+                    hook(client)
+                started, phase_records = run_agents(self.target.home, phase_plans, opts,
+                                                    progress, processes=processes, sync=sync)
+                for rec in phase_records:
+                    rec["phase"] = number
+                t0 = started if t0 is None else t0
+                records.extend(phase_records)
         finally:
             if side is not None:
                 side.stop()
@@ -253,26 +272,25 @@ class Session:
                             sync=sync, extra=extra)
 
     def mixed(self) -> dict:
+        """Synthetic agent work in two phases: train the scheduler's model on the first
+        part, then measure its predictions on the rest (see `mixed_phases`)."""
         rng = random.Random(self.seed)
         try:
             kinds = self.client_types()
         except Exception:  # noqa: BLE001 - any trouble asking: fall back to the generic type
             kinds = set()
-        jobs = []
-        for row in synthetic_workload(self.args.tasks, seed=self.seed):
-            task_type = row["type"] if row["type"] in kinds else "simulated_agent"
-            tokens = int(row["tokens"])
-            roll = rng.random()
-            if roll < 0.02:
-                jobs.append(Job("fail", row["description"], priority=row["priority"],
-                                retries=0, tag="fail"))
-                continue
-            payload = {"seconds": row["duration"] / 1000.0, "tokens": tokens, "steps": 3,
-                       "fail": roll < 0.07, "overrun": 0.07 <= roll < 0.09}
-            jobs.append(Job(task_type, row["description"], priority=row["priority"],
-                            tokens=int(tokens * 1.25) + 1, payload=payload, retries=0,
-                            tag=row["type"]))
+        n_train, _ = mixed_phases(self.args.tasks)
+        jobs = [mixed_job(row, rng, kinds, self.args.mixed_scale)
+                for row in synthetic_workload(self.args.tasks, seed=self.seed)]
+        train_jobs, measure_jobs = jobs[:n_train], jobs[n_train:]
         agents = self.args.agents
+        training: dict = {}
+
+        def retrain(client) -> None:
+            training.update(retrain_model(client, self.target.home, MODEL_WAIT_S))
+            if not self.args.quiet:
+                print(f"[mixed] model: {_training_line(training)}", file=sys.stderr,
+                      flush=True)
 
         def extra(records):
             by_type: dict[str, dict] = {}
@@ -283,15 +301,25 @@ class Session:
                     row["completed"] += 1
                     if r["t_seen"]:
                         row["e2e"].append((r["t_seen"] - r["t_submit"]) * 1000)
+            last = 1 if measure_jobs else 0
             return {"mixed": {t: {"tasks": v["tasks"], "completed": v["completed"],
                                   "end_to_end_ms": harness.summarize(v["e2e"])}
                               for t, v in sorted(by_type.items())},
-                    "prediction": prediction_accuracy(records),
+                    "phases": {"training": len(train_jobs), "measurement": len(measure_jobs),
+                               "scale": self.args.mixed_scale},
+                    # The figure that counts: tasks submitted after the retrained model
+                    # was loaded, none of which it was trained on.
+                    "prediction": prediction_accuracy(
+                        [r for r in records if r.get("phase", 0) == last]),
+                    "prediction_training_phase": prediction_accuracy(
+                        [r for r in records if r.get("phase", 0) == 0]),
+                    "model_training": training or None,
                     "intended_failures": sum(1 for j in jobs if j.tag == "fail" or (
                         isinstance(j.payload, dict) and j.payload.get("fail")))}
 
-        return self.execute("mixed", split(jobs, agents, "mixed"), self.options(),
-                            self.procs_for(agents), extra=extra)
+        then = [(retrain, split(measure_jobs, agents, "mixed-m"))] if measure_jobs else []
+        return self.execute("mixed", split(train_jobs, agents, "mixed"), self.options(),
+                            self.procs_for(agents), extra=extra, then=then)
 
     def client_types(self) -> set[str]:
         from cortex.protocol import Client
@@ -482,6 +510,110 @@ class Session:
                 self.client = None
         return {"scenarios": results, "idle_cpu": {"before": idle_before, "after": idle_after},
                 "suite_start_s": self.target.start_s}
+
+
+def mixed_phases(tasks: int) -> tuple[int, int]:
+    """(training, measurement) task counts of the mixed scenario: 1,000 to train on when
+    there are at least 1,200 tasks (so at least 200 are measured), else 5/6 of them."""
+    if tasks >= MIXED_TRAIN + MIXED_HELD_OUT:
+        return MIXED_TRAIN, tasks - MIXED_TRAIN
+    train = round(tasks * 5 / 6)
+    return train, tasks - train
+
+
+def mixed_job(row: dict, rng: random.Random, kinds: set[str], scale: float) -> Job:
+    """One synthetic workload row as a task: its duration (read as milliseconds, times
+    `scale`) and tokens become the simulated agent's work; 2 % are of the failing type,
+    5 % fail at the end of their work and 2 % overrun their reservation."""
+    task_type = row["type"] if row["type"] in kinds else "simulated_agent"
+    tokens = int(row["tokens"])
+    roll = rng.random()
+    if roll < 0.02:
+        return Job("fail", row["description"], priority=row["priority"], retries=0,
+                   tag="fail")
+    payload = {"seconds": row["duration"] * scale / 1000.0, "tokens": tokens, "steps": 3,
+               "fail": roll < 0.07, "overrun": 0.07 <= roll < 0.09}
+    return Job(task_type, row["description"], priority=row["priority"],
+               tokens=int(tokens * 1.25) + 1, payload=payload, retries=0, tag=row["type"])
+
+
+def retrain_model(client, home, timeout: float) -> dict:
+    """Ask the scheduler to retrain (`cortex model train`) and wait, at most `timeout`
+    seconds, until it has loaded the new model (``trained_at`` differs from the one its
+    reply to our request reported). While another training runs (an automatic one, on
+    older history) the request is refused: ask again until ours starts. Never raises:
+    what happened is in the returned dict."""
+    from cortex.protocol import errors
+
+    asked = time.monotonic()
+    deadline = asked + timeout
+    offsets = harness.event_offsets(home)
+    out: dict = {"train_calls": 0, "loaded": False}
+    ours = None  # time.time() when our training started
+    base = None  # trained_at of the model loaded when it started
+
+    try:
+        while time.monotonic() < deadline:
+            if ours is None:
+                at = time.time()  # a training_failed event stamped later is about ours
+                reply = client.call("scheduler", "model.train", timeout=10) or {}
+                out["train_calls"] += 1
+                if reply.get("started"):
+                    # The scheduler swaps a finished training in before it starts the
+                    # next, so this reply already shows any model loaded before ours.
+                    ours, base = at, (reply.get("model") or {}).get("trained_at")
+                    out["previous_trained_at"] = base
+            else:
+                model = (client.call("scheduler", "model.status", timeout=5) or {}
+                         ).get("model") or {}
+                if model.get("trained_at") not in (None, base):
+                    out.update(loaded=True, trained_at=model["trained_at"],
+                               samples=model.get("samples"),
+                               held_out_within_25pct={
+                                   t: (a or {}).get("within_25pct")
+                                   for t, a in (model.get("per_target") or {}).items()})
+                    break
+                if _training_failed(home, offsets, ours):
+                    out["reason"] = "the training child failed (model.training_failed)"
+                    break
+            time.sleep(0.25)  # polling the scheduler for the swap, with a deadline
+        else:
+            out["reason"] = f"no new model loaded within {timeout:.0f} s"
+    except errors.CortexError as exc:
+        out["reason"] = f"{type(exc).__name__}: {exc}"
+    out["wait_s"] = round(time.monotonic() - asked, 3)
+    return out
+
+
+def _training_failed(home, offsets: dict, since: float) -> bool:
+    """Whether a model.training_failed event stamped after `since` reached the JSONL."""
+    import glob
+
+    import orjson
+
+    for path in glob.glob(str(home / "events" / "*.jsonl")):
+        with open(path, "rb") as f:
+            f.seek(offsets.get(path, 0))
+            for line in f:
+                if b'"model.training_failed"' not in line:
+                    continue
+                try:
+                    event = orjson.loads(line)
+                except orjson.JSONDecodeError:
+                    continue
+                if event.get("type") == "model.training_failed" \
+                        and (event.get("ts") or 0) >= since - 0.5:
+                    return True
+    return False
+
+
+def _training_line(t: dict) -> str:
+    if t.get("loaded"):
+        acc = ", ".join(f"{k} {v:.0%}" for k, v in (t.get("held_out_within_25pct") or {}).items()
+                        if k in ("duration", "tokens") and v is not None)
+        return (f"retrained on {t.get('samples')} rows in {t['wait_s']:.1f} s"
+                f" (its held-out share within 25 %: {acc or '-'})")
+    return f"not retrained: {t.get('reason')}"
 
 
 def prediction_accuracy(records: list[dict]) -> dict:

@@ -108,3 +108,61 @@ def test_smoke_noop_and_latency(tmp_path, capsys):
 def test_unknown_scenario_is_refused():
     with pytest.raises(SystemExit):
         cli.parse(["--scenario", "nope"])
+
+
+def test_mixed_phases_and_scaled_jobs():
+    import random
+
+    from cortex.loadtest.scenarios import mixed_job, mixed_phases
+
+    assert mixed_phases(1400) == (1000, 400)
+    assert mixed_phases(1200) == (1000, 200)
+    assert mixed_phases(600) == (500, 100)  # below 1,200: 5/6 to train on
+    row = {"type": "chat", "description": "list the logs", "priority": "low",
+           "duration": 3.0, "tokens": 800.0}
+    jobs = [mixed_job(row, random.Random(seed), {"chat"}, 10.0) for seed in range(50)]
+    work = [j for j in jobs if j.type == "chat"]
+    assert work and all(j.type in ("chat", "fail") for j in jobs)
+    assert all(abs(j.payload["seconds"] - 0.030) < 1e-12 for j in work)  # 3 ms x 10
+    assert all(j.payload["tokens"] == 800 and j.tokens == 1001 for j in work)
+
+
+class _FakeScheduler:
+    """Like the scheduler: model.train is refused while another training runs; a finished
+    training is loaded before the next one starts. Here an automatic training (on older
+    history) finishes by the second request; ours then loads on the third status poll."""
+
+    def __init__(self, running="auto"):
+        self.trained_at, self.running, self.calls, self.polls = 1.0, running, 0, 0
+
+    def call(self, service, op, timeout=None):
+        assert service == "scheduler"
+        if op == "model.train":
+            self.calls += 1
+            if self.running == "auto" and self.calls >= 2:
+                self.running, self.trained_at = None, 2.0
+        else:
+            assert op == "model.status"
+            self.polls += 1
+            if self.running == "ours" and self.polls >= 3:
+                self.running, self.trained_at = None, 3.0
+        model = {"model": {"trained_at": self.trained_at, "samples": 10,
+                           "per_target": {"duration": {"within_25pct": 0.9}}}}
+        if op == "model.train":
+            if self.running:
+                return {"started": False, **model}
+            self.running = "ours"
+            return {"started": True, **model}
+        return model
+
+
+def test_retrain_waits_for_its_own_training(tmp_path):
+    from cortex.loadtest.scenarios import retrain_model
+
+    fake = _FakeScheduler()
+    out = retrain_model(fake, tmp_path, timeout=10)
+    # The automatic training's model (2.0) is not taken for ours (3.0).
+    assert out["loaded"] and out["trained_at"] == 3.0, out
+    assert out["previous_trained_at"] == 2.0 and out["train_calls"] == 2
+    out = retrain_model(_FakeScheduler(running="forever"), tmp_path, timeout=0.6)
+    assert not out["loaded"] and "no new model" in out["reason"]
