@@ -25,7 +25,7 @@ import zmq
 import zmq.asyncio
 
 from . import errors, locate, wire
-from .peer import BusLink, make_socket, unique_name
+from .peer import BusLink, make_socket, poll_ms, unique_name
 
 PRIORITIES = ("critical", "high", "medium", "low")
 RESEND_AFTER = 1.0  # seconds of silence before an attempt is re-sent
@@ -114,7 +114,7 @@ class Client(_Core):
                 left = attempt_end - time.monotonic()
                 if left <= 0:
                     break
-                if not self._poller.poll(left * 1000):
+                if not self._poller.poll(poll_ms(left)):
                     continue
                 msg = self._link.receive()
                 if msg is None:
@@ -126,7 +126,7 @@ class Client(_Core):
                     # Service restarting: back off (capped) and try again within the deadline.
                     pause = min(backoff, max(0.0, deadline - time.monotonic()))
                     backoff = min(backoff * 2, 1.0)
-                    self._poller.poll(pause * 1000)
+                    self._poller.poll(poll_ms(pause))
                     attempt_end = 0  # re-send now
                     break
                 if isinstance(value, Exception):
@@ -211,7 +211,7 @@ class Client(_Core):
         sub.connect(locate.endpoints(self.home)["events_live"])
         try:
             while True:
-                if not sub.poll(None if timeout is None else timeout * 1000):
+                if not sub.poll(poll_ms(timeout)):
                     return
                 _topic, raw = sub.recv_multipart()
                 yield msgpack.unpackb(raw, raw=False)

@@ -6,6 +6,7 @@ Used by every service, worker and client so the connection rules live in one pla
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket as _socket
 import time
@@ -34,6 +35,14 @@ def make_socket(ctx: zmq.Context, kind: int, *, name: str | None = None) -> zmq.
     if name is not None:
         sock.setsockopt(zmq.ROUTING_ID, name.encode())
     return sock
+
+
+def poll_ms(seconds: float | None) -> int | None:
+    """A zmq poll timeout from seconds: rounded up, because pyzmq truncates a float to
+    whole milliseconds and a deadline 0.4 ms away would make the loop spin until it."""
+    if seconds is None:
+        return None
+    return max(0, math.ceil(seconds * 1000))
 
 
 def unique_name(prefix: str) -> str:

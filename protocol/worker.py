@@ -40,7 +40,7 @@ import msgpack
 import zmq
 
 from . import errors, locate, wire
-from .peer import BusLink, make_socket, unique_name
+from .peer import BusLink, make_socket, poll_ms, unique_name
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,7 @@ class TaskContext:
         self.reserved: int = int(task.get("tokens", 0))
         self.tokens_used = 0
         self.cancelled = threading.Event()
+        self.started_at: float | None = None  # set by the handler thread as it begins
         self._replies: queue.SimpleQueue = queue.SimpleQueue()
         self._extensions = 0
 
@@ -144,7 +145,7 @@ class Worker:
         self._outbox_lock = threading.Lock()
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._current: TaskContext | None = None
-        self._started: tuple[float, float] | None = None  # (tell the scheduler at, started at)
+        self._started_due: float | None = None  # when to tell the scheduler of a long task
         self._unacked: dict[bytes, tuple[float, list]] = {}  # corr -> (resend at, frames)
         self._extend_corr: dict[bytes, TaskContext] = {}
         self._extend_retry: dict[bytes, float] = {}  # corr -> when to ask the ledger again
@@ -167,8 +168,9 @@ class Worker:
             ctx = self._jobs.get()
             if ctx is None:
                 return
-            started = time.time()
-            self._post("started", {"at": started})
+            # Read by the main thread when it is time to report a start (no message:
+            # a short task's start rides on its task.finished).
+            started = ctx.started_at = time.time()
             cpu0 = time.thread_time()  # the handler thread's own CPU
             try:
                 handler = self.handlers.get(ctx.type)
@@ -253,6 +255,9 @@ class Worker:
                 return
             self._current = TaskContext(self, task)
             self._ready_due = None
+            # Told only if the handler still runs a moment later: a short task's start
+            # rides on its task.finished (started_at), saving two hops per task.
+            self._started_due = time.monotonic() + STARTED_DELAY
             self._next_task_beat = time.monotonic() + self.heartbeat
             self._jobs.put(self._current)
         elif op == "task.cancel":
@@ -276,11 +281,7 @@ class Worker:
         ctx = self._current
         if ctx is None:
             return
-        if kind == "started":
-            # Told only if the handler is still running a moment later: a short task's
-            # start rides on its task.finished (started_at), saving two hops per task.
-            self._started = (time.monotonic() + STARTED_DELAY, data["at"])
-        elif kind == "progress":
+        if kind == "progress":
             self._send("task.progress", {"id": ctx.id, "attempt": ctx.attempt, **data})
         elif kind == "extend":
             self._seq += 1
@@ -293,7 +294,7 @@ class Worker:
         elif kind == "done":
             self.done += 1
             self._current = None
-            self._started = None
+            self._started_due = None
             self._request("task.finished", {"id": ctx.id, "attempt": ctx.attempt, **data})
             if not self._should_leave():
                 # The scheduler counts a finish as ready; idle heartbeats resume after.
@@ -339,15 +340,18 @@ class Worker:
                     if now >= self._next_task_beat:
                         self._task_beat()
                     timeout = min(timeout, self._next_task_beat - now)
-                    if self._started is not None:
-                        due, at = self._started
-                        if now >= due:
+                    due = self._started_due
+                    if due is not None and now >= due:
+                        at = self._current.started_at
+                        if at is None:  # the handler thread has not begun it yet: look again
+                            self._started_due = now + STARTED_DELAY
+                        else:
                             self._send("task.started", {"id": self._current.id,
                                                         "attempt": self._current.attempt,
                                                         "at": at})
-                            self._started = None
-                        else:
-                            timeout = min(timeout, due - now)
+                            self._started_due = None
+                    if self._started_due is not None:
+                        timeout = min(timeout, self._started_due - now)
                 for corr, (due, frames) in list(self._unacked.items()):
                     if now >= due:
                         self._link.socket.send_multipart(frames)
@@ -365,7 +369,7 @@ class Worker:
                         timeout = min(timeout, due - now)
                 if self._stopping:
                     timeout = min(timeout, 0.2)
-                for sock, _ in poller.poll(max(timeout, 0.0) * 1000):
+                for sock, _ in poller.poll(poll_ms(timeout)):
                     if sock is self._inbox:
                         kind, data = msgpack.unpackb(self._inbox.recv(), raw=False)
                         self._on_handler(kind, data)

@@ -15,7 +15,7 @@ import time
 import zmq
 
 from cortex.protocol import wire
-from cortex.protocol.peer import make_socket
+from cortex.protocol.peer import make_socket, poll_ms
 
 from .routing import PeerTable
 from .runtime import ServiceRuntime
@@ -144,7 +144,7 @@ class Broker:
                 if now >= self.next_beat:
                     self.heartbeat(now)
                     self.next_beat = now + self.table.interval
-                if poller.poll(max(0.0, self.next_beat - now) * 1000):
+                if poller.poll(poll_ms(self.next_beat - now)):
                     self.rt.drain_wakeups()
                     now = time.monotonic()
                     for _ in range(MAX_BATCH):

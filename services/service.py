@@ -16,7 +16,7 @@ import time
 import zmq
 
 from cortex.protocol import wire
-from cortex.protocol.peer import BusLink
+from cortex.protocol.peer import BusLink, poll_ms
 
 from .effects import Effects
 from .journal import Journal, JournalError, read_snapshot, write_snapshot
@@ -177,7 +177,7 @@ class BusService:
                         self.next_snapshot = time.monotonic() + max(
                             self.settings.suite.snapshot_interval, 20 * took)
                     timeout = min(timeout, self.next_snapshot - now)
-                ready = dict(self.poller.poll(max(0.0, timeout) * 1000))
+                ready = dict(self.poller.poll(poll_ms(timeout)))
                 if self.rt.wake_r.fileno() in ready:
                     self.rt.drain_wakeups()
                 if self.events.socket in ready:

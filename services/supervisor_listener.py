@@ -33,6 +33,7 @@ from pathlib import Path
 import zmq
 
 from cortex.protocol import locate
+from cortex.protocol.peer import poll_ms
 
 from .journal import read_snapshot, write_snapshot
 from .publisher import EventPublisher
@@ -256,7 +257,7 @@ class SupervisorListener:
             if max_turns is not None and turns > max_turns:
                 break
             timeout = self.publisher.tick(time.monotonic())
-            ready = dict(poller.poll(max(0.0, timeout) * 1000))
+            ready = dict(poller.poll(poll_ms(timeout)))
             if self.publisher.socket in ready:
                 self.publisher.on_message()
             if self.wake_r.fileno() in ready:
