@@ -263,6 +263,14 @@ class Session:
                 "flood": PRIORITY_FLOOD, "critical": len(critical),
                 "critical_wait_ms": harness.summarize(
                     (r["started"] - r["t_submit"]) * 1000 for r in crit),
+                # Where a critical task's wait goes: reaching the scheduler, waiting there
+                # for a worker, and reaching the worker's handler.
+                "critical_wait_parts_ms": {
+                    part: harness.summarize((r[b] - r[a]) * 1000 for r in crit
+                                            if r[a] is not None and r[b] is not None)
+                    for part, a, b in (("to_scheduler", "t_submit", "created"),
+                                       ("for_worker", "created", "dispatched"),
+                                       ("to_handler", "dispatched", "started"))},
                 "low_wait_ms": harness.summarize(
                     (r["started"] - r["t_submit"]) * 1000 for r in low),
                 "flood_queued_at_critical_submit": harness.summarize(behind),
