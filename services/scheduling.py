@@ -615,17 +615,20 @@ class SchedulerState:
         return {"cpu": cpu_over_interval(pred, self.monitor.interval),
                 "memory_mb": pred.get("memory_mb", 0.0)}
 
-    def feasible(self, fx: Effects, task: Task, readings, now: float) -> bool:
+    def committed(self) -> dict:
+        """Needs of the tasks dispatched since the machine was last read (which the
+        reading cannot show yet)."""
         if self.monitor.samples != self.sample_count:  # fresh readings include earlier work
             self.sample_count = self.monitor.samples
             self.dispatched_since_sample = {"cpu": 0.0, "memory_mb": 0.0}
+        return self.dispatched_since_sample
+
+    def feasible(self, fx: Effects, task: Task, readings, now: float) -> bool:
         needs = self.needs(task)
-        reason = check(needs, readings, self.dispatched_since_sample, task.priority,
+        reason = check(needs, readings, self.committed(), task.priority,
                        self.settings.memory_threshold)
         if reason is None:
-            for key in needs:
-                self.dispatched_since_sample[key] += needs[key]
-            return True
+            return True  # counted as committed when dispatched (not if refused tokens)
         if task.waiting != reason:
             fx.emit("task.waiting", {"reason": reason, "needs": needs,
                                      "readings": readings.as_dict(),
@@ -731,7 +734,7 @@ class SchedulerState:
                 continue
             needs = self.type_needs(task_type)
             readings = self.monitor.readings(time.monotonic())
-            blocked = check(needs, readings, self.dispatched_since_sample,
+            blocked = check(needs, readings, self.committed(),
                             "critical" if surge else "medium", self.settings.memory_threshold)
             self.scale_cooldown[task_type] = now + SCALE_COOLDOWN
             self.surged[task_type] = counts[0]
@@ -749,6 +752,9 @@ class SchedulerState:
             self.scale_requested.setdefault(task_type, now)
 
     def _dispatch(self, fx: Effects, task: Task, worker: WorkerInfo, now: float) -> None:
+        committed = self.committed()
+        for key, value in self.needs(task).items():
+            committed[key] += value
         self._move(fx, task, State.DISPATCHED, now, worker=worker.name, waiting=None)
         worker.state, worker.task = "busy", task.id
         worker.last_seen = now

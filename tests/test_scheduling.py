@@ -1467,3 +1467,13 @@ def test_scaling_up_respects_cpu_headroom():
     [(_, data, _, _)] = events(fx, "scheduler.scale_blocked")
     assert data["why"] == "no cpu headroom for another worker"
     assert data["needs"]["cpu"] == pytest.approx(1.0)
+
+
+def test_cpu_counts_as_committed_only_once_a_task_is_dispatched():
+    sim = cpu_sim(1.0, echo=(2.0, 0.5))  # a full interval at half a core: 0.5 cores
+    task = sim.add(tokens=100)
+    corr, _ = reserve_of(sim.ready("w1"))
+    assert sim.state.committed()["cpu"] == 0.0  # a refused reservation must not hold CPU
+    sim.ledger(corr, ok=True, granted=True, reserved=100)
+    assert task.state is State.DISPATCHED
+    assert sim.state.committed()["cpu"] == pytest.approx(0.5)
