@@ -627,6 +627,7 @@ def status_report(home: Path, suite: Suite, processes: list[dict],
             "postgres": events.get("postgres")},
         "pool": None if answers.get("pool") is None else {
             "workers": len(answers["pool"].get("workers", [])),
+            "extra": sum(1 for w in answers["pool"].get("workers", []) if w.get("extra")),
             "spawned": answers["pool"].get("spawned"), "groups": answers["pool"].get("groups")},
         "broker": None if answers.get("broker") is None else {
             "peers": len(answers["broker"].get("peers", [])),
@@ -650,8 +651,10 @@ def render_status(r: dict) -> str:
     elif not workers:
         out.append("workers    none registered")
     else:
+        extra = (r.get("pool") or {}).get("extra")
         out.append("workers    " + "; ".join(
-            f"{t} {w['idle']} idle/{w['busy']} busy" for t, w in sorted(workers.items())))
+            f"{t} {w['idle']} idle/{w['busy']} busy" for t, w in sorted(workers.items()))
+            + (f"  (+{extra} surge/autoscaled, retire when idle)" if extra else ""))
     queue = r["queue"]
     if queue is None:
         out.append(f"queue      {unknown}")

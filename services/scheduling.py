@@ -80,7 +80,7 @@ class SchedulerState:
         self.avg_duration: dict[str, float] = {}
         self.counters = {"submitted": 0, "completed": 0, "failed": 0, "cancelled": 0,
                          "dead": 0, "retried": 0, "rejected": 0, "late_results": 0,
-                         "duplicates": 0}
+                         "duplicates": 0, "surges": 0, "scale_ups": 0, "scale_blocked": 0}
         self.next_blocked_retry = 0.0
         self.active: dict[str, Task] = {}  # dispatched or running: watched for timeouts
         self.next_watch = 0.0
@@ -739,11 +739,13 @@ class SchedulerState:
             self.scale_cooldown[task_type] = now + SCALE_COOLDOWN
             self.surged[task_type] = counts[0]
             if blocked is not None:
+                self.counters["scale_blocked"] += 1
                 fx.emit("scheduler.scale_blocked", {
                     "type": task_type, "why": f"no {blocked} headroom for another worker",
                     "needs": needs, "readings": readings.as_dict(), **reason})
                 continue
             add = min(max(1, counts[0]) if surge else 1, 8)
+            self.counters["surges" if surge else "scale_ups"] += 1
             reason = {"why": "critical task waiting" if surge else "backlog", **reason,
                       "needs": needs}
             fx.sends.append((b"pool", wire.NOTIFY, b"", {"op": "pool.scale", "type": task_type,

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import time
 
 import pytest
@@ -50,6 +53,12 @@ def test_critical_tasks_overtake_a_low_priority_flood_with_surge(suites):
         for task in done:
             assert task["times"]["started"] - task["times"]["created"] <= LOW_SECONDS
         assert first_crit_start
+        assert c.call("scheduler", "scheduler.status")["counters"]["surges"] >= 1
+        # The surge worker now runs a low task (3 s): cortex status shows it as extra.
+        out = subprocess.run([sys.executable, "-m", "cortex.services.cli", "--home",
+                              str(suite.home), "status", "--json"],
+                             capture_output=True, text=True, timeout=60)
+        assert json.loads(out.stdout)["pool"]["extra"] >= 1, out.stdout[-2000:]
         for t in low:
             c.cancel(t)
     events = jsonl_events_of(suite.home)

@@ -1331,6 +1331,7 @@ def test_critical_task_surges_when_busy_workers_free_later_than_a_new_one_starts
     [(_, data, _, _)] = events(fx, "scheduler.scale")
     assert data["why"] == "critical task waiting"
     assert data["worker_free_in_s"] == pytest.approx(10.0) and data["worker_start_s"] == 0.5
+    assert sim.state.status(sim.now)["counters"]["surges"] == 1  # shown by cortex status
 
 
 def test_critical_task_waits_for_a_busy_worker_that_frees_sooner_than_a_new_one_starts():
@@ -1381,6 +1382,7 @@ def test_no_surge_when_a_worker_would_not_fit_in_memory():
     assert scale_requests(fx) == []
     [(_, data, _, _)] = events(fx, "scheduler.scale_blocked")
     assert data["needs"]["memory_mb"] > data["readings"]["mem_available_mb"]
+    assert sim.state.counters["scale_blocked"] == 1 and sim.state.counters["surges"] == 0
 
 
 def test_backlog_scaling_has_hysteresis_and_says_why():
