@@ -25,7 +25,7 @@ import zmq
 import zmq.asyncio
 
 from . import errors, locate, wire
-from .peer import BusLink, make_socket, poll_ms, unique_name
+from .peer import BusLink, make_socket, poll_ms, send_frames, unique_name
 
 PRIORITIES = ("critical", "high", "medium", "low")
 RESEND_AFTER = 1.0  # seconds of silence before an attempt is re-sent
@@ -108,7 +108,7 @@ class Client(_Core):
             now = time.monotonic()
             if now >= deadline:
                 raise errors.Timeout(f"{service} did not answer {op} in time")
-            self._link.socket.send_multipart(frames)
+            send_frames(self._link.socket, frames, block=True)
             attempt_end = min(deadline, now + resend_after)
             while True:
                 left = attempt_end - time.monotonic()

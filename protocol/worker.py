@@ -40,7 +40,7 @@ import msgpack
 import zmq
 
 from . import errors, locate, wire
-from .peer import BusLink, make_socket, poll_ms, unique_name
+from .peer import BusLink, make_socket, poll_ms, send_frames, unique_name
 
 log = logging.getLogger(__name__)
 
@@ -211,7 +211,7 @@ class Worker:
         corr = self._seq.to_bytes(8, "big")
         frames = wire.frames(wire.REQUEST, b"scheduler", corr, {"op": op, **body})
         self._unacked[corr] = (time.monotonic() + RESEND_AFTER, frames)
-        self._link.socket.send_multipart(frames)
+        send_frames(self._link.socket, frames, block=True)
 
     def _ready(self) -> None:
         self._send("worker.ready", {"types": list(self.handlers), "pid": os.getpid(),
@@ -354,7 +354,7 @@ class Worker:
                         timeout = min(timeout, self._started_due - now)
                 for corr, (due, frames) in list(self._unacked.items()):
                     if now >= due:
-                        self._link.socket.send_multipart(frames)
+                        send_frames(self._link.socket, frames, block=True)
                         self._unacked[corr] = (now + RESEND_AFTER, frames)
                     timeout = min(timeout, max(0.0, self._unacked[corr][0] - now))
                 if self._ready_due is not None:

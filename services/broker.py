@@ -15,7 +15,7 @@ import time
 import zmq
 
 from cortex.protocol import wire
-from cortex.protocol.peer import make_socket, poll_ms
+from cortex.protocol.peer import make_socket, poll_ms, recv_frames, send_frames
 
 from .routing import PeerTable
 from .runtime import ServiceRuntime
@@ -45,7 +45,7 @@ class Broker:
 
     def send(self, dest: bytes, parts: list) -> bool:
         try:
-            self.socket.send_multipart([dest, *parts], flags=zmq.NOBLOCK, copy=False)
+            send_frames(self.socket, [dest, *parts])
             return True
         except zmq.ZMQError as e:  # EHOSTUNREACH: unknown peer; EAGAIN: its queue is full
             if e.errno not in (zmq.EHOSTUNREACH, zmq.EAGAIN):
@@ -137,20 +137,22 @@ class Broker:
         self.log.info("broker listening on %s", self.endpoint)
         poller = zmq.Poller()
         poller.register(self.socket, zmq.POLLIN)
-        poller.register(self.rt.wake_r.fileno(), zmq.POLLIN)  # signals end the wait
+        wake = self.rt.wake_r.fileno()
+        poller.register(wake, zmq.POLLIN)  # signals end the wait
         try:
             while not self.rt.stopping:
                 now = time.monotonic()
                 if now >= self.next_beat:
                     self.heartbeat(now)
                     self.next_beat = now + self.table.interval
-                if poller.poll(poll_ms(self.next_beat - now)):
-                    self.rt.drain_wakeups()
+                ready = poller.poll(poll_ms(self.next_beat - now))
+                if ready:
+                    if any(item == wake for item, _ in ready):
+                        self.rt.drain_wakeups()
                     now = time.monotonic()
                     for _ in range(MAX_BATCH):
-                        try:
-                            parts = self.socket.recv_multipart(flags=zmq.NOBLOCK, copy=True)
-                        except zmq.Again:
+                        parts = recv_frames(self.socket)
+                        if parts is None:
                             break
                         self.on_message(parts, now)
         finally:

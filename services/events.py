@@ -23,7 +23,7 @@ import orjson
 import zmq
 
 from cortex.protocol import wire
-from cortex.protocol.peer import make_socket
+from cortex.protocol.peer import make_socket, recv_frames
 
 from .effects import Effects
 from .eventlog import EventLogError, EventLogWriter, RingBuffer, SeqTracker, read_events
@@ -253,9 +253,8 @@ class EventRouter(BusService):
         if self.fan_in in ready:
             fresh: list[dict] = []
             for _ in range(1000):
-                try:
-                    parts = self.fan_in.recv_multipart(flags=zmq.NOBLOCK)
-                except zmq.Again:
+                parts = recv_frames(self.fan_in)
+                if parts is None:
                     break
                 fresh.extend(self.on_batch(parts))
             self.store(fresh, time.monotonic())

@@ -17,7 +17,7 @@ from collections import deque
 import zmq
 
 from cortex.protocol import wire
-from cortex.protocol.peer import make_socket
+from cortex.protocol.peer import make_socket, recv_frames, send_frames
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +55,8 @@ class EventPublisher:
         for i in range(0, len(events), BATCH_MAX):
             chunk = events[i:i + BATCH_MAX]
             try:
-                self.socket.send_multipart(
-                    wire.frames(wire.EVENTS, b"events", b"", {"events": chunk}),
-                    flags=zmq.NOBLOCK)
+                send_frames(self.socket,
+                            wire.frames(wire.EVENTS, b"events", b"", {"events": chunk}))
             except zmq.Again:
                 return  # the router is away: the resend timer will deliver them later
             except (TypeError, ValueError) as e:
@@ -80,9 +79,8 @@ class EventPublisher:
     def on_message(self) -> None:
         """Read acknowledgements waiting on the socket."""
         while True:
-            try:
-                parts = self.socket.recv_multipart(flags=zmq.NOBLOCK)
-            except zmq.Again:
+            parts = recv_frames(self.socket)
+            if parts is None:
                 return
             try:
                 msg = wire.parse(parts)
