@@ -395,7 +395,16 @@ class Predictor:
         trains in a child process, away from its own GIL); keeps the running averages."""
         if self.model_dir is None:
             return False
-        fresh = Predictor.load(self.model_dir, self.defaults, self.min_samples)
+        return self.adopt(self.read_saved())
+
+    def read_saved(self) -> Predictor:
+        """The models saved under ``model_dir``, read into a new predictor (slow: safe to
+        call from another thread, changes nothing here)."""
+        return Predictor.load(self.model_dir, self.defaults, self.min_samples)
+
+    def adopt(self, fresh: Predictor) -> bool:
+        """Swap in the models of ``fresh`` (from :meth:`read_saved`); keeps the running
+        averages. False, with the reason kept for status, if it has none."""
         if fresh._models is None:
             self._last_error = fresh._reason
             return False

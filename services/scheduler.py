@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 from cortex.protocol import wire
@@ -41,6 +42,7 @@ class Scheduler(BusService):
 
         self.predictor = Predictor.load(self.rt.home / "models")
         self.trainer: subprocess.Popen | None = None
+        self.loader: tuple[threading.Thread, list] | None = None  # models being read
         self.next_training = 0.0
         self.state = SchedulerState(self.settings.scheduler, self.predictor)
         self.open_journal()
@@ -145,7 +147,7 @@ class Scheduler(BusService):
         """Retrain from the event log's history in a child process (`cortex model train`):
         fitting in a thread of ours held the GIL for a third of the loop's time under load.
         The new models are swapped in when the child exits (on_tick)."""
-        if self.trainer is not None:
+        if self.trainer is not None or self.loader is not None:
             return False
         self.trainer = subprocess.Popen(
             [sys.executable, "-m", "cortex.services.prediction", "train", "--home",
@@ -155,20 +157,40 @@ class Scheduler(BusService):
         return True
 
     def check_trainer(self, fx: Effects) -> None:
+        """When the training child is done, read its models in a thread (unpickling them
+        took ~0.3 s, a stall of every dispatch when done here), then swap them in."""
+        if self.loader is not None:
+            thread, outcome = self.loader
+            if thread.is_alive():
+                return
+            self.loader = None
+            code, out, fresh = outcome
+            loaded = fresh is not None and self.predictor.adopt(fresh)
+            fx.emit("model.trained" if loaded else "model.training_failed",
+                    {"exit_code": code, "report": out[-2000:]})
+            return
         if self.trainer is None or self.trainer.poll() is None:
             return
         out = self.trainer.stdout.read().decode(errors="replace").strip()
         self.trainer.stdout.close()
         code, self.trainer = self.trainer.returncode, None
-        loaded = code == 0 and self.predictor.reload_models()
-        fx.emit("model.trained" if loaded else "model.training_failed",
-                {"exit_code": code, "report": out[-2000:]})
+        outcome = [code, out, None]
+
+        def read() -> None:
+            if code == 0:
+                outcome[2] = self.predictor.read_saved()
+
+        thread = threading.Thread(target=read, name="model-reader", daemon=True)
+        self.loader = (thread, outcome)
+        thread.start()
 
     def on_tick(self, fx: Effects, now: float) -> float:
         self.check_trainer(fx)
         timeout = self.state.tick(fx, now, self.settings.scheduler.task_heartbeat)
         self.state.dispatch(fx, now)
         self.state.scale(fx, now)
+        if self.loader is not None or self.trainer is not None:
+            timeout = min(timeout, 0.1)  # look for the models soon after they are ready
         return timeout
 
 
