@@ -130,11 +130,14 @@ class Target:
     def roles(self) -> dict[int, str]:
         """pid -> role for every live process of the suite (workers are "workers")."""
         roles = self.services()
+        # The pool's children are the workers; the scheduler's child is the model trainer
+        # (counted apart: it is not work done for tasks).
+        children_role = {"pool": "workers", "scheduler": "model-training"}
         for pid, name in list(roles.items()):
-            if name == "pool":
+            if name in children_role:
                 try:
                     for child in psutil.Process(pid).children(recursive=True):
-                        roles[child.pid] = "workers"
+                        roles[child.pid] = children_role[name]
                 except psutil.Error:
                     pass
         for pid in self.suite.pids():
