@@ -837,7 +837,10 @@ class SchedulerState:
 
     # -- snapshots -----------------------------------------------------------------------
     def snapshot(self) -> dict:
-        return {"tasks": [t.summary() for t in self.tasks.values()],
+        # The Task dataclasses themselves: orjson writes them in C as the journal does it
+        # (building a summary dict per task took ~40 ms of the loop per 5,000 tasks).
+        # Serialized at once by the caller, so the live objects are safe to hand over.
+        return {"tasks": list(self.tasks.values()),
                 "counters": self.counters, "avg_duration": self.avg_duration,
                 "rejected": [[k, *v] for k, v in self.rejected.items()]}
 
