@@ -346,25 +346,36 @@ def event_offsets(home: Path) -> dict[str, int]:
     return {p: os.path.getsize(p) for p in glob.glob(str(home / "events" / "*.jsonl"))}
 
 
-def read_new_events(home: Path, offsets: dict[str, int]) -> tuple[int, list[dict]]:
-    """(lines, task events) appended to the JSONL files since `offsets`."""
-    lines = 0
-    found = []
+def new_event_lines(home: Path, offsets: dict[str, int]):
+    """The non-blank JSONL lines appended since `offsets` (from event_offsets)."""
     for path in sorted(glob.glob(str(home / "events" / "*.jsonl"))):
         with open(path, "rb") as f:
             f.seek(offsets.get(path, 0))
             for line in f:
-                if not line.strip():
-                    continue
-                lines += 1
-                if b'"task.' not in line:
-                    continue
-                try:
-                    event = orjson.loads(line)
-                except orjson.JSONDecodeError:
-                    continue
-                if event.get("type") in ("task.completed", "task.failed", "task.dead"):
-                    found.append(event)
+                if line.strip():
+                    yield line
+
+
+def parse_event(line: bytes) -> dict | None:
+    """One JSONL line as an event, or None if it is torn or not JSON."""
+    try:
+        return orjson.loads(line)
+    except orjson.JSONDecodeError:
+        return None
+
+
+def read_new_events(home: Path, offsets: dict[str, int]) -> tuple[int, list[dict]]:
+    """(lines, task events) appended to the JSONL files since `offsets`."""
+    lines = 0
+    found = []
+    for line in new_event_lines(home, offsets):
+        lines += 1
+        if b'"task.' not in line:
+            continue
+        event = parse_event(line)
+        if event is not None and event.get("type") in ("task.completed", "task.failed",
+                                                       "task.dead"):
+            found.append(event)
     return lines, found
 
 

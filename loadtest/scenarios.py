@@ -595,23 +595,12 @@ def retrain_model(client, home, timeout: float) -> dict:
 
 def _training_failed(home, offsets: dict, since: float) -> bool:
     """Whether a model.training_failed event stamped after `since` reached the JSONL."""
-    import glob
-
-    import orjson
-
-    for path in glob.glob(str(home / "events" / "*.jsonl")):
-        with open(path, "rb") as f:
-            f.seek(offsets.get(path, 0))
-            for line in f:
-                if b'"model.training_failed"' not in line:
-                    continue
-                try:
-                    event = orjson.loads(line)
-                except orjson.JSONDecodeError:
-                    continue
-                if event.get("type") == "model.training_failed" \
-                        and (event.get("ts") or 0) >= since - 0.5:
-                    return True
+    for line in harness.new_event_lines(home, offsets):
+        if b'"model.training_failed"' in line:
+            event = harness.parse_event(line)
+            if event is not None and event.get("type") == "model.training_failed" \
+                    and (event.get("ts") or 0) >= since - 0.5:
+                return True
     return False
 
 
