@@ -260,10 +260,15 @@ class SchedulerState:
         for w in workers:
             task = self.tasks.get(w.task or "")
             if task is not None and w.state == "busy":
-                started = task.times.get("dispatched", now)
-                expected = (task.predicted or {}).get("duration", mean)
-                remaining.append(max(0.0, started + expected - now))
+                remaining.append(max(0.0, self.time_left(task, now, mean)))
         return simulate_start(now, ahead, mean, len(workers), remaining)
+
+    def time_left(self, task: Task, now: float, mean: float | None = None) -> float:
+        """Predicted seconds until a dispatched task ends (negative once overdue)."""
+        if mean is None:
+            mean = self.mean_duration(task.type)
+        expected = (task.predicted or {}).get("duration", mean)
+        return task.times.get("dispatched", now) + expected - now
 
     def refresh_eta(self, task: Task, now: float) -> None:
         if task.state is State.QUEUED:
@@ -669,18 +674,16 @@ class SchedulerState:
         """Seconds until the first of these busy workers is expected to free up. A task
         past its predicted duration is assumed to need as long again as it is overdue,
         so a stuck task soon stops looking like it will free its worker."""
-        mean: dict[str, float] = {}
+        means: dict[str, float] = {}  # one prediction per type, not per worker
         best = float("inf")
         for w in workers:
             task = self.tasks.get(w.task or "")
             if task is None or w.state != "busy":
                 return 0.0  # claimed or between tasks: about to take work
-            if task.type not in mean:
-                mean[task.type] = self.mean_duration(task.type)
-            expected = (task.predicted or {}).get("duration", mean[task.type])
-            elapsed = now - task.times.get("dispatched", now)
-            best = min(best, expected - elapsed if elapsed <= expected else elapsed - expected)
-        return max(0.0, best)
+            if task.type not in means:
+                means[task.type] = self.mean_duration(task.type)
+            best = min(best, abs(self.time_left(task, now, means[task.type])))
+        return best
 
     def type_needs(self, task_type: str) -> dict:
         """What one more worker of a type would take from the machine: its interpreter
