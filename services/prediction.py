@@ -390,13 +390,6 @@ class Predictor:
                     self._since_training = 0
             return model_set.report
 
-    def reload_models(self) -> bool:
-        """Swap in the models another process saved under ``model_dir`` (the scheduler
-        trains in a child process, away from its own GIL); keeps the running averages."""
-        if self.model_dir is None:
-            return False
-        return self.adopt(self.read_saved())
-
     def read_saved(self) -> Predictor:
         """The models saved under ``model_dir``, read into a new predictor (slow: safe to
         call from another thread, changes nothing here)."""

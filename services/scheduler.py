@@ -46,7 +46,7 @@ class Scheduler(BusService):
 
         self.predictor = Predictor.load(self.rt.home / "models")
         self.trainer: subprocess.Popen | None = None
-        self.loader: tuple[threading.Thread, list] | None = None  # models being read
+        self.loader: tuple[threading.Thread, list, str] | None = None  # models being read
         self.next_training = 0.0
         self.state = SchedulerState(self.settings.scheduler, self.predictor)
         self.open_journal()
@@ -164,28 +164,26 @@ class Scheduler(BusService):
         """When the training child is done, read its models in a thread (unpickling them
         took ~0.3 s, a stall of every dispatch when done here), then swap them in."""
         if self.loader is not None:
-            thread, outcome = self.loader
+            thread, read, out = self.loader
             if thread.is_alive():
                 return
             self.loader = None
-            code, out, fresh = outcome
-            loaded = fresh is not None and self.predictor.adopt(fresh)
+            loaded = bool(read) and self.predictor.adopt(read[0])  # empty: reading failed
             fx.emit("model.trained" if loaded else "model.training_failed",
-                    {"exit_code": code, "report": out[-2000:]})
+                    {"exit_code": 0, "report": out})
             return
         if self.trainer is None or self.trainer.poll() is None:
             return
-        out = self.trainer.stdout.read().decode(errors="replace").strip()
+        out = self.trainer.stdout.read().decode(errors="replace").strip()[-2000:]
         self.trainer.stdout.close()
         code, self.trainer = self.trainer.returncode, None
-        outcome = [code, out, None]
-
-        def read() -> None:
-            if code == 0:
-                outcome[2] = self.predictor.read_saved()
-
-        thread = threading.Thread(target=read, name="model-reader", daemon=True)
-        self.loader = (thread, outcome)
+        if code != 0:
+            fx.emit("model.training_failed", {"exit_code": code, "report": out})
+            return
+        read: list = []  # filled by the thread with the new predictor
+        thread = threading.Thread(target=lambda: read.append(self.predictor.read_saved()),
+                                  name="model-reader", daemon=True)
+        self.loader = (thread, read, out)
         thread.start()
 
     def on_tick(self, fx: Effects, now: float) -> float:
