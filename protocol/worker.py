@@ -32,6 +32,7 @@ import os
 import queue
 import resource
 import signal
+import sys
 import threading
 import time
 import traceback
@@ -48,6 +49,58 @@ TASK_HEARTBEAT = 5.0  # seconds between task heartbeats while a handler runs
 RESEND_AFTER = 1.0  # a task.finished not acknowledged after this is sent again
 EXTEND_TIMEOUT = 5.0
 STARTED_DELAY = 0.02  # a handler still running after this is reported as started
+
+
+class TaskMemory:
+    """How far a task grew this process's RSS, in MB, and the RSS after it.
+
+    On Linux the peak RSS is reset before each task (`/proc/self/clear_refs`, "5") and
+    read after it (VmHWM), about 12 us a task; elsewhere the growth of the lifetime peak
+    (`ru_maxrss`), which misses a task that reuses memory an earlier one freed."""
+
+    def __init__(self):
+        self._status = self._clear = None
+        try:
+            self._status = os.open("/proc/self/status", os.O_RDONLY)
+            self._clear = os.open("/proc/self/clear_refs", os.O_WRONLY)
+        except OSError:
+            if self._status is not None:
+                os.close(self._status)
+            self._status = self._clear = None
+        self._base = self._read()[1]
+
+    def _read(self) -> tuple[float, float]:
+        """(peak, current) RSS in MB."""
+        if self._status is not None:
+            try:
+                text = os.pread(self._status, 8192, 0)
+                return _kb_field(text, b"VmHWM:") / 1024.0, _kb_field(text, b"VmRSS:") / 1024.0
+            except (OSError, ValueError):
+                pass
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        peak_mb = peak / 2**20 if sys.platform == "darwin" else peak / 1024.0  # bytes / KB
+        return peak_mb, peak_mb
+
+    def before_task(self) -> None:
+        if self._clear is not None:
+            try:
+                os.pwrite(self._clear, b"5", 0)
+            except OSError:
+                self._clear = None
+        if self._clear is None:  # no reset: measure from the lifetime peak
+            self._base = self._read()[0]
+
+    def after_task(self) -> tuple[float, float]:
+        peak, current = self._read()
+        grew = max(0.0, peak - self._base)
+        if self._clear is not None:
+            self._base = current  # the next task starts from here
+        return grew, current
+
+
+def _kb_field(text: bytes, key: bytes) -> float:
+    at = text.index(key) + len(key)
+    return float(text[at:text.index(b"kB", at)])
 
 
 class BudgetExceeded(errors.BudgetExceeded):
@@ -164,10 +217,12 @@ class Worker:
             self._outbox.send(msgpack.packb((kind, data)))
 
     def _run_handlers(self) -> None:
+        memory = TaskMemory()
         while True:
             ctx = self._jobs.get()
             if ctx is None:
                 return
+            memory.before_task()
             # Read by the main thread when it is time to report a start (no message:
             # a short task's start rides on its task.finished).
             started = ctx.started_at = time.time()
@@ -187,11 +242,11 @@ class Worker:
                 log.warning("handler failed on %s: %s", ctx.id, traceback.format_exc())
                 outcome = {"ok": False, "error": {"category": "handler_error",
                                                   "message": f"{type(e).__name__}: {e}"[:2000]}}
-            # Peak RSS of this worker so far: the predictor's memory signal.
-            rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+            # What the task took of the machine: the predictor's CPU and memory signals.
+            grew_mb, rss_mb = memory.after_task()
             outcome.update(started_at=started, finished_at=time.time(),
                            cpu_s=time.thread_time() - cpu0, tokens_used=ctx.tokens_used,
-                           rss_mb=rss_mb)
+                           rss_mb=rss_mb, mem_mb=grew_mb)
             try:
                 self._post("done", outcome)
             except (TypeError, ValueError) as e:  # result not encodable

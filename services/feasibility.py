@@ -3,10 +3,15 @@
 Pure: the machine is read through an injected `sample()` at most once per interval (never
 per task), and every function takes the readings and the time it needs as arguments.
 
+- `Readings`: what one sample saw: the machine's cores and memory, how much of the CPU
+  the suite itself used (its services and workers), and the CPU and RSS of each of the
+  suite's processes, so that work the suite runs is never counted as someone else's load.
 - `ResourceMonitor` keeps the latest `Readings`.
-- `check()` says whether a task's predicted needs fit the headroom left by the readings
-  and by the tasks dispatched since (which the sample cannot show yet), and if not, the
-  waiting reason: `"memory"` or `"cpu"`.
+- `task_share()` is what one task holds from its dispatch to its end: its predicted CPU
+  seconds spread over its predicted duration (but never less than one sampling interval,
+  so a 40 us no-op holds 0.00004 cores, not a whole core), and its predicted memory growth.
+- `check()` says whether a task's needs fit the headroom the readings leave after what
+  the tasks already running hold, and if not, the waiting reason: `"memory"` or `"cpu"`.
 - `estimate_start()` is the ETA: the queue position, the predicted durations ahead and
   the workers of the type, simulated.
 """
@@ -14,40 +19,128 @@ per task), and every function takes the readings and the time it needs as argume
 from __future__ import annotations
 
 import heapq
+import json
 import os
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 
 MB = 1024 * 1024
 MEMORY_THRESHOLD = 80.0  # percent of memory in use above which non-critical work waits
-# Cores of CPU measured busy that a task may still overlap: the suite's own processes and
-# sampling noise must not keep a one-core task off an otherwise idle one-core machine.
+# Cores of CPU measured busy that a task may still overlap: sampling noise must not keep
+# a one-core task off an otherwise idle one-core machine.
 CPU_SLACK = 0.1
+FIXED_MACHINE_ENV = "CORTEX_FIXED_MACHINE"  # tests: fixed readings, as JSON
 
 
 @dataclass(frozen=True, slots=True)
 class Readings:
-    cpu_free_cores: float  # cores not busy over the last sampling interval
+    cpu_free_cores: float  # cores not busy with load from outside the suite
     mem_available_mb: float  # memory that can be given to new processes without swapping
     mem_percent: float  # memory in use, percent of the total
     mem_total_mb: float = 0.0  # 0: unknown (then pressure is judged on mem_percent alone)
     cpu_cores: int = 0  # 0: unknown
+    cpu_suite_cores: float = 0.0  # of the busy cores, those the suite's own processes used
+    interval: float = 0.0  # seconds the CPU figures cover (0: unknown)
+    # pid -> (cores used over the interval, RSS in MB now), for the suite's processes
+    per_pid: Mapping[int, tuple[float, float]] = field(default_factory=dict)
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        """The figures an event explains a decision with (the per-process table left out)."""
+        return {"cpu_free_cores": round(self.cpu_free_cores, 3),
+                "mem_available_mb": round(self.mem_available_mb, 1),
+                "mem_percent": self.mem_percent, "mem_total_mb": round(self.mem_total_mb, 1),
+                "cpu_cores": self.cpu_cores, "cpu_suite_cores": round(self.cpu_suite_cores, 3)}
+
+
+class MachineSampler:
+    """psutil's view of the machine, with the suite's own processes told apart.
+
+    `suite_pids()` names the processes whose CPU is the suite's (services, workers); their
+    CPU over the interval is subtracted from the machine's busy time, so a busy suite does
+    not throttle itself. CPU figures are deltas since the previous call, so the very first
+    call reads the machine as idle."""
+
+    def __init__(self, suite_pids: Callable[[], Iterable[int]] = lambda: ()):
+        import psutil
+
+        self._psutil = psutil
+        self.suite_pids = suite_pids
+        self._procs: dict[int, object] = {}
+        self._cpu: dict[int, float] = {}  # pid -> CPU seconds at the previous sample
+        self._busy: float | None = None  # machine busy CPU seconds at the previous sample
+        self._at: float | None = None
+
+    def _machine_busy(self) -> float:
+        t = self._psutil.cpu_times()
+        return sum(t) - t.idle - getattr(t, "iowait", 0.0)
+
+    def __call__(self) -> Readings:
+        import time
+
+        psutil = self._psutil
+        now = time.monotonic()
+        busy = self._machine_busy()
+        interval = 0.0 if self._at is None else max(1e-6, now - self._at)
+        per_pid: dict[int, tuple[float, float]] = {}
+        suite = 0.0
+        seen = set()
+        for pid in set(self.suite_pids()):
+            proc = self._procs.get(pid)
+            try:
+                if proc is None:
+                    proc = self._procs[pid] = psutil.Process(pid)
+                with proc.oneshot():
+                    times = proc.cpu_times()
+                    rss = proc.memory_info().rss / MB
+            except psutil.Error:
+                self._procs.pop(pid, None)
+                continue
+            seen.add(pid)
+            cpu = times.user + times.system
+            before = self._cpu.get(pid)
+            cores = (cpu - before) / interval if before is not None and interval else 0.0
+            self._cpu[pid] = cpu
+            per_pid[pid] = (max(0.0, cores), rss)
+            suite += max(0.0, cores)
+        for gone in set(self._procs) - seen:
+            self._procs.pop(gone, None)
+            self._cpu.pop(gone, None)
+        cores_total = os.cpu_count() or 1
+        machine = 0.0 if self._busy is None or not interval else (busy - self._busy) / interval
+        self._busy, self._at = busy, now
+        foreign = max(0.0, min(float(cores_total), machine) - suite)
+        mem = psutil.virtual_memory()
+        return Readings(cpu_free_cores=max(0.0, cores_total - foreign),
+                        mem_available_mb=mem.available / MB, mem_percent=mem.percent,
+                        mem_total_mb=mem.total / MB, cpu_cores=cores_total,
+                        cpu_suite_cores=min(suite, float(cores_total)), interval=interval,
+                        per_pid=per_pid)
 
 
 def sample_machine() -> Readings:
-    """psutil's view of the machine. CPU is the busy share since the previous call, so the
-    very first call after start-up reads as idle (psutil returns 0.0)."""
-    import psutil
+    """One reading of the machine with no suite processes named (a smoke check)."""
+    return MachineSampler()()
 
-    cores = os.cpu_count() or 1
-    busy = psutil.cpu_percent(None)
-    mem = psutil.virtual_memory()
-    return Readings(cpu_free_cores=cores * (1.0 - busy / 100.0),
-                    mem_available_mb=mem.available / MB, mem_percent=mem.percent,
-                    mem_total_mb=mem.total / MB, cpu_cores=cores)
+
+def fixed_sampler(spec: str) -> Callable[[], Readings]:
+    """Readings that never change, from JSON (`CORTEX_FIXED_MACHINE`), so a test on the
+    real suite is not disturbed by whatever else the machine runs. Raises ValueError."""
+    try:
+        raw = json.loads(spec)
+    except ValueError as e:
+        raise ValueError(f"{FIXED_MACHINE_ENV} is not JSON: {e}") from None
+    allowed = {"cpu_free_cores", "mem_available_mb", "mem_percent", "mem_total_mb",
+               "cpu_cores"}
+    if not isinstance(raw, dict) or set(raw) - allowed or not {
+            "cpu_free_cores", "mem_available_mb", "mem_percent"} <= set(raw):
+        raise ValueError(f"{FIXED_MACHINE_ENV} must be an object with cpu_free_cores, "
+                         f"mem_available_mb, mem_percent (and optionally mem_total_mb, "
+                         f"cpu_cores)")
+    for key, value in raw.items():
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+            raise ValueError(f"{FIXED_MACHINE_ENV}: {key} must be a number >= 0")
+    fixed = Readings(**raw)
+    return lambda: fixed
 
 
 class ResourceMonitor:
@@ -72,26 +165,43 @@ class ResourceMonitor:
         return self.latest
 
 
+def task_share(predicted: Mapping | None, interval: float) -> dict:
+    """What a task holds of the machine from its dispatch to its end.
+
+    CPU: its predicted CPU seconds over its predicted duration, the duration counted as
+    at least `interval` (the readings cannot see anything shorter, and work that short
+    does not keep a core from anyone). Memory: its predicted growth of its worker's RSS.
+    Nothing predicted yet (source "default"): nothing held, never a guess."""
+    pred = predicted or {}
+    if pred.get("source", "default") == "default":
+        return {"cpu": 0.0, "memory_mb": 0.0}
+    cpu_s = max(0.0, float(pred.get("cpu_s", 0.0) or 0.0))
+    duration = max(float(pred.get("duration", 0.0) or 0.0), interval, 1e-6)
+    return {"cpu": cpu_s / duration,
+            "memory_mb": max(0.0, float(pred.get("memory_mb", 0.0) or 0.0))}
+
+
 def check(task_needs: Mapping[str, float], readings: Readings,
-          committed: Mapping[str, float] | None = None, priority: str = "medium",
+          held: Mapping[str, float] | None = None, priority: str = "medium",
           memory_threshold: float = MEMORY_THRESHOLD) -> str | None:
     """None if the task fits now, else why it waits: "memory" or "cpu" (memory first).
 
-    `task_needs`: predicted `cpu` (cores, e.g. 0.5) and `memory_mb` (peak).
-    `committed`: the same for tasks dispatched since the readings were taken.
+    `task_needs`: its `cpu` (cores) and `memory_mb` (growth), as `task_share()` gives.
+    `held`: the same, summed over the tasks running now, less what the readings already
+    show of them.
 
-    - memory, every priority: its memory must fit in what is available, less committed.
-    - memory pressure, all but critical: memory in use, plus committed, plus its own,
-      must stay at or below `memory_threshold` percent of the total (with the total
-      unknown: the measured percent alone). Critical work may still run under pressure.
-    - cpu, every priority: its cores must fit in the free cores, less committed, plus
-      `CPU_SLACK`; a need larger than the whole machine counts as the whole machine.
+    - memory, every priority: its memory must fit in what is available, less held.
+    - memory pressure, all but critical: memory in use, plus held, plus its own, must
+      stay at or below `memory_threshold` percent of the total (with the total unknown:
+      the measured percent alone). Critical work may still run under pressure.
+    - cpu, every priority: its cores must fit in the cores free of outside load, less
+      held, plus `CPU_SLACK`; a need larger than the whole machine counts as the machine.
     """
-    committed = committed or {}
+    held = held or {}
     need_mem = max(0.0, float(task_needs.get("memory_mb", 0.0) or 0.0))
     need_cpu = max(0.0, float(task_needs.get("cpu", 0.0) or 0.0))
-    held_mem = max(0.0, float(committed.get("memory_mb", 0.0) or 0.0))
-    held_cpu = max(0.0, float(committed.get("cpu", 0.0) or 0.0))
+    held_mem = max(0.0, float(held.get("memory_mb", 0.0) or 0.0))
+    held_cpu = max(0.0, float(held.get("cpu", 0.0) or 0.0))
     if need_mem > readings.mem_available_mb - held_mem:
         return "memory"
     if priority != "critical":

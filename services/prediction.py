@@ -1,4 +1,8 @@
-"""Resource predictions for queued tasks: duration (s), tokens, peak memory (MB), CPU (cores).
+"""Resource predictions for queued tasks: duration (s), tokens, memory growth (MB), CPU (s).
+
+Memory is how far the task grows its worker's RSS (the worker's interpreter is there
+anyway), CPU the seconds of CPU it uses: both are learnt per task, from its own features,
+so a type that mixes sleeps and no-ops is not given the product of two averages.
 
 The scheduler asks :class:`Predictor` before admission and dispatch. Three sources, in order:
 
@@ -12,7 +16,7 @@ The scheduler asks :class:`Predictor` before admission and dispatch. Three sourc
 
 Features: one-hot task type, priority ordinal, description length (log chars, words), hashed
 description words (``HashingVectorizer``, ``N_HASH`` columns), log payload size.
-Duration, tokens and memory are learnt as ``log1p`` (they are skewed); CPU is learnt as is.
+Every target is learnt as ``log1p`` (they are skewed).
 
 Predicting one row must be cheap (it sits on the dispatch path), and sklearn's own
 ``predict`` walks trees one Python call at a time (~15 ms for one row here). So at training
@@ -51,10 +55,10 @@ from sklearn.feature_extraction.text import HashingVectorizer
 from sklearn.utils import murmurhash3_32
 from threadpoolctl import threadpool_limits
 
-TARGETS = ("duration", "tokens", "memory_mb", "cpu")
-LOG_TARGETS = frozenset({"duration", "tokens", "memory_mb"})
+TARGETS = ("duration", "tokens", "memory_mb", "cpu_s")
+LOG_TARGETS = frozenset(TARGETS)
 PRIORITIES = {"critical": 0, "high": 1, "medium": 2, "low": 3}
-DEFAULTS = {"duration": 60.0, "tokens": 2000.0, "memory_mb": 256.0, "cpu": 0.5}
+DEFAULTS = {"duration": 60.0, "tokens": 2000.0, "memory_mb": 64.0, "cpu_s": 1.0}
 
 N_HASH = 256  # hashed description-word columns: enough for keywords, small enough to fit fast
 MAX_TYPES = 200  # one-hot columns; rarer types fall back to averages
@@ -65,7 +69,7 @@ CACHE_LIMIT = 8192
 PAYLOAD_STEP = 4  # payload feature = round(4 * log2(1 + bytes)) / 4: ~19% buckets
 MODEL_FILE = "predictor.joblib"
 REPORT_FILE = "predictor-report.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: memory is growth and CPU is seconds (1 had peak RSS and cores)
 
 _HGB_PARAMS = dict(max_iter=60, learning_rate=0.2, max_depth=6, max_leaf_nodes=31, max_bins=64,
                    min_samples_leaf=10, l2_regularization=1e-3, random_state=0)
@@ -80,7 +84,7 @@ class Prediction:
     duration: float
     tokens: float
     memory_mb: float
-    cpu: float
+    cpu_s: float
     source: str  # "model" | "average" | "default"
 
     def as_dict(self) -> dict[str, Any]:
@@ -582,11 +586,12 @@ def history_from_events(events: Iterable[dict | str | bytes]) -> list[dict]:
          "priority": str,        # "critical" | "high" | "medium" | "low"
          "description": str,
          "payload_size": int,    # bytes of the JSON-encoded payload
-         "actual": {"duration": s, "tokens": n, "memory_mb": peak MB, "cpu": cores}}
+         "actual": {"duration": s, "tokens": n, "memory_mb": growth MB, "cpu_s": s}}
 
-    All four ``actual`` values are required (finite, >= 0). Anything else is skipped.
+    All four ``actual`` values are required (finite, >= 0); an older event's ``cpu``
+    (cores) is read as ``cpu`` x ``duration`` seconds. Anything else is skipped.
     Rows are ``{type, priority, description, payload_size, duration, tokens, memory_mb,
-    cpu}`` in event order.
+    cpu_s}`` in event order.
     """
     rows = []
     for event in events:
@@ -603,7 +608,13 @@ def history_from_events(events: Iterable[dict | str | bytes]) -> list[dict]:
         if not isinstance(data, dict) or not isinstance(data.get("actual"), dict):
             continue
         task_type = data.get("type") or data.get("task_type")
-        row = _clean_row({**data["actual"], "type": task_type,
+        actual = data["actual"]
+        if "cpu_s" not in actual and "cpu" in actual:
+            try:
+                actual = {**actual, "cpu_s": float(actual["cpu"]) * float(actual["duration"])}
+            except (KeyError, TypeError, ValueError):
+                continue
+        row = _clean_row({**actual, "type": task_type,
                           "priority": data.get("priority"),
                           "description": data.get("description"),
                           "payload_size": data.get("payload_size")})
@@ -614,7 +625,7 @@ def history_from_events(events: Iterable[dict | str | bytes]) -> list[dict]:
 
 # ---------------------------------------------------------------- synthetic workload
 
-# Per type: base duration (s), tokens, memory (MB), cpu (cores).
+# Per type: base duration (s), tokens, memory growth (MB), cpu (cores while it runs).
 SYNTHETIC_TYPES = {
     "research": (40.0, 6000.0, 400.0, 0.30),
     "codegen": (25.0, 4000.0, 600.0, 0.60),
@@ -645,7 +656,8 @@ def synthetic_truth(task_type: str, description: str) -> dict[str, float]:
 
     Duration and tokens scale with the base of the type, a multiplier per keyword present
     (``SYNTHETIC_KEYWORDS``) and the description's word count; memory grows slowly with
-    the word count; CPU is the type's base, 1.2x when refactoring (capped at 1 core).
+    the word count; CPU seconds are the duration times the type's cores, 1.2x when
+    refactoring (capped at 1 core).
     """
     base_d, base_t, base_m, base_c = SYNTHETIC_TYPES.get(task_type, (10.0, 1000.0, 200.0, 0.5))
     words = description.lower().split()
@@ -655,11 +667,12 @@ def synthetic_truth(task_type: str, description: str) -> dict[str, float]:
             dur_mult *= SYNTHETIC_KEYWORDS[w][0]
             tok_mult *= SYNTHETIC_KEYWORDS[w][1]
     n = len(words)
+    duration = base_d * dur_mult * (1 + n / 20)
     return {
-        "duration": base_d * dur_mult * (1 + n / 20),
+        "duration": duration,
         "tokens": base_t * tok_mult * (1 + n / 15),
         "memory_mb": base_m * (1 + n / 100),
-        "cpu": min(1.0, base_c * (1.2 if "refactor" in words else 1.0)),
+        "cpu_s": duration * min(1.0, base_c * (1.2 if "refactor" in words else 1.0)),
     }
 
 

@@ -20,6 +20,7 @@ from cortex.protocol import wire
 from cortex.protocol.wire import ProtocolError
 
 from .effects import Effects
+from .feasibility import FIXED_MACHINE_ENV, MachineSampler, ResourceMonitor, fixed_sampler
 from .scheduling import SchedulerState
 from .service import BusService
 
@@ -48,10 +49,37 @@ class Scheduler(BusService):
         self.trainer: subprocess.Popen | None = None
         self.loader: tuple[threading.Thread, list, str] | None = None  # models being read
         self.next_training = 0.0
-        self.state = SchedulerState(self.settings.scheduler, self.predictor)
+        self.state = SchedulerState(self.settings.scheduler, self.predictor,
+                                    ResourceMonitor(self.machine_sampler()))
         self.open_journal()
         # Workers that were busy when we stopped tell us what they run (worker.sync).
         self.link.send(wire.REQUEST, wire.BROKER, SYNC_CORR, {"op": "broker.peers"})
+
+    def machine_sampler(self):
+        """psutil readings that tell the suite's own CPU apart from everyone else's (or
+        fixed readings from CORTEX_FIXED_MACHINE, for tests on the real suite)."""
+        fixed = os.environ.get(FIXED_MACHINE_ENV)
+        if fixed:
+            try:
+                return fixed_sampler(fixed)
+            except ValueError as e:
+                raise SystemExit(f"scheduler: {e}") from None
+        return MachineSampler(self.suite_pids)
+
+    def suite_pids(self) -> list[int]:
+        """The suite's own processes: the services (their lock files hold their pids),
+        supervisord, the workers, and our training child."""
+        pids = [os.getpid()]
+        run = self.rt.home / "run"
+        for path in [*run.glob("*.lock"), run / "supervisord.pid"]:
+            try:
+                pids.append(int(path.read_text().split()[0]))
+            except (OSError, ValueError, IndexError):
+                continue
+        pids += [w.pid for w in self.state.workers.values() if w.pid > 0]
+        if self.trainer is not None:
+            pids.append(self.trainer.pid)
+        return pids
 
     def snapshot(self) -> dict:
         return self.state.snapshot()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import heapq
 import logging
+import math
 import time
 from collections import Counter, OrderedDict
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from cortex.protocol.wire import ProtocolError
 
 from .config import SchedulerSettings
 from .effects import Effects
-from .feasibility import ResourceMonitor, check
+from .feasibility import ResourceMonitor, check, task_share
 from .feasibility import estimate_start as simulate_start
 from .ordering import TaskQueue
 from .tasks import FINAL, PRIORITIES, PRIORITY_RANK, State, Task, new_task_id, transition
@@ -51,15 +52,27 @@ class WorkerInfo:
     done: int = 0
 
 
-def cpu_over_interval(predicted: dict, interval: float) -> float:
-    """Average cores a task with these predictions takes over a sampling interval."""
-    duration = max(0.0, float(predicted.get("duration", 0.0) or 0.0))
-    share = min(1.0, duration / interval) if interval > 0 else 1.0
-    return max(0.0, float(predicted.get("cpu", 0.0) or 0.0)) * share
+def _finite(value, lo: float, hi: float) -> float:
+    """A reported figure if it is a finite float in [lo, hi], else lo."""
+    if isinstance(value, float) and math.isfinite(value) and lo <= value <= hi:
+        return value
+    return lo
+
+
+@dataclass(slots=True)
+class Hold:
+    """What a dispatched task holds of the machine until it ends (feasibility)."""
+
+    cpu: float  # cores
+    memory_mb: float  # growth of its worker's RSS
+    pid: int  # its worker's pid (0: unknown)
+    sample: int  # the monitor's sample count when it was dispatched
+    rss_base: float | None  # its worker's RSS in that sample, when the sample had it
 
 
 class SchedulerState:
-    def __init__(self, settings: SchedulerSettings, predictor=None):
+    def __init__(self, settings: SchedulerSettings, predictor=None,
+                 monitor: ResourceMonitor | None = None):
         self.settings = settings
         self.predictor = predictor  # prediction.Predictor, or None (then per-type averages)
         self.tasks: dict[str, Task] = {}
@@ -67,9 +80,10 @@ class SchedulerState:
         self.rejected: OrderedDict[str, tuple[str, str]] = OrderedDict()  # key -> refusal
         self.finished: OrderedDict[str, None] = OrderedDict()  # retention order
         self.queue = TaskQueue(aging=settings.aging or None)
-        self.monitor = ResourceMonitor()  # machine readings, sampled at most once a second
-        self.dispatched_since_sample = {"cpu": 0.0, "memory_mb": 0.0}
-        self.sample_count = -1
+        # Machine readings, sampled at most once a second (the process passes one that
+        # knows the suite's own pids).
+        self.monitor = monitor or ResourceMonitor()
+        self.holds: dict[str, Hold] = {}  # task id -> its share, from dispatch to end
         self.memory_pressure = False
         self.blocked: dict[str, Task] = {}  # queued but waiting for tokens
         self.backoff: list[tuple[float, str]] = []  # (not before, task id) heap
@@ -103,6 +117,7 @@ class SchedulerState:
             self.active[task.id] = task
         else:
             self.active.pop(task.id, None)
+            self.holds.pop(task.id, None)  # its share of the machine is free at once
         for key, value in changes.items():
             setattr(task, key, value)
         fx.records.append({"k": "set", "id": task.id, "state": str(new), "at": now, **changes})
@@ -150,6 +165,9 @@ class SchedulerState:
                 task.waiting = None
                 task.times["recovered"] = now
                 self.active[task.id] = task
+                share = self.needs(task)
+                self.holds[task.id] = Hold(share["cpu"], share["memory_mb"], 0,
+                                           self.monitor.samples, None)
             for body in task.settle.values():  # ledger orders not confirmed before the crash
                 self.ledger_seq += 1
                 self.ledger_pending[b"L" + self.ledger_seq.to_bytes(8, "big")] = (now, body)
@@ -483,14 +501,16 @@ class SchedulerState:
         duration = max(0.0, finished_at - task.times.get("started", finished_at))
         prev = self.avg_duration.get(task.type)
         self.avg_duration[task.type] = duration if prev is None else 0.9 * prev + 0.1 * duration
+        cpu_s = _finite(body.get("cpu_s"), 0.0, 1e7)
         timings = {"queued": task.times.get("dispatched", now) - task.times["created"],
-                   "duration": duration, "cpu_s": body.get("cpu_s")}
-        cpu_s = body.get("cpu_s") if isinstance(body.get("cpu_s"), float) else 0.0
-        rss = body.get("rss_mb") if isinstance(body.get("rss_mb"), float) else 0.0
-        if 0 < rss < 1e6:
+                   "duration": duration, "cpu_s": cpu_s}
+        rss = _finite(body.get("rss_mb"), 0.0, 1e6)
+        if rss > 0:
             self.worker_rss_mb = 0.99 * self.worker_rss_mb + 0.01 * rss
-        actual = {"duration": duration, "tokens": float(task.tokens_used), "memory_mb": rss,
-                  "cpu": min(cpu_s / duration, 64.0) if duration > 0 else 0.0}
+        # What the task itself used: CPU seconds, and how far it grew its worker's RSS
+        # (the worker's own interpreter is there whether it runs a task or not).
+        actual = {"duration": duration, "tokens": float(task.tokens_used),
+                  "memory_mb": _finite(body.get("mem_mb"), 0.0, 1e6), "cpu_s": cpu_s}
         result = body.get("result")
         try:
             wire.json_safe(result, "result", MAX_PAYLOAD_BYTES)
@@ -608,37 +628,41 @@ class SchedulerState:
 
     # -- dispatch ------------------------------------------------------------------------
     def needs(self, task: Task) -> dict:
-        """Predicted resources that feasibility weighs: peak memory, and the cores the task
-        takes on average over the next sampling interval (its predicted CPU share times
-        the part of the interval it runs). A 50 us no-op is 100 % CPU while it runs but
-        adds nothing a reading would see; a thousand of them in one interval add up (they
-        are summed in dispatched_since_sample), and a task of an interval or longer
-        counts in full."""
-        pred = task.predicted or {}
-        if pred.get("source", "default") == "default":
-            return {"cpu": 0.0, "memory_mb": 0.0}  # nothing learned yet: no guessing
-        return {"cpu": cpu_over_interval(pred, self.monitor.interval),
-                "memory_mb": pred.get("memory_mb", 0.0)}
+        """What the task will hold of the machine while it runs (feasibility.task_share):
+        its predicted CPU seconds over its predicted duration (at least a sampling
+        interval, so a no-op holds next to nothing), and its predicted memory growth."""
+        return task_share(task.predicted, self.monitor.interval)
 
-    def committed(self) -> dict:
-        """Needs of the tasks dispatched since the machine was last read (which the
-        reading cannot show yet)."""
-        if self.monitor.samples != self.sample_count:  # fresh readings include earlier work
-            self.sample_count = self.monitor.samples
-            self.dispatched_since_sample = {"cpu": 0.0, "memory_mb": 0.0}
-        return self.dispatched_since_sample
+    def held(self, readings) -> dict:
+        """What the running tasks hold and the readings do not already show.
 
-    def feasible(self, fx: Effects, task: Task, readings, now: float) -> bool:
+        A task's CPU is its predicted share, or what its worker was measured using if it
+        ran through the whole last interval and used more (so an unpredicted CPU hog still
+        counts). Its memory is its predicted growth less the growth its worker already
+        shows (which the readings' available memory has taken off)."""
+        cpu = memory = 0.0
+        for hold in self.holds.values():
+            usage = readings.per_pid.get(hold.pid) if hold.pid else None
+            hold_cpu, hold_mem = hold.cpu, hold.memory_mb
+            if usage is not None:
+                if self.monitor.samples >= hold.sample + 2:
+                    hold_cpu = max(hold_cpu, usage[0])
+                if hold.rss_base is not None and self.monitor.samples > hold.sample:
+                    hold_mem = max(0.0, hold_mem - max(0.0, usage[1] - hold.rss_base))
+            cpu += hold_cpu
+            memory += hold_mem
+        return {"cpu": cpu, "memory_mb": memory}
+
+    def feasible(self, fx: Effects, task: Task, readings, held: dict, now: float) -> bool:
         needs = self.needs(task)
-        reason = check(needs, readings, self.committed(), task.priority,
-                       self.settings.memory_threshold)
+        reason = check(needs, readings, held, task.priority, self.settings.memory_threshold)
         if reason is None:
-            return True  # counted as committed when dispatched (not if refused tokens)
+            return True  # held once dispatched (not if refused tokens)
         if task.waiting != reason:
             fx.emit("task.waiting", {"reason": reason, "needs": needs,
                                      "readings": readings.as_dict(),
-                                     "dispatched_since_sample": dict(
-                                         self.dispatched_since_sample)}, task.id)
+                                     "held": {k: round(v, 4) for k, v in held.items()},
+                                     "running": len(self.holds)}, task.id)
         task.waiting = reason
         self.blocked[task.id] = task  # retried with the token waiters (no head-of-line)
         return False
@@ -647,7 +671,7 @@ class SchedulerState:
         """Give every idle worker the best task it can take and that fits the machine."""
         if not any(any(counts) for counts in self.queue.counts.values()):
             return  # nothing queued: the common case at light load, checked cheaply
-        readings = None
+        readings = held = None
         for worker in list(self.workers.values()):
             while worker.state == "idle":
                 task = self.queue.pop_for(worker.types, now)
@@ -656,7 +680,8 @@ class SchedulerState:
                 if readings is None:
                     readings = self.monitor.readings(time.monotonic())
                     self.memory_pressure = readings.mem_percent > self.settings.memory_threshold
-                if not self.feasible(fx, task, readings, now):
+                    held = self.held(readings)
+                if not self.feasible(fx, task, readings, held, now):
                     continue
                 if task.tokens > 0 and task.reserved == 0:
                     # Reserve first; the worker waits for this task meanwhile, while other
@@ -669,6 +694,8 @@ class SchedulerState:
                                       "worker": worker.name}, now)
                     break
                 self._dispatch(fx, task, worker, now)
+                for key, value in self.needs(task).items():
+                    held[key] += value
 
     def next_free(self, workers: list[WorkerInfo], now: float) -> float:
         """Seconds until the first of these busy workers is expected to free up. A task
@@ -687,14 +714,12 @@ class SchedulerState:
 
     def type_needs(self, task_type: str) -> dict:
         """What one more worker of a type would take from the machine: its interpreter
-        (the workers' measured RSS) or its tasks' predicted peak, whichever is larger, and
-        its tasks' CPU over the sampling interval (as in needs())."""
+        (the workers' measured RSS) plus what one of its tasks holds (as in needs())."""
         needs = {"cpu": 0.0, "memory_mb": self.worker_rss_mb}
         if self.predictor is not None:
-            pred = self.predictor.predict(task_type, "medium", "", 0)
-            if pred.source != "default":
-                needs["memory_mb"] = max(needs["memory_mb"], pred.memory_mb)
-                needs["cpu"] = cpu_over_interval(pred.as_dict(), self.monitor.interval)
+            share = task_share(self.predictor.predict(task_type, "medium", "", 0).as_dict(),
+                               self.monitor.interval)
+            needs = {"cpu": share["cpu"], "memory_mb": needs["memory_mb"] + share["memory_mb"]}
         return needs
 
     def scale(self, fx: Effects, now: float) -> None:
@@ -737,7 +762,7 @@ class SchedulerState:
                 continue
             needs = self.type_needs(task_type)
             readings = self.monitor.readings(time.monotonic())
-            blocked = check(needs, readings, self.committed(),
+            blocked = check(needs, readings, self.held(readings),
                             "critical" if surge else "medium", self.settings.memory_threshold)
             self.scale_cooldown[task_type] = now + SCALE_COOLDOWN
             self.surged[task_type] = counts[0]
@@ -757,10 +782,12 @@ class SchedulerState:
             self.scale_requested.setdefault(task_type, now)
 
     def _dispatch(self, fx: Effects, task: Task, worker: WorkerInfo, now: float) -> None:
-        committed = self.committed()
-        for key, value in self.needs(task).items():
-            committed[key] += value
         self._move(fx, task, State.DISPATCHED, now, worker=worker.name, waiting=None)
+        share = self.needs(task)
+        latest = self.monitor.latest
+        usage = latest.per_pid.get(worker.pid) if latest is not None and worker.pid else None
+        self.holds[task.id] = Hold(share["cpu"], share["memory_mb"], worker.pid,
+                                   self.monitor.samples, usage[1] if usage else None)
         worker.state, worker.task = "busy", task.id
         worker.last_seen = now
         fx.notify(worker.name, {"op": "task.run", "task": {

@@ -52,12 +52,12 @@ def test_fallback_order_default_then_average_then_model():
     assert first.duration == 7.0 and first.tokens == DEFAULTS["tokens"]
 
     p.observe("chat", "high", "say hello", 10,
-              {"duration": 2.0, "tokens": 100.0, "memory_mb": 50.0, "cpu": 0.2})
+              {"duration": 2.0, "tokens": 100.0, "memory_mb": 50.0, "cpu_s": 0.2})
     p.observe("chat", "low", "say bye", 10,
-              {"duration": 4.0, "tokens": 300.0, "memory_mb": 70.0, "cpu": 0.4})
+              {"duration": 4.0, "tokens": 300.0, "memory_mb": 70.0, "cpu_s": 0.4})
     avg = p.predict("chat", "high", "anything", 99)
     assert avg.source == "average"
-    assert (avg.duration, avg.tokens, avg.memory_mb, avg.cpu) == pytest.approx((3, 200, 60, 0.3))
+    assert (avg.duration, avg.tokens, avg.memory_mb, avg.cpu_s) == pytest.approx((3, 200, 60, 0.3))
     assert p.predict("never-seen", "high", "x", 1).source == "default"
 
     for row in synthetic_workload(200, seed=3):
@@ -271,10 +271,10 @@ def test_history_from_events():
     assert rows == [
         {"type": "codegen", "priority": "high", "description": "refactor the api",
          "payload_size": 512, "duration": 3.5, "tokens": 900.0, "memory_mb": 120.0,
-         "cpu": 0.4},
+         "cpu_s": pytest.approx(1.4)},
         {"type": "chat", "priority": "high", "description": "refactor the api",
          "payload_size": 512, "duration": 3.5, "tokens": 900.0, "memory_mb": 120.0,
-         "cpu": 0.4},
+         "cpu_s": pytest.approx(1.4)},
     ]
     p = Predictor(None)
     assert p.replay(rows) == 2
