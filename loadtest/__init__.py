@@ -13,7 +13,7 @@ report.json keys (schema "cortex.loadtest/1"; every figure is the median over --
   over a quiet period before and after the load;
 - ``targets``: [{scenario, metric, what, op, target, unit, value, met, peers}] against
   DESIGN.md "Targets";
-- ``scenarios.<name>`` (latency, rate, noop, utilization, priority, mixed, chaos):
+- ``scenarios.<name>`` (latency, rate, noop, onetype, utilization, priority, mixed, chaos):
   ``agents``, ``agent_processes``, ``workers``, ``wall_s`` (first submit to last result),
   ``throughput`` (completed / wall_s), ``completion_rate`` (completed / planned),
   ``tasks`` {planned, submitted, accepted, rejected, completed, failed, dead, cancelled,
@@ -27,11 +27,15 @@ report.json keys (schema "cortex.loadtest/1"; every figure is the median over --
   {code: n}, ``zombies`` (lasting, after a 2 s grace) and ``zombies_transient``,
   ``tokens`` {reported (sum of tokens_used), ledger_committed (delta), error_pct,
   over_allocated_samples}, ``events`` {received, written (router counters, delta),
-  jsonl_lines, missing, gaps, duplicates, per_s, settled}, ``resources`` {cpu_s by role,
+  jsonl_lines, missing, gaps, duplicates, per_s, settled}, ``waiting`` {tasks (that
+  waited for cpu, memory or tokens), by_reason {reason: {events, tasks}}},
+  ``resources`` {cpu_s by role,
   peak_rss_mb by service, workers_peak_rss_mb, suite_peak_rss_mb (sum of RSS),
   memory_at_end {rss_mb, pss_mb}, harness_cpu_s}, ``lost_ids``, ``duplicated_ids``;
   plus ``rate`` {offered, achieved_submit_rate, submit_lag_ms}, ``priority``
-  {critical_wait_ms, low_wait_ms, flood_queued_at_critical_submit, ...}, ``mixed`` (per
+  {critical_wait_ms, low_wait_ms, flood_queued_at_critical_submit, ...}, ``noop_phase``
+  (onetype: the no-ops after the sleeps, {tasks, completed, throughput, coordination_ms}),
+  ``mixed`` (per
   type), ``chaos`` {kills, by_role, base, interval_s}; the mixed scenario also has
   ``phases`` {training, measurement (task counts), scale (--mixed-scale)},
   ``model_training`` {loaded, samples, trained_at, previous_trained_at, wait_s,

@@ -32,7 +32,7 @@ from . import charts, report
 from .harness import Target
 from .scenarios import SCENARIOS, Session
 
-DEFAULT_ORDER = ("latency", "rate", "noop", "utilization", "priority", "mixed", "sweep",
+DEFAULT_ORDER = ("latency", "rate", "noop", "onetype", "utilization", "priority", "mixed", "sweep",
                  "chaos", "events")
 
 

@@ -15,7 +15,8 @@ def available() -> bool:
 
 def draw(out: Path, run: dict) -> list[str]:
     """Charts from one run's raw series: per scenario a latency CDF and a timeline
-    (completions/s and queue depth), and the sweep's curves. Returns the files."""
+    (completions/s, queue depth, waiting reasons), and the sweep's curves. Returns the
+    files."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -31,7 +32,8 @@ def draw(out: Path, run: dict) -> list[str]:
         if not records:
             continue
         files.append(_cdf(plt, out, name, records))
-        files.append(_timeline(plt, out, name, records, series.get("timeline") or []))
+        files.append(_timeline(plt, out, name, records, series.get("timeline") or [],
+                               series.get("waiting") or []))
     return [f for f in files if f]
 
 
@@ -62,28 +64,57 @@ def _cdf(plt, out, name, records):
     return str(path)
 
 
-def _timeline(plt, out, name, records, timeline):
+def _buckets(times, start: float, width: float, count: int) -> list[int]:
+    """How many of `times` fall in each of `count` buckets from `start`; empty ones are 0."""
+    out = [0] * count
+    for t in times:
+        i = int((t - start) / width)
+        if 0 <= i < count:
+            out[i] += 1
+    return out
+
+
+def _timeline(plt, out, name, records, timeline, waiting=()):
+    """Results per second (every bucket drawn, empty ones as zero, so a stall shows), the
+    queue depth, and below on the same time axis why tasks waited (task.waiting events per
+    second, by reason)."""
     seen = sorted(r["t_seen"] for r in records if r["t_seen"])
     if not seen:
         return None
     start = min(r["t_submit"] for r in records if r["t_submit"])
-    width = max(0.1, (seen[-1] - start) / 60)
-    buckets: dict[int, int] = {}
-    for t in seen:
-        buckets[int((t - start) / width)] = buckets.get(int((t - start) / width), 0) + 1
-    xs = [b * width for b in sorted(buckets)]
-    ys = [buckets[b] / width for b in sorted(buckets)]
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    ax.plot(xs, ys, color="tab:blue", label="results seen / s")
-    ax.set_xlabel("seconds since the first submit")
+    span = max(seen[-1] - start, 1e-3)
+    width = max(0.05, span / 120)
+    count = int(span / width) + 1
+    xs = [i * width for i in range(count)]
+    fig, (ax, low) = plt.subplots(2, 1, figsize=(9, 6), sharex=True,
+                                  gridspec_kw={"height_ratios": [3, 1.4]})
+    rate = [n / width for n in _buckets(seen, start, width, count)]
+    ax.step(xs, rate, where="post", color="tab:blue", label="results seen / s")
     ax.set_ylabel("tasks / s", color="tab:blue")
+    ax.set_ylim(bottom=0)
     q = [(row["t"] - start, row["queue"]) for row in timeline if row.get("queue") is not None]
     if q:
         ax2 = ax.twinx()
-        ax2.plot([a for a, _ in q], [b for _, b in q], color="tab:red", label="queue depth")
+        ax2.plot([a for a, _ in q], [b for _, b in q], color="tab:red", label="queued tasks")
         ax2.set_ylabel("queued tasks", color="tab:red")
-    ax.set_title(f"{name}: throughput and queue depth over time")
+        ax2.set_ylim(bottom=0)
+    ax.set_title(f"{name}: throughput, queue depth and waiting reasons over time")
     ax.grid(True, alpha=0.3)
+    reasons = sorted({reason for _, reason in waiting})
+    bottom = [0.0] * count
+    for reason in reasons:
+        per_s = [n / width for n in _buckets([t for t, r in waiting if r == reason], start,
+                                             width, count)]
+        low.bar(xs, per_s, width=width, bottom=bottom, align="edge", label=reason)
+        bottom = [a + b for a, b in zip(bottom, per_s, strict=True)]
+    if reasons:
+        low.legend(loc="upper right", fontsize="small", title="waiting for")
+    else:
+        low.text(0.5, 0.5, "no task waited for cpu, memory, tokens or a worker",
+                 transform=low.transAxes, ha="center", va="center", color="gray")
+    low.set_ylabel("waits / s")
+    low.set_xlabel("seconds since the first submit")
+    low.grid(True, alpha=0.3)
     path = out / f"{name}-timeline.png"
     fig.tight_layout()
     fig.savefig(path, dpi=90)

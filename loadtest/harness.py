@@ -265,7 +265,9 @@ class Sampler(threading.Thread):
         row = {"t": now, "rss_mb": round(total, 1), "queue": None, "completed": None}
         try:
             status = self.client.call("scheduler", "scheduler.status", timeout=1.0)
-            row["queue"] = sum(status.get("queue", {}).values())
+            # Every queued task, whatever it waits for (the priority queue alone leaves
+            # out those held back for cpu, memory or tokens).
+            row["queue"] = status.get("states", {}).get("queued", 0)
             counters = status.get("counters", {})
             row["completed"] = counters.get("completed", 0) + counters.get("failed", 0)
         except errors.CortexError:
@@ -364,8 +366,12 @@ def parse_event(line: bytes) -> dict | None:
         return None
 
 
+TASK_ENDS = ("task.completed", "task.failed", "task.dead")
+
+
 def read_new_events(home: Path, offsets: dict[str, int]) -> tuple[int, list[dict]]:
-    """(lines, task events) appended to the JSONL files since `offsets`."""
+    """(lines, task events) appended to the JSONL files since `offsets`: the ends of
+    tasks (TASK_ENDS) and every `task.waiting`."""
     lines = 0
     found = []
     for line in new_event_lines(home, offsets):
@@ -373,10 +379,31 @@ def read_new_events(home: Path, offsets: dict[str, int]) -> tuple[int, list[dict
         if b'"task.' not in line:
             continue
         event = parse_event(line)
-        if event is not None and event.get("type") in ("task.completed", "task.failed",
-                                                       "task.dead"):
+        if event is not None and (event.get("type") in TASK_ENDS
+                                  or event.get("type") == "task.waiting"):
             found.append(event)
     return lines, found
+
+
+def waiting_summary(events: list[dict], ids: set) -> tuple[dict, list]:
+    """How many of these tasks waited, and why (from their task.waiting events), and the
+    (time, reason) series the timeline chart draws."""
+    by_reason: dict[str, dict] = {}
+    waited: set = set()
+    series = []
+    for e in events:
+        if e.get("type") != "task.waiting" or e.get("task") not in ids:
+            continue
+        reason = str((e.get("data") or {}).get("reason", "unknown"))
+        row = by_reason.setdefault(reason, {"events": 0, "tasks": set()})
+        row["events"] += 1
+        row["tasks"].add(e["task"])
+        waited.add(e["task"])
+        if isinstance(e.get("ts"), int | float):
+            series.append((e["ts"], reason))
+    return ({"tasks": len(waited),
+             "by_reason": {k: {"events": v["events"], "tasks": len(v["tasks"])}
+                           for k, v in sorted(by_reason.items())}}, sorted(series))
 
 
 def settle_events(client: Client, timeout: float = 15.0) -> dict:
@@ -429,8 +456,10 @@ def measure(name: str, target: Target, records: list[dict], t0: float, t_end: fl
     states = Counter(r["state"] or "unfinished" for r in accepted)
     lost = [r for r in accepted if r["state"] not in FINAL_STATES]
 
-    lines, final_events = read_new_events(target.home, offsets)
+    lines, task_events = read_new_events(target.home, offsets)
     ids = {r["id"] for r in accepted}
+    waiting, waiting_series = waiting_summary(task_events, ids)
+    final_events = [e for e in task_events if e.get("type") in TASK_ENDS]
     completions = Counter(e.get("task") for e in final_events
                           if e.get("type") == "task.completed" and e.get("task") in ids)
     duplicated = sorted(t for t, n in completions.items() if n > 1)
@@ -533,11 +562,13 @@ def measure(name: str, target: Target, records: list[dict], t0: float, t_end: fl
                    "error_pct": token_error,
                    "over_allocated_samples": sampler_out.pop("over_allocated_samples", 0)},
         "events": events,
+        "waiting": waiting,
         "resources": {**sampler_out, "harness_cpu_s": round(harness_cpu_s, 3)},
         "lost_ids": [r["id"] for r in lost][:50],
         "duplicated_ids": duplicated[:50],
     }
     if extra:
         result.update(extra)
-    result["_series"] = {"timeline": timeline, "records": records, "t0": t0}
+    result["_series"] = {"timeline": timeline, "records": records, "t0": t0,
+                         "waiting": waiting_series}
     return result

@@ -24,6 +24,9 @@ TARGETS = [
      "Celery 800, Dramatiq 2150, Ray 1600, RQ 670, bare broker 11000"),
     ("noop", "latency_ms.coordination.p99", "<=", 50.0, "ms",
      "submit -> handler start P99 at saturation", "peers 90-160, bare broker 23"),
+    ("onetype", "noop_phase.throughput", ">=", 5000.0, "tasks/s",
+     "no-op throughput, one type after 0.1 s sleeps", "Dramatiq 2067 (same workload)"),
+    ("onetype", "waiting.tasks", "==", 0, "", "tasks held for cpu, memory or tokens", ""),
     ("noop", "events.per_s", ">=", 10000.0, "events/s",
      "events into JSONL (at the load reached)", ""),
     ("utilization", "utilization.overall", ">=", 0.97, "",
@@ -217,8 +220,12 @@ def markdown(report: dict, charts: list[str]) -> str:
                                   (res.get("peak_rss_mb") or {}).items())
                       + f", workers (sum) {_fmt(res.get('workers_peak_rss_mb'))}, suite "
                         f"{_fmt(res.get('suite_peak_rss_mb'))}.", ""]
+            waiting = s.get("waiting") or {}
+            lines += [f"Tasks that waited: {waiting.get('tasks', 0)}" + "".join(
+                f"; {reason} {row['tasks']} ({row['events']} waiting events)"
+                for reason, row in (waiting.get("by_reason") or {}).items()) + ".", ""]
             for key in ("priority", "rate", "chaos", "phases", "model_training",
-                        "prediction", "prediction_training_phase"):
+                        "prediction", "prediction_training_phase", "noop_phase"):
                 if s.get(key):
                     lines += [f"{key}: `{json.dumps(s[key])}`", ""]
         else:

@@ -19,8 +19,9 @@ from cortex.services.prediction import synthetic_workload
 from . import harness
 from .agents import AgentPlan, Job, Options, Progress, Sync, run_agents
 
-SCENARIOS = ("latency", "rate", "noop", "utilization", "priority", "mixed", "sweep", "chaos",
-             "events")
+SCENARIOS = ("latency", "rate", "noop", "onetype", "utilization", "priority", "mixed", "sweep",
+             "chaos", "events")
+ONETYPE_SLEEPS = 100  # onetype: 0.1 s sleeps that teach the scheduler the type first
 EVENT_PUBLISHERS = 4  # threads publishing in the events scenario
 PRIORITY_FLOOD = 2000
 PRIORITY_CRITICAL = 200
@@ -210,6 +211,35 @@ class Session:
         jobs = [Job("echo", "noop") for _ in range(tasks)]
         return self.execute(name, split(jobs, agents, name), self.options(),
                             self.procs_for(agents))
+
+    def onetype(self) -> dict:
+        """One handler for every task, as a new user has it: 0.1 s sleeps first (they
+        teach the scheduler the type), then --tasks no-ops of the same type from --agents
+        agents. Reports how many tasks waited and why (`waiting`), and the no-op phase
+        on its own (`noop_phase`)."""
+        agents = self.args.agents
+        sleeps = [Job("sleep", "onetype", payload={"seconds": 0.1}, tag="sleep")
+                  for _ in range(max(ONETYPE_SLEEPS, 5 * self.target.workers))]
+        noops = [Job("sleep", "onetype", payload={"seconds": 0}, tag="noop")
+                 for _ in range(self.args.tasks)]
+
+        def extra(records):
+            phase = [r for r in records if r.get("phase") == 1]
+            starts = [r["t_submit"] for r in phase if r["t_submit"] is not None]
+            ends = [r["t_seen"] for r in phase if r["t_seen"] is not None]
+            done = sum(1 for r in phase if r["state"] == "completed")
+            wall = (max(ends) - min(starts)) if starts and ends else None
+            return {"noop_phase": {
+                "tasks": len(phase), "completed": done,
+                "throughput": round(done / wall, 2) if wall else None,
+                "coordination_ms": harness.summarize(
+                    (r["started"] - r["t_submit"]) * 1000 for r in phase
+                    if r["started"] is not None and r["attempt"] == 1)},
+                "sleeps": len(sleeps)}
+
+        return self.execute("onetype", split(sleeps, agents, "onetype-s"), self.options(),
+                            self.procs_for(agents), extra=extra,
+                            then=[(lambda client: None, split(noops, agents, "onetype"))])
 
     def rate(self) -> dict:
         rate = self.args.rate
