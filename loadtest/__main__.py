@@ -8,7 +8,7 @@ Without --home it starts its own suite (supervisord as its child) in a temporary
 under /tmp and stops it afterwards, checking nothing is left behind. Output in --out:
 report.json, report.md and PNG charts (with the "plot" extra, i.e. matplotlib).
 
-The mixed scenario runs the synthetic workload of cortex.services.prediction (durations
+The mixed scenario runs the synthetic workload of cortex.services.scheduler.prediction (durations
 and token use a known function of type and description, plus noise) in two phases: a
 training phase (1,000 tasks when --tasks >= 1,200, else 5/6 of --tasks), then it asks
 the scheduler to retrain its prediction model (as `cortex model train` does) and waits
@@ -116,7 +116,7 @@ def _main(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     notes = []
     runs = []
-    from cortex.services.prediction import SYNTHETIC_TYPES
+    from .workloads import SYNTHETIC_TYPES
 
     extra_types = sorted(SYNTHETIC_TYPES) if "mixed" in args.scenarios else ()
     for i in range(args.runs):

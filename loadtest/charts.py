@@ -110,7 +110,7 @@ def _timeline(plt, out, name, records, timeline, waiting=()):
     if reasons:
         low.legend(loc="upper right", fontsize="small", title="waiting for")
     else:
-        low.text(0.5, 0.5, "no task waited for cpu, memory, tokens or a worker",
+        low.text(0.5, 0.5, "no task.waiting event (cpu, memory, tokens)",
                  transform=low.transAxes, ha="center", va="center", color="gray")
     low.set_ylabel("waits / s")
     low.set_xlabel("seconds since the first submit")

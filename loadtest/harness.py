@@ -25,11 +25,11 @@ import orjson
 import psutil
 
 from cortex.protocol import Client, errors
-from cortex.services.suite import Suite, SuiteError, become_subreaper, reap_orphans, zombies
+from cortex.services.control import Suite, SuiteError, become_subreaper, reap_orphans, zombies
 
 from .agents import FINAL_STATES, fill_final
 
-SYNTHETIC_HANDLER = "cortex.services.handlers:simulated_agent"
+SYNTHETIC_HANDLER = "cortex.services.pool.handlers:simulated_agent"
 
 
 # -- statistics ---------------------------------------------------------------------------

@@ -14,10 +14,9 @@ import time
 
 import psutil
 
-from cortex.services.prediction import synthetic_workload
-
 from . import harness
 from .agents import AgentPlan, Job, Options, Progress, Sync, run_agents
+from .workloads import synthetic_workload
 
 SCENARIOS = ("latency", "rate", "noop", "onetype", "utilization", "priority", "mixed", "sweep",
              "chaos", "events")
@@ -451,7 +450,7 @@ class Session:
         import zmq
 
         from cortex.protocol import locate
-        from cortex.services.publisher import EventPublisher
+        from cortex.protocol.publisher import EventPublisher
 
         total = max(self.args.tasks * 20, EVENT_PUBLISHERS)
         per = total // EVENT_PUBLISHERS

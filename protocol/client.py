@@ -26,8 +26,8 @@ import zmq.asyncio
 
 from . import errors, locate, wire
 from .peer import BusLink, make_socket, poll_ms, send_frames, unique_name
+from .vocabulary import PRIORITIES  # noqa: F401 - part of the client's API
 
-PRIORITIES = ("critical", "high", "medium", "low")
 RESEND_AFTER = 1.0  # seconds of silence before an attempt is re-sent
 WAIT_HOLD = 5.0  # the scheduler holds a wait at most this long; the client asks again
 

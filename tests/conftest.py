@@ -17,7 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from cortex.services.suite import Suite, become_subreaper, reap_orphans, zombies
+from cortex.services.control import Suite, become_subreaper, reap_orphans, zombies
 
 become_subreaper()
 

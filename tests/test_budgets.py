@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from cortex.services.budgets import DAY, LedgerState
+from cortex.services.ledger.budgets import DAY, LedgerState
 
 T0 = 19_700 * DAY + 86_000.0  # 400 s before a UTC midnight
 BUDGETS = {

@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 
 from cortex.protocol import Client
-from cortex.services import cli, config
-from cortex.services.suite import SERVICES, Suite, reap_orphans
+from cortex.services.cli import app as cli
+from cortex.services.control import SERVICES, Suite, reap_orphans
+from cortex.services.runtime import settings as config
 
 from .conftest import short_home, wait_for
 from .pg import fresh_database, pg_server, postgres_url  # noqa: F401 (fixtures)

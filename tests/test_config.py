@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from cortex.services import config
-from cortex.services.config import ConfigError, load
+from cortex.services.runtime import settings as config
+from cortex.services.runtime.settings import ConfigError, load
 
 
 def write(home: Path, text: str) -> Path:

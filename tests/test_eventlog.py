@@ -11,8 +11,8 @@ from pathlib import Path
 import orjson
 import pytest
 
-from cortex.services import eventlog
-from cortex.services.eventlog import (
+from cortex.services.runtime import eventlog
+from cortex.services.runtime.eventlog import (
     EventLogError,
     EventLogWriter,
     RingBuffer,

@@ -1,4 +1,4 @@
-"""Tests for cortex.services.feasibility: each waiting reason, the memory-pressure rule
+"""Tests for cortex.services.scheduler.feasibility: each waiting reason, the memory-pressure rule
 (critical exempt), the sampling interval on an injected clock, and ETA arithmetic on
 hand-computed cases. No sockets, no real machine readings (except one smoke test)."""
 
@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cortex.services.feasibility import (
+from cortex.services.scheduler.feasibility import (
     CPU_SLACK,
     MachineSampler,
     Readings,

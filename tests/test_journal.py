@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cortex.services.journal import (
+from cortex.services.runtime.journal import (
     FSYNC_POLICIES,
     Journal,
     JournalError,

@@ -18,7 +18,7 @@ import time
 from collections import Counter, defaultdict
 
 from cortex.protocol import Client
-from cortex.services import cli
+from cortex.services.cli import app as cli
 
 from .conftest import wait_for
 from .test_suite_integration import jsonl_events

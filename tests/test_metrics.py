@@ -9,7 +9,7 @@ import urllib.request
 
 import pytest
 
-from cortex.services.metrics import BOUNDS, PER_DECADE, Histogram, Metrics
+from cortex.services.events.metrics import BOUNDS, PER_DECADE, Histogram, Metrics
 
 RATIO = 10 ** (1 / PER_DECADE)  # one bucket's width: the estimate's worst error factor
 T0 = 1_700_000_000.0

@@ -1,4 +1,4 @@
-"""Tests for cortex.services.ordering: priority, deadline, age, aging, per-agent fairness,
+"""Tests for cortex.services.scheduler.queue: priority, deadline, age, aging, per-agent fairness,
 re-queued tasks, lazy removal and the counters, with an injected clock; and a property
 test of random push/pop/discard sequences against a model."""
 
@@ -7,8 +7,8 @@ import itertools
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cortex.services.ordering import TaskQueue
-from cortex.services.tasks import PRIORITIES, State, Task
+from cortex.services.scheduler.queue import TaskQueue
+from cortex.services.scheduler.tasks import PRIORITIES, State, Task
 
 _ids = itertools.count()
 

@@ -18,7 +18,8 @@ import pytest
 # `tests` is not a package; make `tests.pg` importable however pytest was launched.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cortex.services.pgsink import PgSink, apply_migrations, query_events, sanitize  # noqa: E402
+from cortex.services.events.pgsink import PgSink, apply_migrations, sanitize  # noqa: E402
+from cortex.services.runtime.pgevents import query_events  # noqa: E402
 from tests.pg import fresh_database, pg_server, postgres_url  # noqa: E402, F401
 
 pytestmark = pytest.mark.postgres

@@ -1,4 +1,4 @@
-"""Tests for cortex.services.prediction: fallbacks, persistence, background training,
+"""Tests for cortex.services.scheduler.prediction: fallbacks, persistence, background training,
 event-log history and the accuracy required of the model on a synthetic workload."""
 
 import json
@@ -12,16 +12,16 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cortex.services import prediction
-from cortex.services.prediction import (
+from cortex.loadtest import workloads
+from cortex.loadtest.workloads import synthetic_truth, synthetic_workload
+from cortex.services.scheduler import prediction
+from cortex.services.scheduler.prediction import (
     DEFAULTS,
     MODEL_FILE,
     REPORT_FILE,
     TARGETS,
     Predictor,
     history_from_events,
-    synthetic_truth,
-    synthetic_workload,
 )
 
 
@@ -111,7 +111,7 @@ def test_too_little_history_trains_nothing():
 
 @settings(max_examples=60, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(task_type=st.sampled_from(sorted(prediction.SYNTHETIC_TYPES)),
+@given(task_type=st.sampled_from(sorted(workloads.SYNTHETIC_TYPES)),
        priority=st.one_of(st.sampled_from(["critical", "high", "medium", "low"]), st.text()),
        description=st.text(max_size=300),
        payload=st.one_of(st.integers(min_value=-10, max_value=2**40), st.none()))
@@ -293,7 +293,7 @@ def test_synthetic_workload_is_deterministic_and_noisy_around_truth():
         for t in TARGETS:
             assert 0.9 * truth[t] - 1e-9 <= row[t] <= 1.1 * truth[t] + 1e-9
     words = {w for r in rows for w in r["description"].split()}
-    assert set(prediction.SYNTHETIC_KEYWORDS) <= words
+    assert set(workloads.SYNTHETIC_KEYWORDS) <= words
 
 
 def test_accuracy_on_synthetic_workload():

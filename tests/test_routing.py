@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from cortex.protocol import wire
-from cortex.services.routing import Peer, PeerTable
+from cortex.services.broker.peers import Peer, PeerTable
 
 T0 = 1000.0
 LIMIT = wire.HEARTBEAT_INTERVAL * wire.HEARTBEAT_LIVENESS  # 3 s by default

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from cortex.protocol import Client, QueueFull, Rejected
-from cortex.services.config import ConfigError, load
+from cortex.services.runtime.settings import ConfigError, load
 
 from .conftest import jsonl_events_of, wait_for
 

@@ -19,11 +19,11 @@ from hypothesis import strategies as st
 from cortex.protocol import wire
 from cortex.protocol.client import _Core
 from cortex.protocol.wire import ProtocolError
-from cortex.services import scheduling
-from cortex.services.config import SchedulerSettings
-from cortex.services.effects import Effects
-from cortex.services.feasibility import Readings, ResourceMonitor
-from cortex.services.scheduling import (
+from cortex.services.runtime.effects import Effects
+from cortex.services.runtime.settings import SchedulerSettings
+from cortex.services.scheduler import state as scheduling
+from cortex.services.scheduler.feasibility import Readings, ResourceMonitor
+from cortex.services.scheduler.state import (
     BACKOFF_BASE,
     BLOCKED_RETRY,
     DISPATCH_GRACE,
@@ -31,7 +31,7 @@ from cortex.services.scheduling import (
     WATCH_INTERVAL,
     SchedulerState,
 )
-from cortex.services.tasks import State
+from cortex.services.scheduler.tasks import State
 
 T0 = 1_700_000_000.0
 CLIENT = b"client-1"
@@ -1416,7 +1416,7 @@ class FixedPredictor:
         pass
 
     def predict(self, task_type, priority, description, size):
-        from cortex.services.prediction import Prediction
+        from cortex.services.scheduler.prediction import Prediction
 
         duration, cores = self.by_type.get(task_type, (1.0, 0.0))[:2]
         memory = self.by_type.get(task_type, (0, 0, 10.0))[2:] or (10.0,)
@@ -1519,7 +1519,7 @@ def test_one_type_of_sleeps_and_no_ops_never_waits_on_an_idle_machine():
     """The one-type workload: the type's history is 0.1 s sleeps then no-ops, all on one
     handler. With the suite's own CPU not counted as load, no task waits for cpu or
     memory however many no-ops are dispatched back to back."""
-    from cortex.services.prediction import Predictor
+    from cortex.services.scheduler.prediction import Predictor
 
     predictor = Predictor(None)
     for _ in range(50):

@@ -9,7 +9,7 @@ import threading
 from collections import Counter
 
 from cortex.protocol import Client
-from cortex.services.tasks import PRIORITIES
+from cortex.services.scheduler.tasks import PRIORITIES
 
 from .conftest import jsonl_events_of as jsonl_events
 from .conftest import wait_for

@@ -24,8 +24,8 @@ import zmq
 
 from cortex.protocol import wire
 from cortex.protocol.peer import make_socket
-from cortex.services.publisher import EventPublisher
-from cortex.services.supervisor_listener import (
+from cortex.protocol.publisher import EventPublisher
+from cortex.services.listener.process import (
     OK,
     READY,
     EventParser,

@@ -7,8 +7,8 @@ import itertools
 import orjson
 import pytest
 
-from cortex.services import tasks
-from cortex.services.tasks import (
+from cortex.services.scheduler import tasks
+from cortex.services.scheduler.tasks import (
     EDGES,
     FINAL,
     State,

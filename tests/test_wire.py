@@ -353,7 +353,7 @@ def _codes_in_source() -> set[str]:
     carries an error code, in protocol/ and services/."""
     found = set()
     for path in [*ROOT.joinpath("protocol").glob("*.py"),
-                 *ROOT.joinpath("services").glob("*.py")]:
+                 *ROOT.joinpath("services").rglob("*.py")]:
         for node in ast.walk(ast.parse(path.read_text())):
             if not isinstance(node, ast.Call) or len(node.args) < 2:
                 continue  # (code, message) at least: not some other ProtocolError class

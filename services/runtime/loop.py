@@ -17,11 +17,10 @@ import zmq
 
 from cortex.protocol import wire
 from cortex.protocol.peer import BusLink, poll_ms
-
-from .effects import Effects
-from .journal import Journal, JournalError, read_snapshot, write_snapshot
-from .publisher import EventPublisher
-from .runtime import ServiceRuntime
+from cortex.protocol.publisher import EventPublisher
+from cortex.services.runtime.effects import Effects
+from cortex.services.runtime.journal import Journal, JournalError, read_snapshot, write_snapshot
+from cortex.services.runtime.process import ServiceRuntime
 
 MAX_BATCH = 2000  # messages per turn, so timers and acks still get their turn
 

@@ -24,9 +24,8 @@ from dataclasses import dataclass
 import psutil
 
 from cortex.protocol import wire
-
-from .effects import Effects
-from .service import BusService
+from cortex.services.runtime.effects import Effects
+from cortex.services.runtime.loop import BusService
 
 PR_SET_PDEATHSIG = 1
 STOP_GRACE = 25.0  # seconds workers get to finish their task on shutdown
@@ -107,7 +106,7 @@ class Pool(BusService):
 
         self.spawned += 1
         name = f"w-{group}-{slot}-{os.getpid() % 100000}-{self.spawned}"[:wire.MAX_NAME_BYTES]
-        cmd = [sys.executable, "-m", "cortex.services.worker", "--home", str(self.rt.home),
+        cmd = [sys.executable, "-m", "cortex.services.pool.worker", "--home", str(self.rt.home),
                "--group", group, "--name", name]
         if extra:  # surge/autoscaled: retires by itself when idle, not restarted
             cmd += ["--idle-exit", str(self.group(group).idle_exit)]
@@ -273,6 +272,3 @@ def main(argv=None) -> None:
     parser.add_argument("--home", help="suite home (default: $CORTEX_HOME or ./.cortex)")
     Pool(parser.parse_args(argv).home).run()
 
-
-if __name__ == "__main__":
-    main()

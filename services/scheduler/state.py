@@ -17,13 +17,20 @@ from dataclasses import dataclass
 
 from cortex.protocol import wire
 from cortex.protocol.wire import ProtocolError
-
-from .config import SchedulerSettings
-from .effects import Effects
-from .feasibility import ResourceMonitor, check, task_share
-from .feasibility import estimate_start as simulate_start
-from .ordering import TaskQueue
-from .tasks import FINAL, PRIORITIES, PRIORITY_RANK, State, Task, new_task_id, transition
+from cortex.services.runtime.effects import Effects
+from cortex.services.runtime.settings import SchedulerSettings
+from cortex.services.scheduler.feasibility import ResourceMonitor, check, task_share
+from cortex.services.scheduler.feasibility import estimate_start as simulate_start
+from cortex.services.scheduler.queue import TaskQueue
+from cortex.services.scheduler.tasks import (
+    FINAL,
+    PRIORITIES,
+    PRIORITY_RANK,
+    State,
+    Task,
+    new_task_id,
+    transition,
+)
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """A pooled worker process (started by the pool, never by hand).
 
-    python -m cortex.services.worker --home DIR --group NAME --name NAME
+    python -m cortex.services.pool.worker --home DIR --group NAME --name NAME
 
 Runs the `Worker` helper of the client library with the handlers configured for its
 group's task types. It dies with the pool (parent-death signal, set by the pool).
@@ -15,8 +15,8 @@ import sys
 
 from cortex.protocol import locate
 from cortex.protocol.worker import Worker
-
-from . import config, handlers
+from cortex.services.pool import handlers
+from cortex.services.runtime import settings as config
 
 
 def main(argv=None) -> None:

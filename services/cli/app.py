@@ -43,12 +43,11 @@ import zmq
 from cortex.protocol import errors, locate
 from cortex.protocol.client import PRIORITIES, Client
 from cortex.protocol.peer import make_socket
-
-from . import config
-from .eventlog import EventLogError, read_events
-from .runtime import prepare_home
-from .suite import SERVICES, Suite, SuiteError, become_subreaper
-from .tasks import State
+from cortex.protocol.vocabulary import TASK_STATES
+from cortex.services.control import SERVICES, Suite, SuiteError, become_subreaper
+from cortex.services.runtime import settings as config
+from cortex.services.runtime.eventlog import EventLogError, read_events
+from cortex.services.runtime.process import prepare_home
 
 BUS_TIMEOUT = 10.0  # seconds a command waits for a service's answer
 PING_TIMEOUT = 2.0  # seconds `status` gives each service before calling it not alive
@@ -836,7 +835,7 @@ def render_task(task: dict, ledger: dict | None, now: float) -> str:
 
 
 @command("task list",
-         arg("--state", choices=[str(s) for s in State], help="only tasks in this state"),
+         arg("--state", choices=list(TASK_STATES), help="only tasks in this state"),
          arg("--limit", type=positive_int, default=50, metavar="N",
              help="at most N tasks, the newest (default 50)"),
          JSON)
@@ -1041,7 +1040,9 @@ def cmd_events_query(args):
                "type_pattern": args.type, "worker": args.worker, "text": args.text,
                "limit": args.limit}
     if url and args.source != "jsonl":
-        from .pgsink import query_events  # psycopg only when PostgreSQL is configured
+        from cortex.services.runtime.pgevents import (
+            query_events,  # psycopg only when PostgreSQL is configured
+        )
 
         try:
             events = query_events(url, **filters)

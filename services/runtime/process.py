@@ -14,8 +14,7 @@ from pathlib import Path
 import zmq
 
 from cortex.protocol import locate
-
-from . import config
+from cortex.services.runtime import settings as config
 
 SUBDIRS = ("run", "state", "wal", "events", "logs", "models")
 

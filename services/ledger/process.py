@@ -16,10 +16,9 @@ import time
 
 from cortex.protocol import wire
 from cortex.protocol.wire import ProtocolError
-
-from .budgets import LedgerState
-from .effects import Effects
-from .service import BusService
+from cortex.services.ledger.budgets import LedgerState
+from cortex.services.runtime.effects import Effects
+from cortex.services.runtime.loop import BusService
 
 
 class Ledger(BusService):
@@ -107,6 +106,3 @@ def main(argv=None) -> None:
     parser.add_argument("--home", help="suite home (default: $CORTEX_HOME or ./.cortex)")
     Ledger(parser.parse_args(argv).home).run()
 
-
-if __name__ == "__main__":
-    main()

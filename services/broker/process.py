@@ -16,9 +16,8 @@ import zmq
 
 from cortex.protocol import wire
 from cortex.protocol.peer import make_socket, poll_ms, recv_frames, send_frames
-
-from .routing import PeerTable
-from .runtime import ServiceRuntime
+from cortex.services.broker.peers import PeerTable
+from cortex.services.runtime.process import ServiceRuntime
 
 MAX_BATCH = 5000
 # Services told when a peer is lost, so work held by a dead worker is not forgotten.
@@ -167,6 +166,3 @@ def main(argv=None) -> None:
     parser.add_argument("--home", help="suite home (default: $CORTEX_HOME or ./.cortex)")
     Broker(parser.parse_args(argv).home).run()
 
-
-if __name__ == "__main__":
-    main()

@@ -36,6 +36,8 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from itertools import islice
 
+from cortex.protocol.vocabulary import PRIORITIES
+
 __all__ = ["BOUNDS", "Histogram", "Metrics", "MetricsServer", "STAGES"]
 
 PER_DECADE = 12
@@ -51,7 +53,6 @@ STAGE_HELP = {
     "run": "Task handler start to end (final attempt), seconds",
     "total": "Task submit to final end, seconds",
 }
-PRIORITIES = ("critical", "high", "medium", "low")
 FINAL = {"task.completed": "completed", "task.failed": "failed", "task.dead": "dead",
          "task.cancelled": "cancelled"}
 TASK_STATES = ("created", "completed", "failed", "dead", "cancelled", "retried", "rejected")

@@ -24,11 +24,16 @@ import zmq
 
 from cortex.protocol import wire
 from cortex.protocol.peer import make_socket, recv_frames
-
-from .effects import Effects
-from .eventlog import EventLogError, EventLogWriter, RingBuffer, SeqTracker, read_events
-from .metrics import Metrics
-from .service import BusService
+from cortex.services.events.metrics import Metrics
+from cortex.services.runtime.effects import Effects
+from cortex.services.runtime.eventlog import (
+    EventLogError,
+    EventLogWriter,
+    RingBuffer,
+    SeqTracker,
+    read_events,
+)
+from cortex.services.runtime.loop import BusService
 
 RETRY_WRITE = 1.0  # seconds between attempts to write to an unwritable events directory
 # Group commit: the log is written and synced (then acknowledged) at most this often, or
@@ -66,7 +71,9 @@ class EventRouter(BusService):
         self.stats = {"received": 0, "written": 0, "duplicates": 0, "malformed": 0}
         self.sink = None
         if self.settings.events.postgres_url:
-            from .pgsink import PgSink  # only when configured: JSONL needs no database
+            from cortex.services.events.pgsink import (
+                PgSink,  # only when configured: JSONL needs no database
+            )
             self.sink = PgSink(self.settings.events.postgres_url,
                                self.rt.home / "state" / "pg-spool")
         self.own_seq = 0
@@ -291,6 +298,3 @@ def main(argv=None) -> None:
     parser.add_argument("--home", help="suite home (default: $CORTEX_HOME or ./.cortex)")
     EventRouter(parser.parse_args(argv).home).run()
 
-
-if __name__ == "__main__":
-    main()

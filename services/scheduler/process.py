@@ -18,11 +18,15 @@ import time
 
 from cortex.protocol import wire
 from cortex.protocol.wire import ProtocolError
-
-from .effects import Effects
-from .feasibility import FIXED_MACHINE_ENV, MachineSampler, ResourceMonitor, fixed_sampler
-from .scheduling import SchedulerState
-from .service import BusService
+from cortex.services.runtime.effects import Effects
+from cortex.services.runtime.loop import BusService
+from cortex.services.scheduler.feasibility import (
+    FIXED_MACHINE_ENV,
+    MachineSampler,
+    ResourceMonitor,
+    fixed_sampler,
+)
+from cortex.services.scheduler.state import SchedulerState
 
 SYNC_CORR = b"sync-peers"
 MIN_TRAINING_GAP = 60.0  # seconds between automatic retrains
@@ -43,7 +47,9 @@ class Scheduler(BusService):
 
     def __init__(self, home=None):
         super().__init__(home)
-        from .prediction import Predictor  # scikit-learn: loaded by the scheduler alone
+        from cortex.services.scheduler.prediction import (
+            Predictor,  # scikit-learn: loaded by the scheduler alone
+        )
 
         self.predictor = Predictor.load(self.rt.home / "models")
         self.trainer: subprocess.Popen | None = None
@@ -182,7 +188,7 @@ class Scheduler(BusService):
         if self.trainer is not None or self.loader is not None:
             return False
         self.trainer = subprocess.Popen(
-            [sys.executable, "-m", "cortex.services.prediction", "train", "--home",
+            [sys.executable, "-m", "cortex.services.scheduler.prediction", "train", "--home",
              str(self.rt.home)], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL, preexec_fn=_nice_child)
         self.next_training = time.monotonic() + MIN_TRAINING_GAP
@@ -238,6 +244,3 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     Scheduler(args.home).run()
 
-
-if __name__ == "__main__":
-    main()

@@ -15,6 +15,14 @@ import time
 from dataclasses import dataclass, field, fields
 from enum import StrEnum
 
+from cortex.protocol.vocabulary import (  # noqa: F401 - the scheduler's names for them
+    ERROR_CATEGORIES,
+    FINAL_STATES,
+    PRIORITIES,
+    PRIORITY_RANK,
+    TASK_STATES,
+)
+
 
 class State(StrEnum):
     QUEUED = "queued"
@@ -26,7 +34,8 @@ class State(StrEnum):
     DEAD = "dead"  # dead letter: retries spent
 
 
-FINAL = frozenset({State.COMPLETED, State.FAILED, State.CANCELLED, State.DEAD})
+FINAL = frozenset(State(s) for s in FINAL_STATES)
+assert tuple(State) == TASK_STATES  # the enum is the shared vocabulary, spelled out
 
 EDGES: dict[State, frozenset[State]] = {
     State.QUEUED: frozenset({State.DISPATCHED, State.CANCELLED, State.FAILED}),
@@ -40,10 +49,6 @@ EDGES: dict[State, frozenset[State]] = {
     State.DEAD: frozenset(),
 }
 
-PRIORITIES = ("critical", "high", "medium", "low")
-PRIORITY_RANK = {p: i for i, p in enumerate(PRIORITIES)}
-ERROR_CATEGORIES = ("timeout", "worker_lost", "handler_error", "budget_exceeded", "cancelled",
-                    "rejected")
 
 
 class TransitionError(Exception):

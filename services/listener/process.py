@@ -1,6 +1,6 @@
 """supervisord event listener: process state changes into the Cortex event stream.
 
-    python -m cortex.services.supervisor_listener --home DIR
+    python -m cortex.services.listener --home DIR
 
 supervisord runs it as ``[eventlistener:supervisor-events]`` (events=PROCESS_STATE) and
 talks to it over stdin/stdout (the eventlistener protocol): we write ``READY\\n``; it
@@ -34,9 +34,8 @@ import zmq
 
 from cortex.protocol import locate
 from cortex.protocol.peer import poll_ms
-
-from .journal import read_snapshot, write_snapshot
-from .publisher import EventPublisher
+from cortex.protocol.publisher import EventPublisher
+from cortex.services.runtime.journal import read_snapshot, write_snapshot
 
 log = logging.getLogger("cortex.supervisor-events")
 
@@ -319,6 +318,3 @@ def main(argv=None) -> None:
         log.info("stopped: %d events forwarded, %d ignored", listener.forwarded,
                  listener.ignored)
 
-
-if __name__ == "__main__":
-    main()

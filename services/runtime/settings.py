@@ -15,10 +15,10 @@ from pathlib import Path
 FSYNC_POLICIES = ("always", "group", "off")
 
 DEFAULT_HANDLERS = {
-    "echo": "cortex.services.handlers:echo",
-    "sleep": "cortex.services.handlers:sleep",
-    "simulated_agent": "cortex.services.handlers:simulated_agent",
-    "fail": "cortex.services.handlers:fail",
+    "echo": "cortex.services.pool.handlers:echo",
+    "sleep": "cortex.services.pool.handlers:sleep",
+    "simulated_agent": "cortex.services.pool.handlers:simulated_agent",
+    "fail": "cortex.services.pool.handlers:fail",
 }
 
 DEFAULT_CONFIG = """\
@@ -74,10 +74,10 @@ idle_exit = 10.0             # seconds an extra worker may sit idle before it re
 [handlers]
 # task type = "module:function" (a Python callable taking the task context), or
 # { command = ["prog", "arg"] } for an external program fed the task as JSON on stdin.
-echo = "cortex.services.handlers:echo"
-sleep = "cortex.services.handlers:sleep"
-simulated_agent = "cortex.services.handlers:simulated_agent"
-fail = "cortex.services.handlers:fail"
+echo = "cortex.services.pool.handlers:echo"
+sleep = "cortex.services.pool.handlers:sleep"
+simulated_agent = "cortex.services.pool.handlers:simulated_agent"
+fail = "cortex.services.pool.handlers:fail"
 
 [events]
 max_file_bytes = 67108864    # rotate JSONL files past this size (and every UTC day)
@@ -239,7 +239,9 @@ def load(home: Path) -> Settings:
     handlers = dict(DEFAULT_HANDLERS)
     for task_type, spec in _table(raw.get("handlers", {}), "handlers").items():
         if isinstance(spec, str) and ":" in spec:
-            handlers[task_type] = spec
+            # Homes made before the services became packages name the built-ins here.
+            handlers[task_type] = spec.replace("cortex.services.handlers:",
+                                               "cortex.services.pool.handlers:", 1)
         elif isinstance(spec, dict) and set(spec) == {"command"} and isinstance(
                 spec["command"], list) and spec["command"] and all(
                 isinstance(a, str) for a in spec["command"]):

@@ -48,7 +48,7 @@ from __future__ import annotations
 import time
 from heapq import heapify, heappop, heappush
 
-from .tasks import PRIORITIES, PRIORITY_RANK, State, Task
+from cortex.services.scheduler.tasks import PRIORITIES, PRIORITY_RANK, State, Task
 
 INF = float("inf")
 HIGH = PRIORITY_RANK["high"]  # aging never lifts a level above this one

@@ -21,8 +21,7 @@ import psutil
 
 from cortex.protocol import errors
 from cortex.protocol.client import Client
-
-from .runtime import prepare_home
+from cortex.services.runtime.process import prepare_home
 
 SERVICES = ("broker", "events", "ledger", "scheduler", "pool")
 PR_SET_CHILD_SUBREAPER = 36
@@ -34,7 +33,7 @@ class SuiteError(Exception):
 
 def config_path() -> Path:
     """The supervisord.conf shipped with the package (the repo root links to it)."""
-    return Path(str(resources.files("cortex.services") / "supervisord.conf"))
+    return Path(str(resources.files("cortex.services.control") / "supervisord.conf"))
 
 
 def become_subreaper() -> None:
