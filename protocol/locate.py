@@ -32,6 +32,12 @@ def ipc(path: Path) -> str:
     return f"ipc://{text}"
 
 
+def secret_path(home: Path) -> Path:
+    """The suite's secret (run/suite.secret, the owner's alone): the suite's own processes
+    prove themselves with it. The client library and the Worker helper never read it."""
+    return home / "run" / "suite.secret"
+
+
 def endpoints(home: Path) -> dict[str, str]:
     """The bus, event fan-in and live event endpoints (tcp:// when configured)."""
     run = home / "run"

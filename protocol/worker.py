@@ -49,6 +49,8 @@ TASK_HEARTBEAT = 5.0  # seconds between task heartbeats while a handler runs
 RESEND_AFTER = 1.0  # a task.finished not acknowledged after this is sent again
 EXTEND_TIMEOUT = 5.0
 STARTED_DELAY = 0.02  # a handler still running after this is reported as started
+TRUSTED_ROLES = (b"service", b"broker")
+TRUSTED_SENDERS = (b"scheduler", b"ledger", b"broker")
 
 
 class TaskMemory:
@@ -276,9 +278,18 @@ class Worker:
         self._ready_due = time.monotonic() + self.heartbeat
 
     def _on_bus(self, msg: wire.Message) -> None:
+        # Orders and answers come from the suite's own services (the broker stamps the
+        # role; only the suite's processes can be a "service"), never from another peer.
+        if msg.role not in TRUSTED_ROLES or msg.peer not in TRUSTED_SENDERS:
+            self._link.dropped += 1
+            return
         if msg.type in (wire.REPLY, wire.ERROR):
             if msg.corr in self._extend_corr:
-                ctx, body = self._extend_corr[msg.corr], msg.decoded()
+                try:
+                    body = msg.decoded()
+                except wire.ProtocolError:
+                    body = {}
+                ctx = self._extend_corr[msg.corr]
                 if msg.type == wire.ERROR and body.get("code") == "unavailable" \
                         and time.monotonic() < ctx._extend_deadline:
                     # The ledger is restarting: ask again (same seq: never granted twice).
@@ -286,7 +297,9 @@ class Worker:
                     return
                 del self._extend_corr[msg.corr]
                 body = body if msg.type == wire.REPLY else {}
-                ctx._replies.put((bool(body.get("granted")), int(body.get("reserved", 0))))
+                reserved = body.get("reserved", 0)
+                ctx._replies.put((body.get("granted") is True,
+                                  reserved if type(reserved) is int else 0))
                 return
             if msg.type == wire.ERROR and msg.corr in self._unacked:
                 return  # scheduler unavailable: the resend timer will try again

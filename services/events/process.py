@@ -14,6 +14,7 @@ acknowledged and publishers keep their events until writing works again.
 from __future__ import annotations
 
 import argparse
+import hmac
 import os
 import threading
 import time
@@ -34,6 +35,7 @@ from cortex.services.runtime.eventlog import (
     read_events,
 )
 from cortex.services.runtime.loop import BusService
+from cortex.services.runtime.process import suite_secret
 
 RETRY_WRITE = 1.0  # seconds between attempts to write to an unwritable events directory
 # Group commit: the log is written and synced (then acknowledged) at most this often, or
@@ -68,7 +70,9 @@ class EventRouter(BusService):
         self.to_ack: dict[bytes, set[tuple[str, int]]] = {}  # publisher -> streams to ack
         self.unwritable: str | None = None
         self.next_write_retry = 0.0
-        self.stats = {"received": 0, "written": 0, "duplicates": 0, "malformed": 0}
+        self.stats = {"received": 0, "written": 0, "duplicates": 0, "malformed": 0,
+                      "unauthorized": 0}
+        self.secret = suite_secret(self.rt.home).encode()
         self.sink = None
         if self.settings.events.postgres_url:
             from cortex.services.events.pgsink import (
@@ -137,7 +141,13 @@ class EventRouter(BusService):
             msg = wire.parse(rest)
             if msg.type != wire.EVENTS:
                 raise wire.ProtocolError("unknown_type", "fan-in takes EVENTS only")
-            events = msg.decoded().get("events")
+            body = msg.decoded()
+            secret = body.get("secret")
+            if not isinstance(secret, str) or not hmac.compare_digest(secret.encode(),
+                                                                      self.secret):
+                self.stats["unauthorized"] += 1  # not one of the suite's own publishers
+                return []
+            events = body.get("events")
             if not isinstance(events, list):
                 raise wire.ProtocolError("bad_request", "events must be a list")
         except wire.ProtocolError:

@@ -36,6 +36,7 @@ from cortex.protocol import locate
 from cortex.protocol.peer import poll_ms
 from cortex.protocol.publisher import EventPublisher
 from cortex.services.runtime.journal import read_snapshot, write_snapshot
+from cortex.services.runtime.process import suite_secret
 
 log = logging.getLogger("cortex.supervisor-events")
 
@@ -301,7 +302,7 @@ def main(argv=None) -> None:
     (home / "state").mkdir(parents=True, exist_ok=True)
     ctx = zmq.Context()
     publisher = EventPublisher(ctx, locate.endpoints(home)["events_in"], "supervisor",
-                               time.time_ns())
+                               time.time_ns(), secret=suite_secret(home))
     listener = SupervisorListener(sys.stdin.fileno(), sys.stdout.buffer, publisher,
                                   home / "state" / STATE_FILE)
     signal.set_wakeup_fd(listener._wake_w.fileno(), warn_on_full_buffer=False)
