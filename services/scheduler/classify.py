@@ -2,7 +2,7 @@
 
 A :class:`Router` is a scikit-learn text classifier: TF-IDF of words and word pairs plus
 TF-IDF of character n-grams within words (they survive typos: "trnaslate" still shares
-"tra", "ans", "late" with "translate"), feeding a multinomial logistic regression, whose
+" tr", "slate", "ate " with "translate"), feeding a multinomial logistic regression, whose
 class probabilities are the confidence. It is trained on rows ``{"type", "description"}``
 (see :mod:`classify_rows` for where they come from) and is immutable once built, so the
 scheduler swaps a retrained one in by assigning one reference.
@@ -56,9 +56,9 @@ from cortex.services.scheduler.classify_rows import (
 )
 
 MODEL_FILE = "router.joblib"
-HISTORY_LIMIT = 200_000  # newest typed tasks read from the event log
 REPORT_FILE = "router-report.json"
 FORMAT_VERSION = 1
+HISTORY_LIMIT = 200_000  # newest typed tasks read from the event log
 MIN_ROWS_PER_TYPE = 5  # a type with fewer rows is left out of training (named in the report)
 HELD_OUT_SHARE = 0.2
 TOP = 3
@@ -227,9 +227,10 @@ def _measure(pipeline: Pipeline, held_out: list[dict]) -> dict:
     per_type = {}
     for t, i in index.items():
         support, predicted = int(matrix[i].sum()), int(matrix[:, i].sum())
+        hits = int(matrix[i, i])
         per_type[t] = {"support": support,
-                       "recall": round(matrix[i, i] / support, 4) if support else None,
-                       "precision": round(matrix[i, i] / predicted, 4) if predicted else None}
+                       "recall": round(hits / support, 4) if support else None,
+                       "precision": round(hits / predicted, 4) if predicted else None}
     right = np.array([t == c for t, c in zip(truth, chosen, strict=True)])
     by_confidence = []
     for step in CONFIDENCE_STEPS:
@@ -254,7 +255,7 @@ def train(rows: list[dict], counts: dict | None = None, seed: int = 0) -> Router
     if len(usable) < 2:
         raise RoutingError("too_little_data",
                            f"need two types with {MIN_ROWS_PER_TYPE} descriptions each; "
-                           f"have {dict(sorted(sizes.items()))}")
+                           f"have {len(rows)} descriptions, {len(usable)} such types")
     rows = [r for r in rows if r["type"] in usable]
     fit_rows, held_out = _split(rows, seed)
     measured = _measure(_fit(fit_rows), held_out)
@@ -325,7 +326,8 @@ def train_from_home(home: str | os.PathLike, limit: int = HISTORY_LIMIT) -> Rout
     home = Path(home)
     examples_path = load_settings(home).routing.examples
     examples = read_examples(examples_path) if examples_path else []
-    events = read_events(home / "events", type_pattern="task.created")
+    # The text filter skips decoding every other event's line.
+    events = read_events(home / "events", type_pattern="task.created", text="task.created")
     rows, counts = training_rows(examples, deque(history_rows(events), maxlen=limit))
     router = train(rows, counts)
     save(router, home / "models")
