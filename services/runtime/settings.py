@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import tomllib
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 FSYNC_POLICIES = ("always", "group", "off")
@@ -79,6 +79,14 @@ sleep = "cortex.services.pool.handlers:sleep"
 simulated_agent = "cortex.services.pool.handlers:simulated_agent"
 fail = "cortex.services.pool.handlers:fail"
 
+[routing]
+# Choosing the task type from the description (`--type auto`).
+examples = ""                # JSONL of {"type", "description"} to learn from, beside the
+                             # history of typed tasks; relative to the home
+min_confidence = 0.5         # below this (0..1) a task goes to the fallback type
+fallback = ""                # task type for unsure routes; "" refuses them with the candidates
+retrain_every = 500          # typed tasks submitted between background retrains (0: never)
+
 [events]
 max_file_bytes = 67108864    # rotate JSONL files past this size (and every UTC day)
 postgres_url = ""            # e.g. "postgresql://cortex@localhost/cortex" to copy events there
@@ -139,6 +147,14 @@ class EventSettings:
 
 
 @dataclass(frozen=True)
+class RoutingSettings:
+    examples: str = ""  # absolute once loaded ("" when none)
+    min_confidence: float = 0.5
+    fallback: str = ""
+    retrain_every: int = 500
+
+
+@dataclass(frozen=True)
 class Settings:
     home: Path
     suite: SuiteSettings
@@ -148,6 +164,7 @@ class Settings:
     groups: tuple[WorkerGroup, ...]
     handlers: dict
     events: EventSettings
+    routing: RoutingSettings = RoutingSettings()
 
 
 def _table(raw, name: str) -> dict:
@@ -211,7 +228,7 @@ def load(home: Path) -> Settings:
                 raw = tomllib.load(f)
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{path}: {e}") from e
-    allowed = {"suite", "bus", "scheduler", "ledger", "pool", "handlers", "events"}
+    allowed = {"suite", "bus", "scheduler", "ledger", "pool", "handlers", "events", "routing"}
     if set(raw) - allowed:
         raise ConfigError(f"{path}: unknown section(s) {', '.join(sorted(set(raw) - allowed))}")
     suite = _section(SuiteSettings, raw.get("suite", {}), "suite")
@@ -283,4 +300,17 @@ def load(home: Path) -> Settings:
         groups=tuple(groups),
         handlers=handlers,
         events=_section(EventSettings, raw.get("events", {}), "events"),
+        routing=_routing(home, raw.get("routing", {})),
     )
+
+
+def _routing(home: Path, raw) -> RoutingSettings:
+    routing = _section(RoutingSettings, raw, "routing")
+    if routing.min_confidence > 1:
+        raise ConfigError("[routing] min_confidence: must be between 0 and 1")
+    if len(routing.fallback) > 64 or routing.fallback == "auto" or "\x00" in routing.fallback:
+        raise ConfigError("[routing] fallback: must be a task type (at most 64 characters, "
+                          "not 'auto') or empty")
+    if routing.examples:
+        return replace(routing, examples=str(home / routing.examples))
+    return routing
