@@ -200,9 +200,10 @@ class Demo:
             committed, mismatches = settle_tokens(client, results, time.monotonic() + 15.0)
             events_after = client.call("events", "events.status").get("written", 0)
         ok = self.report(results, elapsed, committed, mismatches, events_after - events_before)
-        if outcome != OK:
-            return outcome
-        return OK if ok else FAILED
+        if outcome == OK and not ok:
+            outcome = FAILED
+        self.say(f"demo {'OK' if outcome == OK else outcome.upper()}")
+        return outcome
 
     def cancel_leftovers(self, client: Client) -> int:
         """Cancel every task of ours not finished: the ones we know, then any the
@@ -250,10 +251,8 @@ class Demo:
                 f"submit→done p50 {pct(ends, 50)} p95 {pct(ends, 95)}")
         for problem in self.problems + mismatches:
             say(f"problem    {problem}")
-        ok = (len(results) == len(self.specs) and not self.problems and not mismatches
-              and used == committed and all(t.get("final") for t in results))
-        say("demo OK" if ok else "demo FAILED")
-        return ok
+        return (len(results) == len(self.specs) and not self.problems and not mismatches
+                and used == committed and all(t.get("final") for t in results))
 
 
 def settle_tokens(client: Client, tasks: list[dict], deadline: float) -> tuple[int, list[str]]:

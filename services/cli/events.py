@@ -45,6 +45,7 @@ class LiveFeed:
         self.events: queue.Queue = queue.Queue(FEED_CAPACITY)
         self.dropped = 0
         self.error: errors.CortexError | None = None
+        self.closing = False
         self.subscribed = threading.Event()
         self.thread = threading.Thread(target=self._pump, args=(home, prefix),
                                        name="tail-feed", daemon=True)
@@ -62,11 +63,21 @@ class LiveFeed:
             # once without blocking: an event can fall between the router's buffer and the
             # live stream only in that moment (and zmq's own subscription delay).
             self.subscribed.set()
-        for event in stream:
-            try:
-                self.events.put_nowait(event)
-            except queue.Full:
-                self.dropped += 1
+        try:
+            for event in stream:
+                if self.closing:
+                    return
+                try:
+                    self.events.put_nowait(event)
+                except queue.Full:
+                    self.dropped += 1
+        finally:
+            stream.close()
+            client.close()
+
+    def close(self) -> None:
+        """Let the thread end at the next event (in a command's process, exiting does)."""
+        self.closing = True
 
     def next(self, timeout: float) -> dict | None:
         try:
@@ -93,6 +104,7 @@ def cmd_tail(args):
     prefix, glob = split_pattern(args.type)
     client = connect(args)  # refuses at once when no suite is running
     shown = 0
+    feed = None
     try:
         feed = LiveFeed(home, prefix)
         feed.subscribed.wait(10.0)
@@ -129,6 +141,8 @@ def cmd_tail(args):
         pass
     finally:
         client.close()
+        if feed is not None:
+            feed.close()
     return Exit.OK
 
 
