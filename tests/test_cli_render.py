@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 import shutil
+import subprocess
 import sys
 import time
 
@@ -188,6 +190,15 @@ def test_dashboard_says_when_it_is_not_running(capsys):
             (home / "run" / "dashboard.url").write_text(url + "\n")
             code, out, err = run(capsys, "--home", home, "dashboard")
             assert code == Exit.OK and out == url + "\n", err
+            browser = home / "browser"  # $BROWSER, as `--open` uses it: records the URL
+            browser.write_text(f'#!/bin/sh\necho "$1" > {home}/opened\n')
+            browser.chmod(0o700)
+            done = subprocess.run([sys.executable, "-m", "cortex.services.cli", "--home",
+                                   str(home), "dashboard", "--open"], capture_output=True,
+                                  text=True, timeout=60, env={**os.environ,
+                                                              "BROWSER": str(browser)})
+            assert done.returncode == 0 and done.stdout == url + "\n", done.stderr
+            assert (home / "opened").read_text() == url + "\n"
         code, out, err = run(capsys, "--home", home, "dashboard")  # left from a dead one
         assert code == Exit.UNAVAILABLE and "earlier run" in err
     finally:

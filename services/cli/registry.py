@@ -26,7 +26,7 @@ class Exit(IntEnum):
     USAGE = 2  # bad arguments, an unknown command or option
     NOT_RUNNING = 3  # no suite running in the home
     TIMEOUT = 4  # the task did not end within --timeout
-    NOT_FOUND = 5  # no such task
+    NOT_FOUND = 5  # no such task (or log)
     REFUSED = 6  # the suite refused the request (admission, budget, a training not started)
     UNAVAILABLE = 7  # a service is not running or did not answer; the dashboard is not up
     CONFIG = 8  # bad configuration or home directory

@@ -197,9 +197,23 @@ def value_text(key: str, value) -> str:
     if isinstance(value, str):
         text = short(value, 50)
         return json.dumps(text, ensure_ascii=False) if " " in text else text
-    if isinstance(value, int | bool):
+    if isinstance(value, int | bool) or value is None:
         return str(value)
-    return short(value, 50)
+    return _cut(_nested(key, value), 60)
+
+
+def _nested(key: str, value) -> str:
+    """A dict or list inside event data, its numbers shown as `value_text` shows them."""
+    if isinstance(value, dict):
+        return "{" + " ".join(f"{escape(k)}={_nested(str(k), v)}"
+                              for k, v in value.items()) + "}"
+    if isinstance(value, list | tuple):
+        return "[" + ",".join(_nested(key, v) for v in value) + "]"
+    return value_text(key, value)
+
+
+def _cut(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def key_data(data, width: int = 120, known: dict | None = None) -> str:
@@ -215,8 +229,7 @@ def key_data(data, width: int = 120, known: dict | None = None) -> str:
         if value in known.values() and key in ("task", "task_id", "worker"):
             continue
         parts.append(f"{escape(key)}={value_text(str(key), value)}")
-    text = " ".join(parts)
-    return text if len(text) <= width else text[: width - 1] + "…"
+    return _cut(" ".join(parts), width)
 
 
 def event_line(event: dict, base: float | None = None, full_time: bool = False) -> str:
