@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import inspect
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -176,7 +177,7 @@ def build_parser(description: str) -> Parser:
                 title="commands", metavar="COMMAND", dest="_".join(("cmd", *path[:-1])),
                 parser_class=Parser, required=path[:-1] == () or path[:-1] not in COMMANDS)
         cmd = COMMANDS.get(path)
-        doc = (cmd.func.__doc__ or "").strip() if cmd else GROUPS.get(path, " ".join(path))
+        doc = inspect.cleandoc(cmd.func.__doc__ or "") if cmd else GROUPS.get(path, " ".join(path))
         parser = subparsers[path[:-1]].add_parser(
             path[-1], help=doc.splitlines()[0], description=doc,
             formatter_class=argparse.RawDescriptionHelpFormatter)
