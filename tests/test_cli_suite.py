@@ -1,7 +1,8 @@
-"""The CLI against one shared real suite: list filters, bulk cancel, the model-train
-reason, the events-query truncation notice, safe text output end to end, logs, lines
-written in one piece, `tail` through the client, the terminal views in a pseudo-terminal,
-and (last, as it stops a service) the status health check."""
+"""The CLI against one shared real suite: the task commands, status, budget, workers and
+tail; list filters, bulk cancel, the model-train reason, the events-query truncation
+notice, safe text output end to end, logs, lines written in one piece, `tail` through
+the client, the terminal views in a pseudo-terminal, and (last, as it stops a service)
+the status health check."""
 
 from __future__ import annotations
 
@@ -18,12 +19,14 @@ import subprocess
 import sys
 import termios
 import threading
+import time
 import uuid
 
 from cortex.protocol import Client
 from cortex.protocol import client as client_module
 from cortex.services.cli import app, events
 from cortex.services.cli.registry import Exit
+from cortex.services.control import SERVICES
 
 from .conftest import short_home, wait_for
 from .test_cli_render import HOSTILE, UNSAFE
@@ -86,6 +89,168 @@ class Terminal:
             self.proc.kill()
         self.proc.wait()
         os.close(self.master)
+
+
+def test_task_commands_against_a_real_suite(shared_suite, capsys):
+    suite = shared_suite
+    home = ["--home", suite.home]
+    code, out, err = run(capsys, *home, "task", "create", "--type", "simulated_agent",
+                         "--description", "write a poem", "--priority", "high",
+                         "--tokens", "500", "--payload",
+                         '{"tokens": 300, "seconds": 0.05, "steps": 2}')
+    assert code == 0, err
+    task_id = out.strip()
+    assert task_id.startswith("t") and len(out.splitlines()) == 1
+
+    code, out, _ = run(capsys, *home, "task", "wait", task_id, "--timeout", "20")
+    assert code == Exit.OK and "completed" in out
+    code, out, _ = run(capsys, *home, "task", "show", task_id)
+    assert code == 0
+    for words in ("write a poem", "high", "completed", "used 300", "granted 500"):
+        assert words in out, out
+    code, out, _ = run(capsys, *home, "task", "show", task_id, "--json")
+    shown = json.loads(out)
+    assert shown["tokens_used"] == 300 and shown["ledger"]["used"] == 300
+
+    # --json create returns the whole task; the same key twice is the same task.
+    code, out, _ = run(capsys, *home, "task", "create", "--type", "sleep", "-d", "nap",
+                       "--payload", '{"seconds": 30}', "--key", "nap-1", "--json")
+    nap = json.loads(out)
+    assert code == 0 and nap["type"] == "sleep" and nap["priority"] == "medium"
+    code, out, _ = run(capsys, *home, "task", "create", "--type", "sleep", "-d", "nap",
+                       "--payload", '{"seconds": 30}', "--key", "nap-1")
+    assert out.strip() == nap["id"]
+    with Client(suite.home, timeout=10) as c:
+        wait_for(lambda: c.status(nap["id"])["state"] == "running", 10, "nap running")
+
+    code, out, _ = run(capsys, *home, "task", "list")
+    assert code == 0
+    header = out.splitlines()[0].split()
+    assert header == ["ID", "TYPE", "PRIORITY", "STATE", "ATTEMPT", "WORKER", "WAITING/ETA",
+                      "AGE"]
+    assert task_id in out and nap["id"] in out
+    code, out, _ = run(capsys, *home, "task", "list", "--state", "running", "--json")
+    assert [t["id"] for t in json.loads(out)] == [nap["id"]]
+
+    code, out, err = run(capsys, *home, "task", "wait", nap["id"], "--timeout", "0.5")
+    assert code == Exit.TIMEOUT and "running" in err and err.count("\n") == 1
+    code, out, _ = run(capsys, *home, "task", "cancel", nap["id"])
+    assert code == 0 and "cancelled" in out
+    code, out, _ = run(capsys, *home, "task", "wait", nap["id"], "--timeout", "10")
+    assert code == Exit.FAILED and "cancelled" in out
+    code, _, err = run(capsys, *home, "task", "cancel", task_id)
+    assert code == Exit.CONFLICT and "completed" in err
+
+    code, out, _ = run(capsys, *home, "task", "create", "--type", "fail", "-d", "boom",
+                       "--retries", "0")
+    code, out, _ = run(capsys, *home, "task", "wait", out.strip(), "--timeout", "20")
+    assert code == Exit.FAILED and "failed" in out and "handler_error" in out
+
+    code, _, err = run(capsys, *home, "task", "show", "t-nope")
+    assert code == Exit.NOT_FOUND and err.count("\n") == 1
+
+    # The trace: every step in time order, from the JSONL files.
+    def trace_types():
+        code, out, _ = run(capsys, *home, "task", "trace", task_id, "--json")
+        types = [json.loads(line)["type"] for line in out.splitlines()] if code == 0 else []
+        return "ledger.committed" in types and types
+
+    types = wait_for(trace_types, 10, "the task's events in JSONL")
+    for expected in ("task.created", "ledger.reserved", "task.dispatched", "task.started",
+                     "task.completed", "ledger.committed"):
+        assert expected in types
+    assert types.index("task.created") < types.index("task.dispatched") < types.index(
+        "task.completed")
+    code, out, _ = run(capsys, *home, "task", "trace", task_id)
+    lines = out.splitlines()
+    assert code == 0 and "simulated_agent" in lines[0] and len(lines) == len(types) + 1
+    assert lines[1].split()[0] == "+0s" and "task.created" in lines[1]
+    assert any("task.dispatched" in line and "worker=w-" in line for line in lines)
+
+    code, out, _ = run(capsys, *home, "events", "query", "--task", task_id, "--type",
+                       "task.*", "--json")
+    assert code == 0
+    assert {json.loads(line)["type"] for line in out.splitlines()} >= {
+        "task.created", "task.dispatched", "task.completed"}
+    code, out, _ = run(capsys, *home, "events", "query", "--text", "write a poem",
+                       "--since", "5m")
+    assert code == 0 and "task.created" in out
+
+
+def test_status_budget_workers_and_tail(shared_suite, capsys):
+    suite = shared_suite
+    home = ["--home", suite.home]
+    with Client(suite.home, timeout=10) as c:
+        wait_for(lambda: [w["state"] for w in c.workers()] == ["idle"] * 4, 20,
+                 "4 workers registered and idle")
+    code, out, err = run(capsys, *home, "status", "--json")
+    assert code == 0, err
+    status = json.loads(out)
+    assert set(status["services"]) == set(SERVICES)
+    for name, row in status["services"].items():
+        assert row["state"] == "RUNNING" and row["alive"] and row["pid"] > 0, name
+    assert status["workers"]["echo"] == {"idle": 4, "busy": 0}
+    assert set(status["queue"]) == {"critical", "high", "medium", "low"}
+    assert "rejected" in status["counters"]
+    assert status["budget"]["scope"] == "global" and status["budget"]["limit"] == 100_000_000
+    assert {"written", "gaps", "unwritable"} <= set(status["events"])
+    code, out, _ = run(capsys, *home, "status")
+    assert code == 0 and out.count("alive") == 5 and "queue" in out and "budget" in out
+
+    code, out, _ = run(capsys, *home, "budget", "set", "type:echo", "1000", "--window",
+                       "daily")
+    assert code == 0 and "limit 1,000" in out and "daily" in out
+    code, out, _ = run(capsys, *home, "budget", "set", "type:echo", "2000")  # keeps window
+    assert code == 0 and "limit 2,000" in out and "daily" in out
+    code, out, _ = run(capsys, *home, "budget", "set", "agent:bob", "unlimited")
+    assert code == 0 and "unlimited" in out
+    code, out, _ = run(capsys, *home, "budget", "--json")
+    budgets = {b["scope"]: b for b in json.loads(out)}
+    assert budgets["type:echo"]["limit"] == 2000 and budgets["type:echo"]["window"] == "daily"
+    assert budgets["agent:bob"]["limit"] is None
+    code, out, _ = run(capsys, *home, "budget")
+    assert code == 0 and out.splitlines()[0].split()[:3] == ["SCOPE", "LIMIT", "RESERVED"]
+    assert "type:echo" in out and "2,000" in out
+    code, _, err = run(capsys, *home, "budget", "set", "nonsense", "5")
+    assert code == Exit.USAGE and "scope" in err and err.count("\n") == 1
+
+    code, out, _ = run(capsys, *home, "workers", "--json")
+    workers = json.loads(out)
+    assert code == 0 and len(workers) == 4
+    assert all(w["pid"] and w["state"] == "idle" and "rss_mb" in w for w in workers)
+
+    # tail --json in a real process: it sees a task created meanwhile.
+    tail = subprocess.Popen([*CLI, *map(str, home), "tail", "--json", "--type", "task.c",
+                             "--count", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        with Client(suite.home, timeout=10) as c:
+            deadline = time.monotonic() + 20
+            while tail.poll() is None and time.monotonic() < deadline:
+                c.submit("echo", "for the tail")  # until the tail has subscribed
+                try:
+                    tail.wait(0.3)
+                except subprocess.TimeoutExpired:
+                    pass
+        out, err = tail.communicate(timeout=5)
+    finally:
+        tail.kill()
+        tail.wait()
+    assert tail.returncode == 0, err
+    event = json.loads(out.splitlines()[0])
+    assert event["type"] == "task.created" and event["data"]["description"] == "for the tail"
+
+    # --last, then Ctrl-C: exit 0, readable lines.
+    tail = subprocess.Popen([*CLI, *map(str, home), "tail", "--last", "3"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: tail.stdout.readline().strip(), 10, "recent events from tail")
+        tail.send_signal(signal.SIGINT)
+        out, err = tail.communicate(timeout=10)
+    finally:
+        tail.kill()
+        tail.wait()
+    assert tail.returncode == 0 and "Traceback" not in err
 
 
 def test_task_list_filters_by_type_and_agent(shared_suite, capsys):
