@@ -424,12 +424,12 @@ def test_parallel_creates_write_whole_lines(shared_suite):
     """Six `cortex task create` at once on one pipe, unbuffered: one id a line."""
     cmd = " ".join([*CLI, "--home", str(shared_suite.home), "task", "create", "--type",
                     "echo", "-d", "parallel-{}"])
-    done = subprocess.run(["bash", "-c", f"seq 1 18 | xargs -P 6 -I{{}} {cmd}"],
+    done = subprocess.run(["bash", "-c", f"seq 1 12 | xargs -P 6 -I{{}} {cmd}"],
                           capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert done.returncode == 0, done.stderr
     lines = done.stdout.split("\n")
-    assert lines[-1] == "" and len(lines) == 19
+    assert lines[-1] == "" and len(lines) == 13
     assert all(re.fullmatch(r"t[\w-]+", line) for line in lines[:-1]), done.stdout
 
 
@@ -439,9 +439,9 @@ def test_tail_reads_through_the_client(shared_suite, capsys, monkeypatch):
     patterns = []
     subscribe = client_module.Client.subscribe
 
-    def recording(self, pattern="", timeout=None):
-        patterns.append(pattern)
-        return subscribe(self, pattern, timeout)
+    def recording(self, *args, **kwargs):
+        patterns.append(args[0] if args else kwargs.get("pattern", ""))
+        return subscribe(self, *args, **kwargs)
 
     monkeypatch.setattr(client_module.Client, "subscribe", recording)
     with Client(shared_suite.home, timeout=10) as c:
