@@ -74,8 +74,8 @@ class _Handler(BaseHTTPRequestHandler):
         owner = self.server.owner
         if self.path.rstrip("/") != "/v1/chat/completions":
             return self._error(404, "no such route", "invalid_request_error")
-        expected = f"Bearer {owner.api_key}" if owner.api_key else None
-        if expected and self.headers.get("Authorization") != expected:
+        keys = {owner.api_key} if isinstance(owner.api_key, str) else set(owner.api_key or ())
+        if keys and self.headers.get("Authorization") not in {f"Bearer {k}" for k in keys}:
             presented = (self.headers.get("Authorization") or "").removeprefix("Bearer ")
             # Echoed in full, as careless providers do: the client must not pass it on.
             return self._error(401, f"Incorrect API key provided: {presented}",
@@ -192,7 +192,7 @@ class _Server(ThreadingHTTPServer):
 
 
 class OpenAIServer:
-    def __init__(self, api_key: str | None = None):
+    def __init__(self, api_key: str | set[str] | None = None):  # the key(s) it accepts
         self.api_key = api_key
         self.requests: list[dict] = []
         self.seen: dict[str, int] = {}
