@@ -148,7 +148,7 @@ class ProviderBucket:
         first moment, among entries leaving the window and recovery steps, when it does."""
         window = self.limits.window
         sizes = [1 if dimension == "requests" else e.tokens for e in self.entries]
-        expiries = [e.at + window for e in self.entries]  # in order: the log is
+        expiries = [e.at + window for e in self.entries]  # oldest first, as the log
         moments = {now, *expiries}
         if self.factor < 1.0:
             steps = math.ceil((1.0 - self.factor) / RECOVER)
