@@ -103,6 +103,30 @@ def _kb_field(text: bytes, key: bytes) -> float:
     return float(text[at:text.index(b"kB", at)])
 
 
+MAX_TRACEBACK = 16 * 1024  # bytes of a failed handler's traceback sent with its task
+DETAIL_KINDS = (str, int, float, bool, type(None))
+
+
+def failure(exc: BaseException) -> dict:
+    """The error a failed handler gives its task: the exception's `category` attribute
+    (else handler_error), its message, the scalar entries of its `details` dict (a
+    provider's retry_after, say) and the full traceback (its last 16 KiB)."""
+    category = getattr(exc, "category", None)
+    if not (isinstance(category, str) and 0 < len(category) <= 64):
+        category = "handler_error"
+    text = "".join(traceback.format_exception(exc)).encode()
+    if len(text) > MAX_TRACEBACK:
+        text = b"...\n" + text[-(MAX_TRACEBACK - 4):]  # the raise is at the end: keep that
+    error = {"category": category, "message": f"{type(exc).__name__}: {exc}"[:2000],
+             "traceback": text.decode(errors="ignore")}
+    details = getattr(exc, "details", None)
+    if isinstance(details, dict):
+        error.update({k: v[:500] if isinstance(v, str) else v
+                      for k, v in list(details.items())[:20]
+                      if isinstance(k, str) and k not in error and isinstance(v, DETAIL_KINDS)})
+    return error
+
+
 class BudgetExceeded(errors.BudgetExceeded):
     """Raised inside a handler before a token use would cross the task's reservation."""
 
@@ -240,8 +264,7 @@ class Worker:
                 outcome = {"ok": False, "error": {"category": "cancelled", "message": str(e)}}
             except Exception as e:  # a handler's failure is the task's, never the worker's
                 log.warning("handler failed on %s: %s", ctx.id, traceback.format_exc())
-                outcome = {"ok": False, "error": {"category": "handler_error",
-                                                  "message": f"{type(e).__name__}: {e}"[:2000]}}
+                outcome = {"ok": False, "error": failure(e)}
             # What the task took of the machine: the predictor's CPU and memory signals.
             grew_mb, rss_mb = memory.after_task()
             outcome.update(started_at=started, finished_at=time.time(),
