@@ -241,7 +241,8 @@ class Worker:
             except Exception as e:  # a handler's failure is the task's, never the worker's
                 log.warning("handler failed on %s: %s", ctx.id, traceback.format_exc())
                 outcome = {"ok": False, "error": {"category": "handler_error",
-                                                  "message": f"{type(e).__name__}: {e}"[:2000]}}
+                                                  "message": f"{type(e).__name__}: {e}"[:2000],
+                                                  "traceback": traceback.format_exc()[-4000:]}}
             # What the task took of the machine: the predictor's CPU and memory signals.
             grew_mb, rss_mb = memory.after_task()
             outcome.update(started_at=started, finished_at=time.time(),
