@@ -424,7 +424,8 @@ class Dashboard:
             board.services.merge_poll(name, status[name], now)
         pool = status["pool"]
         board.fleet.merge_poll(workers.get("workers") if workers else None,
-                               pool.get("workers") if pool else None, asked, time.monotonic())
+                               pool.get("workers") if pool else None, asked, time.monotonic(),
+                               now)
         if pool:
             self.worker_pids = {w["pid"] for w in pool.get("workers", [])
                                 if isinstance(w.get("pid"), int)}

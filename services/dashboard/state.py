@@ -106,14 +106,16 @@ class Fleet:
         self.workers: dict[str, dict] = {}
         self.changed: set[str] = set()
 
-    def _row(self, name: str, now: float) -> dict:
+    def _row(self, name: str, now: float | None = None) -> dict:
+        """The worker's row (made if new); `now` is given when an event touches it."""
         row = self.workers.get(name)
         if row is None:
             row = self.workers[name] = {
                 "name": name, "group": None, "types": [], "state": "starting", "task": None,
                 "since": None, "pid": None, "extra": False, "rss_mb": None, "cpu_s": None,
-                "done": 0, "gone_at": None, "touched": now}
-        row["touched"] = now
+                "done": 0, "gone_at": None, "touched": -math.inf}
+        if now is not None:
+            row["touched"] = now
         self.changed.add(name)
         return row
 
@@ -155,55 +157,44 @@ class Fleet:
                 row = self._row(name, now)
                 row["state"] = "stopping" if state in ("leaving", "stopping") else state
 
-    def merge_poll(self, scheduler_rows: list | None, pool_rows: list | None, asked_at: float,
-                   now: float) -> None:
-        """Correct the rows from the scheduler's and the pool's lists, asked for at
-        `asked_at`: an event newer than the question wins over the answer."""
-        seen: set[str] = set()
-        for w in pool_rows or []:
-            name = w.get("name")
-            if not isinstance(name, str):
-                continue
-            seen.add(name)
+    def merge_poll(self, scheduler_rows: list | None, pool_rows: list | None,
+                   asked_at: float, now: float, wall: float | None = None) -> None:
+        """Correct the rows from the scheduler's and the pool's lists (None: that service
+        did not answer), asked for at `asked_at`: an event since then wins over them."""
+        pool = {w["name"]: w for w in pool_rows or [] if isinstance(w.get("name"), str)}
+        sched = {w["name"]: w for w in scheduler_rows or [] if isinstance(w.get("name"), str)}
+        for name in pool.keys() | sched.keys():
             row = self.workers.get(name)
-            fresh = row is None or row["touched"] < asked_at
-            row = self._row(name, now) if row is None else row
-            update = {k: w.get(k) for k in ("group", "pid", "rss_mb", "cpu_s")
-                      if w.get(k) is not None and row.get(k) != w.get(k)}
-            if bool(w.get("extra")) != row["extra"]:
-                update["extra"] = bool(w.get("extra"))
-            if update:
-                row.update(update)
+            newer = row is not None and row["touched"] >= asked_at
+            row = row if row is not None else self._row(name)
+            before = dict(row)
+            proc, known = pool.get(name), sched.get(name)
+            if proc is not None:  # process figures: the pool's word is the latest
+                row.update({k: proc[k] for k in ("group", "pid", "rss_mb", "cpu_s")
+                            if proc.get(k) is not None})
+                row["extra"] = bool(proc.get("extra"))
+            elif pool_rows is not None:
+                row["group"] = row["group"] or "external"  # not one of the pool's
+            if known is not None:
+                row["types"] = list(known.get("types") or row["types"])
+                row["pid"] = row["pid"] or known.get("pid")
+                row["done"] = max(row["done"], known.get("done") or 0)
+            if not newer:
+                if known is not None:
+                    state = {"leaving": "stopping", "claimed": "idle"}.get(
+                        known.get("state"), known.get("state"))
+                    task = known.get("task") if state == "busy" else None
+                    if state == "busy" and task != row["task"]:
+                        row["since"] = wall  # busy before we looked: known from now on
+                    row.update(state=state, task=task, gone_at=None)
+                elif scheduler_rows is not None and row["state"] not in ("lost", "exited"):
+                    row["state"] = "starting"  # a process the scheduler does not know yet
+            if row != before:
                 self.changed.add(name)
-            if fresh and scheduler_rows is not None and name not in {
-                    s.get("name") for s in scheduler_rows} and row["state"] not in (
-                    "lost", "exited", "starting"):
-                row["state"] = "starting"  # a process the scheduler does not know yet
-                self.changed.add(name)
-        for w in scheduler_rows or []:
-            name = w.get("name")
-            if not isinstance(name, str):
-                continue
-            seen.add(name)
-            row = self.workers.get(name)
-            if row is not None and row["touched"] >= asked_at:
-                continue  # an event since the question says more
-            row = self._row(name, now)
-            state = {"leaving": "stopping", "claimed": "idle"}.get(w.get("state"), w.get(
-                "state"))
-            row["types"] = list(w.get("types") or row["types"])
-            row["pid"] = row["pid"] or w.get("pid")
-            row["done"] = max(row["done"], w.get("done") or 0)
-            if pool_rows is not None and name not in {p.get("name") for p in pool_rows}:
-                row["group"] = row["group"] or "external"
-            if state != row["state"] or w.get("task") != row["task"]:
-                if state == "busy" and row["task"] != w.get("task"):
-                    row["since"] = now  # busy before we looked: from now
-                row.update(state=state, task=w.get("task") if state == "busy" else None)
         if scheduler_rows is None or pool_rows is None:
             return  # a service did not answer: absence proves nothing
         for name, row in list(self.workers.items()):
-            if name in seen or row["touched"] >= asked_at:
+            if name in pool or name in sched or row["touched"] >= asked_at:
                 continue
             if row["gone_at"] is None:
                 row.update(state="exited", task=None, gone_at=now)
@@ -386,18 +377,15 @@ class Resources:
 
     def __init__(self, points: int = SERIES_POINTS):
         self.points: deque[dict] = deque(maxlen=points)
-        self._last: tuple[float, float, float] | None = None  # ts, cpu seconds, tokens
+        self._tokens: tuple[float, float] | None = None  # ts, committed tokens
 
-    def add(self, ts: float, cpu_s: float, rss_mb: float, committed: float | None) -> dict:
-        """Add a sample of cumulative CPU seconds and committed tokens; returns the point."""
-        cores = tokens = 0.0
-        if self._last is not None and ts > self._last[0]:
-            span = ts - self._last[0]
-            cores = max(0.0, cpu_s - self._last[1]) / span
-            if committed is not None:
-                tokens = max(0.0, committed - self._last[2]) / span
-        self._last = (ts, cpu_s, committed if committed is not None else (
-            self._last[2] if self._last else 0.0))
+    def add(self, ts: float, cores: float, rss_mb: float, committed: float | None) -> dict:
+        """Add a sample (committed: the global budget's running total); returns it."""
+        tokens = 0.0
+        if committed is not None:
+            if self._tokens is not None and ts > self._tokens[0]:
+                tokens = max(0.0, committed - self._tokens[1]) / (ts - self._tokens[0])
+            self._tokens = (ts, committed)
         point = {"ts": ts, "cpu": round(cores, 3), "rss_mb": round(rss_mb, 1),
                  "tokens": round(tokens, 1), "committed": committed}
         self.points.append(point)
