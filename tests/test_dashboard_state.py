@@ -7,6 +7,7 @@ import pytest
 from cortex.services.dashboard.state import (
     GONE_AFTER,
     MAX_QUEUE_ROWS,
+    QUEUE_EVERY,
     BadInput,
     Board,
     EventFilter,
@@ -222,12 +223,17 @@ def test_latency_points_show_the_recent_window_not_the_history():
 
 def test_board_sends_only_what_changed_and_keeps_recent_events_bounded():
     board = Board(["ledger"])
-    board.take_changes()
-    assert board.take_changes() == {}
+    board.take_changes(0.0)
+    assert board.take_changes(0.0) == {}
     board.on_event(event("ledger.overrun", "t1", data_=1), 1.0)
-    changes = board.take_changes()
+    changes = board.take_changes(0.1)
     assert "budgets" in changes and changes["budgets"]["overruns"][0]["task"] == "t1"
     assert board.budgets.stale
+    # The queue table goes at most every QUEUE_EVERY seconds, then with all that changed.
+    board.on_event(event("task.created", "q1", type="echo", priority="low"), 1.0)
+    assert "queue" not in board.take_changes(0.2)
+    assert [r["id"] for r in board.take_changes(0.0 + QUEUE_EVERY)["queue"]["rows"]] == ["q1"]
+    assert board.take_changes(0.7) == {}
     for i in range(6000):
         board.on_event(event("x.y", f"t{i}", ts=float(i)), 2.0)
     assert len(board.recent) == 5000

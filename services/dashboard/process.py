@@ -348,7 +348,7 @@ class Dashboard:
 
     def flush(self) -> None:
         fresh, self.fresh = self.fresh, []
-        changes = self.board.take_changes()
+        changes = self.board.take_changes(time.monotonic())
         if not self.pages:
             return
         shared = encode({"t": "update", "now": time.time(), **changes}) if changes else None

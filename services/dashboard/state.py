@@ -21,6 +21,7 @@ from cortex.protocol.vocabulary import PRIORITIES
 RECENT_EVENTS = 5000  # kept here for a page that changes its filter
 PAGE_EVENTS = 1000  # what a page keeps, and the most it is sent at once
 MAX_QUEUE_ROWS = 500
+QUEUE_EVERY = 0.5  # seconds between two sendings of the queue table
 SERIES_POINTS = 600  # one point a second: the last ten minutes
 LATENCY_WINDOW = 5  # polls whose histogram deltas make one latency point
 MAX_LATENCY_SERIES = 64
@@ -509,6 +510,7 @@ class Board:
         self.recent: deque[dict] = deque(maxlen=RECENT_EVENTS)
         self.counts = {"events": 0}
         self.pending: dict = {}  # parts of the next update not in the components
+        self.next_queue = -math.inf
 
     def on_event(self, event: dict, now: float) -> None:
         self.counts["events"] += 1
@@ -535,8 +537,9 @@ class Board:
                 "resources": self.resources.view(), "latency": self.latency.view(),
                 "counts": dict(self.counts)}
 
-    def take_changes(self) -> dict:
-        """What changed since the last call (empty when nothing did)."""
+    def take_changes(self, now: float) -> dict:
+        """What changed since the last call (empty when nothing did). The queue, a
+        table of up to `MAX_QUEUE_ROWS`, goes at most every `QUEUE_EVERY` seconds."""
         out = dict(self.pending)
         self.pending = {}
         fleet = self.fleet.take_changes()
@@ -544,6 +547,10 @@ class Board:
             out["fleet"] = fleet
         for name in ("queue", "budgets", "services"):
             part = getattr(self, name)
+            if name == "queue" and part.dirty:
+                if now < self.next_queue:
+                    continue
+                self.next_queue = now + QUEUE_EVERY
             if part.dirty:
                 part.dirty = False
                 out[name] = part.view()

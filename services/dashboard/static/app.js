@@ -24,14 +24,24 @@ export const store = {
 };
 
 // What the tests and the curious can read: how far behind the events are on screen.
-const lags = [];
+const lags = []; // seconds from an event to the frame that drew it
+const arrivals = []; // seconds from an event to its message reaching the page
+const renderMs = []; // seconds of main-thread time each frame's drawing took
+function keep(ring, value) {
+  ring.push(value);
+  if (ring.length > 5000) ring.splice(0, ring.length - 5000);
+}
+function quantiles(ring) {
+  const s = [...ring].sort((a, b) => a - b);
+  const q = (p) => s.length ? s[Math.min(s.length - 1, Math.floor(p * s.length))] : null;
+  return { n: s.length, p50: q(0.5), p95: q(0.95), max: s.length ? s[s.length - 1] : null };
+}
 window.cortexDashboard = {
-  store, lags, frames: 0,
+  store, lags, arrivals, frames: 0,
   lagSummary() {
-    const s = [...lags].sort((a, b) => a - b);
-    const q = (p) => s.length ? s[Math.min(s.length - 1, Math.floor(p * s.length))] : null;
-    return { n: s.length, p50: q(0.5), p95: q(0.95), max: s.length ? s[s.length - 1] : null };
+    return { drawn: quantiles(lags), arrived: quantiles(arrivals), render: quantiles(renderMs) };
   },
+  reset() { lags.length = 0; arrivals.length = 0; renderMs.length = 0; },
 };
 
 const pages = {
@@ -54,17 +64,17 @@ function markDirty(...keys) {
 function frame() {
   frameRequested = false;
   window.cortexDashboard.frames++;
+  const began = performance.now();
   const shown = current ? pages[current] : null;
   const drawnEvents = shown ? shown.render(dirty) || [] : [];
   dirty.clear();
+  keep(renderMs, (performance.now() - began) / 1000);
   if (drawnEvents.length) {
     // Measured after the frame is painted: the event's age when a person could see it.
     setTimeout(() => {
       const now = Date.now() / 1000;
       for (const event of drawnEvents) {
-        if (typeof event.ts !== "number") continue;
-        lags.push(now - event.ts);
-        if (lags.length > 5000) lags.splice(0, lags.length - 5000);
+        if (typeof event.ts === "number") keep(lags, now - event.ts);
       }
     }, 0);
   }
@@ -109,6 +119,8 @@ function apply(msg) {
       store.events = (msg.events || []).slice(-MAX_EVENTS);
       pages.events.reset(store.events);
     } else if (msg.events && msg.events.length) {
+      const now = Date.now() / 1000;
+      for (const event of msg.events) if (typeof event.ts === "number") keep(arrivals, now - event.ts);
       store.events.push(...msg.events);
       if (store.events.length > MAX_EVENTS) store.events.splice(0, store.events.length - MAX_EVENTS);
       pages.events.add(msg.events);

@@ -16,6 +16,7 @@ export class EventsPage {
     this.held = []; // arrived while paused (the newest MAX_EVENTS)
     this.heldCount = 0;
     this.rebuild = true;
+    this.scrolled = false;
     this.inputs = {};
     let timer = null;
     const form = el("form", { class: "filter", onsubmit: (e) => e.preventDefault() },
@@ -33,10 +34,14 @@ export class EventsPage {
     this.resume = el("button", { class: "resume", hidden: true, onclick: () => this.unpause() });
     this.body = el("tbody");
     this.scroller = el("div", { class: "scroller", onscroll: () => this.onScroll() },
-      el("table", { class: "events" }, el("thead", {}, el("tr", {},
+      // Fixed layout: a new row never makes the browser measure the other 999 again.
+      el("table", { class: "events" }, el("colgroup", {}, ...["7.5em", "12em", "13em", "13em",
+        "6em", "auto"].map((width) => el("col", { style: `width:${width}` }))),
+      el("thead", {}, el("tr", {},
         ...["time", "type", "task", "worker", "source", "data"].map((h) => el("th", { text: h })))),
         this.body));
-    this.older = el("button", { onclick: () => this.loadOlder(), text: "Load older events from the log" });
+    this.older = el("button", { class: "older", onclick: () => this.loadOlder(),
+      text: "Load older events from the log" });
     this.root = el("section", { id: "events" }, el("div", { class: "card" }, form,
       el("div", { class: "bar" }, this.status, this.resume), this.scroller,
       el("div", { class: "bar" }, this.older)));
@@ -57,7 +62,9 @@ export class EventsPage {
 
   resend() { if (Object.keys(this.filter).length) send({ t: "filter", filter: this.filter }); }
 
-  get paused() { return this.scroller.scrollTop > 4; }
+  // Read on scroll only: reading scrollTop for every message would make the browser lay
+  // the whole table out again each time.
+  get paused() { return this.scrolled; }
 
   reset(events) {
     this.pending = [];
@@ -78,7 +85,8 @@ export class EventsPage {
   }
 
   onScroll() {
-    if (!this.paused && this.held.length) this.unpause();
+    this.scrolled = this.scroller.scrollTop > 4;
+    if (!this.scrolled && this.held.length) this.unpause();
   }
 
   unpause() {
@@ -87,6 +95,7 @@ export class EventsPage {
     this.held = [];
     this.heldCount = 0;
     this.scroller.scrollTop = 0;
+    this.scrolled = false;
     this.render(new Set(["events"]));
   }
 
@@ -106,8 +115,7 @@ export class EventsPage {
       this.pending = [];
       const events = this.store.events.slice(-MAX_EVENTS);
       const rows = events.map((e) => this.row(e)).reverse();
-      this.body.replaceChildren(...rows);
-      drawn = events;
+      this.body.replaceChildren(...rows); // not counted as drawn: they are history
     } else if (this.pending.length) {
       drawn = this.pending;
       this.pending = [];
@@ -147,7 +155,8 @@ export class EventsPage {
       }
       // Keep the cap: drop the newest rows, and stay paused so they do not come back.
       while (this.body.childElementCount > MAX_EVENTS) this.body.firstElementChild.remove();
-      if (this.scroller.scrollTop <= 4) this.scroller.scrollTop = 5;
+      if (!this.scrolled) this.scroller.scrollTop = 5; // paused: the live rows would push these out
+      this.scrolled = true;
       this.older.textContent = fresh.length ? `Load older events (${fresh.length} more from ${reply.source})`
         : "No older events match";
       this.older.disabled = !fresh.length;
