@@ -87,7 +87,8 @@ def test_a_submitted_task_turns_busy_then_completes_on_screen(shared_suite, page
         assert client.wait(task["id"], timeout=20)["state"] == "completed"
     page.goto(f"{url_of(shared_suite)}#events")
     page.fill("input[name=task]", task["id"])
-    row = page.wait_for_selector("tr[data-type='task.completed']", timeout=DEADLINE_MS)
+    row = page.wait_for_selector("#events .ev[data-type='task.completed']",
+                                 timeout=DEADLINE_MS)
     assert task["id"] in row.inner_text()
     page.screenshot(path=tmp_path / "completed.png", full_page=True)
 
@@ -164,15 +165,15 @@ def test_a_filtered_event_view_shows_only_matching_events(shared_suite, page, tm
         for task_id in ids:
             client.wait(task_id, timeout=20)
     page.wait_for_function(
-        "ids => ids.every(id => [...document.querySelectorAll('#events tbody tr')]"
+        "ids => ids.every(id => [...document.querySelectorAll('#events .ev-window .ev')]"
         ".some(r => r.textContent.includes(id)))", arg=ids, timeout=DEADLINE_MS)
-    types = page.eval_on_selector_all("#events tbody tr", "rs => rs.map(r => r.dataset.type)")
+    types = page.eval_on_selector_all("#events .ev-window .ev", "rs => rs.map(r => r.dataset.type)")
     assert types and set(types) == {"task.completed"}
     page.screenshot(path=tmp_path / "events-filtered.png", full_page=True)
     page.fill("input[name=type]", "")
     page.fill("input[name=text]", "filtered 3")
     page.wait_for_function(
-        "id => { const rows = [...document.querySelectorAll('#events tbody tr')];"
+        "id => { const rows = [...document.querySelectorAll('#events .ev-window .ev')];"
         " return rows.length && rows.every(r => r.textContent.includes(id)); }",
         arg=ids[3], timeout=DEADLINE_MS)
     # Older ones from the event log, on request.
@@ -231,7 +232,7 @@ def test_events_reach_the_screen_quickly(shared_suite, page, tmp_path):
         for task_id in ids:
             client.wait(task_id, timeout=30)
     page.wait_for_function(
-        "id => [...document.querySelectorAll('#events tbody tr')].some(r =>"
+        "id => [...document.querySelectorAll('#events .ev-window .ev')].some(r =>"
         " r.dataset.type === 'task.completed' && r.textContent.includes(id))",
         arg=ids[-1], timeout=DEADLINE_MS)
     lag = page.evaluate("() => window.cortexDashboard.lagSummary()")

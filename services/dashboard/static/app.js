@@ -48,12 +48,14 @@ const pages = {
   fleet: new FleetPage(store), queue: new QueuePage(store), budgets: new BudgetsPage(store),
   latency: new LatencyPage(store), events: new EventsPage(store), task: new TaskPage(store),
 };
+// How many events the events page holds (the DOM has only the rows in view).
+window.cortexDashboard.eventsHeld = () => pages.events.list.length;
 const dirty = new Set();
 let current = null;
 let frameRequested = false;
 let socket = null;
 
-function markDirty(...keys) {
+export function markDirty(...keys) {
   for (const key of keys) dirty.add(key);
   if (!frameRequested) {
     frameRequested = true;
