@@ -60,8 +60,8 @@ export class EventsPage {
     }).observe(this.scroller);
   }
 
-  show() { this.top = this.scroller.scrollTop; markDirty("events"); }
-  hide() {}
+  show() { this.visible = true; this.top = this.scroller.scrollTop; markDirty("events"); }
+  hide() { this.visible = false; this.drawn = []; }
 
   setFilter() {
     const filter = {};
@@ -95,7 +95,7 @@ export class EventsPage {
     }
     this.list.unshift(...events.slice(-MAX_EVENTS).reverse());
     if (this.list.length > MAX_EVENTS) this.list.length = MAX_EVENTS;
-    this.drawn.push(...events);
+    if (this.visible) this.drawn.push(...events); // their age is measured once drawn
   }
 
   onScroll() {

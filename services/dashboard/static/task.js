@@ -88,10 +88,11 @@ export class TaskPage {
       if (event.task !== this.id || this.ids.has(event.id)) continue;
       this.ids.add(event.id);
       this.trace.push(event);
-      this.fresh.push(event);
+      if (!fromLoad) this.fresh.push(event); // live ones: their age is measured once drawn
       added = true;
     }
     if (!added) return;
+    this.pendingDraw = true;
     this.trace.sort((a, b) => (a.ts || 0) - (b.ts || 0));
     if (this.trace.length > MAX_TRACE) this.trace.splice(0, this.trace.length - MAX_TRACE);
     if (!fromLoad) {
@@ -108,7 +109,7 @@ export class TaskPage {
 
   render(dirty) {
     if (!this.id) return [];
-    if (dirty.has("task") && this.fresh.length) this.draw();
+    if (dirty.has("task") && (this.fresh.length || this.pendingDraw)) this.draw();
     else if (dirty.has("tick") && this.task && !FINAL.has(this.task.state)) this.drawHead();
     const drawn = this.fresh;
     this.fresh = [];
@@ -116,6 +117,7 @@ export class TaskPage {
   }
 
   draw() {
+    this.pendingDraw = false;
     this.drawHead();
     this.drawBody();
     this.drawTrace();
