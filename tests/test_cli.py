@@ -355,8 +355,9 @@ def test_up_and_down_leave_nothing_behind():
                               str(REPO / "supervisord.conf"), "status"],
                              capture_output=True, text=True, env=env, timeout=30)
         listed = {line.split()[0]: line.split()[1] for line in ctl.stdout.splitlines()}
-        # The five services, and the supervisor event listener beside them.
-        assert listed == dict.fromkeys((*SERVICES, "supervisor-events"), "RUNNING"), \
+        # The five services, the supervisor event listener and the dashboard beside them.
+        assert listed == dict.fromkeys((*SERVICES, "supervisor-events", "dashboard"),
+                                       "RUNNING"), \
             ctl.stdout + ctl.stderr
 
         done = run_proc("down", env=env, timeout=120)
