@@ -221,13 +221,13 @@ class Dashboard:
             flt = EventFilter.from_dict({k: q.get(k) for k in ("type", "task", "worker", "text")
                                          if q.get(k)})
             body = {"newest": q.get("newest", "1") != "0",
-                    "limit": min(int(q.get("limit", "200")), PAGE_EVENTS)}
+                    "limit": max(1, min(int(q.get("limit", "200")), PAGE_EVENTS))}
             for key in ("since", "until"):
                 if q.get(key):
                     body[key] = float(q[key])
         except (BadInput, ValueError) as e:
             return error_response("bad_request", str(e))
-        body.update({"type" if k == "type" else k: v for k, v in flt.as_dict().items()})
+        body.update(flt.as_dict())
         try:
             reply = await self.call("events", "events.query", body, timeout=20.0)
         except errors.CortexError as e:

@@ -149,9 +149,18 @@ function connect() {
     pages.task.resend();
   };
   socket.onmessage = (e) => apply(JSON.parse(e.data));
-  socket.onclose = () => {
+  socket.onclose = async () => {
     store.connected = false;
     setStatus();
+    // A restarted dashboard has a new token: say so rather than retry for ever.
+    try {
+      const probe = await fetch("/api/snapshot", { headers: { "X-Cortex-Token": token() } });
+      if (probe.status === 403) {
+        const status = document.getElementById("connection");
+        status.textContent = "new token: open the URL `cortex dashboard` prints";
+        return;
+      }
+    } catch (e) { /* not listening yet: try again */ }
     setTimeout(connect, 1000); // the suite restarting: keep trying, once a second
   };
 }
