@@ -29,8 +29,9 @@ import time
 from pathlib import Path
 
 from . import charts, report
-from .harness import DASHBOARD_PAGES, DashboardPage, Target
+from .harness import Target
 from .scenarios import SCENARIOS, Session
+from .viewer import DASHBOARD_PAGES, DashboardPage
 
 DEFAULT_ORDER = ("latency", "rate", "noop", "onetype", "utilization", "priority", "mixed", "sweep",
                  "chaos", "events")  # "dashboard" (it needs a browser) only when asked

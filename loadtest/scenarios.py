@@ -14,7 +14,7 @@ import time
 
 import psutil
 
-from . import harness
+from . import harness, viewer
 from .agents import AgentPlan, Job, Options, Progress, Sync, run_agents
 from .workloads import synthetic_workload
 
@@ -212,25 +212,10 @@ class Session:
                             self.procs_for(agents))
 
     def dashboard(self) -> dict:
-        """noop twice: with no dashboard page open, then with a headless page of it open
-        (--dashboard-page, default the events page): what a viewer costs the suite. The
-        result is the run with the page; `dashboard` sets the two side by side."""
-        without = self.noop(name="dashboard")
-        with harness.DashboardPage(self.target.home, self.args.dashboard_page or "events"
-                                   ) as page:
-            result = self.noop(name="dashboard")
-            viewer = page.report()
-
-        def cpu(run: dict) -> float | None:
-            return (run.get("resources", {}).get("cpu_s") or {}).get("dashboard")
-
-        result["dashboard"] = {
-            "throughput_without_page": without["throughput"],
-            "throughput_with_page": result["throughput"],
-            "dashboard_cpu_s_without_page": cpu(without), "dashboard_cpu_s_with_page": cpu(result),
-            "wall_s_without_page": without["wall_s"], "wall_s_with_page": result["wall_s"],
-            **viewer}
-        return result
+        """noop without, then with a headless page of the dashboard open (--dashboard-page,
+        default the events page): what a viewer costs the suite."""
+        return viewer.with_and_without(lambda: self.noop(name="dashboard"), self.target.home,
+                                       self.args.dashboard_page or "events")
 
     def onetype(self) -> dict:
         """One handler for every task, as a new user has it: 0.1 s sleeps first (they
