@@ -44,6 +44,7 @@ FLUSH_INTERVAL = 0.01
 FLUSH_EVENTS = 5000
 QUERY_LIMIT = 5000  # events one events.query returns at most
 QUERY_SECONDS = 10.0  # a query reading the history stops after this long (truncated)
+QUERY_QUEUE = 8  # events.query reads waiting at most; more are refused (unavailable)
 # events.query newest first over JSONL: look back this far first, then further, so a
 # page of recent events never reads the whole history.
 LOOK_BACK = (60.0, 900.0, 3600.0, 6 * 3600.0, 86400.0, 7 * 86400.0, None)
@@ -315,6 +316,10 @@ class EventRouter(BusService):
             limit = wire.field_int(body, "limit", lo=1, hi=QUERY_LIMIT, required=False,
                                    default=1000)
             newest = body.get("newest") is True
+            if any(a[0] == msg.peer and a[1] == msg.corr for a in self.answers):
+                return  # a client's re-send of a query still being read
+            if len(self.answers) >= QUERY_QUEUE:
+                raise wire.ProtocolError("unavailable", "too many events.query reads at once")
             self.answers.append((msg.peer, msg.corr, self.queries.submit(
                 query_history, self.rt.home / "events", self.settings.events.postgres_url,
                 filters, limit, newest)))
