@@ -10,6 +10,7 @@ message an error we answer (`unavailable`) instead of a silent drop.
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import zmq
@@ -113,7 +114,7 @@ class Broker:
             return
         if op in ("broker.peers", "broker.status"):
             body = {"peers": self.table.describe(now), "stats": self.stats,
-                    "uptime": time.time() - self.rt.started}
+                    "uptime": time.time() - self.rt.started, "pid": os.getpid()}
             self.send(sender, wire.frames(wire.REPLY, wire.BROKER, msg.corr, body))
         else:
             self.reply_error(sender, msg.corr, "unknown_type", f"unknown operation {op!r}")

@@ -109,6 +109,11 @@ max_file_bytes = 67108864    # rotate JSONL files past this size (and every UTC 
 postgres_url = ""            # e.g. "postgresql://cortex@localhost/cortex" to copy events there
 metrics_port = 0             # Prometheus /metrics on 127.0.0.1: 0 any free port (see
                              # run/metrics.url and `cortex status`), -1 off
+
+[dashboard]
+enabled = true               # the live web dashboard (`cortex dashboard` prints its URL)
+port = 0                     # on 127.0.0.1 only: 0 any free port
+refresh = 1.0                # seconds between its status polls of the services
 """
 
 
@@ -188,6 +193,13 @@ class ProviderSettings:
 
 
 @dataclass(frozen=True)
+class DashboardSettings:
+    enabled: bool = True
+    port: int = 0
+    refresh: float = 1.0
+
+
+@dataclass(frozen=True)
 class Settings:
     home: Path
     suite: SuiteSettings
@@ -197,6 +209,7 @@ class Settings:
     groups: tuple[WorkerGroup, ...]
     handlers: dict
     events: EventSettings
+    dashboard: DashboardSettings = DashboardSettings()
     routing: RoutingSettings = RoutingSettings()
     providers: dict = field(default_factory=dict)  # name -> ProviderSettings
 
@@ -323,7 +336,7 @@ def load(home: Path) -> Settings:
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{path}: {e}") from e
     allowed = {"suite", "bus", "scheduler", "ledger", "pool", "handlers", "events", "routing",
-               "providers"}
+               "providers", "dashboard"}
     if set(raw) - allowed:
         raise ConfigError(f"{path}: unknown section(s) {', '.join(sorted(set(raw) - allowed))}")
     suite = _section(SuiteSettings, raw.get("suite", {}), "suite")
@@ -398,6 +411,7 @@ def load(home: Path) -> Settings:
         routing=_routing(home, raw.get("routing", {})),
         providers={name: _provider(name, spec, home) for name, spec in
                    _table(raw.get("providers", {}), "providers").items()},
+        dashboard=_dashboard(raw.get("dashboard", {})),
     )
 
 
@@ -411,3 +425,16 @@ def _routing(home: Path, raw) -> RoutingSettings:
     if routing.examples:
         return replace(routing, examples=str(home / routing.examples))
     return routing
+
+
+
+def _dashboard(raw) -> DashboardSettings:
+    dashboard = _section(DashboardSettings, raw, "dashboard")
+    if not isinstance(dashboard.enabled, bool):
+        raise ConfigError(f"[dashboard] enabled: expected true or false, "
+                          f"got {dashboard.enabled!r}")
+    if not 0 <= dashboard.port <= 65535:
+        raise ConfigError("[dashboard] port: must be 0 (any free port) to 65535")
+    if not 0.1 <= dashboard.refresh <= 60:
+        raise ConfigError("[dashboard] refresh: must be between 0.1 and 60 seconds")
+    return dashboard

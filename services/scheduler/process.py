@@ -152,6 +152,7 @@ class Scheduler(BusService):
             elif op == "scheduler.status":
                 fx.reply(peer, msg.corr, state.status(now) | {
                     "uptime": now - self.rt.started, "bad_messages": self.bad_messages,
+                    "pid": os.getpid(),
                     "events_unacked": self.events.unacked})
             else:
                 raise ProtocolError("unknown_type", f"unknown operation {op!r}")

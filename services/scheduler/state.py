@@ -538,9 +538,10 @@ class SchedulerState:
         else:
             error = body.get("error") if isinstance(body.get("error"), dict) else {}
             category = error.get("category", "handler_error")
-            self._move(fx, task, State.FAILED, now, tokens_used=task.tokens_used,
-                       error={"category": category,
-                              "message": str(error.get("message", ""))[:2000]})
+            failure = {"category": category, "message": str(error.get("message", ""))[:2000]}
+            if isinstance(error.get("traceback"), str):  # the dashboard's task page shows it
+                failure["traceback"] = error["traceback"][-4000:]
+            self._move(fx, task, State.FAILED, now, tokens_used=task.tokens_used, error=failure)
             fx.emit("task.failed", {"attempt": task.attempt, "category": category,
                                     "message": str(error.get("message", ""))[:500],
                                     "tokens_used": task.tokens_used, **timings}, task.id, name)
