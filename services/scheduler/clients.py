@@ -114,8 +114,8 @@ class ClientRequests:
                 waiting[t.waiting] += 1
         return {"queue": self.queue.by_priority(), "states": dict(states),
                 "workers": self.registry.by_type(),
-                "waiting": {r: waiting[r] for r in sorted(ANNOUNCED) if waiting[r]},
-                "backoff": waiting[Reason.BACKOFF],
+                "waiting": {r.value: waiting[r] for r in sorted(ANNOUNCED) if waiting[r]},
+                "backoff": waiting[Reason.BACKOFF.value],
                 "memory_pressure": self.holds.memory_pressure,
                 "counters": dict(self.counters)}
 

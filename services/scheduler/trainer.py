@@ -44,9 +44,10 @@ def _nice_child() -> None:  # in the training child, before exec
 
 
 class Trainer:
-    def __init__(self, home: Path, predictor):
-        self.home = home
+    def __init__(self, home: Path, predictor, command: list[str] | None = None):
         self.predictor = predictor
+        self.command = command or [sys.executable, "-m", "cortex.services.scheduler.prediction",
+                                   "train", "--home", str(home)]
         self.child: subprocess.Popen | None = None
         self.started_at = 0.0  # monotonic
         self._out = b""  # the child's stdout so far
@@ -91,10 +92,9 @@ class Trainer:
     def start(self, now: float) -> None:
         self._err = tempfile.TemporaryFile()  # noqa: SIM115 - closed when the child is done
         self._out, self._first_line = b"", None
-        self.child = subprocess.Popen(
-            [sys.executable, "-m", "cortex.services.scheduler.prediction", "train", "--home",
-             str(self.home)], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-            stderr=self._err, preexec_fn=_nice_child)
+        self.child = subprocess.Popen(self.command, stdin=subprocess.DEVNULL,
+                                      stdout=subprocess.PIPE, stderr=self._err,
+                                      preexec_fn=_nice_child)
         os.set_blocking(self.child.stdout.fileno(), False)
         self.started_at = now
         self.next_auto = now + MIN_TRAINING_GAP

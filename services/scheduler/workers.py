@@ -107,11 +107,11 @@ class WorkerRegistry:
 
     def move(self, fx: Effects, worker: Worker, new: WorkerState, now: Now,
              task: str | None = None, **data) -> None:
-        """transition(); busy and claimed take their `task`, idle drops it, gone leaves
-        the registry."""
+        """transition(); busy and claimed take their `task`, idle drops it, leaving keeps
+        only a task it runs, gone leaves the registry."""
         if new in (W.BUSY, W.CLAIMED):
             worker.task = task
-        elif new is W.IDLE:
+        elif new is W.IDLE or (new is W.LEAVING and worker.state is not W.BUSY):
             worker.task = None
         transition(fx, worker, new, now, **data)
         if new is W.GONE:
