@@ -11,7 +11,7 @@ import pytest
 
 from cortex.protocol import wire
 from cortex.services.runtime.effects import Effects
-from cortex.services.scheduler.prediction import Predictor
+from cortex.services.scheduler.prediction.predictor import Predictor
 from cortex.services.scheduler.progress import PROGRESS_EVERY
 from cortex.services.scheduler.tasks import State
 from cortex.services.scheduler.trainer import Trainer
@@ -240,6 +240,7 @@ def test_progress_as_a_request_from_an_external_worker():
 
 CHILD = """import json, sys, time
 rows = int(sys.argv[1])
+time.sleep(float(sys.argv[3]))  # reading its history
 if rows < 0:
     print("Traceback: something broke", file=sys.stderr)
     sys.exit(2)
@@ -252,15 +253,17 @@ print(json.dumps({"trained": True}))
 """
 
 
-def trainer_for(tmp_path, rows: int, fit_seconds: float = 0.0) -> Trainer:
+def trainer_for(tmp_path, rows: int, fit_seconds: float = 0.0, read_seconds: float = 0.0,
+                answer_within: float = 60.0) -> Trainer:
     return Trainer(tmp_path, Predictor(tmp_path / "models"),
-                   command=[sys.executable, "-c", CHILD, str(rows), str(fit_seconds)])
+                   command=[sys.executable, "-c", CHILD, str(rows), str(fit_seconds),
+                            str(read_seconds)], answer_within=answer_within)
 
 
 def poll_until_replied(trainer: Trainer, fx: Effects, what: str) -> dict:
     deadline = time.monotonic() + 60
     while not fx.sends:
-        trainer.poll(fx)
+        trainer.poll(fx, time.monotonic())
         if time.monotonic() > deadline:
             raise AssertionError(f"no answer: {what}")
         time.sleep(0.02)  # polling a child process with a deadline
@@ -272,7 +275,7 @@ def poll_until_replied(trainer: Trainer, fx: Effects, what: str) -> dict:
 def finish(trainer: Trainer, fx: Effects) -> None:
     deadline = time.monotonic() + 60
     while trainer.busy:
-        trainer.poll(fx)
+        trainer.poll(fx, time.monotonic())
         assert time.monotonic() < deadline, "the training child did not end"
         time.sleep(0.02)
 
@@ -314,6 +317,15 @@ def test_model_train_gives_the_childs_error_output_when_it_dies(tmp_path):
     failure = trainer.status()["last_failure"]
     assert failure["exit_code"] == 2 and "something broke" in failure["reason"]
     assert not trainer.busy
+
+
+def test_model_train_is_answered_in_time_while_the_child_still_reads(tmp_path):
+    trainer = trainer_for(tmp_path, rows=80, read_seconds=30, answer_within=0.3)
+    fx = Effects()
+    trainer.request(fx, CLIENT, b"c1", time.monotonic())
+    body = poll_until_replied(trainer, fx, "started, rows unknown yet")
+    assert (body["started"], body["reason"], body["rows"]) == (True, None, None)
+    trainer.stop()
 
 
 def test_a_stopped_trainer_leaves_no_child(tmp_path):

@@ -1483,7 +1483,7 @@ class FixedPredictor:
         pass
 
     def predict(self, task_type, priority, description, size):
-        from cortex.services.scheduler.prediction import Prediction
+        from cortex.services.scheduler.prediction.predictor import Prediction
 
         duration, cores = self.by_type.get(task_type, (1.0, 0.0))[:2]
         memory = self.by_type.get(task_type, (0, 0, 10.0))[2:] or (10.0,)
@@ -1588,7 +1588,7 @@ def test_one_type_of_sleeps_and_no_ops_never_waits_on_an_idle_machine():
     """The one-type workload: the type's history is 0.1 s sleeps then no-ops, all on one
     handler. With the suite's own CPU not counted as load, no task waits for cpu or
     memory however many no-ops are dispatched back to back."""
-    from cortex.services.scheduler.prediction import Predictor
+    from cortex.services.scheduler.prediction.predictor import Predictor
 
     predictor = Predictor(None)
     for _ in range(50):

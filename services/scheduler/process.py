@@ -31,7 +31,7 @@ class Scheduler(BusService):
 
     def __init__(self, home=None):
         super().__init__(home)
-        from cortex.services.scheduler.prediction import (
+        from cortex.services.scheduler.prediction.predictor import (
             Predictor,  # scikit-learn: loaded by the scheduler alone
         )
 
@@ -168,7 +168,7 @@ class Scheduler(BusService):
 
     def on_tick(self, fx: Effects, wall: float) -> float:
         now = self.now(wall)
-        self.trainer.poll(fx)
+        self.trainer.poll(fx, now.mono)
         timeout = self.state.tick(fx, now, self.settings.scheduler.task_heartbeat)
         self.state.dispatch(fx, now)
         self.state.scale(fx, now)

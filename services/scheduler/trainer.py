@@ -5,7 +5,9 @@
 prints one line before it fits (`{"rows": N, "min_samples": M}`), then its report, and
 exits 0 when it saved new models. `model.train` is answered at that first line: started,
 or why not (fewer rows than the minimum); or at once when a training already runs; or,
-if the child dies first, with its error output. The new models are read in a thread
+if the child dies first, with its error output; or, if the child has not said by
+ANSWER_WITHIN, as started (a client's call must not time out: the last failure is then
+in `model.status`). The new models are read in a thread
 (unpickling took ~0.3 s, a stall of every dispatch) and swapped in. The last failure's
 reason is kept for `model.status`.
 """
@@ -27,6 +29,7 @@ from pathlib import Path
 from cortex.services.runtime.effects import Effects
 
 MIN_TRAINING_GAP = 60.0  # seconds between automatic retrains
+ANSWER_WITHIN = 5.0  # seconds a model.train waits for the child's first line
 ANSWERS_KEPT = 16  # model.train answers kept for re-sent copies of the request
 REPORT_CHARS = 2000
 
@@ -44,8 +47,10 @@ def _nice_child() -> None:  # in the training child, before exec
 
 
 class Trainer:
-    def __init__(self, home: Path, predictor, command: list[str] | None = None):
+    def __init__(self, home: Path, predictor, command: list[str] | None = None,
+                 answer_within: float = ANSWER_WITHIN):
         self.predictor = predictor
+        self.answer_within = answer_within
         self.command = command or [sys.executable, "-m", "cortex.services.scheduler.prediction",
                                    "train", "--home", str(home)]
         self.child: subprocess.Popen | None = None
@@ -99,7 +104,7 @@ class Trainer:
         self.started_at = now
         self.next_auto = now + MIN_TRAINING_GAP
 
-    def poll(self, fx: Effects) -> None:
+    def poll(self, fx: Effects, now: float) -> None:
         """Read the child's output, answer waiting requests, take in new models."""
         if self.loader is not None:
             self._check_loader(fx)
@@ -119,6 +124,8 @@ class Trainer:
             else:
                 self._answer_all(fx, True, None, rows=rows)
         if self.child.poll() is None:
+            if self._asking and now - self.started_at >= self.answer_within:
+                self._answer_all(fx, True, None, rows=None)  # still reading its history
             return
         self._read()
         self.child.stdout.close()

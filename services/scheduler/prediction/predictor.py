@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from cortex.services.scheduler.prediction import models as model_files
-from cortex.services.scheduler.prediction.features import TARGETS, clean_row
+from cortex.services.scheduler.prediction.history import TARGETS, clean_row, too_few
 from cortex.services.scheduler.prediction.models import MODEL_FILE, ModelSet
 
 DEFAULTS = {"duration": 60.0, "tokens": 2000.0, "memory_mb": 64.0, "cpu_s": 1.0}
@@ -115,9 +115,9 @@ class Predictor:
         with fewer than `min_samples` valid rows."""
         rows = [c for c in map(clean_row, self._history if history is None else history)
                 if c is not None]
-        if len(rows) < self.min_samples:
-            return {"trained": False, "samples": len(rows),
-                    "reason": f"{len(rows)} valid rows < min_samples {self.min_samples}"}
+        refused = too_few(len(rows), self.min_samples)
+        if refused is not None:
+            return refused
         model_set = model_files.fit(rows)
         if self.model_dir is not None:
             model_files.save(self.model_dir, model_set)
