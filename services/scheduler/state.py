@@ -164,6 +164,8 @@ class SchedulerState(ClientRequests, Reports):
             while worker.state is WorkerState.IDLE:
                 task = self.queue.pop_for(worker.types, now.mono)
                 if task is None:
+                    if self.queue.empty():
+                        return  # nothing left for anyone: no need to ask the others
                     break
                 if readings is None:
                     readings, held = self.holds.readings(now.mono)
@@ -260,13 +262,14 @@ class SchedulerState(ClientRequests, Reports):
         """After snapshot + replay: rebuild the queue; tasks in flight wait for their
         worker's heartbeat (worker.sync) and are retried if none comes (tick()). Their
         monotonic clocks start now."""
+        quiet = Effects()  # worker and None are quiet reasons: no event to send
         for task in sorted(self.tasks.values(), key=lambda t: t.times.get("created", 0)):
-            task.waiting = task.waiting_detail = None
+            self.waiting.set(quiet, task, None)
             if task.state in FINAL:
                 self.table.finished[task.id] = None
             elif task.state is State.QUEUED:
                 self.marks[task.id] = Marks(created=now.mono)
-                task.waiting = Reason.WORKER.value
+                self.waiting.set(quiet, task, Reason.WORKER)
                 self._enqueue(task)
             else:
                 self.marks[task.id] = Marks(created=now.mono, dispatched=now.mono,
