@@ -223,8 +223,9 @@ def test_nothing_learned_holds_nothing():
 
 def test_the_share_is_cpu_seconds_not_the_product_of_two_averages():
     # One type mixing 0.1 s sleeps (2 ms of CPU) and no-ops (36 us): its averages are what
-    # a type-level predictor gives. CPU seconds averaged stay tiny; the old rule (average
-    # core share x average duration) made every no-op hold 26 ms of a core.
+    # a type-level predictor gives. CPU seconds averaged stay tiny; the product of the
+    # average core share and the average duration would make every no-op hold 26 ms of
+    # a core.
     sleeps, noops = [(0.1, 0.002)] * 100, [(36e-6, 36e-6)] * 100
     rows = sleeps + noops
     avg_duration = sum(d for d, _ in rows) / len(rows)
@@ -233,7 +234,7 @@ def test_the_share_is_cpu_seconds_not_the_product_of_two_averages():
                        1.0)
     assert share["cpu"] < 0.002
     avg_core_share = sum(c / d for d, c in rows) / len(rows)
-    assert avg_core_share * avg_duration > 10 * share["cpu"]  # the old product
+    assert avg_core_share * avg_duration > 10 * share["cpu"]  # what the product would say
 
 
 # -- the machine sampler: the suite is not foreign load -------------------------------------
