@@ -144,7 +144,7 @@ class SchedulerState(ClientRequests, Reports):
             self.waiters.wake(fx, task)
             return
         self.counters["retried"] += 1
-        delay = backoff_delay(task.attempt, BACKOFF_BASE, BACKOFF_CAP, rng=self.rng)
+        delay = round(backoff_delay(task.attempt, BACKOFF_BASE, BACKOFF_CAP, rng=self.rng), 3)
         self.progress.end(fx, task)
         task.progress, task.message = 0.0, ""  # the next attempt reports its own
         self.marks[task.id] = Marks(created=self.marks[task.id].created)
