@@ -756,6 +756,25 @@ def test_backoff_doubles_with_each_attempt():
     assert delays == [BACKOFF_BASE, 2 * BACKOFF_BASE, 4 * BACKOFF_BASE]
 
 
+def test_backoff_is_jittered_so_tasks_lost_together_do_not_retry_together():
+    sim = Sim()
+    sim.state.rng = random.Random(7)  # real jitter
+    tasks = [sim.add(retries=1) for _ in range(20)]
+    for i in range(20):
+        sim.ready(f"w{i}")
+    delays = []
+    for i in range(20):  # w{i} runs tasks[i]
+        delays.append(events(sim.gone(f"w{i}"), "task.retry")[0][1]["after"])
+    assert len(set(delays)) > 10  # spread, not one wave
+    assert all(0.8 * BACKOFF_BASE <= d <= 1.2 * BACKOFF_BASE for d in delays)
+    sim.ready("late")
+    due = [t for t in tasks if t.state is State.DISPATCHED]
+    assert due == []  # none before its own delay
+    sim.tick(min(delays))
+    assert [t.id for t in tasks if t.state is State.DISPATCHED] == \
+        [tasks[delays.index(min(delays))].id]
+
+
 def test_retries_spent_ends_dead():
     sim = Sim()
     task = running(sim, retries=1)
