@@ -79,6 +79,32 @@ def test_a_hundred_tasks_without_tokens_for_a_minute_write_a_hundred_waiting_eve
     assert 100 <= asked <= 100 * 16, asked
 
 
+def test_retries_of_a_refused_reservation_hold_no_worker_and_write_no_worker_event():
+    sim = Sim()
+    task = sim.add(tokens=50)
+    sim.ready("w1")
+    turns = len(sim.effects)
+    run_refusing(sim, 30.0, available=5)
+    worker_events = [e for fx in sim.effects[turns:] for e in fx.events
+                     if e[0].startswith("worker.")]
+    assert [e[0] for e in worker_events] == ["worker.idle"]  # after the first refusal only
+    assert sim.state.workers["w1"].state == "idle" and task.waiting == "tokens"
+    other = sim.add()  # the idle worker is free for other work meanwhile
+    assert other.state is State.DISPATCHED
+
+
+def test_with_no_worker_free_a_token_retry_waits_in_the_queue_for_one():
+    sim = Sim()
+    task = sim.add(tokens=50)
+    refuse(sim, reserve_of(sim.ready("w1"))[0])
+    busy = sim.add()  # w1 takes it
+    assert busy.worker == "w1"
+    assert ledger_requests(sim.tick(1.0), "ledger.reserve") == []  # no worker, no ask
+    assert sim.state.queue.depth("echo") == 1 and task.waiting == "tokens"
+    fx = sim.finish("w1", busy)  # a worker frees: it claims it and asks
+    assert reserve_of(fx)[1]["task"] == task.id
+
+
 def test_another_limit_is_a_new_event_but_tokens_left_moving_is_not():
     sim = Sim()
     task = sim.add(tokens=50)

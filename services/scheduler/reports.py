@@ -258,7 +258,7 @@ class Reports:
                 settle = {k: v for k, v in task.settle.items() if k != str(request["attempt"])}
                 self.table.set(fx, task, settle=settle)
             return
-        worker = self.registry.get(request["worker"])
+        worker = self.registry.get(request.get("worker") or "")
         if worker is not None and not (worker.state is WorkerState.CLAIMED
                                        and worker.task == request["task"]):
             worker = None  # no longer held for this task (left, or took another)

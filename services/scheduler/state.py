@@ -176,17 +176,25 @@ class SchedulerState(ClientRequests, Reports):
                 if task.tokens > 0 and task.reserved == 0:
                     # Reserve first; the worker waits for this task meanwhile, while other
                     # workers keep taking other tasks (no head-of-line blocking).
-                    if task.waiting != Reason.TOKENS:  # a retry keeps saying why it waits
-                        self.waiting.set(fx, task, Reason.RESERVING)
-                    self.registry.move(fx, worker, WorkerState.CLAIMED, now, task=task.id)
-                    self.ledger.send(fx, {"op": "ledger.reserve", "task": task.id,
-                                          "attempt": task.attempt, "amount": task.tokens,
-                                          "type": task.type, "agent": task.agent,
-                                          "worker": worker.name}, now.mono)
+                    self._reserve(fx, task, worker, now)
                     break
                 share = self._dispatch(fx, task, worker, now)
                 for key, value in share.items():
                     held[key] += value
+
+    def _reserve(self, fx: Effects, task: Task, worker: Worker | None, now: Now) -> None:
+        """Ask the ledger for the task's tokens, holding `worker` for it (None: a retry
+        of a refused reservation, sent while a worker of its type is idle but holding
+        none, so a refusal again changes no worker)."""
+        if task.waiting != Reason.TOKENS:  # a retry keeps saying why it waits
+            self.waiting.set(fx, task, Reason.RESERVING)
+        if worker is not None:
+            self.registry.move(fx, worker, WorkerState.CLAIMED, now, task=task.id)
+        self.ledger.send(fx, {"op": "ledger.reserve", "task": task.id,
+                              "attempt": task.attempt, "amount": task.tokens,
+                              "type": task.type, "agent": task.agent,
+                              "worker": worker.name if worker is not None else None},
+                         now.mono)
 
     def _dispatch(self, fx: Effects, task: Task, worker: Worker, now: Now) -> dict:
         """Send the task to the worker; returns the share of the machine it now holds."""
@@ -218,7 +226,12 @@ class SchedulerState(ClientRequests, Reports):
     def tick(self, fx: Effects, now: Now, task_heartbeat: float) -> float:
         """Handle everything due by `now`; returns seconds until the next deadline."""
         for task in self.waiting.due(fx, now.mono):
-            if task.state is State.QUEUED:
+            if task.state is not State.QUEUED:
+                continue
+            if task.waiting == Reason.TOKENS and task.reserved == 0 and any(
+                    w.state is WorkerState.IDLE for w in self.registry.serving(task.type)):
+                self._reserve(fx, task, None, now)
+            else:
                 self._enqueue(task, front=True)
         next_due = now.mono + 1.0
         for due in (self.waiting.next_due(), self.progress.due(fx, now.mono)):
