@@ -23,7 +23,8 @@ HWM = 200_000
 
 
 def make_socket(ctx: zmq.Context, kind: int, *, name: str | None = None) -> zmq.Socket:
-    """A socket with the options every Cortex socket needs (see PITFALLS.md)."""
+    """A socket with the options every Cortex socket needs: never an infinite linger, a
+    size backstop, bounded queues and quick reconnects."""
     sock = ctx.socket(kind)
     sock.setsockopt(zmq.LINGER, LINGER_MS)
     sock.setsockopt(zmq.MAXMSGSIZE, wire.MAXMSGSIZE_BACKSTOP)
@@ -41,9 +42,12 @@ def make_socket(ctx: zmq.Context, kind: int, *, name: str | None = None) -> zmq.
 # frame and look options up through enums: a third of the broker's time went there. The
 # Cython socket's own methods with plain ints do the same work in half the time.
 _Base = next(c for c in zmq.Socket.__mro__ if c.__module__.startswith("zmq.backend"))
-_send, _recv, _get = _Base.send, _Base.recv, _Base.get
+_send, _recv, _get, _set = _Base.send, _Base.recv, _Base.get, _Base.set
 _MORE, _NOBLOCK = int(zmq.SNDMORE), int(zmq.NOBLOCK)
 _RCVMORE, _EVENTS, _POLLIN = int(zmq.RCVMORE), int(zmq.EVENTS), int(zmq.POLLIN)
+_RCVTIMEO = int(zmq.RCVTIMEO)
+_FOREVER_MS = -1
+_MAX_WAIT_MS = 2**31 - 1
 
 
 def send_frames(sock: zmq.Socket, frames: list, block: bool = False) -> None:
@@ -60,6 +64,21 @@ def recv_frames(sock: zmq.Socket) -> list[bytes] | None:
     if not _get(sock, _EVENTS) & _POLLIN:
         return None
     parts = [_recv(sock, _NOBLOCK)]
+    while _get(sock, _RCVMORE):
+        parts.append(_recv(sock, _NOBLOCK))
+    return parts
+
+
+def recv_frames_within(sock: zmq.Socket, seconds: float | None) -> list[bytes] | None:
+    """One multipart message, waiting at most `seconds` (None: as long as it takes), or
+    None. A blocking receive with a receive timeout costs the caller one wait on the
+    socket, where a poll first would cost several."""
+    ms = poll_ms(seconds)
+    _set(sock, _RCVTIMEO, _FOREVER_MS if ms is None else min(ms, _MAX_WAIT_MS))
+    try:
+        parts = [_recv(sock, 0)]
+    except zmq.Again:
+        return None
     while _get(sock, _RCVMORE):
         parts.append(_recv(sock, _NOBLOCK))
     return parts
