@@ -177,11 +177,7 @@ class Session:
         body = {"op": request.op, **request.body} if request.body else {"op": request.op}
         corr = self._corr_prefix + next(self._ids).to_bytes(6, "big")
         frames = wire.frames(wire.REQUEST, request.service.encode(), corr, body)
-        size = len(frames[2]) + len(corr) + len(frames[4])
-        if size > wire.MAX_MESSAGE_BYTES:
-            raise errors.BadRequest(
-                f"request of {size} bytes exceeds the {wire.MAX_MESSAGE_BYTES}-byte limit",
-                code="too_large")
+        check_size(frames)
         timeout = self.timeout if request.timeout is None else request.timeout
         if not timeout >= 0:  # also refuses NaN
             raise errors.BadRequest(f"timeout must be >= 0 seconds, not {timeout!r}")
@@ -223,6 +219,15 @@ class Session:
     def forget(self, call: Call) -> None:
         if self.calls.get(call.corr) is call:
             del self.calls[call.corr]
+
+
+def check_size(frames: list) -> None:
+    """Refuse here what the broker would refuse: the same count as `wire.parse`."""
+    size = len(frames[2]) + len(frames[3]) + len(frames[4])
+    if size > wire.MAX_MESSAGE_BYTES:
+        raise errors.BadRequest(
+            f"request of {size} bytes exceeds the {wire.MAX_MESSAGE_BYTES}-byte limit",
+            code="too_large")
 
 
 def exchange(session: Session, request: Request, send, receive):

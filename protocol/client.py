@@ -30,7 +30,7 @@ import zmq
 from . import errors, locate
 from .calls import CONNECT_TIMEOUT, Session, decode_event, drive, exchange, within
 from .operations import Plans
-from .peer import BusLink, make_socket, recv_frames, recv_frames_within, send_frames, unique_name
+from .peer import BusLink, TimedReceiver, make_socket, recv_frames, send_frames, unique_name
 from .vocabulary import PRIORITIES  # noqa: F401 - part of the client's API
 
 
@@ -113,6 +113,7 @@ class Client(_Face):
                  timeout: float = 30.0, endpoint: str | None = None,
                  connect_timeout: float = CONNECT_TIMEOUT):
         super().__init__(home, name, agent, timeout, endpoint, connect_timeout)
+        self._inbox = TimedReceiver(self._link.socket)
 
     call = _blocking(Plans.call)
     submit = _blocking(Plans.submit)
@@ -134,9 +135,10 @@ class Client(_Face):
         subscription reaches the router are not seen (`events.recent` has those)."""
         timeout = within(timeout)
         sub = self._live_socket(pattern)
+        receiver = TimedReceiver(sub)
         try:
             while True:
-                parts = recv_frames_within(sub, timeout)
+                parts = receiver.within(timeout)
                 if parts is None:
                     return
                 event = decode_event(parts)
@@ -163,7 +165,7 @@ class Client(_Face):
         send_frames(self._link.socket, frames, block=True)
 
     def _receive(self, seconds: float):
-        parts = recv_frames_within(self._link.socket, seconds)
+        parts = self._inbox.within(seconds)
         if parts is None:
             return None
         self._session.heard()

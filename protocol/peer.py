@@ -69,19 +69,34 @@ def recv_frames(sock: zmq.Socket) -> list[bytes] | None:
     return parts
 
 
-def recv_frames_within(sock: zmq.Socket, seconds: float | None) -> list[bytes] | None:
-    """One multipart message, waiting at most `seconds` (None: as long as it takes), or
-    None. A blocking receive with a receive timeout costs the caller one wait on the
-    socket, where a poll first would cost several."""
-    ms = poll_ms(seconds)
-    _set(sock, _RCVTIMEO, _FOREVER_MS if ms is None else min(ms, _MAX_WAIT_MS))
-    try:
-        parts = [_recv(sock, 0)]
-    except zmq.Again:
-        return None
-    while _get(sock, _RCVMORE):
-        parts.append(_recv(sock, _NOBLOCK))
-    return parts
+class TimedReceiver:
+    """Blocking receives with a deadline on one socket: a receive timeout (RCVTIMEO)
+    costs the caller one wait on the socket, where a poll first would cost several."""
+
+    def __init__(self, sock: zmq.Socket):
+        self.socket = sock
+        self._timeout_ms: int | None = None  # the RCVTIMEO set last (set only on change)
+
+    def within(self, seconds: float | None) -> list[bytes] | None:
+        """One multipart message, waiting at most `seconds` (None: as long as it takes),
+        or None."""
+        ms = poll_ms(seconds)
+        ms = _FOREVER_MS if ms is None else min(ms, _MAX_WAIT_MS)
+        sock = self.socket
+        if ms != self._timeout_ms:
+            _set(sock, _RCVTIMEO, ms)
+            self._timeout_ms = ms
+        try:
+            frame = _recv(sock, 0, False)
+        except zmq.Again:
+            return None
+        # Frames rather than bytes: a frame knows whether more follow, where asking the
+        # socket (RCVMORE) costs an option lookup per frame.
+        parts = [frame.bytes]
+        while frame.more:
+            frame = _recv(sock, _NOBLOCK, False)
+            parts.append(frame.bytes)
+        return parts
 
 
 def poll_ms(seconds: float | None) -> int | None:

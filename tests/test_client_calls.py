@@ -9,6 +9,8 @@ import math
 import random
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from cortex.protocol import errors, wire
 from cortex.protocol.calls import (
@@ -17,6 +19,7 @@ from cortex.protocol.calls import (
     RESEND_AFTER,
     Request,
     Session,
+    check_size,
     decode_event,
     drive,
     exchange,
@@ -392,3 +395,134 @@ def test_decode_event_skips_what_is_not_an_event():
     assert decode_event([b"x", b"\xc1"]) is None
     assert decode_event([b"x", msgpack.packb([1, 2])]) is None
     assert decode_event([b"only one frame"]) is None
+
+
+# --- identity, correlation ids, answers, sizes, submit bodies ----------------------------
+
+def test_the_agent_defaults_to_the_client_name_or_cortex_agent(monkeypatch):
+    from cortex.protocol import Client
+
+    endpoint = "ipc:///tmp/cx-fake-home-none.sock"  # never contacted: no call is made
+    monkeypatch.delenv("CORTEX_AGENT", raising=False)
+    with Client(HOME, name="n", endpoint=endpoint) as c:
+        assert c.agent == "n"
+    monkeypatch.setenv("CORTEX_AGENT", "planner")
+    with Client(HOME, name="n", endpoint=endpoint) as c:
+        assert c.agent == "planner"
+    with Client(HOME, name="n", agent="me", endpoint=endpoint) as c:
+        assert c.agent == "me"
+
+
+def test_correlation_ids_are_unique_and_fit_the_corr_frame():
+    def corrs(session):
+        calls = [session.start(Request("s", "x.y")) for _ in range(1000)]
+        return {c.corr for c in calls}
+
+    mine, theirs = corrs(Session(HOME)), corrs(Session(HOME))
+    assert len(mine) == 1000 and all(len(c) <= wire.MAX_CORR_BYTES for c in mine)
+    assert not mine & theirs
+
+
+def answer_to(session: Session, type_: bytes, corr: bytes, body):
+    raw = body if isinstance(body, bytes) else wire.encode_body(body)
+    return session.on_message(wire.Message(type_, b"scheduler", corr, raw))
+
+
+@pytest.mark.parametrize("type_", sorted(wire.TYPES - {wire.REPLY, wire.ERROR}))
+def test_only_replies_and_errors_answer_a_call(type_):
+    session = Session(HOME)
+    call = session.start(Request("scheduler", "task.status", {"id": "t"}))
+    assert answer_to(session, type_, call.corr, {}) is None
+    assert not call.done and session.stray == 1 and session.late == 0
+
+
+EXPECTED_CLASS = {"bad_request": errors.BadRequest, "unavailable": errors.Unavailable,
+                  "timeout": errors.Timeout, "not_found": errors.NotFound,
+                  "queue_full": errors.QueueFull, "rejected": errors.Rejected,
+                  "budget_exceeded": errors.BudgetExceeded}
+
+
+@pytest.mark.parametrize("code", sorted(wire.ERROR_CODES))
+def test_every_error_code_settles_as_its_typed_exception(code):
+    session = Session(HOME, timeout=0.001)  # no time left to pause after `unavailable`
+    call = session.start(Request("scheduler", "task.status", {"id": "t"}))
+    assert answer_to(session, wire.ERROR, call.corr, wire.error_body(code, "m")) is call
+    assert call.done and type(call.error) is EXPECTED_CLASS.get(code, errors.CortexError)
+    assert call.error.code == code
+    with pytest.raises(errors.CortexError):
+        session.end(call)
+
+
+@pytest.mark.parametrize("type_", [wire.REPLY, wire.ERROR])
+def test_an_undecodable_answer_settles_as_bad_request(type_):
+    session = Session(HOME)
+    call = session.start(Request("scheduler", "task.status", {"id": "t"}))
+    answer_to(session, type_, call.corr, b"\xc1")
+    assert call.done and call.error.code == "bad_request"
+
+
+def test_an_answer_for_nobody_is_late():
+    session = Session(HOME)
+    call = session.start(Request("scheduler", "task.status", {"id": "t"}))
+    assert answer_to(session, wire.REPLY, b"other", {"id": "t"}) is None
+    assert answer_to(session, wire.ERROR, b"", {"code": "timeout"}) is None
+    assert session.late == 2 and not call.done
+    assert answer_to(session, wire.REPLY, call.corr, {"id": "t"}) is call
+    assert session.end(call) == {"id": "t"} and session.calls == {}
+
+
+def test_the_size_limit_is_inclusive_and_counts_peer_corr_body():
+    room = wire.MAX_MESSAGE_BYTES - len(b"scheduler") - 12
+    check_size([wire.TAG, wire.REQUEST, b"scheduler", b"c" * 12, b"x" * room])
+    with pytest.raises(errors.BadRequest) as info:
+        check_size([wire.TAG, wire.REQUEST, b"scheduler", b"c" * 12, b"x" * (room + 1)])
+    assert info.value.code == "too_large"
+
+
+@given(st.integers(0, 64), st.integers(0, 64), st.integers(wire.MAX_MESSAGE_BYTES - 140,
+                                                             wire.MAX_MESSAGE_BYTES + 10))
+def test_the_size_check_agrees_with_parse(peer, corr, total):
+    """What the client lets through, the broker's parse accepts, and the reverse."""
+    parts = [wire.TAG, wire.REQUEST, b"p" * peer, b"c" * corr, b"x" * (total - peer - corr)]
+    try:
+        check_size(parts)
+        client_ok = True
+    except errors.BadRequest:
+        client_ok = False
+    try:
+        wire.parse(parts)
+        broker_ok = True
+    except wire.ProtocolError:
+        broker_ok = False
+    assert client_ok == broker_ok
+
+
+def submit_request(**kwargs) -> Request:
+    plans = Plans(Session(HOME), "n")
+    return next(plans.submit(*kwargs.pop("args", ("echo", "d")), **kwargs))
+
+
+def test_a_minimal_submit():
+    request = submit_request()
+    body = dict(request.body)
+    key = body.pop("idempotency_key")
+    assert (request.service, request.op) == ("scheduler", "task.submit")
+    assert body == {"type": "echo", "description": "d", "priority": "medium", "tokens": 0,
+                    "agent": "n"}
+    assert key
+
+
+def test_a_fresh_idempotency_key_each_submit_unless_given():
+    plans = Plans(Session(HOME), "n")
+    first, second = next(plans.submit("echo")), next(plans.submit("echo"))
+    assert first.body["idempotency_key"] != second.body["idempotency_key"]
+    assert submit_request(idempotency_key="mine").body["idempotency_key"] == "mine"
+
+
+def test_optional_submit_fields_only_when_given_and_falsy_payloads_kept():
+    body = submit_request(priority="high", tokens=10, timeout=5.0, retries=0, deadline=1e9,
+                          payload={"p": 1}, idempotency_key="k", agent="agent7").body
+    assert body["timeout"] == 5.0 and body["retries"] == 0 and body["deadline"] == 1e9
+    assert body["payload"] == {"p": 1} and body["agent"] == "agent7"
+    assert submit_request(payload=0).body["payload"] == 0
+    assert "payload" not in submit_request().body
