@@ -146,6 +146,7 @@ class Suite:
             answers = self.ping(timeout=min(2.0, max(0.2, deadline - time.monotonic())))
             if all(answers.values()):
                 return
+            time.sleep(0.05)  # before the bus socket exists, every call fails at once
         missing = [s for s, ok in answers.items() if not ok] or list(SERVICES)
         raise SuiteError(f"not answering on the bus after {timeout:.0f} s: "
                          f"{', '.join(missing)} (logs in {self.home}/logs/)")
