@@ -40,7 +40,9 @@ import msgpack
 from . import backoff, errors, wire
 
 RESEND_AFTER = 1.0  # seconds of silence before a call is sent again
-CONNECT_TIMEOUT = 2.0  # seconds to hear from a bus never heard before
+# Seconds to hear from a bus never heard before: a busy broker answers a HELLO well
+# within it, a socket file left by a killed suite never does.
+CONNECT_TIMEOUT = 5.0
 PAUSE_BASE = 0.05  # the first pause after `unavailable`; doubles up to PAUSE_CAP
 PAUSE_CAP = 1.0
 
@@ -153,8 +155,10 @@ class Session:
     def __init__(self, home=None, *, timeout: float = 30.0,
                  connect_timeout: float = CONNECT_TIMEOUT, clock=time.monotonic,
                  rng: random.Random | None = None):
-        if not timeout > 0 or not connect_timeout > 0:
-            raise ValueError("timeout and connect_timeout must be positive")
+        for value in (timeout, connect_timeout):
+            if isinstance(value, bool) or not isinstance(value, int | float) \
+                    or not value > 0:
+                raise ValueError(f"timeouts must be positive seconds, not {value!r}")
         self.home = home  # named in the fail-fast error
         self.timeout = timeout
         self.connect_timeout = connect_timeout
@@ -260,6 +264,21 @@ def drive(plan, perform):
         while True:
             try:
                 value = perform(request)
+            except errors.CortexError as e:
+                request = plan.throw(e)
+            else:
+                request = plan.send(value)
+    except StopIteration as stop:
+        return stop.value
+
+
+async def drive_async(plan, perform):
+    """`drive` for coroutines: `await perform(request)`."""
+    try:
+        request = next(plan)
+        while True:
+            try:
+                value = await perform(request)
             except errors.CortexError as e:
                 request = plan.throw(e)
             else:

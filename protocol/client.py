@@ -28,9 +28,25 @@ from collections.abc import AsyncIterator, Iterator
 import zmq
 
 from . import errors, locate
-from .calls import CONNECT_TIMEOUT, Session, decode_event, drive, exchange, within
+from .calls import (
+    CONNECT_TIMEOUT,
+    Session,
+    decode_event,
+    drive,
+    drive_async,
+    exchange,
+    within,
+)
 from .operations import Plans
-from .peer import BusLink, TimedReceiver, make_socket, recv_frames, send_frames, unique_name
+from .peer import (
+    BusLink,
+    TimedReceiver,
+    has_message,
+    make_socket,
+    recv_frames,
+    send_frames,
+    unique_name,
+)
 from .vocabulary import PRIORITIES  # noqa: F401 - part of the client's API
 
 
@@ -43,8 +59,7 @@ class _Face:
         self.endpoint = endpoint or locate.endpoints(self.home)["bus"]
         self.name = name or unique_name("client")
         self.agent = agent or os.environ.get("CORTEX_AGENT") or self.name
-        self._session = Session(self.home, timeout=within(timeout),
-                                connect_timeout=within(connect_timeout))
+        self._session = Session(self.home, timeout=timeout, connect_timeout=connect_timeout)
         self._plans = Plans(self._session, self.agent)
         self._ctx = zmq.Context.instance()
         self._link = BusLink(self._ctx, self.endpoint, self.name, "client", heartbeat=False)
@@ -91,23 +106,17 @@ def _awaitable(plan):
     """An async face's method: runs the plan with awaited calls."""
     @functools.wraps(plan)
     async def method(self, *args, **kwargs):
-        steps = plan(self._plans, *args, **kwargs)
-        try:
-            request = next(steps)
-            while True:
-                try:
-                    value = await self._perform(request)
-                except errors.CortexError as e:
-                    request = steps.throw(e)
-                else:
-                    request = steps.send(value)
-        except StopIteration as stop:
-            return stop.value
+        return await drive_async(plan(self._plans, *args, **kwargs), self._perform)
     return method
 
 
 class Client(_Face):
-    """Synchronous client. Not thread-safe: give each thread its own instance."""
+    """Synchronous client. Not thread-safe: give each thread its own instance.
+
+    `home`: the suite's home (default $CORTEX_HOME, else ./.cortex); `agent`: who the
+    tasks are for (default $CORTEX_AGENT, else the client's name); `timeout`: seconds a
+    call may take unless it says otherwise; `connect_timeout`: seconds to hear from a bus
+    never heard before, after which a call fails with Unavailable."""
 
     def __init__(self, home=None, *, name: str | None = None, agent: str | None = None,
                  timeout: float = 30.0, endpoint: str | None = None,
@@ -173,8 +182,9 @@ class Client(_Face):
 
 
 class AsyncClient(_Face):
-    """asyncio client: the same operations as `Client`, each a coroutine; calls may run
-    concurrently. It belongs to the event loop that first uses it."""
+    """asyncio client: the same operations and parameters as `Client`, each a coroutine;
+    calls may run concurrently. It belongs to the event loop that first uses it; close it
+    (`async with`, or `await close()`) to take it off that loop."""
 
     def __init__(self, home=None, *, name: str | None = None, agent: str | None = None,
                  timeout: float = 30.0, endpoint: str | None = None,
@@ -205,7 +215,7 @@ class AsyncClient(_Face):
         sub = self._live_socket(pattern)
         readable = asyncio.Event()
         fd = sub.getsockopt(zmq.FD)
-        loop.add_reader(fd, readable.set)
+        loop.add_reader(fd, lambda: has_message(sub) and readable.set())
         try:
             while True:
                 # The socket's fd only says "look again": drain until it has nothing.

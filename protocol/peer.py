@@ -59,6 +59,12 @@ def send_frames(sock: zmq.Socket, frames: list, block: bool = False) -> None:
     _send(sock, frames[-1], flags)
 
 
+def has_message(sock: zmq.Socket) -> bool:
+    """Is a message waiting? Asking also re-arms the socket's fd (ZMQ_FD signals only
+    "look again"), so an event loop watching that fd does not spin."""
+    return bool(_get(sock, _EVENTS) & _POLLIN)
+
+
 def recv_frames(sock: zmq.Socket) -> list[bytes] | None:
     """One waiting multipart message, or None (checked first: cheaper than zmq.Again)."""
     if not _get(sock, _EVENTS) & _POLLIN:

@@ -526,3 +526,11 @@ def test_optional_submit_fields_only_when_given_and_falsy_payloads_kept():
     assert body["payload"] == {"p": 1} and body["agent"] == "agent7"
     assert submit_request(payload=0).body["payload"] == 0
     assert "payload" not in submit_request().body
+
+
+@pytest.mark.parametrize("timeout", [0, -1, math.nan, None, True, "5"])
+def test_a_session_refuses_a_timeout_that_is_no_positive_number(timeout):
+    with pytest.raises(ValueError):
+        Session(HOME, timeout=timeout)
+    with pytest.raises(ValueError):
+        Session(HOME, connect_timeout=timeout)
