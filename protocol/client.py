@@ -9,7 +9,7 @@ Both are thin faces over one core: the operations are written once as plans
 (`operations.py`) and every call is run by the sans-IO call machine (`calls.py`:
 correlation ids, deadlines, re-sends, capped backoff with jitter, typed errors). A face
 only moves bytes and time, so the two expose the same operations with the same
-parameters; the async ones are coroutines (`subscribe` an async iterator).
+parameters; the async ones are coroutines (`subscribe` gives an async iterator).
 
 Calls fail fast with `Unavailable` when no suite is running in the home (no bus socket,
 or nothing heard on the bus within `connect_timeout`); once the bus has answered, a
@@ -23,30 +23,14 @@ from __future__ import annotations
 import asyncio
 import functools
 import os
-from collections.abc import AsyncIterator, Iterator
 
 import zmq
 
 from . import errors, locate
-from .calls import (
-    CONNECT_TIMEOUT,
-    Session,
-    decode_event,
-    drive,
-    drive_async,
-    exchange,
-    within,
-)
+from .calls import CONNECT_TIMEOUT, Session, drive, drive_async, exchange, within
+from .live import AsyncSubscription, Subscription
 from .operations import Plans
-from .peer import (
-    BusLink,
-    TimedReceiver,
-    has_message,
-    make_socket,
-    recv_frames,
-    send_frames,
-    unique_name,
-)
+from .peer import BusLink, TimedReceiver, recv_frames, send_frames, unique_name
 from .vocabulary import PRIORITIES  # noqa: F401 - part of the client's API
 
 
@@ -79,19 +63,17 @@ class _Face:
             raise errors.Unavailable(f"no suite is running in {self.home} ({path} does not "
                                      "exist; start it with `cortex up`)")
 
-    def _live_socket(self, pattern: str) -> zmq.Socket:
+    def _live_endpoint(self, pattern: str) -> str:
+        """Where live events come from, refusing at once when plainly nothing is there."""
         if not isinstance(pattern, str):
             raise errors.BadRequest("the event pattern must be a string")
-        endpoint = locate.endpoints(self.home)["events_live"]
         self._check_running(self.endpoint)
+        endpoint = locate.endpoints(self.home)["events_live"]
         path = locate.ipc_path(endpoint)
         if path is not None and not path.exists():
             raise errors.Unavailable(f"the event router is not running in {self.home} "
                                      f"({path} does not exist)")
-        sub = make_socket(self._ctx, zmq.SUB)
-        sub.setsockopt(zmq.SUBSCRIBE, pattern.encode())
-        sub.connect(endpoint)
-        return sub
+        return endpoint
 
 
 def _blocking(plan):
@@ -138,23 +120,12 @@ class Client(_Face):
     release = _blocking(Plans.release)
     budget = _blocking(Plans.budget)
 
-    def subscribe(self, pattern: str = "", timeout: float | None = None) -> Iterator[dict]:
-        """Live events whose type starts with `pattern` (e.g. "task."), as they happen;
-        ends after `timeout` seconds without one when given. Events published before the
-        subscription reaches the router are not seen (`events.recent` has those)."""
-        timeout = within(timeout)
-        sub = self._live_socket(pattern)
-        receiver = TimedReceiver(sub)
-        try:
-            while True:
-                parts = receiver.within(timeout)
-                if parts is None:
-                    return
-                event = decode_event(parts)
-                if event is not None:
-                    yield event
-        finally:
-            sub.close()
+    def subscribe(self, pattern: str = "", timeout: float | None = None) -> Subscription:
+        """Live events whose type starts with `pattern` (e.g. "task."): iterate it, and
+        close it (or use it in a `with`). It connects now, not when first read, and ends
+        after `timeout` seconds without an event when given. What the router published
+        before is in `events.recent` (see `live.py`)."""
+        return Subscription(self._ctx, self._live_endpoint(pattern), pattern, within(timeout))
 
     def close(self) -> None:
         self._link.close()
@@ -207,30 +178,12 @@ class AsyncClient(_Face):
     release = _awaitable(Plans.release)
     budget = _awaitable(Plans.budget)
 
-    async def subscribe(self, pattern: str = "", timeout: float | None = None
-                        ) -> AsyncIterator[dict]:
-        """Live events whose type starts with `pattern`, as `Client.subscribe`."""
-        timeout = within(timeout)
-        loop = asyncio.get_running_loop()
-        sub = self._live_socket(pattern)
-        readable = asyncio.Event()
-        fd = sub.getsockopt(zmq.FD)
-        loop.add_reader(fd, lambda: has_message(sub) and readable.set())
-        try:
-            while True:
-                # The socket's fd only says "look again": drain until it has nothing.
-                while (parts := recv_frames(sub)) is None:
-                    readable.clear()
-                    try:
-                        await asyncio.wait_for(readable.wait(), timeout)
-                    except TimeoutError:
-                        return
-                event = decode_event(parts)
-                if event is not None:
-                    yield event
-        finally:
-            loop.remove_reader(fd)
-            sub.close()
+    def subscribe(self, pattern: str = "", timeout: float | None = None
+                  ) -> AsyncSubscription:
+        """As `Client.subscribe`, an async iterator (`async for`, `async with`); made
+        inside the event loop that reads it."""
+        return AsyncSubscription(self._ctx, self._live_endpoint(pattern), pattern,
+                                 within(timeout))
 
     async def close(self) -> None:
         if self._loop is not None:
