@@ -32,6 +32,11 @@ def ipc(path: Path) -> str:
     return f"ipc://{text}"
 
 
+def ipc_path(endpoint: str) -> Path | None:
+    """The socket file behind an ipc:// endpoint (None for any other transport)."""
+    return Path(endpoint[len("ipc://"):]) if endpoint.startswith("ipc://") else None
+
+
 def endpoints(home: Path) -> dict[str, str]:
     """The bus, event fan-in and live event endpoints (tcp:// when configured)."""
     run = home / "run"

@@ -28,7 +28,13 @@ Types and who sends them:
 
 Liveness (Paranoid Pirate): broker and every service or worker send HEARTBEAT every
 HEARTBEAT_INTERVAL; a peer not heard from for HEARTBEAT_LIVENESS intervals is dead.
-Clients heartbeat only while they wait for a reply.
+Clients send no heartbeats and the broker sends them none: it forgets a client silent
+for a minute, and greets one that speaks again with WHO (the client says HELLO anew).
+A client that waits long asks again every few seconds (held task.wait), so it is heard.
+
+Re-sends: a requester that hears nothing re-sends the same REQUEST with the same corr
+until its deadline (the client core, calls.py), so every operation must be safe to
+receive twice: task.submit by its idempotency key, the rest by being idempotent.
 
 Error codes are stable strings (ERROR_CODES); messages are for humans.
 """

@@ -19,7 +19,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cortex.protocol import wire
-from cortex.protocol.client import _Core
+from cortex.protocol.calls import Session
+from cortex.protocol.operations import Plans
 from cortex.protocol.wire import ProtocolError
 from cortex.services.runtime.effects import Effects
 from cortex.services.runtime.settings import SchedulerSettings
@@ -327,10 +328,10 @@ def test_critical_eta_counts_only_critical_work_ahead():
 
 def test_client_submit_body_is_accepted_by_the_scheduler(monkeypatch):
     monkeypatch.delenv("CORTEX_AGENT", raising=False)
-    core = _Core(home="/tmp/x", name="n", agent=None, timeout=1, endpoint="ipc:///tmp/x.sock")
-    body = core.submit_body("echo", "desc", "high", 10, 5.0, 1, T0 + 60, {"p": [1]}, None,
-                            None)
-    body = wire.decode_body(wire.encode_body(body))
+    request = next(Plans(Session("/tmp/x"), "n").submit(
+        "echo", "desc", priority="high", tokens=10, timeout=5.0, retries=1, deadline=T0 + 60,
+        payload={"p": [1]}))
+    body = wire.decode_body(wire.encode_body({"op": request.op, **request.body}))
     fx = Effects()
     new_state().submit(fx, CLIENT, b"c", body, NOW0)
     kind, summary = answer(fx)

@@ -158,8 +158,9 @@ class Suite:
                 answers["dashboard"] = (self.home / "run" / "dashboard.url").exists()
             if all(answers.values()):
                 return
-            if dashboard and not answers["dashboard"]:
-                time.sleep(0.05)  # waiting for another process's file: nothing to poll
+            # Before the bus socket exists every call fails at once, and the dashboard's
+            # URL file is another process's to write: nothing to poll, so pause.
+            time.sleep(0.05)
         missing = [s for s, ok in answers.items() if not ok] or list(SERVICES)
         raise SuiteError(f"not answering on the bus after {timeout:.0f} s: "
                          f"{', '.join(missing)} (logs in {self.home}/logs/)")
