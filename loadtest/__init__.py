@@ -9,6 +9,8 @@ report.json keys (schema "cortex.loadtest/1"; every figure is the median over --
 - ``schema``, ``created`` (unix time), ``host`` {cpus, memory_mb, python, platform},
   ``config`` (the command-line options), ``runs``, ``notes``, ``leftovers`` (per run: pids
   of the suite still alive after stop; must be empty), ``per_run`` (each run in full);
+- ``dashboard_page`` (with --dashboard-page: the page kept open during every scenario)
+  {page, browser_cpu_s, event_to_screen_s, event_to_page_s}, else null;
 - ``idle_cpu`` {before, after}: {seconds, cpu_s, fraction_of_core, by_role} of the suite
   over a quiet period before and after the load;
 - ``targets``: [{scenario, metric, what, op, target, unit, value, met, peers}] against
@@ -36,7 +38,12 @@ report.json keys (schema "cortex.loadtest/1"; every figure is the median over --
   {critical_wait_ms, low_wait_ms, flood_queued_at_critical_submit, ...}, ``noop_phase``
   (onetype: the no-ops after the sleeps, {tasks, completed, throughput, coordination_ms}),
   ``mixed`` (per
-  type), ``chaos`` {kills, by_role, base, interval_s}; the mixed scenario also has
+  type), ``chaos`` {kills, by_role, base, interval_s}, ``dashboard``
+  (the dashboard scenario: noop without, then with a headless page open:
+  {throughput_without_page, throughput_with_page, dashboard_cpu_s_without_page,
+  dashboard_cpu_s_with_page, wall_s_without_page, wall_s_with_page, page, browser_cpu_s,
+  event_to_screen_s, event_to_page_s}; the dashboard's own CPU is
+  ``resources.cpu_s.dashboard``); the mixed scenario also has
   ``phases`` {training, measurement (task counts), scale (--mixed-scale)},
   ``model_training`` {loaded, samples, trained_at, previous_trained_at, wait_s,
   train_calls, held_out_within_25pct (the model's own held-out figures), reason (when

@@ -31,9 +31,10 @@ from pathlib import Path
 from . import charts, report
 from .harness import Target
 from .scenarios import SCENARIOS, Session
+from .viewer import DASHBOARD_PAGES, DashboardPage
 
 DEFAULT_ORDER = ("latency", "rate", "noop", "onetype", "utilization", "priority", "mixed", "sweep",
-                 "chaos", "events")
+                 "chaos", "events")  # "dashboard" (it needs a browser) only when asked
 
 
 def parse(argv=None):
@@ -72,6 +73,10 @@ def parse(argv=None):
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--fsync", default="group", choices=("always", "group", "off"),
                    help="journal fsync policy of the suite started for the test (group)")
+    p.add_argument("--dashboard-page", choices=DASHBOARD_PAGES, default=None,
+                   help="keep a headless page of the suite's dashboard open during the run "
+                        "(Debian's chromium; the dashboard scenario compares noop with and "
+                        "without one, the events page unless this names another)")
     p.add_argument("--out", default="loadtest-report", help="output directory")
     p.add_argument("--no-charts", action="store_true", help="skip the PNG charts")
     p.add_argument("--quiet", action="store_true", help="no progress line")
@@ -127,7 +132,12 @@ def _main(args) -> int:
         with target:
             if not target.owned:
                 args.workers = target.workers = _count_workers(target)
-            run = Session(args, target, i).run(args.scenarios)
+            if args.dashboard_page and "dashboard" not in args.scenarios:
+                with DashboardPage(target.home, args.dashboard_page) as page:
+                    run = Session(args, target, i).run(args.scenarios)
+                    run["dashboard_page"] = page.report()
+            else:
+                run = Session(args, target, i).run(args.scenarios)
         run["leftovers"] = target.leftovers
         runs.append(run)
         if target.leftovers:

@@ -150,6 +150,8 @@ def build(args, runs: list[dict], notes: list[str]) -> dict:
         "scenarios": scenarios,
         "idle_cpu": idle,
         "targets": evaluate(scenarios, idle),
+        "dashboard_page": median_tree([r["dashboard_page"] for r in runs])
+        if runs and all(r.get("dashboard_page") for r in runs) else None,
         "per_run": [strip(r) for r in runs],
         "leftovers": [r.get("leftovers", []) for r in runs],
         "notes": notes,
@@ -188,6 +190,12 @@ def markdown(report: dict, charts: list[str]) -> str:
         by_scen.setdefault(t["scenario"], []).append(t)
     met_n = sum(1 for t in r["targets"] if t["met"])
     lines += [f"**Targets met: {met_n} of {len(r['targets'])}.**", ""]
+    page = r.get("dashboard_page")
+    if page:
+        lines += [f"A headless page of the dashboard (`{page.get('page')}`) was open during "
+                  f"every scenario: browser CPU {_fmt(page.get('browser_cpu_s'))} s; events "
+                  f"on screen after P50 {_fmt(get(page, 'event_to_screen_s.p50'), 3)} s, "
+                  f"P95 {_fmt(get(page, 'event_to_screen_s.p95'), 3)} s.", ""]
     for name, s in r["scenarios"].items():
         lines += [f"## {name}", ""]
         if name != "sweep":
@@ -220,6 +228,21 @@ def markdown(report: dict, charts: list[str]) -> str:
                                   (res.get("peak_rss_mb") or {}).items())
                       + f", workers (sum) {_fmt(res.get('workers_peak_rss_mb'))}, suite "
                         f"{_fmt(res.get('suite_peak_rss_mb'))}.", ""]
+            board_cpu = (res.get("cpu_s") or {}).get("dashboard")
+            if board_cpu is not None and s.get("wall_s"):
+                lines += [f"Dashboard CPU: {_fmt(board_cpu)} s over the run "
+                          f"({_fmt(100 * board_cpu / s['wall_s'], 1)} % of one core).", ""]
+            viewer = s.get("dashboard")
+            if viewer:
+                lines += [f"noop throughput without a dashboard page open "
+                          f"**{_fmt(viewer.get('throughput_without_page'))} tasks/s**, with a "
+                          f"headless `{viewer.get('page')}` page open "
+                          f"**{_fmt(viewer.get('throughput_with_page'))} tasks/s**; dashboard "
+                          f"CPU {_fmt(viewer.get('dashboard_cpu_s_without_page'))} s / "
+                          f"{_fmt(viewer.get('dashboard_cpu_s_with_page'))} s, browser CPU "
+                          f"{_fmt(viewer.get('browser_cpu_s'))} s; events on screen after "
+                          f"P50 {_fmt(get(viewer, 'event_to_screen_s.p50'), 3)} s, P95 "
+                          f"{_fmt(get(viewer, 'event_to_screen_s.p95'), 3)} s.", ""]
             waiting = s.get("waiting") or {}
             lines += [f"Tasks that waited: {waiting.get('tasks', 0)}" + "".join(
                 f"; {reason} {row['tasks']} ({row['events']} waiting events)"

@@ -14,12 +14,12 @@ import time
 
 import psutil
 
-from . import harness
+from . import harness, viewer
 from .agents import AgentPlan, Job, Options, Progress, Sync, run_agents
 from .workloads import synthetic_workload
 
 SCENARIOS = ("latency", "rate", "noop", "onetype", "utilization", "priority", "mixed", "sweep",
-             "chaos", "events")
+             "chaos", "events", "dashboard")
 ONETYPE_SLEEPS = 100  # onetype: 0.1 s sleeps that teach the scheduler the type first
 EVENT_PUBLISHERS = 4  # threads publishing in the events scenario
 PRIORITY_FLOOD = 2000
@@ -210,6 +210,12 @@ class Session:
         jobs = [Job("echo", "noop") for _ in range(tasks)]
         return self.execute(name, split(jobs, agents, name), self.options(),
                             self.procs_for(agents))
+
+    def dashboard(self) -> dict:
+        """noop without, then with a headless page of the dashboard open (--dashboard-page,
+        default the events page): what a viewer costs the suite."""
+        return viewer.with_and_without(lambda: self.noop(name="dashboard"), self.target.home,
+                                       self.args.dashboard_page or "events")
 
     def onetype(self) -> dict:
         """One handler for every task, as a new user has it: 0.1 s sleeps first (they

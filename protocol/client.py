@@ -1,222 +1,131 @@
-"""The client library agents use: one core, a synchronous `Client` and an `AsyncClient`.
+"""The client library agents use: a synchronous `Client` and an `AsyncClient`.
 
     from cortex.protocol import Client
     with Client() as c:                      # finds the suite like the CLI does
-        task = c.submit("echo", "say hello", payload={"text": "hi"}, tokens=100)
-        done = c.wait(task["id"], timeout=30)
+        done = c.submit_and_wait("echo", "say hello", payload={"text": "hi"}, timeout=30)
         print(done["state"], done["result"])
 
-Every call is a REQUEST with a correlation id and a deadline. While the deadline lasts the
-call is re-sent (same correlation id) when a service is restarting or silent, which is safe:
-submits carry an idempotency key (one is made up when the caller gives none), and every
-other operation is idempotent. Errors raise the typed exceptions of `cortex.protocol.errors`.
+Both are thin faces over one core: the operations are written once as plans
+(`operations.py`) and every call is run by the sans-IO call machine (`calls.py`:
+correlation ids, deadlines, re-sends, capped backoff with jitter, typed errors). A face
+only moves bytes and time, so the two expose the same operations with the same
+parameters; the async ones are coroutines (`subscribe` gives an async iterator).
+
+Calls fail fast with `Unavailable` when no suite is running in the home (no bus socket,
+or nothing heard on the bus within `connect_timeout`); once the bus has answered, a
+service or broker restart is ridden out by re-sending until the call's deadline.
+Clients send no heartbeats: the broker forgets a client silent for a minute, and a
+client that speaks again is simply greeted anew.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
+import functools
 import os
-import time
-import uuid
 
-import msgpack
 import zmq
-import zmq.asyncio
 
-from . import errors, locate, wire
-from .peer import BusLink, make_socket, poll_ms, send_frames, unique_name
+from . import errors, locate
+from .calls import CONNECT_TIMEOUT, Session, drive, drive_async, exchange, within
+from .live import AsyncSubscription, Subscription
+from .operations import Plans
+from .peer import BusLink, TimedReceiver, recv_frames, send_frames, unique_name
 from .vocabulary import PRIORITIES  # noqa: F401 - part of the client's API
 
-RESEND_AFTER = 1.0  # seconds of silence before an attempt is re-sent
-WAIT_HOLD = 5.0  # the scheduler holds a wait at most this long; the client asks again
 
+class _Face:
+    """What both faces hold: where the suite is, who we are, the session and plans."""
 
-class _Core:
-    """What both faces share: request building, reply matching, retry decisions."""
-
-    def __init__(self, home, name, agent, timeout, endpoint):
+    def __init__(self, home, name: str | None, agent: str | None, timeout: float,
+                 endpoint: str | None, connect_timeout: float):
         self.home = locate.find_home(home)
         self.endpoint = endpoint or locate.endpoints(self.home)["bus"]
         self.name = name or unique_name("client")
         self.agent = agent or os.environ.get("CORTEX_AGENT") or self.name
-        self.timeout = timeout
-        self._ids = itertools.count(1)
-        self._prefix = uuid.uuid4().bytes[:6]
-
-    def new_corr(self) -> bytes:
-        return self._prefix + next(self._ids).to_bytes(6, "big")
-
-    @staticmethod
-    def check_size(frames: list) -> None:
-        size = sum(len(f) for f in frames[2:])
-        if size > wire.MAX_MESSAGE_BYTES:
-            raise errors.BadRequest(
-                f"request of {size} bytes exceeds the {wire.MAX_MESSAGE_BYTES}-byte limit",
-                code="too_large")
-
-    def submit_body(self, task_type, description, priority, tokens, timeout, retries,
-                    deadline, payload, idempotency_key, agent) -> dict:
-        body = {"op": "task.submit", "type": task_type, "description": description,
-                "priority": priority, "tokens": tokens, "agent": agent or self.agent,
-                "idempotency_key": idempotency_key or uuid.uuid4().hex}
-        if timeout is not None:
-            body["timeout"] = timeout
-        if retries is not None:
-            body["retries"] = retries
-        if deadline is not None:
-            body["deadline"] = deadline
-        if payload is not None:
-            body["payload"] = payload
-        return body
-
-    @staticmethod
-    def outcome(msg: wire.Message, corr: bytes):
-        """(done, value): a matching REPLY is a value, a matching ERROR an exception."""
-        if msg.corr != corr or msg.type not in (wire.REPLY, wire.ERROR):
-            return False, None  # a late reply to an earlier call, or a stray message
-        try:
-            body = msg.decoded()
-        except wire.ProtocolError as e:
-            return True, errors.CortexError(str(e), code="bad_request")
-        if msg.type == wire.REPLY:
-            return True, body
-        return True, errors.from_reply(body)
-
-
-class Client(_Core):
-    """Synchronous client. Not thread-safe: give each thread its own instance."""
-
-    def __init__(self, home=None, *, name: str | None = None, agent: str | None = None,
-                 timeout: float = 30.0, endpoint: str | None = None):
-        super().__init__(home, name, agent, timeout, endpoint)
+        self._session = Session(self.home, timeout=timeout, connect_timeout=connect_timeout)
+        self._plans = Plans(self._session, self.agent)
         self._ctx = zmq.Context.instance()
         self._link = BusLink(self._ctx, self.endpoint, self.name, "client", heartbeat=False)
-        self._poller = zmq.Poller()
-        self._poller.register(self._link.socket, zmq.POLLIN)
 
-    # -- the one request path ------------------------------------------------------------
-    def call(self, service: str, op: str, body: dict | None = None,
-             timeout: float | None = None, resend_after: float = RESEND_AFTER):
-        body = {"op": op, **(body or {})}
-        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
-        corr = self.new_corr()
-        frames = wire.frames(wire.REQUEST, service.encode(), corr, body)
-        self.check_size(frames)
-        backoff = 0.05
-        while True:
-            now = time.monotonic()
-            if now >= deadline:
-                raise errors.Timeout(f"{service} did not answer {op} in time")
-            send_frames(self._link.socket, frames, block=True)
-            attempt_end = min(deadline, now + resend_after)
-            while True:
-                left = attempt_end - time.monotonic()
-                if left <= 0:
-                    break
-                if not self._poller.poll(poll_ms(left)):
-                    continue
-                msg = self._link.receive()
-                if msg is None:
-                    continue
-                done, value = self.outcome(msg, corr)
-                if not done:
-                    continue
-                if isinstance(value, errors.Unavailable):
-                    # Service restarting: back off (capped) and try again within the deadline.
-                    pause = min(backoff, max(0.0, deadline - time.monotonic()))
-                    backoff = min(backoff * 2, 1.0)
-                    self._poller.poll(poll_ms(pause))
-                    attempt_end = 0  # re-send now
-                    break
-                if isinstance(value, Exception):
-                    raise value
-                return value
+    @property
+    def timeout(self) -> float:
+        """Seconds a call may take when it names no timeout of its own."""
+        return self._session.timeout
 
-    # -- the API -------------------------------------------------------------------------
-    def submit(self, task_type: str, description: str = "", *, priority: str = "medium",
-               tokens: int = 0, timeout: float | None = None, retries: int | None = None,
-               deadline: float | None = None, payload=None, idempotency_key: str | None = None,
-               agent: str | None = None) -> dict:
-        """Queue a task; returns its summary (id, state, eta). Same key twice: same task."""
-        return self.call("scheduler", "task.submit", self.submit_body(
-            task_type, description, priority, tokens, timeout, retries, deadline, payload,
-            idempotency_key, agent))
+    def _check_running(self, endpoint: str) -> None:
+        """Refuse at once when plainly no suite is running: its socket file is absent.
+        Only until the bus has answered once: after that a missing file is a restart."""
+        if self._session.connected:
+            return
+        path = locate.ipc_path(endpoint)
+        if path is not None and not path.exists():
+            raise errors.Unavailable(f"no suite is running in {self.home} ({path} does not "
+                                     "exist; start it with `cortex up`)")
 
-    def status(self, task_id: str) -> dict:
-        return self.call("scheduler", "task.status", {"id": task_id})
+    def _live_endpoint(self, pattern: str) -> str:
+        """Where live events come from, refusing at once when plainly nothing is there."""
+        if not isinstance(pattern, str):
+            raise errors.BadRequest("the event pattern must be a string")
+        self._check_running(self.endpoint)
+        endpoint = locate.endpoints(self.home)["events_live"]
+        path = locate.ipc_path(endpoint)
+        if path is not None and not path.exists():
+            raise errors.Unavailable(f"the event router is not running in {self.home} "
+                                     f"({path} does not exist)")
+        return endpoint
 
-    def wait(self, task_id: str, timeout: float | None = None) -> dict:
-        """Block until the task ends; returns it. Raises Timeout if it does not end in time."""
-        end = time.monotonic() + (self.timeout if timeout is None else timeout)
-        while True:
-            hold = max(0.0, min(WAIT_HOLD, end - time.monotonic()))
-            try:
-                task = self.call("scheduler", "task.wait", {"id": task_id, "hold": hold},
-                                 timeout=hold + 10.0, resend_after=hold + 1.0)
-            except errors.Timeout:
-                if time.monotonic() >= end:
-                    raise
-                continue  # the scheduler is restarting: keep asking until our deadline
-            if task.get("final"):
-                return task
-            if time.monotonic() >= end:
-                raise errors.Timeout(f"task {task_id} still {task.get('state')}",
-                                     details=task)
 
-    def cancel(self, task_id: str) -> dict:
-        return self.call("scheduler", "task.cancel", {"id": task_id})
+def _blocking(plan):
+    """A sync face's method: runs the plan with blocking calls."""
+    @functools.wraps(plan)
+    def method(self, *args, **kwargs):
+        return drive(plan(self._plans, *args, **kwargs), self._perform)
+    return method
 
-    def list_tasks(self, state: str | None = None, limit: int = 100) -> list[dict]:
-        body = {"limit": limit}
-        if state:
-            body["state"] = state
-        return self.call("scheduler", "task.list", body)["tasks"]
 
-    def workers(self) -> list[dict]:
-        return self.call("scheduler", "worker.list")["workers"]
+def _awaitable(plan):
+    """An async face's method: runs the plan with awaited calls."""
+    @functools.wraps(plan)
+    async def method(self, *args, **kwargs):
+        return await drive_async(plan(self._plans, *args, **kwargs), self._perform)
+    return method
 
-    def progress(self, task_id: str, attempt: int, fraction: float, message: str = "") -> dict:
-        return self.call("scheduler", "task.progress", {"id": task_id, "attempt": attempt,
-                                                        "fraction": fraction,
-                                                        "message": message})
 
-    def reserve(self, task_id: str, amount: int, attempt: int = 1, task_type: str | None = None
-                ) -> dict:
-        """Reserve tokens for work done outside the pool; raises BudgetExceeded if refused."""
-        body = {"task": task_id, "attempt": attempt, "amount": amount, "agent": self.agent}
-        if task_type:
-            body["type"] = task_type
-        reply = self.call("ledger", "ledger.reserve", body)
-        if not reply.get("granted"):
-            raise errors.BudgetExceeded(reply.get("reason", "token budget exceeded"),
-                                        details=reply)
-        return reply
+class Client(_Face):
+    """Synchronous client. Not thread-safe: give each thread its own instance.
 
-    def release(self, task_id: str, attempt: int = 1) -> dict:
-        return self.call("ledger", "ledger.release", {"task": task_id, "attempt": attempt})
+    `home`: the suite's home (default $CORTEX_HOME, else ./.cortex); `agent`: who the
+    tasks are for (default $CORTEX_AGENT, else the client's name); `timeout`: seconds a
+    call may take unless it says otherwise; `connect_timeout`: seconds to hear from a bus
+    never heard before, after which a call fails with Unavailable."""
 
-    def commit(self, task_id: str, used: int, attempt: int = 1) -> dict:
-        return self.call("ledger", "ledger.commit",
-                         {"task": task_id, "attempt": attempt, "used": used})
+    def __init__(self, home=None, *, name: str | None = None, agent: str | None = None,
+                 timeout: float = 30.0, endpoint: str | None = None,
+                 connect_timeout: float = CONNECT_TIMEOUT):
+        super().__init__(home, name, agent, timeout, endpoint, connect_timeout)
+        self._inbox = TimedReceiver(self._link.socket)
 
-    def budget(self) -> dict:
-        return self.call("ledger", "ledger.status")
+    call = _blocking(Plans.call)
+    submit = _blocking(Plans.submit)
+    submit_and_wait = _blocking(Plans.submit_and_wait)
+    status = _blocking(Plans.status)
+    wait = _blocking(Plans.wait)
+    cancel = _blocking(Plans.cancel)
+    list_tasks = _blocking(Plans.list_tasks)
+    workers = _blocking(Plans.workers)
+    progress = _blocking(Plans.progress)
+    reserve = _blocking(Plans.reserve)
+    commit = _blocking(Plans.commit)
+    release = _blocking(Plans.release)
+    budget = _blocking(Plans.budget)
 
-    def subscribe(self, pattern: str = "", timeout: float | None = None):
-        """Yield live events whose type starts with `pattern` (e.g. "task."); stops after
-        `timeout` seconds without an event when given."""
-        sub = make_socket(self._ctx, zmq.SUB)
-        sub.setsockopt(zmq.SUBSCRIBE, pattern.encode())
-        sub.connect(locate.endpoints(self.home)["events_live"])
-        try:
-            while True:
-                if not sub.poll(poll_ms(timeout)):
-                    return
-                _topic, raw = sub.recv_multipart()
-                yield msgpack.unpackb(raw, raw=False)
-        finally:
-            sub.close()
+    def subscribe(self, pattern: str = "", timeout: float | None = None) -> Subscription:
+        """Live events whose type starts with `pattern` (e.g. "task."): iterate it, and
+        close it (or use it in a `with`). It connects now, not when first read, and ends
+        after `timeout` seconds without an event when given. What the router published
+        before is in `events.recent` (see `live.py`)."""
+        return Subscription(self._ctx, self._live_endpoint(pattern), pattern, within(timeout))
 
     def close(self) -> None:
         self._link.close()
@@ -227,119 +136,125 @@ class Client(_Core):
     def __exit__(self, *exc):
         self.close()
 
+    # -- moving bytes and time -----------------------------------------------------------
+    def _perform(self, request):
+        self._check_running(self.endpoint)
+        return exchange(self._session, request, self._send, self._receive)
 
-class AsyncClient(_Core):
-    """asyncio client with the same calls as `Client`, each a coroutine."""
+    def _send(self, frames: list) -> None:
+        send_frames(self._link.socket, frames, block=True)
+
+    def _receive(self, seconds: float):
+        parts = self._inbox.within(seconds)
+        if parts is None:
+            return None
+        self._session.heard()
+        return self._link.accept(parts)
+
+
+class AsyncClient(_Face):
+    """asyncio client: the same operations and parameters as `Client`, each a coroutine;
+    calls may run concurrently. It belongs to the event loop that first uses it; close it
+    (`async with`, or `await close()`) to take it off that loop."""
 
     def __init__(self, home=None, *, name: str | None = None, agent: str | None = None,
-                 timeout: float = 30.0, endpoint: str | None = None):
-        super().__init__(home, name, agent, timeout, endpoint)
-        self._ctx = zmq.asyncio.Context.instance()
-        self._sock = make_socket(self._ctx, zmq.DEALER, name=self.name)
-        self._sock.connect(self.endpoint)
-        self._waiters: dict[bytes, asyncio.Future] = {}
-        self._reader: asyncio.Task | None = None
-        self._hello_sent = False
+                 timeout: float = 30.0, endpoint: str | None = None,
+                 connect_timeout: float = CONNECT_TIMEOUT):
+        super().__init__(home, name, agent, timeout, endpoint, connect_timeout)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wakers: dict[bytes, asyncio.Future] = {}  # corr -> the coroutine waiting on it
 
-    async def _send(self, frames) -> None:
-        await self._sock.send_multipart(frames)
+    call = _awaitable(Plans.call)
+    submit = _awaitable(Plans.submit)
+    submit_and_wait = _awaitable(Plans.submit_and_wait)
+    status = _awaitable(Plans.status)
+    wait = _awaitable(Plans.wait)
+    cancel = _awaitable(Plans.cancel)
+    list_tasks = _awaitable(Plans.list_tasks)
+    workers = _awaitable(Plans.workers)
+    progress = _awaitable(Plans.progress)
+    reserve = _awaitable(Plans.reserve)
+    commit = _awaitable(Plans.commit)
+    release = _awaitable(Plans.release)
+    budget = _awaitable(Plans.budget)
 
-    async def _read(self) -> None:
-        # One reader task routes replies to their waiters, so calls may run concurrently.
-        while True:
-            parts = await self._sock.recv_multipart()
-            try:
-                msg = wire.parse(parts)
-            except wire.ProtocolError:
-                continue
-            if msg.type == wire.WHO:
-                await self._send(self._hello())
-                continue
-            fut = self._waiters.get(msg.corr)
-            if fut is not None and not fut.done():
-                fut.set_result(msg)
+    def subscribe(self, pattern: str = "", timeout: float | None = None
+                  ) -> AsyncSubscription:
+        """As `Client.subscribe`, an async iterator (`async for`, `async with`); made
+        inside the event loop that reads it."""
+        return AsyncSubscription(self._ctx, self._live_endpoint(pattern), pattern,
+                                 within(timeout))
 
-    def _hello(self):
-        return wire.frames(wire.HELLO, wire.BROKER, body={"role": "client", "name": self.name,
-                                                          "version": wire.VERSION})
-
-    async def call(self, service: str, op: str, body: dict | None = None,
-                   timeout: float | None = None, resend_after: float = RESEND_AFTER):
-        if self._reader is None:
-            await self._send(self._hello())
-            self._reader = asyncio.ensure_future(self._read())
-        body = {"op": op, **(body or {})}
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + (self.timeout if timeout is None else timeout)
-        corr = self.new_corr()
-        frames = wire.frames(wire.REQUEST, service.encode(), corr, body)
-        self.check_size(frames)
-        backoff = 0.05
-        try:
-            while loop.time() < deadline:
-                fut = loop.create_future()
-                self._waiters[corr] = fut
-                await self._send(frames)
-                left = min(resend_after, deadline - loop.time())
-                try:
-                    msg = await asyncio.wait_for(fut, max(left, 0.0))
-                except TimeoutError:
-                    continue
-                _, value = self.outcome(msg, corr)
-                if isinstance(value, errors.Unavailable):
-                    await asyncio.sleep(min(backoff, max(0.0, deadline - loop.time())))
-                    backoff = min(backoff * 2, 1.0)
-                    continue
-                if isinstance(value, Exception):
-                    raise value
-                return value
-            raise errors.Timeout(f"{service} did not answer {op} in time")
-        finally:
-            self._waiters.pop(corr, None)
-
-    async def submit(self, task_type: str, description: str = "", *, priority: str = "medium",
-                     tokens: int = 0, timeout: float | None = None, retries: int | None = None,
-                     deadline: float | None = None, payload=None,
-                     idempotency_key: str | None = None, agent: str | None = None) -> dict:
-        return await self.call("scheduler", "task.submit", self.submit_body(
-            task_type, description, priority, tokens, timeout, retries, deadline, payload,
-            idempotency_key, agent))
-
-    async def status(self, task_id: str) -> dict:
-        return await self.call("scheduler", "task.status", {"id": task_id})
-
-    async def wait(self, task_id: str, timeout: float | None = None) -> dict:
-        loop = asyncio.get_running_loop()
-        end = loop.time() + (self.timeout if timeout is None else timeout)
-        while True:
-            hold = max(0.0, min(WAIT_HOLD, end - loop.time()))
-            task = await self.call("scheduler", "task.wait", {"id": task_id, "hold": hold},
-                                   timeout=hold + 10.0, resend_after=hold + 1.0)
-            if task.get("final"):
-                return task
-            if loop.time() >= end:
-                raise errors.Timeout(f"task {task_id} still {task.get('state')}", details=task)
-
-    async def cancel(self, task_id: str) -> dict:
-        return await self.call("scheduler", "task.cancel", {"id": task_id})
-
-    async def list_tasks(self, state: str | None = None, limit: int = 100) -> list[dict]:
-        body = {"limit": limit, **({"state": state} if state else {})}
-        return (await self.call("scheduler", "task.list", body))["tasks"]
-
-    async def workers(self) -> list[dict]:
-        return (await self.call("scheduler", "worker.list"))["workers"]
-
-    async def budget(self) -> dict:
-        return await self.call("ledger", "ledger.status")
-
-    def close(self) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
-        self._sock.close(linger=200)
+    async def close(self) -> None:
+        if self._loop is not None:
+            self._loop.remove_reader(self._link.socket.getsockopt(zmq.FD))
+            self._loop = None
+        for waker in self._wakers.values():
+            if not waker.done():
+                waker.cancel()
+        self._link.close()
 
     async def __aenter__(self):
         return self
 
     async def __aexit__(self, *exc):
-        self.close()
+        await self.close()
+
+    # -- moving bytes and time -----------------------------------------------------------
+    async def _perform(self, request):
+        loop = self._attach()
+        session = self._session
+        self._check_running(self.endpoint)
+        call = session.start(request)
+        try:
+            now = session.clock()
+            while True:
+                frames = call.frames_due(now)
+                if frames is not None:
+                    self._send(frames)
+                if not call.done:
+                    waker = self._wakers[call.corr] = loop.create_future()
+                    timer = loop.call_later(call.wakeup(now), _wake, waker)
+                    try:
+                        await waker
+                    finally:
+                        timer.cancel()
+                        self._wakers.pop(call.corr, None)
+                session.on_clock(call)
+                if call.done:
+                    return call.outcome()
+                now = session.clock()
+        finally:
+            session.forget(call)
+
+    def _attach(self) -> asyncio.AbstractEventLoop:
+        loop = asyncio.get_running_loop()
+        if self._loop is None:
+            self._loop = loop
+            loop.add_reader(self._link.socket.getsockopt(zmq.FD), self._drain)
+            self._drain()
+        elif loop is not self._loop:
+            raise RuntimeError("an AsyncClient belongs to the event loop that first used it")
+        return loop
+
+    def _drain(self) -> None:
+        """Read everything waiting (the socket's fd only says "look again") and wake the
+        calls it answers."""
+        session = self._session
+        while (parts := recv_frames(self._link.socket)) is not None:
+            session.heard()
+            msg = self._link.accept(parts)
+            if msg is not None and (call := session.on_message(msg)) is not None:
+                _wake(self._wakers.get(call.corr))
+
+    def _send(self, frames: list) -> None:
+        try:
+            send_frames(self._link.socket, frames)
+        except zmq.Again:
+            pass  # the outgoing queue is full: the call's re-send timer tries again
+        self._drain()  # a send may have taken the wake-up meant for waiting replies
+
+
+def _wake(waker: asyncio.Future | None) -> None:
+    if waker is not None and not waker.done():
+        waker.set_result(None)

@@ -38,6 +38,11 @@ def secret_path(home: Path) -> Path:
     return home / "run" / "suite.secret"
 
 
+def ipc_path(endpoint: str) -> Path | None:
+    """The socket file behind an ipc:// endpoint (None for any other transport)."""
+    return Path(endpoint[len("ipc://"):]) if endpoint.startswith("ipc://") else None
+
+
 def endpoints(home: Path) -> dict[str, str]:
     """The bus, event fan-in and live event endpoints (tcp:// when configured)."""
     run = home / "run"

@@ -24,7 +24,8 @@ HWM = 200_000
 
 
 def make_socket(ctx: zmq.Context, kind: int, *, name: str | None = None) -> zmq.Socket:
-    """A socket with the options every Cortex socket needs (see PITFALLS.md)."""
+    """A socket with the options every Cortex socket needs: never an infinite linger, a
+    size backstop, bounded queues and quick reconnects."""
     sock = ctx.socket(kind)
     sock.setsockopt(zmq.LINGER, LINGER_MS)
     sock.setsockopt(zmq.MAXMSGSIZE, wire.MAXMSGSIZE_BACKSTOP)
@@ -42,9 +43,12 @@ def make_socket(ctx: zmq.Context, kind: int, *, name: str | None = None) -> zmq.
 # frame and look options up through enums: a third of the broker's time went there. The
 # Cython socket's own methods with plain ints do the same work in half the time.
 _Base = next(c for c in zmq.Socket.__mro__ if c.__module__.startswith("zmq.backend"))
-_send, _recv, _get = _Base.send, _Base.recv, _Base.get
+_send, _recv, _get, _set = _Base.send, _Base.recv, _Base.get, _Base.set
 _MORE, _NOBLOCK = int(zmq.SNDMORE), int(zmq.NOBLOCK)
 _RCVMORE, _EVENTS, _POLLIN = int(zmq.RCVMORE), int(zmq.EVENTS), int(zmq.POLLIN)
+_RCVTIMEO = int(zmq.RCVTIMEO)
+_FOREVER_MS = -1
+_MAX_WAIT_MS = 2**31 - 1
 
 
 def send_frames(sock: zmq.Socket, frames: list, block: bool = False) -> None:
@@ -56,6 +60,12 @@ def send_frames(sock: zmq.Socket, frames: list, block: bool = False) -> None:
     _send(sock, frames[-1], flags)
 
 
+def has_message(sock: zmq.Socket) -> bool:
+    """Is a message waiting? Asking also re-arms the socket's fd (ZMQ_FD signals only
+    "look again"), so an event loop watching that fd does not spin."""
+    return bool(_get(sock, _EVENTS) & _POLLIN)
+
+
 def recv_frames(sock: zmq.Socket) -> list[bytes] | None:
     """One waiting multipart message, or None (checked first: cheaper than zmq.Again)."""
     if not _get(sock, _EVENTS) & _POLLIN:
@@ -64,6 +74,36 @@ def recv_frames(sock: zmq.Socket) -> list[bytes] | None:
     while _get(sock, _RCVMORE):
         parts.append(_recv(sock, _NOBLOCK))
     return parts
+
+
+class TimedReceiver:
+    """Blocking receives with a deadline on one socket: a receive timeout (RCVTIMEO)
+    costs the caller one wait on the socket, where a poll first would cost several."""
+
+    def __init__(self, sock: zmq.Socket):
+        self.socket = sock
+        self._timeout_ms: int | None = None  # the RCVTIMEO set last (set only on change)
+
+    def within(self, seconds: float | None) -> list[bytes] | None:
+        """One multipart message, waiting at most `seconds` (None: as long as it takes),
+        or None."""
+        ms = poll_ms(seconds)
+        ms = _FOREVER_MS if ms is None else min(ms, _MAX_WAIT_MS)
+        sock = self.socket
+        if ms != self._timeout_ms:
+            _set(sock, _RCVTIMEO, ms)
+            self._timeout_ms = ms
+        try:
+            frame = _recv(sock, 0, False)
+        except zmq.Again:
+            return None
+        # Frames rather than bytes: a frame knows whether more follow, where asking the
+        # socket (RCVMORE) costs an option lookup per frame.
+        parts = [frame.bytes]
+        while frame.more:
+            frame = _recv(sock, _NOBLOCK, False)
+            parts.append(frame.bytes)
+        return parts
 
 
 def poll_ms(seconds: float | None) -> int | None:

@@ -41,10 +41,17 @@ catalogue (catalogue.py); services check every body against it before a handler 
 
 Liveness (Paranoid Pirate): broker and every service or worker send HEARTBEAT every
 HEARTBEAT_INTERVAL; a peer not heard from for HEARTBEAT_LIVENESS intervals is dead.
-Clients send no heartbeats: the broker forgets a client silent for CLIENT_SILENCE
-seconds. A peer may have at most MAX_IN_FLIGHT requests waiting for their replies; the
-broker answers further ones with `too_many`, so what waits to be sent to any one peer
-stays bounded (at most MAX_IN_FLIGHT replies of at most MAX_MESSAGE_BYTES).
+Clients send no heartbeats and the broker sends them none: it forgets a client silent
+for CLIENT_SILENCE seconds, and greets one that speaks again with WHO (the client says
+HELLO anew). A client that waits long asks again every few seconds (held task.wait), so
+it is heard. A client or worker may have at most MAX_IN_FLIGHT requests waiting for
+their replies; the broker answers further ones with `too_many`, so what waits to be sent
+to any one peer stays bounded (at most MAX_IN_FLIGHT replies of at most
+MAX_MESSAGE_BYTES).
+
+Re-sends: a requester that hears nothing re-sends the same REQUEST with the same corr
+until its deadline (the client core, calls.py), so every operation must be safe to
+receive twice: task.submit by its idempotency key, the rest by being idempotent.
 
 Error codes are stable strings (ERROR_CODES); messages are for humans.
 """

@@ -28,6 +28,7 @@ marked REQUEST):
 from __future__ import annotations
 
 import logging
+import math
 import os
 import queue
 import resource
@@ -41,13 +42,14 @@ import msgpack
 import zmq
 
 from . import errors, locate, wire
+from .calls import Call, Request, Session
 from .peer import BusLink, make_socket, poll_ms, send_frames, unique_name
 
 log = logging.getLogger(__name__)
 
 TASK_HEARTBEAT = 5.0  # seconds between task heartbeats while a handler runs
-RESEND_AFTER = 1.0  # a task.finished not acknowledged after this is sent again
-EXTEND_TIMEOUT = 5.0
+EXTEND_TIMEOUT = 5.0  # a handler waits this long for more tokens
+UNTIL_ACKNOWLEDGED = math.inf  # a task.finished is re-sent until the scheduler has it
 STARTED_DELAY = 0.02  # a handler still running after this is reported as started
 TRUSTED_ROLES = (b"service", b"broker")
 TRUSTED_SENDERS = (b"scheduler", b"ledger", b"broker")
@@ -103,6 +105,30 @@ class TaskMemory:
 def _kb_field(text: bytes, key: bytes) -> float:
     at = text.index(key) + len(key)
     return float(text[at:text.index(b"kB", at)])
+
+
+MAX_TRACEBACK = 16 * 1024  # bytes of a failed handler's traceback sent with its task
+DETAIL_KINDS = (str, int, float, bool, type(None))
+
+
+def failure(exc: BaseException) -> dict:
+    """The error a failed handler gives its task: the exception's `category` attribute
+    (else handler_error), its message, the scalar entries of its `details` dict (a
+    provider's retry_after, say) and the full traceback (its last 16 KiB)."""
+    category = getattr(exc, "category", None)
+    if not (isinstance(category, str) and 0 < len(category) <= 64):
+        category = "handler_error"
+    text = "".join(traceback.format_exception(exc)).encode()
+    if len(text) > MAX_TRACEBACK:
+        text = b"...\n" + text[-(MAX_TRACEBACK - 4):]  # the raise is at the end: keep that
+    error = {"category": category, "message": f"{type(exc).__name__}: {exc}"[:2000],
+             "traceback": text.decode(errors="ignore")}
+    details = getattr(exc, "details", None)
+    if isinstance(details, dict):
+        error.update({k: v[:500] if isinstance(v, str) else v
+                      for k, v in list(details.items())[:20]
+                      if isinstance(k, str) and k not in error and isinstance(v, DETAIL_KINDS)})
+    return error
 
 
 class BudgetExceeded(errors.BudgetExceeded):
@@ -201,13 +227,14 @@ class Worker:
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._current: TaskContext | None = None
         self._started_due: float | None = None  # when to tell the scheduler of a long task
-        self._unacked: dict[bytes, tuple[float, list]] = {}  # corr -> (resend at, frames)
-        self._extend_corr: dict[bytes, TaskContext] = {}
-        self._extend_retry: dict[bytes, float] = {}  # corr -> when to ask the ledger again
+        # Requests to the scheduler and ledger run on the client core's call machine
+        # (re-sends, backoff, deadlines); `_on_settled` says what each answer is for.
+        self._session = Session(home)
+        self._session.heard()  # a worker is part of the suite: never give up on it early
+        self._on_settled: dict[bytes, object] = {}  # corr -> callback(call)
         self._stopping = False
         self._ready_due: float | None = 0.0  # when to (re)send worker.ready; None: not needed
         self.done = 0
-        self._seq = 0
         self._thread = threading.Thread(target=self._run_handlers, name="handler", daemon=True)
         if install_signals and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, lambda *_: self.stop())
@@ -242,8 +269,7 @@ class Worker:
                 outcome = {"ok": False, "error": {"category": "cancelled", "message": str(e)}}
             except Exception as e:  # a handler's failure is the task's, never the worker's
                 log.warning("handler failed on %s: %s", ctx.id, traceback.format_exc())
-                outcome = {"ok": False, "error": {"category": "handler_error",
-                                                  "message": f"{type(e).__name__}: {e}"[:2000]}}
+                outcome = {"ok": False, "error": failure(e)}
             # What the task took of the machine: the predictor's CPU and memory signals.
             grew_mb, rss_mb = memory.after_task()
             outcome.update(started_at=started, finished_at=time.time(),
@@ -263,12 +289,41 @@ class Worker:
     def _send(self, op: str, body: dict, type_=wire.NOTIFY, corr: bytes = b"") -> None:
         self._link.send(type_, b"scheduler", corr, {"op": op, **body})
 
-    def _request(self, op: str, body: dict) -> None:
-        self._seq += 1
-        corr = self._seq.to_bytes(8, "big")
-        frames = wire.frames(wire.REQUEST, b"scheduler", corr, {"op": op, **body})
-        self._unacked[corr] = (time.monotonic() + RESEND_AFTER, frames)
-        send_frames(self._link.socket, frames, block=True)
+    def _ask(self, request: Request, on_settled) -> None:
+        """Start a call; `on_settled(call)` runs when it is answered or gives up."""
+        call = self._session.start(request)
+        self._on_settled[call.corr] = on_settled
+        self._send_due(call, time.monotonic())
+
+    def _send_due(self, call: Call, now: float) -> None:
+        frames = call.frames_due(now)
+        if frames is not None:
+            send_frames(self._link.socket, frames, block=True)
+
+    def _tend_calls(self, now: float) -> float:
+        """Send what is due, give up what is overdue; seconds until a call needs us."""
+        wait = 3600.0
+        for call in list(self._session.calls.values()):
+            self._session.on_clock(call)
+            if call.done:
+                self._settle(call)
+                continue
+            self._send_due(call, now)
+            wait = min(wait, call.wakeup(now))
+        return wait
+
+    def _settle(self, call: Call) -> None:
+        self._session.forget(call)
+        self._on_settled.pop(call.corr)(call)
+
+    def _reporting(self) -> bool:
+        """A task.finished not yet acknowledged."""
+        return any(c.op == "task.finished" for c in self._session.calls.values())
+
+    @staticmethod
+    def _finish_settled(call: Call) -> None:
+        if call.error is not None:  # not `unavailable`: a copy would get the same answer
+            log.warning("the scheduler refused a task.finished: %s", call.error)
 
     def _ready(self) -> None:
         self._send("worker.ready", {"types": list(self.handlers), "pid": os.getpid(),
@@ -284,28 +339,13 @@ class Worker:
             self._link.dropped += 1
             return
         if msg.type in (wire.REPLY, wire.ERROR):
-            if msg.corr in self._extend_corr:
-                try:
-                    body = msg.decoded()
-                except wire.ProtocolError:
-                    body = {}
-                ctx = self._extend_corr[msg.corr]
-                if msg.type == wire.ERROR and body.get("code") == "unavailable" \
-                        and time.monotonic() < ctx._extend_deadline:
-                    # The ledger is restarting: ask again (same seq: never granted twice).
-                    self._extend_retry[msg.corr] = time.monotonic() + 0.2
-                    return
-                del self._extend_corr[msg.corr]
-                body = body if msg.type == wire.REPLY else {}
-                reserved = body.get("reserved", 0)
-                ctx._replies.put((body.get("granted") is True,
-                                  reserved if type(reserved) is int else 0))
-                return
-            if msg.type == wire.ERROR and msg.corr in self._unacked:
-                return  # scheduler unavailable: the resend timer will try again
+            call = self._session.on_message(msg)
+            if call is not None:
+                if call.done:
+                    self._settle(call)
+                return  # else paused after `unavailable`: _tend_calls sends it again
             if msg.type == wire.ERROR and self._current is None:
                 self._ready_due = time.monotonic() + 0.5  # our ready may have been lost
-            self._unacked.pop(msg.corr, None)
             return
         if msg.type != wire.NOTIFY:
             return
@@ -352,18 +392,24 @@ class Worker:
         if kind == "progress":
             self._send("task.progress", {"id": ctx.id, "attempt": ctx.attempt, **data})
         elif kind == "extend":
-            self._seq += 1
-            corr = self._seq.to_bytes(8, "big")
-            self._extend_corr[corr] = ctx
-            ctx._extend_deadline = time.monotonic() + EXTEND_TIMEOUT - 0.5
-            ctx._extend_body = {"op": "ledger.extend", "task": ctx.id, "attempt": ctx.attempt,
-                                "amount": data["amount"], "seq": data["seq"]}
-            self._link.send(wire.REQUEST, b"ledger", corr, ctx._extend_body)
+            # Numbered (seq), so a copy re-sent while the ledger restarts is never granted
+            # twice; answered before the handler stops waiting for it.
+            body = {"task": ctx.id, "attempt": ctx.attempt, "amount": data["amount"],
+                    "seq": data["seq"]}
+
+            def extended(call: Call, ctx: TaskContext = ctx) -> None:
+                reply = call.value if call.error is None else {}
+                ctx._replies.put((bool(reply.get("granted")), int(reply.get("reserved", 0))))
+
+            self._ask(Request("ledger", "ledger.extend", body, timeout=EXTEND_TIMEOUT - 0.5),
+                      extended)
         elif kind == "done":
             self.done += 1
             self._current = None
             self._started_due = None
-            self._request("task.finished", {"id": ctx.id, "attempt": ctx.attempt, **data})
+            self._ask(Request("scheduler", "task.finished",
+                              {"id": ctx.id, "attempt": ctx.attempt, **data},
+                              timeout=UNTIL_ACKNOWLEDGED), self._finish_settled)
             if not self._should_leave():
                 # The scheduler counts a finish as ready; idle heartbeats resume after.
                 self._ready_due = time.monotonic() + self.heartbeat
@@ -394,7 +440,7 @@ class Worker:
                 if self._stopping and not announced_leaving:
                     self._send("worker.leaving", {"reason": "stopping"})
                     announced_leaving = True
-                if self._stopping and self._current is None and not self._unacked:
+                if self._stopping and self._current is None and not self._reporting():
                     break
                 if self._current is not None:
                     self._idle_since = now
@@ -420,21 +466,9 @@ class Worker:
                             self._started_due = None
                     if self._started_due is not None:
                         timeout = min(timeout, self._started_due - now)
-                for corr, (due, frames) in list(self._unacked.items()):
-                    if now >= due:
-                        send_frames(self._link.socket, frames, block=True)
-                        self._unacked[corr] = (now + RESEND_AFTER, frames)
-                    timeout = min(timeout, max(0.0, self._unacked[corr][0] - now))
+                timeout = min(timeout, self._tend_calls(now))
                 if self._ready_due is not None:
                     timeout = min(timeout, max(0.0, self._ready_due - now))
-                for corr, due in list(self._extend_retry.items()):
-                    if now >= due:
-                        del self._extend_retry[corr]
-                        ctx = self._extend_corr.get(corr)
-                        if ctx is not None:
-                            self._link.send(wire.REQUEST, b"ledger", corr, ctx._extend_body)
-                    else:
-                        timeout = min(timeout, due - now)
                 if self._stopping:
                     timeout = min(timeout, 0.2)
                 for sock, _ in poller.poll(poll_ms(timeout)):

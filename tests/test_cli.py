@@ -1,15 +1,15 @@
 """The `cortex` CLI: in-process (main() with capsys) for most commands, as a real
-subprocess where the process matters (tail, up/down, tracebacks)."""
+subprocess where the process matters (tail, up/down, tracebacks). The pure parts are in
+test_cli_render.py, the commands against a shared suite in test_cli_suite.py, the demo
+in test_cli_demo.py."""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
@@ -17,6 +17,7 @@ import pytest
 
 from cortex.protocol import Client
 from cortex.services.cli import app as cli
+from cortex.services.cli.registry import Exit
 from cortex.services.control import SERVICES, Suite, reap_orphans
 from cortex.services.runtime import settings as config
 
@@ -46,7 +47,7 @@ def test_init_writes_a_config_that_loads(capsys):
     home = short_home()
     try:
         code, out, _ = run(capsys, "--home", home, "init")
-        assert code == cli.Exit.OK
+        assert code == Exit.OK
         assert (home / "cortex.toml").read_text() == config.DEFAULT_CONFIG
         assert "wrote" in out
         settings = config.load(home)
@@ -56,23 +57,12 @@ def test_init_writes_a_config_that_loads(capsys):
         assert (home / "run").stat().st_mode & 0o777 == 0o700
 
         code, _, err = run(capsys, "--home", home, "init")
-        assert code == cli.Exit.CONFLICT and "--force" in err and err.count("\n") == 1
+        assert code == Exit.CONFLICT and "--force" in err and err.count("\n") == 1
         (home / "cortex.toml").write_text("# mine\n")
-        assert run(capsys, "init", "--force", "--home", home)[0] == cli.Exit.OK
+        assert run(capsys, "init", "--force", "--home", home)[0] == Exit.OK
         assert (home / "cortex.toml").read_text() == config.DEFAULT_CONFIG
     finally:
         shutil.rmtree(home, ignore_errors=True)
-
-
-def test_help_of_every_command_exits_zero(capsys):
-    paths = {()} | set(cli.COMMANDS) | {p[:1] for p in cli.COMMANDS}
-    for path in sorted(paths):
-        code, out, err = run(capsys, *path, "--help")
-        assert code == 0, (path, err)
-        assert "usage: cortex" in out
-        cmd = cli.COMMANDS.get(path)
-        if cmd is not None:  # the docstring is the help
-            assert cmd.summary in " ".join(out.split())
 
 
 @pytest.mark.parametrize("argv, code, words", [
@@ -90,6 +80,9 @@ def test_help_of_every_command_exits_zero(capsys):
     (["task", "list"], 3, "no suite is running"),
     (["status"], 3, "no suite is running"),
     (["tail"], 3, "no suite is running"),
+    (["logs", "scheduler"], 5, "no logs"),
+    (["task", "cancel"], 2, "--state"),
+    (["task", "cancel", "t1", "--state", "queued"], 2, "not both"),
 ])
 def test_bad_arguments_give_one_line_and_an_exit_code(capsys, argv, code, words):
     home = short_home()
@@ -106,202 +99,18 @@ def test_a_real_process_fails_in_one_line_without_a_traceback():
     home = short_home()
     try:
         done = run_proc("--home", home, "task", "create", "--type", "echo", "-d", "x")
-        assert done.returncode == cli.Exit.NOT_RUNNING
+        assert done.returncode == Exit.NOT_RUNNING
         assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
         done = run_proc("--home", home, "task", "create", "--type", "e", "-d", "x",
                         "--priority", "urgent")
-        assert done.returncode == cli.Exit.USAGE and done.stderr.count("\n") == 1
+        assert done.returncode == Exit.USAGE and done.stderr.count("\n") == 1
         (home / "cortex.toml").write_text("[scheduler]\nmax_wait = -1\n")
         done = run_proc("--home", home, "up", "--timeout", "5")
-        assert done.returncode == cli.Exit.CONFIG and "max_wait" in done.stderr
+        assert done.returncode == Exit.CONFIG and "max_wait" in done.stderr
         assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
         assert not Suite(home).pids()
     finally:
         shutil.rmtree(home, ignore_errors=True)
-
-
-def test_rendering_helpers():
-    text = cli.table(["A", "NUM"], [["x", 5], ["longer", 1234], ["y", None]])
-    lines = text.splitlines()
-    assert lines[0].startswith("A       NUM")
-    assert lines[2].endswith("1234") and lines[1].endswith("   5") and lines[3].endswith("-")
-    assert cli.human_duration(0.0123) == "12ms" and cli.human_duration(125) == "2m05s"
-    assert cli.split_pattern("task.") == ("task.", None)
-    assert cli.split_pattern("task.*") == ("task.", "task.*")
-    assert cli.split_pattern("*.failed") == ("", "*.failed")
-    line = cli.event_line({"ts": 10.5, "source": "scheduler", "type": "task.dispatched",
-                           "task": "t1", "worker": "w1",
-                           "data": {"worker": "w1", "waited": 0.0012, "lsn": 3}}, base=10.0)
-    assert "+0.500s" in line and "waited=0.0012" in line
-    assert "lsn" not in line and line.count("w1") == 1
-
-
-# -- against a real suite --------------------------------------------------------------
-
-
-def test_task_commands_against_a_real_suite(suite, capsys):
-    home = ["--home", suite.home]
-    code, out, err = run(capsys, *home, "task", "create", "--type", "simulated_agent",
-                         "--description", "write a poem", "--priority", "high",
-                         "--tokens", "500", "--payload",
-                         '{"tokens": 300, "seconds": 0.05, "steps": 2}')
-    assert code == 0, err
-    task_id = out.strip()
-    assert task_id.startswith("t") and len(out.splitlines()) == 1
-
-    code, out, _ = run(capsys, *home, "task", "wait", task_id, "--timeout", "20")
-    assert code == cli.Exit.OK and "completed" in out
-    code, out, _ = run(capsys, *home, "task", "show", task_id)
-    assert code == 0
-    for words in ("write a poem", "high", "completed", "used 300", "granted 500"):
-        assert words in out, out
-    code, out, _ = run(capsys, *home, "task", "show", task_id, "--json")
-    shown = json.loads(out)
-    assert shown["tokens_used"] == 300 and shown["ledger"]["used"] == 300
-
-    # --json create returns the whole task; the same key twice is the same task.
-    code, out, _ = run(capsys, *home, "task", "create", "--type", "sleep", "-d", "nap",
-                       "--payload", '{"seconds": 30}', "--key", "nap-1", "--json")
-    nap = json.loads(out)
-    assert code == 0 and nap["type"] == "sleep" and nap["priority"] == "medium"
-    code, out, _ = run(capsys, *home, "task", "create", "--type", "sleep", "-d", "nap",
-                       "--payload", '{"seconds": 30}', "--key", "nap-1")
-    assert out.strip() == nap["id"]
-    with Client(suite.home, timeout=10) as c:
-        wait_for(lambda: c.status(nap["id"])["state"] == "running", 10, "nap running")
-
-    code, out, _ = run(capsys, *home, "task", "list")
-    assert code == 0
-    header = out.splitlines()[0].split()
-    assert header == ["ID", "TYPE", "PRIORITY", "STATE", "ATTEMPT", "WORKER", "WAITING/ETA",
-                      "AGE"]
-    assert task_id in out and nap["id"] in out
-    code, out, _ = run(capsys, *home, "task", "list", "--state", "running", "--json")
-    assert [t["id"] for t in json.loads(out)] == [nap["id"]]
-
-    code, out, err = run(capsys, *home, "task", "wait", nap["id"], "--timeout", "0.5")
-    assert code == cli.Exit.TIMEOUT and "running" in err and err.count("\n") == 1
-    code, out, _ = run(capsys, *home, "task", "cancel", nap["id"])
-    assert code == 0 and "cancelled" in out
-    code, out, _ = run(capsys, *home, "task", "wait", nap["id"], "--timeout", "10")
-    assert code == cli.Exit.FAILED and "cancelled" in out
-    code, _, err = run(capsys, *home, "task", "cancel", task_id)
-    assert code == cli.Exit.CONFLICT and "completed" in err
-
-    code, out, _ = run(capsys, *home, "task", "create", "--type", "fail", "-d", "boom",
-                       "--retries", "0")
-    code, out, _ = run(capsys, *home, "task", "wait", out.strip(), "--timeout", "20")
-    assert code == cli.Exit.FAILED and "failed" in out and "handler_error" in out
-
-    code, _, err = run(capsys, *home, "task", "show", "t-nope")
-    assert code == cli.Exit.NOT_FOUND and err.count("\n") == 1
-
-    # The trace: every step in time order, from the JSONL files.
-    def trace_types():
-        code, out, _ = run(capsys, *home, "task", "trace", task_id, "--json")
-        types = [json.loads(line)["type"] for line in out.splitlines()] if code == 0 else []
-        return "ledger.committed" in types and types
-
-    types = wait_for(trace_types, 10, "the task's events in JSONL")
-    for expected in ("task.created", "ledger.reserved", "task.dispatched", "task.started",
-                     "task.completed", "ledger.committed"):
-        assert expected in types
-    assert types.index("task.created") < types.index("task.dispatched") < types.index(
-        "task.completed")
-    code, out, _ = run(capsys, *home, "task", "trace", task_id)
-    lines = out.splitlines()
-    assert code == 0 and "simulated_agent" in lines[0] and len(lines) == len(types) + 1
-    assert lines[1].split()[0] == "+0.000s" and "task.created" in lines[1]
-    assert any("task.dispatched" in line and "worker=w-" in line for line in lines)
-
-    code, out, _ = run(capsys, *home, "events", "query", "--task", task_id, "--type",
-                       "task.*", "--json")
-    assert code == 0
-    assert {json.loads(line)["type"] for line in out.splitlines()} >= {
-        "task.created", "task.dispatched", "task.completed"}
-    code, out, _ = run(capsys, *home, "events", "query", "--text", "write a poem",
-                       "--since", "5m")
-    assert code == 0 and "task.created" in out
-
-    # The demo on a suite that is already running: uses it, leaves it running.
-    code, out, err = run(capsys, *home, "demo", "--tasks", "30", "--agents", "3")
-    assert code == 0, out + err
-    assert "completed 30" in out and "match" in out and "demo OK" in out
-    assert all(Suite(suite.home).ping().values())
-
-
-def test_status_budget_workers_and_tail(suite, capsys):
-    home = ["--home", suite.home]
-    with Client(suite.home, timeout=10) as c:
-        wait_for(lambda: len(c.workers()) == 4, 20, "4 workers registered")
-    code, out, err = run(capsys, *home, "status", "--json")
-    assert code == 0, err
-    status = json.loads(out)
-    assert set(status["services"]) == set(SERVICES)
-    for name, row in status["services"].items():
-        assert row["state"] == "RUNNING" and row["alive"] and row["pid"] > 0, name
-    assert status["workers"]["echo"] == {"idle": 4, "busy": 0}
-    assert set(status["queue"]) == {"critical", "high", "medium", "low"}
-    assert "rejected" in status["counters"]
-    assert status["budget"]["scope"] == "global" and status["budget"]["limit"] == 100_000_000
-    assert {"written", "gaps", "unwritable"} <= set(status["events"])
-    code, out, _ = run(capsys, *home, "status")
-    assert code == 0 and out.count("alive") == 5 and "queue" in out and "budget" in out
-
-    code, out, _ = run(capsys, *home, "budget", "set", "type:echo", "1000", "--window",
-                       "daily")
-    assert code == 0 and "limit 1,000" in out and "daily" in out
-    code, out, _ = run(capsys, *home, "budget", "set", "type:echo", "2000")  # keeps window
-    assert code == 0 and "limit 2,000" in out and "daily" in out
-    code, out, _ = run(capsys, *home, "budget", "set", "agent:bob", "unlimited")
-    assert code == 0 and "unlimited" in out
-    code, out, _ = run(capsys, *home, "budget", "--json")
-    budgets = {b["scope"]: b for b in json.loads(out)}
-    assert budgets["type:echo"]["limit"] == 2000 and budgets["type:echo"]["window"] == "daily"
-    assert budgets["agent:bob"]["limit"] is None
-    code, out, _ = run(capsys, *home, "budget")
-    assert code == 0 and out.splitlines()[0].split()[:3] == ["SCOPE", "LIMIT", "RESERVED"]
-    assert "type:echo" in out and "2,000" in out
-    code, _, err = run(capsys, *home, "budget", "set", "nonsense", "5")
-    assert code == cli.Exit.USAGE and "scope" in err and err.count("\n") == 1
-
-    code, out, _ = run(capsys, *home, "workers", "--json")
-    workers = json.loads(out)
-    assert code == 0 and len(workers) == 4
-    assert all(w["pid"] and w["state"] == "idle" and "rss_mb" in w for w in workers)
-
-    # tail --json in a real process: it sees a task created meanwhile.
-    tail = subprocess.Popen([*CLI, *map(str, home), "tail", "--json", "--type", "task.c",
-                             "--count", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    try:
-        with Client(suite.home, timeout=10) as c:
-            deadline = time.monotonic() + 20
-            while tail.poll() is None and time.monotonic() < deadline:
-                c.submit("echo", "for the tail")  # until the tail has subscribed
-                try:
-                    tail.wait(0.3)
-                except subprocess.TimeoutExpired:
-                    pass
-        out, err = tail.communicate(timeout=5)
-    finally:
-        tail.kill()
-        tail.wait()
-    assert tail.returncode == 0, err
-    event = json.loads(out.splitlines()[0])
-    assert event["type"] == "task.created" and event["data"]["description"] == "for the tail"
-
-    # --last, then Ctrl-C: exit 0, readable lines.
-    tail = subprocess.Popen([*CLI, *map(str, home), "tail", "--last", "3"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        wait_for(lambda: tail.stdout.readline().strip(), 10, "recent events from tail")
-        tail.send_signal(signal.SIGINT)
-        out, err = tail.communicate(timeout=10)
-    finally:
-        tail.kill()
-        tail.wait()
-    assert tail.returncode == 0 and "Traceback" not in err
 
 
 @pytest.mark.postgres
@@ -336,39 +145,70 @@ def test_events_query_and_status_with_postgres(suites, capsys, postgres_url):  #
     assert code == 0 and "task.created" in out
 
 
-def test_up_and_down_leave_nothing_behind():
-    home = short_home()
-    env = {**os.environ, "CORTEX_HOME": str(home)}
+def readme_block(heading: str) -> list[str]:
+    """The command lines of the first indented block under a README heading."""
+    text = (REPO / "README.md").read_text()
+    section = text[text.index(heading):]
+    section = section[: section.index("\n## ", 1)] if "\n## " in section[1:] else section
+    lines, started = [], False
+    for line in section.splitlines()[1:]:
+        if line.startswith("    ") and line.strip():
+            lines.append(line.strip())
+            started = True
+        elif started and line.strip():
+            break
+    return lines
+
+
+def test_up_down_and_the_readme_supervisorctl_lines_as_written():
+    """The README's supervisorctl lines, run by bash from a checkout with its .venv, in a
+    fresh environment without CORTEX_HOME; then up/down leave nothing behind."""
+    venv = Path(sys.prefix)
+    if not (venv / "bin" / "cortex").exists() or not (venv / "bin" / "supervisorctl").exists():
+        pytest.skip("needs the cortex and supervisorctl commands of an installed venv")
+    lines = readme_block("## Operating it with supervisorctl")
+    assert any("supervisorctl" in line for line in lines), lines
+    checkout = short_home()
+    home = checkout / ".cortex"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CORTEX_")}
     try:
+        (checkout / "supervisord.conf").symlink_to(REPO / "supervisord.conf")
+        (checkout / ".venv").symlink_to(venv)
+        home.mkdir()
         (home / "cortex.toml").write_text(
             '[suite]\nfsync = "off"\nheartbeat_interval = 0.5\n'
             '[pool.groups.default]\ncount = 2\n')
-        done = run_proc("up", "--timeout", "60", env=env)
-        assert done.returncode == 0, done.stderr
-        assert "up" in done.stdout
+        outputs = {}
+        for line in lines:
+            if line.split()[0].endswith("cortex") and line.split()[1] == "down":
+                continue  # after the other checks, below
+            done = subprocess.run(["bash", "-c", line], cwd=checkout, env=env, text=True,
+                                  capture_output=True, timeout=120)
+            assert done.returncode == 0, (line, done.stdout, done.stderr)
+            outputs[line.split()[-1]] = done.stdout
+        listed = {row.split()[0]: row.split()[1] for row in outputs["status"].splitlines()}
+        # The five services and the supervisor event listener, running.
+        assert {name: listed.get(name) for name in (*SERVICES, "supervisor-events")} == \
+            dict.fromkeys((*SERVICES, "supervisor-events"), "RUNNING"), outputs["status"]
+        assert "scheduler: started" in outputs["scheduler"]
         assert len(Suite(home).pids()) >= 1 + len(SERVICES) + 2
-
+        env["CORTEX_HOME"] = str(home)
         done = run_proc("up", env=env)  # already running: says so, still exit 0
         assert done.returncode == 0 and "already running" in done.stdout
 
-        ctl = subprocess.run([sys.executable, "-m", "supervisor.supervisorctl", "-c",
-                              str(REPO / "supervisord.conf"), "status"],
-                             capture_output=True, text=True, env=env, timeout=30)
-        listed = {line.split()[0]: line.split()[1] for line in ctl.stdout.splitlines()}
-        # The five services, and the supervisor event listener beside them.
-        assert listed == dict.fromkeys((*SERVICES, "supervisor-events"), "RUNNING"), \
-            ctl.stdout + ctl.stderr
-
-        done = run_proc("down", env=env, timeout=120)
+        down = [line for line in lines if line.split()[1:2] == ["down"]]
+        assert down, "the README's block ends by stopping the suite"
+        done = subprocess.run(["bash", "-c", down[0]], cwd=checkout, env=env, text=True,
+                              capture_output=True, timeout=120)
         assert done.returncode == 0, done.stderr
         reap_orphans()  # the daemonized supervisord was re-parented to us (subreaper)
         assert Suite(home).pids() == []
         assert list((home / "run").glob("*.sock")) == []
         done = run_proc("status", env=env)
-        assert done.returncode == cli.Exit.NOT_RUNNING
+        assert done.returncode == Exit.NOT_RUNNING
         done = run_proc("down", env=env)
         assert done.returncode == 0 and "nothing running" in done.stdout
     finally:
         Suite(home).stop(timeout=30)
         reap_orphans()
-        shutil.rmtree(home, ignore_errors=True)
+        shutil.rmtree(checkout, ignore_errors=True)

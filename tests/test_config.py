@@ -239,8 +239,8 @@ idle_exit = 30
 
 
 def test_pool_group_with_an_unknown_type_is_fatal(tmp_path):
-    message = refused(tmp_path, '[pool.groups.g]\ntypes = ["echo", "llm"]\n')
-    assert "pool.groups.g" in message and "llm" in message
+    message = refused(tmp_path, '[pool.groups.g]\ntypes = ["echo", "translate"]\n')
+    assert "pool.groups.g" in message and "translate" in message
 
 
 def test_pool_group_type_known_through_handlers_is_fine(tmp_path):

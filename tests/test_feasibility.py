@@ -1,6 +1,7 @@
-"""Tests for cortex.services.scheduler.feasibility: each waiting reason, the memory-pressure rule
-(critical exempt), the sampling interval on an injected clock, and ETA arithmetic on
-hand-computed cases. No sockets, no real machine readings (except one smoke test)."""
+"""Tests for cortex.services.scheduler.feasibility (and machine.py, its psutil half): each
+waiting reason with the figures it compared, the memory-pressure rule (critical exempt),
+the sampling interval on an injected clock, and ETA arithmetic on hand-computed cases. No
+sockets, no real machine readings (except one smoke test)."""
 
 import math
 
@@ -10,15 +11,14 @@ from hypothesis import strategies as st
 
 from cortex.services.scheduler.feasibility import (
     CPU_SLACK,
-    MachineSampler,
     Readings,
     ResourceMonitor,
+    blocker,
     check,
     estimate_start,
-    fixed_sampler,
-    sample_machine,
     task_share,
 )
+from cortex.services.scheduler.machine import MachineSampler, fixed_sampler
 
 # 4 cores, 2 free; 16 GB, 50 % used, 8 GB available.
 ROOMY = Readings(cpu_free_cores=2.0, mem_available_mb=8192.0, mem_percent=50.0,
@@ -96,6 +96,30 @@ def test_memory_threshold_is_configurable_and_total_may_be_unknown():
     assert check({"memory_mb": 10}, unknown_total, memory_threshold=90.0) is None
 
 
+# -- blocker: the figures compared ---------------------------------------------------------
+def test_blocker_gives_the_cpu_figures_it_compared():
+    reason, detail = blocker({"cpu": 2.5, "memory_mb": 10}, ROOMY, held={"cpu": 0.25})
+    assert reason == "cpu"
+    assert detail == {"check": "cpu", "need_cores": 2.5, "free_cores": 2.0,
+                      "held_cores": 0.25, "slack_cores": CPU_SLACK}
+
+
+def test_blocker_names_which_memory_check_failed():
+    reason, detail = blocker({"memory_mb": 9000}, ROOMY, priority="critical")
+    assert (reason, detail["check"]) == ("memory", "memory_available")
+    assert (detail["need_mb"], detail["available_mb"]) == (9000.0, 8192.0)
+    reason, detail = blocker({"memory_mb": 10}, PRESSED)
+    assert (reason, detail["check"], detail["threshold"]) == ("memory", "memory_pressure", 80.0)
+    assert detail["percent"] > 80.0
+
+
+def test_blocker_agrees_with_check():
+    for needs, readings in (({"cpu": 1.0}, ROOMY), ({"cpu": 3.0}, ROOMY),
+                            ({"memory_mb": 10}, PRESSED), ({"memory_mb": 9e4}, ROOMY)):
+        found = blocker(needs, readings)
+        assert check(needs, readings) == (None if found is None else found[0])
+
+
 # -- the monitor: sampled, not per task -----------------------------------------------------
 def test_monitor_samples_at_most_every_interval():
     values = iter(range(100))
@@ -117,7 +141,7 @@ def test_monitor_samples_at_most_every_interval():
 
 
 def test_default_sample_reads_this_machine():
-    r = sample_machine()
+    r = MachineSampler()()
     assert r.cpu_cores >= 1 and 0 <= r.cpu_free_cores <= r.cpu_cores
     assert 0 < r.mem_available_mb <= r.mem_total_mb and 0 <= r.mem_percent <= 100
     assert set(r.as_dict()) == {"cpu_free_cores", "mem_available_mb", "mem_percent",
@@ -199,8 +223,9 @@ def test_nothing_learned_holds_nothing():
 
 def test_the_share_is_cpu_seconds_not_the_product_of_two_averages():
     # One type mixing 0.1 s sleeps (2 ms of CPU) and no-ops (36 us): its averages are what
-    # a type-level predictor gives. CPU seconds averaged stay tiny; the old rule (average
-    # core share x average duration) made every no-op hold 26 ms of a core.
+    # a type-level predictor gives. CPU seconds averaged stay tiny; the product of the
+    # average core share and the average duration would make every no-op hold 26 ms of
+    # a core.
     sleeps, noops = [(0.1, 0.002)] * 100, [(36e-6, 36e-6)] * 100
     rows = sleeps + noops
     avg_duration = sum(d for d, _ in rows) / len(rows)
@@ -209,7 +234,7 @@ def test_the_share_is_cpu_seconds_not_the_product_of_two_averages():
                        1.0)
     assert share["cpu"] < 0.002
     avg_core_share = sum(c / d for d, c in rows) / len(rows)
-    assert avg_core_share * avg_duration > 10 * share["cpu"]  # the old product
+    assert avg_core_share * avg_duration > 10 * share["cpu"]  # what the product would say
 
 
 # -- the machine sampler: the suite is not foreign load -------------------------------------
@@ -219,7 +244,6 @@ def test_the_suites_own_cpu_is_not_counted_as_foreign_load(monkeypatch):
     import psutil
 
     clock = iter([100.0, 101.0])
-    monkeypatch.setattr("time.monotonic", lambda: next(clock))
     busy = iter([10.0, 11.8])
     own = {11: iter([5.0, 6.0]), 12: iter([3.0, 3.5])}
 
@@ -253,7 +277,7 @@ def test_the_suites_own_cpu_is_not_counted_as_foreign_load(monkeypatch):
     monkeypatch.setattr(psutil, "cpu_times", lambda: Times(next(busy)))
     monkeypatch.setattr(psutil, "Process", Proc)
     monkeypatch.setattr("os.cpu_count", lambda: 2)
-    sampler = MachineSampler(lambda: [11, 12])
+    sampler = MachineSampler(lambda: [11, 12], clock=lambda: next(clock))
     first = sampler()
     assert first.cpu_free_cores == 2.0  # no interval yet: idle
     r = sampler()

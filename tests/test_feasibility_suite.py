@@ -12,7 +12,7 @@ import json
 import threading
 
 from cortex.protocol import Client
-from cortex.services.scheduler.feasibility import FIXED_MACHINE_ENV
+from cortex.services.scheduler.machine import FIXED_MACHINE_ENV
 
 from .conftest import jsonl_events_of, wait_for
 

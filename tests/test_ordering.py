@@ -4,6 +4,7 @@ test of random push/pop/discard sequences against a model."""
 
 import itertools
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -267,10 +268,30 @@ def test_cancelled_and_moved_entries_are_skipped():
         q.push(t)
     cancelled.state = State.CANCELLED
     q.discard(cancelled)
-    moved.waiting = "tokens"  # moved elsewhere without a discard
+    moved.state = State.DISPATCHED  # moved on without a discard
     assert q.pop_for(["t"]) is kept
     assert q.pop_for(["t"]) is None
     assert q.depth("t") == 0
+
+
+def test_age_counts_from_the_since_it_was_pushed_with_not_its_wall_time():
+    """The scheduler pushes with its monotonic clock: a task's wall `created` (here a
+    day in the future, as after a wall clock jump) plays no part in its order or aging."""
+    q = TaskQueue(aging=10.0)
+    jumped = make("low", created=86_400.0)
+    plain = make("medium", created=0.0)
+    q.push(jumped, since=100.0)
+    q.push(plain, since=105.0)
+    assert q.pop_for(["t"], now=109.0) is plain  # low waited 9 s: still low
+    q.push(plain, since=105.0)
+    assert q.pop_for(["t"], now=110.0) is jumped  # 10 s: competes as medium, and older
+
+
+def test_pop_needs_a_time_when_no_clock_was_injected():
+    q = TaskQueue(aging=10.0)
+    q.push(make(created=0.0))
+    with pytest.raises(ValueError):
+        q.pop_for(["t"])
 
 
 def test_counts_through_push_pop_discard():

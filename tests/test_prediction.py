@@ -1,10 +1,11 @@
-"""Tests for cortex.services.scheduler.prediction: fallbacks, persistence, background training,
-event-log history and the accuracy required of the model on a synthetic workload."""
+"""Tests for the cortex.services.scheduler.prediction package: fallbacks, persistence, the
+fast path, swapping in models read elsewhere, the training child's entry point, event-log
+history and the accuracy required of the model on a synthetic workload."""
 
 import json
 import math
-import threading
-import time
+import subprocess
+import sys
 
 import joblib
 import numpy as np
@@ -14,15 +15,10 @@ from hypothesis import strategies as st
 
 from cortex.loadtest import workloads
 from cortex.loadtest.workloads import synthetic_truth, synthetic_workload
-from cortex.services.scheduler import prediction
-from cortex.services.scheduler.prediction import (
-    DEFAULTS,
-    MODEL_FILE,
-    REPORT_FILE,
-    TARGETS,
-    Predictor,
-    history_from_events,
-)
+from cortex.services.scheduler.prediction import features
+from cortex.services.scheduler.prediction.history import TARGETS, history_from_events
+from cortex.services.scheduler.prediction.models import MODEL_FILE, REPORT_FILE
+from cortex.services.scheduler.prediction.predictor import DEFAULTS, Predictor
 
 
 def _args(row):
@@ -130,16 +126,16 @@ def test_model_predictions_are_always_finite_and_non_negative(trained, task_type
 def test_hashed_columns_match_hashing_vectorizer():
     texts = ["Summarize the Quarterly report!", "", "a b c", "naïve café — 日本語 テキスト",
              *(r["description"] for r in synthetic_workload(50, seed=6))]
-    expected = prediction._VECTORIZER.transform(texts).toarray()
+    expected = features.VECTORIZER.transform(texts).toarray()
     for text, row in zip(texts, expected, strict=True):
-        assert prediction._hash_columns(text) == set(np.flatnonzero(row))
+        assert features.hash_columns(text) == set(np.flatnonzero(row))
 
 
 def test_fast_path_agrees_with_sklearn_predict(trained):
     models = trained._models
     assert models.flat is not None, models.fast_path_error
     for row in synthetic_workload(30, seed=7):
-        x = models._row(*_args(row))
+        x = models.row(*_args(row))
         slow = [models.models[t].predict(x[None, :])[0] for t in TARGETS]
         assert models.flat.predict_one(x) == pytest.approx(slow, rel=1e-9, abs=1e-9)
 
@@ -188,64 +184,50 @@ def test_load_refuses_other_sklearn_version(tmp_path):
     assert not status["loaded"] and "scikit-learn 0.0.1" in status["reason"]
 
 
-# ---------------------------------------------------------------- background training
+# ---------------------------------------------------------------- models read elsewhere
 
 
-def test_background_training_does_not_block_predict(monkeypatch):
-    release = threading.Event()
-    entered = threading.Event()
-    real_fit = prediction._fit
-
-    def slow_fit(rows):
-        entered.set()
-        assert release.wait(30)
-        return real_fit(rows)
-
-    monkeypatch.setattr(prediction, "_fit", slow_fit)
-    p = Predictor(None)
-    for row in synthetic_workload(150, seed=13):
-        p.observe(*_args(row), _actual(row))
-
-    thread = p.train_in_background()
-    assert thread is not None and thread.daemon
-    assert entered.wait(30)
-    # Training is stuck mid-fit: predictions keep coming from the averages.
-    assert p.status()["training"]
-    assert p.train_in_background() is None  # one at a time
-    for row in synthetic_workload(50, seed=14):
-        assert p.predict(*_args(row)).source == "average"
-        p.observe(*_args(row), _actual(row))  # completions racing the fit are counted
-
-    release.set()
-    thread.join(60)
-    assert not thread.is_alive()
-    assert p.status()["loaded"] and p.status()["last_error"] is None
-    assert p.predict("chat", "low", "list the tickets", 10).source == "model"
-    assert p.completions_since_training() == 50
+def test_models_saved_by_one_predictor_are_adopted_by_another_keeping_its_averages(tmp_path):
+    trainer = Predictor(tmp_path)  # as the training child does
+    trainer.train(synthetic_workload(150, seed=13))
+    live = Predictor(tmp_path)  # as the scheduler holds it
+    live.observe("rare", "low", "x", 1, {t: 1.0 for t in TARGETS})
+    assert live.predict("chat", "low", "list the tickets", 10).source == "default"
+    assert live.adopt(live.read_saved())
+    assert live.predict("chat", "low", "list the tickets", 10).source == "model"
+    assert live.predict("rare", "low", "x", 1).source == "average"
+    assert live.completions_since_training() == 0
 
 
-def test_predict_works_while_real_training_runs():
-    p = Predictor(None)
-    p.train(synthetic_workload(100, seed=15))
-    for row in synthetic_workload(400, seed=16):
-        p.observe(*_args(row), _actual(row))
-    thread = p.train_in_background()
-    probe = synthetic_workload(200, seed=17)
-    served = 0
-    while thread.is_alive() or served < len(probe):
-        pred = p.predict(*_args(probe[served % len(probe)]))
-        assert pred.source == "model"  # the old model until the new one is swapped in
-        served += 1
-        time.sleep(0.001)  # a scheduler between submissions, not a busy loop hogging the GIL
-    thread.join()
-    assert p.status()["model"]["samples"] == 400  # the in-memory history, not the first set
+def test_adopting_nothing_keeps_the_reason():
+    live = Predictor(None)
+    empty = Predictor.load("/nonexistent/models")
+    assert live.adopt(empty) is False
+    assert "no saved model" in live.status()["last_error"]
 
 
-def test_background_training_failure_is_reported():
-    p = Predictor(None)
-    p.train_in_background().join(30)  # no history at all
-    assert "min_samples" in p.status()["last_error"]
-    assert p.predict("x", "low", "", 0).source == "default"
+def test_the_training_child_says_how_many_rows_it_has_before_it_fits(tmp_path):
+    """Too few rows: it says so and exits before it even loads scikit-learn. (A full
+    training from the event log is in test_prediction_suite.py.)"""
+    home = tmp_path / "home"
+    (home / "events").mkdir(parents=True)
+    rows = synthetic_workload(12, seed=18)
+    with open(home / "events" / "events-20240101-001.jsonl", "w") as f:
+        for i, r in enumerate(rows):
+            f.write(json.dumps({"id": f"e{i}", "type": "task.completed", "ts": 1.0 + i,
+                                "data": {"type": r["type"], "priority": r["priority"],
+                                         "description": r["description"],
+                                         "payload_size": r["payload_size"],
+                                         "actual": {t: r[t] for t in TARGETS}}}) + "\n")
+    run = subprocess.run([sys.executable, "-X", "importtime", "-m",
+                          "cortex.services.scheduler.prediction", "train", "--home", str(home)],
+                         capture_output=True, text=True, timeout=300)
+    first, last = run.stdout.splitlines()
+    assert json.loads(first) == {"rows": 12, "min_samples": 50}
+    assert run.returncode == 1
+    assert json.loads(last)["reason"] == "12 valid rows < min_samples 50"
+    assert "sklearn" not in run.stderr  # the import log: it never loaded scikit-learn
+    assert not (home / "models").exists()
 
 
 # ---------------------------------------------------------------- event log
@@ -277,7 +259,8 @@ def test_history_from_events():
          "cpu_s": pytest.approx(1.4)},
     ]
     p = Predictor(None)
-    assert p.replay(rows) == 2
+    for r in rows:
+        p.observe(*_args(r), _actual(r))
     assert p.predict("chat", "low", "", 0).source == "average"
 
 

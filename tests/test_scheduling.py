@@ -1,5 +1,6 @@
 """Pure unit tests of the scheduler's state logic: SchedulerState driven through its
-methods with an explicit `now` and an `Effects`, the machine readings injected.
+methods with an explicit `now` (both clocks) and an `Effects`, the machine readings and
+the jitter injected.
 
 Every turn goes the way Scheduler.handle does it (handle, then dispatch), and the journal
 records of every turn are kept (through JSON, as the journal stores them) so that replay
@@ -9,6 +10,7 @@ and snapshot + replay can be checked against the live state.
 from __future__ import annotations
 
 import math
+import random
 
 import msgpack
 import orjson
@@ -17,23 +19,25 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cortex.protocol import wire
-from cortex.protocol.client import _Core
+from cortex.protocol.calls import Session
+from cortex.protocol.operations import Plans
 from cortex.protocol.wire import ProtocolError
 from cortex.services.runtime.effects import Effects
 from cortex.services.runtime.settings import SchedulerSettings
-from cortex.services.scheduler import state as scheduling
+from cortex.services.scheduler import admission
+from cortex.services.scheduler.clock import Now
 from cortex.services.scheduler.feasibility import Readings, ResourceMonitor
-from cortex.services.scheduler.state import (
-    BACKOFF_BASE,
-    BLOCKED_RETRY,
-    DISPATCH_GRACE,
-    LEDGER_RESEND,
-    WATCH_INTERVAL,
-    SchedulerState,
-)
+from cortex.services.scheduler.reports import DISPATCH_GRACE
+from cortex.services.scheduler.scaling import SCALE_COOLDOWN
+from cortex.services.scheduler.settlement import LEDGER_RESEND
+from cortex.services.scheduler.state import BACKOFF_BASE, TIMEOUT_GRACE, SchedulerState
 from cortex.services.scheduler.tasks import State
+from cortex.services.scheduler.waiting import BLOCKED_RETRY
+from cortex.services.scheduler.watch import WATCH_INTERVAL
 
-T0 = 1_700_000_000.0
+T0 = 1_700_000_000.0  # the wall clock at the start
+M0 = 5_000.0  # the monotonic clock at the start
+NOW0 = Now(T0, M0)
 CLIENT = b"client-1"
 HB = 5.0  # task heartbeat interval given to tick(): lost after 3 of them
 IDLE_MACHINE = Readings(cpu_free_cores=64.0, mem_available_mb=1e6, mem_percent=10.0,
@@ -45,15 +49,27 @@ def journal_copy(value):
     return orjson.loads(orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS))
 
 
+class Midpoint(random.Random):
+    """Jitter that always lands in the middle: delays come out exact."""
+
+    def uniform(self, a: float, b: float) -> float:
+        return (a + b) / 2
+
+
+def new_state(**overrides) -> SchedulerState:
+    return SchedulerState(SchedulerSettings(**overrides),
+                          monitor=ResourceMonitor(sample=lambda: IDLE_MACHINE), rng=Midpoint())
+
+
 class Sim:
-    """A SchedulerState, its clock, and every journal record it wrote."""
+    """A SchedulerState, its clocks, and every journal record it wrote."""
 
     def __init__(self, **overrides):
         self.settings = SchedulerSettings(**overrides)
-        self.state = SchedulerState(self.settings)
-        self.state.monitor = ResourceMonitor(sample=lambda: IDLE_MACHINE)
+        self.state = new_state(**overrides)
         self.records: list[dict] = []
-        self.now = T0
+        self.effects: list[Effects] = []  # every turn's, in order
+        self.now = NOW0
         self._corr = 0
         self._key = 0
 
@@ -63,6 +79,7 @@ class Sim:
         if dispatch:
             self.state.dispatch(fx, self.now)
         self.records.extend(journal_copy(r) for r in fx.records)
+        self.effects.append(fx)
         return fx
 
     def corr(self) -> bytes:
@@ -94,7 +111,7 @@ class Sim:
                          self.now)
 
     def started(self, name: str, task, attempt: int | None = None) -> Effects:
-        body = {"id": task.id, "attempt": attempt or task.attempt, "at": self.now}
+        body = {"id": task.id, "attempt": attempt or task.attempt, "at": self.now.wall}
         return self.turn(self.state.task_started, name, body, self.now)
 
     def heartbeat(self, name: str, task, **extra) -> Effects:
@@ -174,9 +191,9 @@ def test_submit_queues_the_task_and_replies_with_its_summary():
 def test_submit_same_idempotency_key_returns_the_same_task():
     sim = Sim()
     first = answer(sim.turn(sim.state.submit, CLIENT, b"1",
-                            {"idempotency_key": "k", "type": "echo"}, T0))[1]
+                            {"idempotency_key": "k", "type": "echo"}, NOW0))[1]
     fx = sim.turn(sim.state.submit, CLIENT, b"2",
-                  {"idempotency_key": "k", "type": "sleep", "description": "other"}, T0 + 1)
+                  {"idempotency_key": "k", "type": "sleep", "description": "other"}, NOW0 + 1)
     kind, again = answer(fx)
     assert kind == wire.REPLY and again["id"] == first["id"] and again["type"] == "echo"
     assert fx.records == [] and len(sim.state.tasks) == 1
@@ -202,7 +219,7 @@ BAD_SUBMITS = [
     ({"type": 5}, "type not str"),
     ({"type": "t" * 65}, "long type"),
     ({"type": "ec\x00ho"}, "nul in type"),
-    ({"description": "d" * (scheduling.MAX_DESCRIPTION + 1)}, "long description"),
+    ({"description": "d" * (admission.MAX_DESCRIPTION + 1)}, "long description"),
     ({"description": b"bytes"}, "description bytes"),
     ({"priority": "urgent"}, "unknown priority"),
     ({"priority": "HIGH"}, "priority case"),
@@ -232,7 +249,7 @@ def test_submit_validation_error_is_bad_request_and_changes_nothing(fields):
     body = {"idempotency_key": "k", "type": "echo"} | fields
     body = {k: v for k, v in body.items() if v is not None}
     fx = Effects()
-    assert error_code(sim.state.submit, fx, CLIENT, b"c", body, T0) == "bad_request"
+    assert error_code(sim.state.submit, fx, CLIENT, b"c", body, NOW0) == "bad_request"
     assert fx.sends == fx.records == [] and sim.state.tasks == {}
     assert sim.state.counters["submitted"] == 0
 
@@ -311,12 +328,12 @@ def test_critical_eta_counts_only_critical_work_ahead():
 
 def test_client_submit_body_is_accepted_by_the_scheduler(monkeypatch):
     monkeypatch.delenv("CORTEX_AGENT", raising=False)
-    core = _Core(home="/tmp/x", name="n", agent=None, timeout=1, endpoint="ipc:///tmp/x.sock")
-    body = core.submit_body("echo", "desc", "high", 10, 5.0, 1, T0 + 60, {"p": [1]}, None,
-                            None)
-    body = wire.decode_body(wire.encode_body(body))
+    request = next(Plans(Session("/tmp/x"), "n").submit(
+        "echo", "desc", priority="high", tokens=10, timeout=5.0, retries=1, deadline=T0 + 60,
+        payload={"p": [1]}))
+    body = wire.decode_body(wire.encode_body({"op": request.op, **request.body}))
     fx = Effects()
-    SchedulerState(SchedulerSettings()).submit(fx, CLIENT, b"c", body, T0)
+    new_state().submit(fx, CLIENT, b"c", body, NOW0)
     kind, summary = answer(fx)
     assert kind == wire.REPLY
     assert (summary["agent"], summary["tokens"], summary["retries"]) == ("n", 10, 1)
@@ -326,11 +343,11 @@ def test_client_submit_body_is_accepted_by_the_scheduler(monkeypatch):
                                      msgpack.Timestamp(1, 0)],
                          ids=["bytes", "nested_bytes", "bytes_key", "timestamp"])
 def test_submit_refuses_a_payload_the_journal_cannot_hold(payload):
-    state = SchedulerState(SchedulerSettings())
+    state = new_state()
     fx = Effects()
     try:
         state.submit(fx, CLIENT, b"c", {"idempotency_key": "k", "type": "echo",
-                                        "payload": payload}, T0)
+                                        "payload": payload}, NOW0)
     except ProtocolError as e:
         assert e.code == "bad_request"
         return
@@ -339,10 +356,10 @@ def test_submit_refuses_a_payload_the_journal_cannot_hold(payload):
 
 
 def test_submit_refuses_a_payload_above_max_payload_bytes():
-    state = SchedulerState(SchedulerSettings())
+    state = new_state()
     body = {"idempotency_key": "k", "type": "echo",
-            "payload": "x" * (scheduling.MAX_PAYLOAD_BYTES + 1)}
-    assert error_code(state.submit, Effects(), CLIENT, b"c", body, T0) in (
+            "payload": "x" * (admission.MAX_PAYLOAD_BYTES + 1)}
+    assert error_code(state.submit, Effects(), CLIENT, b"c", body, NOW0) in (
         "bad_request", "too_large")
 
 
@@ -351,7 +368,7 @@ def test_submit_refuses_a_payload_above_max_payload_bytes():
 def test_dispatch_priority_order_critical_high_medium_low():
     sim = Sim()
     for i, priority in enumerate(("low", "medium", "high", "critical")):
-        sim.now = T0 + i
+        sim.now = NOW0 + i
         sim.add(priority=priority, description=priority)
     order = []
     for i in range(4):
@@ -362,7 +379,7 @@ def test_dispatch_priority_order_critical_high_medium_low():
 def test_dispatch_fifo_within_a_level():
     sim = Sim()
     for i in range(5):
-        sim.now = T0 + i * 0.01
+        sim.now = NOW0 + i * 0.01
         sim.add(description=f"n{i}")
     order = []
     for i in range(5):
@@ -396,8 +413,10 @@ def test_dispatch_sends_task_run_and_journals_the_move():
                    "priority": "medium", "payload": {"x": 1}, "tokens": 0, "timeout": 9.0}
     assert task.state is State.DISPATCHED and task.worker == "w1" and task.waiting is None
     assert sim.state.workers["w1"].state == "busy"
-    assert {"k": "set", "id": task.id, "state": "dispatched", "at": T0, "worker": "w1",
-            "waiting": None} in fx.records
+    # Why it waited is not journaled: a restart rebuilds it (queued tasks wait for a worker).
+    assert {"k": "set", "id": task.id, "state": "dispatched", "at": T0, "worker": "w1"} \
+        in fx.records
+    assert [e[2:] for e in events(fx, "worker.busy")] == [(task.id, "w1")]
 
 
 def test_one_worker_takes_one_task_at_a_time():
@@ -459,22 +478,56 @@ def test_reservation_refused_waits_for_tokens_without_blocking_others():
     corr, _ = reserve_of(sim.ready("w1"))
     fx = sim.ledger(corr, granted=False, reason="global budget")
     assert rich.state is State.QUEUED and rich.waiting == "tokens"
-    assert events(fx, "task.waiting")[0][1]["detail"] == "global budget"
+    assert events(fx, "task.waiting")[0][1]["detail"] == {"message": "global budget"}
     assert [t["id"] for _, t in runs(fx)] == [cheap.id]  # the worker took the next task
     assert sim.state.status(sim.now)["waiting"] == {"tokens": 1}
 
 
-def test_refused_reservation_is_retried_every_blocked_retry():
+def refuse(sim: Sim, corr: bytes, available: int = 0, requested: int = 50) -> Effects:
+    return sim.ledger(corr, granted=False, scope="global", limit=1000, available=available,
+                      requested=requested, reason=f"global has {available} of 1000 tokens "
+                      f"available, {requested} requested")
+
+
+def test_refused_reservation_is_asked_again_on_a_capped_backoff():
     sim = Sim()
     task = sim.add(tokens=50)
     corr, _ = reserve_of(sim.ready("w1"))
-    sim.ledger(corr, granted=False)
-    corr, _ = reserve_of(sim.tick(0.0))  # the first retry is due at once
-    sim.ledger(corr, granted=False)
-    assert ledger_requests(sim.tick(BLOCKED_RETRY / 2), "ledger.reserve") == []
-    assert task.waiting == "tokens"
-    corr, _ = reserve_of(sim.tick(BLOCKED_RETRY / 2))
+    refuse(sim, corr)
+    gaps = []
+    for _ in range(7):
+        waited = 0.0
+        while True:  # each refusal: the next try comes after a longer pause, at most the cap
+            waited += 0.25
+            fx = sim.tick(0.25)
+            if ledger_requests(fx, "ledger.reserve"):
+                break
+        gaps.append(waited)
+        corr, _ = reserve_of(fx)
+        assert task.waiting == "tokens"  # a retry keeps saying why it waits
+        refuse(sim, corr)
+    assert gaps == [0.5, 1.0, 2.0, 4.0, 5.0, 5.0, 5.0]  # waiting.TOKENS_RETRY_CAP
+    corr, _ = reserve_of(sim.tick(5.0))
     assert runs(sim.ledger(corr, granted=True))[0][1]["id"] == task.id
+
+
+def refused_twice(sim: Sim, task, available: int = 0, worker: str = "w1") -> None:
+    """Refused, then refused again on its first retry: its next try is 1 s away."""
+    corr, _ = reserve_of(sim.ready(worker))
+    refuse(sim, corr, available=available, requested=task.tokens)
+    corr, _ = reserve_of(sim.tick(BLOCKED_RETRY))
+    refuse(sim, corr, available=available, requested=task.tokens)
+    sim.now += BLOCKED_RETRY  # the least pause between two tries is over
+
+
+def test_tokens_given_back_let_a_waiter_try_sooner_once_they_cover_what_it_lacked():
+    sim = Sim()
+    task = sim.add(tokens=50)
+    refused_twice(sim, task, available=10)  # it lacks 40
+    sim.state.waiting.tokens_returned(30)  # does not cover 40: it keeps its backoff
+    assert ledger_requests(sim.tick(0.0), "ledger.reserve") == []
+    sim.state.waiting.tokens_returned(10)  # 40 back since its refusal: it tries at once
+    assert reserve_of(sim.tick(0.0))[1]["task"] == task.id
 
 
 def test_grant_for_a_task_cancelled_meanwhile_is_given_back():
@@ -505,7 +558,7 @@ def test_ledger_unavailable_keeps_the_request_and_resends_it():
     sim.add(tokens=5)
     corr, body = reserve_of(sim.ready("w1"))
     sim.ledger(corr, ok=False, code="unavailable", message="restarting")
-    assert corr in sim.state.ledger_pending
+    assert corr in sim.state.ledger.pending
     assert ledger_requests(sim.tick(LEDGER_RESEND / 2)) == []
     assert ledger_requests(sim.tick(LEDGER_RESEND / 2)) == [(corr, body)]
 
@@ -540,7 +593,7 @@ def test_task_started_moves_dispatched_to_running_once():
     task = sim.add()
     sim.ready("w1")
     fx = sim.started("w1", task)
-    assert task.state is State.RUNNING and task.times["started"] == sim.now
+    assert task.state is State.RUNNING and task.times["started"] == sim.now.wall
     assert events(fx, "task.started")
     assert sim.started("w1", task).records == []  # a duplicate changes nothing
 
@@ -559,7 +612,7 @@ def test_task_finished_completes_once():
     sim = Sim()
     task = running(sim)
     sim.now += 2
-    fx = sim.finish("w1", task, tokens_used=0, started_at=T0, finished_at=sim.now)
+    fx = sim.finish("w1", task, tokens_used=0, started_at=T0, finished_at=sim.now.wall)
     assert answer(fx, b"w1") == (wire.REPLY, {"ok": True})
     assert task.state is State.COMPLETED and task.result == {"echo": task.id}
     worker = sim.state.workers["w1"]
@@ -638,7 +691,7 @@ def test_task_heartbeat_records_tokens_used_and_keeps_it_alive():
     task = running(sim)
     sim.now += 14
     sim.heartbeat("w1", task, tokens_used=33)
-    assert task.tokens_used == 33 and task.times["heartbeat"] == sim.now
+    assert task.tokens_used == 33 and task.times["heartbeat"] == sim.now.wall
     assert kills(sim.tick(14)) == [] and task.state is State.RUNNING
 
 
@@ -659,7 +712,7 @@ def test_task_rejected_by_the_worker_goes_back_first_with_the_same_attempt():
     sim.ready("w1")
     fx = sim.turn(sim.state.task_rejected, "w1", {"id": task.id, "attempt": 1,
                                                   "reason": "stopping"}, sim.now)
-    assert "w1" not in sim.state.workers
+    assert sim.state.workers["w1"].state == "leaving" and sim.state.workers["w1"].task is None
     assert task.state is State.QUEUED and task.attempt == 1 and task.worker is None
     assert fx.records[-1]["state"] == "queued"
     assert [t["id"] for _, t in runs(sim.ready("w2"))] == [task.id]
@@ -702,6 +755,25 @@ def test_backoff_doubles_with_each_attempt():
         sim.tick(delays[-1])
         sim.started(f"w{n + 1}", task)
     assert delays == [BACKOFF_BASE, 2 * BACKOFF_BASE, 4 * BACKOFF_BASE]
+
+
+def test_backoff_is_jittered_so_tasks_lost_together_do_not_retry_together():
+    sim = Sim()
+    sim.state.rng = random.Random(7)  # real jitter
+    tasks = [sim.add(retries=1) for _ in range(20)]
+    for i in range(20):
+        sim.ready(f"w{i}")
+    delays = []
+    for i in range(20):  # w{i} runs tasks[i]
+        delays.append(events(sim.gone(f"w{i}"), "task.retry")[0][1]["after"])
+    assert len(set(delays)) > 10  # spread, not one wave
+    assert all(0.8 * BACKOFF_BASE <= d <= 1.2 * BACKOFF_BASE for d in delays)
+    sim.ready("late")
+    due = [t for t in tasks if t.state is State.DISPATCHED]
+    assert due == []  # none before its own delay
+    sim.tick(min(delays))
+    assert [t.id for t in tasks if t.state is State.DISPATCHED] == \
+        [tasks[delays.index(min(delays))].id]
 
 
 def test_retries_spent_ends_dead():
@@ -761,18 +833,9 @@ def test_worker_ready_long_after_a_dispatch_means_the_task_was_lost():
 @pytest.mark.parametrize("body", [{}, {"types": [""]}, {"types": [1]}, {"type": None}],
                          ids=["none", "empty", "int", "null_type"])
 def test_worker_ready_without_types_is_bad_request(body):
-    state = SchedulerState(SchedulerSettings())
-    assert error_code(state.worker_ready, Effects(), "w1", body, T0) == "bad_request"
+    state = new_state()
+    assert error_code(state.worker_ready, Effects(), "w1", body, NOW0) == "bad_request"
     assert state.workers == {}
-
-
-def test_worker_leaving_idle_is_forgotten_busy_is_kept():
-    sim = Sim()
-    running(sim, "w1")
-    sim.ready("w2")
-    sim.state.worker_leaving("w2")
-    sim.state.worker_leaving("w1")
-    assert list(sim.state.workers) == ["w1"]
 
 
 # --- timeouts and silence -----------------------------------------------------------------
@@ -781,13 +844,13 @@ def test_timeout_kills_the_worker_and_retries():
     sim = Sim()
     task = running(sim, timeout=10.0, retries=1)
     for n in range(1, 10):  # heartbeats keep it alive, the timeout still applies
-        sim.now = T0 + n
+        sim.now = NOW0 + n
         sim.heartbeat("w1", task)
     assert kills(sim.tick(1.0)) == []  # exactly the timeout: not yet
     fx = sim.tick(WATCH_INTERVAL)  # the next scan
     (kill,) = kills(fx)
     assert kill == {"op": "pool.kill", "worker": "w1", "pid": 100, "reason": "timeout",
-                    "grace": scheduling.TIMEOUT_GRACE}
+                    "grace": TIMEOUT_GRACE}
     assert events(fx, "task.timeout")
     assert task.state is State.QUEUED and task.attempt == 2
     assert task.error["category"] == "timeout" and "w1" not in sim.state.workers
@@ -808,7 +871,7 @@ def test_silent_running_task_is_lost_after_three_heartbeats():
     assert kills(sim.tick(3 * HB)) == []  # exactly three heartbeats: not yet
     fx = sim.tick(WATCH_INTERVAL)  # the next scan
     assert kills(fx)[0]["reason"] == "silent"
-    assert events(fx, "worker.lost")[0][1]["reason"] == "no heartbeat"
+    assert events(fx, "worker.lost")[0][1]["reason"] == "silent"
     assert task.state is State.QUEUED and task.error["category"] == "worker_lost"
 
 
@@ -848,10 +911,10 @@ def test_cancel_a_final_task_changes_nothing():
 
 
 def test_cancel_unknown_task_is_not_found():
-    state = SchedulerState(SchedulerSettings())
-    assert error_code(state.cancel, Effects(), CLIENT, b"c", {"id": "t-none"}, T0) == \
+    state = new_state()
+    assert error_code(state.cancel, Effects(), CLIENT, b"c", {"id": "t-none"}, NOW0) == \
         "not_found"
-    assert error_code(state.cancel, Effects(), CLIENT, b"c", {}, T0) == "bad_request"
+    assert error_code(state.cancel, Effects(), CLIENT, b"c", {}, NOW0) == "bad_request"
 
 
 def test_cancel_during_backoff_is_not_requeued_later():
@@ -890,7 +953,7 @@ def test_wait_holds_until_the_task_ends():
     fx = sim.finish("wk", task)
     woken = [(c, b["state"]) for p, t, c, b in fx.sends if p == b"waiter"]
     assert woken == [(b"w1", "completed"), (b"w2", "completed")]
-    assert sim.state.waiters == {}
+    assert sim.state.waiters.by_task == {}
 
 
 def test_wait_expires_with_the_current_state():
@@ -898,7 +961,7 @@ def test_wait_expires_with_the_current_state():
     task = sim.add()
     sim.wait(task, 2)
     assert sim.tick(1).sends == []
-    sim.state.next_watch = 0  # look again at once (tick scans every WATCH_INTERVAL)
+    sim.state.watch.next_scan = 0  # look again at once (tick scans every WATCH_INTERVAL)
     assert sim.state.tick(Effects(), sim.now, HB) == pytest.approx(1.0)  # next: the waiter
     fx = sim.tick(1)
     assert answer(fx, b"waiter") == (wire.REPLY, task.summary())
@@ -916,7 +979,7 @@ def test_wait_bad_hold_is_bad_request(hold):
     sim = Sim()
     task = sim.add()
     assert error_code(sim.state.wait, Effects(), b"p", b"c", {"id": task.id, "hold": hold},
-                      T0) == "bad_request"
+                      NOW0) == "bad_request"
 
 
 # --- settling tokens ----------------------------------------------------------------------
@@ -968,21 +1031,28 @@ def test_lost_attempt_settles_its_own_attempt_and_the_retry_starts_clean():
     assert reserve["attempt"] == 2
 
 
-def test_settle_reply_lets_token_waiters_retry_at_the_next_tick():
+def test_a_settle_reply_that_gives_tokens_back_lets_the_waiters_try_sooner():
     sim = Sim()
     first = sim.add(tokens=100)
     corr, _ = reserve_of(sim.ready("w1"))
     sim.ledger(corr, granted=True)
     second = sim.add(tokens=100)
-    corr, _ = reserve_of(sim.ready("w2"))
-    sim.ledger(corr, granted=False)
-    sim.tick(0.0)  # first retry: refused again
-    corr, _ = [(c, b) for c, (_, b) in sim.state.ledger_pending.items()
-               if b["op"] == "ledger.reserve"][0]
-    sim.ledger(corr, granted=False)
+    refused_twice(sim, second, worker="w2")
+    (corr, _), = ledger_requests(sim.finish("w1", first, tokens_used=0))
+    assert ledger_requests(sim.tick(0.0), "ledger.reserve") == []  # not confirmed yet
+    sim.ledger(corr, released=100)
+    assert reserve_of(sim.tick(0.0))[1]["task"] == second.id  # before its backoff (1 s)
+
+
+def test_a_commit_that_gives_nothing_back_does_not_wake_the_waiters():
+    sim = Sim()
+    first = sim.add(tokens=100)
+    corr, _ = reserve_of(sim.ready("w1"))
+    sim.ledger(corr, granted=True)
+    refused_twice(sim, sim.add(tokens=100), worker="w2")
     (corr, _), = ledger_requests(sim.finish("w1", first, tokens_used=100))
-    sim.ledger(corr, committed=100)
-    assert reserve_of(sim.tick(0.01))[1]["task"] == second.id  # before BLOCKED_RETRY
+    sim.ledger(corr, committed=100, released=0)
+    assert ledger_requests(sim.tick(0.0), "ledger.reserve") == []
 
 
 # --- listing and status -------------------------------------------------------------------
@@ -1000,11 +1070,11 @@ def test_list_tasks_filters_by_state_and_limits():
 @pytest.mark.parametrize("body", [{"state": "sleeping"}, {"limit": 0}, {"limit": 10001},
                                   {"state": 1}])
 def test_list_tasks_bad_arguments(body):
-    assert error_code(SchedulerState(SchedulerSettings()).list_tasks, body) == "bad_request"
+    assert error_code(new_state().list_tasks, body) == "bad_request"
 
 
 def test_get_unknown_is_not_found():
-    assert error_code(SchedulerState(SchedulerSettings()).get, {"id": "t0"}) == "not_found"
+    assert error_code(new_state().get, {"id": "t0"}) == "not_found"
 
 
 def test_status_counts():
@@ -1015,7 +1085,7 @@ def test_status_counts():
     status = sim.state.status(sim.now)
     assert status["states"] == {"running": 1, "queued": 2}
     assert status["queue"] == {"critical": 0, "high": 1, "medium": 0, "low": 1}
-    assert status["workers"] == {"echo": {"idle": 0, "busy": 1}}
+    assert status["workers"] == {"echo": {"idle": 0, "busy": 1, "leaving": 0}}
 
 
 def test_retention_forgets_the_oldest_finished_tasks_and_their_keys():
@@ -1025,7 +1095,7 @@ def test_retention_forgets_the_oldest_finished_tasks_and_their_keys():
         task = sim.add(idempotency_key=f"r{i}")
         sim.cancel(task)
         done.append(task)
-    assert done[0].id not in sim.state.tasks and "r0" not in sim.state.keys
+    assert done[0].id not in sim.state.tasks and "r0" not in sim.state.table.keys
     assert [t.id for t in done[1:]] == list(sim.state.tasks)
     again = sim.add(idempotency_key="r0")  # its key is free again: a new task
     assert again.id != done[0].id
@@ -1060,7 +1130,7 @@ def test_final_tokens_used_survives_replay(end):
 
 
 def replay(records, snapshot=None, overrides=None) -> SchedulerState:
-    fresh = SchedulerState(SchedulerSettings(**(overrides or {})))
+    fresh = new_state(**(overrides or {}))
     if snapshot is not None:
         fresh.load_snapshot(journal_copy(snapshot))
     for record in records:
@@ -1077,7 +1147,7 @@ def scenario() -> Sim:
     d = sim.add(timeout=5.0)
     sim.ready("w1")  # b
     sim.ready("w2")  # a: reserve
-    corr, _ = [(k, v[1]) for k, v in sim.state.ledger_pending.items()][0]
+    corr, _ = [(k, v[1]) for k, v in sim.state.ledger.pending.items()][0]
     sim.ledger(corr, granted=True)
     sim.started("w1", b)
     sim.started("w2", a)
@@ -1092,8 +1162,8 @@ def scenario() -> Sim:
     sim.ready("w5")
     for _ in range(4):  # the rest runs to the end
         sim.tick(2.0)
-        for corr in list(sim.state.ledger_pending):
-            body = sim.state.ledger_pending[corr][1]
+        for corr in list(sim.state.ledger.pending):
+            body = sim.state.ledger.pending[corr][1]
             sim.ledger(corr, **({"granted": True} if body["op"] == "ledger.reserve" else {}))
         for name, worker in list(sim.state.workers.items()):
             task = sim.state.tasks.get(worker.task or "")
@@ -1128,7 +1198,7 @@ def test_snapshot_plus_the_records_after_it_rebuilds_the_same_table():
     a = sim.add(tokens=10)
     b = sim.add()
     sim.ready("w1")
-    corr, _ = [(k, v[1]) for k, v in sim.state.ledger_pending.items()][0]
+    corr, _ = [(k, v[1]) for k, v in sim.state.ledger.pending.items()][0]
     snap, upto = journal_copy(sim.state.snapshot()), len(sim.records)
     sim.ledger(corr, granted=True)
     sim.ready("w2")
@@ -1145,7 +1215,7 @@ def test_snapshot_keeps_refusals():
     refusal = answer(sim.submit(idempotency_key="no"))
     fresh = replay([], snapshot=sim.state.snapshot())
     fx = Effects()
-    fresh.submit(fx, CLIENT, b"c", {"idempotency_key": "no", "type": "echo"}, T0)
+    fresh.submit(fx, CLIENT, b"c", {"idempotency_key": "no", "type": "echo"}, NOW0)
     assert answer(fx) == refusal
 
 
@@ -1154,7 +1224,7 @@ def test_replay_keeps_refusals():
     refusal = answer(sim.submit(idempotency_key="no"))
     fresh = replay(sim.records)
     fx = Effects()
-    fresh.submit(fx, CLIENT, b"c", {"idempotency_key": "no", "type": "echo"}, T0)
+    fresh.submit(fx, CLIENT, b"c", {"idempotency_key": "no", "type": "echo"}, NOW0)
     assert answer(fx) == refusal
 
 
@@ -1169,8 +1239,8 @@ def test_restore_requeues_queued_holds_in_flight_and_resends_settle_orders():
     fresh.monitor = ResourceMonitor(sample=lambda: IDLE_MACHINE)
     fresh.restore(sim.now)
     flight = fresh.tasks[in_flight.id]
-    assert flight.state is State.RUNNING and flight.times["recovered"] == sim.now
-    orders = [body for _, body in fresh.ledger_pending.values()]
+    assert flight.state is State.RUNNING and flight.times["recovered"] == sim.now.wall
+    orders = [body for _, body in fresh.ledger.pending.values()]
     assert orders == [{"op": "ledger.release", "task": settled.id, "attempt": 1}]
     fx = Effects()
     fresh.tick(fx, sim.now, HB)
@@ -1203,6 +1273,7 @@ ops = st.one_of(
     st.tuples(st.just("finish"), pick, st.booleans(), st.sampled_from([0, 7])),
     st.tuples(st.just("stale_finish"), pick),
     st.tuples(st.just("gone"), worker_names),
+    st.tuples(st.just("leaving"), worker_names),
     st.tuples(st.just("rejected"), pick),
     st.tuples(st.just("ledger"), st.booleans(), st.booleans()),
     st.tuples(st.just("ledger"), st.just(True), st.booleans()),
@@ -1247,9 +1318,11 @@ def run_op(sim: Sim, op: tuple, ids: list[str]) -> None:
             sim.finish("w-old", task, attempt=task.attempt - 1)  # its lost worker
     elif kind == "gone":
         sim.gone(args[0])
+    elif kind == "leaving":
+        sim.turn(state.worker_leaving, args[0], {"reason": "stopping"}, sim.now)
     elif kind == "ledger":
-        if state.ledger_pending:
-            corr = next(iter(state.ledger_pending))
+        if state.ledger.pending:
+            corr = next(iter(state.ledger.pending))
             ok, granted = args
             sim.ledger(corr, ok=ok, granted=granted, code=None if ok else "unavailable")
     elif kind == "cancel":
@@ -1261,25 +1334,35 @@ def run_op(sim: Sim, op: tuple, ids: list[str]) -> None:
 
 
 def check_invariants(state: SchedulerState) -> None:
+    # A queued task is in the dispatch queue unless it is held out (waiting for its retry)
+    # or its tokens are being reserved.
+    reserving = {body["task"] for _, body in state.ledger.pending.values()
+                 if body["op"] == "ledger.reserve"}
     queued = {}
     for task in state.tasks.values():
-        if task.state is State.QUEUED and task.waiting == "worker":
+        if task.state is State.QUEUED and task.id not in state.waiting.held \
+                and task.id not in reserving:
             queued[task.type] = queued.get(task.type, 0) + 1
+        if task.state is State.QUEUED:
+            assert task.waiting is not None
+        else:
+            assert task.waiting is None and task.id not in state.waiting.held
         if task.state in (State.DISPATCHED, State.RUNNING):
             assert task.worker is not None
         if task.final:
-            assert task.id not in state.waiters
+            assert task.id not in state.waiters.by_task and task.id not in state.marks
     for task_type in set(queued) | set(state.queue.counts):
         assert state.queue.depth(task_type) == queued.get(task_type, 0), task_type
     for task in state.tasks.values():  # the worker record agrees with the task's
         worker = state.workers.get(task.worker or "")
         if task.state in (State.DISPATCHED, State.RUNNING) and worker is not None:
-            assert (worker.state, worker.task) == ("busy", task.id)
+            assert worker.state in ("busy", "leaving") and worker.task == task.id
     claimed = [w.task for w in state.workers.values() if w.state == "claimed"]
     assert len(claimed) == len(set(claimed))
     for task_id in claimed:
         task = state.tasks.get(task_id)
-        assert task is None or task.state is not State.QUEUED or task.waiting == "reserving"
+        assert task is None or task.state is not State.QUEUED or \
+            task.waiting in ("reserving", "tokens")
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -1294,8 +1377,12 @@ def test_snapshot_and_replay_equal_the_live_state(sequence):
         if op[0] == "snapshot":
             snapshots.append((journal_copy(sim.state.snapshot()), len(sim.records)))
             continue
+        leaving = {w.name for w in sim.state.workers.values() if w.state == "leaving"}
+        turns = len(sim.effects)
         run_op(sim, op, ids)
         check_invariants(sim.state)
+        for fx in sim.effects[turns:]:  # a worker that said it is leaving gets no task
+            assert not {name for name, _ in runs(fx)} & leaving
     live = table(sim.state)
     for snap, upto in snapshots:
         assert table(replay(sim.records[upto:], snapshot=snap)) == live
@@ -1310,7 +1397,7 @@ def busy_sim(task_seconds: float, workers: int = 2, **overrides) -> Sim:
     """All `workers` echo workers busy with tasks the scheduler expects to take
     `task_seconds` (the per-type average: no predictor)."""
     sim = Sim(**overrides)
-    sim.state.avg_duration["echo"] = task_seconds
+    sim.state.estimates.avg_duration["echo"] = task_seconds
     for i in range(workers):
         sim.ready(f"w{i}")
         sim.add(description=f"long {i}")
@@ -1392,7 +1479,7 @@ def test_backlog_scaling_has_hysteresis_and_says_why():
     assert request["reason"]["why"] == "backlog"
     assert request["reason"]["backlog_s"] == pytest.approx(1 * 10.0 / 2)  # queued x s / workers
     assert scale_requests(scale_turn(sim)) == []  # cooling down
-    sim.now += scheduling.SCALE_COOLDOWN
+    sim.now += SCALE_COOLDOWN
     assert len(scale_requests(scale_turn(sim))) == 1
 
 
@@ -1402,7 +1489,7 @@ def test_worker_start_time_is_learned_from_the_workers_asked_for():
     assert scale_requests(scale_turn(sim))
     sim.now += 2.0
     sim.ready("surge-1")
-    assert sim.state.worker_start_s == pytest.approx(0.7 * 0.5 + 0.3 * 2.0)
+    assert sim.state.scaler.worker_start_s == pytest.approx(0.7 * 0.5 + 0.3 * 2.0)
 
 
 # -- CPU feasibility from predictions ----------------------------------------------------
@@ -1416,7 +1503,7 @@ class FixedPredictor:
         pass
 
     def predict(self, task_type, priority, description, size):
-        from cortex.services.scheduler.prediction import Prediction
+        from cortex.services.scheduler.prediction.predictor import Prediction
 
         duration, cores = self.by_type.get(task_type, (1.0, 0.0))[:2]
         memory = self.by_type.get(task_type, (0, 0, 10.0))[2:] or (10.0,)
@@ -1443,7 +1530,9 @@ def test_a_long_cpu_bound_task_waits_for_cpu_while_others_that_fit_go_ahead():
     assert [t["id"] for _, t in runs(fx)] == [light.id]
     assert heavy.waiting == "cpu" and heavy.state is State.QUEUED
     [(_, data, _, _)] = events(fx, "task.waiting")
-    assert data["reason"] == "cpu" and data["needs"]["cpu"] == pytest.approx(1.0)
+    assert data["reason"] == "cpu" and data["detail"]["check"] == "cpu"
+    assert data["detail"]["need_cores"] == pytest.approx(1.0)
+    assert heavy.waiting_detail == data["detail"]
     assert sim.state.status(sim.now)["waiting"] == {"cpu": 1}
 
 
@@ -1480,10 +1569,10 @@ def test_cpu_counts_as_committed_only_once_a_task_is_dispatched():
     task = sim.add(tokens=100)
     corr, _ = reserve_of(sim.ready("w1"))
     readings = sim.state.monitor.readings(0.0)
-    assert sim.state.held(readings)["cpu"] == 0.0  # a pending reservation holds no CPU
+    assert sim.state.holds.held(readings)["cpu"] == 0.0  # a pending reservation holds no CPU
     sim.ledger(corr, ok=True, granted=True, reserved=100)
     assert task.state is State.DISPATCHED
-    assert sim.state.held(readings)["cpu"] == pytest.approx(0.5)
+    assert sim.state.holds.held(readings)["cpu"] == pytest.approx(0.5)
 
 
 def test_a_finished_tasks_share_is_released_at_once():
@@ -1494,10 +1583,10 @@ def test_a_finished_tasks_share_is_released_at_once():
     assert first.state is State.DISPATCHED and second.waiting == "cpu"
     samples = sim.state.monitor.samples
     fx = sim.finish("w1", first)
-    sim.tick(scheduling.BLOCKED_RETRY)  # the held task is looked at again: no new reading
+    sim.tick(BLOCKED_RETRY)  # the held task is looked at again: no new reading
     assert sim.state.monitor.samples == samples
     assert second.state is State.DISPATCHED, runs(fx)
-    assert set(sim.state.holds) == {second.id}
+    assert set(sim.state.holds.holds) == {second.id}
 
 
 def test_a_long_cpu_bound_task_waits_while_running_tasks_hold_the_cores():
@@ -1511,7 +1600,7 @@ def test_a_long_cpu_bound_task_waits_while_running_tasks_hold_the_cores():
     assert [t.state for t in tasks] == [State.DISPATCHED, State.DISPATCHED, State.QUEUED]
     assert tasks[2].waiting == "cpu"
     sim.finish(tasks[0].worker, tasks[0])
-    sim.tick(scheduling.BLOCKED_RETRY)
+    sim.tick(BLOCKED_RETRY)
     assert tasks[2].state is State.DISPATCHED
 
 
@@ -1519,7 +1608,7 @@ def test_one_type_of_sleeps_and_no_ops_never_waits_on_an_idle_machine():
     """The one-type workload: the type's history is 0.1 s sleeps then no-ops, all on one
     handler. With the suite's own CPU not counted as load, no task waits for cpu or
     memory however many no-ops are dispatched back to back."""
-    from cortex.services.scheduler.prediction import Predictor
+    from cortex.services.scheduler.prediction.predictor import Predictor
 
     predictor = Predictor(None)
     for _ in range(50):
@@ -1544,7 +1633,7 @@ def test_one_type_of_sleeps_and_no_ops_never_waits_on_an_idle_machine():
             predictor.observe("work", "medium", "", 20, {"duration": 40e-6, "tokens": 0.0,
                                                           "memory_mb": 0.0, "cpu_s": 36e-6})
     assert waited == []
-    assert not sim.state.holds
+    assert not sim.state.holds.holds
 
 
 def test_an_unpredicted_cpu_hog_counts_once_it_ran_through_a_reading():
@@ -1565,9 +1654,9 @@ def test_an_unpredicted_cpu_hog_counts_once_it_ran_through_a_reading():
     assert task.state is State.DISPATCHED
     mon = sim.state.monitor
     second = mon.readings(mon.sampled_at + 1.0)  # its worker ran it through this interval...
-    assert sim.state.held(second)["cpu"] == 0.0  # ...but not through the whole of it
+    assert sim.state.holds.held(second)["cpu"] == 0.0  # ...but not through the whole of it
     third = mon.readings(mon.sampled_at + 1.0)
-    assert sim.state.held(third)["cpu"] == pytest.approx(1.0)
+    assert sim.state.holds.held(third)["cpu"] == pytest.approx(1.0)
 
 
 def test_memory_a_task_already_took_is_not_held_twice():
@@ -1582,6 +1671,6 @@ def test_memory_a_task_already_took_is_not_held_twice():
     task = sim.add(type="big")
     assert task.state is State.DISPATCHED
     mon = sim.state.monitor
-    assert sim.state.held(mon.latest)["memory_mb"] == pytest.approx(1000.0)
+    assert sim.state.holds.held(mon.latest)["memory_mb"] == pytest.approx(1000.0)
     later = mon.readings(mon.sampled_at + 1.0)  # the worker grew by 800 MB meanwhile
-    assert sim.state.held(later)["memory_mb"] == pytest.approx(200.0)
+    assert sim.state.holds.held(later)["memory_mb"] == pytest.approx(200.0)

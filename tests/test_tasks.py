@@ -205,10 +205,6 @@ def test_new_task_id_shape():
     assert task_id.isascii() and task_id.isalnum()
 
 
-def test_new_task_id_without_time_uses_the_clock():
-    assert new_task_id() > new_task_id(T0 - 86400)
-
-
 # --- summaries ----------------------------------------------------------------------------
 
 def full_task() -> Task:

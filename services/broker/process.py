@@ -12,7 +12,9 @@ unroutable message an error we answer (`unavailable`) instead of a silent drop.
 
 from __future__ import annotations
 
+import argparse
 import hmac
+import os
 import time
 
 import zmq
@@ -176,7 +178,7 @@ class Broker:
         if op in ("broker.peers", "broker.status"):
             body = {"peers": self.table.describe(now), "stats": self.stats,
                     "connections": self.guard.status(),
-                    "uptime": time.time() - self.rt.started}
+                    "uptime": time.time() - self.rt.started, "pid": os.getpid()}
             self.send(rid, wire.frames(wire.REPLY, wire.BROKER, msg.corr, body,
                                        role=b"broker"))
         else:
@@ -229,7 +231,6 @@ class Broker:
 
 
 def main(argv=None) -> None:
-    import argparse
 
     parser = argparse.ArgumentParser(prog="cortex-broker", description=__doc__)
     parser.add_argument("--home", help="suite home (default: $CORTEX_HOME or ./.cortex)")

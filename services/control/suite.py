@@ -22,6 +22,8 @@ import psutil
 from cortex.protocol import errors
 from cortex.protocol.client import Client
 from cortex.services.runtime.process import new_suite_secret, prepare_home
+from cortex.services.runtime.settings import ConfigError
+from cortex.services.runtime.settings import load as load_settings
 
 SERVICES = ("broker", "events", "ledger", "scheduler", "pool")
 PR_SET_CHILD_SUBREAPER = 36
@@ -110,7 +112,7 @@ class Suite:
         prepare_home(self.home)
         if self.supervisord_pid():
             raise SuiteError(f"the suite is already running for {self.home}")
-        for stale in ("supervisor.sock", "supervisord.pid"):
+        for stale in ("supervisor.sock", "supervisord.pid", "dashboard.url"):
             (self.home / "run" / stale).unlink(missing_ok=True)
         new_suite_secret(self.home)  # this start's proof for the suite's own processes
         cmd = [self.python, "-m", "supervisor.supervisord", "-c", str(self.conf)]
@@ -137,16 +139,29 @@ class Suite:
                     answers[service] = False
         return answers
 
+    def dashboard_enabled(self) -> bool:
+        try:
+            return load_settings(self.home).dashboard.enabled
+        except ConfigError:
+            return False  # the services refuse the config and say why
+
     def wait_ready(self, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
         answers: dict[str, bool] = {}
+        # The dashboard is a client, not a service: it is ready once its URL is written.
+        dashboard = self.dashboard_enabled()
         while time.monotonic() < deadline:
             if self.proc is not None and self.proc.poll() is not None:
                 raise SuiteError(f"supervisord exited with {self.proc.returncode}; "
                                  f"see {self.home}/logs/supervisord.log")
             answers = self.ping(timeout=min(2.0, max(0.2, deadline - time.monotonic())))
+            if dashboard:
+                answers["dashboard"] = (self.home / "run" / "dashboard.url").exists()
             if all(answers.values()):
                 return
+            # Before the bus socket exists every call fails at once, and the dashboard's
+            # URL file is another process's to write: nothing to poll, so pause.
+            time.sleep(0.05)
         missing = [s for s, ok in answers.items() if not ok] or list(SERVICES)
         raise SuiteError(f"not answering on the bus after {timeout:.0f} s: "
                          f"{', '.join(missing)} (logs in {self.home}/logs/)")
@@ -198,5 +213,5 @@ class Suite:
             self.proc.wait()
         reap_orphans()
         run = self.home / "run"
-        for leftover in run.glob("*.sock"):
+        for leftover in [*run.glob("*.sock"), run / "dashboard.url"]:
             leftover.unlink(missing_ok=True)

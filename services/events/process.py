@@ -14,10 +14,12 @@ acknowledged and publishers keep their events until writing works again.
 from __future__ import annotations
 
 import argparse
+import collections
 import hmac
 import os
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import msgpack
 import orjson
@@ -25,7 +27,7 @@ import zmq
 
 from cortex.protocol import wire
 from cortex.protocol.peer import make_socket, recv_frames
-from cortex.services.events.metrics import Metrics
+from cortex.services.events.metrics import BOUNDS, STAGES, Metrics
 from cortex.services.runtime.effects import Effects
 from cortex.services.runtime.eventlog import (
     EventLogError,
@@ -42,6 +44,60 @@ RETRY_WRITE = 1.0  # seconds between attempts to write to an unwritable events d
 # sooner when this many events wait; live subscribers get events at once regardless.
 FLUSH_INTERVAL = 0.01
 FLUSH_EVENTS = 5000
+QUERY_LIMIT = 5000  # events one events.query returns at most
+QUERY_SECONDS = 10.0  # a query reading the history stops after this long (truncated)
+QUERY_QUEUE = 8  # events.query reads waiting at most; more are refused (unavailable)
+# events.query newest first over JSONL: look back this far first, then further, so a
+# page of recent events never reads the whole history.
+LOOK_BACK = (60.0, 900.0, 3600.0, 6 * 3600.0, 86400.0, 7 * 86400.0, None)
+
+
+def fit(reply: dict) -> dict:
+    """Cut the events so the reply fits in one bus message (marked truncated)."""
+    room, kept = wire.MAX_MESSAGE_BYTES - 64 * 1024, []
+    for event in reply["events"]:
+        room -= len(msgpack.packb(event, default=str))
+        if room < 0:
+            return reply | {"events": kept, "truncated": True}
+        kept.append(event)
+    return reply
+
+
+def query_history(directory, postgres_url: str, filters: dict, limit: int, newest: bool,
+                  ) -> dict:
+    """events.query, run on a thread: PostgreSQL when configured, else the JSONL files."""
+    if postgres_url:
+        from cortex.services.runtime.pgevents import query_events
+
+        events = query_events(postgres_url, **filters, limit=limit + 1, newest_first=newest,
+                              timeout=QUERY_SECONDS)
+        return {"events": events[:limit], "truncated": len(events) > limit,
+                "source": "postgres"}
+    stop_at = time.monotonic() + QUERY_SECONDS
+    if not newest:
+        events = []
+        for event in read_events(directory, **filters, limit=limit + 1):
+            events.append(event)
+            if time.monotonic() > stop_at:
+                return {"events": events, "truncated": True, "source": "jsonl"}
+        return {"events": events[:limit], "truncated": len(events) > limit, "source": "jsonl"}
+    end = filters.get("until") or time.time() + 1.0
+    events: collections.deque = collections.deque()
+    for back in LOOK_BACK:
+        since = None if back is None else end - back
+        if filters.get("since") is not None and (since is None or since < filters["since"]):
+            since, back = filters["since"], None  # the asked start: the last look
+        events = collections.deque(maxlen=limit + 1)  # the newest ones read so far
+        for event in read_events(directory, **(filters | {"since": since})):
+            events.append(event)
+            if time.monotonic() > stop_at:
+                return {"events": list(reversed(events))[:limit], "truncated": True,
+                        "source": "jsonl"}
+        if len(events) > limit or back is None:
+            break
+    newest_first = sorted(events, key=lambda e: e.get("ts") or 0, reverse=True)
+    return {"events": newest_first[:limit], "truncated": len(events) > limit,
+            "source": "jsonl"}
 
 
 class EventRouter(BusService):
@@ -92,6 +148,8 @@ class EventRouter(BusService):
         self.metrics.set_gauge("event_gaps", lambda: self.tracker.gaps)
         self.metrics.set_gauge("postgres_lag", lambda: self.sink.lag() if self.sink else 0)
         self.metrics_server = None
+        self.queries = ThreadPoolExecutor(1, thread_name_prefix="events-query")
+        self.answers: list[tuple[bytes, bytes, Future]] = []  # queries being read
         port = self.settings.events.metrics_port
         if port >= 0:
             try:
@@ -247,24 +305,62 @@ class EventRouter(BusService):
                 "unwritable": self.unwritable,
                 "postgres": self.sink.stats() if self.sink else None,
                 "metrics_url": self.metrics_server.url if self.metrics_server else None,
-                "latency": self.metrics.latency()})
+                "latency": self.metrics.latency(), "pid": os.getpid(),
+                "started": self.rt.started})
         elif op == "events.metrics":
-            fx.reply(msg.peer, msg.corr, self.metrics.summary())
+            reply = self.metrics.summary()
+            if body.get("buckets") is True:  # the histograms themselves, as [index, count]
+                reply["bounds"] = BOUNDS
+                reply["buckets"] = [
+                    {"type": t, "priority": p, **{stage: [[i, n] for i, n in enumerate(
+                        s.hists[stage].counts) if n] for stage in STAGES}}
+                    for (t, p), s in self.metrics.series.copy().items()]
+            fx.reply(msg.peer, msg.corr, reply)
+        elif op == "events.query":
+            # Read on a thread (the loop keeps routing); on_tick replies when it is done.
+            filters = {key: wire.field_str(body, field, max_len=200, required=False)
+                       for key, field in (("task", "task"), ("type_pattern", "type"),
+                                          ("worker", "worker"), ("text", "text"))}
+            for key in ("since", "until"):
+                filters[key] = wire.field_number(body, key, lo=0, hi=1e11, required=False)
+            limit = wire.field_int(body, "limit", lo=1, hi=QUERY_LIMIT, required=False,
+                                   default=1000)
+            newest = body.get("newest") is True
+            if any(a[0] == msg.peer and a[1] == msg.corr for a in self.answers):
+                return  # a client's re-send of a query still being read
+            if len(self.answers) >= QUERY_QUEUE:
+                raise wire.ProtocolError("unavailable", "too many events.query reads at once")
+            self.answers.append((msg.peer, msg.corr, self.queries.submit(
+                query_history, self.rt.home / "events", self.settings.events.postgres_url,
+                filters, limit, newest)))
         else:
             raise wire.ProtocolError("unknown_type", f"unknown operation {op!r}")
+
+    def answer_queries(self, fx: Effects) -> float:
+        """Reply to the events.query reads that are done; poll soon while any is not."""
+        for item in [a for a in self.answers if a[2].done()]:
+            self.answers.remove(item)
+            peer, corr, future = item
+            try:
+                fx.reply(peer, corr, fit(future.result()))
+            except Exception as e:  # noqa: BLE001 - PostgreSQL down, files unreadable
+                fx.error(peer, corr, "unavailable", f"events.query failed: "
+                                                    f"{type(e).__name__}: {str(e)[:300]}")
+        return 0.02 if self.answers else 1.0
 
     def on_tick(self, fx: Effects, now: float) -> float:
         mono = time.monotonic()
         self.checkpoint_postgres(mono)
+        queries = self.answer_queries(fx) if self.answers else 1.0
         if self.unwritable:
             self.store([], mono)
-            return RETRY_WRITE
+            return min(RETRY_WRITE, queries)
         if self.writer.buffered or self.to_ack:
             if mono >= self.next_flush:
                 self.store([], mono)
             else:
-                return self.next_flush - mono
-        return 1.0
+                return min(self.next_flush - mono, queries)
+        return queries
 
     def on_sockets(self, ready: dict, fx: Effects) -> None:
         if self.fan_in in ready:
@@ -285,6 +381,7 @@ class EventRouter(BusService):
                 pass
 
     def shutdown(self) -> None:
+        self.queries.shutdown(wait=False, cancel_futures=True)
         try:
             self.writer.flush()
         except EventLogError:

@@ -12,6 +12,7 @@ before the reply leaves.
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 from cortex.protocol import wire
@@ -76,7 +77,8 @@ class Ledger(BusService):
             outcome = state.set_budget(body.get("scope"), body.get("limit"), body.get("window"),
                                        now=now)
         elif op == "ledger.status":
-            fx.reply(msg.peer, msg.corr, {"budgets": state.status(now)})
+            fx.reply(msg.peer, msg.corr, {"budgets": state.status(now), "pid": os.getpid(),
+                                          "started": self.rt.started})
             return
         elif op == "ledger.task":
             fx.reply(msg.peer, msg.corr, {"reservation": state.reservation(task)})

@@ -198,7 +198,8 @@ class Pool(BusService):
             self.scale(fx, wire.field_str(body, "type", max_len=64), add,
                        body.get("reason") if isinstance(body.get("reason"), dict) else {})
         elif msg.type == wire.REQUEST and op == "pool.status":
-            fx.reply(msg.peer, msg.corr, self.describe())
+            fx.reply(msg.peer, msg.corr, self.describe() | {"pid": os.getpid(),
+                                                             "started": self.rt.started})
         elif msg.type == wire.REQUEST:
             raise wire.ProtocolError("unknown_type", f"unknown operation {op!r}")
 

@@ -8,8 +8,10 @@ the task's own value > the task type's > the global default.
 from __future__ import annotations
 
 import math
+import os
+import re
 import tomllib
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 FSYNC_POLICIES = ("always", "group", "off")
@@ -19,6 +21,7 @@ DEFAULT_HANDLERS = {
     "sleep": "cortex.services.pool.handlers:sleep",
     "simulated_agent": "cortex.services.pool.handlers:simulated_agent",
     "fail": "cortex.services.pool.handlers:fail",
+    "llm": "cortex.services.pool.llm:llm",
 }
 
 DEFAULT_CONFIG = """\
@@ -78,12 +81,39 @@ echo = "cortex.services.pool.handlers:echo"
 sleep = "cortex.services.pool.handlers:sleep"
 simulated_agent = "cortex.services.pool.handlers:simulated_agent"
 fail = "cortex.services.pool.handlers:fail"
+llm = "cortex.services.pool.llm:llm"   # needs the llm extra: pip install 'cortex-agents[llm]'
+
+# Model providers for `llm` tasks: any OpenAI-compatible chat-completions endpoint.
+# The key is read when a call is made, from an environment variable or a file only its
+# owner can read (chmod 600); it is never written under the home. Limits: 0 is none.
+# [providers.openai]
+# base_url = "https://api.openai.com/v1"
+# model = "gpt-4o-mini"
+# api_key_env = "OPENAI_API_KEY"     # or: api_key_file = "/home/me/.openai-key"
+# requests_per_window = 500
+# tokens_per_window = 200000
+# concurrent = 8
+# window = 60.0                      # seconds
+# timeout = 120.0                    # seconds the provider may stay silent during a call
+
+[routing]
+# Choosing the task type from the description (`--type auto`).
+examples = ""                # JSONL of {"type", "description"} to learn from, beside the
+                             # history of typed tasks; relative to the home
+min_confidence = 0.5         # below this (0..1) a task goes to the fallback type
+fallback = ""                # task type for unsure routes; "" refuses them with the candidates
+retrain_every = 500          # typed tasks submitted between background retrains (0: never)
 
 [events]
 max_file_bytes = 67108864    # rotate JSONL files past this size (and every UTC day)
 postgres_url = ""            # e.g. "postgresql://cortex@localhost/cortex" to copy events there
 metrics_port = 0             # Prometheus /metrics on 127.0.0.1: 0 any free port (see
                              # run/metrics.url and `cortex status`), -1 off
+
+[dashboard]
+enabled = true               # the live web dashboard (`cortex dashboard` prints its URL)
+port = 0                     # on 127.0.0.1 only: 0 any free port
+refresh = 1.0                # seconds between its status polls of the services
 """
 
 
@@ -147,6 +177,37 @@ class EventSettings:
 
 
 @dataclass(frozen=True)
+class RoutingSettings:
+    examples: str = ""  # absolute once loaded ("" when none)
+    min_confidence: float = 0.5
+    fallback: str = ""
+    retrain_every: int = 500
+
+
+@dataclass(frozen=True)
+class ProviderSettings:
+    """A model provider (`[providers.NAME]`): where it is, how to find its key, its limits
+    (0: none). The key itself is never held here: it is read at call time."""
+    name: str = ""
+    base_url: str = ""
+    model: str = ""
+    api_key_env: str = ""
+    api_key_file: str = ""
+    requests_per_window: int = 0
+    tokens_per_window: int = 0
+    concurrent: int = 0
+    window: float = 60.0
+    timeout: float = 120.0
+
+
+@dataclass(frozen=True)
+class DashboardSettings:
+    enabled: bool = True
+    port: int = 0
+    refresh: float = 1.0
+
+
+@dataclass(frozen=True)
 class Settings:
     home: Path
     suite: SuiteSettings
@@ -156,6 +217,23 @@ class Settings:
     groups: tuple[WorkerGroup, ...]
     handlers: dict
     events: EventSettings
+    dashboard: DashboardSettings = DashboardSettings()
+    routing: RoutingSettings = RoutingSettings()
+    providers: dict = field(default_factory=dict)  # name -> ProviderSettings
+
+    def provider_for(self, payload) -> ProviderSettings:
+        """The provider a task's payload names, else the only one configured."""
+        name = payload.get("provider") if isinstance(payload, dict) else None
+        if name is None:
+            if len(self.providers) == 1:
+                return next(iter(self.providers.values()))
+            if not self.providers:
+                raise ConfigError("no provider configured: add [providers.NAME] to cortex.toml")
+            raise ConfigError(f"{len(self.providers)} providers configured: name one of "
+                              f"{sorted(self.providers)} in payload['provider']")
+        if not isinstance(name, str) or name not in self.providers:
+            raise ConfigError(f"unknown provider {name!r}: configured are {sorted(self.providers)}")
+        return self.providers[name]
 
 
 def _table(raw, name: str) -> dict:
@@ -219,6 +297,52 @@ def _bus(raw) -> BusSettings:
     return bus
 
 
+PROVIDER_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def key_file_problem(path: Path) -> str | None:
+    """Why a key file may not be used (others may read it, or it is no regular file)."""
+    try:
+        info = path.stat()
+    except OSError as e:
+        return f"cannot read {path}: {e.strerror}"
+    if not path.is_file():
+        return f"{path} is not a regular file"
+    if info.st_mode & 0o077:
+        return (f"{path} is readable or writable by others (mode {info.st_mode & 0o777:o}): "
+                "chmod 600 it")
+    return None
+
+
+def _provider(name: str, raw, home: Path) -> ProviderSettings:
+    where = f"[providers.{name}]"
+    if not PROVIDER_NAME.fullmatch(name):
+        raise ConfigError(f"{where}: a provider name is 1-64 letters, digits, '_', '.' or '-'")
+    raw = _table(raw, where)
+    if "name" in raw:
+        raise ConfigError(f"{where}: unknown key(s) name (the table's name is the provider's)")
+    spec = _section(ProviderSettings, {**raw, "name": name}, f"providers.{name}")
+    if not spec.base_url.startswith(("http://", "https://")):
+        raise ConfigError(f"{where} base_url: must be an http:// or https:// URL")
+    if spec.api_key_env and spec.api_key_file:
+        raise ConfigError(f"{where}: give api_key_env or api_key_file, not both")
+    if spec.api_key_env and not ENV_NAME.fullmatch(spec.api_key_env):
+        raise ConfigError(f"{where} api_key_env: the name of an environment variable, "
+                          f"got {spec.api_key_env!r}")
+    key_file = spec.api_key_file
+    if key_file:
+        path = Path(os.path.expanduser(key_file))
+        key_file = str(path if path.is_absolute() else home / path)
+        problem = key_file_problem(Path(key_file)) if Path(key_file).exists() else None
+        if problem:
+            raise ConfigError(f"{where} api_key_file: {problem}")
+    if spec.window <= 0 or spec.timeout <= 0:
+        raise ConfigError(f"{where}: window and timeout must be positive")
+    return ProviderSettings(**{**spec.__dict__, "base_url": spec.base_url.rstrip("/"),
+                               "api_key_file": key_file})
+
+
 def load(home: Path) -> Settings:
     """Load `<home>/cortex.toml` (missing file: all defaults)."""
     path = home / "cortex.toml"
@@ -229,7 +353,8 @@ def load(home: Path) -> Settings:
                 raw = tomllib.load(f)
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{path}: {e}") from e
-    allowed = {"suite", "bus", "scheduler", "ledger", "pool", "handlers", "events"}
+    allowed = {"suite", "bus", "scheduler", "ledger", "pool", "handlers", "events", "routing",
+               "providers", "dashboard"}
     if set(raw) - allowed:
         raise ConfigError(f"{path}: unknown section(s) {', '.join(sorted(set(raw) - allowed))}")
     suite = _section(SuiteSettings, raw.get("suite", {}), "suite")
@@ -301,4 +426,33 @@ def load(home: Path) -> Settings:
         groups=tuple(groups),
         handlers=handlers,
         events=_section(EventSettings, raw.get("events", {}), "events"),
+        routing=_routing(home, raw.get("routing", {})),
+        providers={name: _provider(name, spec, home) for name, spec in
+                   _table(raw.get("providers", {}), "providers").items()},
+        dashboard=_dashboard(raw.get("dashboard", {})),
     )
+
+
+def _routing(home: Path, raw) -> RoutingSettings:
+    routing = _section(RoutingSettings, raw, "routing")
+    if routing.min_confidence > 1:
+        raise ConfigError("[routing] min_confidence: must be between 0 and 1")
+    if len(routing.fallback) > 64 or routing.fallback == "auto" or "\x00" in routing.fallback:
+        raise ConfigError("[routing] fallback: must be a task type (at most 64 characters, "
+                          "not 'auto') or empty")
+    if routing.examples:
+        return replace(routing, examples=str(home / routing.examples))
+    return routing
+
+
+
+def _dashboard(raw) -> DashboardSettings:
+    dashboard = _section(DashboardSettings, raw, "dashboard")
+    if not isinstance(dashboard.enabled, bool):
+        raise ConfigError(f"[dashboard] enabled: expected true or false, "
+                          f"got {dashboard.enabled!r}")
+    if not 0 <= dashboard.port <= 65535:
+        raise ConfigError("[dashboard] port: must be 0 (any free port) to 65535")
+    if not 0.1 <= dashboard.refresh <= 60:
+        raise ConfigError("[dashboard] refresh: must be between 0.1 and 60 seconds")
+    return dashboard

@@ -1,7 +1,8 @@
 """Will a task fit on this machine now, and when will a queued task start?
 
-Pure: the machine is read through an injected `sample()` at most once per interval (never
-per task), and every function takes the readings and the time it needs as arguments.
+Pure: the machine is read through an injected `sample()` (machine.py reads it with
+psutil) at most once per interval (never per task), and every function takes the
+readings and the time it needs as arguments.
 
 - `Readings`: what one sample saw: the machine's cores and memory, how much of the CPU
   the suite itself used (its services and workers), and the CPU and RSS of each of the
@@ -10,8 +11,9 @@ per task), and every function takes the readings and the time it needs as argume
 - `task_share()` is what one task holds from its dispatch to its end: its predicted CPU
   seconds spread over its predicted duration (but never less than one sampling interval,
   so a 40 us no-op holds 0.00004 cores, not a whole core), and its predicted memory growth.
-- `check()` says whether a task's needs fit the headroom the readings leave after what
-  the tasks already running hold, and if not, the waiting reason: `"memory"` or `"cpu"`.
+- `blocker()` says whether a task's needs fit the headroom the readings leave after what
+  the tasks already running hold, and if not, the waiting reason (`"memory"` or `"cpu"`)
+  with the figures it compared; `check()` gives the reason alone.
 - `estimate_start()` is the ETA: the queue position, the predicted durations ahead and
   the workers of the type, simulated.
 """
@@ -19,17 +21,13 @@ per task), and every function takes the readings and the time it needs as argume
 from __future__ import annotations
 
 import heapq
-import json
-import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-MB = 1024 * 1024
 MEMORY_THRESHOLD = 80.0  # percent of memory in use above which non-critical work waits
 # Cores of CPU measured busy that a task may still overlap: sampling noise must not keep
 # a one-core task off an otherwise idle one-core machine.
 CPU_SLACK = 0.1
-FIXED_MACHINE_ENV = "CORTEX_FIXED_MACHINE"  # tests: fixed readings, as JSON
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,104 +50,13 @@ class Readings:
                 "cpu_cores": self.cpu_cores, "cpu_suite_cores": round(self.cpu_suite_cores, 3)}
 
 
-class MachineSampler:
-    """psutil's view of the machine, with the suite's own processes told apart.
-
-    `suite_pids()` names the processes whose CPU is the suite's (services, workers); their
-    CPU over the interval is subtracted from the machine's busy time, so a busy suite does
-    not throttle itself. CPU figures are deltas since the previous call, so the very first
-    call reads the machine as idle."""
-
-    def __init__(self, suite_pids: Callable[[], Iterable[int]] = lambda: ()):
-        import psutil
-
-        self._psutil = psutil
-        self.suite_pids = suite_pids
-        self._procs: dict[int, object] = {}
-        self._cpu: dict[int, float] = {}  # pid -> CPU seconds at the previous sample
-        self._busy: float | None = None  # machine busy CPU seconds at the previous sample
-        self._at: float | None = None
-
-    def _machine_busy(self) -> float:
-        t = self._psutil.cpu_times()
-        return sum(t) - t.idle - getattr(t, "iowait", 0.0)
-
-    def __call__(self) -> Readings:
-        import time
-
-        psutil = self._psutil
-        now = time.monotonic()
-        busy = self._machine_busy()
-        interval = 0.0 if self._at is None else max(1e-6, now - self._at)
-        per_pid: dict[int, tuple[float, float]] = {}
-        suite = 0.0
-        seen = set()
-        for pid in set(self.suite_pids()):
-            proc = self._procs.get(pid)
-            try:
-                if proc is None:
-                    proc = self._procs[pid] = psutil.Process(pid)
-                with proc.oneshot():
-                    times = proc.cpu_times()
-                    rss = proc.memory_info().rss / MB
-            except psutil.Error:
-                self._procs.pop(pid, None)
-                continue
-            seen.add(pid)
-            cpu = times.user + times.system
-            before = self._cpu.get(pid)
-            cores = (cpu - before) / interval if before is not None and interval else 0.0
-            self._cpu[pid] = cpu
-            per_pid[pid] = (max(0.0, cores), rss)
-            suite += max(0.0, cores)
-        for gone in set(self._procs) - seen:
-            self._procs.pop(gone, None)
-            self._cpu.pop(gone, None)
-        cores_total = os.cpu_count() or 1
-        machine = 0.0 if self._busy is None or not interval else (busy - self._busy) / interval
-        self._busy, self._at = busy, now
-        foreign = max(0.0, min(float(cores_total), machine) - suite)
-        mem = psutil.virtual_memory()
-        return Readings(cpu_free_cores=max(0.0, cores_total - foreign),
-                        mem_available_mb=mem.available / MB, mem_percent=mem.percent,
-                        mem_total_mb=mem.total / MB, cpu_cores=cores_total,
-                        cpu_suite_cores=min(suite, float(cores_total)), interval=interval,
-                        per_pid=per_pid)
-
-
-def sample_machine() -> Readings:
-    """One reading of the machine with no suite processes named (a smoke check)."""
-    return MachineSampler()()
-
-
-def fixed_sampler(spec: str) -> Callable[[], Readings]:
-    """Readings that never change, from JSON (`CORTEX_FIXED_MACHINE`), so a test on the
-    real suite is not disturbed by whatever else the machine runs. Raises ValueError."""
-    try:
-        raw = json.loads(spec)
-    except ValueError as e:
-        raise ValueError(f"{FIXED_MACHINE_ENV} is not JSON: {e}") from None
-    allowed = {"cpu_free_cores", "mem_available_mb", "mem_percent", "mem_total_mb",
-               "cpu_cores"}
-    if not isinstance(raw, dict) or set(raw) - allowed or not {
-            "cpu_free_cores", "mem_available_mb", "mem_percent"} <= set(raw):
-        raise ValueError(f"{FIXED_MACHINE_ENV} must be an object with cpu_free_cores, "
-                         f"mem_available_mb, mem_percent (and optionally mem_total_mb, "
-                         f"cpu_cores)")
-    for key, value in raw.items():
-        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-            raise ValueError(f"{FIXED_MACHINE_ENV}: {key} must be a number >= 0")
-    fixed = Readings(**raw)
-    return lambda: fixed
-
-
 class ResourceMonitor:
     """The latest readings, refreshed through `sample()` at most every `interval` seconds.
 
     `now` comes from the caller (a monotonic clock is best); a clock that went backwards
     also refreshes."""
 
-    def __init__(self, sample: Callable[[], Readings] = sample_machine, interval: float = 1.0):
+    def __init__(self, sample: Callable[[], Readings], interval: float = 1.0):
         self.sample = sample
         self.interval = interval
         self.latest: Readings | None = None
@@ -184,17 +91,26 @@ def task_share(predicted: Mapping | None, interval: float) -> dict:
 def check(task_needs: Mapping[str, float], readings: Readings,
           held: Mapping[str, float] | None = None, priority: str = "medium",
           memory_threshold: float = MEMORY_THRESHOLD) -> str | None:
-    """None if the task fits now, else why it waits: "memory" or "cpu" (memory first).
+    """None if the task fits now, else why it waits: "memory" or "cpu" (see blocker())."""
+    found = blocker(task_needs, readings, held, priority, memory_threshold)
+    return None if found is None else found[0]
+
+
+def blocker(task_needs: Mapping[str, float], readings: Readings,
+            held: Mapping[str, float] | None = None, priority: str = "medium",
+            memory_threshold: float = MEMORY_THRESHOLD) -> tuple[str, dict] | None:
+    """None if the task fits now, else (reason, the figures compared): memory first.
 
     `task_needs`: its `cpu` (cores) and `memory_mb` (growth), as `task_share()` gives.
     `held`: the same, summed over the tasks running now, less what the readings already
-    show of them.
+    show of them. The detail's `check` names the test that failed:
 
-    - memory, every priority: its memory must fit in what is available, less held.
-    - memory pressure, all but critical: memory in use, plus held, plus its own, must
+    - "memory_available", every priority: its memory must fit in what is available, less
+      held.
+    - "memory_pressure", all but critical: memory in use, plus held, plus its own, must
       stay at or below `memory_threshold` percent of the total (with the total unknown:
       the measured percent alone). Critical work may still run under pressure.
-    - cpu, every priority: its cores must fit in the cores free of outside load, less
+    - "cpu", every priority: its cores must fit in the cores free of outside load, less
       held, plus `CPU_SLACK`; a need larger than the whole machine counts as the machine.
     """
     held = held or {}
@@ -203,7 +119,9 @@ def check(task_needs: Mapping[str, float], readings: Readings,
     held_mem = max(0.0, float(held.get("memory_mb", 0.0) or 0.0))
     held_cpu = max(0.0, float(held.get("cpu", 0.0) or 0.0))
     if need_mem > readings.mem_available_mb - held_mem:
-        return "memory"
+        return "memory", {"check": "memory_available", "need_mb": round(need_mem, 1),
+                          "available_mb": round(readings.mem_available_mb, 1),
+                          "held_mb": round(held_mem, 1)}
     if priority != "critical":
         if readings.mem_total_mb > 0:
             used = readings.mem_total_mb * readings.mem_percent / 100.0
@@ -211,11 +129,15 @@ def check(task_needs: Mapping[str, float], readings: Readings,
         else:
             percent = readings.mem_percent
         if percent > memory_threshold:
-            return "memory"
+            return "memory", {"check": "memory_pressure", "percent": round(percent, 2),
+                              "threshold": memory_threshold, "need_mb": round(need_mem, 1),
+                              "held_mb": round(held_mem, 1)}
     if readings.cpu_cores > 0:
         need_cpu = min(need_cpu, float(readings.cpu_cores))
     if need_cpu > readings.cpu_free_cores - held_cpu + CPU_SLACK:
-        return "cpu"
+        return "cpu", {"check": "cpu", "need_cores": round(need_cpu, 4),
+                       "free_cores": round(readings.cpu_free_cores, 3),
+                       "held_cores": round(held_cpu, 4), "slack_cores": CPU_SLACK}
     return None
 
 

@@ -1,8 +1,8 @@
 """The dispatch order of queued tasks: priority, deadline, age, aging and per-agent fairness.
 
-`TaskQueue` is a drop-in for the one in scheduling.py: the same methods, the same `counts`
-table, the same lazy removal. Pure: no sockets, no threads; the clock is injected (and
-`pop_for` also takes the caller's `now`).
+Pure: no sockets, no threads, no clock of its own: `pop_for` takes the caller's `now`
+(or reads an injected clock). A task's age counts from the `since` it was pushed with,
+on the caller's clock (the scheduler's monotonic one; by default `times["created"]`).
 
 The order, for the tasks of one type (`pop_for` takes the best over the types it is given):
 
@@ -10,7 +10,7 @@ The order, for the tasks of one type (`pop_for` takes the best over the types it
    whose longest-waiting task has waited k x `aging` seconds competes as k levels higher,
    never above high (critical stays reserved for critical tasks: aged work never delays
    them). With the default 30 s, a low task waiting 30 s competes as medium, 60 s as high.
-   A task's wait counts from `times["created"]`, so a retry keeps its age. Aging is
+   A task's wait counts from its `since`, so a retry keeps its age. Aging is
    evaluated at each pop, with `now`, from the oldest entry of each level (a heap on
    created time), and it promotes the *level*, not the single task: the level's tasks
    still leave in fair order (3.), so aging cannot undo fairness (one agent's old flood
@@ -29,23 +29,22 @@ The order, for the tasks of one type (`pop_for` takes the best over the types it
    starts queuing joins the current round; one that empties and comes back cannot take a
    second turn in a round it was already served in. Within a round, agents go by their
    next task's deadline, then its age; within an agent, by deadline (None = no deadline,
-   after every deadline), then age (`times["created"]`). So 1,000 tasks of agent A delay
+   after every deadline), then age (`since`). So 1,000 tasks of agent A delay
    agent B's 10 tasks of the same priority by at most one A task each.
 
 Cost: push and pop are O(log n) (heaps per agent, per level of agents' turns, per level of
 ages), amortised for the lazy removal; `pop_for` looks at 4 levels per type.
 
-Lazy removal, as before: `discard()` accounts for a task leaving other than by pop, and an
-entry whose task is no longer `queued`/`waiting: worker` when it comes up is skipped. A
-skipped entry that was never discarded is dropped from `counts` when skipped (the old queue
-left it counted forever), and `discard()` of a task not in the queue does nothing (the old
-queue decremented anyway). Pushing a task that is already queued moves it instead of
-queuing it twice. Heaps are compacted when dead entries outnumber live ones.
+Lazy removal: `discard()` accounts for a task leaving other than by pop, and an entry
+whose task is no longer `queued` when it comes up is skipped (and dropped from `counts`);
+`discard()` of a task not in the queue does nothing. Pushing a task that is already
+queued moves it instead of queuing it twice. Heaps are compacted when dead entries
+outnumber live ones.
 """
 
 from __future__ import annotations
 
-import time
+from collections.abc import Callable
 from heapq import heapify, heappop, heappush
 
 from cortex.services.scheduler.tasks import PRIORITIES, PRIORITY_RANK, State, Task
@@ -63,18 +62,19 @@ class _Entry:
     """One push of one task; dead once popped, discarded, skipped or pushed again. Keeps
     where it was counted, so the counts stay right whatever happens to the task."""
 
-    __slots__ = ("task", "seq", "live", "level", "counts", "rank")
+    __slots__ = ("task", "seq", "live", "level", "counts", "rank", "since")
 
-    def __init__(self, task: Task, seq: int, level: _Level, counts: list[int], rank: int):
+    def __init__(self, task: Task, seq: int, level: _Level, counts: list[int], rank: int,
+                 since: float):
         self.task, self.seq, self.live = task, seq, True
-        self.level, self.counts, self.rank = level, counts, rank
+        self.level, self.counts, self.rank, self.since = level, counts, rank, since
 
 
 class _Agent:
     __slots__ = ("heap", "round")
 
     def __init__(self, round_: int):
-        self.heap: list = []  # (deadline, created, seq, entry)
+        self.heap: list = []  # (deadline, since, seq, entry)
         self.round = round_  # the round in which this agent's next task leaves
 
 
@@ -85,12 +85,12 @@ class _Level:
                  "churn")
 
     def __init__(self):
-        self.front: list = []  # (deadline, created, seq, entry): re-queued tasks
+        self.front: list = []  # (deadline, since, seq, entry): re-queued tasks
         self.agents: dict[str, _Agent] = {}  # agents with entries in their heap
-        # (round, deadline, created, seq, agent): one turn per agent with entries; stale
+        # (round, deadline, since, seq, agent): one turn per agent with entries; stale
         # turns (agent moved on to another round or head) are dropped when they surface.
         self.turns: list = []
-        self.ages: list = []  # (created, seq, entry): the level's oldest task, for aging
+        self.ages: list = []  # (since, seq, entry): the level's oldest task, for aging
         self.idle: dict[str, int] = {}  # emptied agent -> its next round
         self.idle_limit = 256
         self.round = 0  # the round of the last task taken by turn
@@ -101,9 +101,9 @@ class _Level:
 class TaskQueue:
     """Queued tasks per type in dispatch order (module docstring); lazy removal."""
 
-    def __init__(self, aging: float | None = 30.0, clock=time.time):
+    def __init__(self, aging: float | None = 30.0, clock: Callable[[], float] | None = None):
         """`aging`: seconds of waiting per priority level gained (None or <= 0: no aging).
-        `clock`: the time base of `times["created"]` (the scheduler's `now`)."""
+        `clock`: what `pop_for` reads when not given `now` (on the time base of `since`)."""
         self.aging = aging if aging and aging > 0 else None
         self.clock = clock
         self.levels: dict[str, list[_Level]] = {}
@@ -111,8 +111,10 @@ class TaskQueue:
         self._entries: dict[str, _Entry] = {}  # task id -> its live entry
         self._seq = 0
 
-    # -- the interface of scheduling.TaskQueue --------------------------------------------
-    def push(self, task: Task, front: bool = False) -> None:
+    # -- the interface ---------------------------------------------------------------------
+    def push(self, task: Task, front: bool = False, since: float | None = None) -> None:
+        """Queue a task (`front`: a re-queued one). `since`: when it started waiting, on
+        the clock of `pop_for`'s `now` (default: `times["created"]`)."""
         old = self._entries.get(task.id)
         if old is not None:
             self._drop(old)  # queued already: move it rather than queue it twice
@@ -123,11 +125,11 @@ class TaskQueue:
         rank = PRIORITY_RANK[task.priority]
         level = levels[rank]
         self._seq += 1
-        entry = _Entry(task, self._seq, level, self.counts[task.type], rank)
+        created = task.times["created"] if since is None else since
+        entry = _Entry(task, self._seq, level, self.counts[task.type], rank, created)
         self._entries[task.id] = entry
         entry.counts[rank] += 1
         level.live += 1
-        created = task.times["created"]
         deadline = INF if task.deadline is None else task.deadline
         item = (deadline, created, entry.seq, entry)
         if self.aging is not None and rank > 0:
@@ -148,6 +150,8 @@ class TaskQueue:
 
         `now` defaults to the injected clock; it only matters for aging."""
         if now is None:
+            if self.clock is None:
+                raise ValueError("pop_for needs `now` (no clock was injected)")
             now = self.clock()
         # First the levels' effective priorities (cheap: the oldest entry of each level),
         # then the next task of only those levels that can win. A level whose entries all
@@ -166,7 +170,7 @@ class TaskQueue:
                         oldest = self._oldest(level)
                         if oldest is None:
                             continue
-                        since = oldest.task.times["created"]
+                        since = oldest.since
                         steps = int((now - since) // self.aging)
                         if steps > 0:
                             effective, aged_since = max(HIGH, rank - steps), since
@@ -184,7 +188,7 @@ class TaskQueue:
                 entry, agent = head
                 task = entry.task
                 key = (INF if task.deadline is None else task.deadline,
-                       task.times["created"], entry.seq)
+                       entry.since, entry.seq)
                 if best_key is None or key < best_key:
                     best_key, best = key, (level, entry, agent)
             if best is not None:
@@ -198,6 +202,9 @@ class TaskQueue:
         if entry is not None:
             self._drop(entry)
             self._maybe_compact(entry.level)
+
+    def empty(self) -> bool:
+        return not any(any(counts) for counts in self.counts.values())
 
     def depth(self, task_type: str) -> int:
         return sum(self.counts.get(task_type, ()))
@@ -228,9 +235,8 @@ class TaskQueue:
     def _valid(self, entry: _Entry) -> bool:
         if not entry.live:
             return False
-        task = entry.task
-        if task.state is not State.QUEUED or task.waiting != "worker":
-            self._drop(entry)  # cancelled or moved elsewhere since it was queued
+        if entry.task.state is not State.QUEUED:
+            self._drop(entry)  # cancelled or moved on since it was queued
             return False
         return True
 
@@ -259,9 +265,9 @@ class TaskQueue:
             if heap[0][2] != seq:
                 # Its head left since this turn was queued: the turn's key is too early,
                 # so it surfaced no later than due; requeue it with the true head.
-                deadline, created, seq, _ = heap[0]
+                deadline, since, seq, _ = heap[0]
                 heappop(turns)
-                heappush(turns, (round_, deadline, created, seq, name))
+                heappush(turns, (round_, deadline, since, seq, name))
                 continue
             return heap[0][3], agent
         return None
@@ -283,8 +289,8 @@ class TaskQueue:
             level.round = round_
             agent.round = round_ + 1
             if agent.heap:
-                deadline, created, seq, _ = agent.heap[0]
-                heappush(level.turns, (agent.round, deadline, created, seq, name))
+                deadline, since, seq, _ = agent.heap[0]
+                heappush(level.turns, (agent.round, deadline, since, seq, name))
             else:
                 self._retire(level, name, agent)
         self._drop(entry)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import time
 from dataclasses import dataclass, field, fields
 from enum import StrEnum
 
@@ -50,7 +49,6 @@ EDGES: dict[State, frozenset[State]] = {
 }
 
 
-
 class TransitionError(Exception):
     code = "conflict"
 
@@ -59,9 +57,10 @@ _counter = itertools.count()
 _node = os.urandom(2).hex()
 
 
-def new_task_id(now: float | None = None) -> str:
-    """Time-ordered ids: milliseconds, then a per-process counter, then a random node."""
-    ms = int((time.time() if now is None else now) * 1000)
+def new_task_id(now: float) -> str:
+    """Time-ordered ids: milliseconds of the unix time `now`, then a per-process counter,
+    then a random node."""
+    ms = int(now * 1000)
     return f"t{ms:011x}{next(_counter) & 0xFFFFFF:06x}{_node}"
 
 
@@ -82,9 +81,11 @@ class Task:
     attempt: int = 1
     worker: str | None = None
     times: dict = field(default_factory=dict)  # state -> unix time of the latest entry
+    # (durations are measured on the monotonic clock: clock.Marks, kept in memory)
     result: object = None
     error: dict | None = None
-    waiting: str | None = None  # why a queued task is not running yet
+    waiting: str | None = None  # why a queued task is not running yet (waiting.py)
+    waiting_detail: dict | None = None  # what it waits for, in figures (waiting.py)
     tokens_used: int = 0
     progress: float = 0.0
     message: str = ""

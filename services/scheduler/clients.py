@@ -1,0 +1,123 @@
+"""What clients ask of the scheduler: the handlers of SchedulerState (state.py) for
+`task.submit`, `task.wait`, `task.cancel`, `task.status`, `task.list`, `worker.list` and
+`scheduler.status` (their fields are in protocol/README.md).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from cortex.protocol import wire
+from cortex.services.runtime.effects import Effects
+from cortex.services.scheduler.admission import parse_wait
+from cortex.services.scheduler.clock import Now
+from cortex.services.scheduler.tasks import State, Task, new_task_id
+from cortex.services.scheduler.waiting import ANNOUNCED, Reason
+
+
+class ClientRequests:
+    """Mixed into SchedulerState; uses its parts (table, admission, estimates, queue,
+    waiting, waiters, registry, holds) and its moves (_end, _enqueue, _kill, _settle)."""
+
+    def submit(self, fx: Effects, peer: bytes, corr: bytes, body: dict, now: Now) -> None:
+        key = wire.field_str(body, "idempotency_key", max_len=128)
+        existing = self.table.by_key(key)
+        if existing is not None:  # a re-sent submit: the same task (and, with `wait`, a wait)
+            self.counters["duplicates"] += 1
+            self._reply_or_hold(fx, peer, corr, existing, parse_wait(body), now)
+            return
+        refusal = self.admission.refused(key)
+        if refusal is not None:
+            fx.error(peer, corr, *refusal)  # the same answer, never a late accept
+            return
+        req = self.admission.parse(body, peer)
+        predicted = None
+        if self.predictor is not None:
+            predicted = self.predictor.predict(req.type, req.priority, req.description,
+                                               req.size).as_dict()
+        wait_s = self.estimates.wait_before_start(req.type, req.priority, now.mono)
+        refusal = self.admission.judge(req, self.queue.depth(req.type), wait_s, now)
+        if refusal is not None:
+            self.admission.refuse(fx, peer, corr, req, *refusal)
+            return
+        task = Task(id=new_task_id(now.wall), type=req.type, description=req.description,
+                    priority=req.priority, tokens=req.tokens, timeout=req.timeout,
+                    retries=req.retries, agent=req.agent, key=key, payload=req.payload,
+                    deadline=req.deadline, times={"created": now.wall},
+                    eta=now.wall + wait_s, size=req.size, predicted=predicted)
+        self.waiting.set(fx, task, Reason.WORKER)
+        self.table.add(fx, task, now)
+        self._enqueue(task)
+        fx.emit("task.created", {"type": req.type, "priority": req.priority,
+                                 "tokens": req.tokens, "agent": req.agent, "eta": task.eta,
+                                 "description": req.description[:200]}, task.id)
+        self._reply_or_hold(fx, peer, corr, task, req.wait, now)
+
+    def _reply_or_hold(self, fx: Effects, peer: bytes, corr: bytes, task: Task,
+                       seconds: float, now: Now) -> None:
+        if task.final or seconds <= 0:
+            fx.reply(peer, corr, task.summary())
+        else:
+            self.waiters.hold(task.id, peer, corr, now.mono + seconds)
+
+    def wait(self, fx: Effects, peer: bytes, corr: bytes, body: dict, now: Now) -> None:
+        task = self.get(body)
+        hold = wire.field_number(body, "hold", lo=0, hi=60, required=False, default=0)
+        self._reply_or_hold(fx, peer, corr, task, hold, now)
+
+    def get(self, body: dict) -> Task:
+        return self.table.get(body)
+
+    def cancel(self, fx: Effects, peer: bytes, corr: bytes, body: dict, now: Now) -> None:
+        task = self.get(body)
+        if task.final:
+            fx.reply(peer, corr, task.summary())
+            return
+        error = {"category": "cancelled", "message": "cancelled on request"}
+        if task.state is State.QUEUED:
+            self.queue.discard(task)
+            self.waiting.release(task)
+            self._end(fx, task, State.CANCELLED, now, error=error)
+        else:
+            worker = self.registry.get(task.worker or "")
+            fx.notify(task.worker, {"op": "task.cancel", "id": task.id, "attempt": task.attempt})
+            # The handler may ignore the flag: the pool ends the worker after a grace period.
+            if worker is not None:
+                self._kill(fx, worker, "cancel", now)
+            self._end(fx, task, State.CANCELLED, now, error=error,
+                      tokens_used=task.tokens_used)
+        self._settle(fx, task, now)
+        fx.emit("task.cancelled", {"attempt": task.attempt}, task.id, task.worker)
+        self.waiters.wake(fx, task)
+        fx.reply(peer, corr, task.summary())
+
+    def list_tasks(self, body: dict) -> dict:
+        return self.table.listing(body)
+
+    def refresh_eta(self, task: Task, now: Now) -> None:
+        """A queued task's ETA as of now: the window reset it waits for, unknown while it
+        waits for tokens that no window gives back, else the queue's estimate."""
+        if task.state is not State.QUEUED:
+            return
+        if task.waiting == Reason.TOKENS:
+            task.eta = (task.waiting_detail or {}).get("resets_at")
+            return
+        task.eta = now.wall + self.estimates.wait_before_start(
+            task.type, task.priority, now.mono, ahead=self.queue.ahead_of(task))
+
+    def status(self, now: Now) -> dict:
+        states: Counter = Counter()
+        waiting: Counter = Counter()
+        for t in self.tasks.values():
+            states[str(t.state)] += 1
+            if t.state is State.QUEUED and t.waiting is not None:
+                waiting[t.waiting] += 1
+        return {"queue": self.queue.by_priority(), "states": dict(states),
+                "workers": self.registry.by_type(),
+                "waiting": {r.value: waiting[r] for r in sorted(ANNOUNCED) if waiting[r]},
+                "backoff": waiting[Reason.BACKOFF.value],
+                "memory_pressure": self.holds.memory_pressure,
+                "counters": dict(self.counters)}
+
+    def worker_rows(self, now: Now) -> list[dict]:
+        return [w.row(now) for w in self.workers.values()]

@@ -1,0 +1,76 @@
+"""How long things are expected to take: a type's mean duration, a running task's time
+left, a queued task's wait before it starts. All in seconds on the monotonic clock; the
+caller adds the wall clock's now where a user reads a time.
+"""
+
+from __future__ import annotations
+
+from cortex.services.scheduler.clock import Marks
+from cortex.services.scheduler.feasibility import estimate_start
+from cortex.services.scheduler.queue import TaskQueue
+from cortex.services.scheduler.tasks import PRIORITIES, PRIORITY_RANK, Task
+from cortex.services.scheduler.workers import WorkerRegistry, WorkerState
+
+DEFAULT_DURATION = 1.0  # seconds a task of a type nothing is known of is expected to take
+
+
+class Estimates:
+    def __init__(self, predictor, queue: TaskQueue, registry: WorkerRegistry,
+                 tasks: dict[str, Task], marks: dict[str, Marks]):
+        self.predictor = predictor  # prediction.Predictor, or None (then per-type averages)
+        self.queue = queue
+        self.registry = registry
+        self.tasks = tasks
+        self.marks = marks
+        self.avg_duration: dict[str, float] = {}  # type -> seconds (exponential average)
+
+    def learn(self, task_type: str, duration: float) -> None:
+        prev = self.avg_duration.get(task_type)
+        self.avg_duration[task_type] = duration if prev is None else 0.9 * prev + 0.1 * duration
+
+    def mean_duration(self, task_type: str) -> float:
+        if self.predictor is not None:
+            prediction = self.predictor.predict(task_type, "medium", "", 0)
+            if prediction.source != "default":
+                return prediction.duration
+        return self.avg_duration.get(task_type, DEFAULT_DURATION)
+
+    def time_left(self, task: Task, now: float, mean: float | None = None) -> float:
+        """Predicted seconds until a dispatched task ends (negative once overdue)."""
+        if mean is None:
+            mean = self.mean_duration(task.type)
+        expected = (task.predicted or {}).get("duration", mean)
+        marks = self.marks.get(task.id)
+        since = marks.dispatched if marks is not None and marks.dispatched is not None else now
+        return since + expected - now
+
+    def wait_before_start(self, task_type: str, priority: str, now: float,
+                          ahead: int | None = None) -> float:
+        """Seconds until a task of this type and priority would start: the tasks ahead of
+        it go, each for its predicted duration, to the type's workers as they free up."""
+        workers = self.registry.serving(task_type)
+        if ahead is None:
+            counts = self.queue.counts.get(task_type, [0] * len(PRIORITIES))
+            ahead = sum(counts[: PRIORITY_RANK[priority] + 1])
+        mean = self.mean_duration(task_type)
+        remaining = []
+        for w in workers:
+            task = self.tasks.get(w.task or "")
+            if task is not None and w.state is WorkerState.BUSY:
+                remaining.append(max(0.0, self.time_left(task, now, mean)))
+        return estimate_start(0.0, ahead, mean, len(workers), remaining)
+
+    def next_free(self, workers, now: float) -> float:
+        """Seconds until the first of these busy workers is expected to free up. A task
+        past its predicted duration is assumed to need as long again as it is overdue,
+        so a stuck task soon stops looking like it will free its worker."""
+        means: dict[str, float] = {}  # one prediction per type, not per worker
+        best = float("inf")
+        for w in workers:
+            task = self.tasks.get(w.task or "")
+            if task is None or w.state is not WorkerState.BUSY:
+                return 0.0  # claimed or between tasks: about to take work
+            if task.type not in means:
+                means[task.type] = self.mean_duration(task.type)
+            best = min(best, abs(self.time_left(task, now, means[task.type])))
+        return best

@@ -1,0 +1,3 @@
+from cortex.services.scheduler.prediction.training import main
+
+raise SystemExit(main())

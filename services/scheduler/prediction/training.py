@@ -1,0 +1,39 @@
+"""Training from the event log, in the training child:
+
+    python -m cortex.services.scheduler.prediction train --home DIR
+
+reads the completed-task history from the event log and prints one line before it loads
+scikit-learn and fits (`{"rows": N, "min_samples": M}`: the scheduler answers
+`model.train` with it), fits the models, saves them under <home>/models/, prints the
+report and exits 0 (1: not trained).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from cortex.protocol import locate
+from cortex.services.runtime.eventlog import read_events
+from cortex.services.scheduler.prediction.history import history_from_events, too_few
+
+MIN_SAMPLES = 50  # the fewest rows worth a model (Predictor's default)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="cortex-train", description=__doc__)
+    parser.add_argument("command", choices=["train"])
+    parser.add_argument("--home")
+    parser.add_argument("--limit", type=int, default=50_000, help="most recent rows to use")
+    args = parser.parse_args(argv)
+    home = locate.find_home(args.home)
+    history = history_from_events(read_events(home / "events", type_pattern="task.completed"))
+    history = history[-args.limit:]
+    print(json.dumps({"rows": len(history), "min_samples": MIN_SAMPLES}), flush=True)
+    report = too_few(len(history), MIN_SAMPLES)  # then it never loads scikit-learn
+    if report is None:
+        from cortex.services.scheduler.prediction.predictor import Predictor  # scikit-learn
+
+        report = Predictor(home / "models", min_samples=MIN_SAMPLES).train(history)
+    print(json.dumps(report, default=str), flush=True)
+    return 0 if report.get("trained", True) else 1
