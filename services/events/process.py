@@ -13,7 +13,6 @@ acknowledged and publishers keep their events until writing works again.
 
 from __future__ import annotations
 
-import argparse
 import os
 import threading
 import time
@@ -26,6 +25,7 @@ from cortex.protocol import wire
 from cortex.protocol.peer import make_socket, recv_frames
 from cortex.services.events.metrics import Metrics
 from cortex.services.runtime.effects import Effects
+from cortex.services.runtime.entry import serve
 from cortex.services.runtime.eventlog import (
     EventLogError,
     EventLogWriter,
@@ -294,7 +294,4 @@ class EventRouter(BusService):
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="cortex-events", description=__doc__)
-    parser.add_argument("--home", help="suite home (default: $CORTEX_HOME or ./.cortex)")
-    EventRouter(parser.parse_args(argv).home).run()
-
+    serve("cortex-events", __doc__, EventRouter, argv)

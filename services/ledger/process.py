@@ -11,13 +11,13 @@ before the reply leaves.
 
 from __future__ import annotations
 
-import argparse
 import time
 
 from cortex.protocol import wire
 from cortex.protocol.wire import ProtocolError
 from cortex.services.ledger.budgets import LedgerState
 from cortex.services.runtime.effects import Effects
+from cortex.services.runtime.entry import serve
 from cortex.services.runtime.loop import BusService
 
 
@@ -102,7 +102,4 @@ class Ledger(BusService):
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="cortex-ledger", description=__doc__)
-    parser.add_argument("--home", help="suite home (default: $CORTEX_HOME or ./.cortex)")
-    Ledger(parser.parse_args(argv).home).run()
-
+    serve("cortex-ledger", __doc__, Ledger, argv)

@@ -7,7 +7,6 @@ Decisions live in scheduling.SchedulerState; this module only moves messages.
 
 from __future__ import annotations
 
-import argparse
 import ctypes
 import os
 import signal
@@ -239,8 +238,6 @@ class Scheduler(BusService):
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="cortex-scheduler", description=__doc__)
-    parser.add_argument("--home", help="suite home (default: $CORTEX_HOME or ./.cortex)")
-    args = parser.parse_args(argv)
-    Scheduler(args.home).run()
+    from cortex.services.runtime.entry import serve
 
+    serve("cortex-scheduler", __doc__, Scheduler, argv)

@@ -1,0 +1,21 @@
+"""The one entry point of every service process (`python -m cortex.services.NAME`)."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+
+class Service(Protocol):
+    def run(self) -> None: ...
+
+
+def serve(prog: str, description: str | None, service: Callable[[str | None], Service],
+          argv: Sequence[str] | None = None) -> None:
+    """Read `--home` from the command line, build the service for it and run it until it
+    is told to stop."""
+    parser = argparse.ArgumentParser(prog=prog, description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--home", help="suite home (default: $CORTEX_HOME or ./.cortex)")
+    service(parser.parse_args(argv).home).run()
