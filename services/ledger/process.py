@@ -19,6 +19,7 @@ from cortex.services.ledger.budgets import LedgerState
 from cortex.services.runtime.effects import Effects
 from cortex.services.runtime.entry import serve
 from cortex.services.runtime.loop import BusService
+from cortex.services.runtime.settings import ConfigError
 
 
 class Ledger(BusService):
@@ -27,7 +28,10 @@ class Ledger(BusService):
 
     def __init__(self, home=None):
         super().__init__(home)
-        self.state = LedgerState(self.settings.ledger.budgets, now=time.time())
+        try:
+            self.state = LedgerState(self.settings.ledger.budgets, now=time.time())
+        except ValueError as e:  # the operator's to fix: exit as a bad configuration
+            raise ConfigError(f"[ledger] {e}") from None
         self.open_journal()
 
     def snapshot(self) -> dict:

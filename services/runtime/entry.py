@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Callable, Sequence
 from typing import Protocol
+
+from cortex.services.runtime.settings import ConfigError
 
 
 class Service(Protocol):
@@ -18,4 +21,10 @@ def serve(prog: str, description: str | None, service: Callable[[str | None], Se
     parser = argparse.ArgumentParser(prog=prog, description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--home", help="suite home (default: $CORTEX_HOME or ./.cortex)")
-    service(parser.parse_args(argv).home).run()
+    home = parser.parse_args(argv).home
+    try:
+        service(home).run()
+    except ConfigError as e:
+        # Restarting cannot fix a configuration: say what is wrong, exit with its code.
+        print(f"{prog}: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(ConfigError.exit_code) from None
