@@ -30,7 +30,6 @@ from cortex.services.runtime.eventlog import (
     EventLogError,
     EventLogWriter,
     RingBuffer,
-    SeqTracker,
     read_events,
 )
 from cortex.services.runtime.loop import BusService
@@ -50,9 +49,9 @@ class EventRouter(BusService):
         directory = self.rt.home / "events"
         self.writer = EventLogWriter(directory, self.settings.events.max_file_bytes,
                                      self.settings.suite.fsync)
-        # Never acknowledge past a hole: publishers re-send a stuck head within a second,
-        # so holes stay small; the bound only caps memory.
-        self.tracker = SeqTracker.recover(directory, max_pending=1_000_000)
+        # The writer's tracker is the one record of what is written: it de-duplicates
+        # re-sends and tells how far each stream may be acknowledged.
+        self.tracker = self.writer.tracker
         self.ring = RingBuffer(10_000)
         ctx = self.rt.ctx
         self.fan_in_endpoint = self.rt.endpoints["events_in"]
@@ -153,9 +152,10 @@ class EventRouter(BusService):
                 self.stats["malformed"] += 1
                 continue
             self.to_ack.setdefault(sender, set()).add((source, epoch))
-            if self.tracker.observe(source, epoch, seq) == "duplicate":
+            if self.writer.seen(event):
                 self.stats["duplicates"] += 1  # a re-send: acknowledged, not written again
                 continue
+            self.writer.append([event])
             self.stats["received"] += 1  # distinct events: each must reach the log once
             fresh.append(event)
         return fresh
@@ -168,7 +168,6 @@ class EventRouter(BusService):
         event = {"id": f"events-router:{self.rt.epoch}:{self.own_seq}", "source": "events-router",
                  "epoch": self.rt.epoch, "seq": self.own_seq, "ts": time.time(), "type": type_,
                  "trace": None, "task": None, "worker": None, "data": data}
-        self.tracker.observe("events-router", self.rt.epoch, self.own_seq)
         self.writer.append([event])
         self.deliver([event])
         return event
@@ -181,9 +180,8 @@ class EventRouter(BusService):
         if self.sink is not None:
             self.sink.offer(events)
 
-    def store(self, fresh: list[dict], now: float) -> None:
-        if fresh:
-            self.writer.append(fresh)
+    def store(self, now: float) -> None:
+        """Flush what the writer holds (group commit), then acknowledge it."""
         if self.unwritable and now < self.next_write_retry:
             return
         if not self.unwritable and now < self.next_flush and self.writer.buffered < FLUSH_EVENTS:
@@ -247,11 +245,11 @@ class EventRouter(BusService):
         mono = time.monotonic()
         self.checkpoint_postgres(mono)
         if self.unwritable:
-            self.store([], mono)
+            self.store(mono)
             return RETRY_WRITE
         if self.writer.buffered or self.to_ack:
             if mono >= self.next_flush:
-                self.store([], mono)
+                self.store(mono)
             else:
                 return self.next_flush - mono
         return 1.0
@@ -264,7 +262,7 @@ class EventRouter(BusService):
                 if parts is None:
                     break
                 fresh.extend(self.on_batch(parts))
-            self.store(fresh, time.monotonic())
+            self.store(time.monotonic())
             if fresh:
                 self.deliver(fresh)
         if self.live in ready:
