@@ -139,7 +139,7 @@ def test_postgres_stopped_then_hung_loses_nothing_and_stalls_nothing(
                  "the scheduler's events acknowledged")
         drained = wait_for(lambda: (pg := postgres_status(c))["lag"] == 0 and pg["connected"]
                            and pg, 120, "the PostgreSQL backlog backfilled")
-        assert drained["quarantined"] == 0 and drained["dropped"] == 0
+        assert drained["quarantined"] == 0 and drained["unreadable"] == 0
 
         def same_sets():
             jsonl = [e["id"] for e in jsonl_events(suite.home)]

@@ -13,12 +13,9 @@ acknowledged and publishers keep their events until writing works again.
 
 from __future__ import annotations
 
-import os
-import threading
 import time
 
 import msgpack
-import orjson
 import zmq
 
 from cortex.protocol import wire
@@ -30,7 +27,6 @@ from cortex.services.runtime.eventlog import (
     EventLogError,
     EventLogWriter,
     RingBuffer,
-    read_events,
 )
 from cortex.services.runtime.loop import BusService
 
@@ -73,14 +69,11 @@ class EventRouter(BusService):
             from cortex.services.events.pgsink import (
                 PgSink,  # only when configured: JSONL needs no database
             )
-            self.sink = PgSink(self.settings.events.postgres_url,
-                               self.rt.home / "state" / "pg-spool")
+            # It follows the JSONL log from its saved position: the log is its backlog.
+            self.sink = PgSink(self.settings.events.postgres_url, directory,
+                               self.rt.home / "state" / "pg-position.json")
         self.own_seq = 0
         self.next_flush = 0.0
-        self.pg_checkpoint = self.rt.home / "state" / "pg-checkpoint.json"
-        self.next_checkpoint = 0.0
-        if self.sink is not None:
-            self.backfill_after_crash()
         # Streaming latency histograms and counters, fed every event; /metrics on localhost.
         self.metrics = Metrics()
         self.metrics.set_gauge("events_buffered", lambda: self.writer.buffered)
@@ -94,40 +87,6 @@ class EventRouter(BusService):
                 (self.rt.home / "run" / "metrics.url").write_text(self.metrics_server.url)
             except OSError as e:
                 self.log.error("metrics endpoint not started: %s", e)
-
-    # -- PostgreSQL across a router crash ----------------------------------------------------
-    def backfill_after_crash(self) -> None:
-        """The sink's in-memory backlog dies with a killed router, and publishers were
-        already acknowledged (JSONL is written first). So the router notes when PostgreSQL
-        last had everything (lag 0) and, at start, offers the JSONL events since then
-        again, from a thread; inserts are idempotent by id, so repeats are harmless."""
-        try:
-            since = float(orjson.loads(self.pg_checkpoint.read_bytes())["confirmed_until"])
-        except (OSError, ValueError, KeyError, TypeError):
-            return  # first start with PostgreSQL (or no record): nothing known to be missing
-        directory, sink, log = self.rt.home / "events", self.sink, self.log
-
-        def run() -> None:
-            batch, offered = [], 0
-            for event in read_events(directory, since=since - 1.0):
-                batch.append(event)
-                if len(batch) >= 1000:
-                    sink.offer(batch)
-                    offered, batch = offered + len(batch), []
-            sink.offer(batch)
-            log.info("offered %d events since %.3f to PostgreSQL again", offered + len(batch),
-                     since)
-
-        threading.Thread(target=run, name="pg-backfill", daemon=True).start()
-
-    def checkpoint_postgres(self, now: float) -> None:
-        if self.sink is None or now < self.next_checkpoint:
-            return
-        self.next_checkpoint = now + 1.0
-        if self.sink.lag() == 0:
-            tmp = self.pg_checkpoint.with_suffix(".tmp")
-            tmp.write_bytes(orjson.dumps({"confirmed_until": time.time()}))
-            os.replace(tmp, self.pg_checkpoint)
 
     # -- fan-in ---------------------------------------------------------------------------
     def on_batch(self, parts: list) -> list[dict]:
@@ -173,12 +132,11 @@ class EventRouter(BusService):
         return event
 
     def deliver(self, events: list[dict]) -> None:
-        """Everything but the log: ring buffer, live fan-out, metrics, PostgreSQL."""
+        """Everything but the log (and PostgreSQL, which copies the log): ring buffer, live
+        fan-out, metrics."""
         self.ring.extend(events)
         self.metrics.observe_many(events)
         self.publish(events)
-        if self.sink is not None:
-            self.sink.offer(events)
 
     def store(self, now: float) -> None:
         """Flush what the writer holds (group commit), then acknowledge it."""
@@ -187,6 +145,7 @@ class EventRouter(BusService):
         if not self.unwritable and now < self.next_flush and self.writer.buffered < FLUSH_EVENTS:
             return  # on_tick flushes when the interval is up
         self.next_flush = now + FLUSH_INTERVAL
+        written_before = self.writer.events_written
         try:
             self.writer.flush()
         except EventLogError as e:
@@ -202,6 +161,8 @@ class EventRouter(BusService):
             self.emit_own("events.writable", {})
             self.writer.flush()
         self.stats["written"] = self.writer.events_written
+        if self.sink is not None:
+            self.sink.written_to_log(self.writer.events_written - written_before)
         for sender, streams in self.to_ack.items():
             for source, epoch in streams:
                 try:
@@ -243,7 +204,6 @@ class EventRouter(BusService):
 
     def on_tick(self, fx: Effects, now: float) -> float:
         mono = time.monotonic()
-        self.checkpoint_postgres(mono)
         if self.unwritable:
             self.store(mono)
             return RETRY_WRITE
