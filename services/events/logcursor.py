@@ -18,7 +18,7 @@ from pathlib import Path
 
 import orjson
 
-from cortex.services.runtime.durable import write_atomic
+from cortex.services.runtime.durable import remove_temp_files, write_atomic
 from cortex.services.runtime.eventread import list_event_files, parse_name
 
 
@@ -48,6 +48,7 @@ class LogCursor:
     # -- the saved position -----------------------------------------------------------
     def load(self) -> Position | None:
         """The saved position; None if there is none (or it cannot be read)."""
+        remove_temp_files(self.path.parent, self.path.name)
         try:
             doc = orjson.loads(self.path.read_bytes())
             position = Position(str(doc["file"]), int(doc["offset"]))

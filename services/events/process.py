@@ -21,6 +21,7 @@ import zmq
 from cortex.protocol import wire
 from cortex.protocol.peer import make_socket, recv_frames
 from cortex.services.events.metrics import Metrics
+from cortex.services.runtime.durable import write_atomic
 from cortex.services.runtime.effects import Effects
 from cortex.services.runtime.entry import serve
 from cortex.services.runtime.eventlog import (
@@ -84,7 +85,8 @@ class EventRouter(BusService):
         if port >= 0:
             try:
                 self.metrics_server = self.metrics.serve(port)
-                (self.rt.home / "run" / "metrics.url").write_text(self.metrics_server.url)
+                write_atomic(self.rt.home / "run" / "metrics.url",
+                             self.metrics_server.url.encode())
             except OSError as e:
                 self.log.error("metrics endpoint not started: %s", e)
 

@@ -34,6 +34,7 @@ import zmq
 from cortex.protocol import locate
 from cortex.protocol.peer import poll_ms
 from cortex.protocol.publisher import EventPublisher
+from cortex.services.runtime.durable import remove_temp_files
 from cortex.services.runtime.entry import serve
 from cortex.services.runtime.journal import read_snapshot, write_snapshot
 
@@ -182,6 +183,7 @@ class SupervisorListener:
     def load_state(self) -> None:
         if self.state_path is None:
             return
+        remove_temp_files(self.state_path.parent, self.state_path.name)
         snap, why = read_snapshot(self.state_path)
         if why:
             log.error("%s unreadable (%s): starting without it", self.state_path, why)

@@ -24,7 +24,7 @@ import psutil
 
 from cortex.protocol import backoff, wire
 from cortex.services.pool.children import Child, ChildState, Emit, transition
-from cortex.services.runtime.durable import write_atomic
+from cortex.services.runtime.durable import remove_temp_files, write_atomic
 from cortex.services.runtime.effects import Effects
 from cortex.services.runtime.entry import serve
 from cortex.services.runtime.loop import BusService
@@ -47,6 +47,7 @@ class Pool(BusService):
     def __init__(self, home=None):
         super().__init__(home)
         self.pidfile = self.rt.home / "run" / "workers.pids"
+        remove_temp_files(self.pidfile.parent, self.pidfile.name)
         self.children: dict[int, Child] = {}
         self._popen: dict = {}  # pid -> Popen, reaped by our own waitpid
         self.restart_due: list[tuple[float, str, int]] = []  # (when, group, slot)
