@@ -131,17 +131,19 @@ class Pool(BusService):
         fx.emit("pool.scale_refused", {"type": task_type, "reason": "no group takes this type"})
 
     def reap(self, fx: Effects, now: float) -> None:
+        reaped = False
         while True:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
-                return
+                break
             if pid == 0:
-                return
+                break
             self._popen.pop(pid, None)
             child = self.children.pop(pid, None)
             if child is None:
                 continue
+            reaped = True
             code = os.waitstatus_to_exitcode(status)
             fx.sends.append((b"scheduler", wire.NOTIFY, b"", {
                 "op": "worker.exited", "name": child.name, "pid": pid, "code": code}))
@@ -156,7 +158,8 @@ class Pool(BusService):
             delay = 0.0 if fails == 0 else backoff.delay(fails, RESTART_BACKOFF_BASE,
                                                          RESTART_BACKOFF_CAP)
             self.restart_due.append((time.monotonic() + delay, child.group, child.slot))
-        self.record_pids()
+        if reaped:
+            self.record_pids()
 
     def kill(self, child: Child, reason: str, grace: float, emit: Emit) -> None:
         """TERM the worker's whole process group; KILL it after `grace` seconds."""

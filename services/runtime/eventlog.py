@@ -186,7 +186,6 @@ class EventLogWriter:
                 f"another writer holds {self.directory}/.lock", code="events_locked"
             ) from None
         self._buf: list[bytes] = []
-        self._buf_bytes = 0
         self._pending: set[tuple[str, int, int]] = set()  # (source, epoch, seq) buffered
         self._stretches: list[_Stretch] = [_Stretch(0)]
         self._path: Path | None = None
@@ -206,10 +205,6 @@ class EventLogWriter:
         """Events appended but not yet durably written."""
         return sum(s.count for s in self._stretches)
 
-    @property
-    def current_file(self) -> Path | None:
-        return self._path
-
     def seen(self, event: dict) -> bool:
         """Is `event` (by source, epoch, seq) already written or waiting to be?"""
         key = event_key(event)
@@ -219,7 +214,6 @@ class EventLogWriter:
         for ev in events:
             line = dumps_event(ev)
             self._buf.append(line)
-            self._buf_bytes += len(line)
             key = event_key(ev)
             if key is not None:
                 self._pending.add(key)
@@ -235,7 +229,7 @@ class EventLogWriter:
             return
         data = b"".join(self._buf)
         try:
-            self._ensure_file(len(data))
+            self._ensure_file()
             self._write_at(data, self._size)
         except OSError as exc:
             self._undo()
@@ -250,7 +244,6 @@ class EventLogWriter:
         self.events_written += self.buffered
         self._buf.clear()
         self._pending.clear()
-        self._buf_bytes = 0
         self._stretches = [_Stretch(0)]
 
     def close(self) -> None:
@@ -271,7 +264,7 @@ class EventLogWriter:
 
     # -- internals ---------------------------------------------------------------
 
-    def _ensure_file(self, incoming: int) -> None:
+    def _ensure_file(self) -> None:
         day = time.strftime("%Y%m%d", time.gmtime(self.clock()))
         if self._fd is not None and day == self._day and self._size < self.max_bytes:
             return
