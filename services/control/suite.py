@@ -168,6 +168,16 @@ class Suite:
             pass
         return sorted({p for p in pids if _alive(p)})
 
+    def poke(self) -> None:
+        """Wake supervisord's loop. It notices that a program exited only when something
+        wakes its 1 s poll after the exit (docs/pitfalls.md, "supervisord"), and it
+        stops one program at a time: while it stops the suite, a poke per short while
+        lets each next program stop as soon as the previous one is gone."""
+        try:
+            self.rpc().supervisor.getState()
+        except (OSError, xmlrpc.client.Error):
+            pass  # shutting down answers with a fault: the wake-up is all we wanted
+
     def stop(self, timeout: float = 90.0) -> None:
         """Stop everything and return only when no process of the suite is left."""
         before = self.pids()
@@ -179,13 +189,15 @@ class Suite:
         while time.monotonic() < deadline:
             if self.proc is not None:
                 try:
-                    self.proc.wait(timeout=0.1)
+                    self.proc.wait(timeout=0.05)
                 except subprocess.TimeoutExpired:
+                    self.poke()
                     continue
             left = [p for p in before if _alive(p)] + self.pids()
             if not left:
                 break
             reap_orphans()
+            self.poke()
             time.sleep(0.05)  # a CLI waiting for other processes to exit: nothing to poll
         for pid in set(before + self.pids()):
             if _alive(pid):  # past the deadline: kill what we know by pid

@@ -244,7 +244,8 @@ class EventRouter(BusService):
         if self.sink is not None:
             self.sink.close(timeout=5.0)
         if self.metrics_server is not None:
-            self.metrics_server()
+            # Its thread is a daemon and the process exits right after: stopping it first
+            # would only wait out its poll interval.
             (self.rt.home / "run" / "metrics.url").unlink(missing_ok=True)
         self.fan_in.close(linger=0)
         self.live.close(linger=0)

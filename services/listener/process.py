@@ -276,7 +276,7 @@ class SupervisorListener:
             self.save_state()
         self.finish()
 
-    def finish(self, grace: float = 0.5) -> None:
+    def finish(self, grace: float = 0.1) -> None:
         """Give the router a moment to acknowledge, then keep the rest for next time."""
         deadline = time.monotonic() + grace
         self.publisher.flush()
