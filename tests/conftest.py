@@ -22,17 +22,35 @@ from cortex.services.control import Suite, become_subreaper, reap_orphans, zombi
 become_subreaper()
 
 
+# What keeps a test out of the `pure` tier (logic alone, in seconds): fixtures that start
+# processes (a suite, PostgreSQL), a property search (hypothesis), and these modules.
+PROCESS_FIXTURES = frozenset({"suites", "suite", "shared_suite", "pg_server", "postgres_url"})
+NOT_PURE_MODULES = {
+    "test_cli.py": "runs the cortex command in subprocesses",
+    "test_prediction.py": "trains scikit-learn models",
+}
+
+
 def pytest_addoption(parser):
-    parser.addoption("--run-slow", action="store_true", help="run long soak and chaos tests")
+    parser.addoption("--heavy", action="store_true",
+                     help="run the heavy tests too (chaos, soak, outages; CI's second pass)")
 
 
 def pytest_collection_modifyitems(config, items):
-    if config.getoption("--run-slow"):
-        return
-    skip = pytest.mark.skip(reason="long run: use --run-slow")
+    """Two tiers. Heavy tests run only with --heavy (or when `-m` names them); every test
+    that starts no process, searches no property space and is not heavy is marked
+    `pure`, so `-m pure` runs the logic alone in seconds."""
+    run_heavy = config.getoption("--heavy") or "heavy" in (config.option.markexpr or "")
+    skip = pytest.mark.skip(reason="heavy: run with --heavy (CI runs them in a second pass)")
     for item in items:
-        if "slow" in item.keywords:
+        heavy = item.get_closest_marker("heavy") is not None
+        if heavy and not run_heavy:
             item.add_marker(skip)
+        if not (heavy or PROCESS_FIXTURES & set(item.fixturenames)
+                or item.get_closest_marker("postgres") or item.get_closest_marker("processes")
+                or getattr(item.obj, "is_hypothesis_test", False)
+                or item.path.name in NOT_PURE_MODULES):
+            item.add_marker(pytest.mark.pure)
 
 
 def short_home(prefix: str = "cx") -> Path:

@@ -158,11 +158,20 @@ class PgServer:
         return pids
 
     def pause(self) -> None:
-        """SIGSTOP the postmaster and every backend: a hung server (pitfall 11)."""
+        """SIGSTOP the postmaster and every backend: a hung server (docs/pitfalls.md)."""
         self._signal(signal.SIGSTOP)
 
     def resume(self) -> None:
         self._signal(signal.SIGCONT)
+
+    def paused(self) -> bool:
+        """Is the postmaster stopped by a signal (state T)?"""
+        pid = self.pid()
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError, TypeError):
+            return False
+        return state == "T"
 
     def kill(self, timeout: float = 30) -> None:
         """SIGKILL our postmaster and its backends (a crash); `start()` recovers."""

@@ -205,6 +205,7 @@ def test_a_window_the_config_takes_is_one_the_ledger_takes(tmp_path):
     LedgerState(settings.ledger.budgets, now=0.0)  # raises on a window it would refuse
 
 
+@pytest.mark.processes
 def test_a_service_refuses_a_bad_config_with_exit_8(tmp_path):
     """`rolling:1.5` once passed the config check and crash-looped the ledger; now the
     ledger's start refuses it as a bad configuration (exit 8) naming the key."""

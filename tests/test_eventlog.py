@@ -300,6 +300,7 @@ def tiny_fs(tmp_path):
         mnt.rmdir()
 
 
+@pytest.mark.processes
 def test_real_full_filesystem_then_space_freed(tiny_fs):
     directory = tiny_fs / "events"
     w = EventLogWriter(directory, clock=lambda: DAY1)

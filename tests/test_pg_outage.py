@@ -94,7 +94,9 @@ def ids_in_postgres(url: str) -> tuple[list[str], int]:
     return ids, distinct
 
 
+@pytest.mark.heavy
 @pytest.mark.postgres
+@pytest.mark.timeout(900)
 def test_postgres_stopped_then_hung_loses_nothing_and_stalls_nothing(
         suites, pg_server, postgres_url):  # noqa: F811
     url = fresh_database(postgres_url, f"outage_{uuid.uuid4().hex[:12]}")
