@@ -219,7 +219,7 @@ def _contents(directory: Path) -> list[str]:
 def test_short_write_then_enospc_truncates_and_resumes(tmp_path, monkeypatch):
     """Disk full simulated by patching os.pwrite (tests run as root, so chmod proves nothing).
 
-    The fake writes a partial line (as a real ENOSPC short write does, pitfall 10) and
+    The fake writes a partial line (as a real ENOSPC short write does: docs/pitfalls.md) and
     then fails; the file must be cut back and a later flush must write everything once.
     """
     w = EventLogWriter(tmp_path, clock=lambda: DAY1)

@@ -2,7 +2,7 @@
 
 A real suite copies its events to a real PostgreSQL while agents submit tasks without a
 pause. The database is stopped for 30 s, then started and frozen (SIGSTOP of every one
-of its processes: pitfall 11) for 30 s, then resumed. In each phase tasks keep
+of its processes: docs/pitfalls.md) for 30 s, then resumed. In each phase tasks keep
 completing and `events.status` shows the PostgreSQL lag growing; afterwards the set of
 event ids in PostgreSQL equals the set in the JSONL files, with no duplicates.
 """
