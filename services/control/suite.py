@@ -138,6 +138,13 @@ class Suite:
 
     def wait_ready(self, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
+        # supervisord starts the programs on its first turn, a second after it starts
+        # unless woken: wake it as soon as its socket is there.
+        sock = self.home / "run" / "supervisor.sock"
+        while not sock.exists() and time.monotonic() < deadline and (
+                self.proc is None or self.proc.poll() is None):
+            time.sleep(0.02)  # waiting for another process to create a file
+        self.poke()
         answers: dict[str, bool] = {}
         while time.monotonic() < deadline:
             if self.proc is not None and self.proc.poll() is not None:
@@ -169,10 +176,11 @@ class Suite:
         return sorted({p for p in pids if _alive(p)})
 
     def poke(self) -> None:
-        """Wake supervisord's loop. It notices that a program exited only when something
-        wakes its 1 s poll after the exit (docs/pitfalls.md, "supervisord"), and it
-        stops one program at a time: while it stops the suite, a poke per short while
-        lets each next program stop as soon as the previous one is gone."""
+        """Wake supervisord's loop, which otherwise acts only every second when nothing
+        happens (docs/pitfalls.md, "supervisord"): it starts the programs on its first
+        turn, notices that a program exited only when something wakes it after the exit,
+        and stops one program at a time. So while it starts or stops the suite, a poke
+        per short while lets each step follow the previous one at once."""
         try:
             self.rpc().supervisor.getState()
         except (OSError, xmlrpc.client.Error):
