@@ -136,6 +136,14 @@ class SuiteRunner:
         return problems
 
 
+@pytest.fixture(autouse=True)
+def reap_what_earlier_tests_orphaned():
+    """As a subreaper this process inherits whatever a test orphans; reap those before
+    each test, so a test counting zombies sees only its own (a worker runs many modules
+    one after another)."""
+    reap_orphans()
+
+
 @pytest.fixture
 def suites():
     runner = SuiteRunner()

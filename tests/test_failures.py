@@ -14,7 +14,7 @@ import pytest
 
 from cortex.protocol import Client
 
-from .conftest import wait_for
+from .conftest import jsonl_events_of, wait_for
 from .test_suite_integration import jsonl_events
 
 SPAWNER = '[handlers]\nspawner = { command = ["sh", "-c", "sleep 300 & sleep 300"] }\n'
@@ -85,6 +85,16 @@ def test_timeout_kills_the_task_with_its_children(suites):
         # The pool replaced the worker, and the next task runs.
         again = c.submit("echo", "after the timeout", payload=1)
         assert c.wait(again["id"], timeout=30)["state"] == "completed"
+
+    def pool_story():
+        return [e["type"] for e in jsonl_events_of(suite.home)
+                if e.get("source") == "pool" and e.get("worker") == running["worker"]]
+
+    # The pool told the worker's life as one event per state change, its end by the reap.
+    story = wait_for(lambda: "worker.exited" in (s := pool_story()) and s, 30,
+                     "the timed-out worker's exit in the log")
+    assert story[:2] == ["worker.spawned", "worker.stopping"], story
+    assert story[-1] == "worker.exited" and set(story[2:-1]) <= {"worker.killed"}, story
 
 
 def test_cancel_stops_a_running_handler(suites):

@@ -17,7 +17,6 @@ from cortex.protocol import locate
 from cortex.protocol.worker import Worker
 from cortex.services.pool import handlers
 from cortex.services.runtime import settings as config
-from cortex.services.runtime.entry import exit_now
 
 
 def main(argv=None) -> None:
@@ -39,7 +38,6 @@ def main(argv=None) -> None:
                     max_tasks=group.max_tasks or None, max_rss_mb=group.max_rss_mb or None,
                     idle_exit=args.idle_exit)
     worker.run()
-    exit_now(0)  # everything is closed: skip the interpreter's teardown
 
 
 if __name__ == "__main__":
