@@ -36,11 +36,24 @@ def pytest_addoption(parser):
                      help="run the heavy tests too (chaos, soak, outages; CI's second pass)")
 
 
+def _uses_a_wider_fixture(item) -> bool:
+    info = getattr(item, "_fixtureinfo", None)
+    for defs in (info.name2fixturedefs.values() if info else ()):
+        if defs and defs[-1].scope in ("module", "package", "class"):
+            return True
+    return False
+
+
 def pytest_collection_modifyitems(config, items):
     """Two tiers. Heavy tests run only with --heavy (or when `-m` names them); every test
     that starts no process, searches no property space and is not heavy is marked
     `pure`, so `-m pure` runs the logic alone in seconds."""
     run_heavy = config.getoption("--heavy") or "heavy" in (config.option.markexpr or "")
+    for item in items:
+        # Tests sharing a module-scoped fixture (a suite, a trained model) go to one xdist
+        # worker, so it is built once; the others spread one by one (--dist loadgroup).
+        if _uses_a_wider_fixture(item):
+            item.add_marker(pytest.mark.xdist_group(item.path.name))
     skip = pytest.mark.skip(reason="heavy: run with --heavy (CI runs them in a second pass)")
     for item in items:
         heavy = item.get_closest_marker("heavy") is not None
