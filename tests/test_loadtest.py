@@ -66,6 +66,7 @@ def _check_scenario(name: str, s: dict, planned: int) -> None:
     assert 0 <= s["utilization"]["overall"] <= 1.0 + 1e-6
 
 
+@pytest.mark.processes
 def test_smoke_noop_and_latency(tmp_path, capsys):
     out = tmp_path / "report"
     code = cli.main(["--agents", "10", "--tasks", "200", "--workers", "4",

@@ -9,7 +9,6 @@ message an error we answer (`unavailable`) instead of a silent drop.
 
 from __future__ import annotations
 
-import argparse
 import os
 import time
 
@@ -18,6 +17,7 @@ import zmq
 from cortex.protocol import wire
 from cortex.protocol.peer import make_socket, poll_ms, recv_frames, send_frames
 from cortex.services.broker.peers import PeerTable
+from cortex.services.runtime.entry import serve
 from cortex.services.runtime.process import ServiceRuntime
 
 MAX_BATCH = 5000
@@ -163,7 +163,4 @@ class Broker:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="cortex-broker", description=__doc__)
-    parser.add_argument("--home", help="suite home (default: $CORTEX_HOME or ./.cortex)")
-    Broker(parser.parse_args(argv).home).run()
-
+    serve("cortex-broker", __doc__, Broker, argv)
