@@ -22,17 +22,48 @@ from cortex.services.control import Suite, become_subreaper, reap_orphans, zombi
 become_subreaper()
 
 
+# What keeps a test out of the `pure` tier (logic alone, in seconds): fixtures that start
+# processes (a suite, PostgreSQL), a property search (hypothesis), and these modules.
+PROCESS_FIXTURES = frozenset({"suites", "suite", "shared_suite", "pg_server", "postgres_url"})
+NOT_PURE_MODULES = {
+    "test_cli.py": "runs the cortex command in subprocesses",
+    "test_prediction.py": "trains scikit-learn models",
+}
+
+
 def pytest_addoption(parser):
-    parser.addoption("--run-slow", action="store_true", help="run long soak and chaos tests")
+    parser.addoption("--heavy", action="store_true",
+                     help="run the heavy tests too (chaos, soak, outages; CI's second pass)")
+
+
+def _uses_a_wider_fixture(item) -> bool:
+    info = getattr(item, "_fixtureinfo", None)
+    for defs in (info.name2fixturedefs.values() if info else ()):
+        if defs and defs[-1].scope in ("module", "package", "class"):
+            return True
+    return False
 
 
 def pytest_collection_modifyitems(config, items):
-    if config.getoption("--run-slow"):
-        return
-    skip = pytest.mark.skip(reason="long run: use --run-slow")
+    """Two tiers. Heavy tests run only with --heavy (or when `-m` names them); every test
+    that starts no process, searches no property space and is not heavy is marked
+    `pure`, so `-m pure` runs the logic alone in seconds."""
+    run_heavy = config.getoption("--heavy") or "heavy" in (config.option.markexpr or "")
     for item in items:
-        if "slow" in item.keywords:
+        # Tests sharing a module-scoped fixture (a suite, a trained model) go to one xdist
+        # worker, so it is built once; the others spread one by one (--dist loadgroup).
+        if _uses_a_wider_fixture(item):
+            item.add_marker(pytest.mark.xdist_group(item.path.name))
+    skip = pytest.mark.skip(reason="heavy: run with --heavy (CI runs them in a second pass)")
+    for item in items:
+        heavy = item.get_closest_marker("heavy") is not None
+        if heavy and not run_heavy:
             item.add_marker(skip)
+        if not (heavy or PROCESS_FIXTURES & set(item.fixturenames)
+                or item.get_closest_marker("postgres") or item.get_closest_marker("processes")
+                or getattr(item.obj, "is_hypothesis_test", False)
+                or item.path.name in NOT_PURE_MODULES):
+            item.add_marker(pytest.mark.pure)
 
 
 def short_home(prefix: str = "cx") -> Path:
@@ -116,6 +147,14 @@ class SuiteRunner:
             if not os.environ.get("CORTEX_KEEP_HOMES"):  # keep them to read their logs
                 shutil.rmtree(suite.home, ignore_errors=True)
         return problems
+
+
+@pytest.fixture(autouse=True)
+def reap_what_earlier_tests_orphaned():
+    """As a subreaper this process inherits whatever a test orphans; reap those before
+    each test, so a test counting zombies sees only its own (a worker runs many modules
+    one after another)."""
+    reap_orphans()
 
 
 @pytest.fixture

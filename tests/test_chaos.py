@@ -3,7 +3,7 @@
 At the end: every accepted task completed exactly once (or dead-lettered with a reason),
 no completion recorded twice, the ledger equals the sum of reported use, every event is
 in JSONL exactly once with no sequence gap, and nothing of the suite is left running.
-The default run is small; `--run-slow` adds the 10,000-task version.
+Both are heavy: CI runs them in its second pass (`pytest --heavy -m heavy`).
 """
 
 from __future__ import annotations
@@ -168,6 +168,8 @@ def no_orphans(home) -> list[int]:
     return left
 
 
+@pytest.mark.heavy
+@pytest.mark.timeout(1200)
 def test_chaos_small(suites):
     suite, kills, states = run_chaos(suites, agents=100, tasks=2000, workers=10, every=2.0)
     home = suite.home
@@ -177,7 +179,8 @@ def test_chaos_small(suites):
     assert not no_orphans(home)
 
 
-@pytest.mark.slow
+@pytest.mark.heavy
+@pytest.mark.timeout(2400)
 def test_chaos_large(suites):
     started = time.monotonic()
     suite, kills, states = run_chaos(suites, agents=100, tasks=10_000, workers=20, every=2.0)

@@ -180,17 +180,44 @@ limit = 0
     ('"type:llm"', 'limit = 5\nwindow = "rolling:x"'),
     ('"type:llm"', 'limit = 5\nwindow = "rolling:"'),
     ('"type:llm"', "limit = 5\nwindow = 3"),
+    ('"type:llm"', "limit = 5\nwindow = 0"),
+    ('"type:llm"', 'limit = 5\nwindow = "rolling:1.5"'),
+    ('"type:llm"', 'limit = 5\nwindow = "rolling:060"'),
 ], ids=["no_scope_kind", "global", "unknown_key", "negative", "bool", "str", "float",
-        "no_limit", "weekly", "rolling_zero", "rolling_text", "rolling_empty", "window_int"])
+        "no_limit", "weekly", "rolling_zero", "rolling_text", "rolling_empty", "window_int",
+        "window_zero_int", "rolling_fraction", "rolling_leading_zero"])
 def test_bad_sub_budget_is_fatal(tmp_path, table, body):
     assert "llm" in refused(tmp_path, f"[ledger.budgets.{table}]\n{body}\n") or \
         table == '"global"'
 
 
 @pytest.mark.parametrize("line", ['window = "hourly"', "budget = -1", "budget = 1.5",
-                                  'window = "rolling:-5"'])
+                                  'window = "rolling:-5"', 'window = "rolling:1.5"'])
 def test_bad_global_budget_is_fatal(tmp_path, line):
     refused(tmp_path, f"[ledger]\n{line}\n")
+
+
+def test_a_window_the_config_takes_is_one_the_ledger_takes(tmp_path):
+    from cortex.services.ledger.budgets import LedgerState
+
+    settings = load(write(tmp_path, '[ledger]\nwindow = "rolling:90"\n'
+                          '[ledger.budgets."type:llm"]\nlimit = 5\nwindow = "daily"\n'))
+    LedgerState(settings.ledger.budgets, now=0.0)  # raises on a window it would refuse
+
+
+@pytest.mark.processes
+def test_a_service_refuses_a_bad_config_with_exit_8(tmp_path):
+    """`rolling:1.5` once passed the config check and crash-looped the ledger; now the
+    ledger's start refuses it as a bad configuration (exit 8) naming the key."""
+    import subprocess
+    import sys
+
+    write(tmp_path, '[ledger]\nwindow = "rolling:1.5"\n')
+    done = subprocess.run([sys.executable, "-m", "cortex.services.ledger", "--home",
+                           str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == ConfigError.exit_code == 8
+    assert "[ledger] window" in done.stderr and "rolling:1.5" in done.stderr
+    assert "Traceback" not in done.stderr
 
 
 # --- handlers -----------------------------------------------------------------------------

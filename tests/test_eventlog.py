@@ -1,4 +1,5 @@
-"""Tests for the JSONL event log (services/eventlog.py): no sockets, no database."""
+"""Tests for the JSONL event log (services/runtime/eventlog.py, eventread.py and
+sequences.py): no sockets, no database."""
 
 from __future__ import annotations
 
@@ -19,8 +20,11 @@ from cortex.services.runtime.eventlog import (
     SeqTracker,
     list_event_files,
     read_events,
-    recover_positions,
 )
+
+
+def recover_positions(directory) -> dict:
+    return SeqTracker.recover(directory).positions()
 
 DAY1 = 1_732_770_000.0  # 2024-11-28 05:00 UTC
 DAY2 = DAY1 + 86_400
@@ -191,6 +195,23 @@ def test_recover_positions_with_gaps_and_rotation(tmp_path):
     assert recover_positions(tmp_path / "missing") == {}
 
 
+def test_the_writer_knows_what_is_written_or_buffered(tmp_path):
+    """The router de-duplicates through the writer's one tracker: an event is seen once
+    it is buffered, stays seen once written, and after a restart from the files."""
+    with EventLogWriter(tmp_path, clock=lambda: DAY1) as w:
+        assert not w.seen(ev(1))
+        w.append([ev(1)])
+        assert w.seen(ev(1)) and not w.seen(ev(2))
+        w.flush()
+        assert w.seen(ev(1)) and w.tracker.position("scheduler", 1) == 1
+        w.append([ev(3)])
+        w.flush()
+        assert w.tracker.gaps == 1  # seq 2 is missing
+    with EventLogWriter(tmp_path, clock=lambda: DAY1) as again:
+        assert again.seen(ev(1)) and again.seen(ev(3)) and not again.seen(ev(2))
+        assert again.tracker.gaps == 1
+
+
 def _contents(directory: Path) -> list[str]:
     return [e["id"] for e in read_events(directory)]
 
@@ -198,7 +219,7 @@ def _contents(directory: Path) -> list[str]:
 def test_short_write_then_enospc_truncates_and_resumes(tmp_path, monkeypatch):
     """Disk full simulated by patching os.pwrite (tests run as root, so chmod proves nothing).
 
-    The fake writes a partial line (as a real ENOSPC short write does, pitfall 10) and
+    The fake writes a partial line (as a real ENOSPC short write does: docs/pitfalls.md) and
     then fails; the file must be cut back and a later flush must write everything once.
     """
     w = EventLogWriter(tmp_path, clock=lambda: DAY1)
@@ -279,6 +300,7 @@ def tiny_fs(tmp_path):
         mnt.rmdir()
 
 
+@pytest.mark.processes
 def test_real_full_filesystem_then_space_freed(tiny_fs):
     directory = tiny_fs / "events"
     w = EventLogWriter(directory, clock=lambda: DAY1)

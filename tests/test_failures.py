@@ -14,7 +14,7 @@ import pytest
 
 from cortex.protocol import Client
 
-from .conftest import wait_for
+from .conftest import SuiteRunner, jsonl_events_of, wait_for
 from .test_suite_integration import jsonl_events
 
 SPAWNER = '[handlers]\nspawner = { command = ["sh", "-c", "sleep 300 & sleep 300"] }\n'
@@ -86,9 +86,31 @@ def test_timeout_kills_the_task_with_its_children(suites):
         again = c.submit("echo", "after the timeout", payload=1)
         assert c.wait(again["id"], timeout=30)["state"] == "completed"
 
+    def pool_story():
+        return [e["type"] for e in jsonl_events_of(suite.home)
+                if e.get("source") == "pool" and e.get("worker") == running["worker"]]
 
-def test_cancel_stops_a_running_handler(suites):
-    suite = suites.start(workers=1)
+    # The pool told the worker's life as one event per state change, its end by the reap.
+    story = wait_for(lambda: "worker.exited" in (s := pool_story()) and s, 30,
+                     "the timed-out worker's exit in the log")
+    assert story[:2] == ["worker.spawned", "worker.stopping"], story
+    assert story[-1] == "worker.exited" and set(story[2:-1]) <= {"worker.killed"}, story
+
+
+@pytest.fixture(scope="module")
+def one_worker_suite():
+    """A suite with one worker, shared by the tests that end only their own task's worker
+    (the pool replaces it) and so leave the suite as they found it."""
+    runner = SuiteRunner()
+    try:
+        yield runner.start(workers=1)
+    finally:
+        problems = runner.stop_all()
+        assert not problems, "; ".join(problems)
+
+
+def test_cancel_stops_a_running_handler(one_worker_suite):
+    suite = one_worker_suite
     with Client(suite.home, timeout=30) as c:
         task = c.submit("sleep", "long", payload={"seconds": 120})
         wait_for(lambda: c.status(task["id"])["state"] == "running", 20, "running")
@@ -100,8 +122,8 @@ def test_cancel_stops_a_running_handler(suites):
         assert c.wait(after["id"], timeout=30)["result"] == 2
 
 
-def test_retries_spent_end_in_the_dead_letters(suites):
-    suite = suites.start(workers=1)
+def test_retries_spent_end_in_the_dead_letters(one_worker_suite):
+    suite = one_worker_suite
     with Client(suite.home, timeout=60) as c:
         task = c.submit("sleep", "always times out", payload={"seconds": 30}, timeout=0.5,
                         retries=1)

@@ -66,6 +66,7 @@ def _check_scenario(name: str, s: dict, planned: int) -> None:
     assert 0 <= s["utilization"]["overall"] <= 1.0 + 1e-6
 
 
+@pytest.mark.processes
 def test_smoke_noop_and_latency(tmp_path, capsys):
     out = tmp_path / "report"
     code = cli.main(["--agents", "10", "--tasks", "200", "--workers", "4",
@@ -113,7 +114,7 @@ def test_unknown_scenario_is_refused():
 def test_mixed_phases_and_scaled_jobs():
     import random
 
-    from cortex.loadtest.scenarios import mixed_job, mixed_phases
+    from cortex.loadtest.learning import mixed_job, mixed_phases
 
     assert mixed_phases(1400) == (1000, 400)
     assert mixed_phases(1200) == (1000, 200)
@@ -157,7 +158,7 @@ class _FakeScheduler:
 
 
 def test_retrain_waits_for_its_own_training(tmp_path):
-    from cortex.loadtest.scenarios import retrain_model
+    from cortex.loadtest.learning import retrain_model
 
     fake = _FakeScheduler()
     out = retrain_model(fake, tmp_path, timeout=10)

@@ -12,7 +12,6 @@ unroutable message an error we answer (`unavailable`) instead of a silent drop.
 
 from __future__ import annotations
 
-import argparse
 import hmac
 import os
 import time
@@ -23,6 +22,7 @@ from cortex.protocol import wire
 from cortex.protocol.peer import make_socket, poll_ms, recv_frames, send_frames
 from cortex.services.broker.peers import PeerTable
 from cortex.services.runtime.connections import ConnectionGuard, default_cap, raise_fd_limit
+from cortex.services.runtime.entry import serve
 from cortex.services.runtime.process import ServiceRuntime, suite_secret
 
 MAX_BATCH = 5000
@@ -231,7 +231,4 @@ class Broker:
 
 
 def main(argv=None) -> None:
-
-    parser = argparse.ArgumentParser(prog="cortex-broker", description=__doc__)
-    parser.add_argument("--home", help="suite home (default: $CORTEX_HOME or ./.cortex)")
-    Broker(parser.parse_args(argv).home).run()
+    serve("cortex-broker", __doc__, Broker, argv)

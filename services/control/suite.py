@@ -147,6 +147,13 @@ class Suite:
 
     def wait_ready(self, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
+        # supervisord starts the programs on its first turn, a second after it starts
+        # unless woken: wake it as soon as its socket is there.
+        sock = self.home / "run" / "supervisor.sock"
+        while not sock.exists() and time.monotonic() < deadline and (
+                self.proc is None or self.proc.poll() is None):
+            time.sleep(0.02)  # waiting for another process to create a file
+        self.poke()
         answers: dict[str, bool] = {}
         # The dashboard is a client, not a service: it is ready once its URL is written.
         dashboard = self.dashboard_enabled()
@@ -184,6 +191,17 @@ class Suite:
             pass
         return sorted({p for p in pids if _alive(p)})
 
+    def poke(self) -> None:
+        """Wake supervisord's loop, which otherwise acts only every second when nothing
+        happens (docs/pitfalls.md, "supervisord"): it starts the programs on its first
+        turn, notices that a program exited only when something wakes it after the exit,
+        and stops one program at a time. So while it starts or stops the suite, a poke
+        per short while lets each step follow the previous one at once."""
+        try:
+            self.rpc().supervisor.getState()
+        except (OSError, xmlrpc.client.Error):
+            pass  # shutting down answers with a fault: the wake-up is all we wanted
+
     def stop(self, timeout: float = 90.0) -> None:
         """Stop everything and return only when no process of the suite is left."""
         before = self.pids()
@@ -195,13 +213,15 @@ class Suite:
         while time.monotonic() < deadline:
             if self.proc is not None:
                 try:
-                    self.proc.wait(timeout=0.1)
+                    self.proc.wait(timeout=0.05)
                 except subprocess.TimeoutExpired:
+                    self.poke()
                     continue
             left = [p for p in before if _alive(p)] + self.pids()
             if not left:
                 break
             reap_orphans()
+            self.poke()
             time.sleep(0.05)  # a CLI waiting for other processes to exit: nothing to poll
         for pid in set(before + self.pids()):
             if _alive(pid):  # past the deadline: kill what we know by pid

@@ -13,27 +13,25 @@ acknowledged and publishers keep their events until writing works again.
 
 from __future__ import annotations
 
-import argparse
 import collections
 import hmac
 import os
-import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import msgpack
-import orjson
 import zmq
 
 from cortex.protocol import wire
 from cortex.protocol.peer import make_socket, recv_frames
 from cortex.services.events.metrics import BOUNDS, STAGES, Metrics
+from cortex.services.runtime.durable import write_atomic
 from cortex.services.runtime.effects import Effects
+from cortex.services.runtime.entry import serve
 from cortex.services.runtime.eventlog import (
     EventLogError,
     EventLogWriter,
     RingBuffer,
-    SeqTracker,
     read_events,
 )
 from cortex.services.runtime.loop import BusService
@@ -108,9 +106,9 @@ class EventRouter(BusService):
         directory = self.rt.home / "events"
         self.writer = EventLogWriter(directory, self.settings.events.max_file_bytes,
                                      self.settings.suite.fsync)
-        # Never acknowledge past a hole: publishers re-send a stuck head within a second,
-        # so holes stay small; the bound only caps memory.
-        self.tracker = SeqTracker.recover(directory, max_pending=1_000_000)
+        # The writer's tracker is the one record of what is written: it de-duplicates
+        # re-sends and tells how far each stream may be acknowledged.
+        self.tracker = self.writer.tracker
         self.ring = RingBuffer(10_000)
         ctx = self.rt.ctx
         self.fan_in_endpoint = self.rt.endpoints["events_in"]
@@ -134,14 +132,11 @@ class EventRouter(BusService):
             from cortex.services.events.pgsink import (
                 PgSink,  # only when configured: JSONL needs no database
             )
-            self.sink = PgSink(self.settings.events.postgres_url,
-                               self.rt.home / "state" / "pg-spool")
+            # It follows the JSONL log from its saved position: the log is its backlog.
+            self.sink = PgSink(self.settings.events.postgres_url, directory,
+                               self.rt.home / "state" / "pg-position.json")
         self.own_seq = 0
         self.next_flush = 0.0
-        self.pg_checkpoint = self.rt.home / "state" / "pg-checkpoint.json"
-        self.next_checkpoint = 0.0
-        if self.sink is not None:
-            self.backfill_after_crash()
         # Streaming latency histograms and counters, fed every event; /metrics on localhost.
         self.metrics = Metrics()
         self.metrics.set_gauge("events_buffered", lambda: self.writer.buffered)
@@ -154,43 +149,10 @@ class EventRouter(BusService):
         if port >= 0:
             try:
                 self.metrics_server = self.metrics.serve(port)
-                (self.rt.home / "run" / "metrics.url").write_text(self.metrics_server.url)
+                write_atomic(self.rt.home / "run" / "metrics.url",
+                             self.metrics_server.url.encode())
             except OSError as e:
                 self.log.error("metrics endpoint not started: %s", e)
-
-    # -- PostgreSQL across a router crash ----------------------------------------------------
-    def backfill_after_crash(self) -> None:
-        """The sink's in-memory backlog dies with a killed router, and publishers were
-        already acknowledged (JSONL is written first). So the router notes when PostgreSQL
-        last had everything (lag 0) and, at start, offers the JSONL events since then
-        again, from a thread; inserts are idempotent by id, so repeats are harmless."""
-        try:
-            since = float(orjson.loads(self.pg_checkpoint.read_bytes())["confirmed_until"])
-        except (OSError, ValueError, KeyError, TypeError):
-            return  # first start with PostgreSQL (or no record): nothing known to be missing
-        directory, sink, log = self.rt.home / "events", self.sink, self.log
-
-        def run() -> None:
-            batch, offered = [], 0
-            for event in read_events(directory, since=since - 1.0):
-                batch.append(event)
-                if len(batch) >= 1000:
-                    sink.offer(batch)
-                    offered, batch = offered + len(batch), []
-            sink.offer(batch)
-            log.info("offered %d events since %.3f to PostgreSQL again", offered + len(batch),
-                     since)
-
-        threading.Thread(target=run, name="pg-backfill", daemon=True).start()
-
-    def checkpoint_postgres(self, now: float) -> None:
-        if self.sink is None or now < self.next_checkpoint:
-            return
-        self.next_checkpoint = now + 1.0
-        if self.sink.lag() == 0:
-            tmp = self.pg_checkpoint.with_suffix(".tmp")
-            tmp.write_bytes(orjson.dumps({"confirmed_until": time.time()}))
-            os.replace(tmp, self.pg_checkpoint)
 
     # -- fan-in ---------------------------------------------------------------------------
     def on_batch(self, parts: list) -> list[dict]:
@@ -221,9 +183,10 @@ class EventRouter(BusService):
                 self.stats["malformed"] += 1
                 continue
             self.to_ack.setdefault(sender, set()).add((source, epoch))
-            if self.tracker.observe(source, epoch, seq) == "duplicate":
+            if self.writer.seen(event):
                 self.stats["duplicates"] += 1  # a re-send: acknowledged, not written again
                 continue
+            self.writer.append([event])
             self.stats["received"] += 1  # distinct events: each must reach the log once
             fresh.append(event)
         return fresh
@@ -236,27 +199,25 @@ class EventRouter(BusService):
         event = {"id": f"events-router:{self.rt.epoch}:{self.own_seq}", "source": "events-router",
                  "epoch": self.rt.epoch, "seq": self.own_seq, "ts": time.time(), "type": type_,
                  "trace": None, "task": None, "worker": None, "data": data}
-        self.tracker.observe("events-router", self.rt.epoch, self.own_seq)
         self.writer.append([event])
         self.deliver([event])
         return event
 
     def deliver(self, events: list[dict]) -> None:
-        """Everything but the log: ring buffer, live fan-out, metrics, PostgreSQL."""
+        """Everything but the log (and PostgreSQL, which copies the log): ring buffer, live
+        fan-out, metrics."""
         self.ring.extend(events)
         self.metrics.observe_many(events)
         self.publish(events)
-        if self.sink is not None:
-            self.sink.offer(events)
 
-    def store(self, fresh: list[dict], now: float) -> None:
-        if fresh:
-            self.writer.append(fresh)
+    def store(self, now: float) -> None:
+        """Flush what the writer holds (group commit), then acknowledge it."""
         if self.unwritable and now < self.next_write_retry:
             return
         if not self.unwritable and now < self.next_flush and self.writer.buffered < FLUSH_EVENTS:
             return  # on_tick flushes when the interval is up
         self.next_flush = now + FLUSH_INTERVAL
+        written_before = self.writer.events_written
         try:
             self.writer.flush()
         except EventLogError as e:
@@ -272,6 +233,8 @@ class EventRouter(BusService):
             self.emit_own("events.writable", {})
             self.writer.flush()
         self.stats["written"] = self.writer.events_written
+        if self.sink is not None:
+            self.sink.written_to_log(self.writer.events_written - written_before)
         for sender, streams in self.to_ack.items():
             for source, epoch in streams:
                 try:
@@ -350,14 +313,13 @@ class EventRouter(BusService):
 
     def on_tick(self, fx: Effects, now: float) -> float:
         mono = time.monotonic()
-        self.checkpoint_postgres(mono)
         queries = self.answer_queries(fx) if self.answers else 1.0
         if self.unwritable:
-            self.store([], mono)
+            self.store(mono)
             return min(RETRY_WRITE, queries)
         if self.writer.buffered or self.to_ack:
             if mono >= self.next_flush:
-                self.store([], mono)
+                self.store(mono)
             else:
                 return min(self.next_flush - mono, queries)
         return queries
@@ -370,7 +332,7 @@ class EventRouter(BusService):
                 if parts is None:
                     break
                 fresh.extend(self.on_batch(parts))
-            self.store(fresh, time.monotonic())
+            self.store(time.monotonic())
             if fresh:
                 self.deliver(fresh)
         if self.live in ready:
@@ -391,7 +353,8 @@ class EventRouter(BusService):
         if self.sink is not None:
             self.sink.close(timeout=5.0)
         if self.metrics_server is not None:
-            self.metrics_server()
+            # Its thread is a daemon and the process exits right after: stopping it first
+            # would only wait out its poll interval.
             (self.rt.home / "run" / "metrics.url").unlink(missing_ok=True)
         self.fan_in.close(linger=0)
         self.live.close(linger=0)
@@ -401,7 +364,4 @@ class EventRouter(BusService):
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="cortex-events", description=__doc__)
-    parser.add_argument("--home", help="suite home (default: $CORTEX_HOME or ./.cortex)")
-    EventRouter(parser.parse_args(argv).home).run()
-
+    serve("cortex-events", __doc__, EventRouter, argv)

@@ -57,19 +57,18 @@ Time and replay
 
 from __future__ import annotations
 
-import re
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
+from cortex.protocol.vocabulary import DAY, window_seconds  # noqa: F401 - DAY: ours too
+
 MAX_AMOUNT = 2**63 - 1
 MAX_ATTEMPT = 2**31 - 1
 MAX_NAME = 256  # task ids, task types and agent names: a bound, so the wire can't bloat state
 MAX_FINISHED = 100_000
-DAY = 86_400
 SNAPSHOT_VERSION = 1
-_ROLLING = re.compile(r"rolling:([1-9][0-9]{0,9})")
 
 
 @dataclass
@@ -112,18 +111,6 @@ def _check_names(task_type: object, agent: object) -> str | None:
     return None
 
 
-def _period(window: object) -> int | None:
-    """Seconds per window (None: never resets); ValueError for anything else."""
-    if window is None:
-        return None
-    if window == "daily":
-        return DAY
-    m = _ROLLING.fullmatch(window) if isinstance(window, str) else None
-    if m is None:
-        raise ValueError('window must be null, "daily" or "rolling:<seconds>"')
-    return int(m.group(1))
-
-
 def _check_budget(scope: object, limit: object, window: object) -> str | None:
     kind, _, name = scope.partition(":") if isinstance(scope, str) else ("", "", "")
     if not (scope == "global" or (kind in ("type", "agent") and _is_name(name))):
@@ -131,7 +118,7 @@ def _check_budget(scope: object, limit: object, window: object) -> str | None:
     if limit is not None and not _is_int(limit, 0, MAX_AMOUNT):
         return "limit must be null (unlimited) or an int in [0, 2**63-1]"
     try:
-        _period(window)
+        window_seconds(window)
     except ValueError as e:
         return str(e)
     return None
@@ -169,7 +156,7 @@ class _Budget:
         # Daily windows align to UTC midnight (Unix time has no leap seconds, so that is a
         # multiple of 86400); rolling ones start now. Counters are kept: reconfiguring a
         # window never forgives usage.
-        period = _period(window)
+        period = window_seconds(window)
         self.window = window
         self.origin = None if period is None else (0.0 if window == "daily" else now)
         self.window_start = None
@@ -178,7 +165,7 @@ class _Budget:
 
     @property
     def next_reset(self) -> float | None:
-        period = _period(self.window)
+        period = window_seconds(self.window)
         return None if period is None else self.window_start + period
 
     def roll(self, now: float) -> bool:
@@ -187,7 +174,7 @@ class _Budget:
         nxt = self.next_reset
         if nxt is None or now < nxt:
             return False
-        period = _period(self.window)
+        period = window_seconds(self.window)
         self.window_start = self.origin + (now - self.origin) // period * period
         self.committed = self.overrun = 0
         return True

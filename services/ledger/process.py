@@ -11,7 +11,6 @@ before the reply leaves.
 
 from __future__ import annotations
 
-import argparse
 import os
 import time
 
@@ -19,7 +18,9 @@ from cortex.protocol import wire
 from cortex.protocol.wire import ProtocolError
 from cortex.services.ledger.budgets import LedgerState
 from cortex.services.runtime.effects import Effects
+from cortex.services.runtime.entry import serve
 from cortex.services.runtime.loop import BusService
+from cortex.services.runtime.settings import ConfigError
 
 
 class Ledger(BusService):
@@ -28,7 +29,10 @@ class Ledger(BusService):
 
     def __init__(self, home=None):
         super().__init__(home)
-        self.state = LedgerState(self.settings.ledger.budgets, now=time.time())
+        try:
+            self.state = LedgerState(self.settings.ledger.budgets, now=time.time())
+        except ValueError as e:  # the operator's to fix: exit as a bad configuration
+            raise ConfigError(f"[ledger] {e}") from None
         self.open_journal()
 
     def snapshot(self) -> dict:
@@ -104,7 +108,4 @@ class Ledger(BusService):
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="cortex-ledger", description=__doc__)
-    parser.add_argument("--home", help="suite home (default: $CORTEX_HOME or ./.cortex)")
-    Ledger(parser.parse_args(argv).home).run()
-
+    serve("cortex-ledger", __doc__, Ledger, argv)

@@ -21,7 +21,6 @@ killed or restarted re-sends them (under their original ids: the router de-dupli
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import signal
@@ -35,6 +34,8 @@ import zmq
 from cortex.protocol import locate
 from cortex.protocol.peer import poll_ms
 from cortex.protocol.publisher import EventPublisher
+from cortex.services.runtime.durable import remove_temp_files
+from cortex.services.runtime.entry import serve
 from cortex.services.runtime.journal import read_snapshot, write_snapshot
 from cortex.services.runtime.process import suite_secret
 
@@ -183,6 +184,7 @@ class SupervisorListener:
     def load_state(self) -> None:
         if self.state_path is None:
             return
+        remove_temp_files(self.state_path.parent, self.state_path.name)
         snap, why = read_snapshot(self.state_path)
         if why:
             log.error("%s unreadable (%s): starting without it", self.state_path, why)
@@ -275,7 +277,7 @@ class SupervisorListener:
             self.save_state()
         self.finish()
 
-    def finish(self, grace: float = 0.5) -> None:
+    def finish(self, grace: float = 0.1) -> None:
         """Give the router a moment to acknowledge, then keep the rest for next time."""
         deadline = time.monotonic() + grace
         self.publisher.flush()
@@ -290,32 +292,38 @@ class SupervisorListener:
         self._wake_w.close()
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="cortex-supervisor-events", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--home", help="suite home (default: $CORTEX_HOME or ./.cortex)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=os.environ.get("CORTEX_LOG_LEVEL", "INFO"), stream=sys.stderr,
-        format="%(asctime)s supervisor-events[%(process)d] %(levelname)s %(message)s")
-    home = locate.find_home(args.home)
-    (home / "state").mkdir(parents=True, exist_ok=True)
-    ctx = zmq.Context()
-    publisher = EventPublisher(ctx, locate.endpoints(home)["events_in"], "supervisor",
-                               time.time_ns(), secret=suite_secret(home))
-    listener = SupervisorListener(sys.stdin.fileno(), sys.stdout.buffer, publisher,
-                                  home / "state" / STATE_FILE)
-    signal.set_wakeup_fd(listener._wake_w.fileno(), warn_on_full_buffer=False)
-    signal.signal(signal.SIGTERM, listener.request_stop)
-    signal.signal(signal.SIGINT, listener.request_stop)
-    listener.load_state()
-    log.info("forwarding supervisord process events for %s", home)
-    try:
-        listener.run()
-    finally:
-        signal.set_wakeup_fd(-1)
-        listener.close()
-        ctx.term()
-        log.info("stopped: %d events forwarded, %d ignored", listener.forwarded,
-                 listener.ignored)
+class ListenerProcess:
+    """The listener as supervisord runs it: stdin/stdout to supervisord, a publisher to
+    the event router, and its unacknowledged events kept under state/."""
 
+    def __init__(self, home=None):
+        logging.basicConfig(
+            level=os.environ.get("CORTEX_LOG_LEVEL", "INFO"), stream=sys.stderr,
+            format="%(asctime)s supervisor-events[%(process)d] %(levelname)s %(message)s")
+        self.home = locate.find_home(home)
+        (self.home / "state").mkdir(parents=True, exist_ok=True)
+        self.ctx = zmq.Context()
+        publisher = EventPublisher(self.ctx, locate.endpoints(self.home)["events_in"],
+                                   "supervisor", time.time_ns(), secret=suite_secret(self.home))
+        self.listener = SupervisorListener(sys.stdin.fileno(), sys.stdout.buffer, publisher,
+                                           self.home / "state" / STATE_FILE)
+
+    def run(self) -> None:
+        listener = self.listener
+        signal.set_wakeup_fd(listener._wake_w.fileno(), warn_on_full_buffer=False)
+        signal.signal(signal.SIGTERM, listener.request_stop)
+        signal.signal(signal.SIGINT, listener.request_stop)
+        listener.load_state()
+        log.info("forwarding supervisord process events for %s", self.home)
+        try:
+            listener.run()
+        finally:
+            signal.set_wakeup_fd(-1)
+            listener.close()
+            self.ctx.term()
+            log.info("stopped: %d events forwarded, %d ignored", listener.forwarded,
+                     listener.ignored)
+
+
+def main(argv=None) -> None:
+    serve("cortex-supervisor-events", __doc__, ListenerProcess, argv)

@@ -12,42 +12,32 @@ scheduler: TERM the worker's process group, KILL after the grace period).
 
 from __future__ import annotations
 
-import argparse
 import ctypes
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
-from dataclasses import dataclass
 
 import psutil
 
-from cortex.protocol import wire
+from cortex.protocol import backoff, wire
+from cortex.services.pool.children import Child, ChildState, Emit, transition
+from cortex.services.runtime.durable import remove_temp_files, write_atomic
 from cortex.services.runtime.effects import Effects
+from cortex.services.runtime.entry import serve
 from cortex.services.runtime.loop import BusService
 
 PR_SET_PDEATHSIG = 1
 STOP_GRACE = 25.0  # seconds workers get to finish their task on shutdown
+RESTART_BACKOFF_BASE = 0.2  # seconds before restarting a worker that crashed once
 RESTART_BACKOFF_CAP = 5.0
 
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec
     os.setsid()
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
-@dataclass
-class Child:
-    name: str
-    group: str
-    slot: int
-    pid: int
-    started: float
-    proc: psutil.Process | None = None
-    kill_at: float | None = None  # monotonic time for SIGKILL after a TERM
-    reason: str = ""
-    extra: bool = False  # surge/autoscaled worker: not restarted when it exits
 
 
 class Pool(BusService):
@@ -57,6 +47,7 @@ class Pool(BusService):
     def __init__(self, home=None):
         super().__init__(home)
         self.pidfile = self.rt.home / "run" / "workers.pids"
+        remove_temp_files(self.pidfile.parent, self.pidfile.name)
         self.children: dict[int, Child] = {}
         self._popen: dict = {}  # pid -> Popen, reaped by our own waitpid
         self.restart_due: list[tuple[float, str, int]] = []  # (when, group, slot)
@@ -97,22 +88,19 @@ class Pool(BusService):
             except psutil.Error:
                 continue
             rows.append({"pid": child.pid, "name": child.name, "created": created})
-        tmp = self.pidfile.with_suffix(".tmp")
-        tmp.write_text(json.dumps(rows))
-        os.replace(tmp, self.pidfile)
+        write_atomic(self.pidfile, json.dumps(rows).encode())
 
     def spawn(self, group: str, slot: int, extra: bool = False) -> Child:
-        import subprocess
-
         self.spawned += 1
         name = f"w-{group}-{slot}-{os.getpid() % 100000}-{self.spawned}"[:wire.MAX_NAME_BYTES]
         cmd = [sys.executable, "-m", "cortex.services.pool.worker", "--home", str(self.rt.home),
                "--group", group, "--name", name]
         if extra:  # surge/autoscaled: retires by itself when idle, not restarted
             cmd += ["--idle-exit", str(self.group(group).idle_exit)]
+        child = Child(name, group, slot, time.time(), extra=extra)
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent,
                                 close_fds=True)
-        child = Child(name, group, slot, proc.pid, time.time(), extra=extra)
+        child.pid = proc.pid
         try:
             child.proc = psutil.Process(proc.pid)
         except psutil.Error:
@@ -120,8 +108,7 @@ class Pool(BusService):
         self._popen[proc.pid] = proc  # keep the Popen so Python does not warn or reap it
         self.children[proc.pid] = child
         self.record_pids()
-        self.emit("worker.spawned", {"pid": proc.pid, "group": group, "slot": slot,
-                                     "extra": extra}, worker=name)
+        transition(child, ChildState.RUNNING, self.emit, group=group, slot=slot, extra=extra)
         return child
 
     def group(self, name: str):
@@ -144,43 +131,69 @@ class Pool(BusService):
         fx.emit("pool.scale_refused", {"type": task_type, "reason": "no group takes this type"})
 
     def reap(self, fx: Effects, now: float) -> None:
+        reaped = False
         while True:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
-                return
+                break
             if pid == 0:
-                return
+                break
             self._popen.pop(pid, None)
             child = self.children.pop(pid, None)
             if child is None:
                 continue
+            reaped = True
             code = os.waitstatus_to_exitcode(status)
             fx.sends.append((b"scheduler", wire.NOTIFY, b"", {
                 "op": "worker.exited", "name": child.name, "pid": pid, "code": code}))
-            fx.emit("worker.exited", {"pid": pid, "code": code, "reason": child.reason,
-                                      "uptime": time.time() - child.started},
-                    worker=child.name)
+            transition(child, ChildState.EXITED, fx.emit, code=code, reason=child.reason,
+                       uptime=time.time() - child.started)
             if self.rt.stopping or (child.extra and code == 0):
                 continue  # an extra worker retiring when idle is scaling down
             # Clean exits (recycling) restart at once; crashes back off, capped.
             key = (child.group, child.slot)
             fails = 0 if code == 0 or child.reason else self.failures.get(key, 0) + 1
             self.failures[key] = fails
-            delay = 0.0 if fails == 0 else min(0.1 * 2 ** fails, RESTART_BACKOFF_CAP)
+            delay = 0.0 if fails == 0 else backoff.delay(fails, RESTART_BACKOFF_BASE,
+                                                         RESTART_BACKOFF_CAP)
             self.restart_due.append((time.monotonic() + delay, child.group, child.slot))
-        self.record_pids()
+        if reaped:
+            self.record_pids()
 
-    def kill(self, child: Child, reason: str, grace: float) -> None:
+    def kill(self, child: Child, reason: str, grace: float, emit: Emit) -> None:
         """TERM the worker's whole process group; KILL it after `grace` seconds."""
-        child.reason = child.reason or reason
+        deadline = time.monotonic() + grace
+        if child.state is ChildState.STOPPING:  # asked again: the sooner deadline holds
+            child.kill_at = min(child.kill_at, deadline)
+            return
+        if child.state is not ChildState.RUNNING:
+            return
+        child.reason = reason  # set even if it is gone already: its exit was asked for
         try:
             os.killpg(child.pid, signal.SIGTERM)
             os.killpg(child.pid, signal.SIGCONT)  # a stopped worker must run to see the TERM
         except (ProcessLookupError, PermissionError):
-            return
-        deadline = time.monotonic() + grace
-        child.kill_at = deadline if child.kill_at is None else min(child.kill_at, deadline)
+            return  # already gone: the reap reports it
+        child.kill_at = deadline
+        transition(child, ChildState.STOPPING, emit, reason=reason, grace=grace)
+
+    def kill_overdue(self, emit: Emit) -> float:
+        """SIGKILL the stopping children whose grace is up; seconds until the next one."""
+        mono = time.monotonic()
+        timeout = 1.0
+        for child in self.children.values():
+            if child.state is not ChildState.STOPPING:
+                continue
+            if mono < child.kill_at:
+                timeout = min(timeout, child.kill_at - mono)
+                continue
+            try:
+                os.killpg(child.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                continue  # gone already: the reap reports it
+            transition(child, ChildState.KILLED, emit, reason=child.reason)
+        return timeout
 
     # -- service hooks ----------------------------------------------------------------------
     def handle(self, fx: Effects, msg: wire.Message, body: dict, now: float) -> None:
@@ -192,7 +205,7 @@ class Pool(BusService):
                 if child.name == name:
                     self.log.warning("killing %s (pid %d): %s", name, child.pid,
                                      body.get("reason"))
-                    self.kill(child, str(body.get("reason", "requested")), grace)
+                    self.kill(child, str(body.get("reason", "requested")), grace, fx.emit)
         elif msg.type == wire.NOTIFY and op == "pool.scale":
             add = wire.field_int(body, "add", lo=1, hi=100)
             self.scale(fx, wire.field_str(body, "type", max_len=64), add,
@@ -206,8 +219,7 @@ class Pool(BusService):
     def describe(self) -> dict:
         workers = []
         for child in sorted(self.children.values(), key=lambda c: (c.group, c.slot)):
-            row = {"name": child.name, "group": child.group, "slot": child.slot,
-                   "pid": child.pid, "started": child.started, "extra": child.extra}
+            row = child.row()
             try:
                 with child.proc.oneshot():
                     row["rss_mb"] = round(child.proc.memory_info().rss / 2**20, 1)
@@ -221,17 +233,7 @@ class Pool(BusService):
     def on_tick(self, fx: Effects, now: float) -> float:
         mono = time.monotonic()
         self.reap(fx, now)
-        timeout = 1.0
-        for child in self.children.values():
-            if child.kill_at is not None:
-                if mono >= child.kill_at:
-                    try:
-                        os.killpg(child.pid, signal.SIGKILL)
-                    except (ProcessLookupError, PermissionError):
-                        pass
-                    child.kill_at = None
-                else:
-                    timeout = min(timeout, child.kill_at - mono)
+        timeout = self.kill_overdue(fx.emit)
         for item in list(self.restart_due):
             when, group, slot = item
             if mono >= when:
@@ -247,19 +249,12 @@ class Pool(BusService):
     def shutdown(self) -> None:
         """Every worker finishes its task, then exits; no child is left unreaped."""
         self.log.info("stopping %d workers", len(self.children))
-        for child in list(self.children.values()):
-            self.kill(child, "shutdown", STOP_GRACE)
         fx = Effects()
+        for child in list(self.children.values()):
+            self.kill(child, "shutdown", STOP_GRACE, fx.emit)
         while self.children:
             self.reap(fx, time.time())
-            mono = time.monotonic()
-            for child in self.children.values():
-                if child.kill_at is not None and mono >= child.kill_at:
-                    try:
-                        os.killpg(child.pid, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
-                    child.kill_at = None
+            self.kill_overdue(fx.emit)
             if self.children:
                 self.poller.poll(100)  # SIGCHLD cuts this short
                 self.rt.drain_wakeups()
@@ -269,7 +264,4 @@ class Pool(BusService):
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="cortex-pool", description=__doc__)
-    parser.add_argument("--home", help="suite home (default: $CORTEX_HOME or ./.cortex)")
-    Pool(parser.parse_args(argv).home).run()
-
+    serve("cortex-pool", __doc__, Pool, argv)

@@ -13,10 +13,14 @@ import logging
 import os
 import sys
 
+import zmq
+
 from cortex.protocol import locate
+from cortex.protocol.peer import LINGER_MS
 from cortex.protocol.worker import Worker
 from cortex.services.pool import handlers
 from cortex.services.runtime import settings as config
+from cortex.services.runtime.entry import exit_now
 
 
 def main(argv=None) -> None:
@@ -38,6 +42,10 @@ def main(argv=None) -> None:
                     max_tasks=group.max_tasks or None, max_rss_mb=group.max_rss_mb or None,
                     idle_exit=args.idle_exit)
     worker.run()
+    # What it sent goes out within the linger; then skip the interpreter's teardown, which
+    # would hold up the pool's stop (and so the suite's) for each worker.
+    zmq.Context.instance().destroy(linger=LINGER_MS)
+    exit_now(0)
 
 
 if __name__ == "__main__":

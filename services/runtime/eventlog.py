@@ -1,6 +1,6 @@
 """Append-only JSONL event log: the embedded, `cat`/`jq`-readable record of every event.
 
-Layout of the events directory (see DESIGN.md, "State on disk"):
+Layout of the events directory (docs/architecture.md, "State on disk"):
 
     events-YYYYMMDD-NNN.jsonl      one event per line, UTC day of *writing*, NNN from 001
     events-YYYYMMDD-NNN.jsonl.idx  index: one JSON line per flushed stretch (see below)
@@ -10,18 +10,16 @@ Layout of the events directory (see DESIGN.md, "State on disk"):
 Index lines look like ``{"offset": 0, "end": 81234, "first_ts": .., "last_ts": ..,
 "count": 250, "tasks": ["t1", ...]}``. ``tasks`` is ``null`` when the stretch saw more
 than `INDEX_MAX_TASKS` distinct tasks (then the stretch can never be skipped by task).
-The index is only an optimisation: readers trust it only while its entries tile the file
-contiguously from offset 0 and stay inside the file; any byte range it does not cover is
-read in full. So a lost, torn or stale index costs speed, never events.
+The index is only an optimisation (see `eventread.py`, which reads it).
 
 Serialisation: orjson, one line per event. orjson refuses integers outside the 64-bit
 range, so such integers (anywhere in the event) are written as decimal *strings*; a
 reader gets ``"1180591620717411303424"`` back for ``2**70``. Other values orjson cannot
 encode (bytes, sets, custom objects) are written as their ``str()``.
 
-Pitfall 10 (ENOSPC arrives as a short write, not an exception): the writer never
-appends blindly. It remembers the last good size of the file, writes each flush with
-``pwrite`` at that offset, and on any failure truncates back to it and keeps the
+A full disk arrives as a short write, not an exception (docs/pitfalls.md): the writer
+never appends blindly. It remembers the last good size of the file, writes each flush
+with ``pwrite`` at that offset, and on any failure truncates back to it and keeps the
 buffer, so a corrupt half-line can never end up in the middle of a file.
 """
 
@@ -31,15 +29,24 @@ import errno
 import fcntl
 import fnmatch
 import os
-import re
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import orjson
+
+from cortex.services.runtime.durable import fsync_dir, write_atomic
+from cortex.services.runtime.eventread import (
+    MiB,
+    as_float,
+    list_event_files,
+    parse_name,
+    read_events,
+    read_index,
+)
+from cortex.services.runtime.sequences import SeqTracker, event_key
 
 __all__ = [
     "EventLogError",
@@ -49,13 +56,13 @@ __all__ = [
     "dumps_event",
     "list_event_files",
     "read_events",
-    "recover_positions",
 ]
 
-MiB = 1024 * 1024
 INDEX_EVERY = 1000  # at most this many events per index line
 INDEX_MAX_TASKS = 64  # beyond this a stretch is marked "tasks": null (unknown)
-_FILE_RE = re.compile(r"^events-(\d{8})-(\d{3,})\.jsonl$")
+# Out-of-order seqs the tracker keeps per stream; the router never acknowledges past a
+# hole and publishers re-send a stuck head within a second, so this only caps memory.
+MAX_PENDING_SEQS = 1_000_000
 _ORJSON_OPTS = orjson.OPT_NON_STR_KEYS | orjson.OPT_APPEND_NEWLINE
 _INT_MIN, _INT_MAX = -(2**63), 2**64 - 1  # what orjson accepts
 
@@ -101,354 +108,6 @@ def dumps_event(event: dict) -> bytes:
         return orjson.dumps(_fix_for_orjson(event), default=_default, option=_ORJSON_OPTS)
 
 
-def _as_float(value: Any) -> float | None:
-    if isinstance(value, int | float) and not isinstance(value, bool) and value == value:
-        return float(value)
-    return None
-
-
-# ---------------------------------------------------------------------------- files
-
-
-def _parse_name(name: str) -> tuple[str, int] | None:
-    m = _FILE_RE.match(name)
-    return (m.group(1), int(m.group(2))) if m else None
-
-
-def list_event_files(directory: str | os.PathLike) -> list[Path]:
-    """Event files in write order (sorted by day, then numerically by NNN)."""
-    d = Path(directory)
-    try:
-        names = os.listdir(d)
-    except FileNotFoundError:
-        return []
-    keyed = [(k, n) for n in names if (k := _parse_name(n)) is not None]
-    return [d / n for _, n in sorted(keyed)]
-
-
-def _read_index(path: Path, file_size: int) -> tuple[list[dict], int]:
-    """Trusted index entries for `path` and the offset up to which they cover the file.
-
-    Entries are trusted only while they tile the file contiguously from 0 (a stale entry
-    left after a truncation, or a torn line, ends the trusted prefix).
-    """
-    try:
-        raw = (path.parent / (path.name + ".idx")).read_bytes()
-    except OSError:
-        return [], 0
-    entries: list[dict] = []
-    covered = 0
-    for line in raw.split(b"\n"):
-        if not line:
-            continue
-        try:
-            e = orjson.loads(line)
-            start, end, count = int(e["offset"]), int(e["end"]), int(e["count"])
-        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
-            break
-        if start != covered or not (start < end <= file_size) or count < 0:
-            break
-        entries.append(e)
-        covered = end
-    return entries, covered
-
-
-# ---------------------------------------------------------------------------- sequences
-
-
-@dataclass(slots=True)
-class _Stream:
-    pos: int = 0  # highest seq with every seq 1..pos seen (or given up on)
-    top: int = 0  # highest seq seen
-    extra: set[int] = field(default_factory=set)  # seen seqs above pos + 1
-
-
-class SeqTracker:
-    """Per (source, epoch) sequence bookkeeping: de-duplication and gap detection.
-
-    ``observe`` returns "duplicate" for a seq already seen, "gap" for a new seq that
-    reveals missing seqs below it, and "new" otherwise (including a late seq that fills
-    a hole). ``gaps`` is the number of seqs currently known to be missing (it drops when
-    a late seq fills a hole); ``duplicates`` counts duplicates seen.
-
-    Memory is bounded: a stream keeps at most `max_pending` out-of-order seqs; beyond
-    that the lowest hole is given up on (stays counted in ``gaps``, and a seq from it
-    arriving later is then reported as a duplicate).
-    """
-
-    def __init__(
-        self, positions: dict[tuple[str, int], int] | None = None, max_pending: int = 4096
-    ) -> None:
-        self._streams: dict[tuple[str, int], _Stream] = {}
-        self.max_pending = max_pending
-        self.gaps = 0
-        self.duplicates = 0
-        for key, pos in (positions or {}).items():
-            self._streams[key] = _Stream(pos=pos, top=pos)
-
-    @classmethod
-    def recover(cls, directory: str | os.PathLike, max_pending: int = 4096) -> SeqTracker:
-        """Tracker holding everything already in the JSONL files of `directory`."""
-        return _recover_tracker(Path(directory), max_pending)
-
-    def observe(self, source: str, epoch: int, seq: int) -> str:
-        key = (source, epoch)
-        st = self._streams.get(key)
-        if st is None:
-            st = self._streams[key] = _Stream()
-        if seq <= st.pos or seq in st.extra:
-            self.duplicates += 1
-            return "duplicate"
-        if seq > st.top:
-            missing = seq - st.top - 1
-            self.gaps += missing
-            st.top = seq
-            result = "gap" if missing else "new"
-        else:
-            self.gaps -= 1  # a late arrival filling a known hole
-            result = "new"
-        if seq == st.pos + 1:
-            st.pos = seq
-            self._absorb(st)
-        else:
-            st.extra.add(seq)
-            if len(st.extra) > self.max_pending:
-                # Give up on the lowest hole so memory stays bounded.
-                st.pos = min(st.extra)
-                st.extra.discard(st.pos)
-                self._absorb(st)
-        return result
-
-    @staticmethod
-    def _absorb(st: _Stream) -> None:
-        while st.extra and st.pos + 1 in st.extra:
-            st.extra.discard(st.pos + 1)
-            st.pos += 1
-
-    def position(self, source: str, epoch: int) -> int:
-        """Highest contiguous seq of (source, epoch); 0 if never seen."""
-        st = self._streams.get((source, epoch))
-        return st.pos if st else 0
-
-    def highest(self, source: str, epoch: int) -> int:
-        st = self._streams.get((source, epoch))
-        return st.top if st else 0
-
-    def positions(self) -> dict[tuple[str, int], int]:
-        return {k: st.pos for k, st in self._streams.items()}
-
-    # Checkpoint form used by the writer's .pos files.
-    def _dump(self) -> dict:
-        return {
-            "gaps": self.gaps,
-            "streams": [
-                [s, e, st.pos, st.top, sorted(st.extra)] for (s, e), st in self._streams.items()
-            ],
-        }
-
-    @classmethod
-    def _load(cls, doc: dict, max_pending: int) -> SeqTracker:
-        t = cls(max_pending=max_pending)
-        t.gaps = int(doc["gaps"])
-        for s, e, pos, top, extra in doc["streams"]:
-            t._streams[(str(s), int(e))] = _Stream(int(pos), int(top), {int(x) for x in extra})
-        return t
-
-
-def _event_key(ev: Any) -> tuple[str, int, int] | None:
-    if not isinstance(ev, dict):
-        return None
-    s, e, q = ev.get("source"), ev.get("epoch"), ev.get("seq")
-    if isinstance(s, str) and type(e) is int and type(q) is int:
-        return s, e, q
-    return None
-
-
-def _recover_tracker(directory: Path, max_pending: int) -> SeqTracker:
-    files = list_event_files(directory)
-    tracker = SeqTracker(max_pending=max_pending)
-    start = 0
-    # The newest closed file with a valid checkpoint covers itself and everything before.
-    for i in range(len(files) - 1, -1, -1):
-        try:
-            doc = orjson.loads((files[i].parent / (files[i].name + ".pos")).read_bytes())
-            if doc.get("file") != files[i].name:
-                continue
-            tracker = SeqTracker._load(doc, max_pending)
-            start = i + 1
-            break
-        except (OSError, orjson.JSONDecodeError, KeyError, TypeError, ValueError):
-            continue
-    for path in files[start:]:
-        for ev in _iter_file(path, 0, None, _Counters()):
-            key = _event_key(ev)
-            if key is not None:
-                tracker.observe(*key)
-    return tracker
-
-
-def recover_positions(directory: str | os.PathLike) -> dict[tuple[str, int], int]:
-    """Highest contiguous seq per (source, epoch) in the event files of `directory`.
-
-    Reads the newest ``.pos`` checkpoint (written when a file is closed) and replays only
-    the files after it, so normally only the current file is parsed. For exact
-    de-duplication after a restart (including seqs seen above a hole) prefer
-    ``SeqTracker.recover(directory)``, which is built by the same replay.
-    """
-    return _recover_tracker(Path(directory), 4096).positions()
-
-
-# ---------------------------------------------------------------------------- reading
-
-
-@dataclass(slots=True)
-class _Counters:
-    corrupt: int = 0
-    torn: int = 0
-    stretches_skipped: int = 0
-    files_skipped: int = 0
-
-
-def _iter_file(path: Path, start: int, end: int | None, counters: _Counters) -> Iterator[Any]:
-    """Parsed lines of path[start:end]; a final line without newline is torn and skipped."""
-    for line in _iter_lines(path, start, end, counters):
-        try:
-            yield orjson.loads(line)
-        except orjson.JSONDecodeError:
-            counters.corrupt += 1
-
-
-def _iter_lines(path: Path, start: int, end: int | None, counters: _Counters) -> Iterator[bytes]:
-    try:
-        f = open(path, "rb")  # noqa: SIM115 - generator keeps it open across yields
-    except OSError:
-        return
-    with f:
-        f.seek(start)
-        remaining = None if end is None else end - start
-        tail = b""
-        while remaining is None or remaining > 0:
-            chunk = f.read(MiB if remaining is None else min(MiB, remaining))
-            if not chunk:
-                break
-            if remaining is not None:
-                remaining -= len(chunk)
-            lines = (tail + chunk).split(b"\n")
-            tail = lines.pop()
-            for line in lines:
-                if line:
-                    yield line
-        if tail:
-            counters.torn += 1
-
-
-def read_events(
-    directory: str | os.PathLike,
-    since: float | None = None,
-    until: float | None = None,
-    task: str | None = None,
-    type_pattern: str | None = None,
-    worker: str | None = None,
-    text: str | None = None,
-    limit: int | None = None,
-    stats: dict | None = None,
-) -> Iterator[dict]:
-    """Events matching every given filter, in file order.
-
-    ``since <= ts < until``; ``type_pattern`` is a glob ("task.*"); ``text`` is a
-    case-insensitive substring of the raw JSON line. Torn last lines and corrupt lines
-    are skipped; pass a dict as `stats` to get their counts ("corrupt", "torn") and how
-    much the index let us skip ("stretches_skipped", "files_skipped").
-    """
-    counters = _Counters()
-    needle = text.lower().encode() if text else None
-    matched = 0
-    try:
-        if limit is not None and limit <= 0:
-            return
-        for path in list_event_files(directory):
-            try:
-                size = path.stat().st_size
-            except OSError:
-                continue
-            entries, covered = _read_index(path, size)
-            ranges = _wanted_ranges(entries, covered, size, since, until, task, counters)
-            if not ranges and size:
-                counters.files_skipped += 1
-            for start, end in ranges:
-                for line in _iter_lines(path, start, end, counters):
-                    if needle is not None and needle not in line.lower():
-                        continue
-                    try:
-                        ev = orjson.loads(line)
-                    except orjson.JSONDecodeError:
-                        counters.corrupt += 1
-                        continue
-                    if not isinstance(ev, dict):
-                        counters.corrupt += 1
-                        continue
-                    if not _matches(ev, since, until, task, type_pattern, worker):
-                        continue
-                    yield ev
-                    matched += 1
-                    if limit is not None and matched >= limit:
-                        return
-    finally:
-        if stats is not None:
-            stats.update(
-                corrupt=counters.corrupt,
-                torn=counters.torn,
-                stretches_skipped=counters.stretches_skipped,
-                files_skipped=counters.files_skipped,
-            )
-
-
-def _wanted_ranges(entries, covered, size, since, until, task, counters) -> list[tuple[int, int]]:
-    """Byte ranges of one file that may hold matching events (merged where adjacent)."""
-    ranges: list[tuple[int, int]] = []
-
-    def add(a: int, b: int) -> None:
-        if ranges and ranges[-1][1] == a:
-            ranges[-1] = (ranges[-1][0], b)
-        else:
-            ranges.append((a, b))
-
-    for e in entries:
-        first, last = _as_float(e.get("first_ts")), _as_float(e.get("last_ts"))
-        tasks = e.get("tasks")
-        skip = not e.get("count")
-        if since is not None or until is not None:
-            if first is None or last is None:
-                skip = True  # no event in it has a usable ts, so none can match
-            elif (since is not None and last < since) or (until is not None and first >= until):
-                skip = True
-        if task is not None and isinstance(tasks, list) and task not in tasks:
-            skip = True
-        if skip:
-            counters.stretches_skipped += 1
-        else:
-            add(int(e["offset"]), int(e["end"]))
-    if covered < size:
-        add(covered, size)  # not covered by the index: read it all
-    return ranges
-
-
-def _matches(ev: dict, since, until, task, type_pattern, worker) -> bool:
-    if since is not None or until is not None:
-        ts = _as_float(ev.get("ts"))
-        if ts is None or (since is not None and ts < since) or (until is not None and ts >= until):
-            return False
-    if task is not None and ev.get("task") != task:
-        return False
-    if worker is not None and ev.get("worker") != worker:
-        return False
-    if type_pattern is not None:
-        t = ev.get("type")
-        if not isinstance(t, str) or not fnmatch.fnmatchcase(t, type_pattern):
-            return False
-    return True
-
-
 # ---------------------------------------------------------------------------- writing
 
 
@@ -466,7 +125,7 @@ class _Stretch:
         self.end = start
 
     def add(self, ev: dict, nbytes: int) -> None:
-        ts = _as_float(ev.get("ts"))
+        ts = as_float(ev.get("ts"))
         if ts is not None:
             # min/max, not first/last: sources' clocks and resends interleave.
             self.first_ts = ts if self.first_ts is None else min(self.first_ts, ts)
@@ -527,17 +186,16 @@ class EventLogWriter:
                 f"another writer holds {self.directory}/.lock", code="events_locked"
             ) from None
         self._buf: list[bytes] = []
-        self._buf_bytes = 0
-        self._keys: list[tuple[str, int, int]] = []  # (source, epoch, seq) of buffered events
+        self._pending: set[tuple[str, int, int]] = set()  # (source, epoch, seq) buffered
         self._stretches: list[_Stretch] = [_Stretch(0)]
         self._path: Path | None = None
         self._fd: int | None = None
         self._idx_fd: int | None = None
         self._size = 0  # last good size of the current file
         self._day = ""
-        # Sequence state of everything written, checkpointed to .pos at rotation so a
-        # restart only replays the newest file.
-        self._tracker = _recover_tracker(self.directory, 1_000_000)  # see events.py
+        # Sequence state of everything written (the one tracker of the directory),
+        # checkpointed to .pos at rotation so a restart only replays the newest file.
+        self.tracker = SeqTracker.recover(self.directory, MAX_PENDING_SEQS)
         self.events_written = 0
 
     # -- public API ------------------------------------------------------------------
@@ -547,18 +205,18 @@ class EventLogWriter:
         """Events appended but not yet durably written."""
         return sum(s.count for s in self._stretches)
 
-    @property
-    def current_file(self) -> Path | None:
-        return self._path
+    def seen(self, event: dict) -> bool:
+        """Is `event` (by source, epoch, seq) already written or waiting to be?"""
+        key = event_key(event)
+        return key is not None and (key in self._pending or self.tracker.seen(*key))
 
     def append(self, events: Iterable[dict]) -> None:
         for ev in events:
             line = dumps_event(ev)
             self._buf.append(line)
-            self._buf_bytes += len(line)
-            key = _event_key(ev)
+            key = event_key(ev)
             if key is not None:
-                self._keys.append(key)
+                self._pending.add(key)
             st = self._stretches[-1]
             if st.count >= INDEX_EVERY:
                 st = _Stretch(st.end)
@@ -571,7 +229,7 @@ class EventLogWriter:
             return
         data = b"".join(self._buf)
         try:
-            self._ensure_file(len(data))
+            self._ensure_file()
             self._write_at(data, self._size)
         except OSError as exc:
             self._undo()
@@ -581,12 +239,11 @@ class EventLogWriter:
         base = self._size
         self._size += len(data)
         self._write_index(base)
-        for key in self._keys:
-            self._tracker.observe(*key)
+        for key in sorted(self._pending):
+            self.tracker.observe(*key)
         self.events_written += self.buffered
         self._buf.clear()
-        self._keys.clear()
-        self._buf_bytes = 0
+        self._pending.clear()
         self._stretches = [_Stretch(0)]
 
     def close(self) -> None:
@@ -607,7 +264,7 @@ class EventLogWriter:
 
     # -- internals ---------------------------------------------------------------
 
-    def _ensure_file(self, incoming: int) -> None:
+    def _ensure_file(self) -> None:
         day = time.strftime("%Y%m%d", time.gmtime(self.clock()))
         if self._fd is not None and day == self._day and self._size < self.max_bytes:
             return
@@ -617,7 +274,7 @@ class EventLogWriter:
         todays = [p for p in list_event_files(self.directory) if p.name[7:15] == day]
         if todays:
             last = todays[-1]
-            n = _parse_name(last.name)[1]
+            n = parse_name(last.name)[1]
             closed = (last.parent / (last.name + ".pos")).exists()
             if closed or last.stat().st_size >= self.max_bytes:
                 n += 1
@@ -638,7 +295,7 @@ class EventLogWriter:
         self._fd, self._idx_fd, self._path, self._size, self._day = fd, idx_fd, path, good, day
         self._repair_index()
         if created:
-            _fsync_dir(self.directory)
+            fsync_dir(self.directory)
 
     @staticmethod
     def _last_newline(path: Path, size: int) -> int:
@@ -659,7 +316,7 @@ class EventLogWriter:
     def _repair_index(self) -> None:
         """Keep only the trusted prefix of the index so our new lines extend it."""
         assert self._path is not None and self._idx_fd is not None
-        entries, covered = _read_index(self._path, self._size)
+        entries, covered = read_index(self._path, self._size)
         blob = b"".join(orjson.dumps(e, option=orjson.OPT_APPEND_NEWLINE) for e in entries)
         if os.fstat(self._idx_fd).st_size != len(blob):
             os.ftruncate(self._idx_fd, 0)
@@ -724,37 +381,12 @@ class EventLogWriter:
         self._path = None
         if checkpoint and path is not None:
             # Rotation: the file is complete, so checkpoint the sequence state after it.
-            doc = self._tracker._dump()
+            doc = self.tracker._dump()
             doc["file"] = path.name
             try:
-                _atomic_write(path.parent / (path.name + ".pos"), orjson.dumps(doc))
+                write_atomic(path.parent / (path.name + ".pos"), orjson.dumps(doc))
             except OSError:
                 pass  # recovery then replays this file too: slower, still correct
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.parent / (path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        if os.write(fd, data) != len(data):
-            raise OSError(errno.ENOSPC, "short write")
-        os.fdatasync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 # ---------------------------------------------------------------------------- ring buffer

@@ -14,15 +14,15 @@ under supervisord): a torn tail is cut off, a corrupt middle record is skipped a
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import fcntl
 import os
-import tempfile
 import zlib
 from dataclasses import dataclass, field
 
 import orjson
+
+from cortex.services.runtime.durable import fsync_dir, write_atomic
 
 FSYNC_POLICIES = ("always", "group", "off")
 
@@ -59,14 +59,6 @@ def _parse(line: bytes) -> tuple[dict | None, str]:
     if type(lsn) is not int:  # bool is an int subclass: exclude it
         return None, "no integer lsn"
     return record, ""
-
-
-def _fsync_dir(path: str | os.PathLike) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class Journal:
@@ -140,15 +132,14 @@ class Journal:
         report.tail = [why for off, why in bad if off >= good_end]
         self._buffer, self._dirty_tail = [], False  # a reopened Journal starts clean
         if good_end < len(data):
-            # Cut the torn tail so the next append never follows garbage (PITFALLS 10).
+            # Cut the torn tail so the next append never follows garbage (docs/pitfalls.md).
             report.torn_tail = True
             try:
                 os.ftruncate(fd, good_end)
                 os.fsync(fd)
             except OSError:
                 self._dirty_tail = True  # retried before the first write
-        with contextlib.suppress(OSError):
-            _fsync_dir(directory)  # make a newly created file's name durable
+        fsync_dir(directory)  # make a newly created file's name durable
         self._fd = fd
         self._offset = good_end
         self._next_lsn = max_lsn + 1
@@ -246,22 +237,8 @@ class Journal:
 
 
 def write_snapshot(path: str | os.PathLike, data: dict) -> None:
-    """Atomically replace `path` with pretty JSON: temp file, fsync, rename, fsync dir."""
-    payload = orjson.dumps(data, option=_SNAPSHOT_OPTS) + b"\n"
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with open(fd, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(directory)
+    """Atomically and durably replace `path` with pretty JSON."""
+    write_atomic(path, orjson.dumps(data, option=_SNAPSHOT_OPTS) + b"\n")
 
 
 def read_snapshot(path: str | os.PathLike) -> tuple[dict | None, str | None]:

@@ -28,6 +28,7 @@ from cortex.protocol import wire
 from cortex.protocol.catalogue import Catalogue
 from cortex.protocol.peer import BusLink, poll_ms
 from cortex.protocol.publisher import EventPublisher
+from cortex.services.runtime.durable import remove_temp_files
 from cortex.services.runtime.effects import Effects
 from cortex.services.runtime.journal import Journal, JournalError, read_snapshot, write_snapshot
 from cortex.services.runtime.process import ServiceRuntime, suite_secret
@@ -120,6 +121,7 @@ class BusService:
     def open_journal(self) -> None:
         """Latest snapshot + journal replay; a bad file is reported, never fatal."""
         path = self.rt.home / "state" / self.snapshot_name
+        remove_temp_files(path.parent, path.name)  # what a writer killed mid-write left
         snap, why = read_snapshot(path)
         if why:
             self.log.error("snapshot %s unreadable (%s): recovering from the journal alone",

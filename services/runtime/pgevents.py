@@ -102,7 +102,7 @@ def query_events(
         limit=sql.SQL("LIMIT {}").format(int(limit)) if limit is not None else sql.SQL(""),
     )
     with psycopg.connect(url, connect_timeout=max(2, math.ceil(timeout))) as conn:
-        # statement_timeout cannot interrupt a hung server (pitfall 11): a timer cuts
+        # statement_timeout cannot interrupt a hung server (docs/pitfalls.md): a timer cuts
         # the socket if the query is still running after `timeout`.
         timer = threading.Timer(timeout, cut_socket, (conn,))
         timer.daemon = True

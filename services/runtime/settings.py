@@ -14,6 +14,8 @@ import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
+from cortex.protocol.vocabulary import window_seconds
+
 FSYNC_POLICIES = ("always", "group", "off")
 
 DEFAULT_HANDLERS = {
@@ -119,6 +121,7 @@ refresh = 1.0                # seconds between its status polls of the services
 
 class ConfigError(Exception):
     code = "bad_config"
+    exit_code = 8  # what a service or the CLI exits with when refusing a configuration
 
 
 @dataclass(frozen=True)
@@ -275,16 +278,14 @@ def _section(cls, raw: dict, name: str):
     return cls(**values)
 
 
-def _window(value, where: str) -> str:
-    if value in ("", None, "daily"):
-        return value or ""
-    if isinstance(value, str) and value.startswith("rolling:"):
-        try:
-            if float(value.split(":", 1)[1]) > 0:
-                return value
-        except ValueError:
-            pass
-    raise ConfigError(f"{where}: window must be '', 'daily' or 'rolling:<seconds>'")
+def _window(value, where: str) -> str | None:
+    """A budget window as the ledger takes it ("" in the file: None, never resets)."""
+    window = None if value == "" else value
+    try:
+        window_seconds(window)
+    except ValueError as e:
+        raise ConfigError(f"{where}: {e} (or \"\" for none), got {value!r}") from None
+    return window
 
 
 def _bus(raw) -> BusSettings:
@@ -365,8 +366,8 @@ def load(home: Path) -> Settings:
     ledger_raw = dict(_table(raw.get("ledger", {}), "ledger"))
     sub = _table(ledger_raw.pop("budgets", {}), "ledger.budgets")
     ledger = _section(LedgerSettings, ledger_raw, "ledger")
-    budgets = {"global": {"limit": ledger.budget, "window": _window(ledger.window, "[ledger]")
-                          or None}}
+    budgets = {"global": {"limit": ledger.budget,
+                          "window": _window(ledger.window, "[ledger] window")}}
     for scope, spec in sub.items():
         if not (scope.startswith("type:") or scope.startswith("agent:")) or not isinstance(
                 spec, dict) or set(spec) - {"limit", "window"}:
@@ -376,7 +377,8 @@ def load(home: Path) -> Settings:
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
             raise ConfigError(f"[ledger.budgets.{scope}] limit: must be a non-negative integer")
         budgets[scope] = {"limit": limit,
-                          "window": _window(spec.get("window", ""), scope) or None}
+                          "window": _window(spec.get("window", ""),
+                                            f"[ledger.budgets.{scope}] window")}
     ledger = LedgerSettings(ledger.budget, ledger.window, budgets)
 
     handlers = dict(DEFAULT_HANDLERS)

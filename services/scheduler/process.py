@@ -8,7 +8,6 @@ clocks and the machine, and runs the training child (trainer.py).
 
 from __future__ import annotations
 
-import argparse
 import os
 import time
 
@@ -182,8 +181,6 @@ class Scheduler(BusService):
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="cortex-scheduler", description=__doc__)
-    parser.add_argument("--home", help="suite home (default: $CORTEX_HOME or ./.cortex)")
-    args = parser.parse_args(argv)
-    Scheduler(args.home).run()
+    from cortex.services.runtime.entry import serve
 
+    serve("cortex-scheduler", __doc__, Scheduler, argv)
