@@ -466,13 +466,16 @@ class Session:
         total = max(self.args.tasks * 20, EVENT_PUBLISHERS)
         per = total // EVENT_PUBLISHERS
         endpoint = locate.endpoints(self.target.home)["events_in"]
+        # A privileged probe: the fan-in takes only the suite's own publishers, and the
+        # load test runs as the suite's owner.
+        secret = locate.secret_path(self.target.home).read_text().strip()
         ctx = zmq.Context.instance()
         tag = f"lt{int(time.time() * 1000) % 10**9}"
         pg_lag: list[int] = []
         done = threading.Barrier(EVENT_PUBLISHERS + 1)
 
         def publish(n: int) -> None:
-            pub = EventPublisher(ctx, endpoint, f"{tag}-{n}", time.time_ns())
+            pub = EventPublisher(ctx, endpoint, f"{tag}-{n}", time.time_ns(), secret=secret)
             try:
                 for i in range(per):
                     pub.emit("loadtest.event", {"i": i, "text": "x" * 64}, task=f"{tag}-{n}-{i}")

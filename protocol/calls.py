@@ -227,7 +227,7 @@ class Session:
 
 def check_size(frames: list) -> None:
     """Refuse here what the broker would refuse: the same count as `wire.parse`."""
-    size = len(frames[2]) + len(frames[3]) + len(frames[4])
+    size = sum(len(frame) for frame in frames[2:])
     if size > wire.MAX_MESSAGE_BYTES:
         raise errors.BadRequest(
             f"request of {size} bytes exceeds the {wire.MAX_MESSAGE_BYTES}-byte limit",

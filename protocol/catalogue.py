@@ -270,28 +270,34 @@ OPERATIONS = [
         F("timeout", Num(0.001, 7 * 86400)), F("retries", Int(0, 100)),
         F("deadline", Num(0, 1e11)), F("payload", Json()), F("agent", AGENT),
         F("wait", Num(0, 60), default=0.0)),
-        "queue a task; same key again: the same task (`wait`: reply when it ends)"),
+        ("the task; same key again: the same task (different content: `conflict`). With "
+         "`wait`: the task when it ends or `wait` is up, as `task.wait`. Errors: "
+         "`queue_full`, `rejected` (with the estimated start)")),
     Operation("task.status", "scheduler", wire.REQUEST, ANY, (F("id", TASK_ID, True),),
-              "a task"),
+              ("the task: `state`, `waiting` and `waiting_detail`, `eta`, `progress`, "
+               "`message`")),
     Operation("task.wait", "scheduler", wire.REQUEST, ANY, (
         F("id", TASK_ID, True), F("hold", Num(0, 60), default=0.0)),
         "the task when it ends or when `hold` is up (`final` tells which)"),
     Operation("task.cancel", "scheduler", wire.REQUEST, ANY, (F("id", TASK_ID, True),),
-              "cancel a task; replies with it"),
+              "cancel a task; the task"),
     Operation("task.list", "scheduler", wire.REQUEST, ANY, (
         F("state", Choice(TASK_STATES)), F("type", TYPE), F("agent", AGENT),
         F("limit", Int(1, 10_000), default=100), F("newest", Bool(), default=False)),
-        "`{tasks, total, truncated}`"),
+        ("`{tasks, total, truncated}`: the latest `limit` matches, oldest first "
+         "(`newest`: newest first)")),
     Operation("task.progress", "scheduler", wire.REQUEST, ANY, (
         F("id", TASK_ID, True), F("fraction", Num(0, 1), True),
         F("message", Str(500, empty=True), default="")),
-        "set a running task's progress"),
-    Operation("worker.list", "scheduler", wire.REQUEST, ANY, (), "registered workers"),
+        "the task; a `task.progress` event at most every 0.5 s per task"),
+    Operation("worker.list", "scheduler", wire.REQUEST, ANY, (),
+              "workers (`state`: idle, claimed, busy, leaving)"),
     Operation("scheduler.status", "scheduler", wire.REQUEST, ANY, (),
-              "queues, states, counters"),
-    Operation("model.status", "scheduler", wire.REQUEST, ANY, (), "prediction models"),
+              "queues, states, waiting reasons, counters"),
+    Operation("model.status", "scheduler", wire.REQUEST, ANY, (),
+              "models (trained on what, when, held-out accuracy), `training`, `last_failure`"),
     Operation("model.train", "scheduler", wire.REQUEST, CLIENTS, (),
-              "retrain now, in a child process (`{started, reason}`)"),
+              "retrain now, in a child (`{started, reason}`: why it did not start)"),
     # -- scheduler: workers ----------------------------------------------------------------
     Operation("task.finished", "scheduler", wire.REQUEST, WORKER, (
         F("id", TASK_ID, True), F("attempt", ATTEMPT, True), F("ok", Bool(), True),
@@ -354,8 +360,8 @@ OPERATIONS = [
     Operation("ledger.release", "ledger", wire.REQUEST, CLIENTS, (
         F("task", TASK_ID, True), F("attempt", ATTEMPT, default=1)), "released"),
     Operation("ledger.set", "ledger", wire.REQUEST, CLIENTS, (
-        F("scope", Str(300), True), F("limit", AMOUNT, True), F("window", Str(32))),
-        "set a budget: scope global, type:X or agent:X"),
+        F("scope", Str(300), True), F("limit", AMOUNT), F("window", Str(32))),
+        "set a budget: scope global, type:X or agent:X (no `limit`: unlimited)"),
     Operation("ledger.status", "ledger", wire.REQUEST, ANY, (), "budgets"),
     Operation("ledger.task", "ledger", wire.REQUEST, ANY, (F("task", TASK_ID, True),),
               "a task's reservation"),
@@ -364,7 +370,13 @@ OPERATIONS = [
         F("n", Int(1, 10_000), default=100), F("type", Str(200))),
         "the last events from the ring buffer"),
     Operation("events.status", "events", wire.REQUEST, ANY, (), "counters, PostgreSQL"),
-    Operation("events.metrics", "events", wire.REQUEST, ANY, (), "latency histograms"),
+    Operation("events.metrics", "events", wire.REQUEST, ANY, (
+        F("buckets", Bool(), default=False),), "latency summaries (`buckets`: histograms)"),
+    Operation("events.query", "events", wire.REQUEST, ANY, (
+        F("task", Str(200)), F("type", Str(200)), F("worker", Str(200)), F("text", Str(200)),
+        F("since", Num(0, 1e11)), F("until", Num(0, 1e11)),
+        F("limit", Int(1, 5000), default=1000), F("newest", Bool(), default=False)),
+        "events from the log (PostgreSQL when configured), filtered, paged by `until`"),
     # -- pool --------------------------------------------------------------------------------
     Operation("pool.status", "pool", wire.REQUEST, ANY, (), "worker processes"),
     Operation("pool.kill", "pool", wire.NOTIFY, SERVICE, (
@@ -382,16 +394,12 @@ OPERATIONS = [
     Operation("broker.peers", "broker", wire.REQUEST, ANY, (), "peers"),
 ]
 
-# Replies a service reads back (matched to its own request by correlation id): their
-# bodies are checked too, and they must come from the service that was asked.
+# Replies a service reads back from a peer whose answers it cannot vouch for: their
+# bodies are checked too (they must also come from the one that was asked).
 REPLIES = {
     "broker.peers": (F("peers", ListOf(Map((F("name", Name(), True),
                                             F("role", Str(16), True))), max_items=1_000_000),
                        default=[]),),
-    "ledger.reserve": (F("granted", Bool(), default=False), F("reserved", AMOUNT, default=0),
-                       F("reason", Str(MAX_TEXT, empty=True)), F("scope", Str(300)),
-                       F("available", Int(-wire.MAX_INT, wire.MAX_INT))),
-    "ledger.commit": (), "ledger.release": (),
 }
 
 

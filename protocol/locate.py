@@ -32,6 +32,12 @@ def ipc(path: Path) -> str:
     return f"ipc://{text}"
 
 
+def secret_path(home: Path) -> Path:
+    """The suite's secret (run/suite.secret, the owner's alone): the suite's own processes
+    prove themselves with it. The client library and the Worker helper never read it."""
+    return home / "run" / "suite.secret"
+
+
 def ipc_path(endpoint: str) -> Path | None:
     """The socket file behind an ipc:// endpoint (None for any other transport)."""
     return Path(endpoint[len("ipc://"):]) if endpoint.startswith("ipc://") else None

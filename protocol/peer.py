@@ -19,6 +19,7 @@ from . import wire
 log = logging.getLogger(__name__)
 
 LINGER_MS = 200  # never the infinite default: a context must always terminate
+HELLO_CORR = b"hello"  # the broker answers a refused HELLO on this correlation id
 HWM = 200_000
 
 
@@ -127,25 +128,30 @@ class BusLink:
     """
 
     def __init__(self, ctx: zmq.Context, endpoint: str, name: str, role: str,
-                 interval: float = wire.HEARTBEAT_INTERVAL, heartbeat: bool = True):
+                 interval: float = wire.HEARTBEAT_INTERVAL, heartbeat: bool = True,
+                 secret: str | None = None):
         if not wire.valid_name(name):
             raise ValueError(f"invalid peer name {name!r}")
         self.name = name
         self.role = role
         self.interval = interval
         self.heartbeat = heartbeat
-        self.socket = make_socket(ctx, zmq.DEALER, name=name)
+        self.secret = secret  # the suite's own processes prove themselves with it
+        self.socket = make_socket(ctx, zmq.DEALER)
         self.socket.connect(endpoint)
         now = time.monotonic()
         self.last_heard = now
         self.next_beat = now + interval
         self.welcomed = False
+        self.refused: str | None = None  # why the broker refused our HELLO, if it did
         self.dropped = 0  # malformed messages received and dropped
         self.hello()
 
     def hello(self) -> None:
-        self.send(wire.HELLO, wire.BROKER, body={"role": self.role, "name": self.name,
-                                                  "version": wire.VERSION})
+        body = {"role": self.role, "name": self.name, "version": wire.VERSION}
+        if self.secret is not None:
+            body["secret"] = self.secret
+        self.send(wire.HELLO, wire.BROKER, HELLO_CORR, body)
 
     def send(self, type_: bytes, peer: bytes, corr: bytes = b"", body=None) -> bool:
         """Send without blocking; False when the outgoing queue is full."""
@@ -167,7 +173,14 @@ class BusLink:
         if msg.type == wire.HEARTBEAT:
             return None
         if msg.type == wire.WELCOME:
-            self.welcomed = True
+            self.welcomed, self.refused = True, None
+            return None
+        if msg.type == wire.ERROR and msg.corr == HELLO_CORR and msg.peer == wire.BROKER:
+            try:
+                self.refused = str(msg.decoded().get("message", "refused"))[:300]
+            except wire.ProtocolError:
+                self.refused = "refused"
+            log.warning("the broker refused %s %s: %s", self.role, self.name, self.refused)
             return None
         if msg.type == wire.WHO:
             # The broker restarted and lost its table: introduce ourselves again.
@@ -192,8 +205,9 @@ class BusLink:
         if now >= self.next_beat:
             self.send(wire.HEARTBEAT, wire.BROKER)
             self.next_beat = now + self.interval
-            if not self.broker_alive:
-                # Silent broker: say hello again so a restarted one knows our role at once.
+            if not self.broker_alive or not self.welcomed:
+                # Silent broker, or no WELCOME yet (refused while a predecessor still
+                # held our name, or the HELLO was lost): say hello again.
                 self.hello()
         return max(0.0, self.next_beat - now)
 

@@ -3,14 +3,16 @@
 Each service keeps every event it emitted until the router acknowledges it (the router
 acknowledges after its JSONL write), and re-sends unacknowledged events when the router
 was silent or restarted. The router de-duplicates by (source, epoch, seq), so a re-send
-never doubles an event. PUB/SUB would drop them silently (PITFALLS 1, 2).
+never doubles an event. PUB/SUB would drop them silently (see docs/pitfalls.md).
+
+The router takes events only from the suite's own processes: every batch carries the
+suite's secret (a file under the home's run/, readable by its owner alone).
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
-import os
 import time
 from collections import deque
 
@@ -28,11 +30,13 @@ MAX_UNACKED = 1_000_000  # past this the oldest are dropped and counted (a visib
 
 
 class EventPublisher:
-    def __init__(self, ctx: zmq.Context, endpoint: str, source: str, epoch: int):
+    def __init__(self, ctx: zmq.Context, endpoint: str, source: str, epoch: int,
+                 secret: str | None = None):
         self.source = source
+        self.secret = secret
         self.epoch = epoch
         self.seq = 0
-        self.socket = make_socket(ctx, zmq.DEALER, name=f"pub-{source}-{os.getpid()}")
+        self.socket = make_socket(ctx, zmq.DEALER)  # libzmq picks the routing id
         self.socket.connect(endpoint)
         self._pending: list[dict] = []  # emitted, not yet sent
         self._unacked: deque[dict] = deque()  # sent, not yet acknowledged
@@ -55,8 +59,10 @@ class EventPublisher:
         for i in range(0, len(events), BATCH_MAX):
             chunk = events[i:i + BATCH_MAX]
             try:
-                send_frames(self.socket,
-                            wire.frames(wire.EVENTS, b"events", b"", {"events": chunk}))
+                body = {"events": chunk}
+                if self.secret is not None:
+                    body["secret"] = self.secret
+                send_frames(self.socket, wire.frames(wire.EVENTS, b"events", b"", body))
             except zmq.Again:
                 return  # the router is away: the resend timer will deliver them later
             except (TypeError, ValueError) as e:

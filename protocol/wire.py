@@ -1,20 +1,29 @@
-"""The Cortex bus protocol, version 1 (`CX1`): frames, types, codes, checks.
+"""The Cortex bus protocol, version 2 (`CX2`): frames, types, codes, checks.
 
-Every message on the bus is a multipart ZeroMQ message of exactly five frames:
+Every message on the bus is a multipart ZeroMQ message of exactly six frames:
 
-    0  tag     b"CX1"                      protocol and version
+    0  tag     b"CX2"                      protocol and version
     1  type    b"HELLO" | b"WELCOME" | ...   see TYPES below
     2  peer    destination name when sent to the broker (a service such as b"scheduler",
                or a peer's name); the broker replaces it with the sender's name on delivery,
                so the receiver replies by sending to that name
-    3  corr    correlation id (0-64 bytes, chosen by the requester, echoed by the reply)
-    4  body    one msgpack map with str keys (an empty frame means {})
+    3  role    empty when sent; on delivery the broker puts the sender's role there, as
+               fixed (and for services proven) at its HELLO: b"client" | b"worker" |
+               b"service" | b"broker". A sender cannot choose it.
+    4  corr    correlation id (0-64 bytes, chosen by the requester, echoed by the reply)
+    5  body    one msgpack map with str keys (an empty frame means {})
 
-A ROUTER adds the sender's routing id in front; every peer's routing id is its name, so
-the broker routes by name without a lookup table. Nothing here touches a socket.
+A ROUTER adds the sender's routing id in front. Peers do not choose routing ids: the
+broker binds the name a peer gives in its HELLO to the connection it came from, and
+routes by name. A name already bound to a live peer is refused to anyone else, and the
+service names (SERVICE_NAMES) only go to a peer that proves, with the suite's secret
+(a file in the home's run/ directory, readable by its owner alone), that the suite
+started it; such a peer takes the name over from a predecessor. Nothing here touches a
+socket.
 
 Types and who sends them:
-    HELLO      peer -> broker     {"role": "client"|"service"|"worker", "name": str, "version": 1}
+    HELLO      peer -> broker     {"role": "client"|"service"|"worker", "name": str,
+                                   "version": 2, "secret": str (services only)}
     WELCOME    broker -> peer     {"heartbeat_ms": int}
     HEARTBEAT  both ways          {} ; any message counts as a sign of life
     WHO        broker -> peer     {} ; "I do not know you" (after a broker restart): say HELLO again
@@ -23,14 +32,22 @@ Types and who sends them:
     REPLY      peer -> peer       result body
     ERROR      any -> peer        {"code": str, "message": str}
     NOTIFY     peer -> peer       {"op": str, ...}; one-way, no reply (dispatch, worker reports)
-    EVENTS     publisher -> events router (its own fan-in socket) {"events": [event, ...]}
+    EVENTS     publisher -> events router (its own fan-in socket)
+                                  {"events": [event, ...], "secret": str}
     ACK        events router -> publisher {"source": str, "epoch": int, "upto": int}
+
+What each operation's body holds, who serves it and who may send it is the operation
+catalogue (catalogue.py); services check every body against it before a handler runs.
 
 Liveness (Paranoid Pirate): broker and every service or worker send HEARTBEAT every
 HEARTBEAT_INTERVAL; a peer not heard from for HEARTBEAT_LIVENESS intervals is dead.
 Clients send no heartbeats and the broker sends them none: it forgets a client silent
-for a minute, and greets one that speaks again with WHO (the client says HELLO anew).
-A client that waits long asks again every few seconds (held task.wait), so it is heard.
+for CLIENT_SILENCE seconds, and greets one that speaks again with WHO (the client says
+HELLO anew). A client that waits long asks again every few seconds (held task.wait), so
+it is heard. A client or worker may have at most MAX_IN_FLIGHT requests waiting for
+their replies; the broker answers further ones with `too_many`, so what waits to be sent
+to any one peer stays bounded (at most MAX_IN_FLIGHT replies of at most
+MAX_MESSAGE_BYTES).
 
 Re-sends: a requester that hears nothing re-sends the same REQUEST with the same corr
 until its deadline (the client core, calls.py), so every operation must be safe to
@@ -46,8 +63,8 @@ from dataclasses import dataclass
 
 import msgpack
 
-TAG = b"CX1"
-VERSION = 1
+TAG = b"CX2"
+VERSION = 2
 
 HELLO = b"HELLO"
 WELCOME = b"WELCOME"
@@ -62,8 +79,14 @@ EVENTS = b"EVENTS"
 ACK = b"ACK"
 TYPES = frozenset({HELLO, WELCOME, HEARTBEAT, WHO, BYE, REQUEST, REPLY, ERROR, NOTIFY, EVENTS, ACK})
 
-FRAME_COUNT = 5
+FRAME_COUNT = 6
 BROKER = b"broker"  # destination for the broker's own requests
+ROLES_DELIVERED = frozenset({b"client", b"worker", b"service", b"broker"})
+# Names only a process the suite started may take (it proves it with the suite secret).
+SERVICE_NAMES = frozenset({"broker", "scheduler", "ledger", "events", "pool", "dashboard",
+                           "supervisor-events"})
+MAX_IN_FLIGHT = 64  # requests one peer may have waiting for replies
+CLIENT_SILENCE = 60.0  # seconds after which the broker forgets a silent client
 
 # Seconds between heartbeats, and how many may be missed before a peer is dead.
 HEARTBEAT_INTERVAL = 1.0
@@ -93,6 +116,7 @@ ERROR_CODES = {
     "timeout": "no answer within the deadline",
     "rejected": "admission refused the task",
     "unauthorized": "the peer may not do this",
+    "too_many": "too many requests of this peer are waiting for replies",
     "internal": "the service failed while handling the request",
 }
 
@@ -112,6 +136,7 @@ class Message:
     peer: bytes
     corr: bytes
     body: bytes  # still encoded: only the final receiver pays for decoding
+    role: bytes = b""  # the sender's role, stamped by the broker (empty when sent)
 
     def decoded(self) -> dict:
         return decode_body(self.body)
@@ -158,27 +183,28 @@ def json_safe(value, what: str, limit: int) -> int:
     return size
 
 
-def frames(type_: bytes, peer: bytes, corr: bytes = b"", body: dict | bytes | None = None):
-    """Build the five frames of a message; the one place the envelope is stacked."""
+def frames(type_: bytes, peer: bytes, corr: bytes = b"", body: dict | bytes | None = None,
+           role: bytes = b""):
+    """Build the six frames of a message; the one place the envelope is stacked."""
     raw = body if isinstance(body, bytes) else encode_body(body)
-    return [TAG, type_, peer, corr, raw]
+    return [TAG, type_, peer, role, corr, raw]
 
 
 def parse(parts: list[bytes]) -> Message:
     """Check the envelope of a received message (after any routing id was removed)."""
     if len(parts) != FRAME_COUNT:
         raise ProtocolError("bad_request", f"expected {FRAME_COUNT} frames, got {len(parts)}")
-    tag, type_, peer, corr, body = parts
+    tag, type_, peer, role, corr, body = parts
     if tag != TAG:
         raise ProtocolError("bad_protocol", f"unsupported protocol tag {bytes(tag[:16])!r}")
     if type_ not in TYPES:
         raise ProtocolError("unknown_type", f"unknown message type {bytes(type_[:32])!r}")
-    size = len(peer) + len(corr) + len(body)
+    size = len(peer) + len(corr) + len(body) + len(role)
     if size > MAX_MESSAGE_BYTES:
         raise ProtocolError("too_large", f"message of {size} bytes exceeds {MAX_MESSAGE_BYTES}")
-    if len(peer) > MAX_NAME_BYTES or len(corr) > MAX_CORR_BYTES:
-        raise ProtocolError("bad_request", "peer or correlation frame too long")
-    return Message(type_, peer, corr, body)
+    if len(peer) > MAX_NAME_BYTES or len(corr) > MAX_CORR_BYTES or len(role) > 16:
+        raise ProtocolError("bad_request", "peer, role or correlation frame too long")
+    return Message(type_, peer, corr, body, role)
 
 
 def error_body(code: str, message: str) -> dict:

@@ -51,6 +51,8 @@ TASK_HEARTBEAT = 5.0  # seconds between task heartbeats while a handler runs
 EXTEND_TIMEOUT = 5.0  # a handler waits this long for more tokens
 UNTIL_ACKNOWLEDGED = math.inf  # a task.finished is re-sent until the scheduler has it
 STARTED_DELAY = 0.02  # a handler still running after this is reported as started
+TRUSTED_ROLES = (b"service", b"broker")
+TRUSTED_SENDERS = (b"scheduler", b"ledger", b"broker")
 
 
 class TaskMemory:
@@ -331,6 +333,11 @@ class Worker:
         self._ready_due = time.monotonic() + self.heartbeat
 
     def _on_bus(self, msg: wire.Message) -> None:
+        # Orders and answers come from the suite's own services (the broker stamps the
+        # role; only the suite's processes can be a "service"), never from another peer.
+        if msg.role not in TRUSTED_ROLES or msg.peer not in TRUSTED_SENDERS:
+            self._link.dropped += 1
+            return
         if msg.type in (wire.REPLY, wire.ERROR):
             call = self._session.on_message(msg)
             if call is not None:

@@ -7,17 +7,17 @@ import pytest
 import zmq
 
 from cortex.protocol import Client, wire
-from cortex.protocol.peer import make_socket
+from cortex.protocol.peer import make_socket, unique_name
 
 
 @pytest.fixture
 def raw(shared_suite):
     """A raw DEALER on the bus, so we can send what the client library never would."""
     ctx = zmq.Context.instance()
-    sock = make_socket(ctx, zmq.DEALER, name="raw-tester")
+    sock = make_socket(ctx, zmq.DEALER)
     sock.connect(f"ipc://{shared_suite.home}/run/bus.sock")
     sock.send_multipart(wire.frames(wire.HELLO, wire.BROKER, b"", {
-        "role": "client", "name": "raw-tester", "version": 1}))
+        "role": "client", "name": unique_name("raw-tester"), "version": wire.VERSION}))
     yield sock
     sock.close(linger=0)
 
@@ -44,14 +44,14 @@ def still_serves(suite) -> None:
 
 
 @pytest.mark.parametrize("parts, code", [
-    ([b"CX9", wire.REQUEST, b"scheduler", b"c1", b""], "bad_protocol"),
+    ([b"CX9", wire.REQUEST, b"scheduler", b"", b"c1", b""], "bad_protocol"),
     ([wire.TAG, wire.REQUEST, b"scheduler"], "bad_request"),
-    ([wire.TAG, b"NONSENSE", b"scheduler", b"c1", b""], "unknown_type"),
-    ([wire.TAG, wire.REQUEST, b"scheduler", b"c1", b"\xc1\xff not msgpack"], "bad_request"),
-    ([wire.TAG, wire.REQUEST, b"scheduler", b"c1", msgpack.packb({"op": "task.fly"})],
+    ([wire.TAG, b"NONSENSE", b"scheduler", b"", b"c1", b""], "unknown_type"),
+    ([wire.TAG, wire.REQUEST, b"scheduler", b"", b"c1", b"\xc1\xff not msgpack"], "bad_request"),
+    ([wire.TAG, wire.REQUEST, b"scheduler", b"", b"c1", msgpack.packb({"op": "task.fly"})],
      "unknown_type"),
-    ([wire.TAG, wire.REQUEST, b"scheduler", b"c1", msgpack.packb([1, 2])], "bad_request"),
-    ([wire.TAG, wire.REQUEST, b"nobody-here", b"c1", msgpack.packb({"op": "x"})],
+    ([wire.TAG, wire.REQUEST, b"scheduler", b"", b"c1", msgpack.packb([1, 2])], "bad_request"),
+    ([wire.TAG, wire.REQUEST, b"nobody-here", b"", b"c1", msgpack.packb({"op": "x"})],
      "unavailable"),
 ])
 def test_malformed_messages_get_their_code(shared_suite, raw, parts, code):
@@ -63,7 +63,7 @@ def test_malformed_messages_get_their_code(shared_suite, raw, parts, code):
 
 def test_hundred_megabyte_frame_is_too_large(shared_suite, raw):
     huge = b"x" * (100 << 20)
-    kind, body = exchange(raw, [wire.TAG, wire.REQUEST, b"scheduler", b"big", huge], b"big",
+    kind, body = exchange(raw, [wire.TAG, wire.REQUEST, b"scheduler", b"", b"big", huge], b"big",
                           timeout=60)
     assert (kind, body["code"]) == (wire.ERROR, "too_large")
     still_serves(shared_suite)
@@ -91,7 +91,7 @@ def test_non_utf8_description_is_refused(shared_suite, raw):
     body = msgpack.packb({"op": "task.submit", "type": "echo", "idempotency_key": "k-utf",
                           "description": "PLACEHOLDER"})
     body = body.replace(b"\xabPLACEHOLDER", b"\xab\xff\xfe\xfdPLACEHO")
-    kind, reply = exchange(raw, [wire.TAG, wire.REQUEST, b"scheduler", b"u8", body], b"u8")
+    kind, reply = exchange(raw, [wire.TAG, wire.REQUEST, b"scheduler", b"", b"u8", body], b"u8")
     assert (kind, reply["code"]) == (wire.ERROR, "bad_request")
     still_serves(shared_suite)
 
@@ -116,8 +116,10 @@ def test_unicode_is_fine(shared_suite):
 def test_client_vanishing_mid_request_harms_nothing(shared_suite):
     ctx = zmq.Context.instance()
     for i in range(20):
-        sock = make_socket(ctx, zmq.DEALER, name=f"ghost-{i}")
+        sock = make_socket(ctx, zmq.DEALER)
         sock.connect(f"ipc://{shared_suite.home}/run/bus.sock")
+        sock.send_multipart(wire.frames(wire.HELLO, wire.BROKER, b"", {
+            "role": "client", "name": f"ghost-{i}", "version": wire.VERSION}))
         sock.send_multipart(wire.frames(wire.REQUEST, b"scheduler", b"w", {
             "op": "task.wait", "id": "t-none", "hold": 5}))
         sock.send_multipart(submit_frames(b"g%d" % i, payload=i))

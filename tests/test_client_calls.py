@@ -473,9 +473,9 @@ def test_an_answer_for_nobody_is_late():
 
 def test_the_size_limit_is_inclusive_and_counts_peer_corr_body():
     room = wire.MAX_MESSAGE_BYTES - len(b"scheduler") - 12
-    check_size([wire.TAG, wire.REQUEST, b"scheduler", b"c" * 12, b"x" * room])
+    check_size([wire.TAG, wire.REQUEST, b"scheduler", b"", b"c" * 12, b"x" * room])
     with pytest.raises(errors.BadRequest) as info:
-        check_size([wire.TAG, wire.REQUEST, b"scheduler", b"c" * 12, b"x" * (room + 1)])
+        check_size([wire.TAG, wire.REQUEST, b"scheduler", b"", b"c" * 12, b"x" * (room + 1)])
     assert info.value.code == "too_large"
 
 
@@ -483,7 +483,8 @@ def test_the_size_limit_is_inclusive_and_counts_peer_corr_body():
                                                              wire.MAX_MESSAGE_BYTES + 10))
 def test_the_size_check_agrees_with_parse(peer, corr, total):
     """What the client lets through, the broker's parse accepts, and the reverse."""
-    parts = [wire.TAG, wire.REQUEST, b"p" * peer, b"c" * corr, b"x" * (total - peer - corr)]
+    parts = [wire.TAG, wire.REQUEST, b"p" * peer, b"", b"c" * corr,
+             b"x" * (total - peer - corr)]
     try:
         check_size(parts)
         client_ok = True

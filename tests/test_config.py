@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from cortex.services.runtime import settings as config
-from cortex.services.runtime.settings import ConfigError, load
+from cortex.services.runtime.settings import BusSettings, ConfigError, load
 
 
 def write(home: Path, text: str) -> Path:
@@ -32,7 +32,7 @@ def test_missing_file_gives_the_defaults(tmp_path):
     assert settings.suite == config.SuiteSettings()
     assert settings.scheduler == config.SchedulerSettings()
     assert settings.events == config.EventSettings()
-    assert settings.bus == {}
+    assert settings.bus == BusSettings()
     assert settings.handlers == config.DEFAULT_HANDLERS
     assert settings.ledger.budget == config.LedgerSettings().budget
     assert settings.ledger.budgets == {"global": {"limit": 100_000_000, "window": None}}
@@ -78,7 +78,7 @@ bus = "tcp://127.0.0.1:5555"
     assert isinstance(settings.suite.heartbeat_interval, float)  # int accepted for a float
     assert settings.scheduler.max_queue_per_type == 7 and settings.scheduler.max_wait == 60.0
     assert settings.events.postgres_url == "postgresql://x@y/z"
-    assert settings.bus == {"bus": "tcp://127.0.0.1:5555"}
+    assert settings.bus == BusSettings(bus="tcp://127.0.0.1:5555")
 
 
 # --- unknown names are fatal --------------------------------------------------------------
@@ -297,3 +297,16 @@ def test_pool_without_groups_has_none(tmp_path):
                                   "max_tasks = -1", "max_rss_mb = -5", "idle_exit = -1"])
 def test_bad_pool_group_limits_are_config_errors(tmp_path, body):
     refused(tmp_path, f"[pool.groups.g]\n{body}\n")
+
+
+def test_bus_section_is_typed_and_refuses_unknown_keys(tmp_path):
+    for text, what in (('[bus]\nbsu = "tcp://x:1"\n', "unknown key"),
+                       ('[bus]\nbus = "http://x"\n', "ipc:// or tcp://"),
+                       ('[bus]\nmax_connections = "many"\n', "expected int"),
+                       ('[bus]\nmax_connections = -5\n', "number >= ")):
+        (tmp_path / "cortex.toml").write_text(text)
+        with pytest.raises(ConfigError) as e:
+            load(tmp_path)
+        assert what in str(e.value), (text, str(e.value))
+    (tmp_path / "cortex.toml").write_text("[bus]\nmax_connections = 40\n")
+    assert load(tmp_path).bus.max_connections == 40

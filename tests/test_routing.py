@@ -1,147 +1,113 @@
-"""Pure unit tests of the broker's peer table, driven with explicit clock values."""
+"""Pure unit tests of the broker's peer table, driven with explicit clock values: names
+bound at HELLO to connections, service names kept for proven processes, liveness, and
+the bound on requests waiting for replies."""
 
 from __future__ import annotations
 
-import pytest
-
 from cortex.protocol import wire
-from cortex.services.broker.peers import Peer, PeerTable
+from cortex.services.broker.peers import IN_FLIGHT_TTL, PeerTable
 
 T0 = 1000.0
 LIMIT = wire.HEARTBEAT_INTERVAL * wire.HEARTBEAT_LIVENESS  # 3 s by default
-CLIENT_LIMIT = 60.0
 
 
-def test_hello_registers_a_new_peer():
+def test_hello_binds_a_name_and_role_to_a_connection():
     table = PeerTable()
-    assert table.hello("scheduler", "service", T0) is True
-    assert table.peers["scheduler"] == Peer("scheduler", "service", T0, T0)
+    assert table.hello(b"r1", "w1", "worker", False, T0).ok
+    peer = table.route(b"w1")
+    assert (peer.rid, peer.name, peer.role, peer.joined) == (b"r1", "w1", "worker", T0)
+    assert table.heard(b"r1", T0 + 1) is peer and peer.last_seen == T0 + 1
 
 
-def test_hello_again_with_the_same_role_refreshes_only():
+def test_an_unknown_connection_is_not_heard():
+    assert PeerTable().heard(b"ghost", T0) is None
+
+
+def test_a_service_role_or_name_needs_the_proof():
     table = PeerTable()
-    table.hello("w1", "worker", T0)
-    assert table.hello("w1", "worker", T0 + 2) is False
-    assert (table.peers["w1"].joined, table.peers["w1"].last_seen) == (T0, T0 + 2)
+    for name, role in (("scheduler", "client"), ("scheduler", "service"),
+                       ("my-service", "service"), ("pool", "worker")):
+        outcome = table.hello(b"r", name, role, False, T0)
+        assert not outcome.ok and "kept for the suite" in outcome.reason, (name, role)
+    assert table.hello(b"r", "scheduler", "service", True, T0).ok
 
 
-def test_hello_with_another_role_is_a_new_peer():
+def test_a_live_name_is_refused_to_anyone_else():
     table = PeerTable()
-    table.hello("x", "client", T0)
-    assert table.hello("x", "worker", T0 + 5) is True
-    assert table.peers["x"] == Peer("x", "worker", T0 + 5, T0 + 5)
+    table.hello(b"r1", "w1", "worker", False, T0)
+    outcome = table.hello(b"r2", "w1", "worker", False, T0 + 1)
+    assert not outcome.ok and "in use" in outcome.reason
+    assert table.route(b"w1").rid == b"r1"
 
 
-def test_heard_from_a_stranger_records_it_as_unknown_and_says_so():
+def test_a_silent_holder_gives_its_name_up():
     table = PeerTable()
-    assert table.heard("ghost", T0) is False
-    assert table.peers["ghost"].role == "unknown"
-    assert table.heard("ghost", T0 + 1) is False  # still no HELLO
-    assert table.peers["ghost"].last_seen == T0 + 1
+    table.hello(b"r1", "w1", "worker", False, T0)
+    outcome = table.hello(b"r2", "w1", "worker", False, T0 + LIMIT + 0.1)
+    assert outcome.ok and outcome.replaced.rid == b"r1"
+    assert table.route(b"w1").rid == b"r2" and b"r1" not in table.by_rid
 
 
-def test_heard_from_a_known_peer_refreshes_it():
+def test_a_proven_service_takes_its_name_over_at_once():
     table = PeerTable()
-    table.hello("w1", "worker", T0)
-    assert table.heard("w1", T0 + 1.5) is True
-    assert table.peers["w1"].last_seen == T0 + 1.5
+    table.hello(b"old", "scheduler", "service", True, T0)
+    outcome = table.hello(b"new", "scheduler", "service", True, T0 + 0.1)
+    assert outcome.ok and outcome.replaced.rid == b"old"
+    assert table.route(b"scheduler").rid == b"new"
 
 
-def test_hello_after_heard_promotes_the_unknown_peer():
+def test_a_connection_that_renames_itself_releases_its_old_name():
     table = PeerTable()
-    table.heard("w1", T0)
-    assert table.hello("w1", "worker", T0 + 1) is True
-    assert table.peers["w1"].role == "worker"
-    assert table.heard("w1", T0 + 2) is True
+    table.hello(b"r1", "a", "client", False, T0)
+    table.hello(b"r1", "b", "client", False, T0 + 1)
+    assert table.route(b"a") is None and table.route(b"b").rid == b"r1"
 
 
-def test_forget_returns_the_peer_once():
+def test_forget_and_route():
     table = PeerTable()
-    table.hello("c", "client", T0)
-    assert table.forget("c").name == "c"
-    assert table.forget("c") is None
-    assert table.forget("never") is None
+    table.hello(b"r1", "c", "client", False, T0)
+    assert table.forget(b"r1").name == "c"
+    assert table.forget(b"r1") is None and table.route(b"c") is None
+    assert table.route(b"\xff\xfe") is None  # not UTF-8: no such name
 
 
-def test_heartbeat_targets_are_services_and_workers_only():
+def test_services_and_workers_expire_after_liveness_clients_after_a_minute():
     table = PeerTable()
-    for name, role in [("s", "service"), ("w", "worker"), ("c", "client")]:
-        table.hello(name, role, T0)
-    table.heard("u", T0)
-    assert sorted(table.heartbeat_targets()) == ["s", "w"]
-
-
-@pytest.mark.parametrize("role", ["service", "worker"])
-def test_expire_service_or_worker_at_the_limit_is_kept(role):
-    table = PeerTable()
-    table.hello("p", role, T0)
+    table.hello(b"s", "scheduler", "service", True, T0)
+    table.hello(b"w", "w1", "worker", False, T0)
+    table.hello(b"c", "c1", "client", False, T0)
     assert table.expire(T0 + LIMIT) == []
-    assert "p" in table.peers
+    assert {p.name for p in table.expire(T0 + LIMIT + 0.01)} == {"scheduler", "w1"}
+    assert table.expire(T0 + wire.CLIENT_SILENCE) == []
+    assert [p.name for p in table.expire(T0 + wire.CLIENT_SILENCE + 0.01)] == ["c1"]
 
 
-@pytest.mark.parametrize("role", ["service", "worker"])
-def test_expire_service_or_worker_past_the_limit_is_forgotten(role):
+def test_heartbeats_go_to_services_and_workers_only():
     table = PeerTable()
-    table.hello("p", role, T0)
-    lost = table.expire(T0 + LIMIT + 0.001)
-    assert [p.name for p in lost] == ["p"] and lost[0].role == role
-    assert table.peers == {}
+    table.hello(b"s", "pool", "service", True, T0)
+    table.hello(b"w", "w1", "worker", False, T0)
+    table.hello(b"c", "c1", "client", False, T0)
+    assert {p.name for p in table.heartbeat_targets()} == {"pool", "w1"}
 
 
-@pytest.mark.parametrize("role", ["client", "unknown"])
-def test_expire_clients_and_unknown_peers_get_a_minute(role):
+def test_requests_waiting_for_replies_are_bounded_per_peer():
+    table = PeerTable(max_in_flight=3)
+    table.hello(b"c", "c1", "client", False, T0)
+    peer = table.route(b"c1")
+    assert all(table.request_sent(peer, b"%d" % i, T0) for i in range(3))
+    assert table.request_sent(peer, b"1", T0)  # a re-send of one already counted
+    assert not table.request_sent(peer, b"9", T0)
+    table.reply_delivered(peer, b"0")
+    assert table.request_sent(peer, b"9", T0)
+    # Requests whose answers were lost (a restarted service) stop counting after a while.
+    assert not table.request_sent(peer, b"10", T0 + 1)
+    assert table.request_sent(peer, b"10", T0 + IN_FLIGHT_TTL + 1)
+
+
+def test_describe_lists_peers_by_role_then_name():
     table = PeerTable()
-    table.hello("p", role, T0) if role == "client" else table.heard("p", T0)
-    assert table.expire(T0 + LIMIT + 1) == []
-    assert table.expire(T0 + CLIENT_LIMIT) == []
-    assert [p.name for p in table.expire(T0 + CLIENT_LIMIT + 0.001)] == ["p"]
-
-
-def test_expire_client_limit_is_the_longer_of_a_minute_and_liveness():
-    table = PeerTable(interval=30.0, liveness=3)  # 90 s > 60 s
-    table.hello("c", "client", T0)
-    table.hello("s", "service", T0)
-    assert table.expire(T0 + 61) == []
-    assert sorted(p.name for p in table.expire(T0 + 90.5)) == ["c", "s"]
-
-
-def test_expire_uses_custom_interval_and_liveness():
-    table = PeerTable(interval=0.5, liveness=2)
-    table.hello("w", "worker", T0)
-    assert table.expire(T0 + 1.0) == []
-    assert [p.name for p in table.expire(T0 + 1.01)] == ["w"]
-
-
-def test_expire_counts_from_the_last_sign_of_life():
-    table = PeerTable()
-    table.hello("w", "worker", T0)
-    table.heard("w", T0 + 10)
-    assert table.expire(T0 + 10 + LIMIT) == []
-    assert len(table.expire(T0 + 10 + LIMIT + 0.1)) == 1
-
-
-def test_expire_returns_only_the_silent_ones():
-    table = PeerTable()
-    table.hello("old", "worker", T0)
-    table.hello("new", "worker", T0 + 2)
-    table.hello("c", "client", T0)
-    assert [p.name for p in table.expire(T0 + LIMIT + 1)] == ["old"]
-    assert sorted(table.peers) == ["c", "new"]
-
-
-def test_describe_sorts_by_role_then_name_and_rounds():
-    table = PeerTable()
-    table.hello("w2", "worker", T0)
-    table.hello("w1", "worker", T0 + 0.5)
-    table.hello("scheduler", "service", T0)
-    table.hello("cli", "client", T0)
-    table.heard("w1", T0 + 1.23456)
-    rows = table.describe(T0 + 2.0)
-    assert [(r["role"], r["name"]) for r in rows] == [
-        ("client", "cli"), ("service", "scheduler"), ("worker", "w1"), ("worker", "w2")]
-    w1 = rows[2]
-    assert w1 == {"name": "w1", "role": "worker", "uptime": 1.5, "silent_for": 0.765}
-
-
-def test_describe_empty_table():
-    assert PeerTable().describe(T0) == []
+    table.hello(b"w", "w1", "worker", False, T0)
+    table.hello(b"c", "c1", "client", False, T0)
+    rows = table.describe(T0 + 2)
+    assert [(r["name"], r["role"]) for r in rows] == [("c1", "client"), ("w1", "worker")]
+    assert rows[0]["uptime"] == 2 and rows[0]["in_flight"] == 0

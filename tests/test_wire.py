@@ -122,16 +122,17 @@ def test_decode_keeps_the_cause():
 
 # --- envelope -----------------------------------------------------------------------------
 
-def test_frames_stacks_the_five_frame_envelope():
+def test_frames_stacks_the_six_frame_envelope():
     parts = wire.frames(wire.REQUEST, b"scheduler", b"c1", {"op": "x"})
-    assert len(parts) == wire.FRAME_COUNT == 5
-    assert parts[:4] == [wire.TAG, wire.REQUEST, b"scheduler", b"c1"]
-    assert wire.decode_body(parts[4]) == {"op": "x"}
+    assert len(parts) == wire.FRAME_COUNT == 6
+    assert parts[:5] == [wire.TAG, wire.REQUEST, b"scheduler", b"", b"c1"]
+    assert wire.decode_body(parts[5]) == {"op": "x"}
+    assert wire.frames(wire.NOTIFY, b"w", role=b"service")[3] == b"service"
 
 
 def test_frames_passes_an_encoded_body_through_and_empty_body_is_empty():
-    assert wire.frames(wire.REPLY, b"p", b"", b"\x80")[4] == b"\x80"
-    assert wire.frames(wire.HEARTBEAT, b"p")[3:] == [b"", b""]
+    assert wire.frames(wire.REPLY, b"p", b"", b"\x80")[5] == b"\x80"
+    assert wire.frames(wire.HEARTBEAT, b"p")[3:] == [b"", b"", b""]
 
 
 @pytest.mark.parametrize("type_", sorted(wire.TYPES))
@@ -141,42 +142,44 @@ def test_parse_accepts_every_type_and_round_trips(type_):
                                                                {"k": "v"})
 
 
-@pytest.mark.parametrize("count", [0, 1, 4, 6, 10])
+@pytest.mark.parametrize("count", [0, 1, 4, 5, 7, 10])
 def test_parse_wrong_frame_count_is_bad_request(count):
     parts = (wire.frames(wire.REQUEST, b"p", b"c", {}) * 2)[:count]
     assert code_of(wire.parse, parts) == "bad_request"
 
 
-@pytest.mark.parametrize("tag", [b"CX2", b"cx1", b"", b"CX1 ", b"ZMQ"])
+@pytest.mark.parametrize("tag", [b"CX1", b"CX3", b"cx2", b"", b"CX2 ", b"ZMQ"])
 def test_parse_wrong_tag_is_bad_protocol(tag):
-    assert code_of(wire.parse, [tag, wire.HELLO, b"", b"", b""]) == "bad_protocol"
+    assert code_of(wire.parse, [tag, wire.HELLO, b"", b"", b"", b""]) == "bad_protocol"
 
 
 def test_parse_checks_the_tag_before_the_type():
-    assert code_of(wire.parse, [b"XX", b"NOPE", b"", b"", b""]) == "bad_protocol"
+    assert code_of(wire.parse, [b"XX", b"NOPE", b"", b"", b"", b""]) == "bad_protocol"
 
 
 @pytest.mark.parametrize("type_", [b"hello", b"", b"PING", b"REQUEST\x00", b"X" * 1000])
 def test_parse_unknown_type_is_unknown_type(type_):
-    assert code_of(wire.parse, [wire.TAG, type_, b"", b"", b""]) == "unknown_type"
+    assert code_of(wire.parse, [wire.TAG, type_, b"", b"", b"", b""]) == "unknown_type"
 
 
 def test_parse_accepts_exactly_the_size_limit():
     body = b"x" * (wire.MAX_MESSAGE_BYTES - 10)
-    msg = wire.parse([wire.TAG, wire.NOTIFY, b"peer", b"corr01", body])
+    msg = wire.parse([wire.TAG, wire.NOTIFY, b"peer", b"", b"corr01", body])
     assert len(msg.peer) + len(msg.corr) + len(msg.body) == wire.MAX_MESSAGE_BYTES
 
 
 def test_parse_one_byte_above_the_size_limit_is_too_large():
     body = b"x" * (wire.MAX_MESSAGE_BYTES - 9)
-    assert code_of(wire.parse, [wire.TAG, wire.NOTIFY, b"peer", b"corr01", body]) == "too_large"
+    assert code_of(wire.parse, [wire.TAG, wire.NOTIFY, b"peer", b"", b"corr01", body]) \
+        == "too_large"
 
 
 def test_parse_size_counts_peer_and_corr_frames_too():
     body = b"x" * wire.MAX_MESSAGE_BYTES
-    wire.parse([wire.TAG, wire.NOTIFY, b"", b"", body])
-    assert code_of(wire.parse, [wire.TAG, wire.NOTIFY, b"p", b"", body]) == "too_large"
-    assert code_of(wire.parse, [wire.TAG, wire.NOTIFY, b"", b"c", body]) == "too_large"
+    wire.parse([wire.TAG, wire.NOTIFY, b"", b"", b"", body])
+    assert code_of(wire.parse, [wire.TAG, wire.NOTIFY, b"p", b"", b"", body]) == "too_large"
+    assert code_of(wire.parse, [wire.TAG, wire.NOTIFY, b"", b"", b"c", body]) == "too_large"
+    assert code_of(wire.parse, [wire.TAG, wire.NOTIFY, b"", b"x", b"", body]) == "too_large"
 
 
 @pytest.mark.parametrize("peer,corr", [
@@ -184,17 +187,19 @@ def test_parse_size_counts_peer_and_corr_frames_too():
     (b"", b"c" * (wire.MAX_CORR_BYTES + 1)),
 ], ids=["long_peer", "long_corr"])
 def test_parse_long_peer_or_corr_is_bad_request(peer, corr):
-    assert code_of(wire.parse, [wire.TAG, wire.REQUEST, peer, corr, b""]) == "bad_request"
+    assert code_of(wire.parse, [wire.TAG, wire.REQUEST, peer, b"", corr, b""]) == "bad_request"
+    assert code_of(wire.parse, [wire.TAG, wire.REQUEST, b"", b"r" * 17, b"", b""]) \
+        == "bad_request"
 
 
 def test_parse_peer_and_corr_at_their_limits_pass():
-    msg = wire.parse([wire.TAG, wire.REQUEST, b"p" * wire.MAX_NAME_BYTES,
+    msg = wire.parse([wire.TAG, wire.REQUEST, b"p" * wire.MAX_NAME_BYTES, b"",
                       b"c" * wire.MAX_CORR_BYTES, b""])
     assert msg.decoded() == {}
 
 
 def test_parse_does_not_decode_the_body():
-    msg = wire.parse([wire.TAG, wire.REQUEST, b"p", b"c", b"\xc1"])  # only decoded() checks
+    msg = wire.parse([wire.TAG, wire.REQUEST, b"p", b"", b"c", b"\xc1"])  # only decoded() checks
     assert code_of(msg.decoded) == "bad_request"
 
 

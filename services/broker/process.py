@@ -2,13 +2,17 @@
 
     python -m cortex.services.broker [--home DIR]
 
-A ROUTER whose peers' routing ids are their names, so routing is one send; the broker
-decodes only HELLO bodies and its own requests. ROUTER_MANDATORY makes an unroutable
-message an error we answer (`unavailable`) instead of a silent drop.
+A ROUTER whose peers are known by the names they gave at HELLO (the connection's routing
+id is libzmq's, never the peer's choice). Per message the broker reads the envelope only:
+it looks up the sender (its name and role), looks up the destination, stamps the sender's
+name and role into the forwarded message, and counts the sender's requests waiting for
+replies. It decodes only HELLO bodies and its own requests. ROUTER_MANDATORY makes an
+unroutable message an error we answer (`unavailable`) instead of a silent drop.
 """
 
 from __future__ import annotations
 
+import hmac
 import os
 import time
 
@@ -17,12 +21,15 @@ import zmq
 from cortex.protocol import wire
 from cortex.protocol.peer import make_socket, poll_ms, recv_frames, send_frames
 from cortex.services.broker.peers import PeerTable
+from cortex.services.runtime.connections import ConnectionGuard, default_cap, raise_fd_limit
 from cortex.services.runtime.entry import serve
-from cortex.services.runtime.process import ServiceRuntime
+from cortex.services.runtime.process import ServiceRuntime, suite_secret
 
 MAX_BATCH = 5000
+SEND_HWM = 10_000  # messages waiting for one peer; past it, that peer's messages are dropped
 # Services told when a peer is lost, so work held by a dead worker is not forgotten.
 LOSS_SUBSCRIBERS = (b"scheduler", b"pool")
+FORWARDED = (wire.REQUEST, wire.REPLY, wire.ERROR, wire.NOTIFY)
 
 
 class Broker:
@@ -33,105 +40,165 @@ class Broker:
         self.log = self.rt.log
         interval = self.rt.settings.suite.heartbeat_interval
         self.table = PeerTable(interval=interval)
+        self.secret = suite_secret(self.rt.home).encode()
         self.endpoint = self.rt.endpoints["bus"]
         self.socket = make_socket(self.rt.ctx, zmq.ROUTER)
         self.socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        self.socket.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted peer takes its name back
+        self.socket.setsockopt(zmq.SNDHWM, SEND_HWM)
         self.socket.setsockopt(zmq.BACKLOG, 1024)
         self.rt.remove_socket(self.endpoint)  # left by a killed predecessor (we hold the lock)
+        raise_fd_limit()
+        cap = self.rt.settings.bus.max_connections or default_cap()
+        self.guard = ConnectionGuard(self.socket, cap, "bus")
         self.socket.bind(self.endpoint)
-        self.stats = {"routed": 0, "malformed": 0, "unroutable": 0, "lost_peers": 0}
+        self.stats = {"routed": 0, "malformed": 0, "unroutable": 0, "lost_peers": 0,
+                      "refused_hello": 0, "too_many": 0, "too_large": 0}
         self.next_beat = time.monotonic() + interval
 
-    def send(self, dest: bytes, parts: list) -> bool:
+    def send(self, rid: bytes, parts: list) -> bool:
         try:
-            send_frames(self.socket, [dest, *parts])
+            send_frames(self.socket, [rid, *parts])
             return True
-        except zmq.ZMQError as e:  # EHOSTUNREACH: unknown peer; EAGAIN: its queue is full
+        except zmq.ZMQError as e:  # EHOSTUNREACH: gone; EAGAIN: its queue is full
             if e.errno not in (zmq.EHOSTUNREACH, zmq.EAGAIN):
                 raise
             self.stats["unroutable"] += 1
             return False
 
-    def reply_error(self, dest: bytes, corr: bytes, code: str, message: str) -> None:
-        self.send(dest, wire.frames(wire.ERROR, wire.BROKER, corr, wire.error_body(code,
-                                                                                    message)))
+    def reply_error(self, rid: bytes, corr: bytes, code: str, message: str) -> None:
+        self.send(rid, wire.frames(wire.ERROR, wire.BROKER, corr,
+                                   wire.error_body(code, message), role=b"broker"))
 
     def on_message(self, parts: list, now: float) -> None:
-        sender, rest = parts[0], parts[1:]
+        rid, rest = parts[0], parts[1:]
         try:
             msg = wire.parse(rest)
         except wire.ProtocolError as e:
-            self.stats["malformed"] += 1
-            corr = bytes(rest[3])[: wire.MAX_CORR_BYTES] if len(rest) == wire.FRAME_COUNT else b""
-            self.reply_error(sender, corr, e.code, e.message)
+            self.refuse(rid, rest, e)
             return
-        name = sender.decode(errors="replace")
         if msg.type == wire.HELLO:
-            try:
-                body = msg.decoded()
-                role = wire.field_choice(body, "role", wire.ROLES)
-                if body.get("name") != name:
-                    raise wire.ProtocolError("bad_request", "HELLO name must equal routing id")
-            except wire.ProtocolError as e:
-                self.stats["malformed"] += 1
-                self.reply_error(sender, msg.corr, e.code, e.message)
-                return
-            if self.table.hello(name, role, now):
-                self.log.info("peer %s joined as %s", name, role)
-            self.send(sender, wire.frames(wire.WELCOME, wire.BROKER, msg.corr, {
-                "heartbeat_ms": int(self.table.interval * 1000)}))
+            self.hello(rid, msg, now)
             return
-        if not self.table.heard(name, now) and msg.type != wire.BYE:
-            self.send(sender, wire.frames(wire.WHO, wire.BROKER))
+        peer = self.table.heard(rid, now)
+        if peer is None:
+            if msg.type != wire.BYE:
+                self.send(rid, wire.frames(wire.WHO, wire.BROKER, role=b"broker"))
+                if msg.type == wire.REQUEST:
+                    self.reply_error(rid, msg.corr, "unavailable", "say HELLO first")
+            return
         if msg.type == wire.HEARTBEAT:
             return
         if msg.type == wire.BYE:
-            self.table.forget(name)
+            self.table.forget(rid)
             return
         if msg.peer == wire.BROKER:
-            self.serve(sender, msg, now)
+            self.serve(rid, msg, now)
             return
-        if msg.type not in (wire.REQUEST, wire.REPLY, wire.ERROR, wire.NOTIFY):
+        if msg.type not in FORWARDED:
             self.stats["malformed"] += 1
-            self.reply_error(sender, msg.corr, "unknown_type",
+            self.reply_error(rid, msg.corr, "unknown_type",
                              f"{msg.type.decode()} is not routed by the broker")
             return
-        if self.send(msg.peer, [wire.TAG, msg.type, sender, msg.corr, msg.body]):
+        dest = self.table.route(msg.peer)
+        if dest is None:
+            if msg.type in (wire.REQUEST, wire.NOTIFY):
+                self.stats["unroutable"] += 1
+                self.reply_error(rid, msg.corr, "unavailable",
+                                 f"{msg.peer.decode(errors='replace')} is not connected")
+            return
+        # The suite's own services are trusted with any number of requests (the scheduler
+        # keeps hundreds of ledger orders in flight); clients and workers are bounded.
+        if msg.type == wire.REQUEST and peer.role != "service" \
+                and not self.table.request_sent(peer, msg.corr, now):
+            self.stats["too_many"] += 1
+            self.reply_error(rid, msg.corr, "too_many",
+                             f"{self.table.max_in_flight} requests already wait for replies")
+            return
+        if msg.type in (wire.REPLY, wire.ERROR):
+            self.table.reply_delivered(dest, msg.corr)
+        if self.send(dest.rid, [wire.TAG, msg.type, peer.name_bytes, peer.role.encode(),
+                                msg.corr, msg.body]):
             self.stats["routed"] += 1
         elif msg.type in (wire.REQUEST, wire.NOTIFY):
-            self.reply_error(sender, msg.corr, "unavailable",
-                             f"{msg.peer.decode(errors='replace')} is not connected")
+            self.reply_error(rid, msg.corr, "unavailable",
+                             f"{dest.name} is not taking messages")
 
-    def serve(self, sender: bytes, msg: wire.Message, now: float) -> None:
+    def refuse(self, rid: bytes, rest: list, error: wire.ProtocolError) -> None:
+        """A message that breaks the envelope. An oversized reply is answered to the
+        peer that is waiting for it (the requester), not to the service that made it."""
+        self.stats["malformed"] += 1
+        corr = bytes(rest[4])[:wire.MAX_CORR_BYTES] if len(rest) == wire.FRAME_COUNT else b""
+        if error.code == "too_large" and len(rest) == wire.FRAME_COUNT \
+                and rest[1] in (wire.REPLY, wire.ERROR):
+            sender = self.table.by_rid.get(rid)
+            dest = self.table.route(bytes(rest[2]))
+            if sender is not None and dest is not None:
+                self.stats["too_large"] += 1
+                self.table.reply_delivered(dest, corr)
+                self.send(dest.rid, wire.frames(
+                    wire.ERROR, sender.name_bytes, corr, wire.error_body(
+                        "too_large", f"the reply from {sender.name} was {error.message}"),
+                    role=sender.role.encode()))
+                return
+        self.reply_error(rid, corr, error.code, error.message)
+
+    def hello(self, rid: bytes, msg: wire.Message, now: float) -> None:
+        try:
+            body = msg.decoded()
+            role = wire.field_choice(body, "role", wire.ROLES)
+            name = body.get("name")
+            if not wire.valid_name(name):
+                raise wire.ProtocolError("bad_request", "HELLO needs a valid name")
+        except wire.ProtocolError as e:
+            self.stats["malformed"] += 1
+            self.reply_error(rid, msg.corr, e.code, e.message)
+            return
+        secret = body.get("secret")
+        proven = isinstance(secret, str) and hmac.compare_digest(secret.encode(), self.secret)
+        outcome = self.table.hello(rid, name, role, proven, now)
+        if not outcome.ok:
+            self.stats["refused_hello"] += 1
+            self.log.warning("refused HELLO as %s %r: %s", role, name, outcome.reason)
+            self.reply_error(rid, msg.corr, "unauthorized", outcome.reason)
+            return
+        if outcome.replaced is not None:
+            self.log.info("%s %s took its name over from a predecessor", role, name)
+        self.send(rid, wire.frames(wire.WELCOME, wire.BROKER, msg.corr, {
+            "heartbeat_ms": int(self.table.interval * 1000)}, role=b"broker"))
+
+    def serve(self, rid: bytes, msg: wire.Message, now: float) -> None:
         """The broker's own requests: who is connected, and its counters."""
         if msg.type != wire.REQUEST:
             return
         try:
             op = msg.decoded().get("op")
         except wire.ProtocolError as e:
-            self.reply_error(sender, msg.corr, e.code, e.message)
+            self.reply_error(rid, msg.corr, e.code, e.message)
             return
         if op in ("broker.peers", "broker.status"):
             body = {"peers": self.table.describe(now), "stats": self.stats,
+                    "connections": self.guard.status(),
                     "uptime": time.time() - self.rt.started, "pid": os.getpid()}
-            self.send(sender, wire.frames(wire.REPLY, wire.BROKER, msg.corr, body))
+            self.send(rid, wire.frames(wire.REPLY, wire.BROKER, msg.corr, body,
+                                       role=b"broker"))
         else:
-            self.reply_error(sender, msg.corr, "unknown_type", f"unknown operation {op!r}")
+            self.reply_error(rid, msg.corr, "unknown_type",
+                             f"unknown operation {str(op)[:64]!r}")
 
     def heartbeat(self, now: float) -> None:
-        beat = wire.frames(wire.HEARTBEAT, wire.BROKER)
-        for name in self.table.heartbeat_targets():
-            self.send(name.encode(), beat)
+        beat = wire.frames(wire.HEARTBEAT, wire.BROKER, role=b"broker")
+        for peer in self.table.heartbeat_targets():
+            self.send(peer.rid, beat)
         for peer in self.table.expire(now):
             self.stats["lost_peers"] += 1
             self.log.warning("peer %s (%s) lost: silent for %.1f s", peer.name, peer.role,
                              now - peer.last_seen)
             notice = wire.frames(wire.NOTIFY, wire.BROKER, b"", {
-                "op": "peer.lost", "name": peer.name, "role": peer.role})
-            for dest in LOSS_SUBSCRIBERS:
-                if dest.decode() in self.table.peers:
-                    self.send(dest, notice)
+                "op": "peer.lost", "name": peer.name, "role": peer.role}, role=b"broker")
+            for name in LOSS_SUBSCRIBERS:
+                dest = self.table.route(name)
+                if dest is not None:
+                    self.send(dest.rid, notice)
 
     def run(self) -> None:
         self.log.info("broker listening on %s", self.endpoint)
@@ -156,6 +223,7 @@ class Broker:
                             break
                         self.on_message(parts, now)
         finally:
+            self.guard.stop()
             self.socket.close(linger=0)
             self.rt.remove_socket(self.endpoint)
             self.rt.close()

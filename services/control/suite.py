@@ -21,7 +21,7 @@ import psutil
 
 from cortex.protocol import errors
 from cortex.protocol.client import Client
-from cortex.services.runtime.process import prepare_home
+from cortex.services.runtime.process import new_suite_secret, prepare_home
 from cortex.services.runtime.settings import ConfigError
 from cortex.services.runtime.settings import load as load_settings
 
@@ -114,6 +114,7 @@ class Suite:
             raise SuiteError(f"the suite is already running for {self.home}")
         for stale in ("supervisor.sock", "supervisord.pid", "dashboard.url"):
             (self.home / "run" / stale).unlink(missing_ok=True)
+        new_suite_secret(self.home)  # this start's proof for the suite's own processes
         cmd = [self.python, "-m", "supervisor.supervisord", "-c", str(self.conf)]
         if attached:
             self.proc = subprocess.Popen([*cmd, "-n"], env=self.env, start_new_session=True,

@@ -14,6 +14,7 @@ acknowledged and publishers keep their events until writing works again.
 from __future__ import annotations
 
 import collections
+import hmac
 import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -33,7 +34,8 @@ from cortex.services.runtime.eventlog import (
     RingBuffer,
     read_events,
 )
-from cortex.services.runtime.loop import BusService
+from cortex.services.runtime.loop import BusService, serves
+from cortex.services.runtime.process import suite_secret
 
 RETRY_WRITE = 1.0  # seconds between attempts to write to an unwritable events directory
 # Group commit: the log is written and synced (then acknowledged) at most this often, or
@@ -122,7 +124,9 @@ class EventRouter(BusService):
         self.to_ack: dict[bytes, set[tuple[str, int]]] = {}  # publisher -> streams to ack
         self.unwritable: str | None = None
         self.next_write_retry = 0.0
-        self.stats = {"received": 0, "written": 0, "duplicates": 0, "malformed": 0}
+        self.stats = {"received": 0, "written": 0, "duplicates": 0, "malformed": 0,
+                      "unauthorized": 0}
+        self.secret = suite_secret(self.rt.home).encode()
         self.sink = None
         if self.settings.events.postgres_url:
             from cortex.services.events.pgsink import (
@@ -157,7 +161,13 @@ class EventRouter(BusService):
             msg = wire.parse(rest)
             if msg.type != wire.EVENTS:
                 raise wire.ProtocolError("unknown_type", "fan-in takes EVENTS only")
-            events = msg.decoded().get("events")
+            body = msg.decoded()
+            secret = body.get("secret")
+            if not isinstance(secret, str) or not hmac.compare_digest(secret.encode(),
+                                                                      self.secret):
+                self.stats["unauthorized"] += 1  # not one of the suite's own publishers
+                return []
+            events = body.get("events")
             if not isinstance(events, list):
                 raise wire.ProtocolError("bad_request", "events must be a list")
         except wire.ProtocolError:
@@ -244,50 +254,45 @@ class EventRouter(BusService):
                 pass  # live views may miss events; the log does not
 
     # -- queries over the bus -------------------------------------------------------------
-    def handle(self, fx: Effects, msg: wire.Message, body: dict, now: float) -> None:
-        if msg.type != wire.REQUEST:
-            return
-        op = body.get("op")
-        if op == "events.recent":
-            n = wire.field_int(body, "n", lo=1, hi=10_000, required=False, default=100)
-            pattern = wire.field_str(body, "type", max_len=200, required=False)
-            fx.reply(msg.peer, msg.corr, {"events": self.ring.recent(n, pattern)})
-        elif op == "events.status":
-            fx.reply(msg.peer, msg.corr, {
-                **self.stats, "gaps": self.tracker.gaps, "buffered": self.writer.buffered,
-                "unwritable": self.unwritable,
-                "postgres": self.sink.stats() if self.sink else None,
-                "metrics_url": self.metrics_server.url if self.metrics_server else None,
-                "latency": self.metrics.latency(), "pid": os.getpid(),
-                "started": self.rt.started})
-        elif op == "events.metrics":
-            reply = self.metrics.summary()
-            if body.get("buckets") is True:  # the histograms themselves, as [index, count]
-                reply["bounds"] = BOUNDS
-                reply["buckets"] = [
-                    {"type": t, "priority": p, **{stage: [[i, n] for i, n in enumerate(
-                        s.hists[stage].counts) if n] for stage in STAGES}}
-                    for (t, p), s in self.metrics.series.copy().items()]
-            fx.reply(msg.peer, msg.corr, reply)
-        elif op == "events.query":
-            # Read on a thread (the loop keeps routing); on_tick replies when it is done.
-            filters = {key: wire.field_str(body, field, max_len=200, required=False)
-                       for key, field in (("task", "task"), ("type_pattern", "type"),
-                                          ("worker", "worker"), ("text", "text"))}
-            for key in ("since", "until"):
-                filters[key] = wire.field_number(body, key, lo=0, hi=1e11, required=False)
-            limit = wire.field_int(body, "limit", lo=1, hi=QUERY_LIMIT, required=False,
-                                   default=1000)
-            newest = body.get("newest") is True
-            if any(a[0] == msg.peer and a[1] == msg.corr for a in self.answers):
-                return  # a client's re-send of a query still being read
-            if len(self.answers) >= QUERY_QUEUE:
-                raise wire.ProtocolError("unavailable", "too many events.query reads at once")
-            self.answers.append((msg.peer, msg.corr, self.queries.submit(
-                query_history, self.rt.home / "events", self.settings.events.postgres_url,
-                filters, limit, newest)))
-        else:
-            raise wire.ProtocolError("unknown_type", f"unknown operation {op!r}")
+    @serves("events.recent")
+    def recent(self, fx: Effects, msg: wire.Message, body: dict, now: float) -> None:
+        fx.reply(msg.peer, msg.corr, {"events": self.ring.recent(body["n"], body["type"])})
+
+    @serves("events.status")
+    def status(self, fx: Effects, msg: wire.Message, body: dict, now: float) -> None:
+        fx.reply(msg.peer, msg.corr, {
+            **self.stats, "gaps": self.tracker.gaps, "buffered": self.writer.buffered,
+            "unwritable": self.unwritable,
+            "postgres": self.sink.stats() if self.sink else None,
+            "metrics_url": self.metrics_server.url if self.metrics_server else None,
+            "latency": self.metrics.latency(), "pid": os.getpid(),
+            "started": self.rt.started, "bad_messages": self.bad_messages,
+            "internal_errors": self.internal_errors})
+
+    @serves("events.metrics")
+    def metrics_op(self, fx: Effects, msg: wire.Message, body: dict, now: float) -> None:
+        reply = self.metrics.summary()
+        if body["buckets"]:  # the histograms themselves, as [index, count]
+            reply["bounds"] = BOUNDS
+            reply["buckets"] = [
+                {"type": t, "priority": p, **{stage: [[i, n] for i, n in enumerate(
+                    s.hists[stage].counts) if n] for stage in STAGES}}
+                for (t, p), s in self.metrics.series.copy().items()]
+        fx.reply(msg.peer, msg.corr, reply)
+
+    @serves("events.query")
+    def query(self, fx: Effects, msg: wire.Message, body: dict, now: float) -> None:
+        # Read on a thread (the loop keeps routing); on_tick replies when it is done.
+        filters = {"task": body["task"], "type_pattern": body["type"],
+                   "worker": body["worker"], "text": body["text"], "since": body["since"],
+                   "until": body["until"]}
+        if any(a[0] == msg.peer and a[1] == msg.corr for a in self.answers):
+            return  # a client's re-send of a query still being read
+        if len(self.answers) >= QUERY_QUEUE:
+            raise wire.ProtocolError("unavailable", "too many events.query reads at once")
+        self.answers.append((msg.peer, msg.corr, self.queries.submit(
+            query_history, self.rt.home / "events", self.settings.events.postgres_url,
+            filters, body["limit"], body["newest"])))
 
     def answer_queries(self, fx: Effects) -> float:
         """Reply to the events.query reads that are done; poll soon while any is not."""

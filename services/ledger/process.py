@@ -15,11 +15,10 @@ import os
 import time
 
 from cortex.protocol import wire
-from cortex.protocol.wire import ProtocolError
 from cortex.services.ledger.budgets import LedgerState
 from cortex.services.runtime.effects import Effects
 from cortex.services.runtime.entry import serve
-from cortex.services.runtime.loop import BusService
+from cortex.services.runtime.loop import BusService, serves
 from cortex.services.runtime.settings import ConfigError
 
 
@@ -59,46 +58,56 @@ class Ledger(BusService):
         for record in fx.records:
             self.journal.append(record)
 
-    def handle(self, fx: Effects, msg: wire.Message, body: dict, now: float) -> None:
-        if msg.type != wire.REQUEST:
-            return
-        op = body.get("op")
-        state = self.state
-        task = body.get("task")
-        attempt = body.get("attempt", 1)
-        if op == "ledger.reserve":
-            outcome = state.reserve(task, attempt, body.get("amount"), task_type=body.get("type"),
-                                    agent=body.get("agent"), now=now)
-        elif op == "ledger.extend":
-            outcome = state.extend(task, attempt, body.get("amount"), now=now,
-                                   seq=body.get("seq", 1))
-        elif op == "ledger.commit":
-            outcome = state.commit(task, attempt, body.get("used"), now=now,
-                                   task_type=body.get("type"), agent=body.get("agent"))
-        elif op == "ledger.release":
-            outcome = state.release(task, attempt, now=now)
-        elif op == "ledger.set":
-            outcome = state.set_budget(body.get("scope"), body.get("limit"), body.get("window"),
-                                       now=now)
-        elif op == "ledger.status":
-            fx.reply(msg.peer, msg.corr, {"budgets": state.status(now), "pid": os.getpid(),
-                                          "started": self.rt.started})
-            return
-        elif op == "ledger.task":
-            fx.reply(msg.peer, msg.corr, {"reservation": state.reservation(task)})
-            return
-        else:
-            raise ProtocolError("unknown_type", f"unknown operation {op!r}")
+    # -- operations (bodies already checked against the catalogue) ------------------------
+    @serves("ledger.reserve")
+    def reserve(self, fx: Effects, msg: wire.Message, body: dict, now: float) -> None:
+        self.answer(fx, msg, body, self.state.reserve(
+            body["task"], body["attempt"], body["amount"], task_type=body["type"],
+            agent=body["agent"], now=now))
+
+    @serves("ledger.extend")
+    def extend(self, fx: Effects, msg: wire.Message, body: dict, now: float) -> None:
+        self.answer(fx, msg, body, self.state.extend(
+            body["task"], body["attempt"], body["amount"], now=now, seq=body["seq"]))
+
+    @serves("ledger.commit")
+    def commit(self, fx: Effects, msg: wire.Message, body: dict, now: float) -> None:
+        self.answer(fx, msg, body, self.state.commit(
+            body["task"], body["attempt"], body["used"], now=now, task_type=body["type"],
+            agent=body["agent"]))
+
+    @serves("ledger.release")
+    def release(self, fx: Effects, msg: wire.Message, body: dict, now: float) -> None:
+        self.answer(fx, msg, body, self.state.release(body["task"], body["attempt"], now=now))
+
+    @serves("ledger.set")
+    def set_budget(self, fx: Effects, msg: wire.Message, body: dict, now: float) -> None:
+        self.answer(fx, msg, body, self.state.set_budget(body["scope"], body["limit"],
+                                                         body["window"], now=now))
+
+    @serves("ledger.status")
+    def status(self, fx: Effects, msg: wire.Message, body: dict, now: float) -> None:
+        fx.reply(msg.peer, msg.corr, {"budgets": self.state.status(now), "pid": os.getpid(),
+                                      "started": self.rt.started,
+                                      "bad_messages": self.bad_messages,
+                                      "internal_errors": self.internal_errors})
+
+    @serves("ledger.task")
+    def task(self, fx: Effects, msg: wire.Message, body: dict, now: float) -> None:
+        fx.reply(msg.peer, msg.corr, {"reservation": self.state.reservation(body["task"])})
+
+    def answer(self, fx: Effects, msg: wire.Message, body: dict, outcome) -> None:
+        """Journal the change, emit its events, then reply: a refusal is an answer, not an
+        error (the scheduler keeps the task waiting)."""
         if outcome.journal is not None:
             # Wrapped: the journal stamps its own lsn; LedgerState keeps its own sequence.
             fx.records.append({"k": "ledger", "rec": outcome.journal})
         for type_, data in outcome.events:
-            fx.emit(type_, data, data.get("task_id") or (task if isinstance(task, str) else None))
-        if outcome.code == "bad_request" or outcome.code == "not_found":
+            fx.emit(type_, data, data.get("task_id") or body.get("task"))
+        if outcome.code in ("bad_request", "not_found"):
             fx.error(msg.peer, msg.corr, outcome.code, outcome.reply.get("reason")
                      or outcome.reply.get("message") or outcome.code)
         else:
-            # A refusal is an answer, not an error: the scheduler keeps the task waiting.
             fx.reply(msg.peer, msg.corr, {"ok": outcome.ok, **outcome.reply})
 
     def on_tick(self, fx: Effects, now: float) -> float:

@@ -37,6 +37,7 @@ from cortex.protocol.publisher import EventPublisher
 from cortex.services.runtime.durable import remove_temp_files
 from cortex.services.runtime.entry import serve
 from cortex.services.runtime.journal import read_snapshot, write_snapshot
+from cortex.services.runtime.process import suite_secret
 
 log = logging.getLogger("cortex.supervisor-events")
 
@@ -303,7 +304,7 @@ class ListenerProcess:
         (self.home / "state").mkdir(parents=True, exist_ok=True)
         self.ctx = zmq.Context()
         publisher = EventPublisher(self.ctx, locate.endpoints(self.home)["events_in"],
-                                   "supervisor", time.time_ns())
+                                   "supervisor", time.time_ns(), secret=suite_secret(self.home))
         self.listener = SupervisorListener(sys.stdin.fileno(), sys.stdout.buffer, publisher,
                                            self.home / "state" / STATE_FILE)
 

@@ -27,7 +27,7 @@ from cortex.services.pool.children import Child, ChildState, Emit, transition
 from cortex.services.runtime.durable import remove_temp_files, write_atomic
 from cortex.services.runtime.effects import Effects
 from cortex.services.runtime.entry import serve
-from cortex.services.runtime.loop import BusService
+from cortex.services.runtime.loop import BusService, serves
 
 PR_SET_PDEATHSIG = 1
 STOP_GRACE = 25.0  # seconds workers get to finish their task on shutdown
@@ -196,25 +196,28 @@ class Pool(BusService):
         return timeout
 
     # -- service hooks ----------------------------------------------------------------------
-    def handle(self, fx: Effects, msg: wire.Message, body: dict, now: float) -> None:
-        op = body.get("op")
-        if msg.type == wire.NOTIFY and op == "pool.kill":
-            name = body.get("worker")
-            grace = wire.field_number(body, "grace", lo=0, hi=600, required=False, default=5.0)
-            for child in self.children.values():
-                if child.name == name:
-                    self.log.warning("killing %s (pid %d): %s", name, child.pid,
-                                     body.get("reason"))
-                    self.kill(child, str(body.get("reason", "requested")), grace, fx.emit)
-        elif msg.type == wire.NOTIFY and op == "pool.scale":
-            add = wire.field_int(body, "add", lo=1, hi=100)
-            self.scale(fx, wire.field_str(body, "type", max_len=64), add,
-                       body.get("reason") if isinstance(body.get("reason"), dict) else {})
-        elif msg.type == wire.REQUEST and op == "pool.status":
-            fx.reply(msg.peer, msg.corr, self.describe() | {"pid": os.getpid(),
-                                                             "started": self.rt.started})
-        elif msg.type == wire.REQUEST:
-            raise wire.ProtocolError("unknown_type", f"unknown operation {op!r}")
+    @serves("pool.kill", wire.NOTIFY)
+    def kill_order(self, fx: Effects, msg: wire.Message, body: dict, now: float) -> None:
+        for child in self.children.values():
+            if child.name == body["worker"]:
+                self.log.warning("killing %s (pid %d): %s", child.name, child.pid,
+                                 body["reason"])
+                self.kill(child, body["reason"], body["grace"], fx.emit)
+
+    @serves("pool.scale", wire.NOTIFY)
+    def scale_order(self, fx: Effects, msg: wire.Message, body: dict, now: float) -> None:
+        reason = body["reason"] if isinstance(body["reason"], dict) else {}
+        self.scale(fx, body["type"], body["add"], reason)
+
+    @serves("pool.status")
+    def status(self, fx: Effects, msg: wire.Message, body: dict, now: float) -> None:
+        fx.reply(msg.peer, msg.corr, self.describe() | {
+            "pid": os.getpid(), "started": self.rt.started, "bad_messages": self.bad_messages,
+            "internal_errors": self.internal_errors})
+
+    @serves("peer.lost", wire.NOTIFY)
+    def peer_lost(self, fx: Effects, msg: wire.Message, body: dict, now: float) -> None:
+        """The broker's notice: only the reap says one of our workers exited."""
 
     def describe(self) -> dict:
         workers = []

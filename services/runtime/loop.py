@@ -4,6 +4,14 @@ A turn: read what is waiting (bounded), let the service decide (filling an Effec
 write the turn's journal records with one commit, then send replies and publish events.
 Journal first, then acknowledge. Timeouts come from the next deadline, never a sleep.
 
+Every REQUEST and NOTIFY is checked against the operation catalogue before a handler
+sees it: the operation must be one this service serves, the sender's role (stamped by
+the broker) one it allows, every field of its type and range. A service marks its
+handlers with `@serves(op)`; at start every catalogued operation must have one. A
+handler that raises anyway is answered `internal` (a REQUEST) or counted (a NOTIFY),
+its effects are dropped, an event carries the traceback, and the service runs on. What a
+handler wants journaled or emitted must encode as JSON: checked before the turn commits.
+
 Events are journaled in the same commit as the state change they report, and stay in
 the snapshot until the event router has acknowledged them: a service killed before its
 events reached the router re-sends them, under their original ids, after its restart.
@@ -12,18 +20,31 @@ events reached the router re-sends them, under their original ids, after its res
 from __future__ import annotations
 
 import time
+import traceback
 
 import zmq
 
 from cortex.protocol import wire
+from cortex.protocol.catalogue import Catalogue
 from cortex.protocol.peer import BusLink, poll_ms
 from cortex.protocol.publisher import EventPublisher
 from cortex.services.runtime.durable import remove_temp_files
 from cortex.services.runtime.effects import Effects
 from cortex.services.runtime.journal import Journal, JournalError, read_snapshot, write_snapshot
-from cortex.services.runtime.process import ServiceRuntime
+from cortex.services.runtime.process import ServiceRuntime, suite_secret
 
 MAX_BATCH = 2000  # messages per turn, so timers and acks still get their turn
+
+
+def serves(op: str, type_: bytes = wire.REQUEST):
+    """Mark a service method as the handler of a catalogued operation:
+    `handler(self, fx, msg, body, now)` with `body` already checked."""
+
+    def mark(fn):
+        fn.serves = (type_, op)
+        return fn
+
+    return mark
 
 
 class BusService:
@@ -35,10 +56,12 @@ class BusService:
         self.settings = self.rt.settings
         self.log = self.rt.log
         ctx = self.rt.ctx
+        secret = suite_secret(self.rt.home)
         self.link = BusLink(ctx, self.rt.endpoints["bus"], self.name, "service",
-                            interval=self.settings.suite.heartbeat_interval)
+                            interval=self.settings.suite.heartbeat_interval, secret=secret)
         self.events = EventPublisher(ctx, self.rt.endpoints["events_in"], self.name,
-                                     self.rt.epoch)
+                                     self.rt.epoch, secret=secret)
+        self.catalogue, self.handlers = self._handler_table()
         self.poller = zmq.Poller()
         self.poller.register(self.link.socket, zmq.POLLIN)
         self.poller.register(self.events.socket, zmq.POLLIN)
@@ -47,11 +70,35 @@ class BusService:
         self.pending_events: list = []  # emitted outside a turn's Effects
         self.next_snapshot = time.monotonic() + self.settings.suite.snapshot_interval
         self.bad_messages = 0
+        self.internal_errors = 0
         self.snapshot_lsn = -1  # journal position the last snapshot covered
+
+    def _handler_table(self):
+        """(catalogue, {(type, op): handler}) from the methods marked with @serves."""
+        handlers = {}
+        for attr in dir(type(self)):
+            fn = getattr(type(self), attr, None)
+            key = getattr(fn, "serves", None)
+            if key is not None:
+                handlers[key] = getattr(self, attr)
+        if not handlers:
+            return None, {}
+        catalogue = Catalogue(self.name)
+        missing = set(catalogue.ops) - set(handlers)
+        extra = set(handlers) - set(catalogue.ops)
+        if missing or extra:
+            raise RuntimeError(f"{self.name}: operations without a handler "
+                               f"{sorted(op for _, op in missing)}, handlers without an "
+                               f"operation {sorted(op for _, op in extra)}")
+        return catalogue, handlers
 
     # -- hooks for the service ------------------------------------------------------------
     def handle(self, fx: Effects, msg: wire.Message, body: dict, now: float) -> None:
-        raise NotImplementedError
+        """Messages no @serves handler took (a service without a table)."""
+        raise wire.ProtocolError("unknown_type", f"{self.name} serves no operations")
+
+    def on_reply(self, fx: Effects, msg: wire.Message, body: dict, now: float) -> None:
+        """A REPLY or ERROR to a request of ours (match it by correlation id)."""
 
     def on_tick(self, fx: Effects, now: float) -> float:
         return 1.0
@@ -110,13 +157,38 @@ class BusService:
 
     # -- the loop -------------------------------------------------------------------------
     def _decode(self, fx: Effects, msg: wire.Message, now: float) -> None:
+        mark = fx.mark()
+        op = None
         try:
             body = msg.decoded()
-            self.handle(fx, msg, body, now)
+            if self.catalogue is None:
+                self.handle(fx, msg, body, now)
+            elif msg.type in (wire.REPLY, wire.ERROR):
+                self.on_reply(fx, msg, body, now)
+            else:
+                operation, checked = self.catalogue.check(
+                    msg.type, body, msg.role.decode(errors="replace"),
+                    msg.peer.decode(errors="replace"))
+                op = operation.name
+                self.handlers[(msg.type, op)](fx, msg, checked, now)
+            fx.check_encodable(mark)
         except wire.ProtocolError as e:
+            fx.rollback(mark)
             self.bad_messages += 1
             if msg.type == wire.REQUEST:
                 fx.error(msg.peer, msg.corr, e.code, e.message)
+        except Exception as e:  # a handler's bug must not end the service
+            fx.rollback(mark)
+            self.internal_errors += 1
+            trace = traceback.format_exc()
+            self.log.error("%s %s from %s failed: %s", msg.type.decode(), op,
+                           msg.peer.decode(errors="replace"), trace)
+            if msg.type == wire.REQUEST:
+                fx.error(msg.peer, msg.corr, "internal",
+                         f"{self.name} failed on {op}: {type(e).__name__}")
+            fx.emit(f"{self.name}.internal_error", {
+                "op": op, "type": msg.type.decode(), "peer": msg.peer.decode(errors="replace"),
+                "error": f"{type(e).__name__}: {e}"[:500], "traceback": trace[-4000:]})
 
     def flush(self, fx: Effects) -> None:
         if self.pending_events:

@@ -19,6 +19,39 @@ from cortex.services.runtime import settings as config
 SUBDIRS = ("run", "state", "wal", "events", "logs", "models")
 
 
+def suite_secret(home: Path) -> str:
+    """The suite's secret, made now if the suite has none yet (the first process to ask
+    publishes it whole with a hard link, so no one reads it half written; `cortex up`
+    makes a new one at every start). The file is 0600 in the 0700 run/: only the
+    owner's processes can read it. The client library never does."""
+    path = locate.secret_path(home)
+    for _ in range(3):
+        try:
+            secret = path.read_text().strip()
+            if secret:
+                return secret
+            path.unlink(missing_ok=True)  # empty: a torn write from an older version
+        except FileNotFoundError:
+            pass
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(os.urandom(32).hex())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass  # another process published first: read theirs
+        finally:
+            tmp.unlink(missing_ok=True)
+    return path.read_text().strip()
+
+
+def new_suite_secret(home: Path) -> None:
+    """A new secret for a new start of the suite (`cortex up`)."""
+    locate.secret_path(home).unlink(missing_ok=True)
+    suite_secret(home)
+
+
 def prepare_home(home: Path) -> None:
     """Create the home's directories; run/ is 0700 because its sockets accept anyone."""
     home.mkdir(parents=True, exist_ok=True)

@@ -132,6 +132,14 @@ class SuiteSettings:
 
 
 @dataclass(frozen=True)
+class BusSettings:
+    bus: str = ""  # endpoints: "" is ipc:// under run/
+    events_in: str = ""
+    events_live: str = ""
+    max_connections: int = 0  # per listening socket; 0: half the descriptor limit
+
+
+@dataclass(frozen=True)
 class SchedulerSettings:
     max_queue_per_type: int = 500
     max_wait: float = 1800.0
@@ -206,7 +214,7 @@ class DashboardSettings:
 class Settings:
     home: Path
     suite: SuiteSettings
-    bus: dict
+    bus: BusSettings
     scheduler: SchedulerSettings
     ledger: LedgerSettings
     groups: tuple[WorkerGroup, ...]
@@ -278,6 +286,16 @@ def _window(value, where: str) -> str | None:
     except ValueError as e:
         raise ConfigError(f"{where}: {e} (or \"\" for none), got {value!r}") from None
     return window
+
+
+def _bus(raw) -> BusSettings:
+    bus = _section(BusSettings, raw, "bus")
+    for key in ("bus", "events_in", "events_live"):
+        value = getattr(bus, key)
+        if value and not (value.startswith("ipc://") or value.startswith("tcp://")):
+            raise ConfigError(f"[bus] {key}: must be an ipc:// or tcp:// endpoint, got "
+                              f"{value!r}")
+    return bus
 
 
 PROVIDER_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
@@ -404,7 +422,7 @@ def load(home: Path) -> Settings:
     return Settings(
         home=home,
         suite=suite,
-        bus=dict(raw.get("bus", {})),
+        bus=_bus(raw.get("bus", {})),
         scheduler=_section(SchedulerSettings, raw.get("scheduler", {}), "scheduler"),
         ledger=ledger,
         groups=tuple(groups),

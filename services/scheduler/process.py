@@ -12,9 +12,9 @@ import os
 import time
 
 from cortex.protocol import wire
-from cortex.protocol.wire import ProtocolError
+from cortex.protocol.catalogue import check_reply
 from cortex.services.runtime.effects import Effects
-from cortex.services.runtime.loop import BusService
+from cortex.services.runtime.loop import BusService, serves
 from cortex.services.scheduler.clock import Now
 from cortex.services.scheduler.feasibility import ResourceMonitor
 from cortex.services.scheduler.machine import FIXED_MACHINE_ENV, MachineSampler, fixed_sampler
@@ -87,83 +87,128 @@ class Scheduler(BusService):
                 self.log.error("skipping journal record %s: %r", record.get("lsn"), e)
         self.state.restore(self.now())
 
-    def handle(self, fx: Effects, msg: wire.Message, body: dict, wall: float) -> None:
+    # -- replies to our own requests (the ledger's, the broker's) ----------------------------
+    def on_reply(self, fx: Effects, msg: wire.Message, body: dict, wall: float) -> None:
         now = self.now(wall)
-        state = self.state
-        peer = msg.peer
-        if msg.type in (wire.REPLY, wire.ERROR):
-            if msg.corr.startswith(b"L"):
-                state.ledger_reply(fx, msg.corr, msg.type == wire.REPLY, body, now)
-            elif msg.corr == SYNC_CORR and msg.type == wire.REPLY:
-                for p in body.get("peers", []):
-                    if p.get("role") == "worker":
-                        fx.notify(p["name"], {"op": "worker.sync"})
-            elif msg.type == wire.ERROR and body.get("code") == "unavailable" \
-                    and peer.decode(errors="replace") in state.workers:
-                state.worker_gone(fx, peer.decode(), "unreachable", now)
-            return
-        op = body.get("op")
-        if msg.type == wire.REQUEST:
-            self.request(fx, op, peer, msg, body, now)
-        elif msg.type == wire.NOTIFY:
-            self.notice(fx, op, peer.decode(errors="replace"), body, now)
-        state.dispatch(fx, now)
+        # Only the ledger itself (a proven service) answers our ledger orders; any other
+        # peer's "reply" on one of their correlation ids is ignored.
+        if msg.corr.startswith(b"L") and msg.peer == b"ledger" and msg.role == b"service":
+            self.state.ledger_reply(fx, msg.corr, msg.type == wire.REPLY, body, now)
+        elif msg.corr == SYNC_CORR and msg.type == wire.REPLY and msg.peer == wire.BROKER:
+            for p in check_reply("broker.peers", body)["peers"]:
+                if p["role"] == "worker":
+                    fx.notify(p["name"], {"op": "worker.sync"})
+        self.state.dispatch(fx, now)
 
-    def request(self, fx: Effects, op, peer: bytes, msg: wire.Message, body: dict,
-                now: Now) -> None:
-        state = self.state
-        if op == "task.submit":
-            body["_size"] = len(msg.body)  # the predictor's payload-size feature
-            state.submit(fx, peer, msg.corr, body, now)
-            if body.get("priority") == "critical":
-                state.dispatch(fx, now)
-                state.scale(fx, now)  # surge at once if no worker can take it
-            self.trainer.maybe_auto(self.settings.scheduler.retrain_every, now.mono)
-        elif op == "task.status":
-            task = state.get(body)
-            state.refresh_eta(task, now)
-            fx.reply(peer, msg.corr, task.summary())
-        elif op == "task.wait":
-            state.wait(fx, peer, msg.corr, body, now)
-        elif op == "task.cancel":
-            state.cancel(fx, peer, msg.corr, body, now)
-        elif op == "task.list":
-            fx.reply(peer, msg.corr, state.list_tasks(body))
-        elif op == "worker.list":
-            fx.reply(peer, msg.corr, {"workers": state.worker_rows(now)})
-        elif op == "task.finished":
-            state.task_finished(fx, peer.decode(errors="replace"), peer, msg.corr, body, now)
-        elif op == "task.progress":
-            fx.reply(peer, msg.corr, state.progress_request(fx, body, now).summary())
-        elif op == "model.status":
-            fx.reply(peer, msg.corr, self.predictor.status() | self.trainer.status())
-        elif op == "model.train":
-            self.trainer.request(fx, peer, msg.corr, now.mono)
-        elif op == "scheduler.status":
-            fx.reply(peer, msg.corr, state.status(now) | {
-                "uptime": now.wall - self.rt.started, "bad_messages": self.bad_messages,
-                "pid": os.getpid(), "events_unacked": self.events.unacked})
-        else:
-            raise ProtocolError("unknown_type", f"unknown operation {op!r}")
+    # -- agents and operators (bodies already checked against the catalogue) ---------------
+    @serves("task.submit")
+    def submit(self, fx: Effects, msg: wire.Message, body: dict, wall: float) -> None:
+        now = self.now(wall)
+        body["_size"] = len(msg.body)  # the predictor's payload-size feature
+        self.state.submit(fx, msg.peer, msg.corr, body, now)
+        if body["priority"] == "critical":
+            self.state.dispatch(fx, now)
+            self.state.scale(fx, now)  # surge at once if no worker can take it
+        self.trainer.maybe_auto(self.settings.scheduler.retrain_every, now.mono)
+        self.state.dispatch(fx, now)
 
-    def notice(self, fx: Effects, op, name: str, body: dict, now: Now) -> None:
-        state = self.state
-        if op == "worker.ready":
-            state.worker_ready(fx, name, body, now)
-        elif op == "task.started":
-            state.task_started(fx, name, body, now)
-        elif op == "task.heartbeat":
-            state.task_heartbeat(fx, name, body, now)
-        elif op == "task.progress":
-            state.task_progress(fx, name, body, now)
-        elif op == "task.rejected":
-            state.task_rejected(fx, name, body, now)
-        elif op == "worker.leaving":
-            state.worker_leaving(fx, name, body, now)
-        elif op == "peer.lost" and body.get("role") == "worker":
-            state.worker_gone(fx, str(body.get("name")), "lost (no heartbeat)", now, kill=True)
-        elif op == "worker.exited":
-            state.worker_gone(fx, str(body.get("name")), "exited", now)
+    @serves("task.status")
+    def status_of(self, fx: Effects, msg: wire.Message, body: dict, wall: float) -> None:
+        now = self.now(wall)
+        task = self.state.get(body)
+        self.state.refresh_eta(task, now)
+        fx.reply(msg.peer, msg.corr, task.summary())
+
+    @serves("task.wait")
+    def wait(self, fx: Effects, msg: wire.Message, body: dict, wall: float) -> None:
+        self.state.wait(fx, msg.peer, msg.corr, body, self.now(wall))
+
+    @serves("task.cancel")
+    def cancel(self, fx: Effects, msg: wire.Message, body: dict, wall: float) -> None:
+        now = self.now(wall)
+        self.state.cancel(fx, msg.peer, msg.corr, body, now)
+        self.state.dispatch(fx, now)
+
+    @serves("task.list")
+    def list_tasks(self, fx: Effects, msg: wire.Message, body: dict, wall: float) -> None:
+        fx.reply(msg.peer, msg.corr, self.state.list_tasks(body))
+
+    @serves("worker.list")
+    def worker_list(self, fx: Effects, msg: wire.Message, body: dict, wall: float) -> None:
+        fx.reply(msg.peer, msg.corr, {"workers": self.state.worker_rows(self.now(wall))})
+
+    @serves("task.progress")
+    def progress_request(self, fx: Effects, msg: wire.Message, body: dict, wall: float
+                         ) -> None:
+        task = self.state.progress_request(fx, body, self.now(wall))
+        fx.reply(msg.peer, msg.corr, task.summary())
+
+    @serves("model.status")
+    def model_status(self, fx: Effects, msg: wire.Message, body: dict, wall: float) -> None:
+        fx.reply(msg.peer, msg.corr, self.predictor.status() | self.trainer.status())
+
+    @serves("model.train")
+    def model_train(self, fx: Effects, msg: wire.Message, body: dict, wall: float) -> None:
+        self.trainer.request(fx, msg.peer, msg.corr, self.now(wall).mono)
+
+    @serves("scheduler.status")
+    def status(self, fx: Effects, msg: wire.Message, body: dict, wall: float) -> None:
+        now = self.now(wall)
+        fx.reply(msg.peer, msg.corr, self.state.status(now) | {
+            "uptime": now.wall - self.rt.started, "bad_messages": self.bad_messages,
+            "internal_errors": self.internal_errors, "pid": os.getpid(),
+            "events_unacked": self.events.unacked})
+
+    # -- workers -------------------------------------------------------------------------------
+    @serves("task.finished")
+    def finished(self, fx: Effects, msg: wire.Message, body: dict, wall: float) -> None:
+        now = self.now(wall)
+        self.state.task_finished(fx, msg.peer.decode(), msg.peer, msg.corr, body, now)
+        self.state.dispatch(fx, now)
+
+    @serves("worker.ready", wire.NOTIFY)
+    def ready(self, fx: Effects, msg: wire.Message, body: dict, wall: float) -> None:
+        self.from_worker(self.state.worker_ready, fx, msg, body, wall)
+
+    @serves("task.started", wire.NOTIFY)
+    def started(self, fx: Effects, msg: wire.Message, body: dict, wall: float) -> None:
+        self.from_worker(self.state.task_started, fx, msg, body, wall)
+
+    @serves("task.heartbeat", wire.NOTIFY)
+    def heartbeat(self, fx: Effects, msg: wire.Message, body: dict, wall: float) -> None:
+        self.from_worker(self.state.task_heartbeat, fx, msg, body, wall)
+
+    @serves("task.progress", wire.NOTIFY)
+    def progress(self, fx: Effects, msg: wire.Message, body: dict, wall: float) -> None:
+        self.from_worker(self.state.task_progress, fx, msg, body, wall)
+
+    @serves("task.rejected", wire.NOTIFY)
+    def rejected(self, fx: Effects, msg: wire.Message, body: dict, wall: float) -> None:
+        self.from_worker(self.state.task_rejected, fx, msg, body, wall)
+
+    @serves("worker.leaving", wire.NOTIFY)
+    def leaving(self, fx: Effects, msg: wire.Message, body: dict, wall: float) -> None:
+        self.from_worker(self.state.worker_leaving, fx, msg, body, wall)
+
+    def from_worker(self, report, fx: Effects, msg: wire.Message, body: dict, wall: float
+                    ) -> None:
+        now = self.now(wall)
+        report(fx, msg.peer.decode(), body, now)
+        self.state.dispatch(fx, now)
+
+    # -- other services ------------------------------------------------------------------------
+    @serves("peer.lost", wire.NOTIFY)
+    def peer_lost(self, fx: Effects, msg: wire.Message, body: dict, wall: float) -> None:
+        if body["role"] == "worker":
+            now = self.now(wall)
+            self.state.worker_gone(fx, body["name"], "lost (no heartbeat)", now, kill=True)
+            self.state.dispatch(fx, now)
+
+    @serves("worker.exited", wire.NOTIFY)
+    def worker_exited(self, fx: Effects, msg: wire.Message, body: dict, wall: float) -> None:
+        now = self.now(wall)
+        self.state.worker_gone(fx, body["name"], "exited", now)
+        self.state.dispatch(fx, now)
 
     def on_tick(self, fx: Effects, wall: float) -> float:
         now = self.now(wall)
