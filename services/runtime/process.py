@@ -14,6 +14,7 @@ from pathlib import Path
 import zmq
 
 from cortex.protocol import locate
+from cortex.services.runtime import lineage
 from cortex.services.runtime import settings as config
 
 SUBDIRS = ("run", "state", "wal", "events", "logs", "models")
@@ -67,6 +68,12 @@ class ServiceRuntime:
         self.name = name
         self.home = locate.find_home(home)
         prepare_home(self.home)
+        # One generation: a service dies with the supervisord that started it.
+        supervisor = lineage.supervisord_parent(self.home)
+        if supervisor == 0:
+            raise SystemExit(f"{name}: the supervisord that started me is gone")
+        if supervisor:
+            lineage.die_with_parent(supervisor, signal.SIGTERM)
         logging.basicConfig(
             level=os.environ.get("CORTEX_LOG_LEVEL", "INFO"), stream=sys.stderr,
             format=f"%(asctime)s {name}[%(process)d] %(levelname)s %(message)s")
