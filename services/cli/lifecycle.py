@@ -68,6 +68,9 @@ def cmd_up(args):
         running = " (supervisord is still running: `cortex down` stops it)" \
             if suite.supervisord_pid() else ""
         raise CliError(Exit.UNAVAILABLE, f"{e}{running}") from e
+    if suite.ended_earlier:
+        emit(f"stopped {len(suite.ended_earlier)} processes of an earlier start of this "
+             f"home: {', '.join(suite.ended_earlier)}", err=True)
     emit(f"suite up in {home} ({human_duration(time.monotonic() - started)}): "
          f"{', '.join(SERVICES)} answering")
     return Exit.OK
@@ -111,13 +114,16 @@ def cmd_down(args):
     home = home_of(args)
     suite = Suite(home)
     pids = suite.pids()
-    if not pids:
+    if not pids and not suite.leftovers():
         suite.stop(timeout=1.0)  # clears stale socket files, if any
         emit(f"nothing running in {home}")
         return Exit.OK
     started = time.monotonic()
     suite.stop(timeout=args.timeout)
-    left = suite.pids()
+    if suite.killed:
+        emit(f"had to kill {len(suite.killed)} processes: {', '.join(suite.killed)}",
+             err=True)
+    left = suite.pids() + [p.pid for p in suite.leftovers()]
     if left:
         raise CliError(Exit.FAILED, f"processes still alive after stop: {left}")
     emit(f"suite down in {home} ({len(pids)} processes stopped in "

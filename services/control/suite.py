@@ -21,6 +21,7 @@ import psutil
 
 from cortex.protocol import errors
 from cortex.protocol.client import Client
+from cortex.services.runtime import lineage
 from cortex.services.runtime.process import (
     PRIVATE_UMASK,
     make_private,
@@ -31,6 +32,7 @@ from cortex.services.runtime.settings import ConfigError
 from cortex.services.runtime.settings import load as load_settings
 
 SERVICES = ("broker", "events", "ledger", "scheduler", "pool")
+LEFTOVER_GRACE = 10.0  # seconds an earlier generation's services get to stop (snapshot)
 PR_SET_CHILD_SUBREAPER = 36
 
 
@@ -129,10 +131,64 @@ class Suite:
         self.python = python or sys.executable
         self.conf = config_path()
         self.proc: subprocess.Popen | None = None
+        # What `start` / `stop` had to end ("pid (command)"), for the CLI to say so.
+        self.ended_earlier: list[str] = []
+        self.killed: list[str] = []
 
     @property
     def env(self) -> dict:
-        return {**os.environ, "CORTEX_HOME": str(self.home), "CORTEX_PYTHON": self.python}
+        # The suite tag: every process of this home (services, workers, what handlers
+        # start, even in a new session) inherits it, so none can be overlooked.
+        return {**os.environ, "CORTEX_HOME": str(self.home), "CORTEX_PYTHON": self.python,
+                lineage.SUITE_TAG: str(self.home)}
+
+    def lock_holders(self) -> list[int]:
+        """Pids of live processes holding a service lock of this home (run/NAME.lock)."""
+        import fcntl
+
+        held = []
+        for path in sorted((self.home / "run").glob("*.lock")):
+            try:
+                with open(path, "r+") as f:
+                    try:
+                        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        continue  # nobody holds it
+                    except BlockingIOError:
+                        held.append(int(f.read().split()[0]))
+            except (OSError, ValueError, IndexError):
+                continue
+        return [p for p in held if _alive(p)]
+
+    def leftovers(self) -> list[psutil.Process]:
+        """Live processes of this home that no live supervisord of it owns: an earlier
+        generation's services and workers (orphaned by a killed supervisord), what their
+        handlers left, found by the suite tag and by the service locks."""
+        found = {p.pid: p for p in lineage.tagged(lineage.SUITE_TAG, str(self.home))}
+        for pid in self.lock_holders():
+            try:
+                found.setdefault(pid, psutil.Process(pid))
+            except psutil.Error:
+                continue
+        sup = self.supervisord_pid()
+        if sup:
+            try:
+                owned = {sup, *(c.pid for c in psutil.Process(sup).children(recursive=True))}
+            except psutil.Error:
+                owned = {sup}
+            for pid in owned:
+                found.pop(pid, None)
+        found.pop(os.getpid(), None)
+        return list(found.values())
+
+    def end_leftovers(self, grace: float) -> list[str]:
+        """End the leftovers (TERM, KILL after `grace`); returns what was ended."""
+        procs = self.leftovers()
+        if not procs:
+            return []
+        ended = lineage.describe(lineage.with_descendants(procs))
+        lineage.end(procs, grace)
+        reap_orphans()
+        return ended
 
     def supervisord_pid(self) -> int | None:
         try:
@@ -159,6 +215,12 @@ class Suite:
         prepare_home(self.home)
         if self.supervisord_pid():
             raise SuiteError(f"the suite is already running for {self.home}")
+        # One generation at a time: what an earlier supervisord of this home left running
+        # would answer for us and hold the service locks against our services.
+        self.ended_earlier = self.end_leftovers(LEFTOVER_GRACE)
+        if self.leftovers():
+            raise SuiteError("processes of an earlier start of this home would not end: "
+                             + ", ".join(lineage.describe(self.leftovers())))
         # A bad configuration or an unloadable handler would only crash-loop: refuse now.
         check_handlers(load_settings(self.home).handlers, self.python, self.home)
         make_private(self.home)  # what was made before (or by hand) is the owner's alone
@@ -255,7 +317,11 @@ class Suite:
             pass  # shutting down answers with a fault: the wake-up is all we wanted
 
     def stop(self, timeout: float = 90.0) -> None:
-        """Stop everything and return only when no process of the suite is left."""
+        """Stop everything and return only when no process of the suite is left;
+        `self.killed` names what had to be killed (or ended without its supervisord)."""
+        self.killed = []
+        if not self.supervisord_pid():  # nothing would stop them: end them ourselves
+            self.killed += self.end_leftovers(LEFTOVER_GRACE)
         before = self.pids()
         try:
             self.rpc().supervisor.shutdown()
@@ -278,12 +344,15 @@ class Suite:
         for pid in set(before + self.pids()):
             if _alive(pid):  # past the deadline: kill what we know by pid
                 try:
+                    self.killed += lineage.describe([psutil.Process(pid)])
                     os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
+                except (ProcessLookupError, psutil.Error):
                     pass
         if self.proc is not None:
             self.proc.wait()
         reap_orphans()
+        # Whatever escaped its process group and its parent (a handler's setsid child).
+        self.killed += self.end_leftovers(grace=1.0)
         run = self.home / "run"
         for leftover in [*run.glob("*.sock"), run / "dashboard.url"]:
             leftover.unlink(missing_ok=True)

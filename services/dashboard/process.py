@@ -50,7 +50,7 @@ from cortex.services.dashboard.state import (
     token_ok,
 )
 from cortex.services.runtime.durable import write_atomic
-from cortex.services.runtime.process import prepare_home
+from cortex.services.runtime.process import join_generation, prepare_home
 from cortex.services.runtime.settings import ConfigError
 from cortex.services.runtime.settings import load as load_settings
 
@@ -531,6 +531,7 @@ def main(argv=None) -> None:
         log.info("switched off in %s ([dashboard] enabled = false)", home / "cortex.toml")
         return
     prepare_home(home)
+    join_generation(home, "dashboard")  # it dies with its supervisord
     lock = open(home / "run" / "dashboard.lock", "a+")  # noqa: SIM115 - held while we run
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -98,16 +98,35 @@ def supervisord_parent(home) -> int | None:
     return parent
 
 
-def child_pids() -> list[int]:
-    """Our direct children (adopted orphans included), cheaply where /proc tells."""
+def _has_tag(pid: int, tag: str, value: str) -> bool:
     try:
-        found = []
-        for tid in os.listdir("/proc/self/task"):
-            with open(f"/proc/self/task/{tid}/children") as f:
-                found += [int(p) for p in f.read().split()]
-        return found
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            return f"{tag}={value}".encode() in f.read().split(b"\0")
     except OSError:
-        return [p.pid for p in psutil.Process().children()]
+        return False
+
+
+def tagged_below(tag: str, value: str, adopter: int) -> list[psutil.Process]:
+    """Live processes tagged `tag=value` (a task's, a worker's), wherever they went:
+    below `adopter` (the pool, a subreaper, adopts what a handler's children orphaned).
+    Without the Linux calls orphans go to init: every process is looked at."""
+    if not linux_calls():
+        return tagged(tag, value)
+    try:
+        pids = {p.pid for p in psutil.Process(adopter).children(recursive=True)}
+    except psutil.Error:
+        return tagged(tag, value)
+    pids.discard(os.getpid())
+    found = []
+    for pid in pids:
+        if _has_tag(pid, tag, value):
+            try:
+                proc = psutil.Process(pid)
+                if proc.status() != psutil.STATUS_ZOMBIE:
+                    found.append(proc)
+            except psutil.Error:
+                continue
+    return found
 
 
 def tagged(tag: str, value: str) -> list[psutil.Process]:

@@ -107,18 +107,23 @@ def start_process(home: Path) -> config.Settings:
     return config.load(home)
 
 
+def join_generation(home: Path, name: str) -> None:
+    """One generation of the suite at a time: a program of supervisord dies with it (a
+    TERM, so it stops cleanly), and one that finds its supervisord gone already exits."""
+    supervisor = lineage.supervisord_parent(home)
+    if supervisor == 0:
+        raise SystemExit(f"{name}: the supervisord that started me is gone")
+    if supervisor:
+        lineage.die_with_parent(supervisor, signal.SIGTERM)
+
+
 class ServiceRuntime:
     """Start-up and shut-down chores of one service; the service keeps its own loop."""
 
     def __init__(self, name: str, home=None):
         self.name = name
         self.home = locate.find_home(home)
-        # One generation: a service dies with the supervisord that started it.
-        supervisor = lineage.supervisord_parent(self.home)
-        if supervisor == 0:
-            raise SystemExit(f"{name}: the supervisord that started me is gone")
-        if supervisor:
-            lineage.die_with_parent(supervisor, signal.SIGTERM)
+        join_generation(self.home, name)
         logging.basicConfig(
             level=os.environ.get("CORTEX_LOG_LEVEL", "INFO"), stream=sys.stderr,
             format=f"%(asctime)s {name}[%(process)d] %(levelname)s %(message)s")
