@@ -91,6 +91,11 @@ def problems(report: dict) -> list[str]:
             found.append(f"{name} is {service['state']}")
         elif not service["alive"]:
             found.append(f"{name} is not answering on the bus")
+        elif service.get("halted"):
+            found.append(service["halted"].get("message", f"{name} halted"))
+    for group, crash in ((report.get("pool") or {}).get("crashing") or {}).items():
+        found.append(f"worker group {group} is crash-looping ({crash.get('failed_starts')} "
+                     f"failed starts in a row, exit {crash.get('code')})")
     for name, helper in (report.get("helpers") or {}).items():
         # Never started, or exited cleanly at once (the dashboard does when its settings
         # switch it off): off by choice, not down.
@@ -115,6 +120,7 @@ def status_report(home: Path, suite: Suite, processes: list[dict],
             "uptime": (info["now"] - info["start"]) if running and info.get("start") else None,
             "started": bool(info.get("start")), "exit_code": info.get("exitstatus"),
             "alive": body is not None, "description": info.get("description"),
+            "halted": (body or {}).get("halted"),
         }
     sched = answers.get("scheduler") or {}
     ledger = answers.get("ledger") or {}
@@ -142,7 +148,8 @@ def status_report(home: Path, suite: Suite, processes: list[dict],
         "pool": None if pool is None else {
             "workers": len(pool.get("workers", [])),
             "extra": sum(1 for w in pool.get("workers", []) if w.get("extra")),
-            "spawned": pool.get("spawned"), "groups": pool.get("groups")},
+            "spawned": pool.get("spawned"), "groups": pool.get("groups"),
+            "crashing": pool.get("crashing") or {}},
         "broker": None if broker is None else {
             "peers": len(broker.get("peers", [])), **(broker.get("stats") or {})},
     }
@@ -162,6 +169,10 @@ def render_status(r: dict) -> str:
         [name, s["state"], s["pid"], human_duration(s["uptime"]) if s["uptime"] else "-",
          "(helper)"] for name, s in (r.get("helpers") or {}).items()]))
     out.append("")
+    for group, crash in ((r.get("pool") or {}).get("crashing") or {}).items():
+        out.append(f"crashing   worker group {group}: {crash.get('failed_starts')} failed "
+                   f"starts in a row; last error (exit {crash.get('code')}):")
+        out += ["    " + line for line in str(crash.get("error", "")).splitlines()]
     out += _scheduler_lines(r)
     out += _budget_lines(r)
     out += _event_lines(r)

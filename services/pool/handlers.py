@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import subprocess
 
 from cortex.protocol.worker import Cancelled, TaskContext
@@ -59,7 +60,9 @@ def fail(ctx: TaskContext):
 def command(argv: list[str]):
     """A handler running `argv` (from configuration, never from a task) with the task as
     JSON on stdin; its stdout (JSON if it parses) is the result. The command stays in the
-    worker's process group, so a timeout that ends the group ends it and its children."""
+    worker's process group, so a timeout that ends the group ends it and its children;
+    once it exits, what it left holding its output (a detached `cmd &`) is ended, so the
+    task does not wait on them (they carry the task's tag: see worker.py)."""
 
     def run(ctx: TaskContext):
         proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -77,6 +80,8 @@ def command(argv: list[str]):
                 try:
                     out, err = proc.communicate(timeout=0.2)
                 except subprocess.TimeoutExpired:
+                    if proc.poll() is not None:  # exited, its pipes held by what it left
+                        _end_left(ctx.id)
                     continue
         if proc.returncode != 0:
             raise RuntimeError(f"command exited {proc.returncode}: "
@@ -88,6 +93,12 @@ def command(argv: list[str]):
             return text
 
     return run
+
+
+def _end_left(task_id: str) -> None:
+    from cortex.services.runtime import lineage
+
+    lineage.end(lineage.tagged_below(lineage.TASK_TAG, task_id, os.getppid()), grace=1.0)
 
 
 def _kill_tree(pid: int) -> None:

@@ -2,17 +2,22 @@
 
     python -m cortex.services.pool [--home DIR]
 
-Each worker is a child in its own process group with a parent-death signal, so it dies
-with the pool even on kill -9; a restarted pool also ends leftovers of its predecessor
-(pids recorded in run/workers.pids). Only the reap says a worker exited. SIGTERM: every
-worker finishes its task in hand, then the pool exits once all are reaped.
+Each worker is a child in its own process group with a parent-death signal (or, without
+the Linux calls, a thread watching our pid), so it dies with the pool even on kill -9; a
+restarted pool also ends leftovers of its predecessor (pids recorded in
+run/workers.pids). Only the reap says a worker exited. The pool is a child subreaper and
+tags each worker's environment (`CORTEX_WORKER`): what a worker's handlers left running,
+even in a new session, is found and ended when the worker exits. A worker's stderr comes
+through the pool (into its log), and the pool keeps its tail: a group whose workers keep
+crashing is shown with its last error. SIGTERM: every worker finishes its task in hand,
+then the pool exits once all are reaped.
 Requests: pool.status (REQUEST); pool.kill {worker, pid, reason, grace} (NOTIFY, from the
-scheduler: TERM the worker's process group, KILL after the grace period).
+scheduler: TERM the worker's process group, KILL after the grace period, at most
+KILL_GRACE: a timed-out or cancelled handler ends promptly).
 """
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import signal
@@ -21,23 +26,38 @@ import sys
 import time
 
 import psutil
+import zmq
 
 from cortex.protocol import backoff, wire
 from cortex.services.pool.children import Child, ChildState, Emit, transition
+from cortex.services.runtime import lineage
 from cortex.services.runtime.durable import remove_temp_files, write_atomic
 from cortex.services.runtime.effects import Effects
 from cortex.services.runtime.entry import serve
 from cortex.services.runtime.loop import BusService, serves
 
-PR_SET_PDEATHSIG = 1
 STOP_GRACE = 25.0  # seconds workers get to finish their task on shutdown
+KILL_GRACE = 1.0  # at most, between TERM and KILL of a worker the scheduler gave up on
+STDERR_TAIL = 8192  # bytes of each worker's stderr kept for its last error
+ERROR_LINES = 12  # lines of that tail shown as a crashing group's last error
+CRASHING_AFTER = 2  # consecutive failed starts of a slot that make its group "crashing"
 RESTART_BACKOFF_BASE = 0.2  # seconds before restarting a worker that crashed once
 RESTART_BACKOFF_CAP = 5.0
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    os.setsid()
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+def _worker_preexec(pool: int):
+    def arm() -> None:  # runs in the child between fork and exec
+        os.setsid()
+        lineage.arm_in_child(pool, signal.SIGKILL)
+    return arm
+
+
+def last_lines(tail: bytes, n: int = ERROR_LINES) -> str:
+    """The last `n` lines of a stderr tail, from a traceback's start if one is there."""
+    text = tail.decode(errors="replace").rstrip()
+    start = text.rfind("Traceback (most recent call last)")
+    lines = (text[start:] if start >= 0 else text).splitlines()
+    return "\n".join(lines[-n:] if start < 0 else lines[:1] + lines[1:][-(n - 1):])
 
 
 class Pool(BusService):
@@ -53,6 +73,10 @@ class Pool(BusService):
         self.restart_due: list[tuple[float, str, int]] = []  # (when, group, slot)
         self.failures: dict[tuple[str, int], int] = {}
         self.spawned = 0
+        self.stderr: dict[int, int] = {}  # a worker's stderr pipe -> its pid
+        self.tails: dict[int, bytearray] = {}  # pid -> the end of what it wrote there
+        self.last_error: dict[str, dict] = {}  # group -> its last failed worker's exit
+        self.subreaper = lineage.become_subreaper()
         # SIGCHLD wakes the poll loop (the runtime's wake-up socket): reaping is immediate.
         signal.signal(signal.SIGCHLD, lambda *_: None)
         self.open_journal()
@@ -98,9 +122,16 @@ class Pool(BusService):
         if extra:  # surge/autoscaled: retires by itself when idle, not restarted
             cmd += ["--idle-exit", str(self.group(group).idle_exit)]
         child = Child(name, group, slot, time.time(), extra=extra)
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent,
-                                close_fds=True)
+        env = {**os.environ, lineage.WORKER_TAG: name}
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                preexec_fn=_worker_preexec(os.getpid()), close_fds=True,
+                                env=env)
         child.pid = proc.pid
+        fd = proc.stderr.fileno()
+        os.set_blocking(fd, False)
+        self.stderr[fd] = proc.pid
+        self.tails[proc.pid] = bytearray()
+        self.poller.register(fd, zmq.POLLIN)
         try:
             child.proc = psutil.Process(proc.pid)
         except psutil.Error:
@@ -110,6 +141,54 @@ class Pool(BusService):
         self.record_pids()
         transition(child, ChildState.RUNNING, self.emit, group=group, slot=slot, extra=extra)
         return child
+
+    def read_stderr(self, fd: int) -> None:
+        """Forward what a worker wrote to stderr into our log, keeping its tail; at its
+        end, close it."""
+        pid = self.stderr[fd]
+        tail = self.tails.setdefault(pid, bytearray())
+        while True:
+            try:
+                chunk = os.read(fd, 65536)
+            except BlockingIOError:
+                return
+            except OSError:
+                chunk = b""
+            if not chunk:
+                self.poller.unregister(fd)
+                proc = self._popen.get(pid)
+                if proc is not None and proc.stderr is not None:
+                    proc.stderr.close()
+                else:
+                    os.close(fd)
+                del self.stderr[fd]
+                return
+            try:
+                sys.stderr.buffer.write(chunk)
+                sys.stderr.buffer.flush()
+            except (OSError, ValueError):
+                pass
+            tail += chunk
+            del tail[:-STDERR_TAIL]
+
+    def stderr_tail(self, pid: int) -> bytes:
+        """What an exited worker last wrote (read to the end); forgotten after."""
+        for fd, owner in list(self.stderr.items()):
+            if owner == pid:
+                self.read_stderr(fd)
+        return bytes(self.tails.pop(pid, b""))
+
+    def on_sockets(self, ready: dict, fx: Effects) -> None:
+        for fd in [fd for fd in self.stderr if fd in ready]:
+            self.read_stderr(fd)
+
+    def end_left_by(self, child: Child) -> None:
+        """End what the worker's handlers left running (tagged with its name)."""
+        left = lineage.tagged_below(lineage.WORKER_TAG, child.name, os.getpid())
+        if left:
+            self.log.warning("worker %s exited: ending what it left running: %s", child.name,
+                             ", ".join(lineage.describe(left)))
+            lineage.end(left, KILL_GRACE)
 
     def group(self, name: str):
         return next(g for g in self.settings.groups if g.name == name)
@@ -139,22 +218,33 @@ class Pool(BusService):
                 break
             if pid == 0:
                 break
-            self._popen.pop(pid, None)
-            child = self.children.pop(pid, None)
-            if child is None:
+            child = self.children.get(pid)
+            if child is None:  # an adopted orphan of some handler
+                self._popen.pop(pid, None)
                 continue
+            tail = self.stderr_tail(pid)
+            self._popen.pop(pid, None)
+            del self.children[pid]
             reaped = True
             code = os.waitstatus_to_exitcode(status)
+            self.end_left_by(child)
+            error = last_lines(tail) if code != 0 and not child.reason else ""
             fx.sends.append((b"scheduler", wire.NOTIFY, b"", {
                 "op": "worker.exited", "name": child.name, "pid": pid, "code": code}))
             transition(child, ChildState.EXITED, fx.emit, code=code, reason=child.reason,
-                       uptime=time.time() - child.started)
+                       uptime=time.time() - child.started,
+                       **({"error": error} if error else {}))
             if self.rt.stopping or (child.extra and code == 0):
                 continue  # an extra worker retiring when idle is scaling down
             # Clean exits (recycling) restart at once; crashes back off, capped.
             key = (child.group, child.slot)
             fails = 0 if code == 0 or child.reason else self.failures.get(key, 0) + 1
             self.failures[key] = fails
+            if fails:
+                self.last_error[child.group] = {
+                    "worker": child.name, "code": code, "at": time.time(),
+                    "uptime": round(time.time() - child.started, 3),
+                    "error": error or f"exited with {code} (nothing on stderr)"}
             delay = 0.0 if fails == 0 else backoff.delay(fails, RESTART_BACKOFF_BASE,
                                                          RESTART_BACKOFF_CAP)
             self.restart_due.append((time.monotonic() + delay, child.group, child.slot))
@@ -202,7 +292,7 @@ class Pool(BusService):
             if child.name == body["worker"]:
                 self.log.warning("killing %s (pid %d): %s", child.name, child.pid,
                                  body["reason"])
-                self.kill(child, body["reason"], body["grace"], fx.emit)
+                self.kill(child, body["reason"], min(body["grace"], KILL_GRACE), fx.emit)
 
     @serves("pool.scale", wire.NOTIFY)
     def scale_order(self, fx: Effects, msg: wire.Message, body: dict, now: float) -> None:
@@ -230,8 +320,14 @@ class Pool(BusService):
             except (psutil.Error, AttributeError):
                 pass
             workers.append(row)
-        return {"workers": workers, "spawned": self.spawned,
-                "groups": {g.name: g.count for g in self.settings.groups}}
+        crashing = {}
+        for group, last in self.last_error.items():
+            fails = max((n for (g, _), n in self.failures.items() if g == group), default=0)
+            if fails >= CRASHING_AFTER:
+                crashing[group] = {**last, "failed_starts": fails}
+        return {"workers": workers, "spawned": self.spawned, "subreaper": self.subreaper,
+                "groups": {g.name: g.count for g in self.settings.groups},
+                "crashing": crashing}
 
     def on_tick(self, fx: Effects, now: float) -> float:
         mono = time.monotonic()
@@ -259,8 +355,9 @@ class Pool(BusService):
             self.reap(fx, time.time())
             self.kill_overdue(fx.emit)
             if self.children:
-                self.poller.poll(100)  # SIGCHLD cuts this short
+                ready = dict(self.poller.poll(100))  # SIGCHLD cuts this short
                 self.rt.drain_wakeups()
+                self.on_sockets(ready, fx)
         self.flush(fx)
         self.record_pids()
         super().shutdown()
