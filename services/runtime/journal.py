@@ -277,8 +277,10 @@ def _read_if_there(path: str) -> bytes:
 
 class _Scan:
     """Reads segments in order, keeping the good records above `after_lsn` and noting
-    every bad line: damage when a good record follows it (or `tail_is_damage`), else a
-    torn tail."""
+    every bad line. A bad line followed by a good record is damage, unless that record
+    is covered by the snapshot (so was the bad line: it only costs a warning); bad lines
+    at the end of the last segment are a torn tail; at the end of a closed segment
+    (`tail_is_damage`), damage."""
 
     def __init__(self, after_lsn: int, report: ReplayReport):
         self.after_lsn = after_lsn
@@ -304,8 +306,12 @@ class _Scan:
             if record is None:
                 bad.append((pos, why, data[pos:nl]))
             else:
-                for off, why_bad, line in bad:  # damage: a good record follows it
-                    self._damaged(name, off, why_bad, line)
+                for off, why_bad, line in bad:
+                    if lsn <= self.after_lsn:  # before a covered record: covered too
+                        report.corrupt.append(f"{name} offset {off}: {why_bad} "
+                                              f"(covered by the snapshot)")
+                    else:
+                        self._damaged(name, off, why_bad, line)
                 bad = []
                 good_end = nl + 1
                 if lsn <= self.after_lsn:
@@ -324,7 +330,7 @@ class _Scan:
         return good_end
 
     def _damaged(self, name: str, offset: int, why: str, line: bytes) -> None:
-        self.report.corrupt.append(f"offset {offset}: {why}")
+        self.report.corrupt.append(f"{name} offset {offset}: {why}")
         self.report.damage.append({
             "file": name, "offset": offset, "why": why, "after_lsn": self.max_lsn,
             "shows": line[:SALVAGE_BYTES].decode(errors="replace")})

@@ -154,9 +154,11 @@ class BusService:
         if report.damage:
             self.halt(report)
             return
-        if report.torn_tail:
-            self.log.warning("journal: torn tail cut off %s", report.tail)
-            self.emit(f"{self.name}.journal_damaged", {"torn_tail": report.tail, "corrupt": []})
+        if report.torn_tail or report.corrupt:  # nothing lost: what the snapshot covers
+            self.log.warning("journal: torn tail cut off %s; bad records the snapshot "
+                             "covers %s", report.tail, report.corrupt)
+            self.emit(f"{self.name}.journal_damaged", {"torn_tail": report.tail,
+                                                       "corrupt": report.corrupt})
         if report.first_lsn is not None and report.first_lsn > after + 1:
             # Both snapshots lost and the journal no longer reaches back: say what is gone.
             missing = {"from_lsn": after + 1, "to_lsn": report.first_lsn - 1,
