@@ -111,6 +111,7 @@ ERROR_CODES = {
     "unavailable": "destination not connected or not answering",
     "queue_full": "the queue for this task type is full",
     "budget_exceeded": "the token budget cannot cover the request",
+    "not_served": "no worker serves this task type (the reason lists the served types)",
     "not_found": "no such task, worker or budget",
     "conflict": "the operation does not apply in the current state",
     "timeout": "no answer within the deadline",

@@ -8,7 +8,7 @@ import uuid
 
 import pytest
 
-from cortex.protocol import Client
+from cortex.protocol import Client, errors
 
 from .conftest import jsonl_events_of, wait_for
 
@@ -94,14 +94,21 @@ def test_task_list_filters_and_counts(suite_home):
 
 def test_a_task_refused_tokens_shows_which_limit_and_how_much(suite_home):
     with Client(suite_home, timeout=30, agent="poor") as c:
-        task = c.submit("simulated_agent", "too rich", tokens=1000, payload={"tokens": 1})
+        # More than the limit itself: it could never run, so it is refused at once.
+        with pytest.raises(errors.BudgetExceeded, match="agent:poor"):
+            c.submit("simulated_agent", "too rich", tokens=1000, payload={"tokens": 1})
+        holder = c.submit("simulated_agent", "holds 200", tokens=200,
+                          payload={"tokens": 1, "seconds": 60})
+        wait_for(lambda: c.status(holder["id"])["state"] == "running", 30, "the holder")
+        task = c.submit("simulated_agent", "must wait", tokens=200, payload={"tokens": 1})
         status = wait_for(lambda: (s := c.status(task["id"]))["waiting"] == "tokens" and s,
                           15, "waiting for tokens")
         detail = status["waiting_detail"]
         assert (detail["scope"], detail["limit"], detail["requested"]) == ("agent:poor", 300,
-                                                                          1000)
-        assert detail["available"] == 300 and status["eta"] is None
+                                                                          200)
+        assert detail["available"] == 100 and status["eta"] is None
         c.cancel(task["id"])
+        c.cancel(holder["id"])
 
     def cancelled_in_the_log():
         events = [e for e in jsonl_events_of(suite_home) if e.get("task") == task["id"]]

@@ -161,6 +161,15 @@ class SchedulerSettings:
 
 
 @dataclass(frozen=True)
+class TypesSettings:
+    """[types]: task types served by workers outside the pool (`external`), accepted
+    before one is seen; any other type no worker serves is refused once the scheduler has
+    run `grace` seconds."""
+    external: tuple[str, ...] = ()
+    grace: float = 30.0
+
+
+@dataclass(frozen=True)
 class LedgerSettings:
     budget: int = 100_000_000
     window: str = ""
@@ -229,6 +238,7 @@ class Settings:
     dashboard: DashboardSettings = DashboardSettings()
     routing: RoutingSettings = RoutingSettings()
     providers: dict = field(default_factory=dict)  # name -> ProviderSettings
+    types: TypesSettings = TypesSettings()
 
     def provider_for(self, payload) -> ProviderSettings:
         """The provider a task's payload names, else the only one configured."""
@@ -404,7 +414,7 @@ def load(home: Path) -> Settings:
         except OSError as e:
             raise ConfigError(f"{path}: cannot read it: {e.strerror}") from None
     allowed = {"suite", "bus", "scheduler", "ledger", "pool", "handlers", "events", "routing",
-               "providers", "dashboard"}
+               "providers", "dashboard", "types"}
     if set(raw) - allowed:
         raise ConfigError(f"{path}: unknown section(s) {', '.join(sorted(set(raw) - allowed))}")
     suite = _section(SuiteSettings, raw.get("suite", {}), "suite")
@@ -488,7 +498,23 @@ def load(home: Path) -> Settings:
         providers={name: _provider(name, spec, home) for name, spec in
                    _table(raw.get("providers", {}), "providers").items()},
         dashboard=_dashboard(raw.get("dashboard", {})),
+        types=_types(raw.get("types", {})),
     )
+
+
+def _types(raw) -> TypesSettings:
+    raw = _table(raw, "types")
+    if set(raw) - {"external", "grace"}:
+        raise ConfigError("[types]: only external (a list of task types) and grace")
+    external = raw.get("external", [])
+    if not isinstance(external, list) or not all(
+            isinstance(t, str) and 0 < len(t) <= 64 for t in external):
+        raise ConfigError(f"[types] external: must be a list of task types, got "
+                          f"{external!r}"[:300])
+    grace = raw.get("grace", 30.0)
+    if isinstance(grace, bool) or not isinstance(grace, int | float) or not 0 <= grace <= 86400:
+        raise ConfigError(f"[types] grace: must be seconds from 0 to 86400, got {grace!r}")
+    return TypesSettings(tuple(external), float(grace))
 
 
 def _routing(home: Path, raw) -> RoutingSettings:

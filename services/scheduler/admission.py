@@ -3,14 +3,21 @@ remembered by idempotency key.
 
 A non-critical task is refused with `queue_full` when its type has `max_queue_per_type`
 queued, and any task with `rejected` when its estimated start is past its deadline or
-more than `max_wait` away. A refusal is journaled by key: a re-sent copy of a refused
-submit gets the same answer, never a late acceptance (the client already took the refusal
-and may have submitted anew).
+more than `max_wait` away. Tasks that could never run are refused too:
+`budget_exceeded` when the tokens asked are above the limit of a budget that applies (the
+global one, its type's, its agent's: a copy the scheduler keeps of the ledger's budgets),
+whatever the window (a reset empties a window, it never makes it larger); `unknown_type`,
+listing the served types, when no pool group serves its type, `[types] external` does not
+declare it, no worker of it has been seen, and the scheduler has run for `[types] grace`
+seconds (external workers may register after a start).
+A refusal is journaled by key: a re-sent copy of a refused submit gets the same answer,
+never a late acceptance (the client already took the refusal and may have submitted anew).
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from cortex.protocol import wire
@@ -22,6 +29,7 @@ from cortex.services.scheduler.tasks import PRIORITIES
 MAX_DESCRIPTION = 8192
 MAX_PAYLOAD_BYTES = 512 * 1024
 MAX_SUBMIT_WAIT = 60.0  # seconds a submit may hold its reply for the task's end
+ROUTED = "auto"  # a type that asks for routing: judged by what it is routed to
 REFUSALS_KEPT = 100_000  # refused idempotency keys remembered (oldest forgotten first)
 
 
@@ -53,6 +61,54 @@ class Admission:
         self.settings = settings
         self.counters = counters
         self.refusals: OrderedDict[str, tuple[str, str]] = OrderedDict()  # key -> (code, why)
+        # Who serves what: configured types, those seen from a worker, a live lookup.
+        self.configured_types: frozenset[str] = frozenset()
+        self.seen_types: set[str] = set()
+        self.serving: Callable[[str], bool] = lambda task_type: True
+        self.types_grace = 0.0
+        self.types_from = 0.0  # monotonic start of the grace
+        self.budgets: dict[str, int | None] = {}  # scope -> limit (the ledger's, copied)
+
+    def know_types(self, configured, serving: Callable[[str], bool], grace: float,
+                   since: float) -> None:
+        self.configured_types = frozenset(configured)
+        self.serving, self.types_grace, self.types_from = serving, grace, since
+
+    def know_budgets(self, rows) -> None:
+        """The ledger's budgets, from its status (`[{scope, limit, ...}]`) or the settings
+        (`{scope: {limit, window}}`); a malformed row is left out."""
+        items = rows.items() if isinstance(rows, dict) else (
+            (r.get("scope"), r) for r in rows if isinstance(r, dict))
+        budgets = {}
+        for scope, spec in items:
+            limit = spec.get("limit") if isinstance(spec, dict) else None
+            if isinstance(scope, str) and (limit is None or (
+                    isinstance(limit, int) and not isinstance(limit, bool))):
+                budgets[scope] = limit
+        self.budgets = budgets
+
+    def never_runs(self, request: Request, now: Now) -> tuple[str, str] | None:
+        """(code, reason) for a task that could never run, else None."""
+        for scope in ("global", f"type:{request.type}", f"agent:{request.agent}"):
+            limit = self.budgets.get(scope)
+            if limit is not None and request.tokens > limit:
+                return "budget_exceeded", (
+                    f"asks {request.tokens} tokens, above the limit of {limit} of budget "
+                    f"{scope}: no window reset can grant it (raise it with `cortex budget "
+                    f"set {scope} ...`)")
+        task_type = request.type
+        if task_type == ROUTED or task_type in self.configured_types \
+                or task_type in self.seen_types:
+            return None
+        if self.serving(task_type):
+            self.seen_types.add(task_type)
+            return None
+        if now.mono - self.types_from < self.types_grace:
+            return None
+        served = sorted(self.configured_types | self.seen_types)
+        return "not_served", (f"no worker serves type {task_type!r} (served: "
+                                f"{', '.join(served) or 'none'}); declare an external "
+                                f"worker's types in [types] external")
 
     def parse(self, body: dict, peer: bytes) -> Request:
         """The submit's fields, checked (ProtocolError `bad_request` otherwise)."""
@@ -84,6 +140,9 @@ class Admission:
         """(code, reason) if the task is refused: `queued` tasks of its type wait already,
         and it would start in `wait_s` seconds."""
         settings = self.settings
+        never = self.never_runs(request, now)
+        if never is not None:
+            return never
         if request.priority != "critical" and queued >= settings.max_queue_per_type:
             return "queue_full", (f"queue for {request.type} is full "
                                   f"({settings.max_queue_per_type} tasks)")

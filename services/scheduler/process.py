@@ -22,6 +22,8 @@ from cortex.services.scheduler.state import SchedulerState
 from cortex.services.scheduler.trainer import Trainer
 
 SYNC_CORR = b"sync-peers"
+BUDGETS_CORR = b"budgets"  # our copy of the ledger's budgets (admission.py)
+BUDGETS_REFRESH = 2.0  # seconds between asks
 
 
 class Scheduler(BusService):
@@ -38,6 +40,13 @@ class Scheduler(BusService):
         self.trainer = Trainer(self.rt.home, self.predictor)
         self.state = SchedulerState(self.settings.scheduler, predictor=self.predictor,
                                     monitor=ResourceMonitor(self.machine_sampler()))
+        types = {t for g in self.settings.groups for t in g.types}
+        self.state.admission.know_types(
+            types | set(self.settings.types.external),
+            lambda task_type: bool(self.state.registry.serving(task_type)),
+            self.settings.types.grace, time.monotonic())
+        self.state.admission.know_budgets(self.settings.ledger.budgets)
+        self.next_budgets = 0.0
         self.open_journal()
         # Workers that were busy when we stopped tell us what they run (worker.sync).
         self.link.send(wire.REQUEST, wire.BROKER, SYNC_CORR, {"op": "broker.peers"})
@@ -94,6 +103,9 @@ class Scheduler(BusService):
         # peer's "reply" on one of their correlation ids is ignored.
         if msg.corr.startswith(b"L") and msg.peer == b"ledger" and msg.role == b"service":
             self.state.ledger_reply(fx, msg.corr, msg.type == wire.REPLY, body, now)
+        elif msg.corr == BUDGETS_CORR and msg.type == wire.REPLY and msg.peer == b"ledger" \
+                and msg.role == b"service" and isinstance(body.get("budgets"), list):
+            self.state.admission.know_budgets(body["budgets"])
         elif msg.corr == SYNC_CORR and msg.type == wire.REPLY and msg.peer == wire.BROKER:
             for p in check_reply("broker.peers", body)["peers"]:
                 if p["role"] == "worker":
@@ -212,6 +224,9 @@ class Scheduler(BusService):
 
     def on_tick(self, fx: Effects, wall: float) -> float:
         now = self.now(wall)
+        if now.mono >= self.next_budgets:
+            fx.sends.append((b"ledger", wire.REQUEST, BUDGETS_CORR, {"op": "ledger.status"}))
+            self.next_budgets = now.mono + BUDGETS_REFRESH
         self.trainer.poll(fx, now.mono)
         timeout = self.state.tick(fx, now, self.settings.scheduler.task_heartbeat)
         self.state.dispatch(fx, now)
