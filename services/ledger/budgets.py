@@ -546,7 +546,7 @@ class LedgerState:
                  "reason": f"{b.scope} has {available} of {b.limit} tokens available, "
                            f"{amount} requested",
                  "scope": b.scope, "requested": amount, "available": available,
-                 "limit": b.limit}
+                 "limit": b.limit, "next_reset": b.next_reset}  # the ETA of a token wait
         numbers = {s: self._budgets[s].numbers() for s in scopes}
         event = {"op": op, **reply, "now": now, "budgets": numbers}
         return Outcome(False, "budget_exceeded", reply, [("ledger.refused", event)])
