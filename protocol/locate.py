@@ -7,11 +7,14 @@ an explicit home, else $CORTEX_HOME, else `.cortex` in the working directory.
 from __future__ import annotations
 
 import os
+import sys
 import tomllib
 from pathlib import Path
 
 DEFAULT_HOME = ".cortex"
-IPC_PATH_MAX = 107  # sun_path limit; libzmq fails on longer ipc paths
+# sun_path holds 108 bytes on Linux, 104 on macOS and the BSDs, the final NUL included;
+# libzmq fails on longer ipc paths.
+IPC_PATH_MAX = 107 if sys.platform.startswith("linux") else 103
 
 
 class HomeError(Exception):
