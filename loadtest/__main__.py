@@ -31,6 +31,7 @@ from pathlib import Path
 from . import charts, report
 from .harness import Target
 from .scenarios import SCENARIOS, Session
+from .soak import duration_arg
 from .viewer import DASHBOARD_PAGES, DashboardPage
 
 DEFAULT_ORDER = ("latency", "rate", "noop", "onetype", "utilization", "priority", "mixed", "sweep",
@@ -45,15 +46,17 @@ def parse(argv=None):
                    help="the suite started for the test copies its events to this PostgreSQL "
                         "(the events scenario then reports PostgreSQL lag)")
     p.add_argument("--scenario", default="all",
-                   help=f"comma-separated: {', '.join(SCENARIOS)} or all (default all)")
+                   help=f"comma-separated: {', '.join(SCENARIOS)} or all (default all); "
+                        "or soak alone (hours of a trickle of tasks, watched for leaks)")
     p.add_argument("--agents", type=int, default=100, help="concurrent agents (100)")
     p.add_argument("--tasks", type=int, default=1000, help="tasks per scenario (1000)")
     p.add_argument("--workers", type=int, default=20,
                    help="workers of the suite started for the test (20; ignored with --home)")
     p.add_argument("--rate", type=float, default=1000.0, help="rate scenario: tasks/s offered")
-    p.add_argument("--duration", type=float, default=0.0,
-                   help="seconds: bounds closed-loop scenarios; rate sends rate x duration "
-                        "tasks (0: task-count bound only)")
+    p.add_argument("--duration", type=duration_arg, default=0.0,
+                   help="seconds (or 30m, 4h): bounds closed-loop scenarios; rate sends rate "
+                        "x duration tasks (0: task-count bound only); soak runs this long "
+                        "(default 10m)")
     p.add_argument("--sleep-ms", type=float, default=50.0,
                    help="task length of the utilization and priority scenarios (50)")
     p.add_argument("--sweep-agents", default="10,50,100,200",
@@ -92,7 +95,9 @@ def parse(argv=None):
         s.strip() for s in args.scenario.split(",") if s.strip())
     if not args.mixed_scale > 0:
         p.error("--mixed-scale must be > 0")
-    bad = [n for n in names if n not in SCENARIOS]
+    if "soak" in names and len(names) > 1:
+        p.error("soak runs alone")
+    bad = [n for n in names if n not in (*SCENARIOS, "soak")]
     if bad:
         p.error(f"unknown scenario(s): {', '.join(bad)}")
     args.scenarios = list(names)
@@ -117,6 +122,10 @@ def main(argv=None) -> int:
 
 
 def _main(args) -> int:
+    if args.scenarios == ["soak"]:
+        from . import soak
+
+        return soak.run(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     notes = []
