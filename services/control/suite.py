@@ -316,6 +316,22 @@ class Suite:
         except (OSError, xmlrpc.client.Error):
             pass  # shutting down answers with a fault: the wake-up is all we wanted
 
+    @staticmethod
+    def _stop_rest_at_once(programs: dict[str, int]) -> dict[str, int]:
+        """supervisord stops one program at a time, each on a turn of its loop. The pool
+        goes first (its workers finish their tasks while the others still listen); once
+        it is gone, TERM the others together (a shutting-down supervisord restarts none).
+        Returns what is still to be signalled."""
+        if not programs or _alive(programs.get("pool", 0)):
+            return programs
+        for pid in programs.values():
+            if _alive(pid):
+                try:
+                    os.kill(pid, signal.SIGTERM)
+                except (ProcessLookupError, PermissionError):
+                    pass
+        return {}
+
     def stop(self, timeout: float = 90.0) -> None:
         """Stop everything and return only when no process of the suite is left;
         `self.killed` names what had to be killed (or ended without its supervisord)."""
@@ -324,11 +340,16 @@ class Suite:
             self.killed += self.end_leftovers(LEFTOVER_GRACE)
         before = self.pids()
         try:
+            programs = {row["name"]: row["pid"] for row in self.processes() if row.get("pid")}
+        except SuiteError:
+            programs = {}
+        try:
             self.rpc().supervisor.shutdown()
         except (OSError, xmlrpc.client.Error):
             pass  # not running (or already stopping): fall through to the checks
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
+            programs = self._stop_rest_at_once(programs)
             if self.proc is not None:
                 try:
                     self.proc.wait(timeout=0.05)
