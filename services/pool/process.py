@@ -74,6 +74,7 @@ class Pool(BusService):
         self.failures: dict[tuple[str, int], int] = {}
         self.spawned = 0
         self.stderr: dict[int, int] = {}  # a worker's stderr pipe -> its pid
+        self.stderr_files: dict[int, object] = {}  # the pipe's file (closed once, at EOF)
         self.tails: dict[int, bytearray] = {}  # pid -> the end of what it wrote there
         self.last_error: dict[str, dict] = {}  # group -> its last failed worker's exit
         self.subreaper = lineage.become_subreaper()
@@ -130,6 +131,7 @@ class Pool(BusService):
         fd = proc.stderr.fileno()
         os.set_blocking(fd, False)
         self.stderr[fd] = proc.pid
+        self.stderr_files[fd] = proc.stderr
         self.tails[proc.pid] = bytearray()
         self.poller.register(fd, zmq.POLLIN)
         try:
@@ -155,13 +157,12 @@ class Pool(BusService):
             except OSError:
                 chunk = b""
             if not chunk:
+                # EOF: the worker and whatever inherited its stderr are gone.
                 self.poller.unregister(fd)
-                proc = self._popen.get(pid)
-                if proc is not None and proc.stderr is not None:
-                    proc.stderr.close()
-                else:
-                    os.close(fd)
+                self.stderr_files.pop(fd).close()
                 del self.stderr[fd]
+                if pid not in self._popen:
+                    self.tails.pop(pid, None)  # reaped already: nobody will ask for it
                 return
             try:
                 sys.stderr.buffer.write(chunk)
