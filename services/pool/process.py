@@ -63,6 +63,7 @@ def last_lines(tail: bytes, n: int = ERROR_LINES) -> str:
 class Pool(BusService):
     name = "pool"
     snapshot_name = "worker-pool.json"  # journal: only its events, so none is lost
+    halt_on_damage = False  # no state to lose: a damaged record costs events, not tasks
 
     def __init__(self, home=None):
         super().__init__(home)

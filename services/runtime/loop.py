@@ -57,6 +57,9 @@ def serves(op: str, type_: bytes = wire.REQUEST):
 
 
 class BusService:
+    # Damaged journal records halt the service (its state would lose what they held);
+    # a service that journals only its events may carry on instead.
+    halt_on_damage = True
     name = "service"
     snapshot_name: str | None = None  # file under state/ for stateful services
 
@@ -151,9 +154,13 @@ class BusService:
                                self.settings.suite.fsync)
         after = (snap or {}).get("journal_lsn", 0)
         records, report = self.journal.replay(after_lsn=after)
-        if report.damage:
+        if report.damage and self.halt_on_damage:
             self.halt(report)
             return
+        if report.damage:  # only events were journaled: say what is gone, carry on
+            self.log.error("journal: damaged records skipped %s", report.corrupt)
+            self.emit(f"{self.name}.journal_damaged", {"corrupt": report.corrupt,
+                                                       "damage": report.damage[:10]})
         if report.torn_tail or report.corrupt:  # nothing lost: what the snapshot covers
             self.log.warning("journal: torn tail cut off %s; bad records the snapshot "
                              "covers %s", report.tail, report.corrupt)
