@@ -124,3 +124,21 @@ def test_a_hundred_tasks_without_tokens_for_a_minute_write_bounded_events(suites
         for t in ids:
             c.cancel(t)
         c.cancel(holder["id"])
+
+
+def test_a_waiting_task_whose_limit_drops_below_its_ask_fails_with_the_reason(suites):
+    suite = suites.start(config=BASE + (
+        '[ledger]\nbudget = 1000\nwindow = "rolling:3600"\n'
+        '[pool.groups.default]\ncount = 2\ntypes = ["simulated_agent"]\n'))
+    with Client(suite.home, timeout=60) as c:
+        holder = c.submit("simulated_agent", "holds 700", tokens=700,
+                          payload={"tokens": 1, "seconds": 120})
+        wait_for(lambda: c.status(holder["id"])["state"] == "running", 30, "the holder")
+        task = c.submit("simulated_agent", "must wait", tokens=500, payload={"tokens": 1})
+        wait_for(lambda: c.status(task["id"])["waiting"] == "tokens", 30, "a token wait")
+        c.call("ledger", "ledger.set", {"scope": "global", "limit": 400,
+                                        "window": "rolling:3600"})
+        done = c.wait(task["id"], timeout=60)
+        assert (done["state"], done["error"]["category"]) == ("failed", "budget_exceeded"), done
+        assert "global" in done["error"]["message"]
+        c.cancel(holder["id"])

@@ -115,10 +115,10 @@ def test_another_limit_is_a_new_event_but_tokens_left_moving_is_not():
     assert events(fx, "task.waiting") == []
     assert task.waiting_detail["available"] == 7  # the status has the latest figure
     corr, _ = reserve_of(sim.tick(1.0))
-    fx = sim.ledger(corr, granted=False, scope="agent:client-1", limit=40, available=40,
-                    requested=50, reason="agent:client-1 has 40 of 40 tokens available")
+    fx = sim.ledger(corr, granted=False, scope="agent:client-1", limit=60, available=40,
+                    requested=50, reason="agent:client-1 has 40 of 60 tokens available")
     [(_, data, _, _)] = events(fx, "task.waiting")
-    assert data["detail"]["scope"] == "agent:client-1" and data["detail"]["limit"] == 40
+    assert data["detail"]["scope"] == "agent:client-1" and data["detail"]["limit"] == 60
 
 
 def test_the_status_carries_the_waiting_detail():

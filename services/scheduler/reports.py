@@ -289,4 +289,12 @@ class Reports:
             return
         if worker is not None:
             self.registry.move(fx, worker, WorkerState.IDLE, now)
-        self.waiting.hold(fx, task, Reason.TOKENS, now.mono, refusal_detail(body, now.wall))
+        detail = refusal_detail(body, now.wall)
+        if detail.get("requested", 0) > detail.get("limit", math.inf):
+            # A limit lowered since the submit, now below the ask: no reset can grant it.
+            self.queue.discard(task)
+            self.waiting.release(task)
+            self._end(fx, task, State.FAILED, now, error={
+                "category": "budget_exceeded", "message": detail["message"]})
+            return
+        self.waiting.hold(fx, task, Reason.TOKENS, now.mono, detail)
