@@ -17,7 +17,9 @@ import threading
 import time
 from collections import Counter, defaultdict
 
-from cortex.protocol import Client
+import pytest
+
+from cortex.protocol import Client, errors
 from cortex.services.cli import app as cli
 
 from .conftest import wait_for
@@ -32,12 +34,15 @@ NUMBERS = ("limit", "reserved", "committed", "overrun")
 # -- helpers ------------------------------------------------------------------------------
 
 
-def ledger_config(workers: int, budget: int, agents: dict[str, int], fsync: str = "group") -> str:
+def ledger_config(workers: int, budget: int, agents: dict[str, int], fsync: str = "group",
+                  windowed=()) -> str:
     text = (f'[suite]\nfsync = "{fsync}"\nheartbeat_interval = 0.5\nsnapshot_interval = 2.0\n'
             f'[scheduler]\ntask_heartbeat = 1.0\n'
             f'[ledger]\nbudget = {budget}\n')
     for agent, limit in agents.items():
         text += f'[ledger.budgets."agent:{agent}"]\nlimit = {limit}\n'
+        if agent in windowed:  # a window that will not reset during the test
+            text += 'window = "rolling:86400"\n'
     return text + (f'[pool.groups.default]\ncount = {workers}\n'
                    'types = ["echo", "sleep", "simulated_agent", "fail"]\n')
 
@@ -220,7 +225,8 @@ def lost_use(events: list[dict]) -> int:
 
 def contention_plans() -> tuple[dict[int, list[dict]], dict[str, int]]:
     """100 agents, 4 tasks each, every task reserving R tokens. By n % 10:
-    0  "tiny":    agent limit 50 < R, normal use: every task waits for tokens
+    0  "tiny":    agent limit 50 < R, in a day's window, normal use: every task waits for
+                  tokens (a limit with no window would refuse them at submit)
     1  "exact":   agent limit R, each task tries to use 2R through use_tokens: the first
                   one reserved has its extension refused and fails budget_exceeded
     2  "overrun": agent limit 250, use 130..180 reported after the fact (overrun)
@@ -265,7 +271,8 @@ def test_hundred_agents_contend_for_budgets_exactly(suites):
     budget = 12_000  # combined demand: 400 tasks x R = 40,000 reserved, ~30,000 used
     demand = sum(len(p) for p in plans.values()) * R
     assert budget < demand and budget < sum(limits.values())
-    suite = suites.start(config=ledger_config(16, budget, limits))
+    tiny = {f"agent-{n}" for n in range(0, 100, 10)}
+    suite = suites.start(config=ledger_config(16, budget, limits, windowed=tiny))
     initial = initial_budgets(budget, limits)
     accepted: dict[str, tuple[int, dict]] = {}
     final: dict[str, dict] = {}
@@ -511,9 +518,16 @@ def test_ledger_killed_keeps_exact_balances(suites):
 
 
 def test_budget_set_from_the_cli_unblocks_waiting_tasks(suites, capsys):
-    suite = suites.start(config=ledger_config(2, 1_000_000, {"agent-cli": 50}))
+    suite = suites.start(config=ledger_config(2, 1_000_000, {"agent-cli": 250}))
     home = str(suite.home)
     with Client(suite.home, timeout=30, agent="agent-cli") as c:
+        # Asking more than the limit itself could never run: refused at submit.
+        with pytest.raises(errors.BudgetExceeded, match="agent:agent-cli"):
+            c.submit("simulated_agent", "above the limit", tokens=300)
+        # A holder takes 200 of the 250: the three below wait for tokens.
+        holder = c.submit("simulated_agent", "holder", tokens=200,
+                          payload={"seconds": 120, "tokens": 0})["id"]
+        wait_for(lambda: c.status(holder)["state"] == "running", 30, "the holder to run")
         ids = [c.submit("simulated_agent", f"cli {i}", tokens=R,
                         payload={"seconds": 0, "tokens": 60 + i})["id"] for i in range(3)]
         for task_id in ids:
@@ -530,6 +544,9 @@ def test_budget_set_from_the_cli_unblocks_waiting_tasks(suites, capsys):
         done = [c.wait(t, timeout=30) for t in ids]
         assert [(t["state"], t["tokens_used"]) for t in done] == [
             ("completed", 60 + i) for i in range(3)]
+        c.cancel(holder)
+        wait_for(lambda: balances(c)["agent:agent-cli"]["reserved"] == 0, 30,
+                 "the holder's reservation released")
         row = balances(c)["agent:agent-cli"]
         assert (row["limit"], row["committed"], row["reserved"]) == (1000, 183, 0)
         # Lowered below usage from the CLI: over limit, and new work waits again.

@@ -67,7 +67,8 @@ class Admission:
         self.serving: Callable[[str], bool] = lambda task_type: True
         self.types_grace = 0.0
         self.types_from = 0.0  # monotonic start of the grace
-        self.budgets: dict[str, int | None] = {}  # scope -> limit (the ledger's, copied)
+        # scope -> limit of the budgets that never reset (the ledger's, copied)
+        self.budgets: dict[str, int] = {}
 
     def know_types(self, configured, serving: Callable[[str], bool], grace: float,
                    since: float) -> None:
@@ -81,9 +82,10 @@ class Admission:
             (r.get("scope"), r) for r in rows if isinstance(r, dict))
         budgets = {}
         for scope, spec in items:
-            limit = spec.get("limit") if isinstance(spec, dict) else None
-            if isinstance(scope, str) and (limit is None or (
-                    isinstance(limit, int) and not isinstance(limit, bool))):
+            if not isinstance(spec, dict) or spec.get("window"):
+                continue  # a windowed budget resets: its tasks wait for it
+            limit = spec.get("limit")
+            if isinstance(scope, str) and isinstance(limit, int) and not isinstance(limit, bool):
                 budgets[scope] = limit
         self.budgets = budgets
 
@@ -94,8 +96,8 @@ class Admission:
             if limit is not None and request.tokens > limit:
                 return "budget_exceeded", (
                     f"asks {request.tokens} tokens, above the limit of {limit} of budget "
-                    f"{scope}: no window reset can grant it (raise it with `cortex budget "
-                    f"set {scope} ...`)")
+                    f"{scope}, which has no window to reset it (raise it with `cortex "
+                    f"budget set {scope} ...`)")
         task_type = request.type
         if task_type == ROUTED or task_type in self.configured_types \
                 or task_type in self.seen_types:

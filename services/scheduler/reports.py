@@ -290,8 +290,9 @@ class Reports:
         if worker is not None:
             self.registry.move(fx, worker, WorkerState.IDLE, now)
         detail = refusal_detail(body, now.wall)
-        if detail.get("requested", 0) > detail.get("limit", math.inf):
-            # A limit lowered since the submit, now below the ask: no reset can grant it.
+        if detail.get("requested", 0) > detail.get("limit", math.inf) \
+                and "resets_at" not in detail:
+            # A limit lowered since the submit below the ask, and no window to reset it.
             self.queue.discard(task)
             self.waiting.release(task)
             self._end(fx, task, State.FAILED, now, error={
