@@ -15,6 +15,7 @@ from __future__ import annotations
 import hmac
 import os
 import time
+from collections import Counter
 
 import zmq
 
@@ -53,6 +54,9 @@ class Broker:
         self.socket.bind(self.endpoint)
         self.stats = {"routed": 0, "malformed": 0, "unroutable": 0, "lost_peers": 0,
                       "refused_hello": 0, "too_many": 0, "too_large": 0}
+        # (from, to, type) -> messages: services by name, other peers by role. What a task
+        # costs on the bus is read from these (`python -m cortex.loadtest.count`).
+        self.flows: Counter = Counter()
         self.next_beat = time.monotonic() + interval
 
     def send(self, rid: bytes, parts: list) -> bool:
@@ -86,12 +90,15 @@ class Broker:
                 if msg.type == wire.REQUEST:
                     self.reply_error(rid, msg.corr, "unavailable", "say HELLO first")
             return
+        source = peer.name if peer.role == "service" else peer.role
         if msg.type == wire.HEARTBEAT:
+            self.flows[source, "broker", wire.HEARTBEAT] += 1
             return
         if msg.type == wire.BYE:
             self.table.forget(rid)
             return
         if msg.peer == wire.BROKER:
+            self.flows[source, "broker", msg.type] += 1
             self.serve(rid, msg, now)
             return
         if msg.type not in FORWARDED:
@@ -119,6 +126,8 @@ class Broker:
         if self.send(dest.rid, [wire.TAG, msg.type, peer.name_bytes, peer.role.encode(),
                                 msg.corr, msg.body]):
             self.stats["routed"] += 1
+            self.flows[source, dest.name if dest.role == "service" else dest.role,
+                       msg.type] += 1
         elif msg.type in (wire.REQUEST, wire.NOTIFY):
             self.reply_error(rid, msg.corr, "unavailable",
                              f"{dest.name} is not taking messages")
@@ -177,6 +186,8 @@ class Broker:
             return
         if op in ("broker.peers", "broker.status"):
             body = {"peers": self.table.describe(now), "stats": self.stats,
+                    "flows": [{"from": src, "to": dst, "type": type_.decode(), "count": n}
+                              for (src, dst, type_), n in sorted(self.flows.items())],
                     "connections": self.guard.status(),
                     "uptime": time.time() - self.rt.started, "pid": os.getpid()}
             self.send(rid, wire.frames(wire.REPLY, wire.BROKER, msg.corr, body,
@@ -189,6 +200,8 @@ class Broker:
         beat = wire.frames(wire.HEARTBEAT, wire.BROKER, role=b"broker")
         for peer in self.table.heartbeat_targets():
             self.send(peer.rid, beat)
+            self.flows["broker", peer.name if peer.role == "service" else peer.role,
+                       wire.HEARTBEAT] += 1
         for peer in self.table.expire(now):
             self.stats["lost_peers"] += 1
             self.log.warning("peer %s (%s) lost: silent for %.1f s", peer.name, peer.role,

@@ -126,6 +126,10 @@ class EventRouter(BusService):
         self.next_write_retry = 0.0
         self.stats = {"received": 0, "written": 0, "duplicates": 0, "malformed": 0,
                       "unauthorized": 0}
+        # publisher (a service by name, else "worker") -> {batches, events, acks}: what
+        # events cost on the fan-in (`python -m cortex.loadtest.count`).
+        self.fan_in_flows: dict[str, dict[str, int]] = {}
+        self.sender_labels: dict[bytes, str] = {}  # fan-in routing id -> its label
         self.secret = suite_secret(self.rt.home).encode()
         self.sink = None
         if self.settings.events.postgres_url:
@@ -173,6 +177,8 @@ class EventRouter(BusService):
         except wire.ProtocolError:
             self.stats["malformed"] += 1
             return []
+        if events and isinstance(events[0], dict):
+            self.count_batch(sender, events[0].get("source"), len(events))
         fresh = []
         for event in events:
             if not isinstance(event, dict):
@@ -190,6 +196,18 @@ class EventRouter(BusService):
             self.stats["received"] += 1  # distinct events: each must reach the log once
             fresh.append(event)
         return fresh
+
+    def count_batch(self, sender: bytes, source, events: int) -> None:
+        label = self.sender_labels.get(sender)
+        if label is None:
+            label = source if source in wire.SERVICE_NAMES else "worker"
+            if len(self.sender_labels) < 100_000:
+                self.sender_labels[sender] = label
+        flows = self.fan_in_flows.get(label)
+        if flows is None:
+            flows = self.fan_in_flows[label] = {"batches": 0, "events": 0, "acks": 0}
+        flows["batches"] += 1
+        flows["events"] += events
 
     def emit_own(self, type_: str, data: dict) -> dict:
         """The router's own events skip the fan-in but go everywhere else fresh events go:
@@ -236,6 +254,9 @@ class EventRouter(BusService):
         if self.sink is not None:
             self.sink.written_to_log(self.writer.events_written - written_before)
         for sender, streams in self.to_ack.items():
+            flows = self.fan_in_flows.get(self.sender_labels.get(sender, "worker"))
+            if flows is not None:
+                flows["acks"] += len(streams)
             for source, epoch in streams:
                 try:
                     self.fan_in.send_multipart([sender, *wire.frames(wire.ACK, b"events", b"", {
@@ -262,7 +283,7 @@ class EventRouter(BusService):
     def status(self, fx: Effects, msg: wire.Message, body: dict, now: float) -> None:
         fx.reply(msg.peer, msg.corr, {
             **self.stats, "gaps": self.tracker.gaps, "buffered": self.writer.buffered,
-            "unwritable": self.unwritable,
+            "unwritable": self.unwritable, "fan_in": self.fan_in_flows,
             "postgres": self.sink.stats() if self.sink else None,
             "metrics_url": self.metrics_server.url if self.metrics_server else None,
             "latency": self.metrics.latency(), "pid": os.getpid(),
