@@ -45,7 +45,7 @@ def make_socket(ctx: zmq.Context, kind: int, *, name: str | None = None) -> zmq.
 _Base = next(c for c in zmq.Socket.__mro__ if c.__module__.startswith("zmq.backend"))
 _send, _recv, _get, _set = _Base.send, _Base.recv, _Base.get, _Base.set
 _MORE, _NOBLOCK = int(zmq.SNDMORE), int(zmq.NOBLOCK)
-_RCVMORE, _EVENTS, _POLLIN = int(zmq.RCVMORE), int(zmq.EVENTS), int(zmq.POLLIN)
+_EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
 _RCVTIMEO = int(zmq.RCVTIMEO)
 _FOREVER_MS = -1
 _MAX_WAIT_MS = 2**31 - 1
@@ -67,12 +67,21 @@ def has_message(sock: zmq.Socket) -> bool:
 
 
 def recv_frames(sock: zmq.Socket) -> list[bytes] | None:
-    """One waiting multipart message, or None (checked first: cheaper than zmq.Again)."""
-    if not _get(sock, _EVENTS) & _POLLIN:
+    """One waiting multipart message, or None.
+
+    Received straight away, never asked about first: asking (ZMQ_EVENTS) makes libzmq
+    check its command pipe, a poll() and a getpid() per message, where a receive that
+    finds a message makes none and only the last, empty one (zmq.Again) pays once per
+    batch. That receive also re-arms the socket's fd, as asking would. Frames rather
+    than bytes: a frame knows whether more follow (RCVMORE is an option lookup)."""
+    try:
+        frame = _recv(sock, _NOBLOCK, False)
+    except zmq.Again:
         return None
-    parts = [_recv(sock, _NOBLOCK)]
-    while _get(sock, _RCVMORE):
-        parts.append(_recv(sock, _NOBLOCK))
+    parts = [frame.bytes]
+    while frame.more:
+        frame = _recv(sock, _NOBLOCK, False)
+        parts.append(frame.bytes)
     return parts
 
 

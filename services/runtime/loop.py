@@ -26,7 +26,7 @@ import zmq
 
 from cortex.protocol import wire
 from cortex.protocol.catalogue import Catalogue
-from cortex.protocol.peer import BusLink, poll_ms
+from cortex.protocol.peer import BusLink, poll_ms, recv_frames
 from cortex.protocol.publisher import EventPublisher
 from cortex.services.runtime.durable import remove_temp_files
 from cortex.services.runtime.effects import Effects
@@ -259,12 +259,12 @@ class BusService:
                 if self.link.socket in ready:
                     now_wall = time.time()
                     for _ in range(MAX_BATCH):
-                        msg = self.link.receive()
-                        if msg is None:
-                            if not self.link.socket.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-                                break
-                            continue
-                        self._decode(fx, msg, now_wall)
+                        parts = recv_frames(self.link.socket)
+                        if parts is None:
+                            break
+                        msg = self.link.accept(parts)  # None: control traffic
+                        if msg is not None:
+                            self._decode(fx, msg, now_wall)
                     self.flush(fx)
         finally:
             self.shutdown()
