@@ -21,6 +21,9 @@ log = logging.getLogger(__name__)
 LINGER_MS = 200  # never the infinite default: a context must always terminate
 HELLO_CORR = b"hello"  # the broker answers a refused HELLO on this correlation id
 HWM = 200_000
+# After answering the broker's HEARTBEAT, a peer sends one of its own only if the broker
+# has not beaten again within this many intervals.
+ANSWERED_BEAT_SLACK = 1.5
 
 
 def make_socket(ctx: zmq.Context, kind: int, *, name: str | None = None) -> zmq.Socket:
@@ -178,8 +181,15 @@ class BusLink:
             self.dropped += 1
             log.warning("dropped malformed message from broker: %s", e)
             return None
-        self.last_heard = time.monotonic()
+        self.last_heard = now = time.monotonic()
         if msg.type == wire.HEARTBEAT:
+            if self.heartbeat and self.welcomed:
+                # Answered at once: the broker hears all its peers in one burst after its
+                # own beat, not at as many moments as it has peers (each one a wake-up),
+                # and the peer wakes once per interval, not twice. Our own timer only
+                # fires if the broker falls silent.
+                self.send(wire.HEARTBEAT, wire.BROKER)
+                self.next_beat = now + self.interval * ANSWERED_BEAT_SLACK
             return None
         if msg.type == wire.WELCOME:
             self.welcomed, self.refused = True, None

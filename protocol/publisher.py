@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 BATCH_MAX = 500  # events per EVENTS message, well under the message size limit
 RESEND_AFTER = 1.0  # seconds without an acknowledgement before re-sending
 RESEND_MAX = 20_000  # events re-sent per silence, oldest first
+IDLE_WAKE = 3600.0  # seconds tick() asks to sleep with nothing unacknowledged
 MAX_UNACKED = 1_000_000  # past this the oldest are dropped and counted (a visible gap)
 
 
@@ -126,7 +127,7 @@ class EventPublisher:
     def tick(self, now: float) -> float:
         """Re-send the unacknowledged backlog after a silence; returns time to next check."""
         if not self._unacked:
-            return RESEND_AFTER
+            return IDLE_WAKE  # nothing to re-send: flush() starts the clock again
         due = self._head_since + RESEND_AFTER
         if now >= due:
             # Oldest first and bounded: the router acknowledges contiguous sequences only.
