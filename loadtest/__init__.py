@@ -33,7 +33,9 @@ report.json keys (schema "cortex.loadtest/1"; every figure is the median over --
   waited for cpu, memory or tokens), by_reason {reason: {events, tasks}}},
   ``resources`` {cpu_s by role,
   peak_rss_mb by service, workers_peak_rss_mb, suite_peak_rss_mb (sum of RSS),
-  memory_at_end {rss_mb, pss_mb}, harness_cpu_s}, ``lost_ids``, ``duplicated_ids``;
+  memory_at_end {rss_mb, pss_mb}, harness_cpu_s, cpu_ms_per_task {role: ms of CPU per
+  completed task, agents (the harness and its agent processes), suite (the suite's
+  processes but model training)}}, ``lost_ids``, ``duplicated_ids``;
   plus ``rate`` {offered, achieved_submit_rate, submit_lag_ms}, ``priority``
   {critical_wait_ms, low_wait_ms, flood_queued_at_critical_submit, ...}, ``noop_phase``
   (onetype: the no-ops after the sleeps, {tasks, completed, throughput, coordination_ms}),

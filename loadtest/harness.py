@@ -51,6 +51,19 @@ def summarize(values) -> dict:
             "p99": round(percentile(xs, 99), 4), "max": round(xs[-1], 4)}
 
 
+def cpu_per_task(cpu_s: dict, agents_cpu_s: float, completed: int) -> dict:
+    """Milliseconds of CPU per completed task by process (role), the agents (the harness
+    and its agent processes) among them, and `suite`: the suite's own processes (model
+    training, which is not work done for tasks, left out)."""
+    if not completed:
+        return {}
+    per = {role: round(1000 * s / completed, 4) for role, s in sorted(cpu_s.items())}
+    per["agents"] = round(1000 * agents_cpu_s / completed, 4)
+    per["suite"] = round(1000 * sum(s for role, s in cpu_s.items()
+                                    if role != "model-training") / completed, 4)
+    return per
+
+
 # -- the suite under test -------------------------------------------------------------------
 def own_config(workers: int, fsync: str, extra_types=(), postgres_url: str = "") -> str:
     types = ["echo", "sleep", "simulated_agent", "fail", *extra_types]
@@ -563,7 +576,9 @@ def measure(name: str, target: Target, records: list[dict], t0: float, t_end: fl
                    "over_allocated_samples": sampler_out.pop("over_allocated_samples", 0)},
         "events": events,
         "waiting": waiting,
-        "resources": {**sampler_out, "harness_cpu_s": round(harness_cpu_s, 3)},
+        "resources": {**sampler_out, "harness_cpu_s": round(harness_cpu_s, 3),
+                      "cpu_ms_per_task": cpu_per_task(sampler_out.get("cpu_s") or {},
+                                                      harness_cpu_s, len(completed))},
         "lost_ids": [r["id"] for r in lost][:50],
         "duplicated_ids": duplicated[:50],
     }

@@ -228,6 +228,9 @@ def markdown(report: dict, charts: list[str]) -> str:
                                   (res.get("peak_rss_mb") or {}).items())
                       + f", workers (sum) {_fmt(res.get('workers_peak_rss_mb'))}, suite "
                         f"{_fmt(res.get('suite_peak_rss_mb'))}.", ""]
+            if res.get("cpu_ms_per_task"):
+                lines += ["CPU ms per task: " + ", ".join(
+                    f"{k} {_fmt(v)}" for k, v in res["cpu_ms_per_task"].items()) + ".", ""]
             board_cpu = (res.get("cpu_s") or {}).get("dashboard")
             if board_cpu is not None and s.get("wall_s"):
                 lines += [f"Dashboard CPU: {_fmt(board_cpu)} s over the run "

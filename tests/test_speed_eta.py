@@ -7,8 +7,6 @@ import pytest
 from cortex.services.scheduler.eta import start_after
 from cortex.services.scheduler.feasibility import estimate_start
 
-pytestmark = pytest.mark.pure
-
 
 @pytest.mark.parametrize("seed", range(40))
 def test_start_after_matches_the_simulation(seed):

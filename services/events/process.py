@@ -23,7 +23,7 @@ import msgpack
 import zmq
 
 from cortex.protocol import wire
-from cortex.protocol.peer import make_socket, recv_frames
+from cortex.protocol.peer import make_socket, recv_frames, send_frames
 from cortex.services.events.metrics import BOUNDS, STAGES, Metrics
 from cortex.services.runtime.durable import write_atomic
 from cortex.services.runtime.effects import Effects
@@ -259,18 +259,18 @@ class EventRouter(BusService):
                 flows["acks"] += len(streams)
             for source, epoch in streams:
                 try:
-                    self.fan_in.send_multipart([sender, *wire.frames(wire.ACK, b"events", b"", {
+                    send_frames(self.fan_in, [sender, *wire.frames(wire.ACK, b"events", b"", {
                         "source": source, "epoch": epoch,
-                        "upto": self.tracker.position(source, epoch)})], flags=zmq.NOBLOCK)
+                        "upto": self.tracker.position(source, epoch)})])
                 except zmq.Again:
                     pass  # the publisher re-sends; its duplicates are acknowledged then
         self.to_ack.clear()
 
     def publish(self, events: list[dict]) -> None:
+        live = self.live
         for event in events:
-            try:
-                self.live.send_multipart([str(event.get("type", "")).encode(),
-                                          msgpack.packb(event)], flags=zmq.NOBLOCK)
+            try:  # send_frames: pyzmq's send_multipart costs more than the packing
+                send_frames(live, [str(event.get("type", "")).encode(), msgpack.packb(event)])
             except (zmq.Again, TypeError, ValueError):
                 pass  # live views may miss events; the log does not
 
