@@ -25,10 +25,15 @@ class Peer:
     joined: float
     last_seen: float
     in_flight: dict[bytes, float] = field(default_factory=dict)  # corr -> when sent
+    # Stamped on every message it sends: encoded once, not per message.
+    name_bytes: bytes = b""
+    role_bytes: bytes = b""
+    label: str = ""  # in the broker's counters: a service by name, others by role
 
-    @property
-    def name_bytes(self) -> bytes:
-        return self.name.encode()
+    def __post_init__(self):
+        self.name_bytes = self.name.encode()
+        self.role_bytes = self.role.encode()
+        self.label = self.name if self.role == "service" else self.role
 
 
 @dataclass

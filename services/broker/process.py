@@ -90,7 +90,7 @@ class Broker:
                 if msg.type == wire.REQUEST:
                     self.reply_error(rid, msg.corr, "unavailable", "say HELLO first")
             return
-        source = peer.name if peer.role == "service" else peer.role
+        source = peer.label
         if msg.type == wire.HEARTBEAT:
             self.flows[source, "broker", wire.HEARTBEAT] += 1
             return
@@ -123,11 +123,10 @@ class Broker:
             return
         if msg.type in (wire.REPLY, wire.ERROR):
             self.table.reply_delivered(dest, msg.corr)
-        if self.send(dest.rid, [wire.TAG, msg.type, peer.name_bytes, peer.role.encode(),
+        if self.send(dest.rid, [wire.TAG, msg.type, peer.name_bytes, peer.role_bytes,
                                 msg.corr, msg.body]):
             self.stats["routed"] += 1
-            self.flows[source, dest.name if dest.role == "service" else dest.role,
-                       msg.type] += 1
+            self.flows[source, dest.label, msg.type] += 1
         elif msg.type in (wire.REQUEST, wire.NOTIFY):
             self.reply_error(rid, msg.corr, "unavailable",
                              f"{dest.name} is not taking messages")
@@ -147,7 +146,7 @@ class Broker:
                 self.send(dest.rid, wire.frames(
                     wire.ERROR, sender.name_bytes, corr, wire.error_body(
                         "too_large", f"the reply from {sender.name} was {error.message}"),
-                    role=sender.role.encode()))
+                    role=sender.role_bytes))
                 return
         self.reply_error(rid, corr, error.code, error.message)
 
@@ -200,8 +199,7 @@ class Broker:
         beat = wire.frames(wire.HEARTBEAT, wire.BROKER, role=b"broker")
         for peer in self.table.heartbeat_targets():
             self.send(peer.rid, beat)
-            self.flows["broker", peer.name if peer.role == "service" else peer.role,
-                       wire.HEARTBEAT] += 1
+            self.flows["broker", peer.label, wire.HEARTBEAT] += 1
         for peer in self.table.expire(now):
             self.stats["lost_peers"] += 1
             self.log.warning("peer %s (%s) lost: silent for %.1f s", peer.name, peer.role,
