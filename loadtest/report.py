@@ -1,4 +1,4 @@
-"""The report: medians over runs, targets from DESIGN.md, report.json and report.md."""
+"""The report: medians over runs, targets from docs/targets.md, report.json and report.md."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import psutil
 
 SCHEMA = "cortex.loadtest/1"
 
-# (scenario, key path, op, threshold, unit, what, peers from DESIGN.md)
+# (scenario, key path, op, threshold, unit, what, peers from docs/targets.md)
 TARGETS = [
     ("latency", "latency_ms.coordination.p50", "<=", 0.6, "ms",
      "submit -> handler start P50, one agent, durable",
@@ -264,7 +264,7 @@ def markdown(report: dict, charts: list[str]) -> str:
             lines.append("")
         rows = by_scen.get(name, [])
         if rows:
-            lines += ["| target | metric | value | target | met | peers (DESIGN.md) |",
+            lines += ["| target | metric | value | target | met | peers (docs/targets.md) |",
                       "|---|---|---|---|---|---|"]
             for t in rows:
                 mark = "met" if t["met"] else ("not met" if t["met"] is False else "n/a")
