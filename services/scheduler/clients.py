@@ -17,7 +17,7 @@ from cortex.services.scheduler.waiting import ANNOUNCED, Reason
 
 class ClientRequests:
     """Mixed into SchedulerState; uses its parts (table, admission, estimates, queue,
-    waiting, waiters, registry, holds) and its moves (_end, _enqueue, _kill, _settle)."""
+    waiting, waiters, registry, holds, limits) and its moves (_end, _enqueue, _kill, _settle)."""
 
     def submit(self, fx: Effects, peer: bytes, corr: bytes, body: dict, now: Now) -> None:
         key = wire.field_str(body, "idempotency_key", max_len=128)
@@ -31,6 +31,10 @@ class ClientRequests:
             fx.error(peer, corr, *refusal)  # the same answer, never a late accept
             return
         req = self.admission.parse(body, peer)
+        refusal = self.limits.refusal(req)
+        if refusal is not None:
+            self.admission.refuse(fx, peer, corr, req, *refusal)
+            return
         predicted = None
         if self.predictor is not None:
             predicted = self.predictor.predict(req.type, req.priority, req.description,
@@ -102,6 +106,9 @@ class ClientRequests:
         if task.waiting == Reason.TOKENS:
             task.eta = (task.waiting_detail or {}).get("resets_at")
             return
+        if task.waiting == Reason.RATE_LIMIT:  # when its provider's window lets it in
+            task.eta = (task.waiting_detail or {}).get("eta")
+            return
         task.eta = now.wall + self.estimates.wait_before_start(
             task.type, task.priority, now.mono, ahead=self.queue.ahead_of(task))
 
@@ -117,6 +124,7 @@ class ClientRequests:
                 "waiting": {r.value: waiting[r] for r in sorted(ANNOUNCED) if waiting[r]},
                 "backoff": waiting[Reason.BACKOFF.value],
                 "memory_pressure": self.holds.memory_pressure,
+                "providers": self.limits.status(now.wall),
                 "counters": dict(self.counters)}
 
     def worker_rows(self, now: Now) -> list[dict]:

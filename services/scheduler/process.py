@@ -37,7 +37,8 @@ class Scheduler(BusService):
         self.predictor = Predictor.load(self.rt.home / "models")
         self.trainer = Trainer(self.rt.home, self.predictor)
         self.state = SchedulerState(self.settings.scheduler, predictor=self.predictor,
-                                    monitor=ResourceMonitor(self.machine_sampler()))
+                                    monitor=ResourceMonitor(self.machine_sampler()),
+                                    providers=self.settings.providers)
         self.open_journal()
         # Workers that were busy when we stopped tell us what they run (worker.sync).
         self.link.send(wire.REQUEST, wire.BROKER, SYNC_CORR, {"op": "broker.peers"})
