@@ -56,8 +56,10 @@ def endpoints(home: Path) -> dict[str, str]:
         try:
             with cfg.open("rb") as f:
                 bus = tomllib.load(f).get("bus", {})
-        except (OSError, tomllib.TOMLDecodeError):
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
             bus = {}  # the services report a bad config loudly; clients keep the defaults
+        if not isinstance(bus, dict):
+            bus = {}
         for key in result:
             if isinstance(bus.get(key), str) and bus[key]:
                 result[key] = bus[key]

@@ -28,8 +28,10 @@ def publish(home, rate: float, seconds: float, sent: list[str]) -> None:
     """Emit `rate` events a second for `seconds` through the event router's own fan-in,
     as a service would, and keep re-sending until the router has acknowledged them."""
     ctx = zmq.Context()
+    # The fan-in takes only the suite's own publishers: the test runs as the suite's owner.
+    secret = locate.secret_path(home).read_text().strip()
     publisher = EventPublisher(ctx, locate.endpoints(home)["events_in"], "stress",
-                               time.time_ns())
+                               time.time_ns(), secret=secret)
     began = time.monotonic()
     emitted = 0
     try:

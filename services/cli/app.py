@@ -23,6 +23,7 @@ from cortex.protocol import errors, locate
 from cortex.services.control import SuiteError
 from cortex.services.runtime import settings as config
 from cortex.services.runtime.eventlog import EventLogError
+from cortex.services.runtime.process import private_umask
 
 # Importing a command module registers its commands.
 from . import dashboard, demo, events, fleet, lifecycle, logs, model, status, tasks  # noqa: F401
@@ -32,6 +33,7 @@ from .render import emit, escape
 
 def main(argv: list[str] | None = None) -> int:
     """Parse, run one command, and turn every expected failure into one line + exit code."""
+    private_umask()  # anything a command writes under the home is the owner's alone
     parser = build_parser((__doc__ or "").split("\n\n")[0])
     try:
         args = parser.parse_args(argv)

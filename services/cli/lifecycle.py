@@ -9,7 +9,7 @@ import time
 from cortex.protocol import locate
 from cortex.services.control import SERVICES, Suite, SuiteError, become_subreaper
 from cortex.services.runtime import settings as config
-from cortex.services.runtime.process import prepare_home
+from cortex.services.runtime.process import make_private, prepare_home
 
 from .argtypes import seconds
 from .reach import home_of, load_settings
@@ -35,6 +35,7 @@ def cmd_init(args):
     tmp = path.with_suffix(".toml.tmp")
     tmp.write_text(config.DEFAULT_CONFIG)
     os.replace(tmp, path)
+    make_private(home)  # a home made before, or by hand: the owner's alone from now on
     emit(f"wrote {path}\nnext: cortex up")
     return Exit.OK
 

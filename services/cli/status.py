@@ -92,7 +92,10 @@ def problems(report: dict) -> list[str]:
         elif not service["alive"]:
             found.append(f"{name} is not answering on the bus")
     for name, helper in (report.get("helpers") or {}).items():
-        switched_off = helper["state"] == NEVER_STARTED and not helper.get("started")
+        # Never started, or exited cleanly at once (the dashboard does when its settings
+        # switch it off): off by choice, not down.
+        switched_off = (helper["state"] == NEVER_STARTED and not helper.get("started")) or \
+            (helper["state"] == "EXITED" and helper.get("exit_code") == 0)
         if helper["state"] != "RUNNING" and not switched_off:
             found.append(f"{name} is {helper['state']}")
     return found
@@ -110,7 +113,7 @@ def status_report(home: Path, suite: Suite, processes: list[dict],
         (services if name in SERVICES else helpers)[name] = {
             "state": info.get("statename"), "pid": info.get("pid") or None,
             "uptime": (info["now"] - info["start"]) if running and info.get("start") else None,
-            "started": bool(info.get("start")),
+            "started": bool(info.get("start")), "exit_code": info.get("exitstatus"),
             "alive": body is not None, "description": info.get("description"),
         }
     sched = answers.get("scheduler") or {}

@@ -21,7 +21,12 @@ import psutil
 
 from cortex.protocol import errors
 from cortex.protocol.client import Client
-from cortex.services.runtime.process import new_suite_secret, prepare_home
+from cortex.services.runtime.process import (
+    PRIVATE_UMASK,
+    make_private,
+    new_suite_secret,
+    prepare_home,
+)
 from cortex.services.runtime.settings import ConfigError
 from cortex.services.runtime.settings import load as load_settings
 
@@ -31,6 +36,48 @@ PR_SET_CHILD_SUBREAPER = 36
 
 class SuiteError(Exception):
     code = "suite_error"
+
+
+# Run in a child interpreter by `check_handlers`: imports each "module:function" handler
+# (a JSON map of task type -> spec on stdin) and prints what failed, as JSON.
+_IMPORT_HANDLERS = """
+import importlib, json, shutil, sys
+failed = {}
+for task_type, spec in json.load(sys.stdin).items():
+    try:
+        if isinstance(spec, dict):
+            if shutil.which(spec["command"][0]) is None:
+                raise FileNotFoundError(f"no program {spec['command'][0]!r}")
+            continue
+        module, _, attr = spec.partition(":")
+        if not callable(getattr(importlib.import_module(module), attr)):
+            raise TypeError(f"{spec} is not callable")
+    except BaseException as e:
+        failed[task_type] = f"{type(e).__name__}: {e}"
+print(json.dumps(failed))
+"""
+
+
+def check_handlers(handlers: dict, python: str, cwd: Path, timeout: float = 60.0) -> None:
+    """Import every configured handler in a child process (what a worker does at its
+    start), so `cortex up` fails with the import error instead of reporting success
+    while a group's workers crash-loop. ConfigError names the first that failed."""
+    import json
+
+    try:
+        done = subprocess.run([python, "-c", _IMPORT_HANDLERS], input=json.dumps(handlers),
+                              capture_output=True, text=True, timeout=timeout, cwd=cwd)
+        failed = json.loads(done.stdout.strip().splitlines()[-1])
+    except (OSError, subprocess.TimeoutExpired, ValueError, IndexError) as e:
+        raise ConfigError(f"[handlers]: could not check the handlers with {python}: {e}"
+                          ) from None
+    if failed:
+        task_type, why = sorted(failed.items())[0]
+        spec = handlers[task_type]
+        shown = spec if isinstance(spec, str) else " ".join(spec["command"])
+        more = f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""
+        raise ConfigError(f"[handlers] {task_type} = {shown!r} cannot be loaded: "
+                          f"{why.splitlines()[0][:300] if why else why}{more}")
 
 
 def config_path() -> Path:
@@ -112,15 +159,20 @@ class Suite:
         prepare_home(self.home)
         if self.supervisord_pid():
             raise SuiteError(f"the suite is already running for {self.home}")
+        # A bad configuration or an unloadable handler would only crash-loop: refuse now.
+        check_handlers(load_settings(self.home).handlers, self.python, self.home)
+        make_private(self.home)  # what was made before (or by hand) is the owner's alone
         for stale in ("supervisor.sock", "supervisord.pid", "dashboard.url"):
             (self.home / "run" / stale).unlink(missing_ok=True)
         new_suite_secret(self.home)  # this start's proof for the suite's own processes
         cmd = [self.python, "-m", "supervisor.supervisord", "-c", str(self.conf)]
         if attached:
             self.proc = subprocess.Popen([*cmd, "-n"], env=self.env, start_new_session=True,
-                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                         umask=PRIVATE_UMASK)
         else:
-            done = subprocess.run(cmd, env=self.env, capture_output=True, text=True)
+            done = subprocess.run(cmd, env=self.env, capture_output=True, text=True,
+                                  umask=PRIVATE_UMASK)
             if done.returncode != 0:
                 raise SuiteError(f"supervisord did not start: {done.stderr.strip()[-500:]}")
         self.wait_ready(timeout)

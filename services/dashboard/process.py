@@ -525,7 +525,8 @@ def main(argv=None) -> None:
     try:
         settings = load_settings(home)
     except ConfigError as e:
-        raise SystemExit(f"dashboard: {e}") from None
+        print(f"dashboard: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(ConfigError.exit_code) from None
     if not settings.dashboard.enabled:
         log.info("switched off in %s ([dashboard] enabled = false)", home / "cortex.toml")
         return

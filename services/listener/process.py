@@ -37,7 +37,7 @@ from cortex.protocol.publisher import EventPublisher
 from cortex.services.runtime.durable import remove_temp_files
 from cortex.services.runtime.entry import serve
 from cortex.services.runtime.journal import read_snapshot, write_snapshot
-from cortex.services.runtime.process import suite_secret
+from cortex.services.runtime.process import start_process, suite_secret
 
 log = logging.getLogger("cortex.supervisor-events")
 
@@ -301,7 +301,7 @@ class ListenerProcess:
             level=os.environ.get("CORTEX_LOG_LEVEL", "INFO"), stream=sys.stderr,
             format="%(asctime)s supervisor-events[%(process)d] %(levelname)s %(message)s")
         self.home = locate.find_home(home)
-        (self.home / "state").mkdir(parents=True, exist_ok=True)
+        start_process(self.home)  # a private umask; a bad configuration: exit 8
         self.ctx = zmq.Context()
         publisher = EventPublisher(self.ctx, locate.endpoints(self.home)["events_in"],
                                    "supervisor", time.time_ns(), secret=suite_secret(self.home))

@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import socket
+import stat
 import sys
 import time
 from pathlib import Path
@@ -52,12 +53,57 @@ def new_suite_secret(home: Path) -> None:
     suite_secret(home)
 
 
+PRIVATE_UMASK = 0o077  # what the suite makes is its owner's alone: 0700 dirs, 0600 files
+
+
+def private_umask() -> None:
+    """Every process of the suite (services, workers, the CLI, supervisord) makes files
+    for its owner alone, whatever umask it was started with: tasks' payloads, results
+    and the configuration are nobody else's to read."""
+    os.umask(PRIVATE_UMASK)
+
+
 def prepare_home(home: Path) -> None:
-    """Create the home's directories; run/ is 0700 because its sockets accept anyone."""
-    home.mkdir(parents=True, exist_ok=True)
+    """Create the home and its directories, the owner's alone (run/'s sockets accept
+    anyone who can reach them: the directory is the lock)."""
+    private_umask()
+    home.mkdir(mode=0o700, parents=True, exist_ok=True)
     for sub in SUBDIRS:
-        (home / sub).mkdir(exist_ok=True)
-    os.chmod(home / "run", 0o700)
+        (home / sub).mkdir(mode=0o700, exist_ok=True)
+    for path in (home, *(home / sub for sub in SUBDIRS)):
+        _owner_only(path)
+
+
+def make_private(home: Path) -> int:
+    """Take group and other permissions off everything under the home (made before the
+    suite set its umask, or by hand): `cortex init` and `cortex up` call it. Symlinks are
+    left alone (their targets are not ours to change). Returns how many were changed."""
+    changed = 0
+    for root, dirs, files in os.walk(home):
+        for name in [*dirs, *files]:
+            changed += _owner_only(Path(root) / name)
+    return changed + _owner_only(home)
+
+
+def _owner_only(path: Path) -> int:
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return 0
+    if stat.S_ISLNK(info.st_mode) or not info.st_mode & 0o077:
+        return 0
+    try:
+        os.chmod(path, stat.S_IMODE(info.st_mode) & 0o700)
+    except (FileNotFoundError, PermissionError):
+        return 0  # gone meanwhile, or another owner's: nothing of ours
+    return 1
+
+
+def start_process(home: Path) -> config.Settings:
+    """What a process of the suite does first: a private umask, the home's directories,
+    then its settings (a ConfigError ends it with exit 8, see `entry.serve`)."""
+    prepare_home(home)
+    return config.load(home)
 
 
 class ServiceRuntime:
@@ -66,12 +112,11 @@ class ServiceRuntime:
     def __init__(self, name: str, home=None):
         self.name = name
         self.home = locate.find_home(home)
-        prepare_home(self.home)
         logging.basicConfig(
             level=os.environ.get("CORTEX_LOG_LEVEL", "INFO"), stream=sys.stderr,
             format=f"%(asctime)s {name}[%(process)d] %(levelname)s %(message)s")
         self.log = logging.getLogger(f"cortex.{name}")
-        self.settings = config.load(self.home)
+        self.settings = start_process(self.home)
         self.endpoints = locate.endpoints(self.home)
         # One live process per service: a second binder of an ipc path silently steals it.
         self._lock = open(self.home / "run" / f"{name}.lock", "a+")  # noqa: SIM115

@@ -50,7 +50,11 @@ max_wait = 1800.0            # seconds; admission rejects when the estimated sta
 default_timeout = 300.0      # seconds a task may run
 default_retries = 2          # re-runs after a lost worker or a timeout
 task_heartbeat = 5.0         # seconds between a running task's heartbeats
-retention = 10000            # finished tasks kept in memory for status queries
+retention = 10000            # finished tasks remembered (state, idempotency key) for queries
+keep_results = 600.0         # seconds a finished task keeps its payload and result in memory
+keep_results_mb = 64.0       # MiB of finished tasks' payloads and results kept at most; past
+                             # either, the oldest are trimmed (still in the event log:
+                             # `task.status` says `trimmed`, the client fetches the result)
 aging = 30.0                 # seconds of waiting that lift a task one priority level
 memory_threshold = 80.0      # % of memory used above which non-critical work waits
 retrain_every = 500          # completions between background retrains of the predictor (0: never)
@@ -147,6 +151,8 @@ class SchedulerSettings:
     default_retries: int = 2
     task_heartbeat: float = 5.0
     retention: int = 10000
+    keep_results: float = 600.0
+    keep_results_mb: float = 64.0
     aging: float = 30.0
     memory_threshold: float = 80.0
     retrain_every: int = 500
@@ -254,6 +260,45 @@ def _number(value, where: str, lo: float = 0.0, integer: bool = False):
     return value
 
 
+DAY = 86400.0
+# The range of every number a section holds ("section.key": (lowest, highest)): past it a
+# setting is refused at start, not discovered by a service that crash-loops on it. A
+# number without a row must be finite and >= 0.
+RANGES: dict[str, tuple[float, float]] = {
+    "suite.heartbeat_interval": (0.01, 60.0),
+    "suite.snapshot_interval": (0.1, DAY),
+    "bus.max_connections": (0, 1_000_000),
+    "scheduler.max_queue_per_type": (0, 10_000_000),
+    "scheduler.max_wait": (0.0, 365 * DAY),
+    "scheduler.default_timeout": (0.001, 7 * DAY),
+    "scheduler.default_retries": (0, 100),
+    "scheduler.task_heartbeat": (0.05, 3600.0),
+    "scheduler.retention": (0, 10_000_000),
+    "scheduler.keep_results": (0.0, 365 * DAY),
+    "scheduler.keep_results_mb": (0.0, 1 << 20),
+    "scheduler.aging": (0.0, 365 * DAY),
+    "scheduler.memory_threshold": (0.0, 100.0),
+    "scheduler.retrain_every": (0, 100_000_000),
+    "scheduler.scale_backlog": (0.0, DAY),
+    "scheduler.worker_start": (0.0, 3600.0),
+    "ledger.budget": (0, (1 << 63) - 1),
+    "events.max_file_bytes": (4096, 1 << 40),
+    "events.metrics_port": (-1, 65535),
+    "routing.min_confidence": (0.0, 1.0),
+    "routing.retrain_every": (0, 100_000_000),
+    "dashboard.port": (0, 65535),
+    "dashboard.refresh": (0.1, 60.0),
+}
+
+
+def _in_range(value, where: str, key: str):
+    lo, hi = RANGES.get(key, (0, math.inf))
+    _number(value, where, lo=lo)
+    if value > hi:
+        raise ConfigError(f"{where}: must be at most {hi:g}, got {value!r}")
+    return value
+
+
 def _section(cls, raw: dict, name: str):
     raw = _table(raw, name)
     known = {f.name: f for f in fields(cls)}
@@ -272,8 +317,8 @@ def _section(cls, raw: dict, name: str):
             raise ConfigError(f"[{name}] {key}: expected {type(default).__name__}, "
                               f"got {value!r}")
         if isinstance(value, int | float):
-            # NaN and infinities pass naive range checks; -1 switches a port off.
-            _number(value, f"[{name}] {key}", lo=-1 if key.endswith("_port") else 0)
+            # NaN and infinities pass naive range checks; each number has its range.
+            _in_range(value, f"[{name}] {key}", f"{name}.{key}")
         values[key] = value
     return cls(**values)
 
@@ -350,10 +395,14 @@ def load(home: Path) -> Settings:
     raw: dict = {}
     if path.exists():
         try:
-            with path.open("rb") as f:
-                raw = tomllib.load(f)
+            raw = tomllib.loads(path.read_bytes().decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}: "
+                              f"{e.object[e.start:e.start + 1]!r})") from None
         except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{path}: {e}") from e
+            raise ConfigError(f"{path}: {e}") from None
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read it: {e.strerror}") from None
     allowed = {"suite", "bus", "scheduler", "ledger", "pool", "handlers", "events", "routing",
                "providers", "dashboard"}
     if set(raw) - allowed:
@@ -404,15 +453,22 @@ def load(home: Path) -> Settings:
         if set(spec) - {"count", "types", "max_tasks", "max_rss_mb", "max", "idle_exit"}:
             raise ConfigError(f"[pool.groups.{gname}]: unknown key(s)")
         count = spec.get("count", 20)
-        types = tuple(spec.get("types", ("echo", "sleep", "simulated_agent", "fail")))
+        types = spec.get("types", ["echo", "sleep", "simulated_agent", "fail"])
         if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= 1000:
             raise ConfigError(f"[pool.groups.{gname}] count: must be an integer 0..1000")
+        if not isinstance(types, list) or not types or not all(
+                isinstance(t, str) and 0 < len(t) <= 64 for t in types):
+            raise ConfigError(f"[pool.groups.{gname}] types: must be a non-empty list of "
+                              f"task types (strings), got {types!r}"[:300])
+        types = tuple(types)
         missing = [t for t in types if t not in handlers]
         if missing:
             raise ConfigError(f"[pool.groups.{gname}] types: no handler for {missing}")
         ceiling = spec.get("max", count + 4)
-        if isinstance(ceiling, bool) or not isinstance(ceiling, int) or ceiling < count:
-            raise ConfigError(f"[pool.groups.{gname}] max: must be an integer >= count")
+        if isinstance(ceiling, bool) or not isinstance(ceiling, int) or \
+                not count <= ceiling <= 10_000:
+            raise ConfigError(f"[pool.groups.{gname}] max: must be an integer from count "
+                              f"to 10000, got {ceiling!r}"[:300])
         where = f"[pool.groups.{gname}]"
         groups.append(WorkerGroup(
             gname, count, types,
