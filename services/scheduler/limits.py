@@ -50,6 +50,7 @@ class ProviderLimits:
         self.waiting = waiting
         self.taken: dict[str, tuple[str, str]] = {}  # task id -> (provider, key)
         self.held: dict[str, dict[str, str]] = {}  # provider -> {task id: limit holding it}
+        self.counted_at: dict[str, float] = {}  # task id -> when its request was counted
 
     # -- which provider ----------------------------------------------------------------------
     def provider_of(self, task) -> str | None:
@@ -110,6 +111,7 @@ class ProviderLimits:
             return
         key = f"{task.id}/{task.attempt}"
         self.taken[task.id] = (provider, key)
+        self.counted_at[task.id] = now
         self.held.get(provider, {}).pop(task.id, None)
         fx.records.append({"k": "rate", **self.limits.take(provider, key, task.tokens, now)})
 
@@ -118,6 +120,7 @@ class ProviderLimits:
         """The attempt is over (`sent`: it reached a worker; `used`: its tokens, None:
         unknown, keep the whole reservation counted) or never started (not `sent`)."""
         held = self.taken.pop(task.id, None)
+        self.counted_at.pop(task.id, None)
         if held is None:
             return
         provider, key = held
@@ -129,6 +132,14 @@ class ProviderLimits:
         for task_id in woken:
             del waiting[task_id]
         self.waiting.retry_now(woken, now.mono)
+
+    def counted(self, task: Task) -> dict:
+        """For its task.dispatched event: the provider it calls and when its request was
+        counted against the window (the moment the limit is judged by)."""
+        if task.id not in self.taken:
+            return {}
+        return {"provider": {"name": self.taken[task.id][0],
+                             "counted_at": self.counted_at.get(task.id)}}
 
     def forget(self, task: Task) -> None:
         """The task ended while held: it waits for no provider any more."""

@@ -231,7 +231,7 @@ class SchedulerState(ClientRequests, Reports):
             "agent": task.agent, "deadline": task.deadline,
             "waited": now.mono - marks.created, "reserved": task.reserved,
             "still_queued": {t: counts[t] for t in worker.types if any(counts.get(t, ()))},
-            "predicted": task.predicted}, task.id, worker.name)
+            "predicted": task.predicted, **self.limits.counted(task)}, task.id, worker.name)
         return share
 
     def scale(self, fx: Effects, now: Now) -> None:
