@@ -59,7 +59,7 @@ COUNTERS = ("submitted", "completed", "failed", "cancelled", "dead", "retried", 
 class SchedulerState(ClientRequests, Reports):
     def __init__(self, settings: SchedulerSettings, *, monitor: ResourceMonitor,
                  predictor=None, rng: random.Random | None = None,
-                 providers: dict | None = None):
+                 providers: dict | None = None, routing=None):
         self.settings = settings
         self.rng = rng or random.Random()
         self.counters = dict.fromkeys(COUNTERS, 0)
@@ -71,6 +71,7 @@ class SchedulerState(ClientRequests, Reports):
         self.waiting = WaitingRoom(self.rng)
         self.holds = MachineHolds(monitor, settings.memory_threshold)
         self.limits = ProviderLimits(providers, self.waiting)
+        self.routing = routing  # routing.Routing: type "auto" (None: refused as any type)
         self.estimates = Estimates(predictor, self.queue, self.registry, self.tasks,
                                    self.marks)
         self.admission = Admission(settings, self.counters)
