@@ -10,9 +10,9 @@ import threading
 
 import pytest
 
+from cortex.loadtest.openai_server import OpenAIServer
 from cortex.protocol import Client
 from tests.conftest import jsonl_events_of, wait_for
-from tests.openai_server import OpenAIServer
 
 WINDOW = 2.0
 PER_WINDOW = 8
