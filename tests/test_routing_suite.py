@@ -112,3 +112,33 @@ def test_auto_tasks_are_routed_by_a_router_trained_from_history(suites):
     assert sorted(labels) == sorted(TYPES) and len(matrix) == len(labels)
     assert sum(map(sum, matrix)) == held["rows"] > 0
     assert "held-out descriptions" in cli(home, "model", "status").stdout
+
+
+@pytest.mark.heavy  # waits out the minute between automatic trainings
+def test_the_router_is_retrained_from_history_and_learns_a_new_type(suites, tmp_path):
+    rows = labelled_descriptions(480, 5)
+    known = [r for r in rows if r["type"] != "write_docs"]
+    new = [r for r in rows if r["type"] == "write_docs"]
+    examples = tmp_path / "examples.jsonl"
+    examples.write_text("".join(json.dumps(r) + "\n" for r in known))
+    suite = suites.start(config().replace(
+        f"retrain_every = {HISTORY}", f'retrain_every = 30\nexamples = "{examples}"'))
+    home = suite.home
+    with Client(home) as client:
+        def routing():
+            return client.call("scheduler", "model.status")["routing"]
+
+        first = wait_for(lambda: routing().get("trained") and routing(), 240,
+                         "the router trained from the examples at the start")
+        assert "write_docs" not in first["types"] and first["sources"]["history"] == 0
+        for row in new[:40]:  # a type the examples never mentioned, submitted typed
+            client.submit(row["type"], row["description"])
+        learnt = wait_for(lambda: "write_docs" in (routing().get("types") or {})
+                          and routing(), 300, "a retrained router that knows write_docs")
+        assert set(learnt["types"]) == set(TYPES)
+        assert learnt["sources"]["history"] >= 30 and learnt["sources"]["examples"] > 0
+        assert learnt["trained_at"] > first["trained_at"]
+        task = client.wait(client.submit("auto", new[0]["description"])["id"], timeout=60)
+        assert task["type"] == "write_docs", task["routing"]
+    trained = [e for e in jsonl_events_of(home) if e["type"] == "router.trained"]
+    assert len(trained) >= 2
