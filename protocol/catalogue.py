@@ -295,7 +295,7 @@ OPERATIONS = [
     Operation("worker.list", "scheduler", wire.REQUEST, ANY, (),
               "workers (`state`: idle, claimed, busy, leaving)"),
     Operation("scheduler.status", "scheduler", wire.REQUEST, ANY, (),
-              "queues, states, waiting reasons, counters"),
+              "queues, states, waiting reasons, counters, `providers` (their windows)"),
     Operation("model.status", "scheduler", wire.REQUEST, ANY, (),
               ("models (trained on what, when, held-out accuracy), `training`, "
                "`last_failure`; `routing`: the router's held-out accuracy and confusion")),

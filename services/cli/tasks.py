@@ -34,7 +34,7 @@ PROGRESS_HOLD = 0.5  # seconds between progress lines while `task wait` shows on
 
 @command("task create",
          arg("--type", required=True, type=name, metavar="T",
-             help="task type (which workers run it)"),
+             help="task type (which workers run it); auto: chosen from the description"),
          arg("--description", "-d", required=True, metavar="D", help="what the task is"),
          arg("--priority", "-p", choices=PRIORITIES, default="medium",
              help="critical, high, medium (default) or low"),
