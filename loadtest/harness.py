@@ -52,9 +52,14 @@ def summarize(values) -> dict:
 
 
 # -- the suite under test -------------------------------------------------------------------
-def own_config(workers: int, fsync: str, extra_types=(), postgres_url: str = "") -> str:
-    types = ["echo", "sleep", "simulated_agent", "fail", *extra_types]
-    handlers = "".join(f'{t} = "{SYNTHETIC_HANDLER}"\n' for t in extra_types)
+def own_config(workers: int, fsync: str, extra_types=(), postgres_url: str = "",
+               more_handlers: dict | None = None, sections: str = "") -> str:
+    """`more_handlers`: type -> handler, served by the default group too; `sections`:
+    further TOML tables (their own pool groups, providers, routing)."""
+    more_handlers = more_handlers or {}
+    types = ["echo", "sleep", "simulated_agent", "fail", *extra_types, *more_handlers]
+    handlers = "".join(f'{t} = "{SYNTHETIC_HANDLER}"\n' for t in extra_types) + "".join(
+        f'{t} = "{h}"\n' for t, h in more_handlers.items())
     return (
         "# written by cortex.loadtest\n"
         f'[suite]\nfsync = "{fsync}"\n'
@@ -63,7 +68,8 @@ def own_config(workers: int, fsync: str, extra_types=(), postgres_url: str = "")
         f"[pool.groups.default]\ncount = {workers}\n"
         f"types = [{', '.join(repr(t).replace(chr(39), chr(34)) for t in types)}]\n"
         + (f"[handlers]\n{handlers}" if handlers else "")
-        + (f'[events]\npostgres_url = "{postgres_url}"\n' if postgres_url else ""))
+        + (f'[events]\npostgres_url = "{postgres_url}"\n' if postgres_url else "")
+        + sections)
 
 
 class Target:
@@ -71,15 +77,19 @@ class Target:
     end, checked for leftovers) or an existing one (`home`), which is left running."""
 
     def __init__(self, home: str | None = None, workers: int = 20, fsync: str = "group",
-                 extra_types=(), keep_home: bool = False, postgres_url: str = ""):
+                 extra_types=(), keep_home: bool = False, postgres_url: str = "",
+                 configure=None):
+        """`configure(home)`: (handlers, sections) for own_config, written into a home of
+        our own (the mixed scenario's shares)."""
         self.owned = home is None
         self.workers = workers
         self.keep_home = keep_home
         if self.owned:
             become_subreaper()
             self.home = Path(tempfile.mkdtemp(prefix="cxlt", dir="/tmp"))
+            more, sections = configure(self.home) if configure else ({}, "")
             (self.home / "cortex.toml").write_text(own_config(workers, fsync, extra_types,
-                                                              postgres_url))
+                                                              postgres_url, more, sections))
         else:
             self.home = Path(home).absolute()
         self.suite = Suite(self.home)

@@ -40,6 +40,10 @@ TARGETS = [
      "model-predicted durations within ±25 % (measurement phase)", ""),
     ("mixed", "prediction.tokens_within_25pct", ">=", 0.80, "",
      "model-predicted tokens within ±25 % (measurement phase)", ""),
+    ("mixed", "routing.accuracy", ">=", 0.945, "",
+     "auto tasks run as the type they were written for", "the replaced router 0.945"),
+    ("mixed", "llm.max_in_any_window", "<=", 5, "requests",
+     "llm requests let through in any 2 s window (provider limit 5)", ""),
     ("events", "events.per_s", ">=", 10000.0, "events/s",
      "events sustained into JSONL (and PostgreSQL when configured), acknowledged", ""),
     ("*", "tasks.lost", "==", 0, "", "tasks lost", ""),
@@ -248,7 +252,8 @@ def markdown(report: dict, charts: list[str]) -> str:
                 f"; {reason} {row['tasks']} ({row['events']} waiting events)"
                 for reason, row in (waiting.get("by_reason") or {}).items()) + ".", ""]
             for key in ("priority", "rate", "chaos", "phases", "model_training",
-                        "prediction", "prediction_training_phase", "noop_phase"):
+                        "prediction", "prediction_training_phase", "noop_phase", "llm",
+                        "routing"):
                 if s.get(key):
                     lines += [f"{key}: `{json.dumps(s[key])}`", ""]
         else:

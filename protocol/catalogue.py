@@ -271,8 +271,10 @@ OPERATIONS = [
         F("deadline", Num(0, 1e11)), F("payload", Json()), F("agent", AGENT),
         F("wait", Num(0, 60), default=0.0)),
         ("the task; same key again: the same task (different content: `conflict`). With "
-         "`wait`: the task when it ends or `wait` is up, as `task.wait`. Errors: "
-         "`queue_full`, `rejected` (with the estimated start)")),
+         "`wait`: the task when it ends or `wait` is up, as `task.wait`. Type `auto`: the "
+         "scheduler chooses it from the description (`routing` in the task). Errors: "
+         "`queue_full`, `rejected` (with the estimated start; for `auto`, with the "
+         "candidate types)")),
     Operation("task.status", "scheduler", wire.REQUEST, ANY, (F("id", TASK_ID, True),),
               ("the task: `state`, `waiting` and `waiting_detail`, `eta`, `progress`, "
                "`message`")),
@@ -293,9 +295,14 @@ OPERATIONS = [
     Operation("worker.list", "scheduler", wire.REQUEST, ANY, (),
               "workers (`state`: idle, claimed, busy, leaving)"),
     Operation("scheduler.status", "scheduler", wire.REQUEST, ANY, (),
-              "queues, states, waiting reasons, counters"),
+              "queues, states, waiting reasons, counters, `providers` (their windows)"),
     Operation("model.status", "scheduler", wire.REQUEST, ANY, (),
-              "models (trained on what, when, held-out accuracy), `training`, `last_failure`"),
+              ("models (trained on what, when, held-out accuracy), `training`, "
+               "`last_failure`; `routing`: the router's held-out accuracy and confusion")),
+    Operation("route.explain", "scheduler", wire.REQUEST, ANY, (
+        F("description", Str(MAX_TEXT), True), F("words", Int(1, 20), default=5)),
+        ("how a description would be routed: `type`, `confidence`, `runner_up`, `top`, "
+         "and per top type the `words` that weighed most (error `unavailable`: no router)")),
     Operation("model.train", "scheduler", wire.REQUEST, CLIENTS, (),
               "retrain now, in a child (`{started, reason}`: why it did not start)"),
     # -- scheduler: workers ----------------------------------------------------------------

@@ -133,6 +133,7 @@ def status_report(home: Path, suite: Suite, processes: list[dict],
         "waiting": sched.get("waiting"),
         "memory_pressure": sched.get("memory_pressure"),
         "backoff": sched.get("backoff"),
+        "providers": sched.get("providers"),  # each model provider's window (limits.py)
         "counters": sched.get("counters"),
         "budget": next((b for b in budgets if b.get("scope") == "global"), None),
         "budgets": budgets if answers.get("ledger") is not None else None,
