@@ -95,6 +95,7 @@ class Task:
     size: int = 0  # bytes of the submit request (the predictor's payload-size feature)
     predicted: dict | None = None  # duration, tokens, memory_mb, cpu, source
     actual: dict | None = None  # the same, measured, once it ran
+    digest: str = ""  # of the submit's content (its key with other content: `conflict`)
 
     @property
     def final(self) -> bool:
