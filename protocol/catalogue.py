@@ -367,8 +367,10 @@ OPERATIONS = [
               "a task's reservation"),
     # -- event router ----------------------------------------------------------------------
     Operation("events.recent", "events", wire.REQUEST, ANY, (
-        F("n", Int(1, 10_000), default=100), F("type", Str(200))),
-        "the last events from the ring buffer"),
+        F("n", Int(1, 10_000), default=100), F("type", Str(200)), F("before", Int())),
+        ("`{events, more, before}`: the last events from the ring buffer (before position "
+         "`before`), oldest first, as many as fit one message; `more`: older ones remain, "
+         "asked with `before`")),
     Operation("events.status", "events", wire.REQUEST, ANY, (), "counters, PostgreSQL"),
     Operation("events.metrics", "events", wire.REQUEST, ANY, (
         F("buckets", Bool(), default=False),), "latency summaries (`buckets`: histograms)"),

@@ -14,6 +14,7 @@ acknowledged and publishers keep their events until writing works again.
 from __future__ import annotations
 
 import collections
+import fnmatch
 import hmac
 import os
 import time
@@ -31,7 +32,6 @@ from cortex.services.runtime.entry import serve
 from cortex.services.runtime.eventlog import (
     EventLogError,
     EventLogWriter,
-    RingBuffer,
     read_events,
 )
 from cortex.services.runtime.loop import BusService, serves
@@ -59,6 +59,56 @@ def fit(reply: dict) -> dict:
             return reply | {"events": kept, "truncated": True}
         kept.append(event)
     return reply
+
+
+def lean(event: dict) -> dict:
+    """The event as the ring keeps it: a task's result (up to half a MiB) stays in the log
+    alone, so 10,000 events stay a few MiB."""
+    data = event.get("data")
+    if isinstance(data, dict) and data.get("result") is not None:
+        return event | {"data": data | {"result": None, "result_in_log": True}}
+    return event
+
+
+class PagedRing:
+    """The last `capacity` events, each at a position that only grows, so `events.recent`
+    pages back through them (`before`: a position) with replies that fit one message."""
+
+    def __init__(self, capacity: int = 10_000) -> None:
+        self._items: collections.deque[tuple[int, dict]] = collections.deque(maxlen=capacity)
+        self.appended = 0  # the next position
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def extend(self, events: list[dict]) -> None:
+        for event in events:
+            self._items.append((self.appended, lean(event)))
+            self.appended += 1
+
+    def page(self, n: int, type_pattern: str | None = None, before: int | None = None,
+             room: int = wire.MAX_MESSAGE_BYTES - 64 * 1024) -> dict:
+        """Up to `n` of the newest events before position `before` (matching the glob),
+        oldest first, in at most `room` bytes; `more` says whether older ones remain and
+        `before` is where the next page starts."""
+        chosen: list[dict] = []
+        oldest = before if before is not None else self.appended
+        more = False
+        for position, event in reversed(self._items):
+            if before is not None and position >= before:
+                continue
+            kind = event.get("type")
+            if type_pattern is not None and not (
+                    isinstance(kind, str) and fnmatch.fnmatchcase(kind, type_pattern)):
+                continue
+            room -= len(msgpack.packb(event, default=str))
+            if len(chosen) >= n or room < 0:
+                more = True
+                break
+            chosen.append(event)
+            oldest = position
+        chosen.reverse()
+        return {"events": chosen, "more": more, "before": oldest}
 
 
 def query_history(directory, postgres_url: str, filters: dict, limit: int, newest: bool,
@@ -109,7 +159,7 @@ class EventRouter(BusService):
         # The writer's tracker is the one record of what is written: it de-duplicates
         # re-sends and tells how far each stream may be acknowledged.
         self.tracker = self.writer.tracker
-        self.ring = RingBuffer(10_000)
+        self.ring = PagedRing(10_000)
         ctx = self.rt.ctx
         self.fan_in_endpoint = self.rt.endpoints["events_in"]
         self.live_endpoint = self.rt.endpoints["events_live"]
@@ -256,7 +306,7 @@ class EventRouter(BusService):
     # -- queries over the bus -------------------------------------------------------------
     @serves("events.recent")
     def recent(self, fx: Effects, msg: wire.Message, body: dict, now: float) -> None:
-        fx.reply(msg.peer, msg.corr, {"events": self.ring.recent(body["n"], body["type"])})
+        fx.reply(msg.peer, msg.corr, self.ring.page(body["n"], body["type"], body["before"]))
 
     @serves("events.status")
     def status(self, fx: Effects, msg: wire.Message, body: dict, now: float) -> None:

@@ -60,7 +60,8 @@ class SchedulerState(ClientRequests, Reports):
         self.settings = settings
         self.rng = rng or random.Random()
         self.counters = dict.fromkeys(COUNTERS, 0)
-        self.table = TaskTable(settings.retention, self.counters)
+        self.table = TaskTable(settings.retention, self.counters, settings.keep_results,
+                               settings.keep_results_mb)
         self.tasks, self.marks = self.table.tasks, self.table.marks
         self.queue = TaskQueue(aging=settings.aging or None)
         self.registry = WorkerRegistry()
@@ -293,6 +294,7 @@ class SchedulerState(ClientRequests, Reports):
             for body in task.settle.values():  # ledger orders not confirmed before the crash
                 self.ledger.resend_soon(body, now.mono)
         self.table.retain()
+        self.table.recovered(now.wall)
 
     def snapshot(self) -> dict:
         # The Task dataclasses themselves: orjson writes them in C as the journal does
