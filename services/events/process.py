@@ -16,6 +16,7 @@ from __future__ import annotations
 import collections
 import fnmatch
 import hmac
+import math
 import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -48,6 +49,18 @@ QUERY_QUEUE = 8  # events.query reads waiting at most; more are refused (unavail
 # events.query newest first over JSONL: look back this far first, then further, so a
 # page of recent events never reads the whole history.
 LOOK_BACK = (60.0, 900.0, 3600.0, 6 * 3600.0, 86400.0, 7 * 86400.0, None)
+
+
+SUITE_POLL = 5.0  # seconds between asks for the suite's gauges (queue, workers, budgets)
+SUITE_GAUGES = {"scheduler": b"gauges-scheduler", "ledger": b"gauges-ledger"}  # -> corr
+
+
+def _counts(row) -> dict:
+    """The plain numbers of a map (what a gauge can show), at most 64 of them."""
+    if not isinstance(row, dict):
+        return {}
+    return {str(k)[:64]: v for k, v in list(row.items())[:64]
+            if type(v) in (int, float) and math.isfinite(v)}
 
 
 def fit(reply: dict) -> dict:
@@ -195,10 +208,16 @@ class EventRouter(BusService):
         self.metrics_server = None
         self.queries = ThreadPoolExecutor(1, thread_name_prefix="events-query")
         self.answers: list[tuple[bytes, bytes, Future]] = []  # queries being read
+        self.next_suite_poll = 0.0
         port = self.settings.events.metrics_port
         if port >= 0:
+            # Loopback with a bearer token rather than a unix socket: Prometheus scrapes
+            # only TCP, and reads the token from a file (`credentials_file`): this one,
+            # 0600 in the owner's run/, made anew at every start.
+            token = os.urandom(32).hex()
             try:
-                self.metrics_server = self.metrics.serve(port)
+                self.metrics_server = self.metrics.serve(port, token)
+                write_atomic(self.rt.home / "run" / "metrics.token", token.encode())
                 write_atomic(self.rt.home / "run" / "metrics.url",
                              self.metrics_server.url.encode())
             except OSError as e:
@@ -356,8 +375,37 @@ class EventRouter(BusService):
                                                     f"{type(e).__name__}: {str(e)[:300]}")
         return 0.02 if self.answers else 1.0
 
+    # -- the suite's gauges: asked of the scheduler and the ledger now and then ---------
+    def poll_suite(self, fx: Effects, mono: float) -> None:
+        if self.metrics_server is None or mono < self.next_suite_poll:
+            return
+        self.next_suite_poll = mono + SUITE_POLL
+        for service in SUITE_GAUGES:
+            fx.sends.append((service.encode(), wire.REQUEST, SUITE_GAUGES[service],
+                             {"op": f"{service}.status"}))
+
+    def on_reply(self, fx: Effects, msg: wire.Message, body: dict, now: float) -> None:
+        """The scheduler's and the ledger's status, kept as gauges (checked: only the
+        services asked, only numbers)."""
+        if msg.type != wire.REPLY or msg.role != b"service" or \
+                SUITE_GAUGES.get(msg.peer.decode(errors="replace")) != msg.corr:
+            return
+        if msg.peer == b"scheduler":
+            queue = _counts(body.get("queue"))
+            workers = body.get("workers")
+            workers = {str(t)[:64]: _counts(row) for t, row in workers.items()} \
+                if isinstance(workers, dict) else {}
+            self.metrics.set_suite(queue=queue, workers=workers)
+        else:
+            rows = body.get("budgets")
+            budgets = [{"scope": str(row["scope"])[:300], **_counts(row)}
+                       for row in (rows if isinstance(rows, list) else [])
+                       if isinstance(row, dict) and "scope" in row]
+            self.metrics.set_suite(budgets=budgets)
+
     def on_tick(self, fx: Effects, now: float) -> float:
         mono = time.monotonic()
+        self.poll_suite(fx, mono)
         queries = self.answer_queries(fx) if self.answers else 1.0
         if self.unwritable:
             self.store(mono)
@@ -401,6 +449,7 @@ class EventRouter(BusService):
             # Its thread is a daemon and the process exits right after: stopping it first
             # would only wait out its poll interval.
             (self.rt.home / "run" / "metrics.url").unlink(missing_ok=True)
+            (self.rt.home / "run" / "metrics.token").unlink(missing_ok=True)
         self.fan_in.close(linger=0)
         self.live.close(linger=0)
         self.rt.remove_socket(self.fan_in_endpoint)
