@@ -75,8 +75,9 @@ def fit(reply: dict) -> dict:
 
 
 def lean(event: dict) -> dict:
-    """The event as the ring keeps it: a task's result (up to half a MiB) stays in the log
-    alone, so 10,000 events stay a few MiB."""
+    """The event as the ring keeps it and live subscribers get it: a task's result (up to
+    half a MiB) stays in the log alone (read it with events.query), so 10,000 events in
+    the ring stay a few MiB and a live view is never flooded."""
     data = event.get("data")
     if isinstance(data, dict) and data.get("result") is not None:
         return event | {"data": data | {"result": None, "result_in_log": True}}
@@ -96,7 +97,7 @@ class PagedRing:
 
     def extend(self, events: list[dict]) -> None:
         for event in events:
-            self._items.append((self.appended, lean(event)))
+            self._items.append((self.appended, event))
             self.appended += 1
 
     def page(self, n: int, type_pattern: str | None = None, before: int | None = None,
@@ -274,7 +275,8 @@ class EventRouter(BusService):
 
     def deliver(self, events: list[dict]) -> None:
         """Everything but the log (and PostgreSQL, which copies the log): ring buffer, live
-        fan-out, metrics."""
+        fan-out, metrics. A task's result goes to the log alone (see `lean`)."""
+        events = [lean(e) for e in events]
         self.ring.extend(events)
         self.metrics.observe_many(events)
         self.publish(events)
