@@ -17,9 +17,11 @@ from cortex.services.scheduler.clock import Now
 from cortex.services.scheduler.tasks import State, Task, new_task_id
 from cortex.services.scheduler.waiting import ANNOUNCED, Reason
 
-# What a submit asks for; `wait` and the key itself are not the task's content.
+# What a submit asks for. Not its content: `wait`, the key itself, and the agent (a
+# client names itself anew at each start, and a restarted agent re-sending its submit is
+# what the key is for).
 CONTENT = ("type", "description", "priority", "tokens", "timeout", "retries", "deadline",
-           "payload", "agent")
+           "payload")
 
 
 def content_digest(body: dict) -> str:
