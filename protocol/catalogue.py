@@ -275,7 +275,8 @@ OPERATIONS = [
          "`queue_full`, `rejected` (with the estimated start)")),
     Operation("task.status", "scheduler", wire.REQUEST, ANY, (F("id", TASK_ID, True),),
               ("the task: `state`, `waiting` and `waiting_detail`, `eta`, `progress`, "
-               "`message`")),
+               "`message`; `trimmed`: finished a while ago, its payload and result dropped "
+               "(the result is in its `task.completed` event)")),
     Operation("task.wait", "scheduler", wire.REQUEST, ANY, (
         F("id", TASK_ID, True), F("hold", Num(0, 60), default=0.0)),
         "the task when it ends or when `hold` is up (`final` tells which)"),
