@@ -282,8 +282,10 @@ def test_submit_queue_full_refuses_non_critical_but_accepts_critical():
 def test_refused_submit_journals_the_refusal_and_emits_why():
     sim = Sim(max_queue_per_type=0)
     fx = sim.submit(idempotency_key="full-1")
-    assert fx.records == [{"k": "rejected", "key": "full-1", "code": "queue_full",
-                           "reason": answer(fx)[1]["message"]}]
+    [record] = fx.records
+    assert record.pop("digest") and record == {"k": "rejected", "key": "full-1",
+                                               "code": "queue_full",
+                                               "reason": answer(fx)[1]["message"]}
     assert events(fx, "scheduler.rejected")[0][1]["code"] == "queue_full"
 
 

@@ -64,3 +64,33 @@ def test_a_reused_key_with_other_content_is_a_conflict_even_after_a_restart(suit
         with pytest.raises(errors.CortexError) as info:
             c.submit("echo", "different", idempotency_key="trust-key-1")
         assert "conflict" in str(info.value) or getattr(info.value, "code", "") == "conflict"
+
+
+def test_a_refused_key_with_other_content_is_a_conflict_not_the_old_refusal():
+    from cortex.services.runtime.effects import Effects
+    from cortex.services.scheduler.clock import Now
+
+    from .test_scheduling import new_state
+
+    state = new_state(max_queue_per_type=0)
+    now = Now(1_700_000_000.0, 100.0)
+
+    def submit(body):
+        fx = Effects()
+        state.submit(fx, b"c", b"k", {"idempotency_key": "r1", "type": "echo"} | body, now)
+        [(_, kind, _, reply)] = fx.sends
+        return fx, kind, reply
+
+    fx, kind, first = submit({"payload": 1})
+    assert (kind, first["code"]) == (wire.ERROR, "queue_full")
+    assert fx.records[-1]["digest"]  # journaled with the refusal
+    assert submit({"payload": 1})[2] == first  # a re-send: the same refusal
+    _, kind, other = submit({"payload": 2})
+    assert (kind, other["code"]) == (wire.ERROR, "conflict")
+    fresh = new_state(max_queue_per_type=0)  # after a restart
+    for record in fx.records:
+        fresh.apply(record)
+    fresh.load_snapshot(state.snapshot() | {"tasks": []})
+    state = fresh
+    assert submit({"payload": 2})[2]["code"] == "conflict"
+    assert submit({"payload": 1})[2] == first

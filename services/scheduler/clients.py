@@ -54,9 +54,14 @@ class ClientRequests:
             return
         refusal = self.admission.refused(key)
         if refusal is not None:
-            fx.error(peer, corr, *refusal)  # the same answer, never a late accept
+            code, reason, refused_digest = refusal
+            if refused_digest not in ("", digest):
+                code, reason = "conflict", (f"idempotency key {key[:128]!r} was refused for "
+                                            "a submit with different content")
+            fx.error(peer, corr, code, reason)  # the same answer, never a late accept
             return
         req = self.admission.parse(body, peer)
+        req.digest = digest
         predicted = None
         if self.predictor is not None:
             predicted = self.predictor.predict(req.type, req.priority, req.description,

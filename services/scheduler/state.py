@@ -268,7 +268,8 @@ class SchedulerState(ClientRequests, Reports):
     def apply(self, record: dict) -> None:
         """Replay one journal record (recovery)."""
         if record["k"] == "rejected":
-            self.admission.remember(record["key"], record["code"], record["reason"])
+            self.admission.remember(record["key"], record["code"], record["reason"],
+                                    record.get("digest", ""))
         else:
             self.table.apply(record)
 
@@ -311,6 +312,6 @@ class SchedulerState(ClientRequests, Reports):
             self.apply({"k": "new", "task": row})
         self.counters.update(data.get("counters", {}))
         for row in data.get("rejected", []):
-            if isinstance(row, list) and len(row) == 3:
+            if isinstance(row, list) and len(row) in (3, 4):
                 self.admission.remember(*row)
         self.estimates.avg_duration.update(data.get("avg_duration", {}))
