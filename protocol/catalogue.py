@@ -277,7 +277,8 @@ OPERATIONS = [
          "candidate types)")),
     Operation("task.status", "scheduler", wire.REQUEST, ANY, (F("id", TASK_ID, True),),
               ("the task: `state`, `waiting` and `waiting_detail`, `eta`, `progress`, "
-               "`message`")),
+               "`message`; `trimmed`: finished a while ago, its payload and result dropped "
+               "(the result is in its `task.completed` event)")),
     Operation("task.wait", "scheduler", wire.REQUEST, ANY, (
         F("id", TASK_ID, True), F("hold", Num(0, 60), default=0.0)),
         "the task when it ends or when `hold` is up (`final` tells which)"),
@@ -374,8 +375,10 @@ OPERATIONS = [
               "a task's reservation"),
     # -- event router ----------------------------------------------------------------------
     Operation("events.recent", "events", wire.REQUEST, ANY, (
-        F("n", Int(1, 10_000), default=100), F("type", Str(200))),
-        "the last events from the ring buffer"),
+        F("n", Int(1, 10_000), default=100), F("type", Str(200)), F("before", Int())),
+        ("`{events, more, before}`: the last events from the ring buffer (before position "
+         "`before`), oldest first, as many as fit one message; `more`: older ones remain, "
+         "asked with `before`")),
     Operation("events.status", "events", wire.REQUEST, ANY, (), "counters, PostgreSQL"),
     Operation("events.metrics", "events", wire.REQUEST, ANY, (
         F("buckets", Bool(), default=False),), "latency summaries (`buckets`: histograms)"),

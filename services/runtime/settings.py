@@ -114,7 +114,8 @@ retrain_every = 500          # typed tasks submitted between background retrains
 max_file_bytes = 67108864    # rotate JSONL files past this size (and every UTC day)
 postgres_url = ""            # e.g. "postgresql://cortex@localhost/cortex" to copy events there
 metrics_port = 0             # Prometheus /metrics on 127.0.0.1: 0 any free port (see
-                             # run/metrics.url and `cortex status`), -1 off
+                             # run/metrics.url and `cortex status`), -1 off; scrapes
+                             # carry the bearer token in run/metrics.token
 
 [dashboard]
 enabled = true               # the live web dashboard (`cortex dashboard` prints its URL)

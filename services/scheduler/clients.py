@@ -5,7 +5,10 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections import Counter
+
+import orjson
 
 from cortex.protocol import wire
 from cortex.services.runtime.effects import Effects
@@ -16,6 +19,23 @@ from cortex.services.scheduler.waiting import ANNOUNCED, Reason
 
 AUTO = "auto"  # the type that asks the scheduler to choose (routing.py)
 
+# What a submit asks for. Not its content: `wait`, the key itself, and the agent (a
+# client names itself anew at each start, and a restarted agent re-sending its submit is
+# what the key is for).
+CONTENT = ("type", "description", "priority", "tokens", "timeout", "retries", "deadline",
+           "payload")
+
+
+def content_digest(body: dict) -> str:
+    """A digest of the task a submit describes, as sent (defaults not filled in), so a
+    re-send matches and a different task under the same idempotency key does not."""
+    fields = {k: body.get(k) for k in CONTENT}
+    try:
+        content = orjson.dumps(fields, option=orjson.OPT_SORT_KEYS)
+    except (TypeError, orjson.JSONEncodeError):  # not JSON: admission refuses it next
+        content = repr(fields).encode()
+    return hashlib.blake2b(content, digest_size=16).hexdigest()
+
 
 class ClientRequests:
     """Mixed into SchedulerState; uses its parts (table, admission, estimates, queue,
@@ -24,16 +44,27 @@ class ClientRequests:
 
     def submit(self, fx: Effects, peer: bytes, corr: bytes, body: dict, now: Now) -> None:
         key = wire.field_str(body, "idempotency_key", max_len=128)
+        digest = content_digest(body)
         existing = self.table.by_key(key)
+        if existing is not None and existing.digest not in ("", digest):
+            self.counters["conflicts"] = self.counters.get("conflicts", 0) + 1
+            fx.error(peer, corr, "conflict", f"idempotency key {key[:128]!r} was used for "
+                                             f"task {existing.id} with different content")
+            return
         if existing is not None:  # a re-sent submit: the same task (and, with `wait`, a wait)
             self.counters["duplicates"] += 1
             self._reply_or_hold(fx, peer, corr, existing, parse_wait(body), now)
             return
         refusal = self.admission.refused(key)
         if refusal is not None:
-            fx.error(peer, corr, *refusal)  # the same answer, never a late accept
+            code, reason, refused_digest = refusal
+            if refused_digest not in ("", digest):
+                code, reason = "conflict", (f"idempotency key {key[:128]!r} was refused for "
+                                            "a submit with different content")
+            fx.error(peer, corr, code, reason)  # the same answer, never a late accept
             return
         req = self.admission.parse(body, peer)
+        req.digest = digest
         routing, refusal = self._route(req)
         refusal = refusal or self.limits.refusal(req)
         if refusal is not None:
@@ -53,7 +84,7 @@ class ClientRequests:
                     retries=req.retries, agent=req.agent, key=key, payload=req.payload,
                     deadline=req.deadline, times={"created": now.wall},
                     eta=now.wall + wait_s, size=req.size, predicted=predicted,
-                    routing=routing)
+                    routing=routing, digest=digest)
         self.waiting.set(fx, task, Reason.WORKER)
         self.table.add(fx, task, now)
         self._enqueue(task)

@@ -209,7 +209,7 @@ class Reports:
                 "attempt": task.attempt, "tokens_used": task.tokens_used, "type": task.type,
                 "priority": task.priority, "description": task.description[:1000],
                 "payload_size": task.size, "actual": actual, "predicted": task.predicted,
-                **timings}, task.id, name)
+                "result": result, **timings}, task.id, name)  # the result outlives the task
             if self.predictor is not None:
                 self.predictor.observe(task.type, task.priority, task.description, task.size,
                                        actual)

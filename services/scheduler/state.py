@@ -63,7 +63,8 @@ class SchedulerState(ClientRequests, Reports):
         self.settings = settings
         self.rng = rng or random.Random()
         self.counters = dict.fromkeys(COUNTERS, 0)
-        self.table = TaskTable(settings.retention, self.counters)
+        self.table = TaskTable(settings.retention, self.counters, settings.keep_results,
+                               settings.keep_results_mb)
         self.tasks, self.marks = self.table.tasks, self.table.marks
         self.queue = TaskQueue(aging=settings.aging or None)
         self.registry = WorkerRegistry()
@@ -283,7 +284,8 @@ class SchedulerState(ClientRequests, Reports):
     def apply(self, record: dict) -> None:
         """Replay one journal record (recovery)."""
         if record["k"] == "rejected":
-            self.admission.remember(record["key"], record["code"], record["reason"])
+            self.admission.remember(record["key"], record["code"], record["reason"],
+                                    record.get("digest", ""))
         elif record["k"] == "rate":
             self.limits.apply(record)
         else:
@@ -312,6 +314,7 @@ class SchedulerState(ClientRequests, Reports):
                 self.ledger.resend_soon(body, now.mono)
         self.limits.restored(quiet, self.tasks, now)
         self.table.retain()
+        self.table.recovered(now.wall)
 
     def snapshot(self) -> dict:
         # The Task dataclasses themselves: orjson writes them in C as the journal does
@@ -329,7 +332,7 @@ class SchedulerState(ClientRequests, Reports):
             self.apply({"k": "new", "task": row})
         self.counters.update(data.get("counters", {}))
         for row in data.get("rejected", []):
-            if isinstance(row, list) and len(row) == 3:
+            if isinstance(row, list) and len(row) in (3, 4):
                 self.admission.remember(*row)
         self.estimates.avg_duration.update(data.get("avg_duration", {}))
         self.limits.load_snapshot(data.get("rate_limits"))
