@@ -26,7 +26,7 @@ from cortex.services.runtime.eventlog import EventLogError
 from cortex.services.runtime.process import private_umask
 
 # Importing a command module registers its commands.
-from . import dashboard, demo, events, fleet, lifecycle, logs, model, status, tasks  # noqa: F401
+from . import dashboard, demo, events, fleet, keys, lifecycle, logs, model, status, tasks  # noqa: F401, I001
 from .registry import EXIT_BY_CODE, CliError, Command, Exit, build_parser
 from .render import emit, escape
 

@@ -25,6 +25,7 @@ import zmq
 from cortex.protocol import wire
 from cortex.protocol.peer import make_socket, recv_frames
 from cortex.services.events.metrics import BOUNDS, STAGES, Metrics
+from cortex.services.runtime.curve import Listeners
 from cortex.services.runtime.durable import write_atomic
 from cortex.services.runtime.effects import Effects
 from cortex.services.runtime.entry import serve
@@ -115,9 +116,13 @@ class EventRouter(BusService):
         self.live_endpoint = self.rt.endpoints["events_live"]
         for endpoint in (self.fan_in_endpoint, self.live_endpoint):
             self.rt.remove_socket(endpoint)
+        # On tcp both listen with CurveZMQ, admitting the keys the allow-list holds.
+        self.listeners = Listeners(ctx, self.rt.home, self.log)
         self.fan_in = make_socket(ctx, zmq.ROUTER)
+        self.listeners.serve(self.fan_in, self.fan_in_endpoint)
         self.fan_in.bind(self.fan_in_endpoint)
         self.live = make_socket(ctx, zmq.XPUB)
+        self.listeners.serve(self.live, self.live_endpoint)
         self.live.bind(self.live_endpoint)
         self.poller.register(self.fan_in, zmq.POLLIN)
         self.poller.register(self.live, zmq.POLLIN)
@@ -355,6 +360,7 @@ class EventRouter(BusService):
         self.live.close(linger=0)
         self.rt.remove_socket(self.fan_in_endpoint)
         self.rt.remove_socket(self.live_endpoint)
+        self.listeners.stop()
         super().shutdown()
 
 
