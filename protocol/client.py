@@ -33,6 +33,8 @@ from .operations import Plans
 from .peer import BusLink, TimedReceiver, keys_for, recv_frames, send_frames, unique_name
 from .vocabulary import PRIORITIES  # noqa: F401 - part of the client's API
 
+SEND_WAIT_MS = 1000
+
 
 class _Face:
     """What both faces hold: where the suite is, who we are, the session and plans."""
@@ -116,6 +118,9 @@ class Client(_Face):
                  connect_timeout: float = CONNECT_TIMEOUT, key_file=None):
         super().__init__(home, name, agent, timeout, endpoint, connect_timeout, key_file)
         self._inbox = TimedReceiver(self._link.socket)
+        # A send waits at most this long: a DEALER with no connection (its handshakes
+        # refused) would block for ever; the call's re-send timer tries again.
+        self._link.socket.setsockopt(zmq.SNDTIMEO, SEND_WAIT_MS)
 
     call = _blocking(Plans.call)
     submit = _blocking(Plans.submit)
@@ -153,11 +158,14 @@ class Client(_Face):
         self._check_running(self.endpoint)
         try:
             return exchange(self._session, request, self._send, self._receive)
-        except errors.Unavailable as e:
+        except (errors.Unavailable, errors.Timeout) as e:
             raise self._link.explain(e) from None
 
     def _send(self, frames: list) -> None:
-        send_frames(self._link.socket, frames, block=True)
+        try:
+            send_frames(self._link.socket, frames, block=True)
+        except zmq.Again:
+            pass  # nothing takes messages now: re-sent until the call's deadline
 
     def _receive(self, seconds: float):
         parts = self._inbox.within(seconds)
@@ -239,7 +247,7 @@ class AsyncClient(_Face):
                 if call.done:
                     try:
                         return call.outcome()
-                    except errors.Unavailable as e:
+                    except (errors.Unavailable, errors.Timeout) as e:
                         raise self._link.explain(e) from None
                 now = session.clock()
         finally:

@@ -140,6 +140,7 @@ class HandshakeWatch:
         self.connected = False
         self.succeeded = False
         self.problem: str | None = None
+        self._rank = 0  # how telling the problem's cause is (see _cause)
         self._monitor = sock.get_monitor_socket(
             _HANDSHAKE_EVENTS, addr=f"inproc://cortex-handshake-{os.getpid()}-{next(_monitors)}")
 
@@ -150,31 +151,39 @@ class HandshakeWatch:
                 event = recv_monitor_message(self._monitor, zmq.NOBLOCK)
             except zmq.ZMQError:
                 break
-            kind, value = event["event"], event["value"]
+            kind, value = event["event"], event["value"]  # value: an fd or an error code
             if kind == zmq.EVENT_CONNECTED:
                 self.connected = True
             elif kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-                self.succeeded, self.problem = True, None
-            elif kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
-                self.problem = (f"not admitted: the suite at {self.endpoint} does not list "
-                                f"this key{self._key_name()} (never added, or revoked; "
-                                f"status {value})")
-            elif kind == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL \
-                    and value == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH:
-                self.problem = (f"the suite at {self.endpoint} requires CurveZMQ keys: give "
-                                "a key file (key_file=, $CORTEX_KEY_FILE or [bus] key_file)"
-                                if self.keys is None else
-                                f"the suite at {self.endpoint} serves in plaintext "
-                                "(insecure_tcp) but this peer uses CurveZMQ keys")
-            elif kind in (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL,
-                          zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL):
-                self.problem = (f"server key mismatch: the suite at {self.endpoint} did not "
-                                "complete the CurveZMQ handshake with the server key in "
-                                f"{self.keys.path if self.keys else 'the key file'}")
+                self.succeeded, self.problem, self._rank = True, None, 0
+            elif kind & _HANDSHAKE_EVENTS:
+                # A connection fails the same way each retry, but libzmq may report a
+                # retry with less detail: the most telling cause seen is kept.
+                rank, problem = self._cause(kind, value)
+                if rank >= self._rank:
+                    self._rank, self.problem = rank, problem
         return self.problem
 
+    def _cause(self, kind: int, value: int) -> tuple[int, str]:
+        if self.keys is None:
+            return 3, (f"the suite at {self.endpoint} requires CurveZMQ keys: give a key "
+                       "file (key_file=, $CORTEX_KEY_FILE or [bus] key_file)")
+        if kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+            return 3, (f"not admitted: the suite at {self.endpoint} does not list the key "
+                       f"{self.keys.name!r}{self._where()} (never added, or revoked)")
+        if kind == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL \
+                and value == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH:
+            return 2, (f"the suite at {self.endpoint} serves in plaintext (insecure_tcp) "
+                       "but this peer uses CurveZMQ keys")
+        return 1, (f"server key mismatch: the suite at {self.endpoint} did not complete the "
+                   f"CurveZMQ handshake with the server key{self._where()}")
+
+    def _where(self) -> str:
+        return f" in {self.keys.path}" if self.keys is not None and self.keys.path else ""
+
     def explain(self, error: errors.CortexError) -> errors.CortexError:
-        """`error` (a call that heard nothing) with its cause when the monitor knows it."""
+        """`error` (a call that heard nothing: Unavailable or Timeout) as Unavailable
+        with its cause when the monitor knows it."""
         problem = self.read()
         if problem is None and not self.connected and not self.succeeded:
             problem = f"timeout: no connection to {self.endpoint} (nothing listening there?)"
