@@ -305,3 +305,40 @@ def test_a_revoked_key_is_cut_off(tcp_suite):
     finally:
         peer.kill()
         peer.wait(timeout=30)
+
+
+def test_status_shows_the_endpoints_encrypted(tcp_suite):
+    done = subprocess.run([*CORTEX, "--home", str(tcp_suite.home), "status"],
+                          capture_output=True, text=True, timeout=120)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("endpoint")]
+    assert len(lines) == 3, done.stdout + done.stderr
+    assert all("tcp, encrypted (CurveZMQ" in line for line in lines), lines
+
+
+# -- refusing plaintext ---------------------------------------------------------------------
+
+def test_a_service_refuses_tcp_without_keys_in_one_line(tmp_path):
+    home = short_home("cxr")
+    try:
+        (home / "cortex.toml").write_text(tcp_config("127.0.0.1"))
+        for argv in ([sys.executable, "-m", "cortex.services.broker", "--home", str(home)],
+                     [*CORTEX, "--home", str(home), "up"]):
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+            assert done.returncode == 8, (argv, done.stderr)
+            lines = done.stderr.strip().splitlines()
+            assert len(lines) == 1 and "without keys" in lines[0] \
+                and "insecure_tcp = true" in lines[0], done.stderr
+        assert not (home / "run" / "supervisord.pid").exists()
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def test_insecure_tcp_starts_in_plaintext_and_says_so(suites):
+    suite = suites.start(config=tcp_config("127.0.0.1", extra="insecure_tcp = true\n"))
+    with Client(suite.home, timeout=60) as c:
+        assert c.submit_and_wait("echo", payload={"text": "plain"}, timeout=60)["state"] \
+            == "completed"
+        assert c.call("broker", "broker.status")["security"]["insecure"] is True
+    done = subprocess.run([*CORTEX, "--home", str(suite.home), "status"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.stdout.count("tcp, NOT ENCRYPTED (insecure_tcp") == 3, done.stdout
