@@ -9,6 +9,9 @@
 
     Worker("summarize", summarize).run()   # until SIGTERM / stop()
 
+On another machine, with the suite on tcp: `Worker(..., home=..., key_file=...)` (or
+$CORTEX_KEY_FILE, or `[bus] key_file` in that home's cortex.toml): see docs/tcp.md.
+
 The pool's own workers are this same class. The handler runs in a thread of its own
 while the main thread keeps the bus: heartbeats to the broker, task heartbeats to the
 scheduler, progress, cancels. Messages to and from the scheduler (ops, all NOTIFY unless
