@@ -15,6 +15,9 @@ import math
 import os
 import shutil
 import signal
+import socket
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -52,7 +55,21 @@ def summarize(values) -> dict:
 
 
 # -- the suite under test -------------------------------------------------------------------
-def own_config(workers: int, fsync: str, extra_types=(), postgres_url: str = "") -> str:
+def tcp_bus() -> str:
+    """A [bus] section on free tcp ports of 127.0.0.1 (the suite serves them with CurveZMQ
+    once it has its key pair)."""
+    ports = []
+    for _ in range(3):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            ports.append(s.getsockname()[1])
+    names = ("bus", "events_in", "events_live")
+    return "[bus]\n" + "".join(f'{n} = "tcp://127.0.0.1:{p}"\n'
+                               for n, p in zip(names, ports, strict=True))
+
+
+def own_config(workers: int, fsync: str, extra_types=(), postgres_url: str = "",
+               bus: str = "") -> str:
     types = ["echo", "sleep", "simulated_agent", "fail", *extra_types]
     handlers = "".join(f'{t} = "{SYNTHETIC_HANDLER}"\n' for t in extra_types)
     return (
@@ -63,7 +80,7 @@ def own_config(workers: int, fsync: str, extra_types=(), postgres_url: str = "")
         f"[pool.groups.default]\ncount = {workers}\n"
         f"types = [{', '.join(repr(t).replace(chr(39), chr(34)) for t in types)}]\n"
         + (f"[handlers]\n{handlers}" if handlers else "")
-        + (f'[events]\npostgres_url = "{postgres_url}"\n' if postgres_url else ""))
+        + (f'[events]\npostgres_url = "{postgres_url}"\n' if postgres_url else "") + bus)
 
 
 class Target:
@@ -71,15 +88,20 @@ class Target:
     end, checked for leftovers) or an existing one (`home`), which is left running."""
 
     def __init__(self, home: str | None = None, workers: int = 20, fsync: str = "group",
-                 extra_types=(), keep_home: bool = False, postgres_url: str = ""):
+                 extra_types=(), keep_home: bool = False, postgres_url: str = "",
+                 tcp: bool = False):
         self.owned = home is None
         self.workers = workers
         self.keep_home = keep_home
         if self.owned:
             become_subreaper()
             self.home = Path(tempfile.mkdtemp(prefix="cxlt", dir="/tmp"))
-            (self.home / "cortex.toml").write_text(own_config(workers, fsync, extra_types,
-                                                              postgres_url))
+            (self.home / "cortex.toml").write_text(own_config(
+                workers, fsync, extra_types, postgres_url, tcp_bus() if tcp else ""))
+            if tcp:  # the suite's key pair, made as a user would (`cortex keys make`)
+                subprocess.run([sys.executable, "-m", "cortex.services.cli", "--home",
+                                str(self.home), "keys", "make"], check=True,
+                               capture_output=True, timeout=60)
         else:
             self.home = Path(home).absolute()
         self.suite = Suite(self.home)
