@@ -76,16 +76,34 @@ elif job["mode"] == "hello":
     say(welcomed=link.welcomed, refused=link.refused, answer=answer)
     link.close()
 elif job["mode"] == "linger":
-    # A client that stays connected: a call, then another when told (after a revocation).
+    # A client that stays connected, and subscribed to live events: a call, then (after
+    # a revocation) another, and what became of the subscription.
+    from cortex.protocol.peer import HandshakeWatch, make_socket, use_keys
     with Client(home, connect_timeout=8, timeout=8) as c:
         c.call("broker", "broker.status")
-        say(ok=True, name=c.name)
+        live = locate.endpoints(locate.find_home(home))["events_live"]
+        keys = keys_for(locate.find_home(home), live)
+        sub = make_socket(zmq.Context.instance(), zmq.SUB)
+        use_keys(sub, keys)
+        watch = HandshakeWatch(sub, live, keys)
+        sub.setsockopt(zmq.SUBSCRIBE, b"")
+        sub.connect(live)
+        deadline = time.monotonic() + 30
+        while not watch.succeeded and time.monotonic() < deadline:
+            watch.read()
+            time.sleep(0.05)
+        say(ok=True, name=c.name, subscribed=watch.succeeded)
         sys.stdin.readline()
         try:
             c.call("broker", "broker.status")
             say(ok=True)
         except errors.CortexError as e:
-            say(ok=False, code=e.code, message=str(e))
+            deadline = time.monotonic() + 30
+            while "not admitted" not in (watch.read() or "") and time.monotonic() < deadline:
+                time.sleep(0.05)
+            say(ok=False, code=e.code, message=str(e), live=watch.read())
+        watch.close()
+        sub.close(linger=0)
 """
 
 
@@ -288,7 +306,7 @@ def test_a_revoked_key_is_cut_off(tcp_suite):
     peer = tcp_suite.link.peer({"mode": "linger", "home": home}, stdin=subprocess.PIPE)
     try:
         first = json.loads(peer.stdout.readline())
-        assert first["ok"] is True, first
+        assert first["ok"] is True and first["subscribed"] is True, first
         wait_for(lambda: any(p["name"] == first["name"] for p in tcp_suite.status()["peers"]),
                  30, "carol among the broker's peers")
         revoked_before = tcp_suite.status()["stats"]["revoked"]
@@ -302,6 +320,8 @@ def test_a_revoked_key_is_cut_off(tcp_suite):
         peer.stdin.flush()
         second = json.loads(peer.stdout.readline())
         assert second["ok"] is False and "not admitted" in second["message"], second
+        # Its live events subscription was cut too, and its reconnection refused.
+        assert "not admitted" in (second["live"] or ""), second
     finally:
         peer.kill()
         peer.wait(timeout=30)

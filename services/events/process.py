@@ -122,7 +122,7 @@ class EventRouter(BusService):
         self.listeners.serve(self.fan_in, self.fan_in_endpoint)
         self.fan_in.bind(self.fan_in_endpoint)
         self.live = make_socket(ctx, zmq.XPUB)
-        self.listeners.serve(self.live, self.live_endpoint)
+        self.listeners.serve(self.live, self.live_endpoint, track=True)
         self.live.bind(self.live_endpoint)
         self.poller.register(self.fan_in, zmq.POLLIN)
         self.poller.register(self.live, zmq.POLLIN)
@@ -312,6 +312,7 @@ class EventRouter(BusService):
         return 0.02 if self.answers else 1.0
 
     def on_tick(self, fx: Effects, now: float) -> float:
+        self.listeners.cut_if_revoked()  # live subscribers of a revoked key: cut off
         mono = time.monotonic()
         queries = self.answer_queries(fx) if self.answers else 1.0
         if self.unwritable:
@@ -356,11 +357,11 @@ class EventRouter(BusService):
             # Its thread is a daemon and the process exits right after: stopping it first
             # would only wait out its poll interval.
             (self.rt.home / "run" / "metrics.url").unlink(missing_ok=True)
+        self.listeners.stop()
         self.fan_in.close(linger=0)
         self.live.close(linger=0)
         self.rt.remove_socket(self.fan_in_endpoint)
         self.rt.remove_socket(self.live_endpoint)
-        self.listeners.stop()
         super().shutdown()
 
 

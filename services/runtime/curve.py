@@ -14,11 +14,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from cortex.protocol import locate
 from cortex.protocol.peer import ZAP_DOMAIN
+from cortex.services.runtime.connections import shut_connection
 from cortex.services.runtime.keys import KeyStore
 
 log = logging.getLogger(__name__)
@@ -26,6 +29,7 @@ log = logging.getLogger(__name__)
 ZAP_ENDPOINT = "inproc://zeromq.zap.01"  # fixed by the ZAP specification (RFC 27)
 ZAP_VERSION = b"1.0"
 POLL_MS = 200  # how often the ZAP thread looks whether it should stop
+CHECK_EVERY = 0.25  # seconds between looks at the allow-list from a busy loop
 
 
 class ZapHandler(threading.Thread):
@@ -81,6 +85,47 @@ class ZapHandler(threading.Thread):
         return {"admitted": self.admitted, "refused": dict(self.refused)}
 
 
+class Accepted(threading.Thread):
+    """The descriptors of the connections a listening socket holds, from its monitor: a
+    socket that cannot tell which key a connection belongs to (the live XPUB) closes them
+    all when a key is revoked; the admitted reconnect at once, the revoked are refused."""
+
+    def __init__(self, sock: zmq.Socket, label: str):
+        super().__init__(name=f"accepted-{label}", daemon=True)
+        self.fds: set[int] = set()
+        self._sock = sock
+        self._monitor = sock.get_monitor_socket(
+            zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_MONITOR_STOPPED)
+        self.start()
+
+    def run(self) -> None:
+        try:
+            while True:
+                try:
+                    event = recv_monitor_message(self._monitor)
+                except zmq.ZMQError:
+                    return
+                if event["event"] == zmq.EVENT_MONITOR_STOPPED:
+                    return
+                if event["event"] == zmq.EVENT_ACCEPTED:
+                    self.fds.add(event["value"])
+                else:
+                    self.fds.discard(event["value"])
+        finally:
+            self._monitor.close(linger=0)
+
+    def cut_all(self) -> int:
+        fds = list(self.fds)
+        for fd in fds:
+            shut_connection(fd)
+        return len(fds)
+
+    def stop(self) -> None:
+        with contextlib.suppress(zmq.ZMQError):
+            self._sock.disable_monitor()
+        self.join(timeout=2)
+
+
 class Listeners:
     """What secures one process's listening sockets (or leaves them plaintext)."""
 
@@ -92,6 +137,9 @@ class Listeners:
         self.insecure = bool(self.tcp) and not locate.suite_key_path(home).exists()
         self.store: KeyStore | None = None
         self.zap: ZapHandler | None = None
+        self.tracked: list[Accepted] = []
+        self._next_check = 0.0
+        self.log = log_
         if self.tcp and not self.insecure:
             self.store = KeyStore(home)
             self.zap = ZapHandler(ctx, self.store)
@@ -103,12 +151,30 @@ class Listeners:
     def curve(self) -> bool:
         return self.store is not None
 
-    def serve(self, sock: zmq.Socket, endpoint: str) -> None:
-        """Before `sock` binds `endpoint`: CURVE server on tcp unless insecure."""
+    def serve(self, sock: zmq.Socket, endpoint: str, track: bool = False) -> None:
+        """Before `sock` binds `endpoint`: CURVE server on tcp unless insecure. `track`:
+        its connections are closed when a key is revoked (see `cut_if_revoked`)."""
         if self.store is not None and locate.is_tcp(endpoint):
             sock.setsockopt(zmq.ZAP_DOMAIN, ZAP_DOMAIN)
             sock.setsockopt(zmq.CURVE_SERVER, 1)
             sock.setsockopt(zmq.CURVE_SECRETKEY, self.store.keys.secret)
+            if track:
+                self.tracked.append(Accepted(sock, endpoint))
+
+    def cut_if_revoked(self) -> set[str]:
+        """For sockets that cannot tell one key's connection from another: when a key
+        was revoked, close every connection they hold (each admitted peer reconnects and
+        resubscribes; the revoked one is refused)."""
+        now = time.monotonic()
+        if now < self._next_check:
+            return set()
+        self._next_check = now + CHECK_EVERY
+        revoked = self.revoked()
+        if revoked and self.tracked:
+            cut = sum(t.cut_all() for t in self.tracked)
+            self.log.warning("key(s) %s revoked: closed %d connections to re-admit them",
+                             ", ".join(sorted(revoked)), cut)
+        return revoked
 
     def revoked(self) -> set[str]:
         """Names revoked since last asked (the allow-list is re-read when it changed)."""
@@ -119,6 +185,9 @@ class Listeners:
                 **({"zap": self.zap.status()} if self.zap is not None else {})}
 
     def stop(self) -> None:
+        """Before the process's sockets close (the monitors need them open)."""
+        for tracked in self.tracked:
+            tracked.stop()
         if self.zap is not None:
             with contextlib.suppress(Exception):
                 self.zap.stop()
