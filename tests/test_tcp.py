@@ -337,7 +337,7 @@ def test_status_shows_the_endpoints_encrypted(tcp_suite):
 
 # -- refusing plaintext ---------------------------------------------------------------------
 
-def test_a_service_refuses_tcp_without_keys_in_one_line(tmp_path):
+def test_a_service_refuses_tcp_without_keys_in_one_line():
     home = short_home("cxr")
     try:
         (home / "cortex.toml").write_text(tcp_config("127.0.0.1"))
