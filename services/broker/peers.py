@@ -27,6 +27,7 @@ class Peer:
     in_flight: dict[bytes, float] = field(default_factory=dict)  # corr -> when sent
     key: str = ""  # on tcp: the name of the CurveZMQ key its connection was admitted with
     fd: int = -1  # on tcp: its connection's descriptor (to cut it off when the key goes)
+    address: tuple | None = None  # that connection's remote address, when fd was noted
 
     @property
     def name_bytes(self) -> bytes:

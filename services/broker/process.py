@@ -27,7 +27,7 @@ from cortex.services.runtime.connections import (
     raise_fd_limit,
     shut_connection,
 )
-from cortex.services.runtime.curve import Listeners
+from cortex.services.runtime.curve import Listeners, peer_address
 from cortex.services.runtime.entry import serve
 from cortex.services.runtime.keys import may_take
 from cortex.services.runtime.process import ServiceRuntime, suite_secret
@@ -190,7 +190,8 @@ class Broker:
         if outcome.replaced is not None:
             self.log.info("%s %s took its name over from a predecessor", role, name)
         peer = self.table.by_rid[rid]
-        peer.key, peer.fd = key, fd
+        if self.curve:
+            peer.key, peer.fd, peer.address = key, fd, peer_address(fd)
         self.send(rid, wire.frames(wire.WELCOME, wire.BROKER, msg.corr, {
             "heartbeat_ms": int(self.table.interval * 1000)}, role=b"broker"))
 
@@ -215,8 +216,8 @@ class Broker:
             self.log.warning("key %r revoked: cutting %s %s off", peer.key, peer.role,
                              peer.name)
             self.table.forget(peer.rid)
-            if peer.fd >= 0:
-                shut_connection(peer.fd)
+            if peer.address is not None and peer_address(peer.fd) == peer.address:
+                shut_connection(peer.fd)  # still that peer's connection: close it
             self.lost(peer)
 
     def lost(self, peer: Peer) -> None:

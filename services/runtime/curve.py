@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import socket
 import threading
 import time
 
@@ -83,6 +85,19 @@ class ZapHandler(threading.Thread):
 
     def status(self) -> dict:
         return {"admitted": self.admitted, "refused": dict(self.refused)}
+
+
+def peer_address(fd: int) -> tuple | None:
+    """The remote address of the connection on `fd` (None when it is no connection): a
+    descriptor noted earlier is checked with it before it is closed, since a closed
+    connection's number may have been reused by another."""
+    if fd < 0:
+        return None
+    try:
+        with socket.socket(fileno=os.dup(fd)) as dup:
+            return dup.getpeername()
+    except OSError:
+        return None
 
 
 class Accepted(threading.Thread):
