@@ -15,6 +15,8 @@ import math
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -28,8 +30,7 @@ from cortex.protocol import Client, errors
 from cortex.services.control import Suite, SuiteError, become_subreaper, reap_orphans, zombies
 
 from .agents import FINAL_STATES, fill_final
-
-SYNTHETIC_HANDLER = "cortex.services.pool.handlers:simulated_agent"
+from .suiteconfig import own_config, tcp_bus
 
 
 # -- statistics ---------------------------------------------------------------------------
@@ -52,35 +53,15 @@ def summarize(values) -> dict:
 
 
 # -- the suite under test -------------------------------------------------------------------
-def own_config(workers: int, fsync: str, extra_types=(), postgres_url: str = "",
-               more_handlers: dict | None = None, sections: str = "") -> str:
-    """`more_handlers`: type -> handler, served by the default group too; `sections`:
-    further TOML tables (their own pool groups, providers, routing)."""
-    more_handlers = more_handlers or {}
-    types = ["echo", "sleep", "simulated_agent", "fail", *extra_types, *more_handlers]
-    handlers = "".join(f'{t} = "{SYNTHETIC_HANDLER}"\n' for t in extra_types) + "".join(
-        f'{t} = "{h}"\n' for t, h in more_handlers.items())
-    return (
-        "# written by cortex.loadtest\n"
-        f'[suite]\nfsync = "{fsync}"\n'
-        # The priority scenario floods one type with ~2,000 tasks: above the default 500.
-        "[scheduler]\nmax_queue_per_type = 100000\n"
-        f"[pool.groups.default]\ncount = {workers}\n"
-        f"types = [{', '.join(repr(t).replace(chr(39), chr(34)) for t in types)}]\n"
-        + (f"[handlers]\n{handlers}" if handlers else "")
-        + (f'[events]\npostgres_url = "{postgres_url}"\n' if postgres_url else "")
-        + sections)
-
-
 class Target:
     """The suite a load test drives: its own (started in a temporary home, stopped at the
     end, checked for leftovers) or an existing one (`home`), which is left running."""
 
     def __init__(self, home: str | None = None, workers: int = 20, fsync: str = "group",
                  extra_types=(), keep_home: bool = False, postgres_url: str = "",
-                 configure=None):
+                 configure=None, tcp: bool = False):
         """`configure(home)`: (handlers, sections) for own_config, written into a home of
-        our own (the mixed scenario's shares)."""
+        our own (the mixed scenario's shares); `tcp`: the suite on tcp with CurveZMQ."""
         self.owned = home is None
         self.workers = workers
         self.keep_home = keep_home
@@ -88,8 +69,13 @@ class Target:
             become_subreaper()
             self.home = Path(tempfile.mkdtemp(prefix="cxlt", dir="/tmp"))
             more, sections = configure(self.home) if configure else ({}, "")
-            (self.home / "cortex.toml").write_text(own_config(workers, fsync, extra_types,
-                                                              postgres_url, more, sections))
+            (self.home / "cortex.toml").write_text(own_config(
+                workers, fsync, extra_types, postgres_url, more, sections,
+                tcp_bus() if tcp else ""))
+            if tcp:  # the suite's key pair, made as a user would (`cortex keys make`)
+                subprocess.run([sys.executable, "-m", "cortex.services.cli", "--home",
+                                str(self.home), "keys", "make"], check=True,
+                               capture_output=True, timeout=60)
         else:
             self.home = Path(home).absolute()
         self.suite = Suite(self.home)

@@ -19,7 +19,7 @@ from collections import deque
 import zmq
 
 from cortex.protocol import wire
-from cortex.protocol.peer import make_socket, recv_frames, send_frames
+from cortex.protocol.peer import CurveKeys, make_socket, recv_frames, send_frames, use_keys
 
 log = logging.getLogger(__name__)
 
@@ -32,12 +32,13 @@ MAX_UNACKED = 1_000_000  # past this the oldest are dropped and counted (a visib
 
 class EventPublisher:
     def __init__(self, ctx: zmq.Context, endpoint: str, source: str, epoch: int,
-                 secret: str | None = None):
+                 secret: str | None = None, keys: CurveKeys | None = None):
         self.source = source
         self.secret = secret
         self.epoch = epoch
         self.seq = 0
         self.socket = make_socket(ctx, zmq.DEALER)  # libzmq picks the routing id
+        use_keys(self.socket, keys)  # CurveZMQ on tcp
         self.socket.connect(endpoint)
         self._pending: list[dict] = []  # emitted, not yet sent
         self._unacked: deque[dict] = deque()  # sent, not yet acknowledged

@@ -31,6 +31,7 @@ from . import (  # noqa: F401
     demo,
     events,
     fleet,
+    keys,
     lifecycle,
     logs,
     model,

@@ -27,6 +27,7 @@ import zmq
 from cortex.protocol import wire
 from cortex.protocol.peer import make_socket, recv_frames
 from cortex.services.events.metrics import BOUNDS, STAGES, Metrics
+from cortex.services.runtime.curve import Listeners
 from cortex.services.runtime.durable import write_atomic
 from cortex.services.runtime.effects import Effects
 from cortex.services.runtime.entry import serve
@@ -179,9 +180,13 @@ class EventRouter(BusService):
         self.live_endpoint = self.rt.endpoints["events_live"]
         for endpoint in (self.fan_in_endpoint, self.live_endpoint):
             self.rt.remove_socket(endpoint)
+        # On tcp both listen with CurveZMQ, admitting the keys the allow-list holds.
+        self.listeners = Listeners(ctx, self.rt.home, self.log)
         self.fan_in = make_socket(ctx, zmq.ROUTER)
+        self.listeners.serve(self.fan_in, self.fan_in_endpoint)
         self.fan_in.bind(self.fan_in_endpoint)
         self.live = make_socket(ctx, zmq.XPUB)
+        self.listeners.serve(self.live, self.live_endpoint, track=True)
         self.live.bind(self.live_endpoint)
         self.poller.register(self.fan_in, zmq.POLLIN)
         self.poller.register(self.live, zmq.POLLIN)
@@ -406,6 +411,7 @@ class EventRouter(BusService):
             self.metrics.set_suite(budgets=budgets)
 
     def on_tick(self, fx: Effects, now: float) -> float:
+        self.listeners.cut_if_revoked()  # live subscribers of a revoked key: cut off
         mono = time.monotonic()
         self.poll_suite(fx, mono)
         queries = self.answer_queries(fx) if self.answers else 1.0
@@ -452,6 +458,7 @@ class EventRouter(BusService):
             # would only wait out its poll interval.
             (self.rt.home / "run" / "metrics.url").unlink(missing_ok=True)
             (self.rt.home / "run" / "metrics.token").unlink(missing_ok=True)
+        self.listeners.stop()
         self.fan_in.close(linger=0)
         self.live.close(linger=0)
         self.rt.remove_socket(self.fan_in_endpoint)
