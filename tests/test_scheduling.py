@@ -1681,3 +1681,16 @@ def test_memory_a_task_already_took_is_not_held_twice():
     assert sim.state.holds.held(mon.latest)["memory_mb"] == pytest.approx(1000.0)
     later = mon.readings(mon.sampled_at + 1.0)  # the worker grew by 800 MB meanwhile
     assert sim.state.holds.held(later)["memory_mb"] == pytest.approx(200.0)
+
+
+def test_an_idle_scheduler_trims_old_results_at_its_timeout_scan():
+    sim = Sim(keep_results=60.0)
+    sim.ready("w1")
+    task = sim.add(description="kept a minute")
+    sim.started("w1", task)
+    sim.finish("w1", task)
+    assert task.result is not None and not task.trimmed
+    sim.tick(30.0)
+    assert task.result is not None  # within keep_results
+    sim.tick(61.0)  # nothing submitted or finished since: the scan alone trims it
+    assert task.trimmed and task.result is None and task.payload is None

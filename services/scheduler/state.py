@@ -258,6 +258,7 @@ class SchedulerState(ClientRequests, Reports):
         if not self.watch.scan_due(now.mono):
             return max(0.0, min(next_due, self.watch.next_scan) - now.mono)
         self.ledger.resend_due(fx, now.mono)
+        self.table.trim(now.wall)  # an idle suite lets go of old results too
         soonest = self.waiters.expire(fx, self.tasks, now.mono)
         if soonest is not None:
             next_due = min(next_due, soonest)

@@ -10,8 +10,9 @@ Finished tasks keep a bounded size: once a task has been finished `keep_results`
 or when the finished tasks' payloads and results pass `keep_results_mb`, its payload and
 result leave memory (and so every later snapshot) and it is marked `trimmed`; its result
 stays in the event log (`task.completed` carries it). Trimming happens as tasks are added
-and finished, never to the task finishing now (its waiters get the result), and again
-after recovery; it is not journaled, since it only drops what the log keeps.
+and finished, at the timeout scan (so an idle suite lets go too), and again after
+recovery, never to the task finishing now (its waiters get the result); it is not
+journaled, since it only drops what the log keeps.
 """
 
 from __future__ import annotations
