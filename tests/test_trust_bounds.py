@@ -151,6 +151,22 @@ def test_a_trimmed_task_says_so_and_the_client_reads_its_result_from_the_log(sui
         recent = c.call("events", "events.recent", {"n": 10_000})
         done = [e for e in recent["events"] if e["type"] == "task.completed"]
         assert done and all(e["data"]["result_in_log"] for e in done)
+    # The dashboard's task page shows the result the log keeps.
+    import urllib.request
+
+    import orjson
+
+    url = (suite.home / "run" / "dashboard.url").read_text().strip()
+    base, _, token = url.partition("/?token=")
+    request = urllib.request.Request(f"{base}/api/task/{first['id']}",
+                                     headers={"X-Cortex-Token": token})
+
+    def shown():  # the trace is read from the log, which may be a moment behind
+        with urllib.request.urlopen(request, timeout=30) as response:
+            task = orjson.loads(response.read())["task"]
+        return task if task.get("result") is not None else None
+    task = wait_for(shown, 30, "the result on the dashboard's task page")
+    assert task["trimmed"] and task["result"] == {"big": "z" * 200_000}
 
 
 def rss_mb(pid: int) -> float:

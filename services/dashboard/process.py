@@ -264,6 +264,10 @@ class Dashboard:
             trace = events
         if task is None and not trace["events"]:
             return error_response("not_found", f"no task {task_id} (nor any event of it)")
+        if task is not None and task.get("trimmed"):  # the scheduler let go: the log has it
+            ended = [e for e in trace["events"] if e.get("type") == "task.completed"]
+            if ended:
+                task = {**task, "result": ended[-1].get("data", {}).get("result")}
         return json_response({"task": task, "reservation": reservation, "trace": trace,
                               "now": time.time()})
 
