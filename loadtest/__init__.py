@@ -14,7 +14,7 @@ report.json keys (schema "cortex.loadtest/1"; every figure is the median over --
 - ``idle_cpu`` {before, after}: {seconds, cpu_s, fraction_of_core, by_role} of the suite
   over a quiet period before and after the load;
 - ``targets``: [{scenario, metric, what, op, target, unit, value, met, peers}] against
-  DESIGN.md "Targets";
+  docs/targets.md;
 - ``scenarios.<name>`` (latency, rate, noop, onetype, utilization, priority, mixed, chaos):
   ``agents``, ``agent_processes``, ``workers``, ``wall_s`` (first submit to last result),
   ``throughput`` (completed / wall_s), ``completion_rate`` (completed / planned),

@@ -41,7 +41,7 @@ from aiohttp import WSMsgType, web
 
 from cortex.protocol import errors, locate
 from cortex.protocol.client import AsyncClient
-from cortex.protocol.peer import make_socket, recv_frames, unique_name
+from cortex.protocol.peer import keys_for, make_socket, recv_frames, unique_name, use_keys
 from cortex.services.dashboard.state import (
     PAGE_EVENTS,
     BadInput,
@@ -269,6 +269,10 @@ class Dashboard:
             trace = events
         if task is None and not trace["events"]:
             return error_response("not_found", f"no task {task_id} (nor any event of it)")
+        if task is not None and task.get("trimmed"):  # the scheduler let go: the log has it
+            ended = [e for e in trace["events"] if e.get("type") == "task.completed"]
+            if ended:
+                task = {**task, "result": ended[-1].get("data", {}).get("result")}
         return json_response({"task": task, "reservation": reservation, "trace": trace,
                               "now": time.time()})
 
@@ -380,7 +384,9 @@ class Dashboard:
         sub = make_socket(ctx, zmq.SUB)
         sub.setsockopt(zmq.RCVHWM, SUB_HWM)
         sub.setsockopt(zmq.SUBSCRIBE, b"")
-        sub.connect(locate.endpoints(self.home)["events_live"])
+        endpoint = locate.endpoints(self.home)["events_live"]
+        use_keys(sub, keys_for(self.home, endpoint))  # CurveZMQ on tcp
+        sub.connect(endpoint)
         loop = asyncio.get_running_loop()
         loop.add_reader(sub.getsockopt(zmq.FD), self.drain, sub)
         loop.call_soon(self.drain, sub)

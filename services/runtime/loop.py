@@ -26,7 +26,7 @@ import zmq
 
 from cortex.protocol import wire
 from cortex.protocol.catalogue import Catalogue
-from cortex.protocol.peer import BusLink, poll_ms, recv_frames
+from cortex.protocol.peer import BusLink, own_keys, poll_ms, recv_frames
 from cortex.protocol.publisher import EventPublisher
 from cortex.services.runtime.durable import remove_temp_files
 from cortex.services.runtime.effects import Effects
@@ -57,10 +57,12 @@ class BusService:
         self.log = self.rt.log
         ctx = self.rt.ctx
         secret = suite_secret(self.rt.home)
-        self.link = BusLink(ctx, self.rt.endpoints["bus"], self.name, "service",
-                            interval=self.settings.suite.heartbeat_interval, secret=secret)
-        self.events = EventPublisher(ctx, self.rt.endpoints["events_in"], self.name,
-                                     self.rt.epoch, secret=secret)
+        bus, events_in = self.rt.endpoints["bus"], self.rt.endpoints["events_in"]
+        self.link = BusLink(ctx, bus, self.name, "service",
+                            interval=self.settings.suite.heartbeat_interval, secret=secret,
+                            keys=own_keys(self.rt.home, bus))
+        self.events = EventPublisher(ctx, events_in, self.name, self.rt.epoch, secret=secret,
+                                     keys=own_keys(self.rt.home, events_in))
         self.catalogue, self.handlers = self._handler_table()
         self.poller = zmq.Poller()
         self.poller.register(self.link.socket, zmq.POLLIN)

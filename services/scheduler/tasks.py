@@ -96,6 +96,9 @@ class Task:
     size: int = 0  # bytes of the submit request (the predictor's payload-size feature)
     predicted: dict | None = None  # duration, tokens, memory_mb, cpu, source
     actual: dict | None = None  # the same, measured, once it ran
+    routing: dict | None = None  # submitted as "auto": the type chosen and why (routing.py)
+    digest: str = ""  # of the submit's content (its key with other content: `conflict`)
+    trimmed: bool = False  # finished, payload and result dropped: the result is in the log
 
     @property
     def final(self) -> bool:
