@@ -14,7 +14,7 @@ report.json keys (schema "cortex.loadtest/1"; every figure is the median over --
 - ``idle_cpu`` {before, after}: {seconds, cpu_s, fraction_of_core, by_role} of the suite
   over a quiet period before and after the load;
 - ``targets``: [{scenario, metric, what, op, target, unit, value, met, peers}] against
-  DESIGN.md "Targets";
+  docs/targets.md;
 - ``scenarios.<name>`` (latency, rate, noop, onetype, utilization, priority, mixed, chaos):
   ``agents``, ``agent_processes``, ``workers``, ``wall_s`` (first submit to last result),
   ``throughput`` (completed / wall_s), ``completion_rate`` (completed / planned),
@@ -33,7 +33,9 @@ report.json keys (schema "cortex.loadtest/1"; every figure is the median over --
   waited for cpu, memory or tokens), by_reason {reason: {events, tasks}}},
   ``resources`` {cpu_s by role,
   peak_rss_mb by service, workers_peak_rss_mb, suite_peak_rss_mb (sum of RSS),
-  memory_at_end {rss_mb, pss_mb}, harness_cpu_s}, ``lost_ids``, ``duplicated_ids``;
+  memory_at_end {rss_mb, pss_mb}, harness_cpu_s, cpu_ms_per_task {role: ms of CPU per
+  completed task, agents (the harness and its agent processes), suite (the suite's
+  processes but model training)}}, ``lost_ids``, ``duplicated_ids``;
   plus ``rate`` {offered, achieved_submit_rate, submit_lag_ms}, ``priority``
   {critical_wait_ms, low_wait_ms, flood_queued_at_critical_submit, ...}, ``noop_phase``
   (onetype: the no-ops after the sleeps, {tasks, completed, throughput, coordination_ms}),

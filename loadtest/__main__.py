@@ -82,6 +82,8 @@ def parse(argv=None):
                         "without one, the events page unless this names another)")
     p.add_argument("--out", default="loadtest-report", help="output directory")
     p.add_argument("--no-charts", action="store_true", help="skip the PNG charts")
+    p.add_argument("--tcp", action="store_true",
+                   help="run its own suite on tcp://127.0.0.1 with CurveZMQ keys")
     p.add_argument("--quiet", action="store_true", help="no progress line")
     p.add_argument("--keep-home", action="store_true", help="keep the temporary home")
     p.add_argument("--idle-seconds", type=float, default=3.0)
@@ -133,11 +135,29 @@ def _main(args) -> int:
     from .workloads import SYNTHETIC_TYPES
 
     extra_types = sorted(SYNTHETIC_TYPES) if "mixed" in args.scenarios else ()
+    server, configure = None, None
+    if "mixed" in args.scenarios and args.home is None:  # the llm and auto shares
+        from . import shares
+        from .openai_server import OpenAIServer
+
+        server = OpenAIServer().start()
+
+        def configure(home):
+            return shares.suite_config(home, server.base_url)
+    args._openai_server = server
+    try:
+        return _runs(args, out, notes, runs, extra_types, configure)
+    finally:
+        if server is not None:
+            server.stop()
+
+
+def _runs(args, out, notes, runs, extra_types, configure) -> int:
     for i in range(args.runs):
         print(f"== run {i + 1} of {args.runs}", file=sys.stderr)
         target = Target(args.home, workers=args.workers, fsync=args.fsync,
                         extra_types=extra_types, keep_home=args.keep_home,
-                        postgres_url=args.postgres_url)
+                        postgres_url=args.postgres_url, configure=configure, tcp=args.tcp)
         with target:
             if not target.owned:
                 args.workers = target.workers = _count_workers(target)

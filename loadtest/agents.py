@@ -109,7 +109,7 @@ def new_record(job: Job, agent: str) -> dict:
             "code": None, "state": None, "category": None, "attempt": None,
             "created": None, "dispatched": None, "started": None, "ended": None,
             "tokens_used": 0, "worker": None, "duration": None, "predicted": None,
-            "actual": None}
+            "actual": None, "ran_as": None, "routing": None}
 
 
 def fill_final(rec: dict, task: dict) -> None:
@@ -120,6 +120,8 @@ def fill_final(rec: dict, task: dict) -> None:
     rec["tokens_used"] = task.get("tokens_used") or 0
     rec["predicted"] = task.get("predicted")  # what the scheduler expected, and from where
     rec["actual"] = task.get("actual")
+    rec["ran_as"] = task.get("type")  # an `auto` task: the type the scheduler chose
+    rec["routing"] = task.get("routing")
     rec["created"] = times.get("created", rec["created"])
     rec["dispatched"] = times.get("dispatched")
     rec["started"] = times.get("started")

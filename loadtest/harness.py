@@ -15,6 +15,8 @@ import math
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -28,8 +30,7 @@ from cortex.protocol import Client, errors
 from cortex.services.control import Suite, SuiteError, become_subreaper, reap_orphans, zombies
 
 from .agents import FINAL_STATES, fill_final
-
-SYNTHETIC_HANDLER = "cortex.services.pool.handlers:simulated_agent"
+from .suiteconfig import own_config, tcp_bus
 
 
 # -- statistics ---------------------------------------------------------------------------
@@ -51,35 +52,43 @@ def summarize(values) -> dict:
             "p99": round(percentile(xs, 99), 4), "max": round(xs[-1], 4)}
 
 
+def cpu_per_task(cpu_s: dict, agents_cpu_s: float, completed: int) -> dict:
+    """Milliseconds of CPU per completed task by process (role), the agents (the harness
+    and its agent processes) among them, and `suite`: the suite's own processes (model
+    training, which is not work done for tasks, left out)."""
+    if not completed:
+        return {}
+    per = {role: round(1000 * s / completed, 4) for role, s in sorted(cpu_s.items())}
+    per["agents"] = round(1000 * agents_cpu_s / completed, 4)
+    per["suite"] = round(1000 * sum(s for role, s in cpu_s.items()
+                                    if role != "model-training") / completed, 4)
+    return per
+
+
 # -- the suite under test -------------------------------------------------------------------
-def own_config(workers: int, fsync: str, extra_types=(), postgres_url: str = "") -> str:
-    types = ["echo", "sleep", "simulated_agent", "fail", *extra_types]
-    handlers = "".join(f'{t} = "{SYNTHETIC_HANDLER}"\n' for t in extra_types)
-    return (
-        "# written by cortex.loadtest\n"
-        f'[suite]\nfsync = "{fsync}"\n'
-        # The priority scenario floods one type with ~2,000 tasks: above the default 500.
-        "[scheduler]\nmax_queue_per_type = 100000\n"
-        f"[pool.groups.default]\ncount = {workers}\n"
-        f"types = [{', '.join(repr(t).replace(chr(39), chr(34)) for t in types)}]\n"
-        + (f"[handlers]\n{handlers}" if handlers else "")
-        + (f'[events]\npostgres_url = "{postgres_url}"\n' if postgres_url else ""))
-
-
 class Target:
     """The suite a load test drives: its own (started in a temporary home, stopped at the
     end, checked for leftovers) or an existing one (`home`), which is left running."""
 
     def __init__(self, home: str | None = None, workers: int = 20, fsync: str = "group",
-                 extra_types=(), keep_home: bool = False, postgres_url: str = ""):
+                 extra_types=(), keep_home: bool = False, postgres_url: str = "",
+                 configure=None, tcp: bool = False):
+        """`configure(home)`: (handlers, sections) for own_config, written into a home of
+        our own (the mixed scenario's shares); `tcp`: the suite on tcp with CurveZMQ."""
         self.owned = home is None
         self.workers = workers
         self.keep_home = keep_home
         if self.owned:
             become_subreaper()
             self.home = Path(tempfile.mkdtemp(prefix="cxlt", dir="/tmp"))
-            (self.home / "cortex.toml").write_text(own_config(workers, fsync, extra_types,
-                                                              postgres_url))
+            more, sections = configure(self.home) if configure else ({}, "")
+            (self.home / "cortex.toml").write_text(own_config(
+                workers, fsync, extra_types, postgres_url, more, sections,
+                tcp_bus() if tcp else ""))
+            if tcp:  # the suite's key pair, made as a user would (`cortex keys make`)
+                subprocess.run([sys.executable, "-m", "cortex.services.cli", "--home",
+                                str(self.home), "keys", "make"], check=True,
+                               capture_output=True, timeout=60)
         else:
             self.home = Path(home).absolute()
         self.suite = Suite(self.home)
@@ -563,7 +572,9 @@ def measure(name: str, target: Target, records: list[dict], t0: float, t_end: fl
                    "over_allocated_samples": sampler_out.pop("over_allocated_samples", 0)},
         "events": events,
         "waiting": waiting,
-        "resources": {**sampler_out, "harness_cpu_s": round(harness_cpu_s, 3)},
+        "resources": {**sampler_out, "harness_cpu_s": round(harness_cpu_s, 3),
+                      "cpu_ms_per_task": cpu_per_task(sampler_out.get("cpu_s") or {},
+                                                      harness_cpu_s, len(completed))},
         "lost_ids": [r["id"] for r in lost][:50],
         "duplicated_ids": duplicated[:50],
     }

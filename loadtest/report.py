@@ -1,4 +1,4 @@
-"""The report: medians over runs, targets from DESIGN.md, report.json and report.md."""
+"""The report: medians over runs, targets from docs/targets.md, report.json and report.md."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import psutil
 
 SCHEMA = "cortex.loadtest/1"
 
-# (scenario, key path, op, threshold, unit, what, peers from DESIGN.md)
+# (scenario, key path, op, threshold, unit, what, peers from docs/targets.md)
 TARGETS = [
     ("latency", "latency_ms.coordination.p50", "<=", 0.6, "ms",
      "submit -> handler start P50, one agent, durable",
@@ -40,6 +40,10 @@ TARGETS = [
      "model-predicted durations within ±25 % (measurement phase)", ""),
     ("mixed", "prediction.tokens_within_25pct", ">=", 0.80, "",
      "model-predicted tokens within ±25 % (measurement phase)", ""),
+    ("mixed", "routing.accuracy", ">=", 0.945, "",
+     "auto tasks run as the type they were written for", "the replaced router 0.945"),
+    ("mixed", "llm.max_in_any_window", "<=", 5, "requests",
+     "llm requests let through in any 2 s window (provider limit 5)", ""),
     ("events", "events.per_s", ">=", 10000.0, "events/s",
      "events sustained into JSONL (and PostgreSQL when configured), acknowledged", ""),
     ("*", "tasks.lost", "==", 0, "", "tasks lost", ""),
@@ -228,6 +232,9 @@ def markdown(report: dict, charts: list[str]) -> str:
                                   (res.get("peak_rss_mb") or {}).items())
                       + f", workers (sum) {_fmt(res.get('workers_peak_rss_mb'))}, suite "
                         f"{_fmt(res.get('suite_peak_rss_mb'))}.", ""]
+            if res.get("cpu_ms_per_task"):
+                lines += ["CPU ms per task: " + ", ".join(
+                    f"{k} {_fmt(v)}" for k, v in res["cpu_ms_per_task"].items()) + ".", ""]
             board_cpu = (res.get("cpu_s") or {}).get("dashboard")
             if board_cpu is not None and s.get("wall_s"):
                 lines += [f"Dashboard CPU: {_fmt(board_cpu)} s over the run "
@@ -248,7 +255,8 @@ def markdown(report: dict, charts: list[str]) -> str:
                 f"; {reason} {row['tasks']} ({row['events']} waiting events)"
                 for reason, row in (waiting.get("by_reason") or {}).items()) + ".", ""]
             for key in ("priority", "rate", "chaos", "phases", "model_training",
-                        "prediction", "prediction_training_phase", "noop_phase"):
+                        "prediction", "prediction_training_phase", "noop_phase", "llm",
+                        "routing"):
                 if s.get(key):
                     lines += [f"{key}: `{json.dumps(s[key])}`", ""]
         else:
@@ -264,7 +272,7 @@ def markdown(report: dict, charts: list[str]) -> str:
             lines.append("")
         rows = by_scen.get(name, [])
         if rows:
-            lines += ["| target | metric | value | target | met | peers (DESIGN.md) |",
+            lines += ["| target | metric | value | target | met | peers (docs/targets.md) |",
                       "|---|---|---|---|---|---|"]
             for t in rows:
                 mark = "met" if t["met"] else ("not met" if t["met"] is False else "n/a")

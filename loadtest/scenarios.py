@@ -14,7 +14,7 @@ import time
 
 import psutil
 
-from . import harness, viewer
+from . import harness, shares, viewer
 from .agents import AgentPlan, Job, Options, Progress, Sync, run_agents
 from .learning import (
     _training_line,
@@ -331,6 +331,18 @@ class Session:
         jobs = [mixed_job(row, rng, kinds, self.args.mixed_scale)
                 for row in synthetic_workload(self.args.tasks, seed=self.seed)]
         train_jobs, measure_jobs = jobs[:n_train], jobs[n_train:]
+        # The llm and auto shares, dealt into both phases at random places.
+        extra_jobs = shares.jobs(self.args.tasks, rng, kinds)
+        for job in extra_jobs:
+            phase = train_jobs if not measure_jobs or rng.random() < 0.5 else measure_jobs
+            phase.insert(rng.randrange(len(phase) + 1), job)
+        router = None
+        if any(j.type == "auto" for j in extra_jobs):  # trained at the suite's start
+            from cortex.protocol import Client
+
+            with Client(self.target.home, timeout=10) as client:
+                router = shares.wait_for_router(client)
+        offsets = harness.event_offsets(self.target.home)
         agents = self.args.agents
         training: dict = {}
 
@@ -341,6 +353,10 @@ class Session:
                       flush=True)
 
         def extra(records):
+            shared = shares.report(records, self.target.home, offsets,
+                                   getattr(self.args, "_openai_server", None), router)
+            records = [r for r in records if r["tag"] != "llm"
+                       and not r["tag"].startswith("auto:")]  # not the predictor's work
             by_type: dict[str, dict] = {}
             for r in records:
                 row = by_type.setdefault(r["tag"], {"tasks": 0, "completed": 0, "e2e": []})
@@ -363,7 +379,7 @@ class Session:
                         [r for r in records if r.get("phase", 0) == 0]),
                     "model_training": training or None,
                     "intended_failures": sum(1 for j in jobs if j.tag == "fail" or (
-                        isinstance(j.payload, dict) and j.payload.get("fail")))}
+                        isinstance(j.payload, dict) and j.payload.get("fail"))), **shared}
 
         then = [(retrain, split(measure_jobs, agents, "mixed-m"))] if measure_jobs else []
         return self.execute("mixed", split(train_jobs, agents, "mixed"), self.options(),

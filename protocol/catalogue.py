@@ -271,11 +271,14 @@ OPERATIONS = [
         F("deadline", Num(0, 1e11)), F("payload", Json()), F("agent", AGENT),
         F("wait", Num(0, 60), default=0.0)),
         ("the task; same key again: the same task (different content: `conflict`). With "
-         "`wait`: the task when it ends or `wait` is up, as `task.wait`. Errors: "
-         "`queue_full`, `rejected` (with the estimated start)")),
+         "`wait`: the task when it ends or `wait` is up, as `task.wait`. Type `auto`: the "
+         "scheduler chooses it from the description (`routing` in the task). Errors: "
+         "`queue_full`, `rejected` (with the estimated start; for `auto`, with the "
+         "candidate types)")),
     Operation("task.status", "scheduler", wire.REQUEST, ANY, (F("id", TASK_ID, True),),
               ("the task: `state`, `waiting` and `waiting_detail`, `eta`, `progress`, "
-               "`message`")),
+               "`message`; `trimmed`: finished a while ago, its payload and result dropped "
+               "(the result is in its `task.completed` event)")),
     Operation("task.wait", "scheduler", wire.REQUEST, ANY, (
         F("id", TASK_ID, True), F("hold", Num(0, 60), default=0.0)),
         "the task when it ends or when `hold` is up (`final` tells which)"),
@@ -293,9 +296,14 @@ OPERATIONS = [
     Operation("worker.list", "scheduler", wire.REQUEST, ANY, (),
               "workers (`state`: idle, claimed, busy, leaving)"),
     Operation("scheduler.status", "scheduler", wire.REQUEST, ANY, (),
-              "queues, states, waiting reasons, counters"),
+              "queues, states, waiting reasons, counters, `providers` (their windows)"),
     Operation("model.status", "scheduler", wire.REQUEST, ANY, (),
-              "models (trained on what, when, held-out accuracy), `training`, `last_failure`"),
+              ("models (trained on what, when, held-out accuracy), `training`, "
+               "`last_failure`; `routing`: the router's held-out accuracy and confusion")),
+    Operation("route.explain", "scheduler", wire.REQUEST, ANY, (
+        F("description", Str(MAX_TEXT), True), F("words", Int(1, 20), default=5)),
+        ("how a description would be routed: `type`, `confidence`, `runner_up`, `top`, "
+         "and per top type the `words` that weighed most (error `unavailable`: no router)")),
     Operation("model.train", "scheduler", wire.REQUEST, CLIENTS, (),
               "retrain now, in a child (`{started, reason}`: why it did not start)"),
     # -- scheduler: workers ----------------------------------------------------------------
@@ -367,8 +375,10 @@ OPERATIONS = [
               "a task's reservation"),
     # -- event router ----------------------------------------------------------------------
     Operation("events.recent", "events", wire.REQUEST, ANY, (
-        F("n", Int(1, 10_000), default=100), F("type", Str(200))),
-        "the last events from the ring buffer"),
+        F("n", Int(1, 10_000), default=100), F("type", Str(200)), F("before", Int())),
+        ("`{events, more, before}`: the last events from the ring buffer (before position "
+         "`before`), oldest first, as many as fit one message; `more`: older ones remain, "
+         "asked with `before`")),
     Operation("events.status", "events", wire.REQUEST, ANY, (), "counters, PostgreSQL"),
     Operation("events.metrics", "events", wire.REQUEST, ANY, (
         F("buckets", Bool(), default=False),), "latency summaries (`buckets`: histograms)"),

@@ -30,23 +30,30 @@ from . import errors, locate
 from .calls import CONNECT_TIMEOUT, Session, drive, drive_async, exchange, within
 from .live import AsyncSubscription, Subscription
 from .operations import Plans
-from .peer import BusLink, TimedReceiver, recv_frames, send_frames, unique_name
+from .peer import BusLink, TimedReceiver, keys_for, recv_frames, send_frames, unique_name
 from .vocabulary import PRIORITIES  # noqa: F401 - part of the client's API
+
+SEND_WAIT_MS = 1000
 
 
 class _Face:
     """What both faces hold: where the suite is, who we are, the session and plans."""
 
     def __init__(self, home, name: str | None, agent: str | None, timeout: float,
-                 endpoint: str | None, connect_timeout: float):
+                 endpoint: str | None, connect_timeout: float, key_file):
         self.home = locate.find_home(home)
         self.endpoint = endpoint or locate.endpoints(self.home)["bus"]
+        # On tcp: CurveZMQ with the key file given, else $CORTEX_KEY_FILE, [bus] key_file
+        # or the suite's own key pair (on its machine).
+        self._key_file = key_file
+        self._keys = keys_for(self.home, self.endpoint, key_file)
         self.name = name or unique_name("client")
         self.agent = agent or os.environ.get("CORTEX_AGENT") or self.name
         self._session = Session(self.home, timeout=timeout, connect_timeout=connect_timeout)
         self._plans = Plans(self._session, self.agent)
         self._ctx = zmq.Context.instance()
-        self._link = BusLink(self._ctx, self.endpoint, self.name, "client", heartbeat=False)
+        self._link = BusLink(self._ctx, self.endpoint, self.name, "client", heartbeat=False,
+                             keys=self._keys)
 
     @property
     def timeout(self) -> float:
@@ -75,6 +82,10 @@ class _Face:
                                      f"({path} does not exist)")
         return endpoint
 
+    def _live_keys(self):
+        """The keys for the live events socket (None unless it is on tcp)."""
+        return keys_for(self.home, locate.endpoints(self.home)["events_live"], self._key_file)
+
 
 def _blocking(plan):
     """A sync face's method: runs the plan with blocking calls."""
@@ -98,13 +109,18 @@ class Client(_Face):
     `home`: the suite's home (default $CORTEX_HOME, else ./.cortex); `agent`: who the
     tasks are for (default $CORTEX_AGENT, else the client's name); `timeout`: seconds a
     call may take unless it says otherwise; `connect_timeout`: seconds to hear from a bus
-    never heard before, after which a call fails with Unavailable."""
+    never heard before, after which a call fails with Unavailable (naming the cause on
+    tcp: timeout, server key mismatch, not admitted); `key_file`: the CurveZMQ key file
+    for a suite on tcp (`cortex keys make`; default $CORTEX_KEY_FILE or [bus] key_file)."""
 
     def __init__(self, home=None, *, name: str | None = None, agent: str | None = None,
                  timeout: float = 30.0, endpoint: str | None = None,
-                 connect_timeout: float = CONNECT_TIMEOUT):
-        super().__init__(home, name, agent, timeout, endpoint, connect_timeout)
+                 connect_timeout: float = CONNECT_TIMEOUT, key_file=None):
+        super().__init__(home, name, agent, timeout, endpoint, connect_timeout, key_file)
         self._inbox = TimedReceiver(self._link.socket)
+        # A send waits at most this long: a DEALER with no connection (its handshakes
+        # refused) would block for ever; the call's re-send timer tries again.
+        self._link.socket.setsockopt(zmq.SNDTIMEO, SEND_WAIT_MS)
 
     call = _blocking(Plans.call)
     submit = _blocking(Plans.submit)
@@ -125,7 +141,8 @@ class Client(_Face):
         close it (or use it in a `with`). It connects now, not when first read, and ends
         after `timeout` seconds without an event when given. What the router published
         before is in `events.recent` (see `live.py`)."""
-        return Subscription(self._ctx, self._live_endpoint(pattern), pattern, within(timeout))
+        return Subscription(self._ctx, self._live_endpoint(pattern), pattern, within(timeout),
+                            keys=self._live_keys())
 
     def close(self) -> None:
         self._link.close()
@@ -139,10 +156,16 @@ class Client(_Face):
     # -- moving bytes and time -----------------------------------------------------------
     def _perform(self, request):
         self._check_running(self.endpoint)
-        return exchange(self._session, request, self._send, self._receive)
+        try:
+            return exchange(self._session, request, self._send, self._receive)
+        except (errors.Unavailable, errors.Timeout) as e:
+            raise self._link.explain(e) from None
 
     def _send(self, frames: list) -> None:
-        send_frames(self._link.socket, frames, block=True)
+        try:
+            send_frames(self._link.socket, frames, block=True)
+        except zmq.Again:
+            pass  # nothing takes messages now: re-sent until the call's deadline
 
     def _receive(self, seconds: float):
         parts = self._inbox.within(seconds)
@@ -159,8 +182,8 @@ class AsyncClient(_Face):
 
     def __init__(self, home=None, *, name: str | None = None, agent: str | None = None,
                  timeout: float = 30.0, endpoint: str | None = None,
-                 connect_timeout: float = CONNECT_TIMEOUT):
-        super().__init__(home, name, agent, timeout, endpoint, connect_timeout)
+                 connect_timeout: float = CONNECT_TIMEOUT, key_file=None):
+        super().__init__(home, name, agent, timeout, endpoint, connect_timeout, key_file)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wakers: dict[bytes, asyncio.Future] = {}  # corr -> the coroutine waiting on it
 
@@ -183,7 +206,7 @@ class AsyncClient(_Face):
         """As `Client.subscribe`, an async iterator (`async for`, `async with`); made
         inside the event loop that reads it."""
         return AsyncSubscription(self._ctx, self._live_endpoint(pattern), pattern,
-                                 within(timeout))
+                                 within(timeout), keys=self._live_keys())
 
     async def close(self) -> None:
         if self._loop is not None:
@@ -222,7 +245,10 @@ class AsyncClient(_Face):
                         self._wakers.pop(call.corr, None)
                 session.on_clock(call)
                 if call.done:
-                    return call.outcome()
+                    try:
+                        return call.outcome()
+                    except (errors.Unavailable, errors.Timeout) as e:
+                        raise self._link.explain(e) from None
                 now = session.clock()
         finally:
             session.forget(call)

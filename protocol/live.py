@@ -16,11 +16,13 @@ import asyncio
 import zmq
 
 from .calls import decode_event
-from .peer import TimedReceiver, has_message, make_socket, recv_frames
+from .peer import CurveKeys, TimedReceiver, has_message, make_socket, recv_frames, use_keys
 
 
-def _connect(ctx: zmq.Context, endpoint: str, pattern: str) -> zmq.Socket:
+def _connect(ctx: zmq.Context, endpoint: str, pattern: str,
+             keys: CurveKeys | None = None) -> zmq.Socket:
     sock = make_socket(ctx, zmq.SUB)
+    use_keys(sock, keys)
     sock.setsockopt(zmq.SUBSCRIBE, pattern.encode())
     sock.connect(endpoint)
     return sock
@@ -29,8 +31,9 @@ def _connect(ctx: zmq.Context, endpoint: str, pattern: str) -> zmq.Socket:
 class Subscription:
     """An iterator of live events (dicts) whose type starts with the pattern."""
 
-    def __init__(self, ctx: zmq.Context, endpoint: str, pattern: str, timeout: float | None):
-        self._socket = _connect(ctx, endpoint, pattern)
+    def __init__(self, ctx: zmq.Context, endpoint: str, pattern: str, timeout: float | None,
+                 keys: CurveKeys | None = None):
+        self._socket = _connect(ctx, endpoint, pattern, keys)
         self._receiver = TimedReceiver(self._socket)
         self.timeout = timeout
 
@@ -61,9 +64,10 @@ class Subscription:
 class AsyncSubscription:
     """An async iterator of live events; made inside the event loop that reads it."""
 
-    def __init__(self, ctx: zmq.Context, endpoint: str, pattern: str, timeout: float | None):
+    def __init__(self, ctx: zmq.Context, endpoint: str, pattern: str, timeout: float | None,
+                 keys: CurveKeys | None = None):
         self._loop = asyncio.get_running_loop()
-        self._socket = _connect(ctx, endpoint, pattern)
+        self._socket = _connect(ctx, endpoint, pattern, keys)
         self.timeout = timeout
         self._readable = asyncio.Event()
         self._fd = self._socket.getsockopt(zmq.FD)

@@ -41,6 +41,40 @@ def secret_path(home: Path) -> Path:
     return home / "run" / "suite.secret"
 
 
+def suite_key_path(home: Path) -> Path:
+    """The suite's CurveZMQ key pair (keys/suite.key, the owner's alone): the suite's
+    listening sockets serve with it on tcp, and its own processes connect with it."""
+    return home / "keys" / "suite.key"
+
+
+def is_tcp(endpoint: str) -> bool:
+    return endpoint.startswith("tcp://")
+
+
+def _bus_table(home: Path) -> dict:
+    cfg = home / "cortex.toml"
+    if not cfg.exists():
+        return {}
+    try:
+        with cfg.open("rb") as f:
+            bus = tomllib.load(f).get("bus", {})
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return {}  # the services report a bad config loudly; clients keep the defaults
+    return bus if isinstance(bus, dict) else {}
+
+
+def key_file(home: Path) -> Path | None:
+    """The key file a client of this home connects with over tcp: $CORTEX_KEY_FILE, else
+    `[bus] key_file` (relative to the home), else the suite's own key pair when this
+    user can read it (the suite's machine), else None."""
+    named = os.environ.get("CORTEX_KEY_FILE") or _bus_table(home).get("key_file")
+    if isinstance(named, str) and named:
+        path = Path(named).expanduser()
+        return path if path.is_absolute() else home / path
+    own = suite_key_path(home)
+    return own if os.access(own, os.R_OK) else None
+
+
 def ipc_path(endpoint: str) -> Path | None:
     """The socket file behind an ipc:// endpoint (None for any other transport)."""
     return Path(endpoint[len("ipc://"):]) if endpoint.startswith("ipc://") else None
@@ -54,16 +88,8 @@ def endpoints(home: Path) -> dict[str, str]:
         "events_in": ipc(run / "events-in.sock"),
         "events_live": ipc(run / "events.sock"),
     }
-    cfg = home / "cortex.toml"
-    if cfg.exists():
-        try:
-            with cfg.open("rb") as f:
-                bus = tomllib.load(f).get("bus", {})
-        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
-            bus = {}  # the services report a bad config loudly; clients keep the defaults
-        if not isinstance(bus, dict):
-            bus = {}
-        for key in result:
-            if isinstance(bus.get(key), str) and bus[key]:
-                result[key] = bus[key]
+    bus = _bus_table(home)
+    for key in result:
+        if isinstance(bus.get(key), str) and bus[key]:
+            result[key] = bus[key]
     return result

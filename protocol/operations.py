@@ -65,11 +65,12 @@ class Plans:
                              resend_after=hold + RESEND_AFTER)
         if not task.get("final"):
             task = yield from self._held_waits(task["id"], end, task)
-        return _ended(task, raise_on_failure)
+        return _ended((yield from self._result_from_log(task)), raise_on_failure)
 
     def status(self, task_id: str) -> dict:
         """The task as the scheduler sees it now (state, waiting reason, eta, ...)."""
-        return (yield Request("scheduler", "task.status", {"id": task_id}))
+        task = yield Request("scheduler", "task.status", {"id": task_id})
+        return (yield from self._result_from_log(task))
 
     def wait(self, task_id: str, timeout: float | None = None, *,
              raise_on_failure: bool = False) -> dict:
@@ -78,7 +79,7 @@ class Plans:
         for a task that did not complete when `raise_on_failure`."""
         end = self.session.clock() + self._span(timeout)
         task = yield from self._held_waits(task_id, end, None)
-        return _ended(task, raise_on_failure)
+        return _ended((yield from self._result_from_log(task)), raise_on_failure)
 
     def cancel(self, task_id: str) -> dict:
         """Cancel a queued or running task; returns it (an ended task is left as it is)."""
@@ -143,6 +144,20 @@ class Plans:
         if payload is not None:
             body["payload"] = payload
         return body
+
+    def _result_from_log(self, task: dict):
+        """A finished task the scheduler has trimmed (payload and result dropped after a
+        while) gets its result back from its `task.completed` event in the log."""
+        if not (task.get("trimmed") and task.get("state") == "completed"):
+            return task
+        try:
+            found = yield Request("events", "events.query", {
+                "task": task["id"], "type": "task.completed", "limit": 1, "newest": True})
+        except errors.CortexError:
+            return task  # the router is away: the task without its result, still trimmed
+        for event in found.get("events") or []:
+            return task | {"result": (event.get("data") or {}).get("result")}
+        return task
 
     def _held_waits(self, task_id: str, end: float, task: dict | None):
         """task.wait, each held up to WAIT_HOLD seconds, until the task ends or `end`."""

@@ -19,24 +19,27 @@ from collections import deque
 import zmq
 
 from cortex.protocol import wire
-from cortex.protocol.peer import make_socket, recv_frames, send_frames
+from cortex.protocol.peer import CurveKeys, make_socket, recv_frames, send_frames, use_keys
 
 log = logging.getLogger(__name__)
 
-BATCH_MAX = 500  # events per EVENTS message, well under the message size limit
+BATCH_MAX = 500  # events per EVENTS message
+BATCH_BYTES = wire.MAX_MESSAGE_BYTES - 64 * 1024  # and bytes, under the message size limit
 RESEND_AFTER = 1.0  # seconds without an acknowledgement before re-sending
 RESEND_MAX = 20_000  # events re-sent per silence, oldest first
+IDLE_WAKE = 3600.0  # seconds tick() asks to sleep with nothing unacknowledged
 MAX_UNACKED = 1_000_000  # past this the oldest are dropped and counted (a visible gap)
 
 
 class EventPublisher:
     def __init__(self, ctx: zmq.Context, endpoint: str, source: str, epoch: int,
-                 secret: str | None = None):
+                 secret: str | None = None, keys: CurveKeys | None = None):
         self.source = source
         self.secret = secret
         self.epoch = epoch
         self.seq = 0
         self.socket = make_socket(ctx, zmq.DEALER)  # libzmq picks the routing id
+        use_keys(self.socket, keys)  # CurveZMQ on tcp
         self.socket.connect(endpoint)
         self._pending: list[dict] = []  # emitted, not yet sent
         self._unacked: deque[dict] = deque()  # sent, not yet acknowledged
@@ -57,17 +60,29 @@ class EventPublisher:
 
     def _send(self, events: list[dict]) -> None:
         for i in range(0, len(events), BATCH_MAX):
-            chunk = events[i:i + BATCH_MAX]
-            try:
-                body = {"events": chunk}
-                if self.secret is not None:
-                    body["secret"] = self.secret
-                send_frames(self.socket, wire.frames(wire.EVENTS, b"events", b"", body))
-            except zmq.Again:
+            if not self._send_batch(events[i:i + BATCH_MAX]):
                 return  # the router is away: the resend timer will deliver them later
-            except (TypeError, ValueError) as e:
-                log.error("event batch not encodable, dropping %d events: %s", len(chunk), e)
-                self.dropped += len(chunk)
+
+    def _send_batch(self, chunk: list[dict]) -> bool:
+        """Send `chunk` in messages under the size limit (halved until each fits: an
+        event may carry a result of up to half a MiB); False if the router is away."""
+        body = {"events": chunk}
+        if self.secret is not None:
+            body["secret"] = self.secret
+        try:
+            frames = wire.frames(wire.EVENTS, b"events", b"", body)
+        except (TypeError, ValueError) as e:
+            log.error("event batch not encodable, dropping %d events: %s", len(chunk), e)
+            self.dropped += len(chunk)
+            return True
+        if len(frames[-1]) > BATCH_BYTES and len(chunk) > 1:
+            half = len(chunk) // 2
+            return self._send_batch(chunk[:half]) and self._send_batch(chunk[half:])
+        try:
+            send_frames(self.socket, frames)
+        except zmq.Again:
+            return False
+        return True
 
     def flush(self) -> None:
         """Send what was emitted since the last flush (call once per loop turn)."""
@@ -126,7 +141,7 @@ class EventPublisher:
     def tick(self, now: float) -> float:
         """Re-send the unacknowledged backlog after a silence; returns time to next check."""
         if not self._unacked:
-            return RESEND_AFTER
+            return IDLE_WAKE  # nothing to re-send: flush() starts the clock again
         due = self._head_since + RESEND_AFTER
         if now >= due:
             # Oldest first and bounded: the router acknowledges contiguous sequences only.

@@ -39,8 +39,10 @@ Types and who sends them:
 What each operation's body holds, who serves it and who may send it is the operation
 catalogue (catalogue.py); services check every body against it before a handler runs.
 
-Liveness (Paranoid Pirate): broker and every service or worker send HEARTBEAT every
-HEARTBEAT_INTERVAL; a peer not heard from for HEARTBEAT_LIVENESS intervals is dead.
+Liveness (Paranoid Pirate): the broker sends HEARTBEAT to every service and worker every
+HEARTBEAT_INTERVAL and each answers it at once with its own (one burst for the broker, not
+one wake-up per peer); a peer sends one unprompted only when the broker has been silent
+for an interval and a half. A peer not heard from for HEARTBEAT_LIVENESS intervals is dead.
 Clients send no heartbeats and the broker sends them none: it forgets a client silent
 for CLIENT_SILENCE seconds, and greets one that speaks again with WHO (the client says
 HELLO anew). A client that waits long asks again every few seconds (held task.wait), so

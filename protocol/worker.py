@@ -9,6 +9,9 @@
 
     Worker("summarize", summarize).run()   # until SIGTERM / stop()
 
+On another machine, with the suite on tcp: `Worker(..., home=..., key_file=...)` (or
+$CORTEX_KEY_FILE, or `[bus] key_file` in that home's cortex.toml): see docs/tcp.md.
+
 The pool's own workers are this same class. The handler runs in a thread of its own
 while the main thread keeps the bus: heartbeats to the broker, task heartbeats to the
 scheduler, progress, cancels. Messages to and from the scheduler (ops, all NOTIFY unless
@@ -43,7 +46,7 @@ import zmq
 
 from . import errors, locate, wire
 from .calls import Call, Request, Session
-from .peer import BusLink, make_socket, poll_ms, send_frames, unique_name
+from .peer import BusLink, keys_for, make_socket, poll_ms, send_frames, unique_name
 
 log = logging.getLogger(__name__)
 
@@ -202,7 +205,8 @@ class Worker:
     def __init__(self, task_type: str | dict, handler=None, *, home=None, name: str | None = None,
                  endpoint: str | None = None, heartbeat: float = TASK_HEARTBEAT,
                  max_tasks: int | None = None, max_rss_mb: float | None = None,
-                 idle_exit: float | None = None, install_signals: bool = True):
+                 idle_exit: float | None = None, install_signals: bool = True,
+                 key_file: str | None = None):
         # One type and its handler, or {type: handler} for a worker that takes several.
         self.handlers = dict(task_type) if isinstance(task_type, dict) else {task_type: handler}
         if not self.handlers or not all(callable(h) for h in self.handlers.values()):
@@ -216,8 +220,10 @@ class Worker:
         self.name = name or unique_name(f"w-{task_type}")[:wire.MAX_NAME_BYTES]
         home = locate.find_home(home)
         self._ctx = zmq.Context.instance()
-        self._link = BusLink(self._ctx, endpoint or locate.endpoints(home)["bus"], self.name,
-                             "worker")
+        endpoint = endpoint or locate.endpoints(home)["bus"]
+        # On tcp: CurveZMQ with `key_file`, else $CORTEX_KEY_FILE or [bus] key_file.
+        self._link = BusLink(self._ctx, endpoint, self.name, "worker",
+                             keys=keys_for(home, endpoint, key_file))
         self._inbox_addr = f"inproc://worker-{id(self)}"
         self._inbox = make_socket(self._ctx, zmq.PAIR)
         self._inbox.bind(self._inbox_addr)

@@ -23,11 +23,15 @@ become_subreaper()
 
 
 # What keeps a test out of the `pure` tier (logic alone, in seconds): fixtures that start
-# processes (a suite, PostgreSQL), a property search (hypothesis), and these modules.
+# processes (a suite, PostgreSQL), a fixture shared by a module (a suite or a trained
+# model, built once because it is costly), a property search (hypothesis), these modules.
 PROCESS_FIXTURES = frozenset({"suites", "suite", "shared_suite", "pg_server", "postgres_url"})
 NOT_PURE_MODULES = {
     "test_cli.py": "runs the cortex command in subprocesses",
     "test_prediction.py": "trains scikit-learn models",
+    "test_classify_rows.py": "trains the router in a child process",
+    "test_llm.py": "talks to a real HTTP server speaking the provider protocol",
+    "test_agents.py": "runs agents' command lines in subprocesses",
 }
 
 
@@ -60,6 +64,7 @@ def pytest_collection_modifyitems(config, items):
         if heavy and not run_heavy:
             item.add_marker(skip)
         if not (heavy or PROCESS_FIXTURES & set(item.fixturenames)
+                or _uses_a_wider_fixture(item)
                 or item.get_closest_marker("postgres") or item.get_closest_marker("processes")
                 or getattr(item.obj, "is_hypothesis_test", False)
                 or item.path.name in NOT_PURE_MODULES):

@@ -9,10 +9,10 @@ import numpy as np
 import orjson
 import pytest
 
+from cortex.loadtest.routing_data import TYPES, KeywordBaseline, labelled_descriptions, split
 from cortex.services.scheduler import classify
 from cortex.services.scheduler.classify import Route, decide
 from cortex.services.scheduler.classify_rows import RoutingError
-from tests.routing_data import TYPES, KeywordBaseline, labelled_descriptions, split
 
 SEED = 0
 

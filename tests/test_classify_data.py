@@ -6,8 +6,8 @@ from __future__ import annotations
 import re
 from collections import Counter
 
-from tests import routing_data
-from tests.routing_data import KeywordBaseline, labelled_descriptions, split, words_of
+from cortex.loadtest import routing_data
+from cortex.loadtest.routing_data import KeywordBaseline, labelled_descriptions, split, words_of
 
 SEED = 0
 

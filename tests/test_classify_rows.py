@@ -10,6 +10,7 @@ import time
 import orjson
 import pytest
 
+from cortex.loadtest.routing_data import labelled_descriptions, split
 from cortex.services.runtime.eventlog import EventLogWriter, read_events
 from cortex.services.scheduler import classify
 from cortex.services.scheduler.classify_rows import (
@@ -18,7 +19,6 @@ from cortex.services.scheduler.classify_rows import (
     read_examples,
     training_rows,
 )
-from tests.routing_data import labelled_descriptions, split
 
 
 def write_jsonl(path, rows) -> None:

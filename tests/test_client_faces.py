@@ -137,8 +137,12 @@ def test_submit_then_wait(shared_suite, face):
         assert done["state"] == "completed" and done["final"] is True
         assert done["result"] == {"face": face}
         assert done["agent"] == c.agent
-        again = await c.submit("echo", idempotency_key=done["key"])
-        assert again["id"] == task["id"]  # the same key is the same task
+        again = await c.submit("echo", "faces: submit", payload={"face": face}, tokens=5,
+                               idempotency_key=done["key"])
+        assert again["id"] == task["id"]  # the same key and content: the same task
+        with pytest.raises(errors.CortexError) as e:  # the same key, other content
+            await c.submit("echo", "faces: other", idempotency_key=done["key"])
+        assert e.value.code == "conflict"
 
     run_with(face, shared_suite.home, scenario)
 

@@ -72,13 +72,14 @@ max_wait = 60
 postgres_url = "postgresql://x@y/z"
 [bus]
 bus = "tcp://127.0.0.1:5555"
+insecure_tcp = true
 """))
     assert settings.suite.fsync == "always"
     assert settings.suite.heartbeat_interval == 2.0
     assert isinstance(settings.suite.heartbeat_interval, float)  # int accepted for a float
     assert settings.scheduler.max_queue_per_type == 7 and settings.scheduler.max_wait == 60.0
     assert settings.events.postgres_url == "postgresql://x@y/z"
-    assert settings.bus == BusSettings(bus="tcp://127.0.0.1:5555")
+    assert settings.bus == BusSettings(bus="tcp://127.0.0.1:5555", insecure_tcp=True)
 
 
 # --- unknown names are fatal --------------------------------------------------------------

@@ -15,11 +15,11 @@ import time
 
 import pytest
 
+from cortex.loadtest.openai_server import WORD, OpenAIServer, prompt_tokens
 from cortex.protocol.worker import BudgetExceeded, Cancelled, TaskContext, failure
 from cortex.services.pool import llm, providers
 from cortex.services.scheduler.ratelimit import Limits, RateLimits
 from tests.conftest import wait_for
-from tests.openai_server import WORD, OpenAIServer, prompt_tokens
 
 KEY = "sk-test-0123456789abcdef"
 

@@ -10,9 +10,9 @@ import subprocess
 import sys
 import time
 
+from cortex.loadtest.openai_server import OpenAIServer
 from cortex.protocol import Client
 from tests.conftest import wait_for
-from tests.openai_server import OpenAIServer
 
 FILE_KEY = "sk-live-file-key-1111222233334444"
 ENV_KEY = "sk-live-env-key-5555666677778888"

@@ -258,19 +258,23 @@ def test_prometheus_text_of_empty_metrics_parses():
 
 def test_http_endpoint_serves_metrics():
     m = busy_metrics()
-    stop = m.serve(0)
+    stop = m.serve(0, "tok")
+
+    def get(url):
+        return urllib.request.urlopen(urllib.request.Request(
+            url, headers={"Authorization": "Bearer tok"}), timeout=5)
     try:
         assert stop.port > 0 and stop.url == f"http://127.0.0.1:{stop.port}/metrics"
-        with urllib.request.urlopen(stop.url, timeout=5) as resp:
+        with get(stop.url) as resp:
             assert resp.status == 200
-            assert resp.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+            assert resp.headers["Content-Type"].startswith("text/plain; version=")
             body = resp.read()
         assert b"cortex_task_queue_seconds_bucket" in body
         m.set_gauge("postgres_lag", 7)  # every scrape renders anew
-        with urllib.request.urlopen(stop.url, timeout=5) as resp:
-            assert b"cortex_postgres_lag 7" in resp.read()
+        with get(stop.url) as resp:
+            assert b"cortex_postgres_lag 7.0" in resp.read()
         with pytest.raises(urllib.error.HTTPError) as err:
-            urllib.request.urlopen(f"http://127.0.0.1:{stop.port}/other", timeout=5)
+            get(f"http://127.0.0.1:{stop.port}/other")
         assert err.value.code == 404
     finally:
         stop()

@@ -136,3 +136,28 @@ def test_model_train_says_why_it_did_not_train(suite_home):
         status = wait_for(lambda: (s := c.call("scheduler", "model.status"))["last_failure"]
                           and not s["training"] and s, 60, "the failure kept")
         assert "min_samples" in status["last_failure"]["reason"]
+
+
+def test_cortex_tail_shows_a_handlers_progress_live(suite_home):
+    import subprocess
+    import sys
+
+    tail = subprocess.Popen([sys.executable, "-m", "cortex.services.cli", "--home",
+                             str(suite_home), "tail", "--type", "task.progress", "--count", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        # The tail says it follows once it has subscribed: only then is a live event seen.
+        assert "# following events" in tail.stderr.readline()
+        with Client(suite_home, timeout=30) as c:
+            task = c.submit("simulated_agent", "progress for the tail",
+                            payload={"seconds": 1.5, "steps": 15})
+            out, err = tail.communicate(timeout=60)
+            c.wait(task["id"], timeout=30)
+    finally:
+        if tail.poll() is None:
+            tail.kill()
+        tail.wait()
+    lines = out.splitlines()
+    assert tail.returncode == 0, err
+    assert len(lines) == 2 and all("task.progress" in line and task["id"] in line
+                                   for line in lines), out

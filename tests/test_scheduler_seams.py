@@ -71,9 +71,9 @@ def test_admission_remembers_refusals_and_journals_them():
     admission = Admission(SchedulerSettings(), counters)
     fx = Effects()
     admission.refuse(fx, b"p", b"c", request(key="no"), "queue_full", "full")
-    assert admission.refused("no") == ("queue_full", "full") and counters["rejected"] == 1
+    assert admission.refused("no") == ("queue_full", "full", "") and counters["rejected"] == 1
     assert fx.records == [{"k": "rejected", "key": "no", "code": "queue_full",
-                           "reason": "full"}]
+                           "reason": "full", "digest": ""}]
     assert fx.sends == [(b"p", wire.ERROR, b"c", wire.error_body("queue_full", "full"))]
 
 

@@ -193,11 +193,16 @@ def test_submit_same_idempotency_key_returns_the_same_task():
     first = answer(sim.turn(sim.state.submit, CLIENT, b"1",
                             {"idempotency_key": "k", "type": "echo"}, NOW0))[1]
     fx = sim.turn(sim.state.submit, CLIENT, b"2",
-                  {"idempotency_key": "k", "type": "sleep", "description": "other"}, NOW0 + 1)
+                  {"idempotency_key": "k", "type": "echo"}, NOW0 + 1)
     kind, again = answer(fx)
     assert kind == wire.REPLY and again["id"] == first["id"] and again["type"] == "echo"
     assert fx.records == [] and len(sim.state.tasks) == 1
     assert sim.state.counters["duplicates"] == 1 and sim.state.counters["submitted"] == 1
+    # The same key with other content is refused: it would silently be the first task.
+    fx = sim.turn(sim.state.submit, CLIENT, b"3",
+                  {"idempotency_key": "k", "type": "sleep", "description": "other"}, NOW0 + 2)
+    kind, refused = answer(fx)
+    assert (kind, refused["code"]) == (wire.ERROR, "conflict") and len(sim.state.tasks) == 1
 
 
 def test_submit_same_key_after_completion_returns_the_finished_task():
@@ -277,8 +282,10 @@ def test_submit_queue_full_refuses_non_critical_but_accepts_critical():
 def test_refused_submit_journals_the_refusal_and_emits_why():
     sim = Sim(max_queue_per_type=0)
     fx = sim.submit(idempotency_key="full-1")
-    assert fx.records == [{"k": "rejected", "key": "full-1", "code": "queue_full",
-                           "reason": answer(fx)[1]["message"]}]
+    [record] = fx.records
+    assert record.pop("digest") and record == {"k": "rejected", "key": "full-1",
+                                               "code": "queue_full",
+                                               "reason": answer(fx)[1]["message"]}
     assert events(fx, "scheduler.rejected")[0][1]["code"] == "queue_full"
 
 
@@ -1674,3 +1681,16 @@ def test_memory_a_task_already_took_is_not_held_twice():
     assert sim.state.holds.held(mon.latest)["memory_mb"] == pytest.approx(1000.0)
     later = mon.readings(mon.sampled_at + 1.0)  # the worker grew by 800 MB meanwhile
     assert sim.state.holds.held(later)["memory_mb"] == pytest.approx(200.0)
+
+
+def test_an_idle_scheduler_trims_old_results_at_its_timeout_scan():
+    sim = Sim(keep_results=60.0)
+    sim.ready("w1")
+    task = sim.add(description="kept a minute")
+    sim.started("w1", task)
+    sim.finish("w1", task)
+    assert task.result is not None and not task.trimmed
+    sim.tick(30.0)
+    assert task.result is not None  # within keep_results
+    sim.tick(61.0)  # nothing submitted or finished since: the scan alone trims it
+    assert task.trimmed and task.result is None and task.payload is None

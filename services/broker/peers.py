@@ -25,10 +25,18 @@ class Peer:
     joined: float
     last_seen: float
     in_flight: dict[bytes, float] = field(default_factory=dict)  # corr -> when sent
+    # Stamped on every message it sends: encoded once, not per message.
+    name_bytes: bytes = b""
+    role_bytes: bytes = b""
+    label: str = ""  # in the broker's counters: a service by name, others by role
+    key: str = ""  # on tcp: the name of the CurveZMQ key its connection was admitted with
+    fd: int = -1  # on tcp: its connection's descriptor (to cut it off when the key goes)
+    address: tuple | None = None  # that connection's remote address, when fd was noted
 
-    @property
-    def name_bytes(self) -> bytes:
-        return self.name.encode()
+    def __post_init__(self):
+        self.name_bytes = self.name.encode()
+        self.role_bytes = self.role.encode()
+        self.label = self.name if self.role == "service" else self.role
 
 
 @dataclass
@@ -125,7 +133,12 @@ class PeerTable:
             self.forget(peer.rid)
         return lost
 
+    def holding(self, keys: set[str]) -> list[Peer]:
+        """Peers whose connection was admitted with one of these keys."""
+        return [p for p in self.by_rid.values() if p.key and p.key in keys]
+
     def describe(self, now: float) -> list[dict]:
         return [{"name": p.name, "role": p.role, "uptime": round(now - p.joined, 3),
-                 "silent_for": round(now - p.last_seen, 3), "in_flight": len(p.in_flight)}
+                 "silent_for": round(now - p.last_seen, 3), "in_flight": len(p.in_flight),
+                 **({"key": p.key} if p.key else {})}
                 for p in sorted(self.by_rid.values(), key=lambda p: (p.role, p.name))]

@@ -15,14 +15,22 @@ from __future__ import annotations
 import hmac
 import os
 import time
+from collections import Counter
 
 import zmq
 
 from cortex.protocol import wire
 from cortex.protocol.peer import make_socket, poll_ms, recv_frames, send_frames
-from cortex.services.broker.peers import PeerTable
-from cortex.services.runtime.connections import ConnectionGuard, default_cap, raise_fd_limit
+from cortex.services.broker.peers import Peer, PeerTable
+from cortex.services.runtime.connections import (
+    ConnectionGuard,
+    default_cap,
+    raise_fd_limit,
+    shut_connection,
+)
+from cortex.services.runtime.curve import Listeners, peer_address
 from cortex.services.runtime.entry import serve
+from cortex.services.runtime.keys import may_take
 from cortex.services.runtime.process import ServiceRuntime, suite_secret
 
 MAX_BATCH = 5000
@@ -50,9 +58,16 @@ class Broker:
         raise_fd_limit()
         cap = self.rt.settings.bus.max_connections or default_cap()
         self.guard = ConnectionGuard(self.socket, cap, "bus")
+        # On tcp: CURVE, a ZAP handler admitting listed keys, the key's roles fixed at HELLO.
+        self.listeners = Listeners(self.rt.ctx, self.rt.home, self.log)
+        self.listeners.serve(self.socket, self.endpoint)
+        self.curve = self.listeners.curve and self.endpoint.startswith("tcp://")
         self.socket.bind(self.endpoint)
         self.stats = {"routed": 0, "malformed": 0, "unroutable": 0, "lost_peers": 0,
-                      "refused_hello": 0, "too_many": 0, "too_large": 0}
+                      "refused_hello": 0, "too_many": 0, "too_large": 0, "revoked": 0}
+        # (from, to, type) -> messages: services by name, other peers by role. What a task
+        # costs on the bus is read from these (`python -m cortex.loadtest.count`).
+        self.flows: Counter = Counter()
         self.next_beat = time.monotonic() + interval
 
     def send(self, rid: bytes, parts: list) -> bool:
@@ -69,7 +84,9 @@ class Broker:
         self.send(rid, wire.frames(wire.ERROR, wire.BROKER, corr,
                                    wire.error_body(code, message), role=b"broker"))
 
-    def on_message(self, parts: list, now: float) -> None:
+    def on_message(self, parts: list, now: float, first: zmq.Frame | None = None) -> None:
+        """`first`: on tcp with CURVE, the routing id frame, which carries the admitted
+        key's name (ZAP User-Id) and the connection's descriptor."""
         rid, rest = parts[0], parts[1:]
         try:
             msg = wire.parse(rest)
@@ -77,7 +94,7 @@ class Broker:
             self.refuse(rid, rest, e)
             return
         if msg.type == wire.HELLO:
-            self.hello(rid, msg, now)
+            self.hello(rid, msg, now, first)
             return
         peer = self.table.heard(rid, now)
         if peer is None:
@@ -86,12 +103,15 @@ class Broker:
                 if msg.type == wire.REQUEST:
                     self.reply_error(rid, msg.corr, "unavailable", "say HELLO first")
             return
+        source = peer.label
         if msg.type == wire.HEARTBEAT:
+            self.flows[source, "broker", wire.HEARTBEAT] += 1
             return
         if msg.type == wire.BYE:
             self.table.forget(rid)
             return
         if msg.peer == wire.BROKER:
+            self.flows[source, "broker", msg.type] += 1
             self.serve(rid, msg, now)
             return
         if msg.type not in FORWARDED:
@@ -116,9 +136,10 @@ class Broker:
             return
         if msg.type in (wire.REPLY, wire.ERROR):
             self.table.reply_delivered(dest, msg.corr)
-        if self.send(dest.rid, [wire.TAG, msg.type, peer.name_bytes, peer.role.encode(),
+        if self.send(dest.rid, [wire.TAG, msg.type, peer.name_bytes, peer.role_bytes,
                                 msg.corr, msg.body]):
             self.stats["routed"] += 1
+            self.flows[source, dest.label, msg.type] += 1
         elif msg.type in (wire.REQUEST, wire.NOTIFY):
             self.reply_error(rid, msg.corr, "unavailable",
                              f"{dest.name} is not taking messages")
@@ -138,11 +159,12 @@ class Broker:
                 self.send(dest.rid, wire.frames(
                     wire.ERROR, sender.name_bytes, corr, wire.error_body(
                         "too_large", f"the reply from {sender.name} was {error.message}"),
-                    role=sender.role.encode()))
+                    role=sender.role_bytes))
                 return
         self.reply_error(rid, corr, error.code, error.message)
 
-    def hello(self, rid: bytes, msg: wire.Message, now: float) -> None:
+    def hello(self, rid: bytes, msg: wire.Message, now: float,
+              first: zmq.Frame | None = None) -> None:
         try:
             body = msg.decoded()
             role = wire.field_choice(body, "role", wire.ROLES)
@@ -153,6 +175,18 @@ class Broker:
             self.stats["malformed"] += 1
             self.reply_error(rid, msg.corr, e.code, e.message)
             return
+        key, fd = "", -1
+        if self.curve:
+            key, fd = self.admitted_key(first)
+            roles = self.listeners.store.roles_of(key) if key else frozenset()
+            if not may_take(roles, role, name):
+                self.stats["refused_hello"] += 1
+                self.log.warning("refused HELLO as %s %r: key %r may take %s", role, name,
+                                 key, sorted(roles) or "nothing (revoked)")
+                self.reply_error(rid, msg.corr, "unauthorized",
+                                 f"the key {key!r} may not take the {role} role"
+                                 + (f" as {name!r}" if role == "service" else ""))
+                return
         secret = body.get("secret")
         proven = isinstance(secret, str) and hmac.compare_digest(secret.encode(), self.secret)
         outcome = self.table.hello(rid, name, role, proven, now)
@@ -163,8 +197,44 @@ class Broker:
             return
         if outcome.replaced is not None:
             self.log.info("%s %s took its name over from a predecessor", role, name)
+        peer = self.table.by_rid[rid]
+        if self.curve:
+            peer.key, peer.fd, peer.address = key, fd, peer_address(fd)
         self.send(rid, wire.frames(wire.WELCOME, wire.BROKER, msg.corr, {
             "heartbeat_ms": int(self.table.interval * 1000)}, role=b"broker"))
+
+    @staticmethod
+    def admitted_key(first: zmq.Frame | None) -> tuple[str, int]:
+        """The admitted key's name and the connection's descriptor, from a frame."""
+        if first is None:
+            return "", -1
+        try:
+            return first.get("User-Id") or "", int(first.get(zmq.SRCFD))
+        except (zmq.ZMQError, TypeError, ValueError):
+            return "", -1
+
+    def cut_revoked(self, now: float) -> None:
+        """Drop the peers whose key was revoked: forget them, close their connections
+        (the ZAP handler refuses them when their library reconnects)."""
+        revoked = self.listeners.revoked()
+        if not revoked:
+            return
+        for peer in self.table.holding(revoked):
+            self.stats["revoked"] += 1
+            self.log.warning("key %r revoked: cutting %s %s off", peer.key, peer.role,
+                             peer.name)
+            self.table.forget(peer.rid)
+            if peer.address is not None and peer_address(peer.fd) == peer.address:
+                shut_connection(peer.fd)  # still that peer's connection: close it
+            self.lost(peer)
+
+    def lost(self, peer: Peer) -> None:
+        notice = wire.frames(wire.NOTIFY, wire.BROKER, b"", {
+            "op": "peer.lost", "name": peer.name, "role": peer.role}, role=b"broker")
+        for name in LOSS_SUBSCRIBERS:
+            dest = self.table.route(name)
+            if dest is not None:
+                self.send(dest.rid, notice)
 
     def serve(self, rid: bytes, msg: wire.Message, now: float) -> None:
         """The broker's own requests: who is connected, and its counters."""
@@ -177,7 +247,9 @@ class Broker:
             return
         if op in ("broker.peers", "broker.status"):
             body = {"peers": self.table.describe(now), "stats": self.stats,
-                    "connections": self.guard.status(),
+                    "flows": [{"from": src, "to": dst, "type": type_.decode(), "count": n}
+                              for (src, dst, type_), n in sorted(self.flows.items())],
+                    "connections": self.guard.status(), "security": self.listeners.status(),
                     "uptime": time.time() - self.rt.started, "pid": os.getpid()}
             self.send(rid, wire.frames(wire.REPLY, wire.BROKER, msg.corr, body,
                                        role=b"broker"))
@@ -189,19 +261,30 @@ class Broker:
         beat = wire.frames(wire.HEARTBEAT, wire.BROKER, role=b"broker")
         for peer in self.table.heartbeat_targets():
             self.send(peer.rid, beat)
+            self.flows["broker", peer.label, wire.HEARTBEAT] += 1
         for peer in self.table.expire(now):
             self.stats["lost_peers"] += 1
             self.log.warning("peer %s (%s) lost: silent for %.1f s", peer.name, peer.role,
                              now - peer.last_seen)
-            notice = wire.frames(wire.NOTIFY, wire.BROKER, b"", {
-                "op": "peer.lost", "name": peer.name, "role": peer.role}, role=b"broker")
-            for name in LOSS_SUBSCRIBERS:
-                dest = self.table.route(name)
-                if dest is not None:
-                    self.send(dest.rid, notice)
+            self.lost(peer)
+        self.cut_revoked(now)
+
+    @staticmethod
+    def receive_with_key(sock: zmq.Socket) -> tuple[list, zmq.Frame] | None:
+        """As `recv_frames`, keeping the first frame whole for its metadata."""
+        try:
+            first = sock.recv(zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            return None
+        parts, frame = [first.bytes], first
+        while frame.more:
+            frame = sock.recv(zmq.NOBLOCK, copy=False)
+            parts.append(frame.bytes)
+        return parts, first
 
     def run(self) -> None:
-        self.log.info("broker listening on %s", self.endpoint)
+        self.log.info("broker listening on %s%s", self.endpoint,
+                      " (CurveZMQ)" if self.curve else "")
         poller = zmq.Poller()
         poller.register(self.socket, zmq.POLLIN)
         wake = self.rt.wake_r.fileno()
@@ -217,14 +300,20 @@ class Broker:
                     if any(item == wake for item, _ in ready):
                         self.rt.drain_wakeups()
                     now = time.monotonic()
+                    receive = self.receive_with_key if self.curve else recv_frames
                     for _ in range(MAX_BATCH):
-                        parts = recv_frames(self.socket)
+                        parts = receive(self.socket)
                         if parts is None:
                             break
-                        self.on_message(parts, now)
+                        if self.curve:
+                            parts, first = parts
+                            self.on_message(parts, now, first)
+                        else:
+                            self.on_message(parts, now)
         finally:
             self.guard.stop()
             self.socket.close(linger=0)
+            self.listeners.stop()
             self.rt.remove_socket(self.endpoint)
             self.rt.close()
             self.log.info("broker stopped")

@@ -26,7 +26,20 @@ from cortex.services.runtime.eventlog import EventLogError
 from cortex.services.runtime.process import private_umask
 
 # Importing a command module registers its commands.
-from . import dashboard, demo, events, fleet, lifecycle, logs, model, status, tasks  # noqa: F401
+from . import (  # noqa: F401
+    dashboard,
+    demo,
+    events,
+    fleet,
+    keys,
+    lifecycle,
+    logs,
+    model,
+    route,
+    status,
+    tasks,
+    worker,
+)
 from .registry import EXIT_BY_CODE, CliError, Command, Exit, build_parser
 from .render import emit, escape
 

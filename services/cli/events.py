@@ -115,7 +115,14 @@ def cmd_tail(args):
             body = {"n": args.last}
             if args.type:
                 body["type"] = glob or f"{prefix}*"
-            recent = client.call("events", "events.recent", body)["events"]
+            recent: list = []
+            while len(recent) < args.last:  # pages back: a reply holds what fits a message
+                page = client.call("events", "events.recent",
+                                   body | {"n": args.last - len(recent)})
+                recent = page["events"] + recent
+                if not page.get("more") or not page["events"]:
+                    break
+                body["before"] = page["before"]
             for event in recent:
                 show_event(event, args.json)
             repeats = {e.get("id") for e in recent}

@@ -5,11 +5,13 @@ from __future__ import annotations
 from .reach import connect
 from .registry import JSON, Exit, command
 from .render import emit, emit_json, escape, human_duration, number, percent, short, stamp, table
+from .route import render_routing
 
 
 @command("model status", JSON)
 def cmd_model_status(args):
-    """Show the prediction models: trained on what and when, held-out accuracy, fallbacks."""
+    """Show the prediction models (trained on what and when, held-out accuracy, fallbacks)
+    and the router of `--type auto` (held-out accuracy, confusion matrix)."""
     with connect(args) as client:
         status = client.call("scheduler", "model.status")
     if args.json:
@@ -42,6 +44,7 @@ def render_model(status: dict) -> str:
     if status.get("last_error"):
         line += f", last error: {short(status['last_error'], 300)}"
     out.append(line)
+    out.append(render_routing(status.get("routing")))
     return "\n".join(out)
 
 

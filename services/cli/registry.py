@@ -70,6 +70,7 @@ GROUPS = {  # help of command groups that are not commands themselves
     ("task",): "Tasks: create, list, show, wait for, cancel, trace.",
     ("events",): "The event history: query it.",
     ("model",): "The prediction models: status, train.",
+    ("keys",): "CurveZMQ keys for a suite on tcp: make, list, add, revoke.",
 }
 
 

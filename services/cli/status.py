@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from cortex.protocol import locate
 from cortex.protocol.vocabulary import PRIORITIES
 from cortex.services.control import SERVICES, Suite, SuiteError
 
@@ -139,6 +140,7 @@ def status_report(home: Path, suite: Suite, processes: list[dict],
         "waiting": sched.get("waiting"),
         "memory_pressure": sched.get("memory_pressure"),
         "backoff": sched.get("backoff"),
+        "providers": sched.get("providers"),  # each model provider's window (limits.py)
         "counters": sched.get("counters"),
         "budget": next((b for b in budgets if b.get("scope") == "global"), None),
         "budgets": budgets if answers.get("ledger") is not None else None,
@@ -152,7 +154,23 @@ def status_report(home: Path, suite: Suite, processes: list[dict],
             "crashing": pool.get("crashing") or {}},
         "broker": None if broker is None else {
             "peers": len(broker.get("peers", [])), **(broker.get("stats") or {})},
+        "endpoints": endpoint_report(home, broker),
     }
+
+
+def endpoint_report(home: Path, broker: dict | None) -> dict:
+    """Each endpoint, its transport, and whether it is encrypted (tcp with the suite's
+    key pair: CurveZMQ; tcp without: plaintext, which insecure_tcp allowed)."""
+    curve = locate.suite_key_path(home).exists()
+    refused = ((broker or {}).get("connections") or {}).get("handshake_failed")
+    report = {}
+    for name, endpoint in locate.endpoints(home).items():
+        tcp = locate.is_tcp(endpoint)
+        report[name] = {"endpoint": endpoint, "transport": "tcp" if tcp else "ipc",
+                        "encrypted": (curve if tcp else None),
+                        **({"handshakes_refused": refused}
+                           if name == "bus" and tcp and refused is not None else {})}
+    return report
 
 
 def render_status(r: dict) -> str:
@@ -176,12 +194,28 @@ def render_status(r: dict) -> str:
     out += _scheduler_lines(r)
     out += _budget_lines(r)
     out += _event_lines(r)
+    out += _endpoint_lines(r)
     if r["broker"] is not None:
         b = r["broker"]
         out.append(f"bus        {b.get('peers')} peers, routed {number(b.get('routed'))}, "
                    f"unroutable {number(b.get('unroutable'))}, malformed "
                    f"{number(b.get('malformed'))}, lost peers {number(b.get('lost_peers'))}")
     return "\n".join(out)
+
+
+def _endpoint_lines(r: dict) -> list[str]:
+    out = []
+    for name, e in (r.get("endpoints") or {}).items():
+        if e["transport"] == "ipc":
+            how = "ipc (this machine only)"
+        elif e["encrypted"]:
+            how = "tcp, encrypted (CurveZMQ, admitted keys only: cortex keys list)"
+        else:
+            how = "tcp, NOT ENCRYPTED (insecure_tcp: anyone who reaches the port)"
+        if e.get("handshakes_refused"):
+            how += f", {number(e['handshakes_refused'])} handshakes refused"
+        out.append(f"endpoint   {name:<12} {short(e['endpoint'], 60)}  {how}")
+    return out
 
 
 def _scheduler_lines(r: dict) -> list[str]:

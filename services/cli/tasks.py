@@ -14,6 +14,7 @@ from .render import (
     emit,
     emit_json,
     escape,
+    escape_block,
     fields,
     human_duration,
     key_data,
@@ -23,6 +24,7 @@ from .render import (
     stamp,
     table,
 )
+from .route import routing_line
 from .terminal import ProgressLine
 
 ACTIVE_STATES = tuple(s for s in TASK_STATES if s not in FINAL_STATES)
@@ -32,7 +34,7 @@ PROGRESS_HOLD = 0.5  # seconds between progress lines while `task wait` shows on
 
 @command("task create",
          arg("--type", required=True, type=name, metavar="T",
-             help="task type (which workers run it)"),
+             help="task type (which workers run it); auto: chosen from the description"),
          arg("--description", "-d", required=True, metavar="D", help="what the task is"),
          arg("--priority", "-p", choices=PRIORITIES, default="medium",
              help="critical, high, medium (default) or low"),
@@ -103,6 +105,8 @@ def render_task(task: dict, ledger: dict | None, now: float) -> str:
             ("state", f"{task.get('state')} (attempt {task.get('attempt')} of "
                       f"{1 + int(task.get('retries') or 0)})"),
             ("agent", task.get("agent")), ("worker", task.get("worker"))]
+    if task.get("routing"):
+        rows.append(("routing", routing_line(task["routing"])))
     if task.get("state") == "queued":
         rows.append(("waiting", waiting_text(task, now)))
         if task.get("waiting_detail"):
@@ -137,6 +141,9 @@ def render_task(task: dict, ledger: dict | None, now: float) -> str:
         rows.append(("error", f"{escape(err.get('category'))}: {short(err.get('message'), 300)}"))
     if task.get("payload") is not None:
         rows.append(("payload", short(task["payload"], 300)))
+    trace = (task.get("error") or {}).get("traceback")
+    if trace:  # the failed handler's, as the worker caught it
+        return fields(rows) + "\ntraceback:\n" + escape_block(str(trace)).rstrip()
     return fields(rows)
 
 

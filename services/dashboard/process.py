@@ -41,7 +41,7 @@ from aiohttp import WSMsgType, web
 
 from cortex.protocol import errors, locate
 from cortex.protocol.client import AsyncClient
-from cortex.protocol.peer import make_socket, recv_frames, unique_name
+from cortex.protocol.peer import keys_for, make_socket, recv_frames, unique_name, use_keys
 from cortex.services.dashboard.state import (
     PAGE_EVENTS,
     BadInput,
@@ -59,6 +59,10 @@ STATUS_OPS = {"broker": "broker.status", "events": "events.status",
               "ledger": "ledger.status", "scheduler": "scheduler.status",
               "pool": "pool.status"}
 FLUSH_INTERVAL = 0.1  # seconds: what changed reaches the pages this often
+IDLE_FLUSH_INTERVAL = 1.0  # seconds between flushes while no page is open
+# Seconds between status polls while no page is open: every poll wakes every service, and
+# no one is looking. A page opening or a snapshot asked for polls at once.
+IDLE_POLL_INTERVAL = 10.0
 BUDGET_REFRESH = 0.25  # seconds between ledger polls while ledger events come in
 SUB_HWM = 20_000  # live events queued for us at most; past it the router drops ours
 DRAIN_BATCH = 5000  # live events read per wake-up before others get a turn
@@ -153,6 +157,7 @@ class Dashboard:
         self.url_file = home / "run" / "dashboard.url"
         self.port = 0
         self.stopping = asyncio.Event()
+        self.watched = asyncio.Event()  # a page opened or a snapshot was asked for: poll now
         self.client: AsyncClient | None = None
         self.sampler = ProcessSampler()
         self.worker_pids: set[int] = set()
@@ -264,6 +269,10 @@ class Dashboard:
             trace = events
         if task is None and not trace["events"]:
             return error_response("not_found", f"no task {task_id} (nor any event of it)")
+        if task is not None and task.get("trimmed"):  # the scheduler let go: the log has it
+            ended = [e for e in trace["events"] if e.get("type") == "task.completed"]
+            if ended:
+                task = {**task, "result": ended[-1].get("data", {}).get("result")}
         return json_response({"task": task, "reservation": reservation, "trace": trace,
                               "now": time.time()})
 
@@ -279,6 +288,7 @@ class Dashboard:
         return json_response({"task": task})
 
     async def api_snapshot(self, request: web.Request) -> web.Response:
+        self.watched.set()
         return json_response(self.board.snapshot() | {"now": time.time()})
 
     # -- the live stream to pages ------------------------------------------------------
@@ -295,6 +305,7 @@ class Dashboard:
         await ws.prepare(request)
         page = Page(ws)
         self.pages.add(page)
+        self.watched.set()
         sender = asyncio.ensure_future(self.send_loop(page))
         page.push(self.snapshot_text(page))
         try:
@@ -339,7 +350,9 @@ class Dashboard:
     async def flush_loop(self) -> None:
         next_budget_poll = 0.0
         while not self.stopping.is_set():
-            await asyncio.sleep(FLUSH_INTERVAL)  # the pace of updates, not a wait for a state
+            # The pace of updates, not a wait for a state; with no page open there is
+            # no one to update, only the changes to drop, so the dashboard stays quiet.
+            await asyncio.sleep(FLUSH_INTERVAL if self.pages else IDLE_FLUSH_INTERVAL)
             mono = time.monotonic()
             if self.board.budgets.stale and mono >= next_budget_poll:
                 next_budget_poll = mono + BUDGET_REFRESH
@@ -371,7 +384,9 @@ class Dashboard:
         sub = make_socket(ctx, zmq.SUB)
         sub.setsockopt(zmq.RCVHWM, SUB_HWM)
         sub.setsockopt(zmq.SUBSCRIBE, b"")
-        sub.connect(locate.endpoints(self.home)["events_live"])
+        endpoint = locate.endpoints(self.home)["events_live"]
+        use_keys(sub, keys_for(self.home, endpoint))  # CurveZMQ on tcp
+        sub.connect(endpoint)
         loop = asyncio.get_running_loop()
         loop.add_reader(sub.getsockopt(zmq.FD), self.drain, sub)
         loop.call_soon(self.drain, sub)
@@ -452,9 +467,15 @@ class Dashboard:
                 await self.poll()
             except Exception:  # noqa: BLE001 - a bad reply must not end the dashboard
                 log.exception("status poll failed")
-            left = self.settings.refresh - (time.monotonic() - began)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stopping.wait(), max(0.05, left))
+            interval = self.settings.refresh if self.pages else IDLE_POLL_INTERVAL
+            left = interval - (time.monotonic() - began)
+            self.watched.clear()
+            wake = asyncio.ensure_future(self.watched.wait())
+            stop = asyncio.ensure_future(self.stopping.wait())
+            await asyncio.wait((wake, stop), timeout=max(0.05, left),
+                               return_when=asyncio.FIRST_COMPLETED)
+            wake.cancel()
+            stop.cancel()
 
     # -- start and stop ----------------------------------------------------------------
     async def serve(self) -> None:

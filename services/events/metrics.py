@@ -17,8 +17,9 @@ bounded however long the suite runs:
   callable, evaluated when read.
 
 `summary()` is what `cortex status` shows; `render_prometheus()` is the Prometheus
-text exposition format (version 0.0.4), written by hand so the suite needs no extra
-dependency; `serve(port)` exposes it at ``http://127.0.0.1:PORT/metrics`` from a daemon
+text exposition format, made by prometheus-client from these figures and the suite's
+gauges the router polls (queue depth, workers by state, budgets: `set_suite`);
+`serve(port, token)` exposes it at ``http://127.0.0.1:PORT/metrics`` from a daemon
 thread.
 
 Threads: `observe` and `set_gauge` run on the router's loop; `render_prometheus` and
@@ -29,12 +30,16 @@ scrape may see a histogram a few events apart from its neighbour, never a torn o
 
 from __future__ import annotations
 
+import hmac
 import math
 import threading
 from bisect import bisect_left
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from itertools import islice
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 from cortex.protocol.vocabulary import PRIORITIES
 
@@ -61,6 +66,9 @@ MAX_TRACKED_TASKS = 200_000  # tasks in flight remembered; the oldest tenth goes
 MAX_SERIES = 256  # (type, priority) pairs; more are counted under type "other"
 MAX_LABELS = 512  # distinct event types, rejection codes, process names
 OTHER = "other"
+READ_TIMEOUT = 5.0  # seconds a /metrics connection may take to send its request
+MAX_CONNECTIONS = 16  # /metrics connections served at once; more are closed at once
+BUDGET_AMOUNTS = ("limit", "reserved", "committed", "available")
 
 
 def _number(v) -> bool:
@@ -154,6 +162,9 @@ class Metrics:
         self.fatal: dict[str, int] = {}
         self.worker_exits: dict[str, int] = {"exited": 0, "lost": 0}
         self.gauges: dict[str, float | Callable[[], float]] = {}
+        self.suite: dict = {}  # queue, workers, budgets: see set_suite
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(_Collector(self))
         self.observed = 0
         self.malformed = 0
         self.untracked = 0  # tasks ending with no task.created seen (e.g. router restarted)
@@ -345,75 +356,106 @@ class Metrics:
             "gauges": self.gauge_values(),
         }
 
+    def set_suite(self, queue: dict | None = None, workers: dict | None = None,
+                  budgets: list | None = None) -> None:
+        """What the router last heard from the scheduler (queue depth per priority,
+        workers per type and state) and the ledger (budgets): gauges for Prometheus."""
+        if queue is not None:
+            self.suite["queue"] = queue
+        if workers is not None:
+            self.suite["workers"] = workers
+        if budgets is not None:
+            self.suite["budgets"] = budgets
+
     def render_prometheus(self) -> bytes:
-        """The Prometheus text exposition format (0.0.4)."""
-        out: list[str] = []
+        """The Prometheus text exposition format, written by prometheus-client."""
+        return generate_latest(self.registry)
 
-        def family(name: str, kind: str, help_: str) -> None:
-            out.append(f"# HELP {name} {help_}")
-            out.append(f"# TYPE {name} {kind}")
+    def serve(self, port: int, token: str, host: str = "127.0.0.1") -> MetricsServer:
+        """Serve /metrics on host:port (0: any free port) to requests that carry
+        `Authorization: Bearer <token>`, from a daemon thread; returns a callable that
+        stops it (with `.port` and `.url`)."""
+        return MetricsServer(self, port, token, host)
 
-        series = sorted(self.series.copy().items())
+
+class _Collector:
+    """Metrics as prometheus-client metric families, made at each scrape."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.m = metrics
+
+    def collect(self):
+        m = self.m
+        series = sorted(m.series.copy().items())
         for stage in STAGES:
-            name = f"cortex_task_{stage}_seconds"
-            family(name, "histogram", STAGE_HELP[stage])
+            family = HistogramMetricFamily(f"cortex_task_{stage}_seconds", STAGE_HELP[stage],
+                                           labels=("type", "priority"))
             for (t, p), s in series:
                 h = s.hists[stage]
-                counts, total = list(h.counts), h.sum
-                labels = f'type="{_esc(t)}",priority="{_esc(p)}"'
-                cumulative = 0
+                counts, cumulative, buckets = list(h.counts), 0, []
                 for i, n in enumerate(counts[:-1]):
                     cumulative += n
                     if i % EXPORT_EVERY == 0:
-                        out.append(f'{name}_bucket{{{labels},le="{BOUNDS[i]!r}"}} {cumulative}')
-                cumulative += counts[-1]
-                out.append(f'{name}_bucket{{{labels},le="+Inf"}} {cumulative}')
-                out.append(f"{name}_sum{{{labels}}} {_num(total)}")
-                out.append(f"{name}_count{{{labels}}} {cumulative}")
-        family("cortex_tasks_total", "counter", "Tasks by state reached, type and priority")
+                        buckets.append((repr(BOUNDS[i]), cumulative))
+                buckets.append(("+Inf", cumulative + counts[-1]))
+                family.add_metric((t, p), buckets, h.sum)
+            yield family
+        tasks = CounterMetricFamily("cortex_tasks", "Tasks by state reached, type and priority",
+                                    labels=("type", "priority", "state"))
         for (t, p), s in series:
             for state, n in s.states.copy().items():
-                out.append(f'cortex_tasks_total{{type="{_esc(t)}",priority="{_esc(p)}",'
-                           f'state="{state}"}} {n}')
-        family("cortex_tasks_in_flight", "gauge", "Tasks created and not yet ended")
-        out.append(f"cortex_tasks_in_flight {len(self.tasks)}")
-        family("cortex_events_total", "counter", "Events through the router, by type")
-        for t, n in sorted(self.events.copy().items()):
-            out.append(f'cortex_events_total{{type="{_esc(t)}"}} {n}')
-        family("cortex_events_malformed_total", "counter", "Events metrics could not read")
-        out.append(f"cortex_events_malformed_total {self.malformed}")
+                tasks.add_metric((t, p, state), n)
+        yield tasks
+        yield GaugeMetricFamily("cortex_tasks_in_flight", "Tasks created and not yet ended",
+                                value=len(m.tasks))
+        yield _labelled(CounterMetricFamily, "cortex_events", "Events through the router, "
+                        "by type", "type", m.events)
+        yield CounterMetricFamily("cortex_events_malformed", "Events metrics could not read",
+                                  value=m.malformed)
         for name, help_, counter, label in (
-                ("cortex_rejections_total", "Tasks refused at admission, by code",
-                 self.rejections, "code"),
-                ("cortex_process_restarts_total", "Restarts by supervisord after an exit",
-                 self.restarts, "process"),
-                ("cortex_process_crashes_total", "Unexpected exits seen by supervisord",
-                 self.crashes, "process"),
-                ("cortex_process_fatal_total", "Processes supervisord gave up on (FATAL)",
-                 self.fatal, "process"),
-                ("cortex_worker_exits_total", "Worker processes that exited or were lost",
-                 self.worker_exits, "kind")):
-            family(name, "counter", help_)
-            for key, n in sorted(counter.copy().items()):
-                out.append(f'{name}{{{label}="{_esc(key)}"}} {n}')
-        for gname, value in sorted(self.gauge_values().items()):
-            name = "cortex_" + _metric_name(gname)
-            family(name, "gauge", f"Gauge {_esc_help(gname)} set by the event router")
-            out.append(f"{name} {_num(value)}")
-        return ("\n".join(out) + "\n").encode()
+                ("cortex_rejections", "Tasks refused at admission, by code", m.rejections,
+                 "code"),
+                ("cortex_process_restarts", "Restarts by supervisord after an exit",
+                 m.restarts, "process"),
+                ("cortex_process_crashes", "Unexpected exits seen by supervisord", m.crashes,
+                 "process"),
+                ("cortex_process_fatal", "Processes supervisord gave up on (FATAL)", m.fatal,
+                 "process"),
+                ("cortex_worker_exits", "Worker processes that exited or were lost",
+                 m.worker_exits, "kind")):
+            yield _labelled(CounterMetricFamily, name, help_, label, counter)
+        yield from self._suite()
+        for gname, value in sorted(m.gauge_values().items()):
+            yield GaugeMetricFamily("cortex_" + _metric_name(gname),
+                                    f"Gauge {gname} set by the event router", value=value)
 
-    def serve(self, port: int, host: str = "127.0.0.1") -> MetricsServer:
-        """Serve /metrics on host:port (0: any free port) from a daemon thread; returns a
-        callable that stops it (with `.port` and `.url`)."""
-        return MetricsServer(self, port, host)
+    def _suite(self):
+        suite = self.m.suite
+        yield _labelled(GaugeMetricFamily, "cortex_queue_depth",
+                        "Tasks queued, by priority (from the scheduler)", "priority",
+                        suite.get("queue") or {})
+        workers = GaugeMetricFamily("cortex_workers", "Workers by task type and state "
+                                    "(idle, busy, leaving; from the scheduler)",
+                                    labels=("type", "state"))
+        for task_type, states in sorted((suite.get("workers") or {}).items())[:MAX_LABELS]:
+            for state, n in sorted(states.items()):
+                workers.add_metric((task_type, state), n)
+        yield workers
+        budgets = GaugeMetricFamily("cortex_budget_tokens", "Token budgets by scope: limit, "
+                                    "reserved, committed, available (from the ledger)",
+                                    labels=("scope", "amount"))
+        for row in (suite.get("budgets") or [])[:MAX_LABELS]:
+            for amount in BUDGET_AMOUNTS:
+                if row.get(amount) is not None:
+                    budgets.add_metric((row["scope"], amount), row[amount])
+        yield budgets
 
 
-def _esc(value: str) -> str:
-    return str(value).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
-
-def _esc_help(value: str) -> str:
-    return str(value).replace("\\", "\\\\").replace("\n", "\\n")
+def _labelled(kind, name: str, help_: str, label: str, counts: dict):
+    family = kind(name, help_, labels=(label,))
+    for key, n in sorted(counts.copy().items()):
+        family.add_metric((str(key),), n)
+    return family
 
 
 def _metric_name(name: str) -> str:
@@ -421,32 +463,36 @@ def _metric_name(name: str) -> str:
     return cleaned if cleaned and not cleaned[0].isdigit() else "_" + cleaned
 
 
-def _num(v: float) -> str:
-    if isinstance(v, int):
-        return str(v)
-    if math.isnan(v):
-        return "NaN"
-    if math.isinf(v):
-        return "+Inf" if v > 0 else "-Inf"
-    return repr(float(v))
-
-
 class MetricsServer:
-    """A tiny HTTP server for /metrics; calling it stops it."""
+    """The /metrics endpoint: the owner's alone (a bearer token from run/metrics.token),
+    each connection given READ_TIMEOUT seconds, at most MAX_CONNECTIONS at once (more
+    are closed at once); calling it stops it."""
 
-    def __init__(self, metrics: Metrics, port: int, host: str = "127.0.0.1") -> None:
+    def __init__(self, metrics: Metrics, port: int, token: str,
+                 host: str = "127.0.0.1") -> None:
+        expected = f"Bearer {token}".encode()
+
         class Handler(BaseHTTPRequestHandler):
+            timeout = READ_TIMEOUT  # a slow or idle client cannot hold its thread
+
             def do_GET(self) -> None:  # noqa: N802 - the http.server API
+                given = (self.headers.get("Authorization") or "").encode(errors="replace")
+                if not hmac.compare_digest(given, expected):
+                    self.send_response(401)
+                    self.send_header("WWW-Authenticate", 'Bearer realm="cortex"')
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 if self.path.split("?", 1)[0] not in ("/metrics", "/"):
                     self.send_error(404, "only /metrics here")
                     return
                 try:
                     body = metrics.render_prometheus()
                 except Exception as e:  # noqa: BLE001 - a scrape error must not kill us
-                    self.send_error(500, f"rendering failed: {e}")
+                    self.send_error(500, f"rendering failed: {type(e).__name__}")
                     return
                 self.send_response(200)
-                self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+                self.send_header("Content-Type", CONTENT_TYPE_LATEST)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)
@@ -454,8 +500,7 @@ class MetricsServer:
             def log_message(self, *args) -> None:
                 pass  # scrapes are not news
 
-        self._server = ThreadingHTTPServer((host, port), Handler)
-        self._server.daemon_threads = True
+        self._server = _CappedServer((host, port), Handler)
         self.host = host
         self.port = self._server.server_address[1]
         self.url = f"http://{host}:{self.port}/metrics"
@@ -465,6 +510,10 @@ class MetricsServer:
         self._thread.start()
         self._stopped = False
 
+    @property
+    def refused(self) -> int:
+        return self._server.refused
+
     def __call__(self) -> None:
         if self._stopped:
             return
@@ -472,3 +521,31 @@ class MetricsServer:
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(2.0)
+
+
+class _CappedServer(ThreadingHTTPServer):
+    """A thread per connection, at most MAX_CONNECTIONS of them."""
+
+    daemon_threads = True
+
+    def __init__(self, *args) -> None:
+        super().__init__(*args)
+        self.slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self.refused = 0
+
+    def process_request(self, request, client_address) -> None:
+        if not self.slots.acquire(blocking=False):
+            self.refused += 1
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()

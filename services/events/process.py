@@ -14,7 +14,9 @@ acknowledged and publishers keep their events until writing works again.
 from __future__ import annotations
 
 import collections
+import fnmatch
 import hmac
+import math
 import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -23,15 +25,15 @@ import msgpack
 import zmq
 
 from cortex.protocol import wire
-from cortex.protocol.peer import make_socket, recv_frames
+from cortex.protocol.peer import make_socket, recv_frames, send_frames
 from cortex.services.events.metrics import BOUNDS, STAGES, Metrics
+from cortex.services.runtime.curve import Listeners
 from cortex.services.runtime.durable import write_atomic
 from cortex.services.runtime.effects import Effects
 from cortex.services.runtime.entry import serve
 from cortex.services.runtime.eventlog import (
     EventLogError,
     EventLogWriter,
-    RingBuffer,
     read_events,
 )
 from cortex.services.runtime.loop import BusService, serves
@@ -50,6 +52,18 @@ QUERY_QUEUE = 8  # events.query reads waiting at most; more are refused (unavail
 LOOK_BACK = (60.0, 900.0, 3600.0, 6 * 3600.0, 86400.0, 7 * 86400.0, None)
 
 
+SUITE_POLL = 5.0  # seconds between asks for the suite's gauges (queue, workers, budgets)
+SUITE_GAUGES = {"scheduler": b"gauges-scheduler", "ledger": b"gauges-ledger"}  # -> corr
+
+
+def _counts(row) -> dict:
+    """The plain numbers of a map (what a gauge can show), at most 64 of them."""
+    if not isinstance(row, dict):
+        return {}
+    return {str(k)[:64]: v for k, v in list(row.items())[:64]
+            if type(v) in (int, float) and math.isfinite(v)}
+
+
 def fit(reply: dict) -> dict:
     """Cut the events so the reply fits in one bus message (marked truncated)."""
     room, kept = wire.MAX_MESSAGE_BYTES - 64 * 1024, []
@@ -59,6 +73,57 @@ def fit(reply: dict) -> dict:
             return reply | {"events": kept, "truncated": True}
         kept.append(event)
     return reply
+
+
+def lean(event: dict) -> dict:
+    """The event as the ring keeps it and live subscribers get it: a task's result (up to
+    half a MiB) stays in the log alone (read it with events.query), so 10,000 events in
+    the ring stay a few MiB and a live view is never flooded."""
+    data = event.get("data")
+    if isinstance(data, dict) and data.get("result") is not None:
+        return event | {"data": data | {"result": None, "result_in_log": True}}
+    return event
+
+
+class PagedRing:
+    """The last `capacity` events, each at a position that only grows, so `events.recent`
+    pages back through them (`before`: a position) with replies that fit one message."""
+
+    def __init__(self, capacity: int = 10_000) -> None:
+        self._items: collections.deque[tuple[int, dict]] = collections.deque(maxlen=capacity)
+        self.appended = 0  # the next position
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def extend(self, events: list[dict]) -> None:
+        for event in events:
+            self._items.append((self.appended, event))
+            self.appended += 1
+
+    def page(self, n: int, type_pattern: str | None = None, before: int | None = None,
+             room: int = wire.MAX_MESSAGE_BYTES - 64 * 1024) -> dict:
+        """Up to `n` of the newest events before position `before` (matching the glob),
+        oldest first, in at most `room` bytes; `more` says whether older ones remain and
+        `before` is where the next page starts."""
+        chosen: list[dict] = []
+        oldest = before if before is not None else self.appended
+        more = False
+        for position, event in reversed(self._items):
+            if before is not None and position >= before:
+                continue
+            kind = event.get("type")
+            if type_pattern is not None and not (
+                    isinstance(kind, str) and fnmatch.fnmatchcase(kind, type_pattern)):
+                continue
+            room -= len(msgpack.packb(event, default=str))
+            if len(chosen) >= n or room < 0:
+                more = True
+                break
+            chosen.append(event)
+            oldest = position
+        chosen.reverse()
+        return {"events": chosen, "more": more, "before": oldest}
 
 
 def query_history(directory, postgres_url: str, filters: dict, limit: int, newest: bool,
@@ -109,15 +174,19 @@ class EventRouter(BusService):
         # The writer's tracker is the one record of what is written: it de-duplicates
         # re-sends and tells how far each stream may be acknowledged.
         self.tracker = self.writer.tracker
-        self.ring = RingBuffer(10_000)
+        self.ring = PagedRing(10_000)
         ctx = self.rt.ctx
         self.fan_in_endpoint = self.rt.endpoints["events_in"]
         self.live_endpoint = self.rt.endpoints["events_live"]
         for endpoint in (self.fan_in_endpoint, self.live_endpoint):
             self.rt.remove_socket(endpoint)
+        # On tcp both listen with CurveZMQ, admitting the keys the allow-list holds.
+        self.listeners = Listeners(ctx, self.rt.home, self.log)
         self.fan_in = make_socket(ctx, zmq.ROUTER)
+        self.listeners.serve(self.fan_in, self.fan_in_endpoint)
         self.fan_in.bind(self.fan_in_endpoint)
         self.live = make_socket(ctx, zmq.XPUB)
+        self.listeners.serve(self.live, self.live_endpoint, track=True)
         self.live.bind(self.live_endpoint)
         self.poller.register(self.fan_in, zmq.POLLIN)
         self.poller.register(self.live, zmq.POLLIN)
@@ -126,6 +195,10 @@ class EventRouter(BusService):
         self.next_write_retry = 0.0
         self.stats = {"received": 0, "written": 0, "duplicates": 0, "malformed": 0,
                       "unauthorized": 0}
+        # publisher (a service by name, else "worker") -> {batches, events, acks}: what
+        # events cost on the fan-in (`python -m cortex.loadtest.count`).
+        self.fan_in_flows: dict[str, dict[str, int]] = {}
+        self.sender_labels: dict[bytes, str] = {}  # fan-in routing id -> its label
         self.secret = suite_secret(self.rt.home).encode()
         self.sink = None
         if self.settings.events.postgres_url:
@@ -145,10 +218,16 @@ class EventRouter(BusService):
         self.metrics_server = None
         self.queries = ThreadPoolExecutor(1, thread_name_prefix="events-query")
         self.answers: list[tuple[bytes, bytes, Future]] = []  # queries being read
+        self.next_suite_poll = 0.0
         port = self.settings.events.metrics_port
         if port >= 0:
+            # Loopback with a bearer token rather than a unix socket: Prometheus scrapes
+            # only TCP, and reads the token from a file (`credentials_file`): this one,
+            # 0600 in the owner's run/, made anew at every start.
+            token = os.urandom(32).hex()
             try:
-                self.metrics_server = self.metrics.serve(port)
+                self.metrics_server = self.metrics.serve(port, token)
+                write_atomic(self.rt.home / "run" / "metrics.token", token.encode())
                 write_atomic(self.rt.home / "run" / "metrics.url",
                              self.metrics_server.url.encode())
             except OSError as e:
@@ -173,6 +252,8 @@ class EventRouter(BusService):
         except wire.ProtocolError:
             self.stats["malformed"] += 1
             return []
+        if events and isinstance(events[0], dict):
+            self.count_batch(sender, events[0].get("source"), len(events))
         fresh = []
         for event in events:
             if not isinstance(event, dict):
@@ -191,6 +272,18 @@ class EventRouter(BusService):
             fresh.append(event)
         return fresh
 
+    def count_batch(self, sender: bytes, source, events: int) -> None:
+        label = self.sender_labels.get(sender)
+        if label is None:
+            label = source if source in wire.SERVICE_NAMES else "worker"
+            if len(self.sender_labels) < 100_000:
+                self.sender_labels[sender] = label
+        flows = self.fan_in_flows.get(label)
+        if flows is None:
+            flows = self.fan_in_flows[label] = {"batches": 0, "events": 0, "acks": 0}
+        flows["batches"] += 1
+        flows["events"] += events
+
     def emit_own(self, type_: str, data: dict) -> dict:
         """The router's own events skip the fan-in but go everywhere else fresh events go:
         the log (buffered: an unwritable directory holds it until it can be written), the
@@ -205,7 +298,8 @@ class EventRouter(BusService):
 
     def deliver(self, events: list[dict]) -> None:
         """Everything but the log (and PostgreSQL, which copies the log): ring buffer, live
-        fan-out, metrics."""
+        fan-out, metrics. A task's result goes to the log alone (see `lean`)."""
+        events = [lean(e) for e in events]
         self.ring.extend(events)
         self.metrics.observe_many(events)
         self.publish(events)
@@ -236,33 +330,36 @@ class EventRouter(BusService):
         if self.sink is not None:
             self.sink.written_to_log(self.writer.events_written - written_before)
         for sender, streams in self.to_ack.items():
+            flows = self.fan_in_flows.get(self.sender_labels.get(sender, "worker"))
+            if flows is not None:
+                flows["acks"] += len(streams)
             for source, epoch in streams:
                 try:
-                    self.fan_in.send_multipart([sender, *wire.frames(wire.ACK, b"events", b"", {
+                    send_frames(self.fan_in, [sender, *wire.frames(wire.ACK, b"events", b"", {
                         "source": source, "epoch": epoch,
-                        "upto": self.tracker.position(source, epoch)})], flags=zmq.NOBLOCK)
+                        "upto": self.tracker.position(source, epoch)})])
                 except zmq.Again:
                     pass  # the publisher re-sends; its duplicates are acknowledged then
         self.to_ack.clear()
 
     def publish(self, events: list[dict]) -> None:
+        live = self.live
         for event in events:
-            try:
-                self.live.send_multipart([str(event.get("type", "")).encode(),
-                                          msgpack.packb(event)], flags=zmq.NOBLOCK)
+            try:  # send_frames: pyzmq's send_multipart costs more than the packing
+                send_frames(live, [str(event.get("type", "")).encode(), msgpack.packb(event)])
             except (zmq.Again, TypeError, ValueError):
                 pass  # live views may miss events; the log does not
 
     # -- queries over the bus -------------------------------------------------------------
     @serves("events.recent")
     def recent(self, fx: Effects, msg: wire.Message, body: dict, now: float) -> None:
-        fx.reply(msg.peer, msg.corr, {"events": self.ring.recent(body["n"], body["type"])})
+        fx.reply(msg.peer, msg.corr, self.ring.page(body["n"], body["type"], body["before"]))
 
     @serves("events.status")
     def status(self, fx: Effects, msg: wire.Message, body: dict, now: float) -> None:
         fx.reply(msg.peer, msg.corr, {
             **self.stats, "gaps": self.tracker.gaps, "buffered": self.writer.buffered,
-            "unwritable": self.unwritable,
+            "unwritable": self.unwritable, "fan_in": self.fan_in_flows,
             "postgres": self.sink.stats() if self.sink else None,
             "metrics_url": self.metrics_server.url if self.metrics_server else None,
             "latency": self.metrics.latency(), "pid": os.getpid(),
@@ -306,8 +403,38 @@ class EventRouter(BusService):
                                                     f"{type(e).__name__}: {str(e)[:300]}")
         return 0.02 if self.answers else 1.0
 
+    # -- the suite's gauges: asked of the scheduler and the ledger now and then ---------
+    def poll_suite(self, fx: Effects, mono: float) -> None:
+        if self.metrics_server is None or mono < self.next_suite_poll:
+            return
+        self.next_suite_poll = mono + SUITE_POLL
+        for service in SUITE_GAUGES:
+            fx.sends.append((service.encode(), wire.REQUEST, SUITE_GAUGES[service],
+                             {"op": f"{service}.status"}))
+
+    def on_reply(self, fx: Effects, msg: wire.Message, body: dict, now: float) -> None:
+        """The scheduler's and the ledger's status, kept as gauges (checked: only the
+        services asked, only numbers)."""
+        if msg.type != wire.REPLY or msg.role != b"service" or \
+                SUITE_GAUGES.get(msg.peer.decode(errors="replace")) != msg.corr:
+            return
+        if msg.peer == b"scheduler":
+            queue = _counts(body.get("queue"))
+            workers = body.get("workers")
+            workers = {str(t)[:64]: _counts(row) for t, row in workers.items()} \
+                if isinstance(workers, dict) else {}
+            self.metrics.set_suite(queue=queue, workers=workers)
+        else:
+            rows = body.get("budgets")
+            budgets = [{"scope": str(row["scope"])[:300], **_counts(row)}
+                       for row in (rows if isinstance(rows, list) else [])
+                       if isinstance(row, dict) and "scope" in row]
+            self.metrics.set_suite(budgets=budgets)
+
     def on_tick(self, fx: Effects, now: float) -> float:
+        self.listeners.cut_if_revoked()  # live subscribers of a revoked key: cut off
         mono = time.monotonic()
+        self.poll_suite(fx, mono)
         queries = self.answer_queries(fx) if self.answers else 1.0
         if self.unwritable:
             self.store(mono)
@@ -351,6 +478,8 @@ class EventRouter(BusService):
             # Its thread is a daemon and the process exits right after: stopping it first
             # would only wait out its poll interval.
             (self.rt.home / "run" / "metrics.url").unlink(missing_ok=True)
+            (self.rt.home / "run" / "metrics.token").unlink(missing_ok=True)
+        self.listeners.stop()
         self.fan_in.close(linger=0)
         self.live.close(linger=0)
         self.rt.remove_socket(self.fan_in_endpoint)

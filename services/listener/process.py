@@ -32,7 +32,7 @@ from pathlib import Path
 import zmq
 
 from cortex.protocol import locate
-from cortex.protocol.peer import poll_ms
+from cortex.protocol.peer import own_keys, poll_ms
 from cortex.protocol.publisher import EventPublisher
 from cortex.services.runtime.durable import remove_temp_files
 from cortex.services.runtime.entry import serve
@@ -303,8 +303,10 @@ class ListenerProcess:
         self.home = locate.find_home(home)
         start_process(self.home)  # a private umask; a bad configuration: exit 8
         self.ctx = zmq.Context()
-        publisher = EventPublisher(self.ctx, locate.endpoints(self.home)["events_in"],
-                                   "supervisor", time.time_ns(), secret=suite_secret(self.home))
+        endpoint = locate.endpoints(self.home)["events_in"]
+        publisher = EventPublisher(self.ctx, endpoint, "supervisor", time.time_ns(),
+                                   secret=suite_secret(self.home),
+                                   keys=own_keys(self.home, endpoint))
         self.listener = SupervisorListener(sys.stdin.fileno(), sys.stdout.buffer, publisher,
                                            self.home / "state" / STATE_FILE)
 

@@ -86,10 +86,12 @@ def main(argv=None) -> None:
     log = logging.getLogger("cortex.worker")
     table = {t: ending_with_task(handlers.resolve(settings.handlers[t]), pool, log)
              for t in group.types}
+    own_keys = locate.suite_key_path(home)  # on tcp: the suite's own key pair
     worker = Worker(table, home=home, name=args.name,
                     heartbeat=settings.scheduler.task_heartbeat,
                     max_tasks=group.max_tasks or None, max_rss_mb=group.max_rss_mb or None,
-                    idle_exit=args.idle_exit)
+                    idle_exit=args.idle_exit,
+                    key_file=own_keys if own_keys.exists() else None)
     worker.run()
     # What it sent goes out within the linger; then skip the interpreter's teardown, which
     # would hold up the pool's stop (and so the suite's) for each worker.

@@ -22,6 +22,8 @@ from zmq.utils.monitor import recv_monitor_message
 
 log = logging.getLogger(__name__)
 
+HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                    | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
 RESERVE_FDS = 256  # descriptors kept for files, journals and outgoing connections
 
 
@@ -53,8 +55,10 @@ class ConnectionGuard(threading.Thread):
         self.label = label
         self.open = 0
         self.refused = 0
+        self.handshake_failed = 0  # on tcp with CURVE: plaintext, unknown or wrong keys
         self._monitor = sock.get_monitor_socket(
-            zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_MONITOR_STOPPED)
+            zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_MONITOR_STOPPED
+            | HANDSHAKE_FAILED)
         self._sock = sock
         self.start()
 
@@ -68,13 +72,15 @@ class ConnectionGuard(threading.Thread):
                 kind = event["event"]
                 if kind == zmq.EVENT_MONITOR_STOPPED:
                     return
-                if kind == zmq.EVENT_DISCONNECTED:
+                if kind & HANDSHAKE_FAILED:
+                    self.handshake_failed += 1
+                elif kind == zmq.EVENT_DISCONNECTED:
                     self.open = max(0, self.open - 1)
                 elif kind == zmq.EVENT_ACCEPTED:
                     self.open += 1
                     if self.open > self.cap:
                         self.refused += 1
-                        _shut(event["value"])
+                        shut_connection(event["value"])
                         if self.refused in (1, 100, 10_000):
                             log.warning("%s: %d connections, above the cap of %d: refusing "
                                         "(%d refused so far)", self.label, self.open,
@@ -89,10 +95,12 @@ class ConnectionGuard(threading.Thread):
         self.join(timeout=2)
 
     def status(self) -> dict:
-        return {"open": self.open, "cap": self.cap, "refused": self.refused}
+        return {"open": self.open, "cap": self.cap, "refused": self.refused,
+                "handshake_failed": self.handshake_failed}
 
 
-def _shut(fd: int) -> None:
+def shut_connection(fd: int) -> None:
+    """Close a connection libzmq holds, from its descriptor: libzmq sees end-of-file."""
     try:
         dup = socket.socket(fileno=os.dup(fd))
     except OSError:

@@ -28,7 +28,7 @@ import zmq
 
 from cortex.protocol import wire
 from cortex.protocol.catalogue import Catalogue
-from cortex.protocol.peer import BusLink, poll_ms
+from cortex.protocol.peer import BusLink, own_keys, poll_ms, recv_frames
 from cortex.protocol.publisher import EventPublisher
 from cortex.services.runtime.durable import remove_temp_files
 from cortex.services.runtime.effects import Effects
@@ -69,10 +69,12 @@ class BusService:
         self.log = self.rt.log
         ctx = self.rt.ctx
         secret = suite_secret(self.rt.home)
-        self.link = BusLink(ctx, self.rt.endpoints["bus"], self.name, "service",
-                            interval=self.settings.suite.heartbeat_interval, secret=secret)
-        self.events = EventPublisher(ctx, self.rt.endpoints["events_in"], self.name,
-                                     self.rt.epoch, secret=secret)
+        bus, events_in = self.rt.endpoints["bus"], self.rt.endpoints["events_in"]
+        self.link = BusLink(ctx, bus, self.name, "service",
+                            interval=self.settings.suite.heartbeat_interval, secret=secret,
+                            keys=own_keys(self.rt.home, bus))
+        self.events = EventPublisher(ctx, events_in, self.name, self.rt.epoch, secret=secret,
+                                     keys=own_keys(self.rt.home, events_in))
         self.catalogue, self.handlers = self._handler_table()
         self.poller = zmq.Poller()
         self.poller.register(self.link.socket, zmq.POLLIN)
@@ -377,12 +379,12 @@ class BusService:
                 if self.link.socket in ready:
                     now_wall = time.time()
                     for _ in range(MAX_BATCH):
-                        msg = self.link.receive()
-                        if msg is None:
-                            if not self.link.socket.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-                                break
-                            continue
-                        self._decode(fx, msg, now_wall)
+                        parts = recv_frames(self.link.socket)
+                        if parts is None:
+                            break
+                        msg = self.link.accept(parts)  # None: control traffic
+                        if msg is not None:
+                            self._decode(fx, msg, now_wall)
                     self.flush(fx)
         finally:
             self.shutdown()

@@ -14,6 +14,7 @@ import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
+from cortex.protocol import locate
 from cortex.protocol.vocabulary import window_seconds
 
 FSYNC_POLICIES = ("always", "group", "off")
@@ -43,6 +44,10 @@ snapshot_interval = 5.0
 [bus]
 # Endpoints default to ipc:// sockets under <home>/run/. Use tcp:// to span machines.
 # bus = "tcp://127.0.0.1:5555"
+# On tcp the suite serves with CurveZMQ and admits only the keys `cortex keys` lists; it
+# refuses to start without its key pair (`cortex keys make`) unless you write
+# insecure_tcp = true         # plaintext: anyone who reaches the port is served
+# key_file = "~/alice.key"    # on another machine: the key file its clients connect with
 
 [scheduler]
 max_queue_per_type = 500     # admission rejects non-critical tasks past this (queue_full)
@@ -114,7 +119,8 @@ retrain_every = 500          # typed tasks submitted between background retrains
 max_file_bytes = 67108864    # rotate JSONL files past this size (and every UTC day)
 postgres_url = ""            # e.g. "postgresql://cortex@localhost/cortex" to copy events there
 metrics_port = 0             # Prometheus /metrics on 127.0.0.1: 0 any free port (see
-                             # run/metrics.url and `cortex status`), -1 off
+                             # run/metrics.url and `cortex status`), -1 off; scrapes
+                             # carry the bearer token in run/metrics.token
 
 [dashboard]
 enabled = true               # the live web dashboard (`cortex dashboard` prints its URL)
@@ -141,6 +147,8 @@ class BusSettings:
     events_in: str = ""
     events_live: str = ""
     max_connections: int = 0  # per listening socket; 0: half the descriptor limit
+    insecure_tcp: bool = False  # true: serve tcp endpoints in plaintext (no keys)
+    key_file: str = ""  # a client's CurveZMQ key file (on another machine than the suite)
 
 
 @dataclass(frozen=True)
@@ -343,13 +351,23 @@ def _window(value, where: str) -> str | None:
     return window
 
 
-def _bus(raw) -> BusSettings:
+def _bus(raw, home: Path) -> BusSettings:
     bus = _section(BusSettings, raw, "bus")
+    tcp = []
     for key in ("bus", "events_in", "events_live"):
         value = getattr(bus, key)
         if value and not (value.startswith("ipc://") or value.startswith("tcp://")):
             raise ConfigError(f"[bus] {key}: must be an ipc:// or tcp:// endpoint, got "
                               f"{value!r}")
+        if value.startswith("tcp://"):
+            tcp.append(key)
+    if not isinstance(bus.insecure_tcp, bool):
+        raise ConfigError(f"[bus] insecure_tcp: expected true or false, got "
+                          f"{bus.insecure_tcp!r}")
+    if tcp and not bus.insecure_tcp and not locate.suite_key_path(home).exists():
+        raise ConfigError(f"[bus] {', '.join(tcp)} on tcp without keys: make the suite's "
+                          "key pair with `cortex keys make`, or set insecure_tcp = true to "
+                          "serve anyone who reaches the port in plaintext")
     return bus
 
 
@@ -488,7 +506,7 @@ def load(home: Path) -> Settings:
     return Settings(
         home=home,
         suite=suite,
-        bus=_bus(raw.get("bus", {})),
+        bus=_bus(raw.get("bus", {}), home),
         scheduler=_section(SchedulerSettings, raw.get("scheduler", {}), "scheduler"),
         ledger=ledger,
         groups=tuple(groups),

@@ -49,6 +49,8 @@ class Request:
     payload: object
     size: int  # bytes of the request (the predictor's payload-size feature)
     wait: float  # seconds to hold the reply for the task's end (0: reply at once)
+    digest: str = ""  # of its content (clients.content_digest): its key with other content
+    # is a `conflict`, not this refusal again
 
 
 def parse_wait(body: dict) -> float:
@@ -60,7 +62,8 @@ class Admission:
     def __init__(self, settings: SchedulerSettings, counters: dict):
         self.settings = settings
         self.counters = counters
-        self.refusals: OrderedDict[str, tuple[str, str]] = OrderedDict()  # key -> (code, why)
+        # key -> (code, why, digest of the refused content)
+        self.refusals: OrderedDict[str, tuple[str, str, str]] = OrderedDict()
         # Who serves what: configured types, those seen from a worker, a live lookup.
         self.configured_types: frozenset[str] = frozenset()
         self.seen_types: set[str] = set()
@@ -159,17 +162,19 @@ class Admission:
 
     def refuse(self, fx: Effects, peer: bytes, corr: bytes, request: Request, code: str,
                reason: str) -> None:
-        self.remember(request.key, code, reason)
-        fx.records.append({"k": "rejected", "key": request.key, "code": code, "reason": reason})
+        self.remember(request.key, code, reason, request.digest)
+        fx.records.append({"k": "rejected", "key": request.key, "code": code, "reason": reason,
+                           "digest": request.digest})
         self.counters["rejected"] += 1
         fx.emit("scheduler.rejected", {"type": request.type, "priority": request.priority,
                                        "code": code, "reason": reason})
         fx.error(peer, corr, code, reason)
 
-    def refused(self, key: str) -> tuple[str, str] | None:
+    def refused(self, key: str) -> tuple[str, str, str] | None:
+        """(code, reason, digest) of the refusal of a submit with this key."""
         return self.refusals.get(key)
 
-    def remember(self, key: str, code: str, reason: str) -> None:
-        self.refusals[key] = (code, reason)
+    def remember(self, key: str, code: str, reason: str, digest: str = "") -> None:
+        self.refusals[key] = (code, reason, digest)
         while len(self.refusals) > REFUSALS_KEPT:
             self.refusals.popitem(last=False)

@@ -5,7 +5,10 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections import Counter
+
+import orjson
 
 from cortex.protocol import wire
 from cortex.services.runtime.effects import Effects
@@ -14,23 +17,59 @@ from cortex.services.scheduler.clock import Now
 from cortex.services.scheduler.tasks import State, Task, new_task_id
 from cortex.services.scheduler.waiting import ANNOUNCED, Reason
 
+AUTO = "auto"  # the type that asks the scheduler to choose (routing.py)
+
+# What a submit asks for. Not its content: `wait`, the key itself, and the agent (a
+# client names itself anew at each start, and a restarted agent re-sending its submit is
+# what the key is for).
+CONTENT = ("type", "description", "priority", "tokens", "timeout", "retries", "deadline",
+           "payload")
+
+
+def content_digest(body: dict) -> str:
+    """A digest of the task a submit describes, as sent (defaults not filled in), so a
+    re-send matches and a different task under the same idempotency key does not."""
+    fields = {k: body.get(k) for k in CONTENT}
+    try:
+        content = orjson.dumps(fields, option=orjson.OPT_SORT_KEYS)
+    except (TypeError, orjson.JSONEncodeError):  # not JSON: admission refuses it next
+        content = repr(fields).encode()
+    return hashlib.blake2b(content, digest_size=16).hexdigest()
+
 
 class ClientRequests:
     """Mixed into SchedulerState; uses its parts (table, admission, estimates, queue,
-    waiting, waiters, registry, holds) and its moves (_end, _enqueue, _kill, _settle)."""
+    waiting, waiters, registry, holds, limits, routing) and its moves (_end, _enqueue,
+    _kill, _settle)."""
 
     def submit(self, fx: Effects, peer: bytes, corr: bytes, body: dict, now: Now) -> None:
         key = wire.field_str(body, "idempotency_key", max_len=128)
+        digest = content_digest(body)
         existing = self.table.by_key(key)
+        if existing is not None and existing.digest not in ("", digest):
+            self.counters["conflicts"] = self.counters.get("conflicts", 0) + 1
+            fx.error(peer, corr, "conflict", f"idempotency key {key[:128]!r} was used for "
+                                             f"task {existing.id} with different content")
+            return
         if existing is not None:  # a re-sent submit: the same task (and, with `wait`, a wait)
             self.counters["duplicates"] += 1
             self._reply_or_hold(fx, peer, corr, existing, parse_wait(body), now)
             return
         refusal = self.admission.refused(key)
         if refusal is not None:
-            fx.error(peer, corr, *refusal)  # the same answer, never a late accept
+            code, reason, refused_digest = refusal
+            if refused_digest not in ("", digest):
+                code, reason = "conflict", (f"idempotency key {key[:128]!r} was refused for "
+                                            "a submit with different content")
+            fx.error(peer, corr, code, reason)  # the same answer, never a late accept
             return
         req = self.admission.parse(body, peer)
+        req.digest = digest
+        routing, refusal = self._route(req)
+        refusal = refusal or self.limits.refusal(req)
+        if refusal is not None:
+            self.admission.refuse(fx, peer, corr, req, *refusal)
+            return
         predicted = None
         if self.predictor is not None:
             predicted = self.predictor.predict(req.type, req.priority, req.description,
@@ -44,14 +83,30 @@ class ClientRequests:
                     priority=req.priority, tokens=req.tokens, timeout=req.timeout,
                     retries=req.retries, agent=req.agent, key=key, payload=req.payload,
                     deadline=req.deadline, times={"created": now.wall},
-                    eta=now.wall + wait_s, size=req.size, predicted=predicted)
+                    eta=now.wall + wait_s, size=req.size, predicted=predicted,
+                    routing=routing, digest=digest)
         self.waiting.set(fx, task, Reason.WORKER)
         self.table.add(fx, task, now)
         self._enqueue(task)
         fx.emit("task.created", {"type": req.type, "priority": req.priority,
                                  "tokens": req.tokens, "agent": req.agent, "eta": task.eta,
-                                 "description": req.description[:200]}, task.id)
+                                 "description": req.description[:200],
+                                 **({"routing": routing} if routing else {})}, task.id)
         self._reply_or_hold(fx, peer, corr, task, req.wait, now)
+
+    def _route(self, req) -> tuple[dict | None, tuple[str, str] | None]:
+        """A task of type "auto" takes the type its description routes to (the decision
+        returned, to keep), or is refused (code, reason); a typed one is history to learn."""
+        if self.routing is None:
+            return None, None
+        if req.type != AUTO:
+            self.routing.typed(req.type)
+            return None, None
+        decision, refusal = self.routing.decide(req.description)
+        if decision is None:
+            return None, refusal
+        req.type = decision.type
+        return decision.as_dict(), None
 
     def _reply_or_hold(self, fx: Effects, peer: bytes, corr: bytes, task: Task,
                        seconds: float, now: Now) -> None:
@@ -102,6 +157,9 @@ class ClientRequests:
         if task.waiting == Reason.TOKENS:
             task.eta = (task.waiting_detail or {}).get("resets_at")
             return
+        if task.waiting == Reason.RATE_LIMIT:  # when its provider's window lets it in
+            task.eta = (task.waiting_detail or {}).get("eta")
+            return
         task.eta = now.wall + self.estimates.wait_before_start(
             task.type, task.priority, now.mono, ahead=self.queue.ahead_of(task))
 
@@ -117,6 +175,7 @@ class ClientRequests:
                 "waiting": {r.value: waiting[r] for r in sorted(ANNOUNCED) if waiting[r]},
                 "backoff": waiting[Reason.BACKOFF.value],
                 "memory_pressure": self.holds.memory_pressure,
+                "providers": self.limits.status(now.wall),
                 "counters": dict(self.counters)}
 
     def worker_rows(self, now: Now) -> list[dict]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 from cortex.services.scheduler.clock import Marks
 from cortex.services.scheduler.feasibility import estimate_start
 from cortex.services.scheduler.queue import TaskQueue
-from cortex.services.scheduler.tasks import PRIORITIES, PRIORITY_RANK, Task
+from cortex.services.scheduler.tasks import PRIORITY_RANK, Task
 from cortex.services.scheduler.workers import WorkerRegistry, WorkerState
 
 DEFAULT_DURATION = 1.0  # seconds a task of a type nothing is known of is expected to take
@@ -47,18 +47,31 @@ class Estimates:
     def wait_before_start(self, task_type: str, priority: str, now: float,
                           ahead: int | None = None) -> float:
         """Seconds until a task of this type and priority would start: the tasks ahead of
-        it go, each for its predicted duration, to the type's workers as they free up."""
-        workers = self.registry.serving(task_type)
+        it go, each for its predicted duration, to the type's workers as they free up.
+
+        Asked at every submit, so it costs one pass over the workers and no simulation:
+        all the tasks ahead take the type's mean duration (see `start_after`)."""
         if ahead is None:
-            counts = self.queue.counts.get(task_type, [0] * len(PRIORITIES))
-            ahead = sum(counts[: PRIORITY_RANK[priority] + 1])
+            counts = self.queue.counts.get(task_type)
+            ahead = sum(counts[: PRIORITY_RANK[priority] + 1]) if counts else 0
+        tasks = self.tasks
+        free = 0  # workers free now (idle, claimed, or between tasks)
+        busy: list[Task] = []
+        for w in self.registry.workers.values():
+            if task_type not in w.types or w.state is WorkerState.LEAVING:
+                continue
+            task = tasks.get(w.task or "") if w.state is WorkerState.BUSY else None
+            if task is None:
+                free += 1
+                if ahead < free:
+                    return 0.0  # a worker is left free for it after those ahead
+            else:
+                busy.append(task)
+        if not busy:
+            free = max(free, 1)  # none registered yet: the least the pool keeps of a type
         mean = self.mean_duration(task_type)
-        remaining = []
-        for w in workers:
-            task = self.tasks.get(w.task or "")
-            if task is not None and w.state is WorkerState.BUSY:
-                remaining.append(max(0.0, self.time_left(task, now, mean)))
-        return estimate_start(0.0, ahead, mean, len(workers), remaining)
+        remaining = [max(0.0, self.time_left(task, now, mean)) for task in busy]
+        return start_after([0.0] * free + remaining, ahead, mean)
 
     def next_free(self, workers, now: float) -> float:
         """Seconds until the first of these busy workers is expected to free up. A task
@@ -74,3 +87,18 @@ class Estimates:
                 means[task.type] = self.mean_duration(task.type)
             best = min(best, abs(self.time_left(task, now, means[task.type])))
         return best
+
+
+def start_after(free_at: list[float], ahead: int, duration: float) -> float:
+    """When the task after `ahead` others starts, each of them (and each worker's next
+    task) taking `duration`, the workers free at `free_at` (seconds from now): what
+    feasibility.estimate_start simulates, in closed form where it is exact. The starts
+    are the merged series free_at[j] + k x duration; when the workers free up within one
+    duration of each other those series interleave round by round, so the answer is in
+    round ahead // workers. Otherwise (a long task running beside short ones) simulated."""
+    free_at = sorted(free_at)
+    workers = len(free_at)
+    if free_at[-1] - free_at[0] <= duration:
+        rounds, place = divmod(ahead, workers)
+        return free_at[place] + rounds * duration
+    return estimate_start(0.0, ahead, duration, workers, free_at)

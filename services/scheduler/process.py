@@ -15,9 +15,11 @@ from cortex.protocol import wire
 from cortex.protocol.catalogue import check_reply
 from cortex.services.runtime.effects import Effects
 from cortex.services.runtime.loop import BusService, serves
+from cortex.services.scheduler.classify_rows import RoutingError
 from cortex.services.scheduler.clock import Now
 from cortex.services.scheduler.feasibility import ResourceMonitor
 from cortex.services.scheduler.machine import FIXED_MACHINE_ENV, MachineSampler, fixed_sampler
+from cortex.services.scheduler.routing import Routing
 from cortex.services.scheduler.state import SchedulerState
 from cortex.services.scheduler.trainer import Trainer
 
@@ -38,8 +40,12 @@ class Scheduler(BusService):
 
         self.predictor = Predictor.load(self.rt.home / "models")
         self.trainer = Trainer(self.rt.home, self.predictor)
+        from cortex.services.scheduler.classify import load as load_router
+
+        self.routing = Routing(self.rt.home, self.settings.routing, load_router)
         self.state = SchedulerState(self.settings.scheduler, predictor=self.predictor,
-                                    monitor=ResourceMonitor(self.machine_sampler()))
+                                    monitor=ResourceMonitor(self.machine_sampler()),
+                                    providers=self.settings.providers, routing=self.routing)
         types = {t for g in self.settings.groups for t in g.types}
         self.state.admission.know_types(
             types | set(self.settings.types.external),
@@ -78,8 +84,8 @@ class Scheduler(BusService):
             except (OSError, ValueError, IndexError):
                 continue
         pids += [w.pid for w in self.state.workers.values() if w.pid > 0]
-        if self.trainer.child is not None:
-            pids.append(self.trainer.child.pid)
+        pids += [t.child.pid for t in (self.trainer, self.routing.trainer)
+                 if t.child is not None]
         return pids
 
     def snapshot(self) -> dict:
@@ -122,6 +128,7 @@ class Scheduler(BusService):
             self.state.dispatch(fx, now)
             self.state.scale(fx, now)  # surge at once if no worker can take it
         self.trainer.maybe_auto(self.settings.scheduler.retrain_every, now.mono)
+        self.routing.maybe_train(now.mono)
         self.state.dispatch(fx, now)
 
     @serves("task.status")
@@ -157,7 +164,16 @@ class Scheduler(BusService):
 
     @serves("model.status")
     def model_status(self, fx: Effects, msg: wire.Message, body: dict, wall: float) -> None:
-        fx.reply(msg.peer, msg.corr, self.predictor.status() | self.trainer.status())
+        fx.reply(msg.peer, msg.corr, self.predictor.status() | self.trainer.status() | {
+            "routing": self.routing.status()})
+
+    @serves("route.explain")
+    def route_explain(self, fx: Effects, msg: wire.Message, body: dict, wall: float) -> None:
+        try:
+            fx.reply(msg.peer, msg.corr, self.routing.explain(body["description"],
+                                                              body["words"]))
+        except RoutingError as e:
+            fx.error(msg.peer, msg.corr, "unavailable", str(e))
 
     @serves("model.train")
     def model_train(self, fx: Effects, msg: wire.Message, body: dict, wall: float) -> None:
@@ -228,15 +244,18 @@ class Scheduler(BusService):
             fx.sends.append((b"ledger", wire.REQUEST, BUDGETS_CORR, {"op": "ledger.status"}))
             self.next_budgets = now.mono + BUDGETS_REFRESH
         self.trainer.poll(fx, now.mono)
+        self.routing.trainer.poll(fx, now.mono)
+        self.routing.maybe_train(now.mono)
         timeout = self.state.tick(fx, now, self.settings.scheduler.task_heartbeat)
         self.state.dispatch(fx, now)
         self.state.scale(fx, now)
-        if self.trainer.busy:
+        if self.trainer.busy or self.routing.trainer.busy:
             timeout = min(timeout, 0.1)  # look at the training child's output soon
         return timeout
 
     def shutdown(self) -> None:
         self.trainer.stop()
+        self.routing.trainer.stop()
         super().shutdown()
 
 

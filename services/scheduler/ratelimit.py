@@ -22,8 +22,8 @@ does). A dimension with no configured limit learns one from a 429: what went thr
 in the window before it, shrunk the same way, and forgotten once fully recovered.
 
 Every change is a method call whose arguments are its journal record: `take`,
-`give_back` and `throttled` return that record, and `apply(record)` replays it, so a
-journal replayed over a `snapshot()` rebuilds the same state.
+`give_back`, `untake` and `throttled` return that record, and `apply(record)` replays it,
+so a journal replayed over a `snapshot()` rebuilds the same state.
 """
 
 from __future__ import annotations
@@ -183,6 +183,15 @@ class ProviderBucket:
             self.token_sum += used - entry.tokens
             entry.tokens = used
 
+    def untake(self, key: str, now: float) -> None:
+        """A request taken but never sent: it leaves the window and frees its slot."""
+        self._advance(now)
+        self.running.pop(key, None)
+        entry = self.by_key.pop(key, None)
+        if entry is not None:
+            self.entries.remove(entry)  # rare (a refused reservation, a cancel): O(n) is fine
+            self.token_sum -= entry.tokens
+
     def throttled(self, now: float, retry_after: float | None) -> None:
         now = self._advance(now)
         observed = {"requests": len(self.entries), "tokens": self.token_sum}
@@ -275,6 +284,14 @@ class RateLimits:
             bucket.give_back(str(key), None if used is None else _tokens(used), now)
         return {"op": "give_back", "provider": provider, "key": key, "used": used, "now": now}
 
+    def untake(self, provider: str, key: str, now: float) -> dict:
+        """A request taken under `key` was never sent (its task did not start after all):
+        as if it had never been taken."""
+        bucket = self.buckets.get(provider)
+        if bucket is not None:
+            bucket.untake(str(key), now)
+        return {"op": "untake", "provider": provider, "key": key, "now": now}
+
     def throttled(self, provider: str, now: float, retry_after: float | None = None) -> dict:
         """The provider answered 429: shrink its allowance, pause it for `retry_after`."""
         if retry_after is not None and not (isinstance(retry_after, int | float)
@@ -286,12 +303,14 @@ class RateLimits:
         return {"op": "throttled", "provider": provider, "retry_after": retry_after, "now": now}
 
     def apply(self, record: dict) -> None:
-        """Replay a record returned by take / give_back / throttled."""
+        """Replay a record returned by take / give_back / untake / throttled."""
         op = record.get("op")
         if op == "take":
             self.take(record["provider"], record["key"], record["tokens"], record["now"])
         elif op == "give_back":
             self.give_back(record["provider"], record["key"], record["used"], record["now"])
+        elif op == "untake":
+            self.untake(record["provider"], record["key"], record["now"])
         elif op == "throttled":
             self.throttled(record["provider"], record["now"], record.get("retry_after"))
         else:

@@ -50,7 +50,7 @@ def _types(body: dict) -> tuple[str, ...]:
 
 class Reports:
     """Mixed into SchedulerState; uses its parts (registry, table, marks, queue, waiting,
-    progress, estimates, scaler, waiters, ledger) and its moves (_move, _end, _retry,
+    progress, estimates, scaler, waiters, ledger, limits) and its moves (_move, _end, _retry,
     _settle, _kill, _enqueue, _dispatch)."""
 
     def _current(self, name: str, body: dict) -> Task | None:
@@ -209,7 +209,7 @@ class Reports:
                 "attempt": task.attempt, "tokens_used": task.tokens_used, "type": task.type,
                 "priority": task.priority, "description": task.description[:1000],
                 "payload_size": task.size, "actual": actual, "predicted": task.predicted,
-                **timings}, task.id, name)
+                "result": result, **timings}, task.id, name)  # the result outlives the task
             if self.predictor is not None:
                 self.predictor.observe(task.type, task.priority, task.description, task.size,
                                        actual)
@@ -229,6 +229,7 @@ class Reports:
             fx.emit("task.failed", {"attempt": task.attempt, "category": category,
                                     "message": message[:500],
                                     "tokens_used": task.tokens_used, **timings}, task.id, name)
+        self.limits.observe(fx, task, now.wall)  # a 429 on the way shrinks its provider
         self._settle(fx, task, now)
         self.waiters.wake(fx, task)
 
@@ -289,6 +290,7 @@ class Reports:
             return
         if worker is not None:
             self.registry.move(fx, worker, WorkerState.IDLE, now)
+        self.limits.release(fx, task, now, sent=False)  # no call made: its slot is free
         detail = refusal_detail(body, now.wall)
         if detail.get("requested", 0) > detail.get("limit", math.inf) \
                 and "resets_at" not in detail:

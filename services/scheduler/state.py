@@ -12,6 +12,7 @@ the records before it sends any reply: journal first, then acknowledge.
     waiting.py     why a queued task waits; the tasks held out of the queue
     workers.py     the worker registry and its state table
     holds.py       what dispatched tasks hold of the machine (feasibility.py judges)
+    limits.py      what model providers allow (ratelimit.py's windows), a feasibility dimension
     settlement.py  ledger requests: reservations and settle orders, re-sent
     scaling.py     surge and autoscaling requests to the pool
     waiters.py     long polls (task.wait, task.submit with wait)
@@ -35,6 +36,7 @@ from cortex.services.scheduler.clock import Marks, Now
 from cortex.services.scheduler.eta import Estimates
 from cortex.services.scheduler.feasibility import ResourceMonitor
 from cortex.services.scheduler.holds import MachineHolds
+from cortex.services.scheduler.limits import ProviderLimits
 from cortex.services.scheduler.progress import ProgressEvents
 from cortex.services.scheduler.queue import TaskQueue
 from cortex.services.scheduler.reports import Reports
@@ -43,7 +45,7 @@ from cortex.services.scheduler.settlement import LedgerOrders, settle_order
 from cortex.services.scheduler.table import TaskTable
 from cortex.services.scheduler.tasks import FINAL, State, Task
 from cortex.services.scheduler.waiters import Waiters
-from cortex.services.scheduler.waiting import Reason, WaitingRoom
+from cortex.services.scheduler.waiting import BLOCKED_RETRY, Reason, WaitingRoom
 from cortex.services.scheduler.watch import Watch
 from cortex.services.scheduler.workers import Worker, WorkerRegistry, WorkerState
 
@@ -56,17 +58,21 @@ COUNTERS = ("submitted", "completed", "failed", "cancelled", "dead", "retried", 
 
 class SchedulerState(ClientRequests, Reports):
     def __init__(self, settings: SchedulerSettings, *, monitor: ResourceMonitor,
-                 predictor=None, rng: random.Random | None = None):
+                 predictor=None, rng: random.Random | None = None,
+                 providers: dict | None = None, routing=None):
         self.settings = settings
         self.rng = rng or random.Random()
         self.counters = dict.fromkeys(COUNTERS, 0)
-        self.table = TaskTable(settings.retention, self.counters)
+        self.table = TaskTable(settings.retention, self.counters, settings.keep_results,
+                               settings.keep_results_mb)
         self.tasks, self.marks = self.table.tasks, self.table.marks
         self.queue = TaskQueue(aging=settings.aging or None)
         self.registry = WorkerRegistry()
         self.workers = self.registry.workers
         self.waiting = WaitingRoom(self.rng)
         self.holds = MachineHolds(monitor, settings.memory_threshold)
+        self.limits = ProviderLimits(providers, self.waiting)
+        self.routing = routing  # routing.Routing: type "auto" (None: refused as any type)
         self.estimates = Estimates(predictor, self.queue, self.registry, self.tasks,
                                    self.marks)
         self.admission = Admission(settings, self.counters)
@@ -95,12 +101,18 @@ class SchedulerState(ClientRequests, Reports):
 
     # -- moves that touch several parts -------------------------------------------------
     def _move(self, fx: Effects, task: Task, new: State, now: Now, **changes) -> None:
+        was = task.state
         self.table.move(fx, task, new, now, **changes)
         if new in ACTIVE:
             self.watch.add(task)
         else:
             self.watch.discard(task.id)
             self.holds.release(task.id)  # its share of the machine is free at once
+            # Its provider's slot too; a retry keeps the whole reservation counted.
+            self.limits.release(fx, task, now, sent=was in ACTIVE,
+                                used=task.tokens_used if new in FINAL else None)
+            if new in FINAL:
+                self.limits.forget(task)
 
     def _end(self, fx: Effects, task: Task, final: State, now: Now, **changes) -> None:
         """The task ends: its last progress is written first, it waits no more."""
@@ -169,10 +181,15 @@ class SchedulerState(ClientRequests, Reports):
                     break
                 if readings is None:
                     readings, held = self.holds.readings(now.mono)
-                blocked = self.holds.blocker(task, readings, held)
+                blocked = self.holds.blocker(task, readings, held) or \
+                    self.limits.blocker(task, now.wall)
                 if blocked is not None:  # it waits, held out of the queue; others go ahead
-                    self.waiting.hold(fx, task, Reason(blocked[0]), now.mono, blocked[1])
+                    reason = Reason(blocked[0])
+                    self.waiting.hold(fx, task, reason, now.mono, blocked[1],
+                                      delay=self.limits.retry_in(blocked[1])
+                                      if reason is Reason.RATE_LIMIT else BLOCKED_RETRY)
                     continue
+                self.limits.take(fx, task, now.wall)
                 if task.tokens > 0 and task.reserved == 0:
                     # Reserve first; the worker waits for this task meanwhile, while other
                     # workers keep taking other tasks (no head-of-line blocking).
@@ -216,7 +233,7 @@ class SchedulerState(ClientRequests, Reports):
             "agent": task.agent, "deadline": task.deadline,
             "waited": now.mono - marks.created, "reserved": task.reserved,
             "still_queued": {t: counts[t] for t in worker.types if any(counts.get(t, ()))},
-            "predicted": task.predicted}, task.id, worker.name)
+            "predicted": task.predicted, **self.limits.counted(task)}, task.id, worker.name)
         return share
 
     def scale(self, fx: Effects, now: Now) -> None:
@@ -241,6 +258,7 @@ class SchedulerState(ClientRequests, Reports):
         if not self.watch.scan_due(now.mono):
             return max(0.0, min(next_due, self.watch.next_scan) - now.mono)
         self.ledger.resend_due(fx, now.mono)
+        self.table.trim(now.wall)  # an idle suite lets go of old results too
         soonest = self.waiters.expire(fx, self.tasks, now.mono)
         if soonest is not None:
             next_due = min(next_due, soonest)
@@ -267,7 +285,10 @@ class SchedulerState(ClientRequests, Reports):
     def apply(self, record: dict) -> None:
         """Replay one journal record (recovery)."""
         if record["k"] == "rejected":
-            self.admission.remember(record["key"], record["code"], record["reason"])
+            self.admission.remember(record["key"], record["code"], record["reason"],
+                                    record.get("digest", ""))
+        elif record["k"] == "rate":
+            self.limits.apply(record)
         else:
             self.table.apply(record)
 
@@ -292,7 +313,9 @@ class SchedulerState(ClientRequests, Reports):
                 self.holds.hold(task, 0)
             for body in task.settle.values():  # ledger orders not confirmed before the crash
                 self.ledger.resend_soon(body, now.mono)
+        self.limits.restored(quiet, self.tasks, now)
         self.table.retain()
+        self.table.recovered(now.wall)
 
     def snapshot(self) -> dict:
         # The Task dataclasses themselves: orjson writes them in C as the journal does
@@ -300,7 +323,8 @@ class SchedulerState(ClientRequests, Reports):
         # once by the caller, so the live objects are safe to hand over.
         return {"tasks": list(self.tasks.values()), "counters": self.counters,
                 "avg_duration": self.estimates.avg_duration,
-                "rejected": [[k, *v] for k, v in self.admission.refusals.items()]}
+                "rejected": [[k, *v] for k, v in self.admission.refusals.items()],
+                "rate_limits": self.limits.snapshot()}
 
     def load_snapshot(self, data: dict) -> None:
         for row in data.get("tasks", []):
@@ -309,6 +333,7 @@ class SchedulerState(ClientRequests, Reports):
             self.apply({"k": "new", "task": row})
         self.counters.update(data.get("counters", {}))
         for row in data.get("rejected", []):
-            if isinstance(row, list) and len(row) == 3:
+            if isinstance(row, list) and len(row) in (3, 4):
                 self.admission.remember(*row)
         self.estimates.avg_duration.update(data.get("avg_duration", {}))
+        self.limits.load_snapshot(data.get("rate_limits"))

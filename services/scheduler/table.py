@@ -5,11 +5,21 @@ journal records.
 to the turn's Effects; the process writes the records before it sends any reply (journal
 first, then acknowledge). `apply()` replays a record after a crash. Finished tasks are
 kept up to `retention`, oldest forgotten first (with their idempotency keys).
+
+Finished tasks keep a bounded size: once a task has been finished `keep_results` seconds,
+or when the finished tasks' payloads and results pass `keep_results_mb`, its payload and
+result leave memory (and so every later snapshot) and it is marked `trimmed`; its result
+stays in the event log (`task.completed` carries it). Trimming happens as tasks are added
+and finished, at the timeout scan (so an idle suite lets go too), and again after
+recovery, never to the task finishing now (its waiters get the result); it is not
+journaled, since it only drops what the log keeps.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
+
+import orjson
 
 from cortex.protocol import wire
 from cortex.protocol.wire import ProtocolError
@@ -21,8 +31,13 @@ LIST_LIMIT = 10_000  # the most tasks one task.list returns
 
 
 class TaskTable:
-    def __init__(self, retention: int, counters: dict):
+    def __init__(self, retention: int, counters: dict, keep_results: float = 600.0,
+                 keep_results_mb: float = 64.0):
         self.retention = retention
+        self.keep_results = keep_results
+        self.keep_bytes = keep_results_mb * (1 << 20)
+        self.held: OrderedDict[str, int] = OrderedDict()  # finished, untrimmed -> bytes
+        self.held_bytes = 0
         self.counters = counters
         self.tasks: dict[str, Task] = {}  # in order of creation
         self.keys: dict[str, str] = {}  # idempotency key -> task id
@@ -35,6 +50,7 @@ class TaskTable:
         self.keys[task.key] = task.id
         self.marks[task.id] = Marks(created=now.mono)
         self.counters["submitted"] += 1
+        self.trim(now.wall)
         row = task.summary()
         del row["final"]
         fx.records.append({"k": "new", "task": row})
@@ -56,6 +72,8 @@ class TaskTable:
             self.marks.pop(task.id, None)
             self.finished[task.id] = None
             self.retain()
+            self.trim(now.wall)
+            self.hold(task)
 
     def retain(self) -> None:
         while len(self.finished) > self.retention:
@@ -63,6 +81,48 @@ class TaskTable:
             task = self.tasks.pop(old, None)
             if task is not None and self.keys.get(task.key) == old:
                 del self.keys[task.key]
+            self.held_bytes -= self.held.pop(old, 0)
+
+    def hold(self, task: Task) -> None:
+        """Count a finished task's payload and result against `keep_results_mb`."""
+        if task.trimmed or task.id in self.held or (task.payload is None
+                                                     and task.result is None):
+            return
+        size = task.size + len(orjson.dumps(task.result, default=str))
+        self.held[task.id] = size
+        self.held_bytes += size
+
+    def trim(self, now: float) -> int:
+        """Drop the payload and result of finished tasks past `keep_results` seconds,
+        oldest first, and of as many more as it takes to keep under `keep_results_mb`."""
+        trimmed = 0
+        while self.held:
+            task_id, size = next(iter(self.held.items()))
+            task = self.tasks.get(task_id)
+            if task is not None and self.held_bytes <= self.keep_bytes and \
+                    now - self._finished_at(task) < self.keep_results:
+                break
+            self.held.popitem(last=False)
+            self.held_bytes -= size
+            if task is not None:
+                task.payload = task.result = None
+                task.trimmed = True
+                trimmed += 1
+        if trimmed:
+            self.counters["trimmed"] = self.counters.get("trimmed", 0) + trimmed
+        return trimmed
+
+    @staticmethod
+    def _finished_at(task: Task) -> float:
+        return max((task.times.get(str(s), 0.0) for s in FINAL), default=0.0)
+
+    def recovered(self, now: float) -> None:
+        """After a restart: count what finished tasks still hold, then trim."""
+        for task_id in self.finished:
+            task = self.tasks.get(task_id)
+            if task is not None:
+                self.hold(task)
+        self.trim(now)
 
     # -- recovery ------------------------------------------------------------------------
     def apply(self, record: dict) -> None:

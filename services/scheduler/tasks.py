@@ -10,6 +10,7 @@ Nothing changes a task's state except `transition()`, which checks the edge.
 from __future__ import annotations
 
 import itertools
+import operator
 import os
 from dataclasses import dataclass, field, fields
 from enum import StrEnum
@@ -95,6 +96,9 @@ class Task:
     size: int = 0  # bytes of the submit request (the predictor's payload-size feature)
     predicted: dict | None = None  # duration, tokens, memory_mb, cpu, source
     actual: dict | None = None  # the same, measured, once it ran
+    routing: dict | None = None  # submitted as "auto": the type chosen and why (routing.py)
+    digest: str = ""  # of the submit's content (its key with other content: `conflict`)
+    trimmed: bool = False  # finished, payload and result dropped: the result is in the log
 
     @property
     def final(self) -> bool:
@@ -103,7 +107,7 @@ class Task:
     def summary(self) -> dict:
         # Shallow on purpose (asdict deep-copies: it was a sixth of the scheduler's time);
         # the dicts inside are copied one level so callers cannot alter the task.
-        data = {name: getattr(self, name) for name in FIELD_NAMES}
+        data = dict(zip(FIELD_NAMES, _all_fields(self), strict=True))  # one C call
         data["times"] = dict(self.times)
         data["state"] = str(self.state)
         data["final"] = self.final
@@ -111,6 +115,7 @@ class Task:
 
 
 FIELD_NAMES = tuple(f.name for f in fields(Task))
+_all_fields = operator.attrgetter(*FIELD_NAMES)
 
 
 def transition(task: Task, new: State, now: float) -> State:

@@ -48,8 +48,9 @@ def _nice_child() -> None:  # in the training child, before exec
 
 class Trainer:
     def __init__(self, home: Path, predictor, command: list[str] | None = None,
-                 answer_within: float = ANSWER_WITHIN):
-        self.predictor = predictor
+                 answer_within: float = ANSWER_WITHIN, events: str = "model"):
+        self.predictor = predictor  # or the router (routing.RouterModel): the same face
+        self.events = events  # its events: `<events>.trained`, `<events>.training_failed`
         self.answer_within = answer_within
         self.command = command or [sys.executable, "-m", "cortex.services.scheduler.prediction",
                                    "train", "--home", str(home)]
@@ -138,8 +139,8 @@ class Trainer:
             reason = self._report_reason(report) or errors or f"exit code {code}"
             self.last_failure = {"at": time.time(), "exit_code": code, "reason": reason}
             self._answer_all(fx, False, reason)
-            fx.emit("model.training_failed", {"exit_code": code, "report": report,
-                                              "errors": errors})
+            fx.emit(f"{self.events}.training_failed", {"exit_code": code, "report": report,
+                                                       "errors": errors})
             return
         self._answer_all(fx, True, None)  # (it printed no first line: it fitted anyway)
         read: list = []  # filled by the thread with the new predictor
@@ -166,7 +167,7 @@ class Trainer:
             self.last_failure = {"at": time.time(), "exit_code": 0,
                                  "reason": self.predictor.status().get("last_error")
                                  or "the saved models could not be read"}
-        fx.emit("model.trained" if loaded else "model.training_failed",
+        fx.emit(f"{self.events}.trained" if loaded else f"{self.events}.training_failed",
                 {"exit_code": 0, "report": report})
 
     def _read(self) -> None:

@@ -9,6 +9,8 @@
   scope that blocked, its limit, what was left, what was asked.
 - cpu / memory: it would not fit the machine now. Detail: the figures compared.
 - backoff: its last attempt was lost; it waits out the retry delay.
+- rate_limit: its model provider's limits (limits.py) would be passed. Detail: the limit
+  that holds it (`check`), the provider, the seconds until it fits and when (`eta`).
 
 A `task.waiting` event is written when a task starts waiting for tokens, cpu or memory,
 and again only when what blocks it changes (another reason, scope, limit or check): never
@@ -46,9 +48,10 @@ class Reason(StrEnum):
     CPU = "cpu"
     MEMORY = "memory"
     BACKOFF = "backoff"
+    RATE_LIMIT = "rate_limit"
 
 
-ANNOUNCED = frozenset({Reason.TOKENS, Reason.CPU, Reason.MEMORY})
+ANNOUNCED = frozenset({Reason.TOKENS, Reason.CPU, Reason.MEMORY, Reason.RATE_LIMIT})
 
 
 def what_blocks(reason: Reason, detail: dict | None) -> tuple:
@@ -99,8 +102,8 @@ class WaitingRoom:
 
     def hold(self, fx: Effects, task: Task, reason: Reason, now: float,
              detail: dict | None = None, delay: float = BLOCKED_RETRY) -> float:
-        """Keep a popped queued task out of the queue until its retry is due (`delay` is
-        the backoff's); returns the seconds it waits."""
+        """Keep a popped queued task out of the queue until its retry is due (`delay`: the
+        backoff's, or until the provider's window lets it in); returns the seconds it waits."""
         self.set(fx, task, reason, detail)
         held = _Held(task, reason, now + delay, now)
         if reason is Reason.TOKENS:
@@ -113,7 +116,7 @@ class WaitingRoom:
             if isinstance(asked, int) and isinstance(left, int):
                 held.shortfall = max(0, asked - left)
             held.returned_mark = self._returned
-        elif reason is not Reason.BACKOFF:
+        elif reason not in (Reason.BACKOFF, Reason.RATE_LIMIT):
             held.due = now + BLOCKED_RETRY
         self._put(held)
         return held.due - now
@@ -121,6 +124,14 @@ class WaitingRoom:
     def release(self, task: Task) -> None:
         """It leaves the room other than by its retry (cancelled)."""
         self.held.pop(task.id, None)
+
+    def retry_now(self, task_ids, now: float) -> None:
+        """What held these tasks may be gone: their retry is due at `now`."""
+        for task_id in task_ids:
+            held = self.held.get(task_id)
+            if held is not None and held.due > now:
+                held.due = now
+                self._put(held)
 
     def tokens_returned(self, amount: int) -> None:
         """The ledger confirmed giving `amount` tokens back (a release, or the unused rest

@@ -140,6 +140,7 @@ export class TaskPage {
       el("p", {}, `${t.type} · ${t.priority} · agent ${t.agent} · attempt ${t.attempt}` +
         (t.worker ? ` · worker ${t.worker}` : "")),
       el("p", { class: "muted", text: short(t.description || "", 300) }),
+      t.routing ? routingLine(t.routing) : null,
       el("p", {}, `created ${stamp(times.created)}` + (times.started ? `, started ${clock(times.started)}` : "") +
         (end ? `, ended ${clock(end)} (${duration(end - times.created)} in all)` : `, ${duration(now - times.created)} so far`)),
       t.state === "queued" ? el("p", { class: "waiting" }, `waiting for ${t.waiting || "a worker"}` +
@@ -215,4 +216,15 @@ export class TaskPage {
     }
     this.draw();
   }
+}
+
+// A task submitted as "auto": the type chosen from its description, how sure, the
+// runner-up, and what became of it (routed, or the fallback below the bar).
+function routingLine(r) {
+  const pct = (p) => (typeof p === "number" ? `${Math.round(p * 100)} %` : "–");
+  const top = (r.top || []).map((c) => `${c.type} ${pct(c.probability)}`).join(", ");
+  return el("p", { class: "routing", id: "task-routing" },
+    `routed by description: ${r.outcome} to ${r.type} (chose ${r.chosen} at ${pct(r.confidence)}` +
+    (r.runner_up ? `, runner-up ${r.runner_up} at ${pct(r.runner_up_confidence)}` : "") +
+    `)` + (top ? ` · top: ${top}` : ""));
 }

@@ -1,4 +1,5 @@
-"""A real HTTP server speaking the OpenAI chat-completions protocol, for the tests.
+"""A real HTTP server speaking the OpenAI chat-completions protocol, for the tests and the
+load test (its `mixed` scenario's `llm` share).
 
     with OpenAIServer(api_key="sk-test") as server:
         server.base_url                     # http://127.0.0.1:PORT/v1

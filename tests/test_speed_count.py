@@ -1,0 +1,95 @@
+"""What a no-op task costs on the bus (loadtest/count.py), and the heartbeat answered at
+once (protocol/peer.py)."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import pytest
+import zmq
+
+from cortex.loadtest.count import parse_strace, run
+from cortex.loadtest.harness import cpu_per_task
+from cortex.protocol import wire
+from cortex.protocol.peer import BusLink, recv_frames, send_frames
+
+from .conftest import wait_for
+
+STRACE_SUMMARY = """\
+% time     seconds  usecs/call     calls    errors syscall
+------ ----------- ----------- --------- --------- ----------------
+ 41.20    0.004120           2      1800           poll
+ 30.00    0.003000           1      2100        12 getpid
+  0.00    0.000000           0         3           close
+------ ----------- ----------- --------- --------- ----------------
+100.00    0.007120           1      3903        12 total
+"""
+
+
+def test_strace_summary_is_read_row_by_row():
+    rows = dict(parse_strace(STRACE_SUMMARY))
+    assert rows == {"poll": 1800, "getpid": 2100, "close": 3, "total": 3903}
+    assert parse_strace("") == []
+
+
+def test_cpu_per_task_by_process_and_for_the_suite():
+    per = cpu_per_task({"broker": 0.5, "scheduler": 1.0, "model-training": 3.0}, 2.0, 1000)
+    assert per == {"broker": 0.5, "model-training": 3.0, "scheduler": 1.0, "agents": 2.0,
+                   "suite": 1.5}
+    assert cpu_per_task({"broker": 1.0}, 1.0, 0) == {}
+
+
+def test_a_welcomed_peer_answers_the_brokers_heartbeat_at_once():
+    ctx = zmq.Context()
+    broker = ctx.socket(zmq.ROUTER)
+    broker.setsockopt(zmq.LINGER, 0)
+    endpoint = f"inproc://beat-{time.monotonic_ns()}"
+    broker.bind(endpoint)
+    link = BusLink(ctx, endpoint, "w-beat", "worker", interval=30.0)
+    try:
+        def heard():
+            return recv_frames(broker)
+
+        hello = wait_for(heard, 10, "the HELLO")
+        rid = hello[0]
+        assert hello[2] == wire.HELLO
+        # Before WELCOME a beat is not answered (the peer's own timer says hello again).
+        send_frames(broker, [rid, *wire.frames(wire.HEARTBEAT, wire.BROKER, role=b"broker")])
+        wait_for(lambda: link.socket.poll(0) and link.receive() is None, 10, "the beat")
+        send_frames(broker, [rid, *wire.frames(wire.WELCOME, wire.BROKER, b"hello",
+                                                {"heartbeat_ms": 30000}, role=b"broker")])
+        wait_for(lambda: link.socket.poll(0) and (link.receive() or True) and link.welcomed,
+                 10, "the WELCOME")
+        assert recv_frames(broker) is None  # nothing answered the early beat
+        before = time.monotonic()
+        send_frames(broker, [rid, *wire.frames(wire.HEARTBEAT, wire.BROKER, role=b"broker")])
+        wait_for(lambda: link.socket.poll(0) and link.receive() is None, 10, "the beat")
+        answer = wait_for(heard, 10, "the answer")
+        assert answer[0] == rid and answer[2] == wire.HEARTBEAT
+        # Its own beat waits until the broker has been silent past an interval.
+        assert link.next_beat >= before + link.interval
+    finally:
+        link.close()
+        broker.close(linger=0)
+        ctx.term()
+
+
+@pytest.mark.processes
+def test_count_no_op_tasks_by_hop(tmp_path):
+    args = argparse.Namespace(tasks=40, agents=4, workers=2, mode="one", no_strace=True,
+                              out=str(tmp_path / "count"), json=None)
+    result = run(args)
+    assert result["failed"] == 0 and result["tasks"] == 40
+    hops = {(r["from"], r["to"], r["type"]): r["messages"] for r in result["routed"]}
+    # Exactly one dispatch and one finished report (and its acknowledgement) per task.
+    assert hops[("scheduler", "worker", "NOTIFY")] == 40
+    assert hops[("worker", "scheduler", "REQUEST")] == 40
+    assert hops[("scheduler", "worker", "REPLY")] == 40
+    assert hops[("client", "scheduler", "REQUEST")] >= 40
+    assert hops[("scheduler", "client", "REPLY")] == hops[("client", "scheduler", "REQUEST")]
+    fan_in = {r["publisher"]: r for r in result["fan_in"]}
+    # Created, dispatched, completed at least: every event of a task reached the router.
+    assert fan_in["scheduler"]["events"] >= 3 * 40
+    assert 0 < fan_in["scheduler"]["batches"] <= fan_in["scheduler"]["events"]
+    assert result["syscalls"] == {} and "skipped" in result["syscalls_note"]

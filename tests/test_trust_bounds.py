@@ -1,0 +1,302 @@
+"""Bounds: finished tasks keep a bounded size (payload and result leave memory after a
+time or past a size, and stay readable from the event log), `events.recent` pages with
+replies that fit one message, an oversized reply is answered `too_large` to the one who
+asked, a peer that never reads is told `too_many`, and connections past a lowered cap
+are refused while the broker keeps serving."""
+
+from __future__ import annotations
+
+import msgpack
+import psutil
+import pytest
+import zmq
+
+from cortex.protocol import Client, wire
+from cortex.protocol.peer import make_socket
+from cortex.protocol.publisher import BATCH_BYTES, EventPublisher
+from cortex.services.events.process import PagedRing, lean
+from cortex.services.runtime.effects import Effects
+from cortex.services.scheduler.clock import Now
+from cortex.services.scheduler.table import TaskTable
+from cortex.services.scheduler.tasks import State, Task
+
+from .conftest import wait_for
+from .trust_peers import RawPeer
+
+NOW = Now(1_700_000_000.0, 100.0)
+KIB = 1024
+
+
+# -- finished tasks: bounded, the logic alone ------------------------------------------
+def finish(table: TaskTable, task_id: str, at: Now, size: int = 0, result=None) -> Task:
+    task = Task(id=task_id, type="echo", description="", priority="medium", tokens=0,
+                timeout=30.0, retries=0, agent="a", key=f"k-{task_id}",
+                payload="p" * size, size=size, times={"created": at.wall})
+    fx = Effects()
+    table.add(fx, task, at)
+    table.move(fx, task, State.DISPATCHED, at, worker="w1")
+    table.move(fx, task, State.COMPLETED, at, result=result if result is not None else
+               "r" * size)
+    return task
+
+
+def test_a_finished_task_keeps_its_result_for_keep_results_seconds_then_is_trimmed():
+    table = TaskTable(100, {"submitted": 0}, keep_results=60.0, keep_results_mb=64.0)
+    old = finish(table, "t1", NOW, size=10)
+    assert (old.payload, old.result, old.trimmed) == ("p" * 10, "r" * 10, False)
+    finish(table, "t2", NOW + 30)
+    assert not old.trimmed
+    newer = finish(table, "t3", NOW + 61)  # a change past the minute trims the first
+    assert (old.payload, old.result, old.trimmed) == (None, None, True)
+    assert old.summary()["trimmed"] and old.state is State.COMPLETED
+    assert newer.result is not None and table.counters["trimmed"] == 1
+
+
+def test_finished_tasks_past_keep_results_mb_are_trimmed_oldest_first_never_the_newest():
+    table = TaskTable(1000, {"submitted": 0}, keep_results=3600.0, keep_results_mb=1.0)
+    tasks = [finish(table, f"t{i}", NOW + i, size=200 * KIB) for i in range(10)]
+    kept = [t for t in tasks if not t.trimmed]
+    assert table.held_bytes <= (1 << 20) + 400 * KIB  # the cap and the one just finished
+    assert tasks[-1] in kept and all(t.trimmed for t in tasks[:len(tasks) - len(kept)])
+    assert 1 <= len(kept) <= 3  # 400 KiB each (payload and result)
+
+
+def test_trimming_is_applied_again_after_recovery():
+    table = TaskTable(100, {"submitted": 0}, keep_results=60.0)
+    fx = Effects()
+    task = Task(id="t1", type="echo", description="", priority="medium", tokens=0,
+                timeout=30.0, retries=0, agent="a", key="k", payload="p", size=1,
+                times={"created": NOW.wall})
+    table.add(fx, task, NOW)
+    table.move(fx, task, State.DISPATCHED, NOW)
+    table.move(fx, task, State.COMPLETED, NOW, result="r")
+    fresh = TaskTable(100, {}, keep_results=60.0)
+    for record in fx.records:
+        fresh.apply(record)
+    fresh.finished["t1"] = None
+    fresh.recovered((NOW + 120).wall)
+    assert fresh.tasks["t1"].trimmed and fresh.tasks["t1"].result is None
+
+
+# -- events: paging, batches ---------------------------------------------------------------
+def big_event(i: int, size: int) -> dict:
+    return {"id": f"s:1:{i}", "type": "task.progress" if i % 2 else "task.created",
+            "data": {"blob": "x" * size}}
+
+
+def test_events_recent_pages_back_with_replies_that_fit_one_message():
+    ring = PagedRing(1000)
+    ring.extend([big_event(i, 100 * KIB) for i in range(100)])
+    seen, before, pages = [], None, 0
+    while True:
+        page = ring.page(10_000, None, before)
+        pages += 1
+        assert len(msgpack.packb(page)) < wire.MAX_MESSAGE_BYTES
+        seen = page["events"] + seen
+        if not page["more"]:
+            break
+        before = page["before"]
+    assert [e["id"] for e in seen] == [f"s:1:{i}" for i in range(100)] and pages >= 10
+    typed = ring.page(5, "task.created")
+    assert [e["id"] for e in typed["events"]] == [f"s:1:{i}" for i in range(90, 100, 2)]
+    assert typed["more"]
+
+
+def test_results_stay_in_the_log_and_the_publisher_splits_batches_by_bytes():
+    event = {"id": "a", "type": "task.completed", "data": {"result": "x" * 500_000}}
+    assert lean(event)["data"] == {"result": None, "result_in_log": True}
+    assert event["data"]["result"] == "x" * 500_000  # the logged event is untouched
+
+    ctx = zmq.Context.instance()
+    sink = make_socket(ctx, zmq.ROUTER)
+    port = sink.bind_to_random_port("tcp://127.0.0.1")
+    publisher = EventPublisher(ctx, f"tcp://127.0.0.1:{port}", "t", 1, secret="s")
+    try:
+        for i in range(6):
+            publisher.emit("task.completed", {"result": "y" * 400_000}, task=f"t{i}")
+        publisher.flush()
+        got = []
+        while len(got) < 6:
+            assert sink.poll(10_000)
+            parts = sink.recv_multipart()
+            msg = wire.parse(parts[1:])  # every batch passes the size check
+            assert len(msg.body) <= BATCH_BYTES
+            got += msg.decoded()["events"]
+        assert [e["task"] for e in got] == [f"t{i}" for i in range(6)]
+    finally:
+        publisher.close()
+        sink.close(linger=0)
+
+
+# -- on a live suite -------------------------------------------------------------------------
+def config(scheduler: str, workers: int = 4) -> str:
+    return ('[suite]\nfsync = "off"\nheartbeat_interval = 0.5\nsnapshot_interval = 2.0\n'
+            f'[scheduler]\ntask_heartbeat = 1.0\n{scheduler}\n'
+            f'[pool.groups.default]\ncount = {workers}\ntypes = ["echo", "sleep"]\n')
+
+
+def test_a_trimmed_task_says_so_and_the_client_reads_its_result_from_the_log(suites):
+    suite = suites.start(config("keep_results = 0"))
+    with Client(suite.home, timeout=60) as c:
+        first = c.submit_and_wait("echo", "first", payload={"big": "z" * 200_000},
+                                  timeout=60)
+        assert first["result"] == {"big": "z" * 200_000}  # the one finishing: kept
+        second = c.submit_and_wait("echo", "second", payload="two", timeout=60)
+        raw = c.call("scheduler", "task.status", {"id": first["id"]})
+        assert raw["trimmed"] and raw["payload"] is None and raw["result"] is None
+        again = c.status(first["id"])  # the library reads the result from the event log
+        assert again["trimmed"] and again["result"] == {"big": "z" * 200_000}
+        assert c.wait(first["id"], timeout=30)["result"] == {"big": "z" * 200_000}
+        assert c.status(second["id"])["result"] == "two"
+        recent = c.call("events", "events.recent", {"n": 10_000})
+        done = [e for e in recent["events"] if e["type"] == "task.completed"]
+        assert done and all(e["data"]["result_in_log"] for e in done)
+    # The dashboard's task page shows the result the log keeps.
+    import urllib.request
+
+    import orjson
+
+    url = (suite.home / "run" / "dashboard.url").read_text().strip()
+    base, _, token = url.partition("/?token=")
+    request = urllib.request.Request(f"{base}/api/task/{first['id']}",
+                                     headers={"X-Cortex-Token": token})
+
+    def shown():  # the trace is read from the log, which may be a moment behind
+        with urllib.request.urlopen(request, timeout=30) as response:
+            task = orjson.loads(response.read())["task"]
+        return task if task.get("result") is not None else None
+    task = wait_for(shown, 30, "the result on the dashboard's task page")
+    assert task["trimmed"] and task["result"] == {"big": "z" * 200_000}
+
+
+def rss_mb(pid: int) -> float:
+    return psutil.Process(pid).memory_info().rss / (1 << 20)
+
+
+def dir_mb(path) -> float:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / (1 << 20)
+
+
+@pytest.mark.heavy
+def test_a_thousand_half_mib_payloads_keep_the_scheduler_and_its_state_bounded(suites):
+    suite = suites.start(config("keep_results = 60\nkeep_results_mb = 32", workers=2))
+    payload = {"blob": "q" * (500 * KIB)}
+    with Client(suite.home, timeout=120) as c:
+        pid = c.call("scheduler", "scheduler.status")["pid"]
+        start = rss_mb(pid)
+        ids = []
+        for i in range(1000):
+            ids.append(c.submit("echo", f"big {i}", payload=payload)["id"])
+            if i % 50 == 49:  # keep the queue short: the test is about finished tasks
+                c.wait(ids[-1], timeout=300)
+        for task_id in ids[-5:]:
+            c.wait(task_id, timeout=300)
+        wait_for(lambda: c.call("scheduler", "scheduler.status")["states"].get(
+            "completed", 0) >= 1000, 600, "every task completed")
+        peak = rss_mb(pid)
+        state = dir_mb(suite.home / "state")
+        counters = c.call("scheduler", "scheduler.status")["counters"]
+        first = c.status(ids[0])
+        assert first["trimmed"] and first["result"] == payload  # from the event log
+    print(f"scheduler rss {start:.0f} -> {peak:.0f} MiB, state/ {state:.1f} MiB, "
+          f"trimmed {counters.get('trimmed')}, wal {dir_mb(suite.home / 'wal'):.1f} MiB, "
+          f"events {dir_mb(suite.home / 'events'):.0f} MiB")
+    assert counters.get("trimmed", 0) >= 900
+    assert peak - start < 400 and state < 100
+
+
+def test_a_reply_over_the_limit_is_too_large_to_the_requester_and_recent_pages(suites):
+    suite = suites.start()
+    tasks = 450  # 8 KiB descriptions: task.list of them all passes 1 MiB, as do their events
+    with Client(suite.home, timeout=60) as c:
+        for i in range(tasks):
+            c.submit("echo", "d" * 8000, payload=i)
+        wait_for(lambda: c.call("scheduler", "scheduler.status")["states"].get(
+            "completed", 0) >= tasks, 120, "the tasks")
+    peer = RawPeer(suite.home, "client")
+    try:
+        kind, body = peer.request("scheduler", {"op": "task.list", "limit": 10_000})
+        assert (kind, body["code"]) == (wire.ERROR, "too_large"), body  # to us, at once
+        kind, page = peer.request("events", {"op": "events.recent", "n": 10_000})
+        assert kind == wire.REPLY and page["more"], "the ring should need more than a page"
+        before, events, pages = page["before"], page["events"], 1
+        while page["more"]:
+            kind, page = peer.request("events", {"op": "events.recent", "n": 10_000,
+                                                 "before": before})
+            assert kind == wire.REPLY
+            events, before, pages = page["events"] + events, page["before"], pages + 1
+        assert sum(e["type"] == "task.created" for e in events) >= tasks and pages >= 2
+        ids = [e["id"] for e in events]
+        assert len(ids) == len(set(ids))  # no event twice across pages
+        kind, broker = peer.request("broker", {"op": "broker.status"})
+        assert broker["stats"]["too_large"] >= 1
+    finally:
+        peer.close()
+
+
+@pytest.mark.heavy
+def test_a_peer_that_never_reads_is_told_too_many_and_the_broker_stays_bounded(suites):
+    suite = suites.start()
+    with Client(suite.home, timeout=60) as c:
+        for _ in range(300):
+            c.submit("echo", "f" * 4000, payload="x" * 2000)
+        broker = c.call("broker", "broker.status")["pid"]
+    before = rss_mb(broker)
+    peer = RawPeer(suite.home, "client")
+    try:
+        peer.socket.setsockopt(zmq.RCVHWM, 10)  # it reads nothing: let its queue fill
+        for i in range(2000):
+            peer.socket.send_multipart(wire.frames(wire.REQUEST, b"events", f"s{i}".encode(),
+                                                   {"op": "events.recent", "n": 10_000}))
+        with Client(suite.home, timeout=60) as c:
+            status = wait_for(lambda: (s := c.call("broker", "broker.status"))["stats"][
+                "too_many"] > 0 and s, 120, "too_many answers")
+            # Every request answered (or refused): what waits for the peer is all there.
+            wait_for(lambda: not [p for p in c.call("broker", "broker.peers")["peers"]
+                                  if p["name"] == peer.name and p["in_flight"]], 300,
+                     "the requests answered")
+            grown = rss_mb(broker) - before
+            status = c.call("broker", "broker.status")
+            assert c.call("scheduler", "scheduler.status")  # the bus still serves
+    finally:
+        peer.socket.close(linger=0)
+    reader = RawPeer(suite.home, "client")
+    try:
+        _, page = reader.request("events", {"op": "events.recent", "n": 10_000})
+    finally:
+        reader.close()
+    print(f"broker rss grew {grown:.0f} MiB; stats {status['stats']}; "
+          f"a reply {len(msgpack.packb(page)) / 1024:.0f} KiB")
+    assert grown < 300
+
+
+def test_connections_past_a_lowered_cap_are_refused_and_the_broker_serves_on(suites):
+    suite = suites.start(extra="[bus]\nmax_connections = 40\n")
+    peer = RawPeer(suite.home, "client")  # connected before the flood: inside the cap
+    ctx = zmq.Context()
+    sockets = []
+    try:
+        _, before = peer.request("broker", {"op": "broker.status"})
+        for _ in range(120):
+            s = ctx.socket(zmq.DEALER)
+            s.setsockopt(zmq.LINGER, 0)
+            s.connect(f"ipc://{suite.home}/run/bus.sock")
+            sockets.append(s)
+
+        def refused():
+            _, status = peer.request("broker", {"op": "broker.status"})
+            held = status["connections"]
+            return status if held["refused"] >= 60 and held["open"] <= held["cap"] else None
+        status = wait_for(refused, 60, "the connections past the cap refused")
+        assert status["pid"] == before["pid"]
+        kind, _ = peer.request("scheduler", {"op": "scheduler.status"})
+        assert kind == wire.REPLY  # those inside are served
+    finally:
+        for s in sockets:
+            s.close()
+        ctx.term()
+        peer.close()
+    with Client(suite.home, timeout=60) as c:  # room again: a new client is served
+        done = c.submit_and_wait("echo", "after the flood", payload=1, timeout=60)
+        assert done["result"] == 1
+        assert c.call("broker", "broker.status")["pid"] == before["pid"]
