@@ -129,8 +129,9 @@ def test_a_refused_reservation_gives_the_slot_back():
     task = llm(sim, "slow", tokens=100)
     (corr, _), = ledger_requests(sim.effects[-1], "ledger.reserve")
     assert sim.state.limits.status(sim.now.wall)["slow"]["requests"] == 1
+    # A windowed budget: the task waits for its reset (one with no window would fail it).
     sim.ledger(corr, ok=True, granted=False, scope="global", limit=10, available=0,
-               requested=100)
+               requested=100, next_reset=sim.now.wall + 60)
     assert task.waiting == "tokens"
     assert sim.state.limits.status(sim.now.wall)["slow"]["requests"] == 0
     other = llm(sim, "slow")  # the slot the refused task took is free again
