@@ -300,3 +300,48 @@ def test_connections_past_a_lowered_cap_are_refused_and_the_broker_serves_on(sui
         done = c.submit_and_wait("echo", "after the flood", payload=1, timeout=60)
         assert done["result"] == 1
         assert c.call("broker", "broker.status")["pid"] == before["pid"]
+
+
+@pytest.mark.parametrize("endpoint,kind", [("events_in", zmq.DEALER),
+                                           ("events_live", zmq.SUB)])
+def test_the_event_routers_sockets_refuse_connections_past_the_cap(shared_capped, endpoint,
+                                                                   kind):
+    from cortex.protocol import locate
+
+    home = shared_capped.home
+    with Client(home, timeout=60) as c:
+        before = c.call("events", "events.status")
+        ctx = zmq.Context()
+        sockets = []
+        try:
+            for _ in range(120):
+                s = ctx.socket(kind)
+                s.setsockopt(zmq.LINGER, 0)
+                s.connect(locate.endpoints(home)[endpoint])
+                sockets.append(s)
+
+            def refused():
+                status = c.call("events", "events.status")
+                held = status["connections"][endpoint]
+                return status if held["refused"] >= 60 and held["open"] <= held["cap"] \
+                    else None
+            status = wait_for(refused, 60, f"the connections to {endpoint} past the cap")
+        finally:
+            for s in sockets:
+                s.close()
+            ctx.term()
+        assert status["pid"] == before["pid"]  # the router lives, and serves:
+        done = c.submit_and_wait("echo", "after the flood", payload=2, timeout=60)
+        assert done["result"] == 2
+
+
+@pytest.fixture(scope="module")
+def shared_capped():
+    from .conftest import SuiteRunner
+
+    runner = SuiteRunner()
+    try:
+        yield runner.start(extra="[bus]\nmax_connections = 40\n")
+    finally:
+        problems = runner.stop_all()
+        assert not problems, problems

@@ -27,6 +27,7 @@ import zmq
 from cortex.protocol import wire
 from cortex.protocol.peer import make_socket, recv_frames, send_frames
 from cortex.services.events.metrics import BOUNDS, STAGES, Metrics
+from cortex.services.runtime.connections import ConnectionGuard, default_cap, raise_fd_limit
 from cortex.services.runtime.curve import Listeners
 from cortex.services.runtime.durable import write_atomic
 from cortex.services.runtime.effects import Effects
@@ -184,9 +185,15 @@ class EventRouter(BusService):
         self.listeners = Listeners(ctx, self.rt.home, self.log)
         self.fan_in = make_socket(ctx, zmq.ROUTER)
         self.listeners.serve(self.fan_in, self.fan_in_endpoint)
-        self.fan_in.bind(self.fan_in_endpoint)
         self.live = make_socket(ctx, zmq.XPUB)
         self.listeners.serve(self.live, self.live_endpoint, track=True)
+        # Past a cap, connections are refused: running out of descriptors would abort us.
+        raise_fd_limit()
+        cap = self.settings.bus.max_connections or default_cap()
+        self.guards = {"events_in": ConnectionGuard(self.fan_in, cap, "events-in")}
+        if not self.listeners.tracks(self.live):  # a socket takes one monitor at a time
+            self.guards["events_live"] = ConnectionGuard(self.live, cap, "events-live")
+        self.fan_in.bind(self.fan_in_endpoint)
         self.live.bind(self.live_endpoint)
         self.poller.register(self.fan_in, zmq.POLLIN)
         self.poller.register(self.live, zmq.POLLIN)
@@ -364,7 +371,8 @@ class EventRouter(BusService):
             "metrics_url": self.metrics_server.url if self.metrics_server else None,
             "latency": self.metrics.latency(), "pid": os.getpid(),
             "started": self.rt.started, "bad_messages": self.bad_messages,
-            "internal_errors": self.internal_errors})
+            "internal_errors": self.internal_errors,
+            "connections": {name: g.status() for name, g in self.guards.items()}})
 
     @serves("events.metrics")
     def metrics_op(self, fx: Effects, msg: wire.Message, body: dict, now: float) -> None:
@@ -480,6 +488,8 @@ class EventRouter(BusService):
             (self.rt.home / "run" / "metrics.url").unlink(missing_ok=True)
             (self.rt.home / "run" / "metrics.token").unlink(missing_ok=True)
         self.listeners.stop()
+        for guard in self.guards.values():
+            guard.stop()
         self.fan_in.close(linger=0)
         self.live.close(linger=0)
         self.rt.remove_socket(self.fan_in_endpoint)

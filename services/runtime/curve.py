@@ -113,6 +113,9 @@ class Accepted(threading.Thread):
             zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_MONITOR_STOPPED)
         self.start()
 
+    def watches(self, sock: zmq.Socket) -> bool:
+        return self._sock is sock
+
     def run(self) -> None:
         try:
             while True:
@@ -175,6 +178,10 @@ class Listeners:
             sock.setsockopt(zmq.CURVE_SECRETKEY, self.store.keys.secret)
             if track:
                 self.tracked.append(Accepted(sock, endpoint))
+
+    def tracks(self, sock: zmq.Socket) -> bool:
+        """Whether a monitor of ours already watches `sock` (libzmq allows one)."""
+        return any(t.watches(sock) for t in self.tracked)
 
     def cut_if_revoked(self) -> set[str]:
         """For sockets that cannot tell one key's connection from another: when a key
