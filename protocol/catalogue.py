@@ -335,7 +335,11 @@ OPERATIONS = [
     # -- scheduler: other services ---------------------------------------------------------
     Operation("worker.exited", "scheduler", wire.NOTIFY, SERVICE, (
         F("name", Name(), True), F("pid", Int(0, 2**31 - 1), default=0),
-        F("code", Int(-255, 255), default=0)), "the pool reaped a worker",
+        F("code", Int(-255, 255), default=0),
+        F("group", Str(64, empty=True), default=""),
+        F("types", ListOf(TYPE, max_items=64), default=[]),
+        F("crashing", Str(2000, empty=True), default="")),
+        "the pool reaped a worker (`crashing`: its group's last error, when it crash-loops)",
         senders=frozenset({"pool"})),
     Operation("peer.lost", "scheduler", wire.NOTIFY, BROKER, (
         F("name", Name(), True), F("role", Choice(("client", "worker", "service",

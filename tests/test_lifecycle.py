@@ -220,3 +220,16 @@ def test_a_crash_looping_group_is_shown_with_its_last_error(suites):
     exits = [e for e in jsonl_events_of(suite.home)
              if e["type"] == "worker.exited" and e["data"].get("code")]
     assert any("FileNotFoundError" in e["data"].get("error", "") for e in exits), exits
+    # A task of that type says why no worker comes, in its status and `cortex task show`.
+    with Client(suite.home, timeout=60) as c:
+        task = c.submit("fragile", "waits for a group that cannot start")
+        status = wait_for(lambda: (s := c.status(task["id"]))["waiting_detail"] and s, 60,
+                          "the queued task's waiting detail")
+        assert status["waiting"] == "worker" and status["state"] == "queued"
+        assert status["waiting_detail"]["crash_looping"] == "broken"
+        assert "FileNotFoundError: settings.json" in status["waiting_detail"]["last_error"]
+        shown = subprocess.run([sys.executable, "-m", "cortex.services.cli", "--home",
+                                str(suite.home), "task", "show", task["id"]],
+                               capture_output=True, text=True, timeout=60)
+        c.cancel(task["id"])
+    assert "crash_looping" in shown.stdout and "broken" in shown.stdout, shown.stdout

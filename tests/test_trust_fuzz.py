@@ -189,6 +189,7 @@ def failing_service(service: str, handler) -> BusService:
     svc.name = service
     svc.log = logging.getLogger("trust-test")
     svc.bad_messages = svc.internal_errors = 0
+    svc.halted = None
     svc.catalogue = Catalogue(service)
     svc.handlers = dict.fromkeys(svc.catalogue.ops, handler)
     return svc

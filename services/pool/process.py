@@ -231,16 +231,20 @@ class Pool(BusService):
             code = os.waitstatus_to_exitcode(status)
             self.end_left_by(child)
             error = last_lines(tail) if code != 0 and not child.reason else ""
+            key = (child.group, child.slot)
+            fails = 0 if code == 0 or child.reason else self.failures.get(key, 0) + 1
+            # A crash-looping group's types: their queued tasks say why no worker comes.
+            crashing = (error or f"exited with {code}") if fails >= CRASHING_AFTER else ""
             fx.sends.append((b"scheduler", wire.NOTIFY, b"", {
-                "op": "worker.exited", "name": child.name, "pid": pid, "code": code}))
+                "op": "worker.exited", "name": child.name, "pid": pid, "code": code,
+                "group": child.group, "types": list(self.group(child.group).types),
+                "crashing": crashing[-2000:]}))
             transition(child, ChildState.EXITED, fx.emit, code=code, reason=child.reason,
                        uptime=time.time() - child.started,
                        **({"error": error} if error else {}))
             if self.rt.stopping or (child.extra and code == 0):
                 continue  # an extra worker retiring when idle is scaling down
             # Clean exits (recycling) restart at once; crashes back off, capped.
-            key = (child.group, child.slot)
-            fails = 0 if code == 0 or child.reason else self.failures.get(key, 0) + 1
             self.failures[key] = fails
             if fails:
                 self.last_error[child.group] = {

@@ -46,21 +46,21 @@ def default_cap() -> int:
     return max(16, soft // 2 - RESERVE_FDS)
 
 
-class ConnectionGuard(threading.Thread):
-    """Counts the connections `sock` accepted and refuses those past `cap`."""
+class SocketMonitor(threading.Thread):
+    """A thread reading one listening socket's monitor (libzmq allows one per socket) and
+    handing each event to `on_event`; `stop()` before the socket closes."""
 
-    def __init__(self, sock: zmq.Socket, cap: int, label: str):
-        super().__init__(name=f"connections-{label}", daemon=True)
-        self.cap = cap
-        self.label = label
-        self.open = 0
-        self.refused = 0
-        self.handshake_failed = 0  # on tcp with CURVE: plaintext, unknown or wrong keys
-        self._monitor = sock.get_monitor_socket(
-            zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_MONITOR_STOPPED
-            | HANDSHAKE_FAILED)
+    def __init__(self, sock: zmq.Socket, events: int, name: str):
+        super().__init__(name=name, daemon=True)
         self._sock = sock
+        self._monitor = sock.get_monitor_socket(events | zmq.EVENT_MONITOR_STOPPED)
         self.start()
+
+    def watches(self, sock: zmq.Socket) -> bool:
+        return self._sock is sock
+
+    def on_event(self, kind: int, value: int) -> None:
+        raise NotImplementedError
 
     def run(self) -> None:
         try:
@@ -69,22 +69,9 @@ class ConnectionGuard(threading.Thread):
                     event = recv_monitor_message(self._monitor)
                 except zmq.ZMQError:
                     return
-                kind = event["event"]
-                if kind == zmq.EVENT_MONITOR_STOPPED:
+                if event["event"] == zmq.EVENT_MONITOR_STOPPED:
                     return
-                if kind & HANDSHAKE_FAILED:
-                    self.handshake_failed += 1
-                elif kind == zmq.EVENT_DISCONNECTED:
-                    self.open = max(0, self.open - 1)
-                elif kind == zmq.EVENT_ACCEPTED:
-                    self.open += 1
-                    if self.open > self.cap:
-                        self.refused += 1
-                        shut_connection(event["value"])
-                        if self.refused in (1, 100, 10_000):
-                            log.warning("%s: %d connections, above the cap of %d: refusing "
-                                        "(%d refused so far)", self.label, self.open,
-                                        self.cap, self.refused)
+                self.on_event(event["event"], event["value"])
         finally:
             self._monitor.close(linger=0)
 
@@ -93,6 +80,34 @@ class ConnectionGuard(threading.Thread):
         with contextlib.suppress(zmq.ZMQError):
             self._sock.disable_monitor()
         self.join(timeout=2)
+
+
+class ConnectionGuard(SocketMonitor):
+    """Counts the connections `sock` accepted and refuses those past `cap`."""
+
+    def __init__(self, sock: zmq.Socket, cap: int, label: str):
+        self.cap = cap
+        self.label = label
+        self.open = 0
+        self.refused = 0
+        self.handshake_failed = 0  # on tcp with CURVE: plaintext, unknown or wrong keys
+        super().__init__(sock, zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED | HANDSHAKE_FAILED,
+                         f"connections-{label}")
+
+    def on_event(self, kind: int, value: int) -> None:
+        if kind & HANDSHAKE_FAILED:
+            self.handshake_failed += 1
+        elif kind == zmq.EVENT_DISCONNECTED:
+            self.open = max(0, self.open - 1)
+        elif kind == zmq.EVENT_ACCEPTED:
+            self.open += 1
+            if self.open > self.cap:
+                self.refused += 1
+                shut_connection(value)
+                if self.refused in (1, 100, 10_000):
+                    log.warning("%s: %d connections, above the cap of %d: refusing "
+                                "(%d refused so far)", self.label, self.open, self.cap,
+                                self.refused)
 
     def status(self) -> dict:
         return {"open": self.open, "cap": self.cap, "refused": self.refused,

@@ -19,11 +19,10 @@ import threading
 import time
 
 import zmq
-from zmq.utils.monitor import recv_monitor_message
 
 from cortex.protocol import locate
 from cortex.protocol.peer import ZAP_DOMAIN
-from cortex.services.runtime.connections import shut_connection
+from cortex.services.runtime.connections import SocketMonitor, shut_connection
 from cortex.services.runtime.keys import KeyStore
 
 log = logging.getLogger(__name__)
@@ -100,48 +99,27 @@ def peer_address(fd: int) -> tuple | None:
         return None
 
 
-class Accepted(threading.Thread):
+class Accepted(SocketMonitor):
     """The descriptors of the connections a listening socket holds, from its monitor: a
     socket that cannot tell which key a connection belongs to (the live XPUB) closes them
     all when a key is revoked; the admitted reconnect at once, the revoked are refused."""
 
     def __init__(self, sock: zmq.Socket, label: str):
-        super().__init__(name=f"accepted-{label}", daemon=True)
         self.fds: set[int] = set()
-        self._sock = sock
-        self._monitor = sock.get_monitor_socket(
-            zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_MONITOR_STOPPED)
-        self.start()
+        super().__init__(sock, zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED,
+                         f"accepted-{label}")
 
-    def watches(self, sock: zmq.Socket) -> bool:
-        return self._sock is sock
-
-    def run(self) -> None:
-        try:
-            while True:
-                try:
-                    event = recv_monitor_message(self._monitor)
-                except zmq.ZMQError:
-                    return
-                if event["event"] == zmq.EVENT_MONITOR_STOPPED:
-                    return
-                if event["event"] == zmq.EVENT_ACCEPTED:
-                    self.fds.add(event["value"])
-                else:
-                    self.fds.discard(event["value"])
-        finally:
-            self._monitor.close(linger=0)
+    def on_event(self, kind: int, value: int) -> None:
+        if kind == zmq.EVENT_ACCEPTED:
+            self.fds.add(value)
+        else:
+            self.fds.discard(value)
 
     def cut_all(self) -> int:
         fds = list(self.fds)
         for fd in fds:
             shut_connection(fd)
         return len(fds)
-
-    def stop(self) -> None:
-        with contextlib.suppress(zmq.ZMQError):
-            self._sock.disable_monitor()
-        self.join(timeout=2)
 
 
 class Listeners:

@@ -53,6 +53,8 @@ class Scheduler(BusService):
             self.settings.types.grace, time.monotonic())
         self.state.admission.know_budgets(self.settings.ledger.budgets)
         self.next_budgets = 0.0
+        # type -> why its workers do not come (their group crash-loops), until one is ready
+        self.crashing: dict[str, dict] = {}
         self.open_journal()
         # Workers that were busy when we stopped tell us what they run (worker.sync).
         self.link.send(wire.REQUEST, wire.BROKER, SYNC_CORR, {"op": "broker.peers"})
@@ -136,7 +138,10 @@ class Scheduler(BusService):
         now = self.now(wall)
         task = self.state.get(body)
         self.state.refresh_eta(task, now)
-        fx.reply(msg.peer, msg.corr, task.summary())
+        summary = task.summary()
+        if task.waiting == "worker" and task.type in self.crashing:  # no worker is coming
+            summary["waiting_detail"] = self.crashing[task.type]
+        fx.reply(msg.peer, msg.corr, summary)
 
     @serves("task.wait")
     def wait(self, fx: Effects, msg: wire.Message, body: dict, wall: float) -> None:
@@ -196,6 +201,8 @@ class Scheduler(BusService):
 
     @serves("worker.ready", wire.NOTIFY)
     def ready(self, fx: Effects, msg: wire.Message, body: dict, wall: float) -> None:
+        for task_type in body["types"]:  # a worker of that type started after all
+            self.crashing.pop(task_type, None)
         self.from_worker(self.state.worker_ready, fx, msg, body, wall)
 
     @serves("task.started", wire.NOTIFY)
@@ -235,6 +242,10 @@ class Scheduler(BusService):
     @serves("worker.exited", wire.NOTIFY)
     def worker_exited(self, fx: Effects, msg: wire.Message, body: dict, wall: float) -> None:
         now = self.now(wall)
+        if body["crashing"]:
+            for task_type in body["types"]:
+                self.crashing[task_type] = {"crash_looping": body["group"] or body["name"],
+                                            "last_error": body["crashing"]}
         self.state.worker_gone(fx, body["name"], "exited", now)
         self.state.dispatch(fx, now)
 
