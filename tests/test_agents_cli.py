@@ -9,6 +9,8 @@ import signal
 import subprocess
 import sys
 
+import pytest
+
 from cortex.protocol import Client
 from tests.conftest import wait_for
 from tests.test_agents_suite import (  # noqa: F401 - `runners`'s helpers, one definition
@@ -20,6 +22,7 @@ from tests.test_agents_suite import (  # noqa: F401 - `runners`'s helpers, one d
 )
 
 
+@pytest.mark.heavy  # slow: real processes started, killed and restarted
 def test_cortex_worker_serves_restarts_and_keeps_the_traceback(suites, tmp_path):
     (tmp_path / "h11demo.py").write_text(MODULE)
     suite = suites.start(workers=1)

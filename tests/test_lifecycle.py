@@ -15,6 +15,7 @@ import sys
 import time
 
 import psutil
+import pytest
 
 from cortex.protocol import Client
 from cortex.services.control import Suite
@@ -93,6 +94,7 @@ def sleepers(home, seconds: str) -> list[psutil.Process]:
     return found
 
 
+@pytest.mark.heavy  # slow: real processes started, killed and restarted
 def test_a_tasks_detached_processes_end_with_it(suites):
     suite = start(suites)
     with Client(suite.home, timeout=60) as c:
@@ -149,6 +151,7 @@ def test_a_timed_out_handler_is_ended_promptly(suites):
     assert stopping["data"]["grace"] <= 1.0, stopping
 
 
+@pytest.mark.heavy  # slow: real processes started, killed and restarted
 def test_kill_9_of_supervisord_then_up_and_down(suites):
     """One generation: services die with their supervisord; `up` ends what is left of an
     earlier start of the home and says so; `down` leaves nothing and says what it

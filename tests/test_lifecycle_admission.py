@@ -72,6 +72,7 @@ def test_a_token_wait_shows_the_limit_what_is_left_and_what_is_asked(suites):
         c.cancel(holder["id"])
 
 
+@pytest.mark.heavy  # slow: real processes started, killed and restarted
 def test_queued_tasks_keep_their_attempt_through_down_and_up(suites):
     suite = suites.start(config=BASE + (
         '[pool.groups.default]\ncount = 1\ntypes = ["sleep"]\n'))
@@ -127,6 +128,7 @@ def test_a_hundred_tasks_without_tokens_for_a_minute_write_bounded_events(suites
         c.cancel(holder["id"])
 
 
+@pytest.mark.heavy  # slow: real processes started, killed and restarted
 def test_a_waiting_task_whose_limit_drops_below_its_ask_fails_with_the_reason(suites):
     suite = suites.start(config=BASE + (
         '[ledger]\nbudget = 1000\n'

@@ -132,6 +132,7 @@ def _answers(c) -> bool:
         return False
 
 
+@pytest.mark.heavy  # slow: real processes started, killed and restarted
 def test_a_damaged_record_halts_the_service_until_repaired(slow_snapshots):
     suite = slow_snapshots
     ids = _twenty_completed(suite)

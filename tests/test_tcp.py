@@ -301,6 +301,7 @@ def test_a_client_key_never_takes_another_role(tcp_suite, role, name):
     assert names.count("scheduler") == 1
 
 
+@pytest.mark.heavy  # slow: real processes started, killed and restarted
 def test_a_revoked_key_is_cut_off(tcp_suite):
     home = tcp_suite.peer_home(tcp_suite.key("carol"))
     peer = tcp_suite.link.peer({"mode": "linger", "home": home}, stdin=subprocess.PIPE)

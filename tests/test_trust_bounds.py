@@ -205,6 +205,7 @@ def test_a_thousand_half_mib_payloads_keep_the_scheduler_and_its_state_bounded(s
     assert peak - start < 400 and state < 100
 
 
+@pytest.mark.heavy  # slow: real processes started, killed and restarted
 def test_a_reply_over_the_limit_is_too_large_to_the_requester_and_recent_pages(suites):
     suite = suites.start()
     tasks = 450  # 8 KiB descriptions: task.list of them all passes 1 MiB, as do their events

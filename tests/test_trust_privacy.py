@@ -99,6 +99,7 @@ def connect_sockets(paths: list[str], urls: list[str]) -> dict:
     return {"accepted": accepted, "answers": answers}
 
 
+@pytest.mark.heavy  # slow: real processes started, killed and restarted
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become nobody")
 def test_nobody_reads_no_file_of_the_home_and_is_refused_by_every_socket():
     parent = Path(tempfile.mkdtemp(prefix="cxp", dir="/tmp"))
