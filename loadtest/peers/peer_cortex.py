@@ -112,8 +112,12 @@ class Peer:
         os.environ["PEERS_EXEC_DIR"] = ctx["exec_dir"]
         os.environ["CORTEX_HOME"] = str(home)  # read by the client processes
         suite = Suite(home)
-        suite.start(attached=True, timeout=120)
-        self.suites.append(suite)
+        self.suites.append(suite)  # counted before it starts: a failed start is a new home
+        try:
+            suite.start(attached=True, timeout=120)
+        except Exception:
+            suite.stop()  # a suite that never became ready is not left behind
+            raise
         return [suite.proc]
 
     def reset(self):
