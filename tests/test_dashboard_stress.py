@@ -37,7 +37,7 @@ def publish(home, rate: float, seconds: float, sent: list[str]) -> None:
     try:
         while True:
             elapsed = time.monotonic() - began
-            if elapsed >= seconds and not publisher.unacked:
+            if emitted >= int(seconds * rate) and not publisher.unacked:
                 return
             due = min(int(elapsed * rate), int(seconds * rate)) - emitted
             for _ in range(max(0, due)):
