@@ -14,10 +14,9 @@ reason is kept for `model.status`.
 
 from __future__ import annotations
 
-import ctypes
+import functools
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -27,6 +26,7 @@ from collections import OrderedDict
 from pathlib import Path
 
 from cortex.services.runtime.effects import Effects
+from cortex.services.runtime.lineage import arm_in_child
 
 MIN_TRAINING_GAP = 60.0  # seconds between automatic retrains
 ANSWER_WITHIN = 5.0  # seconds a model.train waits for the child's first line
@@ -34,16 +34,13 @@ ANSWERS_KEPT = 16  # model.train answers kept for re-sent copies of the request
 REPORT_CHARS = 2000
 
 
-def _nice_child() -> None:  # in the training child, before exec
+def _nice_child(parent: int) -> None:  # in the training child, before exec
     os.nice(10)  # the services come first
     try:  # and better still: train only on CPU time nothing else wants (Linux)
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
     except (AttributeError, OSError):
         pass
-    try:  # PR_SET_PDEATHSIG (Linux): dies with us
-        ctypes.CDLL(None).prctl(1, signal.SIGKILL)
-    except (AttributeError, OSError):
-        pass
+    arm_in_child(parent)  # dies with us (Linux); the child watches us itself elsewhere
 
 
 class Trainer:
@@ -100,7 +97,7 @@ class Trainer:
         self._out, self._first_line = b"", None
         self.child = subprocess.Popen(self.command, stdin=subprocess.DEVNULL,
                                       stdout=subprocess.PIPE, stderr=self._err,
-                                      preexec_fn=_nice_child)
+                                      preexec_fn=functools.partial(_nice_child, os.getpid()))
         os.set_blocking(self.child.stdout.fileno(), False)
         self.started_at = now
         self.next_auto = now + MIN_TRAINING_GAP

@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 
 from cortex.protocol import locate
 from cortex.services.runtime.eventlog import read_events
+from cortex.services.runtime.lineage import die_with_parent, linux_calls
 from cortex.services.scheduler.prediction.history import history_from_events, too_few
 
 MIN_SAMPLES = 50  # the fewest rows worth a model (Predictor's default)
@@ -26,6 +29,8 @@ def main(argv=None) -> int:
     parser.add_argument("--home")
     parser.add_argument("--limit", type=int, default=50_000, help="most recent rows to use")
     args = parser.parse_args(argv)
+    if not linux_calls():  # no parent-death signal here: watch the scheduler ourselves
+        die_with_parent(os.getppid(), signal.SIGKILL)
     home = locate.find_home(args.home)
     history = history_from_events(read_events(home / "events", type_pattern="task.completed"))
     history = history[-args.limit:]
