@@ -1,0 +1,191 @@
+"""Submits in batches (`task.submit_many`): each task checked and admitted on its own, one
+reply with one result per task in order, one journal commit for the batch, idempotency
+keys honoured; the client splits long lists and returns each task's error in place."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from cortex.protocol import AsyncClient, Client, errors, wire
+from cortex.protocol.calls import Session
+from cortex.protocol.catalogue import MAX_SUBMIT_BATCH, SUBMIT_BATCH, Catalogue
+from cortex.protocol.operations import Plans
+from cortex.services.runtime.effects import Effects
+from cortex.services.scheduler.tasks import State
+
+from .test_scheduling import CLIENT, NOW0, journal_copy, new_state
+
+
+def checked(tasks: list) -> list:
+    """What the scheduler process hands its state: each task checked, or why not."""
+    items = []
+    for index, raw in enumerate(tasks):
+        try:
+            item = SUBMIT_BATCH.item("tasks", index, raw)
+        except wire.ProtocolError as e:
+            items.append(e)
+            continue
+        item["_size"] = len(wire.encode_body(raw))
+        items.append(item)
+    return items
+
+
+def submit_many(state, tasks: list) -> tuple[Effects, list]:
+    fx = Effects()
+    state.submit_many(fx, CLIENT, b"batch", checked(tasks), NOW0)
+    [(peer, kind, corr, body)] = fx.sends
+    assert (peer, kind, corr) == (CLIENT, wire.REPLY, b"batch")
+    return fx, body["results"]
+
+
+def test_a_mixed_batch_admits_the_good_tasks_and_answers_each_bad_one_in_place():
+    state = new_state(max_queue_per_type=2)
+    fx, results = submit_many(state, [
+        {"type": "echo", "idempotency_key": "a"},
+        {"type": "echo", "idempotency_key": "b", "priority": "urgent"},  # bad field
+        {"type": "echo"},  # no key
+        "not a map",
+        {"type": "echo", "idempotency_key": "a"},  # the first again: the same task
+        {"type": "echo", "idempotency_key": "c", "priority": "low"},
+        {"type": "echo", "idempotency_key": "d"},  # the queue holds 2 already
+        {"type": "echo", "idempotency_key": "a", "description": "other"},  # conflict
+        {"type": "echo", "idempotency_key": "e", "priority": "critical"},  # past a full queue
+    ])
+    codes = [r.get("code") for r in results]
+    assert codes == [None, "bad_request", "bad_request", "bad_request", None, None,
+                     "queue_full", "conflict", None]
+    assert "tasks[1].priority" in results[1]["message"]
+    assert "tasks[2].idempotency_key" in results[2]["message"]
+    assert results[4]["id"] == results[0]["id"]
+    accepted = {results[i]["id"] for i in (0, 5, 8)}
+    assert accepted == set(state.tasks) and len(accepted) == 3
+    assert all(results[i]["state"] == "queued" for i in (0, 5, 8))
+    assert [state.tasks[results[i]["id"]].key for i in (0, 5, 8)] == ["a", "c", "e"]
+    # Journaled in the one turn: three new tasks and the refusal by key.
+    kinds = [r["k"] for r in fx.records]
+    assert kinds.count("new") == 3 and kinds.count("rejected") == 1
+    assert [e[0] for e in fx.events].count("task.created") == 3
+    # The refusal is remembered: the same task again gets the same answer.
+    _, again = submit_many(state, [{"type": "echo", "idempotency_key": "d"}])
+    assert again[0]["code"] == "queue_full"
+
+
+def test_the_batch_replays_from_its_journal_records_to_the_same_tasks():
+    state = new_state()
+    fx, results = submit_many(state, [{"type": "echo", "idempotency_key": f"k{i}",
+                                       "payload": {"i": i}} for i in range(5)])
+    fresh = new_state()
+    for record in fx.records:
+        fresh.apply(journal_copy(record))
+    assert set(fresh.tasks) == {r["id"] for r in results}
+    assert all(t.state is State.QUEUED for t in fresh.tasks.values())
+    # After the restart a re-sent batch is the same tasks, none doubled.
+    _, again = submit_many(fresh, [{"type": "echo", "idempotency_key": f"k{i}",
+                                    "payload": {"i": i}} for i in range(5)])
+    assert [r["id"] for r in again] == [r["id"] for r in results]
+    assert len(fresh.tasks) == 5
+
+
+def test_a_batch_task_has_the_digest_of_the_same_single_submit():
+    """A task sent alone and then in a batch under the same key is the same task."""
+    state = new_state()
+    body = {"type": "echo", "idempotency_key": "one", "description": "d", "payload": [1]}
+    single = Catalogue("scheduler").check(wire.REQUEST, {"op": "task.submit", **body},
+                                          "client", "c")[1]
+    fx = Effects()
+    state.submit(fx, CLIENT, b"s", single, NOW0)
+    task_id = fx.sends[0][3]["id"]
+    _, results = submit_many(state, [body])
+    assert results == [{"id": task_id, "state": "queued"}]
+
+
+@pytest.mark.parametrize("tasks", [[], [{"type": "echo", "idempotency_key": "k"}] *
+                                   (MAX_SUBMIT_BATCH + 1), {"type": "echo"}, "tasks"])
+def test_a_malformed_envelope_refuses_the_message(tasks):
+    with pytest.raises(wire.ProtocolError) as info:
+        Catalogue("scheduler").check(wire.REQUEST, {"op": "task.submit_many", "tasks": tasks},
+                                     "client", "c")
+    assert info.value.code == "bad_request"
+
+
+def drive(plan, answer):
+    """Run a client plan, answering each request with `answer(request)`; the requests
+    and the plan's result."""
+    requests = []
+    try:
+        request = next(plan)
+        while True:
+            requests.append(request)
+            request = plan.send(answer(request))
+    except StopIteration as done:
+        return requests, done.value
+
+
+def echo_ids(request):
+    return {"results": [{"id": f"id-{t['idempotency_key']}", "state": "queued"}
+                        if t["type"] == "echo" else
+                        wire.error_body("not_served", "no worker serves it")
+                        for t in request.body["tasks"]]}
+
+
+def test_the_client_splits_a_long_list_keys_every_task_and_returns_errors_in_place():
+    plans = Plans(Session("/tmp/x"), "agent-1")
+    tasks = [{"type": "echo", "payload": i} for i in range(2 * MAX_SUBMIT_BATCH + 7)]
+    tasks[3] = {"type": "other"}
+    tasks[4] |= {"idempotency_key": "mine", "agent": "someone"}
+    requests, results = drive(plans.submit_many(tasks), echo_ids)
+    assert [len(r.body["tasks"]) for r in requests] == [MAX_SUBMIT_BATCH,
+                                                        MAX_SUBMIT_BATCH, 7]
+    assert {r.op for r in requests} == {"task.submit_many"}
+    sent = [t for r in requests for t in r.body["tasks"]]
+    assert [t.get("payload") for t in sent] == [t.get("payload") for t in tasks]
+    assert len({t["idempotency_key"] for t in sent}) == len(tasks)
+    assert sent[4]["idempotency_key"] == "mine" and sent[4]["agent"] == "someone"
+    assert sent[0]["agent"] == "agent-1"
+    assert isinstance(results[3], errors.CortexError) and results[3].code == "not_served"
+    assert results[4] == {"id": "id-mine", "state": "queued"}
+    assert sum(isinstance(r, dict) for r in results) == len(tasks) - 1
+
+
+def test_the_client_keeps_each_message_under_the_size_limit():
+    plans = Plans(Session("/tmp/x"), "a")
+    big = "x" * (300 * 1024)
+    requests, results = drive(plans.submit_many([{"type": "echo", "payload": big}] * 7),
+                              echo_ids)
+    assert all(len(wire.encode_body(r.body)) < wire.MAX_MESSAGE_BYTES for r in requests)
+    assert sum(len(r.body["tasks"]) for r in requests) == len(results) == 7
+
+
+@pytest.mark.parametrize("task", [{"description": "no type"}, {"type": "echo", "wait": 5},
+                                  "echo"])
+def test_the_client_refuses_a_task_it_cannot_send(task):
+    with pytest.raises(errors.BadRequest):
+        drive(Plans(Session("/tmp/x"), "a").submit_many([task]), echo_ids)
+
+
+# -- against a live suite -----------------------------------------------------------------
+
+
+def test_both_faces_submit_a_mixed_batch_to_a_live_suite(suite):
+    tasks = [{"type": "echo", "payload": {"i": i}} for i in range(30)]
+    tasks[7] = {"type": "echo", "priority": "urgent"}
+    tasks[8] = {"type": "echo", "timeout": -1}
+    with Client(suite.home, timeout=60) as c:
+        results = c.submit_many(tasks)
+        assert [i for i, r in enumerate(results) if isinstance(r, errors.CortexError)] == [7, 8]
+        assert all(r.code == "bad_request" for r in results[7:9])
+        ids = [r["id"] for r in results if isinstance(r, dict)]
+        assert len(set(ids)) == 28
+        done = [c.wait(i, timeout=60) for i in ids]
+        assert {t["state"] for t in done} == {"completed"}
+
+    async def async_face():
+        async with AsyncClient(suite.home, timeout=60) as c:
+            results = await c.submit_many([{"type": "echo", "idempotency_key": "same"},
+                                           {"type": "echo", "idempotency_key": "same"}])
+            assert results[0]["id"] == results[1]["id"]
+            return await c.wait(results[0]["id"], timeout=60)
+
+    assert asyncio.run(async_face())["state"] == "completed"
