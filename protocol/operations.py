@@ -18,6 +18,7 @@ WAIT_HOLD = 5.0  # the scheduler holds a wait at most this long; then we ask aga
 REPLY_MARGIN = 5.0  # how long past its hold a held answer may take to come back
 BATCH_FIELDS = tuple(f.name for f in SUBMIT_FIELDS)
 BATCH_BYTES = wire.MAX_MESSAGE_BYTES - 64 * 1024  # a batch's tasks, leaving room for the rest
+REFUSED_WHOLE = ("too_large", "bad_request")  # a batch's message itself: the next may pass
 
 
 class Plans:
@@ -52,16 +53,29 @@ class Plans:
         in order, per task its summary (`id`, `state`) or its error (a CortexError,
         returned, not raised: one bad task refuses only itself). Keys are given to the
         tasks that have none before the first send, so a re-sent batch is the same
-        tasks."""
+        tasks; give your own to submit again what ended in Timeout or Unavailable. A
+        message refused whole (`too_large`) is its tasks' error and the rest go on; a
+        scheduler that cannot be reached is the error of every task not yet answered."""
         bodies = [self._batch_body(i, task) for i, task in enumerate(tasks)]
         results: list[dict | errors.CortexError] = []
+        unreachable = None
         for batch in _batches(bodies):
-            reply = yield Request("scheduler", "task.submit_many", {"tasks": batch})
+            if unreachable is not None:
+                results += [unreachable] * len(batch)
+                continue
+            try:
+                reply = yield Request("scheduler", "task.submit_many", {"tasks": batch})
+            except errors.CortexError as e:
+                results += [e] * len(batch)
+                if e.code not in REFUSED_WHOLE:
+                    unreachable = e
+                continue
             answers = reply.get("results")
             if not isinstance(answers, list) or len(answers) != len(batch):
                 raise errors.CortexError("task.submit_many: the reply does not hold one "
                                          "result per task", details=reply)
-            results += [errors.from_reply(a) if "code" in a else a for a in answers]
+            results += [errors.from_reply(a) if isinstance(a, dict) and "code" in a else a
+                        for a in answers]
         return results
 
     def submit_and_wait(self, task_type: str, description: str = "", *,

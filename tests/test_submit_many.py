@@ -122,7 +122,8 @@ def drive(plan, answer):
         request = next(plan)
         while True:
             requests.append(request)
-            request = plan.send(answer(request))
+            reply = answer(request)
+            request = plan.throw(reply) if isinstance(reply, Exception) else plan.send(reply)
     except StopIteration as done:
         return requests, done.value
 
@@ -160,6 +161,38 @@ def test_the_client_keeps_each_message_under_the_size_limit():
                               echo_ids)
     assert all(len(wire.encode_body(r.body)) < wire.MAX_MESSAGE_BYTES for r in requests)
     assert sum(len(r.body["tasks"]) for r in requests) == len(results) == 7
+
+
+def test_a_message_refused_whole_fails_its_tasks_and_the_others_go_on():
+    big = "x" * (1100 * 1024)  # more than a message holds: it goes alone
+    tasks = [{"type": "echo"}, {"type": "echo", "payload": big}, {"type": "echo"}]
+
+    def refuse_the_big_one(request):
+        if len(wire.encode_body(request.body)) > wire.MAX_MESSAGE_BYTES:
+            return errors.CortexError("message too large", code="too_large")
+        return echo_ids(request)
+
+    requests, results = drive(Plans(Session("/tmp/x"), "a").submit_many(tasks),
+                              refuse_the_big_one)
+    assert [len(r.body["tasks"]) for r in requests] == [1, 1, 1]
+    assert isinstance(results[1], errors.CortexError) and results[1].code == "too_large"
+    assert isinstance(results[0], dict) and isinstance(results[2], dict)
+
+
+def test_an_unreachable_scheduler_is_the_error_of_every_task_not_yet_answered():
+    answered = []
+
+    def first_only(request):
+        if answered:
+            return errors.Timeout("no answer")
+        answered.append(request)
+        return echo_ids(request)
+
+    tasks = [{"type": "echo"}] * (3 * MAX_SUBMIT_BATCH)
+    requests, results = drive(Plans(Session("/tmp/x"), "a").submit_many(tasks), first_only)
+    assert len(requests) == 2  # not a third wait for the same silence
+    assert all(isinstance(r, dict) for r in results[:MAX_SUBMIT_BATCH])
+    assert all(isinstance(r, errors.Timeout) for r in results[MAX_SUBMIT_BATCH:])
 
 
 @pytest.mark.parametrize("task", [{"description": "no type"}, {"type": "echo", "wait": 5},
