@@ -194,6 +194,31 @@ class Map(Kind):
         return "{" + ", ".join(f.name for f in self.fields) + "}"
 
 
+@dataclass(frozen=True)
+class Batch(Kind):
+    """A list of maps, each checked on its own by the handler (`item()`): one bad item
+    is that item's error, not the whole message's."""
+
+    fields: tuple
+    max_items: int
+
+    def check(self, name, value):
+        if not isinstance(value, list):
+            raise _bad(name, "must be a list")
+        if not 1 <= len(value) <= self.max_items:
+            raise _bad(name, f"must hold 1 to {self.max_items} items")
+        return value
+
+    def item(self, name: str, index: int, value) -> dict:
+        """Item `index` checked (ProtocolError naming it otherwise)."""
+        if not isinstance(value, dict):
+            raise _bad(f"{name}[{index}]", "must be a map")
+        return check_fields(self.fields, value, prefix=f"{name}[{index}].")
+
+    def describe(self):
+        return f"[{{{', '.join(f.name for f in self.fields)}}}] 1..{self.max_items}"
+
+
 def _depth(value, level: int = 0) -> int:
     """How deep `value` nests (past MAX_DEPTH: MAX_DEPTH + 1), or -1 if it holds a
     non-finite float (JSON has none: orjson would write null)."""
@@ -258,23 +283,33 @@ AMOUNT = Int(0, wire.MAX_INT)
 TYPE = Str(64)
 AGENT = Str(128)
 TYPES = ListOf(TYPE, max_items=64, min_items=1)
+# What a task.submit holds (task.submit_many: each of its tasks).
+SUBMIT_FIELDS = (
+    F("type", TYPE, True), F("idempotency_key", Str(128), True),
+    F("description", Str(MAX_TEXT, empty=True), default=""),
+    F("priority", Choice(PRIORITIES), default="medium"), F("tokens", AMOUNT, default=0),
+    F("timeout", Num(0.001, 7 * 86400)), F("retries", Int(0, 100)),
+    F("deadline", Num(0, 1e11)), F("payload", Json()), F("agent", AGENT))
+MAX_SUBMIT_BATCH = 200  # tasks per task.submit_many (the message stays within 1 MiB too)
+SUBMIT_BATCH = Batch(SUBMIT_FIELDS, MAX_SUBMIT_BATCH)
 ERROR = Map((F("category", Str(32)), F("message", Str(MAX_TEXT, empty=True)),
              F("traceback", Str(16384, empty=True))))
 
 OPERATIONS = [
     # -- scheduler: agents and operators --------------------------------------------------
     Operation("task.submit", "scheduler", wire.REQUEST, ANY, (
-        F("type", TYPE, True), F("idempotency_key", Str(128), True),
-        F("description", Str(MAX_TEXT, empty=True), default=""),
-        F("priority", Choice(PRIORITIES), default="medium"), F("tokens", AMOUNT, default=0),
-        F("timeout", Num(0.001, 7 * 86400)), F("retries", Int(0, 100)),
-        F("deadline", Num(0, 1e11)), F("payload", Json()), F("agent", AGENT),
-        F("wait", Num(0, 60), default=0.0)),
+        *SUBMIT_FIELDS, F("wait", Num(0, 60), default=0.0)),
         ("the task; same key again: the same task (different content: `conflict`). With "
          "`wait`: the task when it ends or `wait` is up, as `task.wait`. Type `auto`: the "
          "scheduler chooses it from the description (`routing` in the task). Errors: "
          "`queue_full`, `rejected` (with the estimated start; for `auto`, with the "
          "candidate types)")),
+    Operation("task.submit_many", "scheduler", wire.REQUEST, ANY, (
+        F("tasks", SUBMIT_BATCH, True),),
+        ("many submits in one message, one journal commit: `{results}`, one per task in "
+         "order, the task (`id`, `state`) or that task's error (`code`, `message`); one "
+         "bad task refuses only itself. Each task is checked and admitted as `task.submit` "
+         "(without `wait`), its idempotency key honoured")),
     Operation("task.status", "scheduler", wire.REQUEST, ANY, (F("id", TASK_ID, True),),
               ("the task: `state`, `waiting` and `waiting_detail`, `eta`, `progress`, "
                "`message`; `trimmed`: finished a while ago, its payload and result dropped "

@@ -124,6 +124,7 @@ class Client(_Face):
 
     call = _blocking(Plans.call)
     submit = _blocking(Plans.submit)
+    submit_many = _blocking(Plans.submit_many)
     submit_and_wait = _blocking(Plans.submit_and_wait)
     status = _blocking(Plans.status)
     wait = _blocking(Plans.wait)
@@ -189,6 +190,7 @@ class AsyncClient(_Face):
 
     call = _awaitable(Plans.call)
     submit = _awaitable(Plans.submit)
+    submit_many = _awaitable(Plans.submit_many)
     submit_and_wait = _awaitable(Plans.submit_and_wait)
     status = _awaitable(Plans.status)
     wait = _awaitable(Plans.wait)

@@ -9,12 +9,16 @@ the two cannot drift apart.
 
 from __future__ import annotations
 
-from . import errors
+from . import errors, wire
 from .calls import RESEND_AFTER, Request, Session, within
+from .catalogue import MAX_SUBMIT_BATCH, SUBMIT_FIELDS
 
 WAIT_HOLD = 5.0  # the scheduler holds a wait at most this long; then we ask again, so a
 #                  scheduler restart (which forgets held waits) costs at most a few seconds
 REPLY_MARGIN = 5.0  # how long past its hold a held answer may take to come back
+BATCH_FIELDS = tuple(f.name for f in SUBMIT_FIELDS)
+BATCH_BYTES = wire.MAX_MESSAGE_BYTES - 64 * 1024  # a batch's tasks, leaving room for the rest
+REFUSED_WHOLE = ("too_large", "bad_request")  # a batch's message itself: the next may pass
 
 
 class Plans:
@@ -40,6 +44,39 @@ class Plans:
         body = self._submit_body(task_type, description, priority, tokens, timeout, retries,
                                  deadline, payload, idempotency_key, agent)
         return (yield Request("scheduler", "task.submit", body))
+
+    def submit_many(self, tasks: list[dict]) -> list[dict | errors.CortexError]:
+        """Queue many tasks with few messages (`task.submit_many`, up to
+        MAX_SUBMIT_BATCH tasks and under the message size limit each). Each task is a
+        dict of `submit`'s fields: `type` (required), `description`, `priority`, `tokens`,
+        `timeout`, `retries`, `deadline`, `payload`, `idempotency_key`, `agent`. Returns,
+        in order, per task its summary (`id`, `state`) or its error (a CortexError,
+        returned, not raised: one bad task refuses only itself). Keys are given to the
+        tasks that have none before the first send, so a re-sent batch is the same
+        tasks; give your own to submit again what ended in Timeout or Unavailable. A
+        message refused whole (`too_large`) is its tasks' error and the rest go on; a
+        scheduler that cannot be reached is the error of every task not yet answered."""
+        bodies = [self._batch_body(i, task) for i, task in enumerate(tasks)]
+        results: list[dict | errors.CortexError] = []
+        unreachable = None
+        for batch in _batches(bodies):
+            if unreachable is not None:
+                results += [unreachable] * len(batch)
+                continue
+            try:
+                reply = yield Request("scheduler", "task.submit_many", {"tasks": batch})
+            except errors.CortexError as e:
+                results += [e] * len(batch)
+                if e.code not in REFUSED_WHOLE:
+                    unreachable = e
+                continue
+            answers = reply.get("results")
+            if not isinstance(answers, list) or len(answers) != len(batch):
+                raise errors.CortexError("task.submit_many: the reply does not hold one "
+                                         "result per task", details=reply)
+            results += [errors.from_reply(a) if isinstance(a, dict) and "code" in a else a
+                        for a in answers]
+        return results
 
     def submit_and_wait(self, task_type: str, description: str = "", *,
                         priority: str = "medium", tokens: int = 0,
@@ -145,6 +182,19 @@ class Plans:
             body["payload"] = payload
         return body
 
+    def _batch_body(self, index: int, task: dict) -> dict:
+        if not isinstance(task, dict) or not isinstance(task.get("type"), str):
+            raise errors.BadRequest(f"submit_many: task {index} must be a dict with a "
+                                    "'type'")
+        unknown = set(task) - set(BATCH_FIELDS)
+        if unknown:
+            raise errors.BadRequest(f"submit_many: task {index} has unknown fields "
+                                    f"{sorted(unknown)}")
+        body = {k: v for k, v in task.items() if v is not None}
+        body.setdefault("agent", self.agent)
+        body.setdefault("idempotency_key", self.session.new_key())
+        return body
+
     def _result_from_log(self, task: dict):
         """A finished task the scheduler has trimmed (payload and result dropped after a
         while) gets its result back from its `task.completed` event in the log."""
@@ -180,6 +230,21 @@ class Plans:
                 return task
 
 
+def _batches(bodies: list[dict]):
+    """Consecutive runs of at most MAX_SUBMIT_BATCH bodies whose encoding fits a
+    message (a body too large alone goes alone: the scheduler answers it `too_large`)."""
+    batch, size = [], 0
+    for body in bodies:
+        body_size = len(wire.encode_body(body))
+        if batch and (len(batch) == MAX_SUBMIT_BATCH or size + body_size > BATCH_BYTES):
+            yield batch
+            batch, size = [], 0
+        batch.append(body)
+        size += body_size
+    if batch:
+        yield batch
+
+
 def _ended(task: dict, raise_on_failure: bool) -> dict:
     if raise_on_failure and task.get("state") != "completed":
         error = task.get("error") or {}
@@ -191,5 +256,5 @@ def _ended(task: dict, raise_on_failure: bool) -> dict:
 
 
 # The operations both faces expose, each run by `calls.drive` (sync) or its async twin.
-OPERATIONS = ("call", "submit", "submit_and_wait", "status", "wait", "cancel", "list_tasks",
-              "workers", "progress", "reserve", "commit", "release", "budget")
+OPERATIONS = ("call", "submit", "submit_many", "submit_and_wait", "status", "wait", "cancel",
+              "list_tasks", "workers", "progress", "reserve", "commit", "release", "budget")

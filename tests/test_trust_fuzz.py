@@ -58,6 +58,8 @@ def good(name: str, kind):
         return [good(name, kind.item)] * max(1, kind.min_items)
     if isinstance(kind, cat.Map):
         return {f.name: good(f.name, f.kind) for f in kind.fields}
+    if isinstance(kind, cat.Batch):
+        return [{f.name: good(f.name, f.kind) for f in kind.fields}]
     raise AssertionError(kind)
 
 
@@ -72,6 +74,11 @@ def variants(op):
                 for label, wrong in WRONG.items():
                     yield (f"{f.name}.{inner.name}={label}",
                            base | {f.name: base[f.name] | {inner.name: wrong}})
+        if isinstance(f.kind, cat.Batch):  # every field of its task: that task's error
+            for inner in f.kind.fields:
+                for label, wrong in WRONG.items():
+                    yield (f"{f.name}[0].{inner.name}={label}",
+                           base | {f.name: [base[f.name][0] | {inner.name: wrong}]})
 
 
 def sender_role(op) -> str:

@@ -162,13 +162,17 @@ class Admission:
 
     def refuse(self, fx: Effects, peer: bytes, corr: bytes, request: Request, code: str,
                reason: str) -> None:
+        self.record_refusal(fx, request, code, reason)
+        fx.error(peer, corr, code, reason)
+
+    def record_refusal(self, fx: Effects, request: Request, code: str, reason: str) -> None:
+        """Remember, journal and announce a refusal (the caller answers it)."""
         self.remember(request.key, code, reason, request.digest)
         fx.records.append({"k": "rejected", "key": request.key, "code": code, "reason": reason,
                            "digest": request.digest})
         self.counters["rejected"] += 1
         fx.emit("scheduler.rejected", {"type": request.type, "priority": request.priority,
                                        "code": code, "reason": reason})
-        fx.error(peer, corr, code, reason)
 
     def refused(self, key: str) -> tuple[str, str, str] | None:
         """(code, reason, digest) of the refusal of a submit with this key."""

@@ -43,42 +43,66 @@ class ClientRequests:
     _kill, _settle)."""
 
     def submit(self, fx: Effects, peer: bytes, corr: bytes, body: dict, now: Now) -> None:
+        outcome = self.admit(fx, peer, body, now)
+        if isinstance(outcome, Task):
+            self._reply_or_hold(fx, peer, corr, outcome, parse_wait(body), now)
+        else:
+            fx.error(peer, corr, *outcome)
+
+    def submit_many(self, fx: Effects, peer: bytes, corr: bytes,
+                    items: list[dict | wire.ProtocolError], now: Now) -> None:
+        """Each item (a checked submit body, or why it failed its check) admitted on its
+        own, in order; one reply: per item the task (`id`, `state`) or its error."""
+        results = []
+        for item in items:
+            outcome = item
+            if isinstance(item, dict):
+                try:
+                    outcome = self.admit(fx, peer, item, now)
+                except wire.ProtocolError as e:
+                    outcome = e
+            if isinstance(outcome, Task):
+                results.append({"id": outcome.id, "state": str(outcome.state)})
+            elif isinstance(outcome, wire.ProtocolError):
+                results.append(wire.error_body(outcome.code, outcome.message))
+            else:
+                results.append(wire.error_body(*outcome))
+        fx.reply(peer, corr, {"results": results})
+
+    def admit(self, fx: Effects, peer: bytes, body: dict, now: Now) -> Task | tuple[str, str]:
+        """The task a submit body asks for (the same one for a key seen before), or the
+        refusal (code, reason); raises ProtocolError `bad_request` before any change."""
         key = wire.field_str(body, "idempotency_key", max_len=128)
         digest = content_digest(body)
         existing = self.table.by_key(key)
         if existing is not None and existing.digest not in ("", digest):
             self.counters["conflicts"] = self.counters.get("conflicts", 0) + 1
-            fx.error(peer, corr, "conflict", f"idempotency key {key[:128]!r} was used for "
-                                             f"task {existing.id} with different content")
-            return
+            return "conflict", (f"idempotency key {key[:128]!r} was used for task "
+                                f"{existing.id} with different content")
         if existing is not None:  # a re-sent submit: the same task (and, with `wait`, a wait)
             self.counters["duplicates"] += 1
-            self._reply_or_hold(fx, peer, corr, existing, parse_wait(body), now)
-            return
+            return existing
         refusal = self.admission.refused(key)
         if refusal is not None:
             code, reason, refused_digest = refusal
             if refused_digest not in ("", digest):
                 code, reason = "conflict", (f"idempotency key {key[:128]!r} was refused for "
                                             "a submit with different content")
-            fx.error(peer, corr, code, reason)  # the same answer, never a late accept
-            return
+            return code, reason  # the same answer, never a late accept
         req = self.admission.parse(body, peer)
         req.digest = digest
         routing, refusal = self._route(req)
         refusal = refusal or self.limits.refusal(req)
+        if refusal is None:
+            wait_s = self.estimates.wait_before_start(req.type, req.priority, now.mono)
+            refusal = self.admission.judge(req, self.queue.depth(req.type), wait_s, now)
         if refusal is not None:
-            self.admission.refuse(fx, peer, corr, req, *refusal)
-            return
+            self.admission.record_refusal(fx, req, *refusal)
+            return refusal
         predicted = None
         if self.predictor is not None:
             predicted = self.predictor.predict(req.type, req.priority, req.description,
                                                req.size).as_dict()
-        wait_s = self.estimates.wait_before_start(req.type, req.priority, now.mono)
-        refusal = self.admission.judge(req, self.queue.depth(req.type), wait_s, now)
-        if refusal is not None:
-            self.admission.refuse(fx, peer, corr, req, *refusal)
-            return
         task = Task(id=new_task_id(now.wall), type=req.type, description=req.description,
                     priority=req.priority, tokens=req.tokens, timeout=req.timeout,
                     retries=req.retries, agent=req.agent, key=key, payload=req.payload,
@@ -92,7 +116,7 @@ class ClientRequests:
                                  "tokens": req.tokens, "agent": req.agent, "eta": task.eta,
                                  "description": req.description[:200],
                                  **({"routing": routing} if routing else {})}, task.id)
-        self._reply_or_hold(fx, peer, corr, task, req.wait, now)
+        return task
 
     def _route(self, req) -> tuple[dict | None, tuple[str, str] | None]:
         """A task of type "auto" takes the type its description routes to (the decision

@@ -12,7 +12,7 @@ import os
 import time
 
 from cortex.protocol import wire
-from cortex.protocol.catalogue import check_reply
+from cortex.protocol.catalogue import SUBMIT_BATCH, check_reply
 from cortex.services.runtime.effects import Effects
 from cortex.services.runtime.loop import BusService, serves
 from cortex.services.scheduler.classify_rows import RoutingError
@@ -132,6 +132,27 @@ class Scheduler(BusService):
         self.trainer.maybe_auto(self.settings.scheduler.retrain_every, now.mono)
         self.routing.maybe_train(now.mono)
         self.state.dispatch(fx, now)
+
+    @serves("task.submit_many")
+    def submit_many(self, fx: Effects, msg: wire.Message, body: dict, wall: float) -> None:
+        now = self.now(wall)
+        items: list[dict | wire.ProtocolError] = []
+        critical = False
+        for index, raw in enumerate(body["tasks"]):
+            try:
+                item = SUBMIT_BATCH.item("tasks", index, raw)
+            except wire.ProtocolError as e:
+                items.append(e)
+                continue
+            item["_size"] = len(wire.encode_body(raw))  # as a submit of its own would be
+            critical = critical or item["priority"] == "critical"
+            items.append(item)
+        self.state.submit_many(fx, msg.peer, msg.corr, items, now)
+        self.state.dispatch(fx, now)
+        if critical:
+            self.state.scale(fx, now)  # surge at once if no worker can take it
+        self.trainer.maybe_auto(self.settings.scheduler.retrain_every, now.mono)
+        self.routing.maybe_train(now.mono)
 
     @serves("task.status")
     def status_of(self, fx: Effects, msg: wire.Message, body: dict, wall: float) -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import os
 from collections import deque
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,9 @@ class Prediction:
     source: str  # "model" | "average" | "default"
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        # Field by field: asdict deep-copies through every value, at every submit.
+        return {"duration": self.duration, "tokens": self.tokens,
+                "memory_mb": self.memory_mb, "cpu_s": self.cpu_s, "source": self.source}
 
 
 class _RunningAverage:
