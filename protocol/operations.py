@@ -15,6 +15,7 @@ from .calls import RESEND_AFTER, Request, Session, within
 WAIT_HOLD = 5.0  # the scheduler holds a wait at most this long; then we ask again, so a
 #                  scheduler restart (which forgets held waits) costs at most a few seconds
 REPLY_MARGIN = 5.0  # how long past its hold a held answer may take to come back
+QUERY_PAGE = 5000  # events.query's most events a page (each page also fits one message)
 
 
 class Plans:
@@ -126,6 +127,35 @@ class Plans:
         """Every budget: limit, window, committed, reserved."""
         return (yield Request("ledger", "ledger.status"))
 
+    def query_events(self, *, task: str | None = None, type: str | None = None,
+                     worker: str | None = None, text: str | None = None,
+                     since: float | None = None, until: float | None = None,
+                     limit: int = 1000, newest: bool = False) -> dict:
+        """Events from the log matching every filter given (`type`: a glob), the oldest
+        first (`newest`: the newest first), at most `limit`: `{events, more}`, following
+        `events.query`'s pages; `more`: more match than `limit`; `partial`: a page's read
+        hit its time bound, so some may be missing (narrow the filters)."""
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise errors.BadRequest("limit must be a positive integer")
+        body = {key: value for key, value in (
+            ("task", task), ("type", type), ("worker", worker), ("text", text),
+            ("since", since), ("until", until)) if value is not None}
+        body["newest"] = newest
+        events: list[dict] = []
+        page: dict = {"more": True, "cursor": None}
+        partial = False
+        while page.get("more") and len(events) < limit:
+            ask = body | {"limit": min(QUERY_PAGE, limit - len(events))}
+            if page.get("cursor") is not None:
+                ask["after"] = page["cursor"]
+            page = yield Request("events", "events.query", ask)
+            events += page.get("events") or []
+            partial = partial or bool(page.get("partial"))
+            if not page.get("events"):
+                break
+        reply = {"events": events[:limit], "more": bool(page.get("more"))}
+        return reply | {"partial": True} if partial else reply
+
     # -- shared by the plans ---------------------------------------------------------------
     def _span(self, timeout: float | None) -> float:
         return self.session.timeout if timeout is None else within(timeout)
@@ -192,4 +222,4 @@ def _ended(task: dict, raise_on_failure: bool) -> dict:
 
 # The operations both faces expose, each run by `calls.drive` (sync) or its async twin.
 OPERATIONS = ("call", "submit", "submit_and_wait", "status", "wait", "cancel", "list_tasks",
-              "workers", "progress", "reserve", "commit", "release", "budget")
+              "workers", "progress", "reserve", "commit", "release", "budget", "query_events")
