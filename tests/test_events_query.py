@@ -15,6 +15,7 @@ from cortex.services.events.history import key, parse_cursor, query_page
 from cortex.services.runtime.eventlog import EventLogWriter
 
 from .conftest import wait_for
+from .pg import pg_server, postgres_url  # noqa: F401 - fixtures
 
 KIB = 1024
 T0 = 1_700_000_000.0
@@ -128,3 +129,38 @@ def test_a_live_query_of_large_events_pages_through_the_client(suite):
     assert len(set(got)) == len(got) and not found["more"]
     assert [key(e) for e in found["events"]] == sorted(key(e) for e in found["events"])
     assert raw["more"] and len(raw["events"]) < 6  # one message could not hold them
+
+
+@pytest.mark.postgres
+def test_postgres_pages_with_the_same_order_and_cursor(tmp_path, postgres_url):  # noqa: F811
+    import uuid
+
+    import psycopg
+    from psycopg.types.json import Jsonb
+
+    from cortex.services.events.pgschema import apply_migrations
+    from tests.pg import fresh_database
+
+    url = fresh_database(postgres_url, f"t_{uuid.uuid4().hex[:12]}")
+    events = [e | {"id": f"{'AbC'[i % 3]}:{i}", "trace": None, "worker": None}
+              for i, e in enumerate(logged(45, 100))]  # ids whose order a locale changes
+    with psycopg.connect(url) as conn:
+        apply_migrations(conn)
+        for e in events:
+            conn.execute("INSERT INTO cortex_events (id, source, epoch, seq, ts, type, task,"
+                         " data) VALUES (%s, %s, %s, %s, to_timestamp(%s), %s, %s, %s)",
+                         (e["id"], e["source"], e["epoch"], e["seq"], e["ts"], e["type"],
+                          e["task"], Jsonb(e["data"])))
+    filters = {"since": None, "until": None, "task": None, "type_pattern": None,
+               "worker": None, "text": None}
+    for newest in (False, True):
+        got, after = [], None
+        while True:
+            page = query_page(None, url, filters, 4, newest, after)
+            assert page["source"] == "postgres" and len(page["events"]) <= 4
+            got += page["events"]
+            if not page["more"]:
+                break
+            after = parse_cursor(page["cursor"])
+        assert [e["id"] for e in got] == [e["id"] for e in sorted(events, key=key,
+                                                                    reverse=newest)]
