@@ -3,9 +3,16 @@ their echoes (unknown or replayed tokens confirm nothing), the bound and who is 
 
 from __future__ import annotations
 
-import pytest
+import time
 
+import pytest
+import zmq
+
+from cortex.protocol import wire
+from cortex.protocol.peer import BusLink, recv_frames, send_frames
 from cortex.services.broker.peers import MIB, PROBES_KEPT, PeerTable
+
+from .conftest import wait_for
 
 T0 = 1000.0
 
@@ -112,3 +119,29 @@ def test_the_bound_is_a_bus_setting_well_above_the_message_limit(tmp_path):
         (tmp_path / "cortex.toml").write_text(f"[bus]\nmax_unread_mb = {bad}\n")
         with pytest.raises(ConfigError, match="max_unread_mb"):
             load(tmp_path)
+
+
+def test_every_link_echoes_a_probes_token_and_a_client_answers_no_plain_beat():
+    ctx = zmq.Context()
+    broker = ctx.socket(zmq.ROUTER)
+    broker.setsockopt(zmq.LINGER, 0)
+    endpoint = f"inproc://probe-{time.monotonic_ns()}"
+    broker.bind(endpoint)
+    link = BusLink(ctx, endpoint, "c-probe", "client", heartbeat=False)
+    try:
+        hello = wait_for(lambda: recv_frames(broker), 10, "the HELLO")
+        rid = hello[0]
+        send_frames(broker, [rid, *wire.frames(wire.WELCOME, wire.BROKER, b"hello",
+                                                {"heartbeat_ms": 1000}, role=b"broker")])
+        send_frames(broker, [rid, *wire.frames(wire.HEARTBEAT, wire.BROKER, role=b"broker")])
+        send_frames(broker, [rid, *wire.frames(wire.HEARTBEAT, wire.BROKER, b"\x01token!",
+                                                role=b"broker")])
+        wait_for(lambda: link.socket.poll(0) and link.receive() is None and link.welcomed
+                 and not link.socket.poll(0), 10, "the three messages")
+        echo = wait_for(lambda: recv_frames(broker), 10, "the echo")
+        assert echo[0] == rid and echo[2] == wire.HEARTBEAT and echo[5] == b"\x01token!"
+        assert recv_frames(broker) is None  # the plain beat: a client does not answer it
+    finally:
+        link.close()
+        broker.close(linger=0)
+        ctx.term()
