@@ -424,8 +424,12 @@ OPERATIONS = [
     Operation("events.query", "events", wire.REQUEST, ANY, (
         F("task", Str(200)), F("type", Str(200)), F("worker", Str(200)), F("text", Str(200)),
         F("since", Num(0, 1e11)), F("until", Num(0, 1e11)),
-        F("limit", Int(1, 5000), default=1000), F("newest", Bool(), default=False)),
-        "events from the log (PostgreSQL when configured), filtered, paged by `until`"),
+        F("limit", Int(1, 5000), default=1000), F("newest", Bool(), default=False),
+        F("after", Str(300))),
+        ("`{events, more, cursor, source}`: a page of the log's events (PostgreSQL when "
+         "configured) matching the filters, in time order (`newest`: newest first), at "
+         "most `limit` and as many as fit one message; `more`: ask again with `after` = "
+         "`cursor` for the next page (`partial`: the read hit its time bound)")),
     # -- pool --------------------------------------------------------------------------------
     Operation("pool.status", "pool", wire.REQUEST, ANY, (), "worker processes"),
     Operation("pool.kill", "pool", wire.NOTIFY, SERVICE, (

@@ -136,6 +136,7 @@ class Client(_Face):
     commit = _blocking(Plans.commit)
     release = _blocking(Plans.release)
     budget = _blocking(Plans.budget)
+    query_events = _blocking(Plans.query_events)
 
     def subscribe(self, pattern: str = "", timeout: float | None = None) -> Subscription:
         """Live events whose type starts with `pattern` (e.g. "task."): iterate it, and
@@ -202,6 +203,7 @@ class AsyncClient(_Face):
     commit = _awaitable(Plans.commit)
     release = _awaitable(Plans.release)
     budget = _awaitable(Plans.budget)
+    query_events = _awaitable(Plans.query_events)
 
     def subscribe(self, pattern: str = "", timeout: float | None = None
                   ) -> AsyncSubscription:

@@ -19,6 +19,7 @@ REPLY_MARGIN = 5.0  # how long past its hold a held answer may take to come back
 BATCH_FIELDS = tuple(f.name for f in SUBMIT_FIELDS)
 BATCH_BYTES = wire.MAX_MESSAGE_BYTES - 64 * 1024  # a batch's tasks, leaving room for the rest
 REFUSED_WHOLE = ("too_large", "bad_request")  # a batch's message itself: the next may pass
+QUERY_PAGE = 5000  # events.query's most events a page (each page also fits one message)
 
 
 class Plans:
@@ -163,6 +164,35 @@ class Plans:
         """Every budget: limit, window, committed, reserved."""
         return (yield Request("ledger", "ledger.status"))
 
+    def query_events(self, *, task: str | None = None, type: str | None = None,
+                     worker: str | None = None, text: str | None = None,
+                     since: float | None = None, until: float | None = None,
+                     limit: int = 1000, newest: bool = False) -> dict:
+        """Events from the log matching every filter given (`type`: a glob), the oldest
+        first (`newest`: the newest first), at most `limit`: `{events, more}`, following
+        `events.query`'s pages; `more`: more match than `limit`; `partial`: a page's read
+        hit its time bound, so some may be missing (narrow the filters)."""
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise errors.BadRequest("limit must be a positive integer")
+        body = {key: value for key, value in (
+            ("task", task), ("type", type), ("worker", worker), ("text", text),
+            ("since", since), ("until", until)) if value is not None}
+        body["newest"] = newest
+        events: list[dict] = []
+        page: dict = {"more": True, "cursor": None}
+        partial = False
+        while page.get("more") and len(events) < limit:
+            ask = body | {"limit": min(QUERY_PAGE, limit - len(events))}
+            if page.get("cursor") is not None:
+                ask["after"] = page["cursor"]
+            page = yield Request("events", "events.query", ask)
+            events += page.get("events") or []
+            partial = partial or bool(page.get("partial"))
+            if not page.get("events"):
+                break
+        reply = {"events": events[:limit], "more": bool(page.get("more"))}
+        return reply | {"partial": True} if partial else reply
+
     # -- shared by the plans ---------------------------------------------------------------
     def _span(self, timeout: float | None) -> float:
         return self.session.timeout if timeout is None else within(timeout)
@@ -257,4 +287,5 @@ def _ended(task: dict, raise_on_failure: bool) -> dict:
 
 # The operations both faces expose, each run by `calls.drive` (sync) or its async twin.
 OPERATIONS = ("call", "submit", "submit_many", "submit_and_wait", "status", "wait", "cancel",
-              "list_tasks", "workers", "progress", "reserve", "commit", "release", "budget")
+              "list_tasks", "workers", "progress", "reserve", "commit", "release", "budget",
+              "query_events")

@@ -244,6 +244,20 @@ def recv_frames(sock: zmq.Socket) -> list[bytes] | None:
     return parts
 
 
+def recv_with_first(sock: zmq.Socket) -> tuple[list[bytes], zmq.Frame] | None:
+    """As `recv_frames`, with the first frame kept whole for its metadata (a ROUTER's
+    routing id frame carries the connection's descriptor and any ZAP User-Id)."""
+    try:
+        first = _recv(sock, _NOBLOCK, False)
+    except zmq.Again:
+        return None
+    parts, frame = [first.bytes], first
+    while frame.more:
+        frame = _recv(sock, _NOBLOCK, False)
+        parts.append(frame.bytes)
+    return parts, first
+
+
 class TimedReceiver:
     """Blocking receives with a deadline on one socket: a receive timeout (RCVTIMEO)
     costs the caller one wait on the socket, where a poll first would cost several."""
@@ -344,12 +358,16 @@ class BusLink:
             return None
         self.last_heard = now = time.monotonic()
         if msg.type == wire.HEARTBEAT:
-            if self.heartbeat and self.welcomed:
+            beating = self.heartbeat and self.welcomed
+            if beating or msg.corr:
                 # Answered at once: the broker hears all its peers in one burst after its
                 # own beat, not at as many moments as it has peers (each one a wake-up),
                 # and the peer wakes once per interval, not twice. Our own timer only
-                # fires if the broker falls silent.
-                self.send(wire.HEARTBEAT, wire.BROKER)
+                # fires if the broker falls silent. A probe's token (corr) is echoed by
+                # every peer, clients too: it proves to the broker that we read all it
+                # sent before the probe, which is how it bounds what waits for us.
+                self.send(wire.HEARTBEAT, wire.BROKER, msg.corr)
+            if beating:
                 self.next_beat = now + self.interval * ANSWERED_BEAT_SLACK
             return None
         if msg.type == wire.WELCOME:

@@ -25,7 +25,8 @@ Types and who sends them:
     HELLO      peer -> broker     {"role": "client"|"service"|"worker", "name": str,
                                    "version": 2, "secret": str (services only)}
     WELCOME    broker -> peer     {"heartbeat_ms": int}
-    HEARTBEAT  both ways          {} ; any message counts as a sign of life
+    HEARTBEAT  both ways          {} ; any message counts as a sign of life. From the
+                                  broker, corr may hold a probe token: echo it at once
     WHO        broker -> peer     {} ; "I do not know you" (after a broker restart): say HELLO again
     BYE        peer -> broker     {} ; leaving on purpose
     REQUEST    peer -> peer       {"op": str, ...}; exactly one REPLY or ERROR comes back
@@ -47,9 +48,17 @@ Clients send no heartbeats and the broker sends them none: it forgets a client s
 for CLIENT_SILENCE seconds, and greets one that speaks again with WHO (the client says
 HELLO anew). A client that waits long asks again every few seconds (held task.wait), so
 it is heard. A client or worker may have at most MAX_IN_FLIGHT requests waiting for
-their replies; the broker answers further ones with `too_many`, so what waits to be sent
-to any one peer stays bounded (at most MAX_IN_FLIGHT replies of at most
-MAX_MESSAGE_BYTES).
+their replies; the broker answers further ones with `too_many`.
+
+Probes bound in bytes what waits to be sent to a peer. The broker counts the bytes it
+sends each peer; on its timed beats (when something was sent since the last probe) and
+whenever another step of bytes went out it sends a probe, a HEARTBEAT whose corr is an
+unguessable token (PROBE_TOKEN_BYTES random bytes). Every peer, clients too, answers a probe
+at once with a HEARTBEAT carrying the same corr; its own heartbeats carry none. A pipe
+is FIFO, so the echo proves the peer read all that was sent before the probe. A client
+or worker whose unproven bytes pass `[bus] max_unread_mb` is a slow reader: the broker
+forgets it (as a lost peer) and closes its connection; its library reconnects and is
+greeted with WHO. Unknown or replayed tokens confirm nothing.
 
 Re-sends: a requester that hears nothing re-sends the same REQUEST with the same corr
 until its deadline (the client core, calls.py), so every operation must be safe to
@@ -89,6 +98,7 @@ SERVICE_NAMES = frozenset({"broker", "scheduler", "ledger", "events", "pool", "d
                            "supervisor-events"})
 MAX_IN_FLIGHT = 64  # requests one peer may have waiting for replies
 CLIENT_SILENCE = 60.0  # seconds after which the broker forgets a silent client
+PROBE_TOKEN_BYTES = 8  # a broker probe's token (the corr of its HEARTBEAT)
 
 # Seconds between heartbeats, and how many may be missed before a peer is dead.
 HEARTBEAT_INTERVAL = 1.0

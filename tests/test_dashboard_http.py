@@ -123,7 +123,7 @@ def test_events_query_filters_newest_first_and_pages(shared_suite):
         assert one[0]["task"] == ids[0]
         reply = client.call("events", "events.query", {"type": "task.comp*", "newest": True,
                                                        "limit": 3})
-        assert reply["source"] == "jsonl" and reply["truncated"] is True
+        assert reply["source"] == "jsonl" and reply["more"] is True
         newest = reply["events"]
         assert [e["type"] for e in newest] == ["task.completed"] * 3
         assert [e["ts"] for e in newest] == sorted((e["ts"] for e in newest), reverse=True)

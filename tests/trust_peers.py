@@ -47,6 +47,9 @@ class RawPeer:
                 self.beat()
                 continue
             msg = wire.parse(self.socket.recv_multipart())
+            if msg.type == wire.HEARTBEAT and msg.corr:  # a probe: echo it, as links do
+                self.socket.send_multipart(wire.frames(wire.HEARTBEAT, wire.BROKER, msg.corr))
+                continue
             if msg.type == wire.WHO:  # the broker forgot us (silent too long): say it again
                 self.hello()
                 continue

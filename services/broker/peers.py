@@ -6,15 +6,32 @@ known by its routing id (chosen by libzmq, never by the peer); its name and role
 bound at HELLO. A name held by a live peer is refused to anyone else, except that a
 service proven by the suite's secret takes its name over (a restarted scheduler replaces
 the one that died).
+
+What waits to be sent to a peer is bounded in bytes by proving reading, since libzmq
+cannot tell how much waits in a pipe: the broker counts the bytes it hands libzmq for
+each peer (`sent`) and now and then sends a probe, a HEARTBEAT whose correlation frame
+is an unguessable token. The peer's link echoes it at once; a pipe is FIFO, so the echo
+proves everything sent before the probe was read (`confirmed`). `sent - confirmed` past
+`max_unread` makes a client or worker a slow reader, cut off by the broker.
 """
 
 from __future__ import annotations
 
+import os
+from collections import deque
 from dataclasses import dataclass, field
 
 from cortex.protocol import wire
 
 IN_FLIGHT_TTL = 120.0  # seconds after which an unanswered request no longer counts
+MIB = 1 << 20
+MAX_UNREAD = 64 * MIB  # bytes sent to a peer and not yet proven read, at most
+MIN_PROBE_STEP = MIB
+# Probes waiting for their echo, per peer. With a probe every max_unread/32 bytes the
+# newest ones span twice the bound, so a peer reading within it always echoes a kept one
+# (an older, dropped token is ignored: its echo would only confirm less).
+PROBES_KEPT = 64
+ENVELOPE_BYTES = 64  # counted per message besides its body (names, role, corr, frames)
 
 
 @dataclass
@@ -32,6 +49,12 @@ class Peer:
     key: str = ""  # on tcp: the name of the CurveZMQ key its connection was admitted with
     fd: int = -1  # on tcp: its connection's descriptor (to cut it off when the key goes)
     address: tuple | None = None  # that connection's remote address, when fd was noted
+    connection: int = 0  # the inode of the socket on fd (a reused number has another)
+    # Bytes handed to libzmq for it; the part its echoes proved read; the next probe.
+    sent: int = 0
+    confirmed: int = 0
+    probe_due: int = 0
+    probes: deque = field(default_factory=lambda: deque(maxlen=PROBES_KEPT))  # (token, sent)
 
     def __post_init__(self):
         self.name_bytes = self.name.encode()
@@ -53,6 +76,7 @@ class PeerTable:
     interval: float = wire.HEARTBEAT_INTERVAL
     liveness: int = wire.HEARTBEAT_LIVENESS
     max_in_flight: int = wire.MAX_IN_FLIGHT
+    max_unread: int = MAX_UNREAD
     by_rid: dict[bytes, Peer] = field(default_factory=dict)
     by_name: dict[str, Peer] = field(default_factory=dict)
 
@@ -79,7 +103,7 @@ class PeerTable:
             self.forget(rid)  # the same connection under a new name: start afresh
             peer = None
         if peer is None:
-            peer = Peer(rid, name, role, now, now)
+            peer = Peer(rid, name, role, now, now, probe_due=self.probe_step)
             self.by_rid[rid] = peer
             self.by_name[name] = peer
         peer.last_seen = now
@@ -121,6 +145,45 @@ class PeerTable:
     def reply_delivered(peer: Peer, corr: bytes) -> None:
         peer.in_flight.pop(corr, None)
 
+    # -- bytes waiting to be read ---------------------------------------------------------
+    @property
+    def probe_step(self) -> int:
+        return max(MIN_PROBE_STEP, self.max_unread // 32)
+
+    def probe(self, peer: Peer) -> bytes:
+        """A new probe's token, noted with what was sent before it. The broker calls it
+        when `peer.sent` reaches `peer.probe_due` (one compare per message sent)."""
+        token = os.urandom(wire.PROBE_TOKEN_BYTES)
+        peer.probes.append((token, peer.sent))
+        peer.probe_due = peer.sent + self.probe_step
+        return token
+
+    @staticmethod
+    def echoed(peer: Peer, token: bytes) -> bool:
+        """The peer echoed `token`: what was sent before that probe is read, and so are
+        the probes before it (FIFO). An unknown or replayed token confirms nothing."""
+        probes = peer.probes
+        for i, (known, sent) in enumerate(probes):
+            if known == token:
+                for _ in range(i + 1):
+                    probes.popleft()
+                peer.confirmed = max(peer.confirmed, sent)
+                return True
+        return False
+
+    @staticmethod
+    def unread(peer: Peer) -> int:
+        return peer.sent - peer.confirmed
+
+    def slow_reader(self, peer: Peer) -> bool:
+        """Past the bound; the suite's own services are trusted and never are."""
+        return peer.role != "service" and peer.sent - peer.confirmed > self.max_unread
+
+    @staticmethod
+    def probe_pending(peer: Peer) -> bool:
+        """Sent anything since the last probe (a timed beat then carries a token)?"""
+        return peer.sent > (peer.probes[-1][1] if peer.probes else peer.confirmed)
+
     # -- liveness -------------------------------------------------------------------------
     def heartbeat_targets(self) -> list[Peer]:
         # Clients send no heartbeats and get none; they are forgotten when silent.
@@ -140,5 +203,6 @@ class PeerTable:
     def describe(self, now: float) -> list[dict]:
         return [{"name": p.name, "role": p.role, "uptime": round(now - p.joined, 3),
                  "silent_for": round(now - p.last_seen, 3), "in_flight": len(p.in_flight),
+                 "sent": p.sent, "unread": p.sent - p.confirmed,
                  **({"key": p.key} if p.key else {})}
                 for p in sorted(self.by_rid.values(), key=lambda p: (p.role, p.name))]

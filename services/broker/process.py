@@ -8,6 +8,11 @@ it looks up the sender (its name and role), looks up the destination, stamps the
 name and role into the forwarded message, and counts the sender's requests waiting for
 replies. It decodes only HELLO bodies and its own requests. ROUTER_MANDATORY makes an
 unroutable message an error we answer (`unavailable`) instead of a silent drop.
+
+What waits for a peer is bounded in bytes (`[bus] max_unread_mb`): every forwarded
+message adds its size to the destination's count, a probe (a HEARTBEAT with a token)
+goes out every step of it, and a client or worker whose echoes lag past the bound is a
+slow reader: forgotten as a lost peer and its connection closed, which frees its pipe.
 """
 
 from __future__ import annotations
@@ -20,8 +25,8 @@ from collections import Counter
 import zmq
 
 from cortex.protocol import wire
-from cortex.protocol.peer import make_socket, poll_ms, recv_frames, send_frames
-from cortex.services.broker.peers import Peer, PeerTable
+from cortex.protocol.peer import make_socket, poll_ms, recv_with_first, send_frames
+from cortex.services.broker.peers import ENVELOPE_BYTES, MIB, Peer, PeerTable
 from cortex.services.runtime.connections import (
     ConnectionGuard,
     default_cap,
@@ -47,7 +52,8 @@ class Broker:
         self.rt = ServiceRuntime(self.name, home)
         self.log = self.rt.log
         interval = self.rt.settings.suite.heartbeat_interval
-        self.table = PeerTable(interval=interval)
+        self.table = PeerTable(interval=interval,
+                               max_unread=int(self.rt.settings.bus.max_unread_mb * MIB))
         self.secret = suite_secret(self.rt.home).encode()
         self.endpoint = self.rt.endpoints["bus"]
         self.socket = make_socket(self.rt.ctx, zmq.ROUTER)
@@ -64,7 +70,8 @@ class Broker:
         self.curve = self.listeners.curve and self.endpoint.startswith("tcp://")
         self.socket.bind(self.endpoint)
         self.stats = {"routed": 0, "malformed": 0, "unroutable": 0, "lost_peers": 0,
-                      "refused_hello": 0, "too_many": 0, "too_large": 0, "revoked": 0}
+                      "refused_hello": 0, "too_many": 0, "too_large": 0, "revoked": 0,
+                      "slow_readers": 0}
         # (from, to, type) -> messages: services by name, other peers by role. What a task
         # costs on the bus is read from these (`python -m cortex.loadtest.count`).
         self.flows: Counter = Counter()
@@ -85,8 +92,8 @@ class Broker:
                                    wire.error_body(code, message), role=b"broker"))
 
     def on_message(self, parts: list, now: float, first: zmq.Frame | None = None) -> None:
-        """`first`: on tcp with CURVE, the routing id frame, which carries the admitted
-        key's name (ZAP User-Id) and the connection's descriptor."""
+        """`first`: the routing id frame, which carries the connection's descriptor and,
+        on tcp with CURVE, the admitted key's name (ZAP User-Id)."""
         rid, rest = parts[0], parts[1:]
         try:
             msg = wire.parse(rest)
@@ -106,6 +113,8 @@ class Broker:
         source = peer.label
         if msg.type == wire.HEARTBEAT:
             self.flows[source, "broker", wire.HEARTBEAT] += 1
+            if msg.corr:  # the echo of a probe (a peer's own beats carry no token)
+                self.table.echoed(peer, msg.corr)
             return
         if msg.type == wire.BYE:
             self.table.forget(rid)
@@ -140,6 +149,9 @@ class Broker:
                                 msg.corr, msg.body]):
             self.stats["routed"] += 1
             self.flows[source, dest.label, msg.type] += 1
+            dest.sent += len(msg.body) + ENVELOPE_BYTES
+            if dest.sent >= dest.probe_due:
+                self.probe(dest)
         elif msg.type in (wire.REQUEST, wire.NOTIFY):
             self.reply_error(rid, msg.corr, "unavailable",
                              f"{dest.name} is not taking messages")
@@ -175,7 +187,7 @@ class Broker:
             self.stats["malformed"] += 1
             self.reply_error(rid, msg.corr, e.code, e.message)
             return
-        key, fd = "", -1
+        key, fd = "", self.descriptor(first)
         if self.curve:
             key, fd = self.admitted_key(first)
             roles = self.listeners.store.roles_of(key) if key else frozenset()
@@ -198,10 +210,20 @@ class Broker:
         if outcome.replaced is not None:
             self.log.info("%s %s took its name over from a predecessor", role, name)
         peer = self.table.by_rid[rid]
+        peer.fd, peer.connection = fd, connection_inode(fd)
         if self.curve:
-            peer.key, peer.fd, peer.address = key, fd, peer_address(fd)
+            peer.key, peer.address = key, peer_address(fd)
         self.send(rid, wire.frames(wire.WELCOME, wire.BROKER, msg.corr, {
             "heartbeat_ms": int(self.table.interval * 1000)}, role=b"broker"))
+
+    @staticmethod
+    def descriptor(first: zmq.Frame | None) -> int:
+        if first is None:
+            return -1
+        try:
+            return int(first.get(zmq.SRCFD))
+        except (zmq.ZMQError, TypeError, ValueError):
+            return -1
 
     @staticmethod
     def admitted_key(first: zmq.Frame | None) -> tuple[str, int]:
@@ -227,6 +249,26 @@ class Broker:
             if peer.address is not None and peer_address(peer.fd) == peer.address:
                 shut_connection(peer.fd)  # still that peer's connection: close it
             self.lost(peer)
+
+    def probe(self, peer: Peer) -> None:
+        """Cut the peer off if it is past the bound, else send it a probe."""
+        if self.table.slow_reader(peer):
+            self.cut_slow_reader(peer)
+            return
+        token = self.table.probe(peer)
+        self.send(peer.rid, wire.frames(wire.HEARTBEAT, wire.BROKER, token, role=b"broker"))
+
+    def cut_slow_reader(self, peer: Peer) -> None:
+        """Forget a peer that does not read (as a lost one: its work is requeued) and
+        close its connection, so libzmq frees what waits in its pipe."""
+        self.stats["slow_readers"] += 1
+        self.log.warning("%s %s is a slow reader: %.1f MiB sent to it not read (bound "
+                         "%.0f MiB): disconnected", peer.role, peer.name,
+                         self.table.unread(peer) / MIB, self.table.max_unread / MIB)
+        self.table.forget(peer.rid)
+        if peer.connection and connection_inode(peer.fd) == peer.connection:
+            shut_connection(peer.fd)  # still that peer's connection: close it
+        self.lost(peer)
 
     def lost(self, peer: Peer) -> None:
         notice = wire.frames(wire.NOTIFY, wire.BROKER, b"", {
@@ -260,7 +302,10 @@ class Broker:
     def heartbeat(self, now: float) -> None:
         beat = wire.frames(wire.HEARTBEAT, wire.BROKER, role=b"broker")
         for peer in self.table.heartbeat_targets():
-            self.send(peer.rid, beat)
+            if self.table.probe_pending(peer):  # a beat that also confirms what was sent
+                self.probe(peer)
+            else:
+                self.send(peer.rid, beat)
             self.flows["broker", peer.label, wire.HEARTBEAT] += 1
         for peer in self.table.expire(now):
             self.stats["lost_peers"] += 1
@@ -268,19 +313,6 @@ class Broker:
                              now - peer.last_seen)
             self.lost(peer)
         self.cut_revoked(now)
-
-    @staticmethod
-    def receive_with_key(sock: zmq.Socket) -> tuple[list, zmq.Frame] | None:
-        """As `recv_frames`, keeping the first frame whole for its metadata."""
-        try:
-            first = sock.recv(zmq.NOBLOCK, copy=False)
-        except zmq.Again:
-            return None
-        parts, frame = [first.bytes], first
-        while frame.more:
-            frame = sock.recv(zmq.NOBLOCK, copy=False)
-            parts.append(frame.bytes)
-        return parts, first
 
     def run(self) -> None:
         self.log.info("broker listening on %s%s", self.endpoint,
@@ -300,16 +332,11 @@ class Broker:
                     if any(item == wake for item, _ in ready):
                         self.rt.drain_wakeups()
                     now = time.monotonic()
-                    receive = self.receive_with_key if self.curve else recv_frames
                     for _ in range(MAX_BATCH):
-                        parts = receive(self.socket)
-                        if parts is None:
+                        received = recv_with_first(self.socket)
+                        if received is None:
                             break
-                        if self.curve:
-                            parts, first = parts
-                            self.on_message(parts, now, first)
-                        else:
-                            self.on_message(parts, now)
+                        self.on_message(received[0], now, received[1])
         finally:
             self.guard.stop()
             self.socket.close(linger=0)
@@ -317,6 +344,18 @@ class Broker:
             self.rt.remove_socket(self.endpoint)
             self.rt.close()
             self.log.info("broker stopped")
+
+
+def connection_inode(fd: int) -> int:
+    """The inode of the socket on `fd` (0 if none): a descriptor noted at HELLO is
+    checked with it before it is closed, since a closed connection's number may have
+    been reused by another."""
+    if fd < 0:
+        return 0
+    try:
+        return os.fstat(fd).st_ino
+    except OSError:
+        return 0
 
 
 def main(argv=None) -> None:

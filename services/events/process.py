@@ -26,6 +26,7 @@ import zmq
 
 from cortex.protocol import wire
 from cortex.protocol.peer import make_socket, recv_frames, send_frames
+from cortex.services.events.history import parse_cursor, query_page
 from cortex.services.events.metrics import BOUNDS, STAGES, Metrics
 from cortex.services.runtime.connections import ConnectionGuard, default_cap, raise_fd_limit
 from cortex.services.runtime.curve import Listeners
@@ -35,7 +36,6 @@ from cortex.services.runtime.entry import serve
 from cortex.services.runtime.eventlog import (
     EventLogError,
     EventLogWriter,
-    read_events,
 )
 from cortex.services.runtime.loop import BusService, serves
 from cortex.services.runtime.process import suite_secret
@@ -45,12 +45,7 @@ RETRY_WRITE = 1.0  # seconds between attempts to write to an unwritable events d
 # sooner when this many events wait; live subscribers get events at once regardless.
 FLUSH_INTERVAL = 0.01
 FLUSH_EVENTS = 5000
-QUERY_LIMIT = 5000  # events one events.query returns at most
-QUERY_SECONDS = 10.0  # a query reading the history stops after this long (truncated)
 QUERY_QUEUE = 8  # events.query reads waiting at most; more are refused (unavailable)
-# events.query newest first over JSONL: look back this far first, then further, so a
-# page of recent events never reads the whole history.
-LOOK_BACK = (60.0, 900.0, 3600.0, 6 * 3600.0, 86400.0, 7 * 86400.0, None)
 
 
 SUITE_POLL = 5.0  # seconds between asks for the suite's gauges (queue, workers, budgets)
@@ -63,17 +58,6 @@ def _counts(row) -> dict:
         return {}
     return {str(k)[:64]: v for k, v in list(row.items())[:64]
             if type(v) in (int, float) and math.isfinite(v)}
-
-
-def fit(reply: dict) -> dict:
-    """Cut the events so the reply fits in one bus message (marked truncated)."""
-    room, kept = wire.MAX_MESSAGE_BYTES - 64 * 1024, []
-    for event in reply["events"]:
-        room -= len(msgpack.packb(event, default=str))
-        if room < 0:
-            return reply | {"events": kept, "truncated": True}
-        kept.append(event)
-    return reply
 
 
 def lean(event: dict) -> dict:
@@ -125,43 +109,6 @@ class PagedRing:
             oldest = position
         chosen.reverse()
         return {"events": chosen, "more": more, "before": oldest}
-
-
-def query_history(directory, postgres_url: str, filters: dict, limit: int, newest: bool,
-                  ) -> dict:
-    """events.query, run on a thread: PostgreSQL when configured, else the JSONL files."""
-    if postgres_url:
-        from cortex.services.runtime.pgevents import query_events
-
-        events = query_events(postgres_url, **filters, limit=limit + 1, newest_first=newest,
-                              timeout=QUERY_SECONDS)
-        return {"events": events[:limit], "truncated": len(events) > limit,
-                "source": "postgres"}
-    stop_at = time.monotonic() + QUERY_SECONDS
-    if not newest:
-        events = []
-        for event in read_events(directory, **filters, limit=limit + 1):
-            events.append(event)
-            if time.monotonic() > stop_at:
-                return {"events": events, "truncated": True, "source": "jsonl"}
-        return {"events": events[:limit], "truncated": len(events) > limit, "source": "jsonl"}
-    end = filters.get("until") or time.time() + 1.0
-    events: collections.deque = collections.deque()
-    for back in LOOK_BACK:
-        since = None if back is None else end - back
-        if filters.get("since") is not None and (since is None or since < filters["since"]):
-            since, back = filters["since"], None  # the asked start: the last look
-        events = collections.deque(maxlen=limit + 1)  # the newest ones read so far
-        for event in read_events(directory, **(filters | {"since": since})):
-            events.append(event)
-            if time.monotonic() > stop_at:
-                return {"events": list(reversed(events))[:limit], "truncated": True,
-                        "source": "jsonl"}
-        if len(events) > limit or back is None:
-            break
-    newest_first = sorted(events, key=lambda e: e.get("ts") or 0, reverse=True)
-    return {"events": newest_first[:limit], "truncated": len(events) > limit,
-            "source": "jsonl"}
 
 
 class EventRouter(BusService):
@@ -395,9 +342,10 @@ class EventRouter(BusService):
             return  # a client's re-send of a query still being read
         if len(self.answers) >= QUERY_QUEUE:
             raise wire.ProtocolError("unavailable", "too many events.query reads at once")
+        after = parse_cursor(body["after"])
         self.answers.append((msg.peer, msg.corr, self.queries.submit(
-            query_history, self.rt.home / "events", self.settings.events.postgres_url,
-            filters, body["limit"], body["newest"])))
+            query_page, self.rt.home / "events", self.settings.events.postgres_url,
+            filters, body["limit"], body["newest"], after)))
 
     def answer_queries(self, fx: Effects) -> float:
         """Reply to the events.query reads that are done; poll soon while any is not."""
@@ -405,7 +353,7 @@ class EventRouter(BusService):
             self.answers.remove(item)
             peer, corr, future = item
             try:
-                fx.reply(peer, corr, fit(future.result()))
+                fx.reply(peer, corr, future.result())
             except Exception as e:  # noqa: BLE001 - PostgreSQL down, files unreadable
                 fx.error(peer, corr, "unavailable", f"events.query failed: "
                                                     f"{type(e).__name__}: {str(e)[:300]}")

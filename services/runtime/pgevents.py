@@ -65,12 +65,14 @@ def query_events(
     limit: int | None = 1000,
     newest_first: bool = False,
     timeout: float = 10.0,
+    after: tuple[float, str] | None = None,
 ) -> list[dict]:
     """Events from PostgreSQL matching every given filter, ordered by ts then id.
 
     Same filters as ``eventlog.read_events``: ``since <= ts < until``, ``type_pattern``
     a glob, ``text`` a case-insensitive substring of the data or the type. Values come
-    back as stored (sanitised); ``ts`` is a unix float.
+    back as stored (sanitised); ``ts`` is a unix float. ``after``: a page's cursor (ts,
+    id): only the events past it in the order asked.
     """
     where: list[sql.Composable] = []
     params: list[Any] = []
@@ -91,10 +93,15 @@ def query_events(
         where.append(sql.SQL("(data::text ILIKE %s OR type ILIKE %s)"))
         like = "%" + "".join("\\" + c if c in "%_\\" else c for c in text) + "%"
         params += [like, like]
+    if after is not None:
+        where.append(sql.SQL('(extract(epoch FROM ts)::float8, id COLLATE "C") {} (%s, %s)')
+                     .format(sql.SQL("<" if newest_first else ">")))
+        params += [after[0], after[1]]
     order = "DESC" if newest_first else "ASC"
     query = sql.SQL(
         "SELECT id, source, epoch, seq, extract(epoch FROM ts)::float8, type, trace, task,"
-        " worker, data FROM cortex_events {where} ORDER BY ts {order} NULLS FIRST, id {order}"
+        " worker, data FROM cortex_events {where}"
+        ' ORDER BY ts {order} NULLS FIRST, id COLLATE "C" {order}'
         " {limit}"
     ).format(
         where=sql.SQL("WHERE ") + sql.SQL(" AND ").join(where) if where else sql.SQL(""),

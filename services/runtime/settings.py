@@ -48,6 +48,8 @@ snapshot_interval = 5.0
 # refuses to start without its key pair (`cortex keys make`) unless you write
 # insecure_tcp = true         # plaintext: anyone who reaches the port is served
 # key_file = "~/alice.key"    # on another machine: the key file its clients connect with
+# max_unread_mb = 64.0        # MiB sent to one client or worker and not yet read; past
+                              # it the broker disconnects it as a slow reader
 
 [scheduler]
 max_queue_per_type = 500     # admission rejects non-critical tasks past this (queue_full)
@@ -147,6 +149,9 @@ class BusSettings:
     events_in: str = ""
     events_live: str = ""
     max_connections: int = 0  # per listening socket; 0: half the descriptor limit
+    # MiB sent to one client or worker and not yet proven read; past it the broker
+    # disconnects it as a slow reader (above the 1 MiB message limit by a margin).
+    max_unread_mb: float = 64.0
     insecure_tcp: bool = False  # true: serve tcp endpoints in plaintext (no keys)
     key_file: str = ""  # a client's CurveZMQ key file (on another machine than the suite)
 
@@ -286,6 +291,7 @@ RANGES: dict[str, tuple[float, float]] = {
     "suite.heartbeat_interval": (0.01, 60.0),
     "suite.snapshot_interval": (0.1, DAY),
     "bus.max_connections": (0, 1_000_000),
+    "bus.max_unread_mb": (4.0, 1 << 20),
     "scheduler.max_queue_per_type": (0, 10_000_000),
     "scheduler.max_wait": (0.0, 365 * DAY),
     "scheduler.default_timeout": (0.001, 7 * DAY),
