@@ -68,6 +68,7 @@ SUB_HWM = 20_000  # live events queued for us at most; past it the router drops 
 DRAIN_BATCH = 5000  # live events read per wake-up before others get a turn
 OUTBOX = 30  # messages queued for one page; a page further behind gets a fresh snapshot
 CALL_TIMEOUT = 2.0
+TRACE_EVENTS = 5000  # events of one task the task page shows at most
 TOKEN_HEADER = "X-Cortex-Token"
 STATIC = resources.files("cortex.services.dashboard") / "static"
 HTTP_CODES = {"not_found": 404, "bad_request": 400, "conflict": 409, "unavailable": 503,
@@ -144,6 +145,17 @@ class ProcessSampler:
         for pid in set(self.procs) - set(current):
             del self.procs[pid]
         return (cpu_used / span if span > 0 else 0.0), rss
+
+
+async def all_pages(query, body: dict, most: int) -> dict:
+    """events.query's pages joined, up to `most` events: a page holds what fits one
+    message, and one task's events (its results) can pass that."""
+    trace = await query({**body, "limit": most})
+    while trace.get("more") and len(trace["events"]) < most:
+        page = await query({**body, "after": trace["cursor"],
+                            "limit": most - len(trace["events"])})
+        trace = {**page, "events": trace["events"] + page["events"]}
+    return trace
 
 
 class Dashboard:
@@ -245,6 +257,11 @@ class Dashboard:
             raise BadInput("a task id is 1 to 64 printable characters")
         return task
 
+    async def task_events(self, task_id: str) -> dict:
+        async def query(body: dict) -> dict:
+            return await self.call("events", "events.query", body, timeout=20.0)
+        return await all_pages(query, {"task": task_id}, TRACE_EVENTS)
+
     async def api_task(self, request: web.Request) -> web.Response:
         """One task's story: its status, its reservation and every event about it."""
         try:
@@ -256,8 +273,7 @@ class Dashboard:
         calls = await asyncio.gather(
             self.call("scheduler", "task.status", {"id": task_id}),
             self.call("ledger", "ledger.task", {"task": task_id}),
-            self.call("events", "events.query", {"task": task_id, "limit": 5000},
-                      timeout=20.0), return_exceptions=True)
+            self.task_events(task_id), return_exceptions=True)
         status, ledger, events = calls
         if isinstance(status, errors.CortexError) and status.code != "not_found":
             return error_response(status.code, str(status))
