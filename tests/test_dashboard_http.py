@@ -235,4 +235,3 @@ def test_switched_off_the_dashboard_exits_at_once_and_nothing_listens(suites):
     # Not restarted: supervisord still holds it as exited, with the same stop time.
     again = {x["name"]: x for x in suite.processes()}["dashboard"]
     assert again["statename"] == "EXITED" and again["stop"] == info["stop"]
-
