@@ -133,6 +133,12 @@ class ClientRequests:
             self.queue.discard(task)
             self.waiting.release(task)
             self._end(fx, task, State.CANCELLED, now, error=error)
+        elif task.prefetched:  # not started: its worker drops it, and runs on
+            worker = self.registry.get(task.worker or "")
+            if worker is not None and worker.prefetched == task.id:
+                self.slots.empty(worker)
+            fx.notify(task.worker, {"op": "task.cancel", "id": task.id, "attempt": task.attempt})
+            self._end(fx, task, State.CANCELLED, now, error=error, prefetched=False)
         else:
             worker = self.registry.get(task.worker or "")
             fx.notify(task.worker, {"op": "task.cancel", "id": task.id, "attempt": task.attempt})

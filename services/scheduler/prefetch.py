@@ -1,0 +1,76 @@
+"""Prefetch slots: a busy worker may hold one more task, to start the moment its current
+one ends, so it never idles for the scheduler's round trip while its queue is non-empty.
+
+Pure bookkeeping over the registry's `Worker`s (no sockets, no clock):
+
+- a slot is free on a worker that is busy, not leaving, not asked to give its task back,
+  and holds no prefetched task; `[scheduler] prefetch = 0` turns every slot off;
+- `fill()` puts a dispatched task in a worker's slot, `empty()` takes it out (the task
+  started there, was given back, or the worker left);
+- recall: once a task enters the queue, `to_recall()` names each slot whose task is of
+  lower priority than a task still queued for one of that worker's types (after the
+  dispatch, so no idle worker could take it). Those workers get a `task.recall`; until
+  they answer, their slot is neither refilled nor asked again.
+
+Priorities are compared as submitted (aging does not count): a critical task outranks
+every prefetched task of lower priority, whatever their ages.
+"""
+
+from __future__ import annotations
+
+from cortex.services.scheduler.tasks import PRIORITIES, PRIORITY_RANK, Task
+from cortex.services.scheduler.workers import Worker, WorkerState
+
+NONE_QUEUED = (0,) * len(PRIORITIES)
+
+
+class Slots:
+    def __init__(self, size: int):
+        self.size = max(0, min(1, size))  # one task per worker at most
+        self.held: dict[str, tuple[str, int, str]] = {}  # worker -> (task id, rank, type)
+        self.ranks = [0] * len(PRIORITIES)  # prefetched tasks per priority
+        self.by_type: dict[str, int] = {}  # prefetched tasks per type
+        self.recall_due = False  # a task was queued that may outrank a prefetched one
+
+    def free(self, worker: Worker) -> bool:
+        return bool(self.size) and worker.state is WorkerState.BUSY \
+            and worker.prefetched is None and not worker.recalling
+
+    def fill(self, worker: Worker, task: Task) -> None:
+        rank = PRIORITY_RANK[task.priority]
+        worker.prefetched = task.id
+        self.held[worker.name] = (task.id, rank, task.type)
+        self.ranks[rank] += 1
+        self.by_type[task.type] = self.by_type.get(task.type, 0) + 1
+
+    def empty(self, worker: Worker) -> str | None:
+        """The slot's task id (None: it held none); the slot is free again."""
+        task_id = worker.prefetched
+        worker.prefetched, worker.recalling = None, False
+        held = self.held.pop(worker.name, None)
+        if held is not None:
+            _, rank, task_type = held
+            self.ranks[rank] -= 1
+            self.by_type[task_type] -= 1
+        return task_id
+
+    def queued(self, task: Task) -> None:
+        """A task entered the queue: a recall is due if something of lower priority is
+        prefetched (O(1): the common case, a flood of one priority, costs nothing more)."""
+        if any(self.ranks[PRIORITY_RANK[task.priority] + 1:]):
+            self.recall_due = True
+
+    def to_recall(self, workers: dict[str, Worker], counts: dict[str, list[int]]
+                  ) -> list[tuple[Worker, str]]:
+        """(worker, task id) of each prefetched task outranked by a task queued for one of
+        its worker's types; each is marked recalling."""
+        self.recall_due = False
+        found = []
+        for name, (task_id, rank, _) in self.held.items():
+            worker = workers.get(name)
+            if worker is None or worker.recalling or rank == 0:
+                continue
+            if any(any(counts.get(t, NONE_QUEUED)[:rank]) for t in worker.types):
+                worker.recalling = True
+                found.append((worker, task_id))
+        return found
