@@ -266,3 +266,30 @@ def test_slots_off_and_on_busy_workers_only():
     assert on.size == 1
     for state in (WorkerState.IDLE, WorkerState.CLAIMED, WorkerState.LEAVING):
         assert not on.free(Worker("w", ("echo",), 1, state=state))
+
+
+def test_a_worker_that_comes_idle_takes_a_prefetched_task_from_a_busy_one():
+    """A surge worker registers (or one frees up with nothing queued): the prefetched
+    task is recalled, once, and starts there instead of after the other worker's task."""
+    sim = Sim(prefetch=1)
+    _, held = busy_with_prefetch(sim, low="critical")
+    fx = sim.ready("w2")
+    assert recalls(fx) == [("w1", {"op": "task.recall", "id": held.id, "attempt": 1})]
+    assert recalls(sim.ready("w2")) == []  # on its way already
+    fx = recalled(sim, "w1", held)
+    assert runs(fx) == [("w2", runs(fx)[0][1])] and runs(fx)[0][1]["id"] == held.id
+    assert held.worker == "w2" and not held.prefetched and held.attempt == 1
+    check_invariants(sim.state)
+
+
+def test_slots_steal_one_per_idle_worker_best_priority_first():
+    slots = Slots(1)
+    busy = [Worker(f"w{i}", ("echo",), i, state=WorkerState.BUSY) for i in range(3)]
+    for w, p in zip(busy, ("low", "critical", "medium"), strict=True):
+        slots.fill(w, task(f"t{w.name}", p))
+    workers = {w.name: w for w in busy}
+    idle = [Worker("i1", ("echo",), 9, state=WorkerState.IDLE)]
+    assert slots.to_steal(idle, workers) == [(busy[1], "tw1")]
+    assert slots.to_steal(idle, workers) == []  # one recall on its way for one idle worker
+    other = [Worker("i2", ("llm",), 9, state=WorkerState.IDLE)]
+    assert slots.to_steal(idle + other, workers) == []  # llm: nothing of its type

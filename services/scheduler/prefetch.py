@@ -10,7 +10,10 @@ Pure bookkeeping over the registry's `Worker`s (no sockets, no clock):
 - recall: once a task enters the queue, `to_recall()` names each slot whose task is of
   lower priority than a task still queued for one of that worker's types (after the
   dispatch, so no idle worker could take it). Those workers get a `task.recall`; until
-  they answer, their slot is neither refilled nor asked again.
+  they answer, their slot is neither refilled nor asked again;
+- steal: a worker idle while a slot holds a task of its type (it registered, or freed up
+  with nothing queued) has `to_steal()` recall one, so the task starts there at once
+  rather than after the other worker's task (a surge for a critical task relies on it).
 
 Priorities are compared as submitted (aging does not count): a critical task outranks
 every prefetched task of lower priority, whatever their ages.
@@ -73,4 +76,26 @@ class Slots:
             if any(any(counts.get(t, NONE_QUEUED)[:rank]) for t in worker.types):
                 worker.recalling = True
                 found.append((worker, task_id))
+        return found
+
+    def to_steal(self, idle: list[Worker], workers: dict[str, Worker]
+                 ) -> list[tuple[Worker, str]]:
+        """Prefetched tasks that idle workers could start now (one came or freed up since
+        the dispatch): recalled, the highest priority first, one per idle worker that no
+        recall on its way (of a task of its types) already stands for."""
+        on_the_way = [name for name in self.held if workers[name].recalling]
+        found = []
+        for worker in idle:
+            covered = next((n for n in on_the_way if self.held[n][2] in worker.types), None)
+            if covered is not None:
+                on_the_way.remove(covered)
+                continue
+            best = min(((rank, name, task_id)
+                        for name, (task_id, rank, task_type) in self.held.items()
+                        if task_type in worker.types and not workers[name].recalling),
+                       default=None)
+            if best is not None:
+                holder = workers[best[1]]
+                holder.recalling = True
+                found.append((holder, best[2]))
         return found

@@ -178,6 +178,8 @@ class SchedulerState(ClientRequests, Reports):
         then, while tasks are left, fill the busy workers' prefetch slots the same way,
         and recall the prefetched tasks a queued one outranks (prefetch.py)."""
         if self.queue.empty():
+            if self.slots.held:  # an idle worker may start a prefetched task sooner
+                self._recall(fx, self.slots.to_steal(self.registry.idle(), self.workers))
             return  # nothing queued: the common case at light load, checked cheaply
         machine: list = []  # [readings, held], read once a turn when first needed
         for worker in self.registry.idle():
@@ -192,16 +194,23 @@ class SchedulerState(ClientRequests, Reports):
                     break
                 self._hold(machine, self._dispatch(fx, task, worker, now))
             if self.queue.empty():
-                return  # nothing left for anyone: no need to ask the others
+                # Nothing left for anyone: no need to ask the others.
+                if self.slots.held:
+                    self._recall(fx, self.slots.to_steal(self.registry.idle(),
+                                                         self.workers))
+                return
         if self.slots.size:
             self._prefetch(fx, now, machine)
         if self.slots.recall_due:
-            for worker, task_id in self.slots.to_recall(self.workers, self.queue.counts):
-                task = self.tasks[task_id]
-                fx.notify(worker.name, {"op": "task.recall", "id": task_id,
-                                        "attempt": task.attempt})
-                fx.emit("task.recall", {"attempt": task.attempt, "worker": worker.name,
-                                        "priority": task.priority}, task_id, worker.name)
+            self._recall(fx, self.slots.to_recall(self.workers, self.queue.counts))
+
+    def _recall(self, fx: Effects, found: list[tuple[Worker, str]]) -> None:
+        for worker, task_id in found:
+            task = self.tasks[task_id]
+            fx.notify(worker.name, {"op": "task.recall", "id": task_id,
+                                    "attempt": task.attempt})
+            fx.emit("task.recall", {"attempt": task.attempt, "worker": worker.name,
+                                    "priority": task.priority}, task_id, worker.name)
 
     def _prefetch(self, fx: Effects, now: Now, machine: list) -> None:
         """The tasks the idle workers could not take go to free slots of busy ones. One
