@@ -10,7 +10,7 @@ from cortex.services.scheduler.prefetch import Slots
 from cortex.services.scheduler.tasks import State, Task
 from cortex.services.scheduler.workers import Worker, WorkerState
 
-from .test_scheduling import HB, Sim, check_invariants, events, replay, runs, table
+from .test_scheduling import HB, Sim, answer, check_invariants, events, replay, runs, table
 
 
 def recalls(fx) -> list[tuple[str, dict]]:
@@ -293,3 +293,11 @@ def test_slots_steal_one_per_idle_worker_best_priority_first():
     assert slots.to_steal(idle, workers) == []  # one recall on its way for one idle worker
     other = [Worker("i2", ("llm",), 9, state=WorkerState.IDLE)]
     assert slots.to_steal(idle + other, workers) == []  # llm: nothing of its type
+
+
+def test_a_prefetched_task_counts_against_the_queue_limit_as_before():
+    sim = Sim(prefetch=1, max_queue_per_type=2)
+    busy_with_prefetch(sim, low="medium")
+    sim.add()  # queued: the prefetched one and this one make the two
+    kind, body = answer(sim.submit())
+    assert kind == wire.ERROR and body["code"] == "queue_full"

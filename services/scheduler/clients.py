@@ -75,7 +75,8 @@ class ClientRequests:
             predicted = self.predictor.predict(req.type, req.priority, req.description,
                                                req.size).as_dict()
         wait_s = self.estimates.wait_before_start(req.type, req.priority, now.mono)
-        refusal = self.admission.judge(req, self.queue.depth(req.type), wait_s, now)
+        waiting = self.queue.depth(req.type) + self.slots.by_type.get(req.type, 0)  # prefetched
+        refusal = self.admission.judge(req, waiting, wait_s, now)  # have not started either
         if refusal is not None:
             self.admission.refuse(fx, peer, corr, req, *refusal)
             return
