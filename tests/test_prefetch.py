@@ -111,12 +111,16 @@ def test_a_critical_task_recalls_a_prefetched_low_one_and_starts_first():
                                 if t.description == "urgent"][0].id]
     assert recalls(fx) == [("w1", {"op": "task.recall", "id": low.id, "attempt": 1})]
     assert critical.state is State.QUEUED and sim.state.workers["w1"].recalling
-    assert recalls(sim.submit(priority="critical")) == []  # asked once
+    assert recalls(sim.tick()) == []  # asked once
     fx = recalled(sim, "w1", low)
     assert low.state is State.QUEUED and low.attempt == 1 and not low.prefetched
-    assert [t["id"] for _, t in runs(fx)] == [critical.id] and critical.prefetched
-    sim.finish("w1", long_)
-    assert sim.state.workers["w1"].task == critical.id
+    # A critical task waits for the first worker to free up, never in a slot; nothing
+    # lower takes the slot meanwhile.
+    assert runs(fx) == [] and critical.state is State.QUEUED
+    fx = sim.finish("w1", long_)
+    assert [t["id"] for _, t in runs(fx)] == [critical.id, low.id]  # then low, prefetched
+    assert sim.state.workers["w1"].task == critical.id and low.prefetched
+    assert low.attempt == 1
     check_invariants(sim.state)
 
 
@@ -272,7 +276,7 @@ def test_a_worker_that_comes_idle_takes_a_prefetched_task_from_a_busy_one():
     """A surge worker registers (or one frees up with nothing queued): the prefetched
     task is recalled, once, and starts there instead of after the other worker's task."""
     sim = Sim(prefetch=1)
-    _, held = busy_with_prefetch(sim, low="critical")
+    _, held = busy_with_prefetch(sim, low="high")
     fx = sim.ready("w2")
     assert recalls(fx) == [("w1", {"op": "task.recall", "id": held.id, "attempt": 1})]
     assert recalls(sim.ready("w2")) == []  # on its way already
@@ -301,3 +305,30 @@ def test_a_prefetched_task_counts_against_the_queue_limit_as_before():
     sim.add()  # queued: the prefetched one and this one make the two
     kind, body = answer(sim.submit())
     assert kind == wire.ERROR and body["code"] == "queue_full"
+
+
+def test_a_critical_task_is_never_prefetched_and_holds_the_slots_of_its_type_empty():
+    sim = Sim(prefetch=1)
+    sim.ready("w1")
+    sim.ready("w2")
+    sim.add(description="busy 1")
+    sim.add(description="busy 2")
+    critical = sim.add(priority="critical")
+    fx = sim.submit(priority="low")
+    assert runs(fx) == [] and critical.state is State.QUEUED
+    assert all(w.prefetched is None for w in sim.state.workers.values())
+
+
+def test_no_lower_task_is_prefetched_while_a_higher_one_waits_unstarted_in_a_slot():
+    sim = Sim(prefetch=1)
+    sim.ready("w1")
+    sim.ready("w2")
+    first = sim.add(description="busy 1")
+    sim.add(description="busy 2")
+    high = sim.add(priority="high")
+    assert high.prefetched
+    low = sim.add(priority="low")
+    assert low.state is State.QUEUED  # w2's slot stays empty: low would start before high
+    fx = sim.finish(high.worker, first if high.worker == first.worker else None)
+    assert not high.prefetched and [t["id"] for _, t in runs(fx)] == [low.id]
+

@@ -51,10 +51,11 @@ def test_a_critical_task_starts_before_a_prefetched_low_one(suites):
         assert held["state"] == "dispatched" and held["worker"] == c.workers()[0]["name"]
         assert "prefetched" in render_task(held, None, time.time())  # cortex task show
         critical = c.submit("echo", "urgent", priority="critical", payload="now")
-        # The low task comes back to the queue and the critical one takes its slot.
-        prefetched(c, critical)
+        # The low task comes back to the queue; the critical one waits there too, for
+        # the first worker to free up (never in a slot, behind another task).
+        wait_for(lambda: c.status(low["id"])["state"] == "queued", LONG, "the recall")
         assert c.status(long_["id"])["state"] == "running"  # all this while it ran
-        assert c.status(low["id"])["state"] == "queued"
+        assert c.status(critical["id"])["state"] == "queued"
         done_critical = c.wait(critical["id"], timeout=LONG)
         done_low = c.wait(low["id"], timeout=LONG)
         assert c.wait(long_["id"], timeout=LONG)["state"] == "completed"

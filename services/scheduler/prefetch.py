@@ -5,6 +5,9 @@ Pure bookkeeping over the registry's `Worker`s (no sockets, no clock):
 
 - a slot is free on a worker that is busy, not leaving, not asked to give its task back,
   and holds no prefetched task; `[scheduler] prefetch = 0` turns every slot off;
+- `may_fill()`: a critical task is never prefetched (it waits in the queue for the first
+  worker to free up), and while a prefetched task has not started no slot of its type
+  takes a lower one, so no lower task held anywhere starts before it;
 - `fill()` puts a dispatched task in a worker's slot, `empty()` takes it out (the task
   started there, was given back, or the worker left);
 - recall: once a task enters the queue, `to_recall()` names each slot whose task is of
@@ -25,6 +28,7 @@ from cortex.services.scheduler.tasks import PRIORITIES, PRIORITY_RANK, Task
 from cortex.services.scheduler.workers import Worker, WorkerState
 
 NONE_QUEUED = (0,) * len(PRIORITIES)
+BELOW_ALL = len(PRIORITIES)  # a rank below every priority: nothing there
 
 
 class Slots:
@@ -38,6 +42,19 @@ class Slots:
     def free(self, worker: Worker) -> bool:
         return bool(self.size) and worker.state is WorkerState.BUSY \
             and worker.prefetched is None and not worker.recalling
+
+    def may_fill(self, worker: Worker, counts: dict[str, list[int]]) -> bool:
+        """Whether the worker's slot may take the best task queued for its types: not a
+        critical one (it waits for the first worker to free up, never behind another
+        task), and nothing while a prefetched task of those types that outranks it has not
+        started (lower work would start first elsewhere)."""
+        best = min((next((rank for rank, n in enumerate(counts.get(t, NONE_QUEUED)) if n),
+                         BELOW_ALL) for t in worker.types), default=BELOW_ALL)
+        if best in (0, BELOW_ALL):
+            return False
+        held = min((rank for _, rank, task_type in self.held.values()
+                    if task_type in worker.types), default=BELOW_ALL)
+        return held >= best
 
     def fill(self, worker: Worker, task: Task) -> None:
         rank = PRIORITY_RANK[task.priority]

@@ -216,7 +216,8 @@ class SchedulerState(ClientRequests, Reports):
         """The tasks the idle workers could not take go to free slots of busy ones. One
         whose tokens are not reserved yet is reserved first, holding no worker."""
         for worker in list(self.workers.values()):
-            if not self.slots.free(worker):
+            if not (self.slots.free(worker) and self.slots.may_fill(worker,
+                                                                    self.queue.counts)):
                 continue
             task = self._next_for(fx, worker, now, machine)
             if task is None:
