@@ -363,7 +363,11 @@ OPERATIONS = [
         "while a handler runs"),
     Operation("task.rejected", "scheduler", wire.NOTIFY, WORKER, (
         F("id", TASK_ID, True), F("attempt", ATTEMPT, True),
-        F("reason", Choice(("stopping", "busy")), True)), "could not take it"),
+        F("reason", Choice(("stopping", "busy", "sync")), True)),
+        "could not take it (`sync`: a prefetched task given back after a scheduler restart)"),
+    Operation("task.recalled", "scheduler", wire.NOTIFY, WORKER, (
+        F("id", TASK_ID, True), F("attempt", ATTEMPT, True), F("recalled", Bool(), True)),
+        "the answer to a task.recall: given back (`recalled`), or it had started"),
     Operation("task.progress", "scheduler", wire.NOTIFY, WORKER, (
         F("id", TASK_ID, True), F("attempt", ATTEMPT, True), F("fraction", Num(0, 1), True),
         F("message", Str(500, empty=True), default="")), "a handler's ctx.progress()"),
@@ -386,7 +390,13 @@ OPERATIONS = [
                        F("type", TYPE, True), F("description", Str(MAX_TEXT, empty=True)),
                        F("priority", Choice(PRIORITIES)), F("payload", Json()),
                        F("tokens", AMOUNT, default=0), F("timeout", Num(0, 7 * 86400)))),
-          True),), "run this task", senders=frozenset({"scheduler"})),
+          True), F("prefetch", Bool(), default=False)),
+        "run this task (`prefetch`: when the one in hand ends; the highest priority first)",
+        senders=frozenset({"scheduler"})),
+    Operation("task.recall", "worker", wire.NOTIFY, SERVICE, (
+        F("id", TASK_ID, True), F("attempt", ATTEMPT, True)),
+        "give this prefetched task back unless started (answered by task.recalled)",
+        senders=frozenset({"scheduler"})),
     Operation("task.cancel", "worker", wire.NOTIFY, SERVICE, (
         F("id", TASK_ID, True), F("attempt", ATTEMPT, True)), "stop this task",
         senders=frozenset({"scheduler"})),

@@ -19,8 +19,12 @@ marked REQUEST):
     worker.ready {type, pid, done}        worker -> scheduler   idle and able to take a task
     worker.leaving {}                     worker -> scheduler   stop dispatching to me
     worker.sync {}                        scheduler -> worker   (after its restart) your state?
-    task.run {task}                       scheduler -> worker   run this task (attempt included)
+    task.run {task, prefetch}             scheduler -> worker   run this task (attempt included;
+                                                                `prefetch`: once the one in
+                                                                hand ends)
     task.rejected {id, attempt, reason}   worker -> scheduler   could not take it (stopping)
+    task.recall {id, attempt}             scheduler -> worker   give a prefetched task back
+    task.recalled {id, attempt, recalled} worker -> scheduler   given back, or it had started
     task.started {id, attempt, at}        worker -> scheduler   (if still running after 20 ms)
     task.heartbeat {id, attempt, ...}     worker -> scheduler   while the handler runs
     task.cancel {id, attempt}             scheduler -> worker
@@ -40,6 +44,7 @@ import sys
 import threading
 import time
 import traceback
+from collections import deque
 
 import msgpack
 import zmq
@@ -47,6 +52,7 @@ import zmq
 from . import errors, locate, wire
 from .calls import Call, Request, Session
 from .peer import BusLink, keys_for, make_socket, poll_ms, send_frames, unique_name
+from .vocabulary import PRIORITY_RANK
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +62,7 @@ UNTIL_ACKNOWLEDGED = math.inf  # a task.finished is re-sent until the scheduler 
 STARTED_DELAY = 0.02  # a handler still running after this is reported as started
 TRUSTED_ROLES = (b"service", b"broker")
 TRUSTED_SENDERS = (b"scheduler", b"ledger", b"broker")
+MAX_HELD = 4  # prefetched tasks a worker keeps (the scheduler sends one at a time)
 
 
 class TaskMemory:
@@ -232,6 +239,10 @@ class Worker:
         self._outbox_lock = threading.Lock()
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._current: TaskContext | None = None
+        # Prefetched tasks, to start when the current one ends (the highest priority
+        # first), and the last ones started (a recall asks whether one of them started).
+        self._held: list[TaskContext] = []
+        self._started_ids: deque[tuple[str, int]] = deque(maxlen=16)
         self._started_due: float | None = None  # when to tell the scheduler of a long task
         # Requests to the scheduler and ledger run on the client core's call machine
         # (re-sends, backoff, deadlines); `_on_settled` says what each answer is for.
@@ -363,26 +374,63 @@ class Worker:
         op = body.get("op")
         if op == "task.run":
             task = body.get("task") or {}
-            if self._stopping or self._current is not None:
-                self._send("task.rejected", {"id": task.get("id"), "attempt": task.get("attempt"),
-                                             "reason": "stopping" if self._stopping else "busy"})
-                return
-            self._current = TaskContext(self, task)
-            self._ready_due = None
-            # Told only if the handler still runs a moment later: a short task's start
-            # rides on its task.finished (started_at), saving two hops per task.
-            self._started_due = time.monotonic() + STARTED_DELAY
-            self._next_task_beat = time.monotonic() + self.heartbeat
-            self._jobs.put(self._current)
+            if self._stopping:
+                self._reject(task.get("id"), task.get("attempt"), "stopping")
+            elif self._current is None:
+                self._start(TaskContext(self, task))
+            elif body.get("prefetch") is True and len(self._held) < MAX_HELD:
+                self._held.append(TaskContext(self, task))
+            else:
+                self._reject(task.get("id"), task.get("attempt"), "busy")
         elif op == "task.cancel":
             ctx = self._current
             if ctx is not None and ctx.id == body.get("id"):
                 ctx.cancelled.set()
+            self._held = [c for c in self._held if c.id != body.get("id")]  # never starts
+        elif op == "task.recall":
+            self._recall(body.get("id"), body.get("attempt"))
         elif op == "worker.sync":
             if self._current is None:
                 self._ready()
             else:
                 self._task_beat()
+            self._give_back("sync")  # the restarted scheduler queues them again
+
+    def _start(self, ctx: TaskContext) -> None:
+        self._current = ctx
+        self._started_ids.append((ctx.id, ctx.attempt))
+        self._ready_due = None
+        # Told only if the handler still runs a moment later: a short task's start
+        # rides on its task.finished (started_at), saving two hops per task.
+        self._started_due = time.monotonic() + STARTED_DELAY
+        self._next_task_beat = time.monotonic() + self.heartbeat
+        self._jobs.put(ctx)
+
+    def _reject(self, task_id, attempt, reason: str) -> None:
+        self._send("task.rejected", {"id": task_id, "attempt": attempt, "reason": reason})
+
+    def _give_back(self, reason: str) -> None:
+        """Every prefetched task goes back unstarted (we stop, or the scheduler restarted)."""
+        held, self._held = self._held, []
+        for ctx in held:
+            self._reject(ctx.id, ctx.attempt, reason)
+
+    def _recall(self, task_id, attempt) -> None:
+        """Give a prefetched task back if it has not started; say which."""
+        ctx = next((c for c in self._held if c.id == task_id and c.attempt == attempt), None)
+        if ctx is not None:
+            self._held.remove(ctx)
+        started = ctx is None and (task_id, attempt) in self._started_ids
+        self._send("task.recalled", {"id": task_id, "attempt": attempt,
+                                     "recalled": not started})
+
+    def _next_held(self) -> TaskContext | None:
+        """The highest-priority prefetched task, the first sent among equals."""
+        if not self._held:
+            return None
+        ctx = min(self._held, key=lambda c: PRIORITY_RANK.get(c.priority, len(PRIORITY_RANK)))
+        self._held.remove(ctx)
+        return ctx
 
     def _task_beat(self) -> None:
         ctx = self._current
@@ -416,7 +464,12 @@ class Worker:
             self._ask(Request("scheduler", "task.finished",
                               {"id": ctx.id, "attempt": ctx.attempt, **data},
                               timeout=UNTIL_ACKNOWLEDGED), self._finish_settled)
-            if not self._should_leave():
+            if self._should_leave():
+                self._give_back("stopping")
+            elif self._held:
+                self._start(self._next_held())  # at once: the scheduler learns it from
+                # our finish, and refills our slot
+            else:
                 # The scheduler counts a finish as ready; idle heartbeats resume after.
                 self._ready_due = time.monotonic() + self.heartbeat
 
@@ -445,6 +498,7 @@ class Worker:
                 now = time.monotonic()
                 if self._stopping and not announced_leaving:
                     self._send("worker.leaving", {"reason": "stopping"})
+                    self._give_back("stopping")
                     announced_leaving = True
                 if self._stopping and self._current is None and not self._reporting():
                     break

@@ -105,6 +105,8 @@ def render_task(task: dict, ledger: dict | None, now: float) -> str:
             ("state", f"{task.get('state')} (attempt {task.get('attempt')} of "
                       f"{1 + int(task.get('retries') or 0)})"),
             ("agent", task.get("agent")), ("worker", task.get("worker"))]
+    if task.get("prefetched"):  # dispatched, not started: it waits for the worker's task
+        rows[-1] = ("worker", f"{task.get('worker')} (prefetched: starts when its task ends)")
     if task.get("routing"):
         rows.append(("routing", routing_line(task["routing"])))
     if task.get("state") == "queued":

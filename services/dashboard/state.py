@@ -136,8 +136,8 @@ class Fleet:
             row = self._row(name, now)
             row.update(state="idle", types=list(data.get("types") or []), gone_at=None)
             row["pid"] = data.get("pid") or row["pid"]
-        elif kind in ("task.dispatched", "task.started"):
-            row = self._row(name, now)
+        elif kind in ("task.dispatched", "task.started") and not data.get("prefetched"):
+            row = self._row(name, now)  # (a prefetched task waits for the one it runs)
             if row["task"] != task or row["state"] != "busy":
                 row.update(state="busy", task=task, since=data.get("at") or ts)
         elif kind in ("task.completed", "task.failed", "task.cancelled", "task.dead"):

@@ -68,6 +68,8 @@ retrain_every = 500          # completions between background retrains of the pr
 scale_backlog = 5.0          # predicted seconds of queued work per worker that adds a worker
 worker_start = 0.5           # seconds a new worker takes to start (then learned): a critical
                              # task surges only if no busy worker frees sooner than this
+prefetch = 1                 # tasks a busy worker may hold to start the moment its task ends
+                             # (0: none); a higher-priority task recalls them (1 at most)
 
 [ledger]
 budget = 100000000           # global token budget
@@ -171,6 +173,7 @@ class SchedulerSettings:
     retrain_every: int = 500
     scale_backlog: float = 5.0
     worker_start: float = 0.5
+    prefetch: int = 1
 
 
 @dataclass(frozen=True)
@@ -305,6 +308,7 @@ RANGES: dict[str, tuple[float, float]] = {
     "scheduler.retrain_every": (0, 100_000_000),
     "scheduler.scale_backlog": (0.0, DAY),
     "scheduler.worker_start": (0.0, 3600.0),
+    "scheduler.prefetch": (0, 1),
     "ledger.budget": (0, (1 << 63) - 1),
     "events.max_file_bytes": (4096, 1 << 40),
     "events.metrics_port": (-1, 65535),

@@ -95,7 +95,9 @@ class ClientRequests:
         refusal = refusal or self.limits.refusal(req)
         if refusal is None:
             wait_s = self.estimates.wait_before_start(req.type, req.priority, now.mono)
-            refusal = self.admission.judge(req, self.queue.depth(req.type), wait_s, now)
+            # Prefetched tasks have not started either: they count as waiting.
+            waiting = self.queue.depth(req.type) + self.slots.by_type.get(req.type, 0)
+            refusal = self.admission.judge(req, waiting, wait_s, now)
         if refusal is not None:
             self.admission.record_refusal(fx, req, *refusal)
             return refusal
@@ -157,6 +159,12 @@ class ClientRequests:
             self.queue.discard(task)
             self.waiting.release(task)
             self._end(fx, task, State.CANCELLED, now, error=error)
+        elif task.prefetched:  # not started: its worker drops it, and runs on
+            worker = self.registry.get(task.worker or "")
+            if worker is not None and worker.prefetched == task.id:
+                self.slots.empty(worker)
+            fx.notify(task.worker, {"op": "task.cancel", "id": task.id, "attempt": task.attempt})
+            self._end(fx, task, State.CANCELLED, now, error=error, prefetched=False)
         else:
             worker = self.registry.get(task.worker or "")
             fx.notify(task.worker, {"op": "task.cancel", "id": task.id, "attempt": task.attempt})

@@ -51,12 +51,14 @@ class Estimates:
 
         Asked at every submit, so it costs one pass over the workers and no simulation:
         all the tasks ahead take the type's mean duration (see `start_after`)."""
+        rank = PRIORITY_RANK[priority]
         if ahead is None:
             counts = self.queue.counts.get(task_type)
-            ahead = sum(counts[: PRIORITY_RANK[priority] + 1]) if counts else 0
+            ahead = sum(counts[: rank + 1]) if counts else 0
         tasks = self.tasks
         free = 0  # workers free now (idle, claimed, or between tasks)
         busy: list[Task] = []
+        prefetched = 0  # tasks held by busy workers that start before it (lower: recalled)
         for w in self.registry.workers.values():
             if task_type not in w.types or w.state is WorkerState.LEAVING:
                 continue
@@ -67,6 +69,10 @@ class Estimates:
                     return 0.0  # a worker is left free for it after those ahead
             else:
                 busy.append(task)
+                held = tasks.get(w.prefetched) if w.prefetched is not None else None
+                if held is not None and PRIORITY_RANK[held.priority] <= rank:
+                    prefetched += 1
+        ahead += prefetched
         if not busy:
             free = max(free, 1)  # none registered yet: the least the pool keeps of a type
         mean = self.mean_duration(task_type)

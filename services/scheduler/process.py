@@ -242,6 +242,10 @@ class Scheduler(BusService):
     def rejected(self, fx: Effects, msg: wire.Message, body: dict, wall: float) -> None:
         self.from_worker(self.state.task_rejected, fx, msg, body, wall)
 
+    @serves("task.recalled", wire.NOTIFY)
+    def recalled(self, fx: Effects, msg: wire.Message, body: dict, wall: float) -> None:
+        self.from_worker(self.state.task_recalled, fx, msg, body, wall)
+
     @serves("worker.leaving", wire.NOTIFY)
     def leaving(self, fx: Effects, msg: wire.Message, body: dict, wall: float) -> None:
         self.from_worker(self.state.worker_leaving, fx, msg, body, wall)

@@ -6,6 +6,7 @@ protocol/worker.py) and the ledger's replies.
     task.started      the attempt runs            task.heartbeat  it still runs
     task.progress     how far it is               task.finished   its result (REQUEST)
     task.rejected     it could not take the task (stopping, or busy)
+    task.recalled     a prefetched task given back, or not (it had started)
     worker.leaving    it stops or recycles: no task for it ever again
     worker gone       exited (the pool says), lost (the broker says), unreachable
 
@@ -81,6 +82,7 @@ class Reports:
                     return  # its ready crossed our task.run on the way
                 # Idle long after we gave it a task: the task (or its run order) was lost.
                 self._retry(fx, task, "worker_lost", "worker does not have its task", now)
+            self._unprefetch(fx, worker, now)  # idle: it holds nothing either
             self.registry.move(fx, worker, W.IDLE, now)
         worker.types, worker.pid = types, pid
 
@@ -91,6 +93,7 @@ class Reports:
             return
         reason = body.get("reason") if isinstance(body.get("reason"), str) else "stopping"
         self.registry.move(fx, worker, W.LEAVING, now, reason=reason[:64])
+        self._unprefetch(fx, worker, now)  # it will not start it
 
     def worker_gone(self, fx: Effects, name: str, reason: str, now: Now,
                     kill: bool = False) -> None:
@@ -98,6 +101,7 @@ class Reports:
         worker = self.registry.get(name)
         if worker is None:
             return
+        self._unprefetch(fx, worker, now)
         if kill:
             self._kill(fx, worker, reason, now)
         else:
@@ -108,6 +112,8 @@ class Reports:
 
     def task_started(self, fx: Effects, name: str, body: dict, now: Now) -> None:
         task = self._current(name, body)
+        if task is not None and task.prefetched:
+            self._adopt(fx, name, task, now)
         if task is not None and task.state is State.DISPATCHED:
             at = wire.field_number(body, "at", lo=0, hi=1e11, required=False, default=now.wall)
             self._move(fx, task, State.RUNNING, now)
@@ -127,6 +133,8 @@ class Reports:
         worker.last_seen = now.mono
         if task is None:
             return
+        if task.prefetched:
+            self._adopt(fx, name, task, now)
         if worker.state in (W.IDLE, W.CLAIMED):
             self.registry.move(fx, worker, W.BUSY, now, task=task.id)
         else:
@@ -156,13 +164,37 @@ class Reports:
         if worker is not None:
             if task is not None and worker.task == task.id:
                 worker.task = None  # not running it (busy: with something we did not give)
+            if task is not None and worker.prefetched == task.id:
+                self.slots.empty(worker)
             if body.get("reason") == "stopping" and worker.state is not W.LEAVING:
                 self.registry.move(fx, worker, W.LEAVING, now, reason="stopping")
         if task is not None:
-            self.marks[task.id].dispatched = None
-            self._move(fx, task, State.QUEUED, now, worker=None)
-            self.waiting.set(fx, task, Reason.WORKER)
-            self._enqueue(task, front=True)
+            self._requeue_unstarted(fx, task, now)
+
+    def task_recalled(self, fx: Effects, name: str, body: dict, now: Now) -> None:
+        """The answer to a task.recall: given back (it goes back to its place in the
+        queue, same attempt), or it had started (its worker's finish made it the task the
+        worker runs)."""
+        worker = self.registry.get(name)
+        task = self._current(name, body)
+        if worker is None or task is None or worker.prefetched != task.id:
+            return  # started and promoted already, or the worker left meanwhile
+        if body.get("recalled") is True:
+            self.slots.empty(worker)
+            self._requeue_unstarted(fx, task, now)
+            fx.emit("task.recalled", {"attempt": task.attempt, "worker": name}, task.id, name)
+        else:
+            worker.recalling = False
+
+    def _adopt(self, fx: Effects, name: str, task: Task, now: Now, runs: bool = True) -> None:
+        """A worker says it runs (`runs`) or ran a task we had as prefetched there (after
+        our restart, its start or its end is our first news of it)."""
+        worker = self.registry.get(name)
+        if worker is not None and worker.prefetched == task.id:
+            self.slots.empty(worker)
+        if worker is not None and runs:
+            worker.task = task.id
+        self._started_here(fx, task, now)
 
     def task_finished(self, fx: Effects, name: str, peer: bytes, corr: bytes, body: dict,
                       now: Now) -> None:
@@ -174,15 +206,17 @@ class Reports:
             # Only the finish of the attempt it runs frees it (not a superseded one's).
             if task is not None and worker.task == task.id:
                 worker.done += 1
-                if worker.state is W.BUSY:
-                    self.registry.move(fx, worker, W.IDLE, now, done=worker.done)
-                else:
+                if worker.state is not W.BUSY:
                     worker.task = None  # leaving: it goes now
+                elif not self._promote(fx, worker, now):  # it starts its prefetched task
+                    self.registry.move(fx, worker, W.IDLE, now, done=worker.done)
         if task is None:
             self.counters["late_results"] += 1
             fx.emit("task.late_result", {"attempt": body.get("attempt"), "worker": name},
                     body.get("id") if isinstance(body.get("id"), str) else None, name)
             return
+        if task.prefetched:  # finished before we heard of its start (our restart)
+            self._adopt(fx, name, task, now, runs=False)
         used = body.get("tokens_used", 0)
         task.tokens_used = used if isinstance(used, int) and not isinstance(used, bool) \
             and 0 <= used <= wire.MAX_INT else 0

@@ -41,6 +41,7 @@ class Scaler:
         self.requested: dict[str, float] = {}  # type -> oldest unanswered request (mono)
         self.worker_start_s = settings.worker_start  # learned: request -> registration
         self.worker_rss_mb = WORKER_RSS_MB  # learned from the workers' reports
+        self.prefetched: dict[str, int] = {}  # type -> tasks in prefetch slots (prefetch.py)
 
     def registered(self, types, now: float) -> None:
         """A worker registered: if we asked for one of its type, learn how long it took."""
@@ -66,7 +67,7 @@ class Scaler:
 
     def scale(self, fx: Effects, now: Now) -> None:
         for task_type, counts in self.queue.counts.items():
-            depth = sum(counts)
+            depth = sum(counts) + self.prefetched.get(task_type, 0)  # not started either
             critical = counts[0] > 0
             if not critical:
                 self.surged[task_type] = 0

@@ -37,6 +37,7 @@ from cortex.services.scheduler.eta import Estimates
 from cortex.services.scheduler.feasibility import ResourceMonitor
 from cortex.services.scheduler.holds import MachineHolds
 from cortex.services.scheduler.limits import ProviderLimits
+from cortex.services.scheduler.prefetch import Slots
 from cortex.services.scheduler.progress import ProgressEvents
 from cortex.services.scheduler.queue import TaskQueue
 from cortex.services.scheduler.reports import Reports
@@ -82,6 +83,8 @@ class SchedulerState(ClientRequests, Reports):
         self.waiters = Waiters()
         self.watch = Watch(self.marks)
         self.progress = ProgressEvents()
+        self.slots = Slots(settings.prefetch)
+        self.scaler.prefetched = self.slots.by_type
 
     @property
     def predictor(self):
@@ -122,6 +125,8 @@ class SchedulerState(ClientRequests, Reports):
 
     def _enqueue(self, task: Task, front: bool = False) -> None:
         self.queue.push(task, front=front, since=self.marks[task.id].created)
+        if self.slots.held:
+            self.slots.queued(task)  # it may outrank a prefetched task: recall it
 
     def _settle(self, fx: Effects, task: Task, now: Now) -> None:
         """Order the ledger to settle the attempt's tokens (settlement.py); the order is
@@ -137,6 +142,7 @@ class SchedulerState(ClientRequests, Reports):
         fx.sends.append((b"pool", wire.NOTIFY, b"", {"op": "pool.kill", "worker": worker.name,
                                                       "pid": worker.pid, "reason": reason,
                                                       "grace": TIMEOUT_GRACE}))
+        self._unprefetch(fx, worker, now)
         self.registry.move(fx, worker, WorkerState.GONE, now, reason=reason, pid=worker.pid,
                            killed=True, **data)
 
@@ -168,36 +174,84 @@ class SchedulerState(ClientRequests, Reports):
 
     # -- dispatch ------------------------------------------------------------------------
     def dispatch(self, fx: Effects, now: Now) -> None:
-        """Give every idle worker the best task it can take and that fits the machine."""
+        """Give every idle worker the best task it can take and that fits the machine;
+        then, while tasks are left, fill the busy workers' prefetch slots the same way,
+        and recall the prefetched tasks a queued one outranks (prefetch.py)."""
         if self.queue.empty():
+            if self.slots.held:  # an idle worker may start a prefetched task sooner
+                self._recall(fx, self.slots.to_steal(self.registry.idle(), self.workers))
             return  # nothing queued: the common case at light load, checked cheaply
-        readings = held = None
+        machine: list = []  # [readings, held], read once a turn when first needed
         for worker in self.registry.idle():
             while worker.state is WorkerState.IDLE:
-                task = self.queue.pop_for(worker.types, now.mono)
+                task = self._next_for(fx, worker, now, machine)
                 if task is None:
-                    if self.queue.empty():
-                        return  # nothing left for anyone: no need to ask the others
                     break
-                if readings is None:
-                    readings, held = self.holds.readings(now.mono)
-                blocked = self.holds.blocker(task, readings, held) or \
-                    self.limits.blocker(task, now.wall)
-                if blocked is not None:  # it waits, held out of the queue; others go ahead
-                    reason = Reason(blocked[0])
-                    self.waiting.hold(fx, task, reason, now.mono, blocked[1],
-                                      delay=self.limits.retry_in(blocked[1])
-                                      if reason is Reason.RATE_LIMIT else BLOCKED_RETRY)
-                    continue
-                self.limits.take(fx, task, now.wall)
                 if task.tokens > 0 and task.reserved == 0:
                     # Reserve first; the worker waits for this task meanwhile, while other
                     # workers keep taking other tasks (no head-of-line blocking).
                     self._reserve(fx, task, worker, now)
                     break
-                share = self._dispatch(fx, task, worker, now)
-                for key, value in share.items():
-                    held[key] += value
+                self._hold(machine, self._dispatch(fx, task, worker, now))
+            if self.queue.empty():
+                # Nothing left for anyone: no need to ask the others.
+                if self.slots.held:
+                    self._recall(fx, self.slots.to_steal(self.registry.idle(),
+                                                         self.workers))
+                return
+        if self.slots.size:
+            self._prefetch(fx, now, machine)
+        if self.slots.recall_due:
+            self._recall(fx, self.slots.to_recall(self.workers, self.queue.counts))
+
+    def _recall(self, fx: Effects, found: list[tuple[Worker, str]]) -> None:
+        for worker, task_id in found:
+            task = self.tasks[task_id]
+            fx.notify(worker.name, {"op": "task.recall", "id": task_id,
+                                    "attempt": task.attempt})
+            fx.emit("task.recall", {"attempt": task.attempt, "worker": worker.name,
+                                    "priority": task.priority}, task_id, worker.name)
+
+    def _prefetch(self, fx: Effects, now: Now, machine: list) -> None:
+        """The tasks the idle workers could not take go to free slots of busy ones. One
+        whose tokens are not reserved yet is reserved first, holding no worker."""
+        for worker in list(self.workers.values()):
+            if not (self.slots.free(worker) and self.slots.may_fill(worker,
+                                                                    self.queue.counts)):
+                continue
+            task = self._next_for(fx, worker, now, machine)
+            if task is None:
+                if self.queue.empty():
+                    return
+                continue
+            if task.tokens > 0 and task.reserved == 0:
+                self._reserve(fx, task, None, now)
+                continue
+            self._hold(machine, self._dispatch(fx, task, worker, now, prefetch=True))
+
+    def _next_for(self, fx: Effects, worker: Worker, now: Now, machine: list) -> Task | None:
+        """The best queued task `worker` can take that fits the machine and its provider's
+        limits (taken); the ones that do not fit wait, held out of the queue."""
+        while True:
+            task = self.queue.pop_for(worker.types, now.mono)
+            if task is None:
+                return None
+            if not machine:
+                machine.extend(self.holds.readings(now.mono))
+            blocked = self.holds.blocker(task, machine[0], machine[1]) or \
+                self.limits.blocker(task, now.wall)
+            if blocked is None:
+                self.limits.take(fx, task, now.wall)
+                return task
+            reason = Reason(blocked[0])  # it waits; others go ahead
+            self.waiting.hold(fx, task, reason, now.mono, blocked[1],
+                              delay=self.limits.retry_in(blocked[1])
+                              if reason is Reason.RATE_LIMIT else BLOCKED_RETRY)
+
+    @staticmethod
+    def _hold(machine: list, share: dict) -> None:
+        for key, value in share.items():
+            machine[1][key] += value
 
     def _reserve(self, fx: Effects, task: Task, worker: Worker | None, now: Now) -> None:
         """Ask the ledger for the task's tokens, holding `worker` for it (None: a retry
@@ -213,19 +267,30 @@ class SchedulerState(ClientRequests, Reports):
                               "worker": worker.name if worker is not None else None},
                          now.mono)
 
-    def _dispatch(self, fx: Effects, task: Task, worker: Worker, now: Now) -> dict:
-        """Send the task to the worker; returns the share of the machine it now holds."""
+    def _dispatch(self, fx: Effects, task: Task, worker: Worker, now: Now,
+                  prefetch: bool = False) -> dict:
+        """Send the task to the worker (`prefetch`: to its slot, to start when its current
+        task ends; its clocks start then); returns the share of the machine it now holds."""
         marks = self.marks[task.id]
-        marks.dispatched, marks.heard, marks.recovered = now.mono, None, False
+        marks.dispatched = None if prefetch else now.mono
+        marks.heard, marks.recovered = None, False
         self.waiting.set(fx, task, None)
-        self._move(fx, task, State.DISPATCHED, now, worker=worker.name)
+        if prefetch:
+            self._move(fx, task, State.DISPATCHED, now, worker=worker.name, prefetched=True)
+            self.slots.fill(worker, task)
+        else:
+            self._move(fx, task, State.DISPATCHED, now, worker=worker.name)
         share = self.holds.hold(task, worker.pid)
-        self.registry.move(fx, worker, WorkerState.BUSY, now, task=task.id)
+        if not prefetch:
+            self.registry.move(fx, worker, WorkerState.BUSY, now, task=task.id)
         worker.last_seen = now.mono
-        fx.notify(worker.name, {"op": "task.run", "task": {
+        run = {"op": "task.run", "task": {
             "id": task.id, "attempt": task.attempt, "type": task.type,
             "description": task.description, "priority": task.priority,
-            "payload": task.payload, "tokens": task.reserved, "timeout": task.timeout}})
+            "payload": task.payload, "tokens": task.reserved, "timeout": task.timeout}}
+        if prefetch:
+            run["prefetch"] = True
+        fx.notify(worker.name, run)
         # Why this task, now, here: its rank against what else was queued for the worker.
         counts = self.queue.counts
         fx.emit("task.dispatched", {
@@ -233,8 +298,42 @@ class SchedulerState(ClientRequests, Reports):
             "agent": task.agent, "deadline": task.deadline,
             "waited": now.mono - marks.created, "reserved": task.reserved,
             "still_queued": {t: counts[t] for t in worker.types if any(counts.get(t, ()))},
-            "predicted": task.predicted, **self.limits.counted(task)}, task.id, worker.name)
+            "predicted": task.predicted, **self.limits.counted(task),
+            **({"prefetched": True} if prefetch else {})}, task.id, worker.name)
         return share
+
+    # -- prefetched tasks: started, or back to the queue -----------------------------------
+    def _promote(self, fx: Effects, worker: Worker, now: Now) -> bool:
+        """The worker's task ended and it starts its prefetched one at once: that one is
+        its task now, and its clocks (timeout, silence) start. False: it held none."""
+        task_id = self.slots.empty(worker)
+        task = self.tasks.get(task_id or "")
+        if task is None or not task.prefetched or task.worker != worker.name:
+            return False
+        self._started_here(fx, task, now)
+        worker.task = task.id
+        return True
+
+    def _started_here(self, fx: Effects, task: Task, now: Now) -> None:
+        """A prefetched task began on its worker."""
+        self.table.set(fx, task, prefetched=False)
+        marks = self.marks[task.id]
+        marks.dispatched, marks.recovered = now.mono, False
+
+    def _unprefetch(self, fx: Effects, worker: Worker, now: Now) -> None:
+        """The worker will not start its prefetched task (it leaves, is gone or lost its
+        task): the task goes back to its place in the queue, its attempt unchanged."""
+        task = self.tasks.get(self.slots.empty(worker) or "")
+        if task is not None and task.prefetched and task.worker == worker.name:
+            self._requeue_unstarted(fx, task, now)
+
+    def _requeue_unstarted(self, fx: Effects, task: Task, now: Now) -> None:
+        """A dispatched task that never started: to the front of its level, same attempt."""
+        self.marks[task.id].dispatched = None
+        changes = {"prefetched": False} if task.prefetched else {}
+        self._move(fx, task, State.QUEUED, now, worker=None, **changes)
+        self.waiting.set(fx, task, Reason.WORKER)
+        self._enqueue(task, front=True)
 
     def scale(self, fx: Effects, now: Now) -> None:
         self.scaler.scale(fx, now)
@@ -264,6 +363,11 @@ class SchedulerState(ClientRequests, Reports):
             next_due = min(next_due, soonest)
         lost_after = task_heartbeat * wire.HEARTBEAT_LIVENESS
         for task, kind, seconds in self.watch.overdue(self.registry, now.mono, lost_after):
+            if task.state not in ACTIVE:
+                continue  # given back by a kill earlier in this scan (it was prefetched)
+            if task.prefetched:  # recovered, and no worker said it runs it: never started
+                self._requeue_unstarted(fx, task, now)
+                continue
             worker = self.registry.get(task.worker or "")
             if kind == "timeout":
                 if worker is not None:

@@ -99,6 +99,7 @@ class Task:
     routing: dict | None = None  # submitted as "auto": the type chosen and why (routing.py)
     digest: str = ""  # of the submit's content (its key with other content: `conflict`)
     trimmed: bool = False  # finished, payload and result dropped: the result is in the log
+    prefetched: bool = False  # dispatched to a busy `worker`, to start when its task ends
 
     @property
     def final(self) -> bool:

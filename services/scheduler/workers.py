@@ -12,6 +12,9 @@ registry.
 - busy: running the task we gave it (or one it told us of after our restart).
 - leaving: said `worker.leaving` (stopping or recycling): it finishes the task in hand and
   never gets another.
+
+A busy worker may also hold one prefetched task (`prefetched`, see prefetch.py): not a
+state of its own, since it changes nothing about what the worker does now.
 - gone: exited, lost or killed; dropped from the registry.
 
 Nothing changes a worker's state except `transition()`, which checks the edge and emits
@@ -68,11 +71,14 @@ class Worker:
     last_seen: float = 0.0  # monotonic: when it last spoke
     since: float = 0.0  # unix time it entered its state
     done: int = 0  # tasks it finished
+    prefetched: str | None = None  # the task it holds to start next (prefetch.py)
+    recalling: bool = False  # asked to give its prefetched task back (task.recall)
 
     def row(self, now: Now) -> dict:
         """What `worker.list` shows of it."""
         return {"name": self.name, "types": list(self.types), "pid": self.pid,
-                "state": str(self.state), "task": self.task, "done": self.done,
+                "state": str(self.state), "task": self.task, "prefetched": self.prefetched,
+                "done": self.done,
                 "since": self.since, "silent_s": round(max(0.0, now.mono - self.last_seen), 3)}
 
 

@@ -1,0 +1,118 @@
+"""Prefetch slots: a busy worker may hold one more task, to start the moment its current
+one ends, so it never idles for the scheduler's round trip while its queue is non-empty.
+
+Pure bookkeeping over the registry's `Worker`s (no sockets, no clock):
+
+- a slot is free on a worker that is busy, not leaving, not asked to give its task back,
+  and holds no prefetched task; `[scheduler] prefetch = 0` turns every slot off;
+- `may_fill()`: a critical task is never prefetched (it waits in the queue for the first
+  worker to free up), and while a prefetched task has not started no slot of its type
+  takes a lower one, so no lower task held anywhere starts before it;
+- `fill()` puts a dispatched task in a worker's slot, `empty()` takes it out (the task
+  started there, was given back, or the worker left);
+- recall: once a task enters the queue, `to_recall()` names each slot whose task is of
+  lower priority than a task still queued for one of that worker's types (after the
+  dispatch, so no idle worker could take it). Those workers get a `task.recall`; until
+  they answer, their slot is neither refilled nor asked again;
+- steal: a worker idle while a slot holds a task of its type (it registered, or freed up
+  with nothing queued) has `to_steal()` recall one, so the task starts there at once
+  rather than after the other worker's task (a surge for a critical task relies on it).
+
+Priorities are compared as submitted (aging does not count): a critical task outranks
+every prefetched task of lower priority, whatever their ages.
+"""
+
+from __future__ import annotations
+
+from cortex.services.scheduler.tasks import PRIORITIES, PRIORITY_RANK, Task
+from cortex.services.scheduler.workers import Worker, WorkerState
+
+NONE_QUEUED = (0,) * len(PRIORITIES)
+BELOW_ALL = len(PRIORITIES)  # a rank below every priority: nothing there
+
+
+class Slots:
+    def __init__(self, size: int):
+        self.size = max(0, min(1, size))  # one task per worker at most
+        self.held: dict[str, tuple[str, int, str]] = {}  # worker -> (task id, rank, type)
+        self.ranks = [0] * len(PRIORITIES)  # prefetched tasks per priority
+        self.by_type: dict[str, int] = {}  # prefetched tasks per type
+        self.recall_due = False  # a task was queued that may outrank a prefetched one
+
+    def free(self, worker: Worker) -> bool:
+        return bool(self.size) and worker.state is WorkerState.BUSY \
+            and worker.prefetched is None and not worker.recalling
+
+    def may_fill(self, worker: Worker, counts: dict[str, list[int]]) -> bool:
+        """Whether the worker's slot may take the best task queued for its types: not a
+        critical one (it waits for the first worker to free up, never behind another
+        task), and nothing while a prefetched task of those types that outranks it has not
+        started (lower work would start first elsewhere)."""
+        best = min((next((rank for rank, n in enumerate(counts.get(t, NONE_QUEUED)) if n),
+                         BELOW_ALL) for t in worker.types), default=BELOW_ALL)
+        if best in (0, BELOW_ALL):
+            return False
+        held = min((rank for _, rank, task_type in self.held.values()
+                    if task_type in worker.types), default=BELOW_ALL)
+        return held >= best
+
+    def fill(self, worker: Worker, task: Task) -> None:
+        rank = PRIORITY_RANK[task.priority]
+        worker.prefetched = task.id
+        self.held[worker.name] = (task.id, rank, task.type)
+        self.ranks[rank] += 1
+        self.by_type[task.type] = self.by_type.get(task.type, 0) + 1
+
+    def empty(self, worker: Worker) -> str | None:
+        """The slot's task id (None: it held none); the slot is free again."""
+        task_id = worker.prefetched
+        worker.prefetched, worker.recalling = None, False
+        held = self.held.pop(worker.name, None)
+        if held is not None:
+            _, rank, task_type = held
+            self.ranks[rank] -= 1
+            self.by_type[task_type] -= 1
+        return task_id
+
+    def queued(self, task: Task) -> None:
+        """A task entered the queue: a recall is due if something of lower priority is
+        prefetched (O(1): the common case, a flood of one priority, costs nothing more)."""
+        if any(self.ranks[PRIORITY_RANK[task.priority] + 1:]):
+            self.recall_due = True
+
+    def to_recall(self, workers: dict[str, Worker], counts: dict[str, list[int]]
+                  ) -> list[tuple[Worker, str]]:
+        """(worker, task id) of each prefetched task outranked by a task queued for one of
+        its worker's types; each is marked recalling."""
+        self.recall_due = False
+        found = []
+        for name, (task_id, rank, _) in self.held.items():
+            worker = workers.get(name)
+            if worker is None or worker.recalling or rank == 0:
+                continue
+            if any(any(counts.get(t, NONE_QUEUED)[:rank]) for t in worker.types):
+                worker.recalling = True
+                found.append((worker, task_id))
+        return found
+
+    def to_steal(self, idle: list[Worker], workers: dict[str, Worker]
+                 ) -> list[tuple[Worker, str]]:
+        """Prefetched tasks that idle workers could start now (one came or freed up since
+        the dispatch): recalled, the highest priority first, one per idle worker that no
+        recall on its way (of a task of its types) already stands for."""
+        on_the_way = [name for name in self.held if workers[name].recalling]
+        found = []
+        for worker in idle:
+            covered = next((n for n in on_the_way if self.held[n][2] in worker.types), None)
+            if covered is not None:
+                on_the_way.remove(covered)
+                continue
+            best = min(((rank, name, task_id)
+                        for name, (task_id, rank, task_type) in self.held.items()
+                        if task_type in worker.types and not workers[name].recalling),
+                       default=None)
+            if best is not None:
+                holder = workers[best[1]]
+                holder.recalling = True
+                found.append((holder, best[2]))
+        return found

@@ -1,0 +1,334 @@
+"""Prefetch slots and recall, on the pure scheduler state (no sockets): a busy worker holds
+one more task and starts it when its task ends; a queued higher-priority task takes back
+the prefetched lower ones; whatever happens to the worker, an unstarted prefetched task
+goes back to the queue with its attempt unchanged."""
+
+from __future__ import annotations
+
+from cortex.protocol import wire
+from cortex.services.scheduler.prefetch import Slots
+from cortex.services.scheduler.tasks import State, Task
+from cortex.services.scheduler.workers import Worker, WorkerState
+
+from .test_scheduling import HB, Sim, answer, check_invariants, events, replay, runs, table
+
+
+def recalls(fx) -> list[tuple[str, dict]]:
+    return [(p.decode(), b) for p, t, _, b in fx.sends
+            if t == wire.NOTIFY and b.get("op") == "task.recall"]
+
+
+def recalled(sim: Sim, name: str, task, given_back: bool = True):
+    body = {"id": task.id, "attempt": task.attempt, "recalled": given_back}
+    return sim.turn(sim.state.task_recalled, name, body, sim.now)
+
+
+def busy_with_prefetch(sim: Sim, name: str = "w1", low: str = "low"):
+    """One worker running a long task with a `low` one prefetched."""
+    sim.ready(name)
+    long_ = sim.add(description="long")
+    sim.started(name, long_)
+    held = sim.add(priority=low, description="prefetched")
+    assert held.state is State.DISPATCHED and held.prefetched and held.worker == name
+    assert sim.state.workers[name].prefetched == held.id
+    return long_, held
+
+
+# -- the slot ------------------------------------------------------------------------------
+def test_a_busy_worker_gets_one_more_task_marked_prefetch_and_no_third():
+    sim = Sim(prefetch=1)
+    sim.ready("w1")
+    first = sim.add()
+    fx = sim.submit()
+    [(worker, task)] = runs(fx)
+    assert worker == "w1" and task["id"] != first.id
+    run = next(b for _, t, _, b in fx.sends if b.get("op") == "task.run")
+    assert run["prefetch"] is True
+    [(_, data, _, _)] = events(fx, "task.dispatched")
+    assert data["prefetched"] is True
+    assert runs(sim.submit()) == []  # the slot is full: it waits in the queue
+    check_invariants(sim.state)
+
+
+def test_prefetch_zero_gives_a_busy_worker_nothing():
+    sim = Sim(prefetch=0)
+    sim.ready("w1")
+    sim.add()
+    assert runs(sim.submit()) == []
+    assert sim.state.workers["w1"].prefetched is None
+
+
+def test_idle_workers_are_served_before_any_slot_is_filled():
+    sim = Sim(prefetch=1)
+    sim.ready("w1")
+    sim.ready("w2")
+    a, b = sim.add(), sim.add()
+    assert {a.worker, b.worker} == {"w1", "w2"} and not a.prefetched and not b.prefetched
+
+
+def test_a_prefetched_task_has_no_clock_until_its_start():
+    """Its timeout and silence count from its start: held for long, it is not overdue."""
+    sim = Sim(prefetch=1)
+    _, held = busy_with_prefetch(sim)
+    held.timeout = 1.0
+    for _ in range(5):
+        sim.heartbeat("w1", sim.state.tasks[sim.state.workers["w1"].task])
+        sim.tick(HB)
+    assert held.state is State.DISPATCHED and held.attempt == 1 and held.prefetched
+
+
+def test_the_finish_starts_the_prefetched_task_and_refills_the_slot():
+    sim = Sim(prefetch=1)
+    long_, held = busy_with_prefetch(sim)
+    nxt = sim.add(description="next")
+    assert nxt.state is State.QUEUED
+    fx = sim.finish("w1", long_)
+    worker = sim.state.workers["w1"]
+    assert worker.state is WorkerState.BUSY and worker.task == held.id
+    assert not held.prefetched and sim.state.marks[held.id].dispatched == sim.now.mono
+    assert [t["id"] for _, t in runs(fx)] == [nxt.id] and nxt.prefetched  # refilled
+    sim.finish("w1", held)
+    assert held.state is State.COMPLETED and held.attempt == 1
+    check_invariants(sim.state)
+
+
+def test_eta_counts_prefetched_tasks_ahead_of_a_queued_one():
+    sim = Sim(prefetch=1)
+    sim.state.estimates.avg_duration["echo"] = 10.0
+    busy_with_prefetch(sim, low="medium")
+    alone = sim.state.estimates.wait_before_start("echo", "medium", sim.now.mono)
+    assert alone > 10.0  # after the running task and the prefetched one
+    critical = sim.state.estimates.wait_before_start("echo", "critical", sim.now.mono)
+    assert critical < alone  # a lower prefetched task is recalled for it
+
+
+# -- recall: critical first -----------------------------------------------------------------
+def test_a_critical_task_recalls_a_prefetched_low_one_and_starts_first():
+    sim = Sim(prefetch=1)
+    long_, low = busy_with_prefetch(sim)
+    fx = sim.submit(priority="critical", description="urgent")
+    critical = sim.state.tasks[[t for t in sim.state.tasks.values()
+                                if t.description == "urgent"][0].id]
+    assert recalls(fx) == [("w1", {"op": "task.recall", "id": low.id, "attempt": 1})]
+    assert critical.state is State.QUEUED and sim.state.workers["w1"].recalling
+    assert recalls(sim.tick()) == []  # asked once
+    fx = recalled(sim, "w1", low)
+    assert low.state is State.QUEUED and low.attempt == 1 and not low.prefetched
+    # A critical task waits for the first worker to free up, never in a slot; nothing
+    # lower takes the slot meanwhile.
+    assert runs(fx) == [] and critical.state is State.QUEUED
+    fx = sim.finish("w1", long_)
+    assert [t["id"] for _, t in runs(fx)] == [critical.id, low.id]  # then low, prefetched
+    assert sim.state.workers["w1"].task == critical.id and low.prefetched
+    assert low.attempt == 1
+    check_invariants(sim.state)
+
+
+def test_a_recall_that_came_too_late_leaves_the_started_task_running():
+    """The one-round-trip race: the worker began the low task before the recall came."""
+    sim = Sim(prefetch=1)
+    long_, low = busy_with_prefetch(sim)
+    sim.submit(priority="critical")
+    sim.finish("w1", long_)  # its finish crossed the recall: the low task started
+    assert sim.state.workers["w1"].task == low.id
+    fx = recalled(sim, "w1", low, given_back=False)
+    assert low.state is State.DISPATCHED and low.attempt == 1 and low.worker == "w1"
+    assert events(fx, "task.recalled") == []
+    check_invariants(sim.state)
+
+
+def test_the_same_priority_recalls_nothing():
+    sim = Sim(prefetch=1)
+    busy_with_prefetch(sim, low="medium")
+    fx = sim.submit(priority="medium")
+    assert recalls(fx) == []
+
+
+def test_an_idle_worker_takes_the_critical_task_without_any_recall():
+    sim = Sim(prefetch=1)
+    busy_with_prefetch(sim)
+    sim.ready("w2")
+    fx = sim.submit(priority="critical")
+    assert recalls(fx) == [] and runs(fx)[0][0] == "w2"
+
+
+def test_recall_only_where_the_worker_serves_the_waiting_type():
+    sim = Sim(prefetch=1)
+    busy_with_prefetch(sim)  # an echo worker
+    sim.ready("w9", ("llm",))
+    sim.add(type="llm")
+    fx = sim.submit(priority="critical", type="llm")
+    assert recalls(fx) == []
+
+
+# -- the worker goes: its prefetched task returns, attempt unchanged ----------------------
+def test_a_lost_worker_returns_its_prefetched_task_without_spending_an_attempt():
+    sim = Sim(prefetch=1, default_retries=2)
+    long_, held = busy_with_prefetch(sim)
+    sim.gone("w1", kill=True)
+    assert long_.attempt == 2  # it ran: a lost attempt
+    assert held.state is State.QUEUED and held.attempt == 1 and not held.prefetched
+    sim.ready("w2")
+    assert held.worker == "w2"
+    check_invariants(sim.state)
+
+
+def test_a_leaving_worker_returns_its_prefetched_task_and_finishes_its_own():
+    sim = Sim(prefetch=1)
+    long_, held = busy_with_prefetch(sim)
+    sim.turn(sim.state.worker_leaving, "w1", {"reason": "stopping"}, sim.now)
+    assert held.state is State.QUEUED and held.attempt == 1
+    # Its own rejection of the task crosses this: a stray, changes nothing.
+    sim.turn(sim.state.task_rejected, "w1", {"id": held.id, "attempt": 1,
+                                              "reason": "stopping"}, sim.now)
+    assert held.state is State.QUEUED and held.attempt == 1
+    sim.finish("w1", long_)
+    assert long_.state is State.COMPLETED and held.state is State.QUEUED
+    check_invariants(sim.state)
+
+
+def test_a_timed_out_task_kills_its_worker_and_frees_the_prefetched_one():
+    sim = Sim(prefetch=1)
+    long_, held = busy_with_prefetch(sim)
+    long_.timeout = 1.0
+    sim.tick(2.0)
+    assert long_.attempt == 2 or long_.final
+    assert held.state is State.QUEUED and held.attempt == 1
+
+
+def test_cancelling_a_prefetched_task_kills_no_worker():
+    sim = Sim(prefetch=1)
+    long_, held = busy_with_prefetch(sim)
+    fx = sim.cancel(held)
+    assert held.state is State.CANCELLED and not held.prefetched
+    assert not [b for p, _, _, b in fx.sends if p == b"pool"]  # w1 keeps running
+    assert ("w1", held.id) in [(p.decode(), b.get("id")) for p, _, _, b in fx.sends
+                               if b.get("op") == "task.cancel"]
+    worker = sim.state.workers["w1"]
+    assert worker.state is WorkerState.BUSY and worker.task == long_.id
+    assert worker.prefetched is None
+    check_invariants(sim.state)
+
+
+def test_after_a_restart_a_prefetched_task_given_back_or_never_claimed_keeps_its_attempt():
+    sim = Sim(prefetch=1)
+    _, held = busy_with_prefetch(sim)
+    _, other = busy_with_prefetch(sim, name="w2")
+    fresh = replay(sim.records, overrides={"prefetch": 1})
+    fresh.restore(sim.now)
+    back = fresh.tasks[held.id]
+    assert back.prefetched and back.state is State.DISPATCHED
+    sim.state = fresh
+    # w1 gives it back on worker.sync; w2 says nothing of its own.
+    sim.turn(fresh.task_rejected, "w1", {"id": held.id, "attempt": 1, "reason": "sync"},
+             sim.now)
+    assert back.state is State.QUEUED and back.attempt == 1
+    sim.tick(HB * wire.HEARTBEAT_LIVENESS + 1)
+    lost = fresh.tasks[other.id]
+    assert lost.state is State.QUEUED and lost.attempt == 1 and not lost.prefetched
+
+
+def test_a_prefetched_task_replays_as_prefetched_and_then_as_started():
+    sim = Sim(prefetch=1)
+    long_, held = busy_with_prefetch(sim)
+    assert table(replay(sim.records))[held.id]["state"] == "dispatched"
+    assert replay(sim.records).tasks[held.id].prefetched
+    sim.finish("w1", long_)
+    assert not replay(sim.records).tasks[held.id].prefetched
+
+
+# -- Slots alone -----------------------------------------------------------------------------
+def task(task_id: str, priority: str, type_: str = "echo") -> Task:
+    return Task(id=task_id, type=type_, description="", priority=priority, tokens=0,
+                timeout=1.0, retries=0, agent="a", key=task_id)
+
+
+def test_slots_recall_only_outranked_tasks_once_and_count_by_type():
+    slots = Slots(1)
+    w1 = Worker("w1", ("echo",), 1, state=WorkerState.BUSY)
+    w2 = Worker("w2", ("echo",), 2, state=WorkerState.BUSY)
+    assert slots.free(w1)
+    slots.fill(w1, task("a", "low"))
+    slots.fill(w2, task("b", "high"))
+    assert not slots.free(w1) and slots.by_type == {"echo": 2}
+    slots.queued(task("c", "low"))
+    assert not slots.recall_due  # nothing held is lower than low
+    slots.queued(task("d", "high"))
+    assert slots.recall_due
+    workers = {"w1": w1, "w2": w2}
+    assert slots.to_recall(workers, {"echo": [0, 1, 0, 0]}) == [(w1, "a")]
+    assert not slots.recall_due and w1.recalling
+    assert slots.to_recall(workers, {"echo": [0, 1, 0, 0]}) == []  # asked already
+    assert slots.empty(w1) == "a" and not w1.recalling and slots.free(w1)
+    assert slots.by_type == {"echo": 1} and slots.empty(w1) is None
+
+
+def test_slots_off_and_on_busy_workers_only():
+    off = Slots(0)
+    assert not off.free(Worker("w", ("echo",), 1, state=WorkerState.BUSY))
+    on = Slots(5)  # one task per worker at most
+    assert on.size == 1
+    for state in (WorkerState.IDLE, WorkerState.CLAIMED, WorkerState.LEAVING):
+        assert not on.free(Worker("w", ("echo",), 1, state=state))
+
+
+def test_a_worker_that_comes_idle_takes_a_prefetched_task_from_a_busy_one():
+    """A surge worker registers (or one frees up with nothing queued): the prefetched
+    task is recalled, once, and starts there instead of after the other worker's task."""
+    sim = Sim(prefetch=1)
+    _, held = busy_with_prefetch(sim, low="high")
+    fx = sim.ready("w2")
+    assert recalls(fx) == [("w1", {"op": "task.recall", "id": held.id, "attempt": 1})]
+    assert recalls(sim.ready("w2")) == []  # on its way already
+    fx = recalled(sim, "w1", held)
+    assert runs(fx) == [("w2", runs(fx)[0][1])] and runs(fx)[0][1]["id"] == held.id
+    assert held.worker == "w2" and not held.prefetched and held.attempt == 1
+    check_invariants(sim.state)
+
+
+def test_slots_steal_one_per_idle_worker_best_priority_first():
+    slots = Slots(1)
+    busy = [Worker(f"w{i}", ("echo",), i, state=WorkerState.BUSY) for i in range(3)]
+    for w, p in zip(busy, ("low", "critical", "medium"), strict=True):
+        slots.fill(w, task(f"t{w.name}", p))
+    workers = {w.name: w for w in busy}
+    idle = [Worker("i1", ("echo",), 9, state=WorkerState.IDLE)]
+    assert slots.to_steal(idle, workers) == [(busy[1], "tw1")]
+    assert slots.to_steal(idle, workers) == []  # one recall on its way for one idle worker
+    other = [Worker("i2", ("llm",), 9, state=WorkerState.IDLE)]
+    assert slots.to_steal(idle + other, workers) == []  # llm: nothing of its type
+
+
+def test_a_prefetched_task_counts_against_the_queue_limit_as_before():
+    sim = Sim(prefetch=1, max_queue_per_type=2)
+    busy_with_prefetch(sim, low="medium")
+    sim.add()  # queued: the prefetched one and this one make the two
+    kind, body = answer(sim.submit())
+    assert kind == wire.ERROR and body["code"] == "queue_full"
+
+
+def test_a_critical_task_is_never_prefetched_and_holds_the_slots_of_its_type_empty():
+    sim = Sim(prefetch=1)
+    sim.ready("w1")
+    sim.ready("w2")
+    sim.add(description="busy 1")
+    sim.add(description="busy 2")
+    critical = sim.add(priority="critical")
+    fx = sim.submit(priority="low")
+    assert runs(fx) == [] and critical.state is State.QUEUED
+    assert all(w.prefetched is None for w in sim.state.workers.values())
+
+
+def test_no_lower_task_is_prefetched_while_a_higher_one_waits_unstarted_in_a_slot():
+    sim = Sim(prefetch=1)
+    sim.ready("w1")
+    sim.ready("w2")
+    first = sim.add(description="busy 1")
+    sim.add(description="busy 2")
+    high = sim.add(priority="high")
+    assert high.prefetched
+    low = sim.add(priority="low")
+    assert low.state is State.QUEUED  # w2's slot stays empty: low would start before high
+    fx = sim.finish(high.worker, first if high.worker == first.worker else None)
+    assert not high.prefetched and [t["id"] for _, t in runs(fx)] == [low.id]
+
