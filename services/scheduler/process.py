@@ -38,7 +38,8 @@ class Scheduler(BusService):
             Predictor,  # scikit-learn: loaded by the scheduler alone
         )
 
-        self.predictor = Predictor.load(self.rt.home / "models")
+        # Training runs in a child that reads the event log: no completions kept here.
+        self.predictor = Predictor.load(self.rt.home / "models", history_limit=0)
         self.trainer = Trainer(self.rt.home, self.predictor)
         from cortex.services.scheduler.classify import load as load_router
 

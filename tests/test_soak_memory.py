@@ -1,0 +1,93 @@
+"""The soak's verdict (loadtest/soak.py) and the memory the services keep: pure logic.
+
+The soak itself, on a real suite, is tests/test_lifecycle_soak.py (heavy tier)."""
+
+from __future__ import annotations
+
+import random
+
+from cortex.loadtest import soak
+from cortex.services.scheduler.prediction.history import TARGETS
+from cortex.services.scheduler.prediction.predictor import Predictor
+
+
+def _samples(rss_of_t, duration: float = 3600.0, every: float = 60.0, fds=(20, 20)) -> list:
+    """Samples of one process whose RSS at time t is rss_of_t(t)."""
+    out = []
+    steps = int(duration / every)
+    for i in range(steps + 1):
+        t = i * every
+        out.append({"t": t, "zombies": [], "procs": {"7": {
+            "name": "events", "rss_mb": rss_of_t(t), "cpu_s": 0.0, "created": 1.0,
+            "fds": fds[0] if i < steps else fds[1]}}})
+    return out
+
+
+def test_growth_over_the_second_half_above_the_rule_is_a_leak():
+    rows, leaks = soak.analyse(_samples(lambda t: 50 + 3.0 * t / 3600), 3600.0)
+    assert rows[0]["rss_slope_2nd_half_mb_h"] > soak.RSS_SLOPE_MB_H
+    assert leaks and "RSS grew" in leaks[0], leaks
+
+
+def test_a_table_filling_in_the_first_half_then_flat_is_no_leak():
+    rows, leaks = soak.analyse(_samples(lambda t: 50 + min(t, 1500) / 100), 3600.0)
+    assert rows[0]["rss_slope_2nd_half_mb_h"] == 0
+    assert leaks == []
+
+
+def test_one_allocator_step_in_the_second_half_is_not_evidence():
+    # One arena (1 MiB, less a page) taken at 45 min: a steep slope over a 30-minute half,
+    # but no more than one step grown.
+    def rss(t):
+        return 50 + (soak.ALLOCATOR_STEP_MB - 0.004 if t >= 2700 else 0)
+
+    rows, leaks = soak.analyse(_samples(rss), 3600.0)
+    assert rows[0]["rss_slope_2nd_half_mb_h"] > soak.RSS_SLOPE_MB_H
+    assert leaks == []
+
+
+def test_a_short_run_applies_the_same_rule():
+    # Five minutes: a 2 MB rise over the second half is 48 MB/h and more than one step.
+    rows, leaks = soak.analyse(_samples(lambda t: 50 + 4.0 * t / 300, 300.0, 5.0), 300.0)
+    assert leaks, rows
+
+
+def test_descriptors_not_back_to_their_baseline_are_a_leak():
+    _, leaks = soak.analyse(_samples(lambda t: 50, fds=(20, 20 + soak.FD_TOLERANCE + 1)),
+                            3600.0)
+    assert leaks and "descriptors" in leaks[0]
+
+
+def test_the_soak_suite_keeps_small_tables_and_the_warm_up_reads_them(tmp_path):
+    (tmp_path / "cortex.toml").write_text(soak.config(4, "group"))
+    assert soak.retention_of(tmp_path) == soak.SOAK_RETENTION
+    (tmp_path / "cortex.toml").write_text("[suite]\n")
+    assert soak.retention_of(tmp_path) == soak.DEFAULT_RETENTION
+    (tmp_path / "cortex.toml").write_text("not toml [")
+    assert soak.retention_of(tmp_path) == soak.DEFAULT_RETENTION
+
+
+def test_line_counter_counts_events_appended_after_it_starts(tmp_path):
+    events = tmp_path / "events"
+    events.mkdir()
+    (events / "a.jsonl").write_bytes(b'{"n": 1}\n' * 5)
+    counter = soak.LineCounter(tmp_path)
+    with open(events / "a.jsonl", "ab") as f:
+        f.write(b'{"n": 2}\n' * 3)
+    (events / "b.jsonl").write_bytes(b'{"n": 3}\n' * 4)  # a rotation: a new file
+    assert counter.count() == 7
+    assert counter.count() == 7  # counted once
+
+
+def test_a_predictor_without_history_still_learns_its_averages(tmp_path):
+    kept, lean = Predictor(tmp_path), Predictor(tmp_path, history_limit=0)
+    rng = random.Random(1)
+    for _ in range(500):
+        actual = {t: rng.uniform(0.1, 10.0) for t in TARGETS}
+        for p in (kept, lean):
+            p.observe("echo", "medium", "x" * 200, 40, actual)
+    assert kept.status()["history_rows"] == 500
+    assert lean.status()["history_rows"] == 0
+    assert lean.completions_since_training() == 500  # what the trainer's schedule counts
+    assert lean.predict("echo", "medium", "", 40) == kept.predict("echo", "medium", "", 40)
+    assert lean.read_saved().status()["history_rows"] == 0
