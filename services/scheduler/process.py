@@ -240,6 +240,12 @@ class Scheduler(BusService):
             self.state.worker_gone(fx, body["name"], "lost (no heartbeat)", now, kill=True)
             self.state.dispatch(fx, now)
 
+    @serves("ledger.budgets", wire.NOTIFY)
+    def ledger_budgets(self, fx: Effects, msg: wire.Message, body: dict, wall: float) -> None:
+        """A budget was set: admission knows it before any submit that follows."""
+        if isinstance(body["budgets"], list):
+            self.state.admission.know_budgets(body["budgets"])
+
     @serves("worker.exited", wire.NOTIFY)
     def worker_exited(self, fx: Effects, msg: wire.Message, body: dict, wall: float) -> None:
         now = self.now(wall)
