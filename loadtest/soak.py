@@ -27,13 +27,18 @@ seconds; and the event log's size and the zombies among the suite's processes. I
 - any zombie seen in two samples running.
 
 Writes `soak.json` (every sample) and `soak.md` (the drift per process) under --out.
+To see what grows, run it with `CORTEX_TRACEMALLOC=1` (services/runtime/memtrace.py): each
+service then logs, at the end of the measured part, the allocations that grew in it by
+source line (its RSS figures are then swollen by tracemalloc: not a verdict).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
+import signal
 import sys
 import threading
 import time
@@ -56,6 +61,22 @@ WARMUP_AGENTS = 8
 LOAD_SHARE = 0.8  # of the duration: the rest is the idle tail the baselines are checked on
 AGENTS = 4
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+TRACED = ("broker", "events", "ledger", "scheduler", "pool", "dashboard", "supervisor-events")
+
+
+def mark_memory(target: Target) -> None:
+    """With CORTEX_TRACEMALLOC set (services/runtime/memtrace.py), have every service log
+    the allocations that grew since its previous mark (the first mark is its baseline)."""
+    if os.environ.get("CORTEX_TRACEMALLOC", "").strip() in ("", "0"):
+        return
+    for pid, name in target.services().items():
+        if name in TRACED:
+            try:
+                os.kill(pid, signal.SIGUSR2)
+            except OSError:
+                pass  # gone meanwhile
 
 
 def duration_arg(text: str) -> float:
@@ -284,6 +305,7 @@ def run(args) -> int:
             print(f"[soak] warm-up stopped before the tables were full: {warm}",
                   file=sys.stderr)
         time.sleep(min(5.0, interval))  # the warm-up's snapshots and events settle
+        mark_memory(target)
         t0 = time.monotonic()
         spacing = duration * LOAD_SHARE / max(1, args.tasks)
         times = [i * spacing for i in range(args.tasks)]
@@ -304,6 +326,7 @@ def run(args) -> int:
                 load.halt.set()
             for load in loads:
                 load.join(timeout=150)
+        mark_memory(target)
         rows, leaks = analyse(samples, duration)
         if not warm["full"]:
             leaks.append(f"the warm-up did not fill the bounded tables ({warm['why']}), so "

@@ -1,14 +1,22 @@
-"""The soak's verdict (loadtest/soak.py) and the memory the services keep: pure logic.
+"""The soak's verdict (loadtest/soak.py), the memory the services keep, and the opt-in
+memory trace that finds what grows (services/runtime/memtrace.py).
 
 The soak itself, on a real suite, is tests/test_lifecycle_soak.py (heavy tier)."""
 
 from __future__ import annotations
 
+import logging
+import os
 import random
+import signal
+import tracemalloc
 
 from cortex.loadtest import soak
+from cortex.services.runtime import memtrace
 from cortex.services.scheduler.prediction.history import TARGETS
 from cortex.services.scheduler.prediction.predictor import Predictor
+
+from .conftest import wait_for
 
 
 def _samples(rss_of_t, duration: float = 3600.0, every: float = 60.0, fds=(20, 20)) -> list:
@@ -91,3 +99,37 @@ def test_a_predictor_without_history_still_learns_its_averages(tmp_path):
     assert lean.completions_since_training() == 500  # what the trainer's schedule counts
     assert lean.predict("echo", "medium", "", 40) == kept.predict("echo", "medium", "", 40)
     assert lean.read_saved().status()["history_rows"] == 0
+
+
+def test_a_memory_trace_names_the_line_that_grew(caplog):
+    was_tracing = tracemalloc.is_tracing()
+    trace = memtrace.MemoryTrace(logging.getLogger("test.memtrace"))
+    try:
+        with caplog.at_level(logging.WARNING, logger="test.memtrace"):
+            assert "baseline taken" in trace.mark()[0]
+            kept = [bytearray(1000) for _ in range(2000)]  # about 2 MB, from this line
+            report = trace.mark()
+        assert len(kept) == 2000
+        assert "top growth" in report[0]
+        assert __file__ in report[1], report[:3]  # the largest growth is ours
+        assert caplog.messages[-len(report):] == report
+    finally:
+        if not was_tracing:
+            tracemalloc.stop()
+
+
+def test_memory_tracing_is_off_unless_asked_for():
+    log = logging.getLogger("test.memtrace")
+    assert memtrace.from_environment(log, {}) is None
+    assert memtrace.from_environment(log, {memtrace.ENV: "0"}) is None
+
+
+def test_a_service_logs_its_memory_growth_on_sigusr2(suites, monkeypatch):
+    monkeypatch.setenv(memtrace.ENV, "1")
+    suite = suites.start()
+    pid = next(row["pid"] for row in suite.processes() if row["name"] == "scheduler")
+    log = suite.home / "logs" / "scheduler.log"
+    os.kill(pid, signal.SIGUSR2)
+    wait_for(lambda: "baseline taken" in log.read_text(), 60, "the baseline in its log")
+    os.kill(pid, signal.SIGUSR2)
+    wait_for(lambda: "top growth by source" in log.read_text(), 60, "a report in its log")
