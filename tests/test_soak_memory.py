@@ -12,6 +12,7 @@ import signal
 import tracemalloc
 
 from cortex.loadtest import soak
+from cortex.services.dashboard.state import SERIES_SECONDS, Latency, Resources
 from cortex.services.runtime import memtrace
 from cortex.services.scheduler.prediction.history import TARGETS
 from cortex.services.scheduler.prediction.predictor import Predictor
@@ -133,3 +134,18 @@ def test_a_service_logs_its_memory_growth_on_sigusr2(suites, monkeypatch):
     wait_for(lambda: "baseline taken" in log.read_text(), 60, "the baseline in its log")
     os.kill(pid, signal.SIGUSR2)
     wait_for(lambda: "top growth by source" in log.read_text(), 60, "a report in its log")
+
+
+def test_dashboard_series_keep_their_last_ten_minutes_at_any_poll_rate():
+    # Idle, the dashboard polls every 10 s: 600 points would be 100 minutes of history.
+    resources, latency = Resources(), Latency(window=1)
+    reply = {"bounds": [0.1, 1.0], "latency": [], "buckets": [
+        {"type": "echo", "priority": "low", "queue": [], "run": [], "total": []}]}
+    for i in range(1000):
+        resources.add(i * 10.0, 0.1, 50.0, None)
+        latency.add(i * 10.0, reply)
+    kept = resources.view()
+    assert kept[-1]["ts"] - kept[0]["ts"] <= SERIES_SECONDS
+    assert len(kept) == SERIES_SECONDS / 10 + 1
+    for series in latency.view()["series"].values():
+        assert series[-1]["ts"] - series[0]["ts"] <= SERIES_SECONDS
