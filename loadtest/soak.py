@@ -9,7 +9,9 @@ table filling to its cap. The largest are the event router's ring of recent even
 (`[scheduler] retention`: the soak's own suite keeps `SOAK_RETENTION`, and its
 `keep_results` is `SOAK_KEEP_RESULTS` seconds, so the warm-up is minutes, not an hour;
 the bounding code is the same at any size). The warm-up runs until both have been passed
-by `WARMUP_MARGIN` and reports how many tasks and events that took.
+by `WARMUP_MARGIN`, then waits until the models its tasks asked for (the scheduler
+retrains every `retrain_every` completions) are trained and swapped in, and reports how
+many tasks and events, and how long, that took.
 
 Then the measured part: --tasks tasks (echo, short sleeps, a command that starts a child)
 spread evenly over the first 80% of --duration from a few agents, then the suite idle for
@@ -54,10 +56,12 @@ ALLOCATOR_STEP_MB = 1.0  # one pymalloc arena (CPython 3.10+ on 64-bit)
 FD_TOLERANCE = 5
 RING_EVENTS = 10_000  # the event router's recent events (services/events/process.py)
 DEFAULT_RETENTION = 10_000  # [scheduler] retention when the suite's config does not set it
+DEFAULT_RETRAIN_EVERY = 500  # [scheduler] retrain_every when the config does not set it
 SOAK_RETENTION = 2_000
 SOAK_KEEP_RESULTS = 60.0
 WARMUP_MARGIN = 1.1
 WARMUP_AGENTS = 8
+TRAINING_SETTLE_S = 300.0  # the longest the warm-up waits for the models to settle
 LOAD_SHARE = 0.8  # of the duration: the rest is the idle tail the baselines are checked on
 AGENTS = 4
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -207,6 +211,40 @@ def retention_of(home: Path) -> int:
     return value if isinstance(value, int) and value >= 0 else DEFAULT_RETENTION
 
 
+def retrain_every_of(home: Path) -> int:
+    """The suite's `[scheduler] retrain_every` (its config file, else the default)."""
+    try:
+        value = tomllib.loads((home / "cortex.toml").read_text()).get(
+            "scheduler", {}).get("retrain_every")
+    except (OSError, tomllib.TOMLDecodeError):
+        value = None
+    return value if isinstance(value, int) and value >= 0 else DEFAULT_RETRAIN_EVERY
+
+
+def training_due(status: dict, every: int) -> bool:
+    """Is a model being trained or read, or is a retrain owed (`model.status`)?"""
+    routing = status.get("routing") or {}
+    return bool(status.get("training") or routing.get("training")
+                or (every and status.get("completions_since_training", 0) >= every)
+                or (routing.get("retrain_every")
+                    and routing.get("typed_since_training", 0) >= routing["retrain_every"]))
+
+
+def settle_training(target: Target, limit_s: float = TRAINING_SETTLE_S) -> float:
+    """Wait until no model is being trained or swapped in and none is owed, so the
+    measured part does not start with the scheduler taking in models the warm-up's tasks
+    asked for (a bounded step of a few MB, not a leak); the seconds it took."""
+    from cortex.protocol import Client
+
+    every, started = retrain_every_of(target.home), time.monotonic()
+    with Client(target.home, timeout=60) as client:
+        while time.monotonic() - started < limit_s:
+            if not training_due(client.call("scheduler", "model.status", {}), every):
+                break
+            time.sleep(2.0)
+    return round(time.monotonic() - started, 1)
+
+
 def warm_up(target: Target, seed: int, quiet: bool, limit_s: float = 1800.0) -> dict:
     """Tasks back to back until the scheduler's finished tasks and the router's ring of
     events are both full (past their caps by WARMUP_MARGIN), or `limit_s` has passed."""
@@ -236,11 +274,14 @@ def warm_up(target: Target, seed: int, quiet: bool, limit_s: float = 1800.0) -> 
         for state, n in agent.done.items():
             outcome[state] = outcome.get(state, 0) + n
     tasks = sum(outcome.values())
-    return {"tasks": outcome, "events": lines.count(),
+    settled = settle_training(target)
+    return {"tasks": outcome, "events": lines.count(), "training_settled_s": settled,
             "seconds": round(time.monotonic() - started, 1),
             "why": f"fill the scheduler's {retention_of(target.home)} finished tasks and the "
-                   f"event router's ring of {RING_EVENTS} events ({WARMUP_MARGIN}x each)",
-            "full": tasks >= want_tasks and lines.lines >= want_events}
+                   f"event router's ring of {RING_EVENTS} events ({WARMUP_MARGIN}x each), "
+                   "then let the models those tasks asked for be trained and swapped in",
+            "full": tasks >= want_tasks and lines.lines >= want_events
+            and settled < TRAINING_SETTLE_S}
 
 
 def slope_mb_per_h(points: list[tuple[float, float]]) -> float:

@@ -149,3 +149,15 @@ def test_dashboard_series_keep_their_last_ten_minutes_at_any_poll_rate():
     assert len(kept) == SERIES_SECONDS / 10 + 1
     for series in latency.view()["series"].values():
         assert series[-1]["ts"] - series[0]["ts"] <= SERIES_SECONDS
+
+
+def test_the_warm_up_waits_while_a_model_is_trained_or_owed():
+    idle = {"training": False, "completions_since_training": 10,
+            "routing": {"training": False, "typed_since_training": 10, "retrain_every": 500}}
+    assert not soak.training_due(idle, 500)
+    assert soak.training_due(idle | {"training": True}, 500)
+    assert soak.training_due(idle | {"completions_since_training": 500}, 500)
+    assert not soak.training_due(idle | {"completions_since_training": 500}, 0)  # never
+    assert soak.training_due(idle | {"routing": {"training": True}}, 500)
+    assert soak.training_due(idle | {"routing": {"typed_since_training": 600,
+                                                 "retrain_every": 500}}, 500)
