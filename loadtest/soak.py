@@ -222,12 +222,13 @@ def retrain_every_of(home: Path) -> int:
 
 
 def training_due(status: dict, every: int) -> bool:
-    """Is a model being trained or read, or is a retrain owed (`model.status`)?"""
+    """Is a model being trained or read, or is the predictor's retrain owed (`model.status`)?
+    A router that cannot learn (the soak's tasks all say "soak") is retried in a child
+    that fails at once: owed for ever, so only its training in progress counts."""
     routing = status.get("routing") or {}
-    return bool(status.get("training") or routing.get("training")
-                or (every and status.get("completions_since_training", 0) >= every)
-                or (routing.get("retrain_every")
-                    and routing.get("typed_since_training", 0) >= routing["retrain_every"]))
+    owed = every and status.get("completions_since_training", 0) >= every \
+        and not status.get("last_failure")
+    return bool(status.get("training") or routing.get("training") or owed)
 
 
 def settle_training(target: Target, limit_s: float = TRAINING_SETTLE_S) -> float:

@@ -15,6 +15,7 @@ from cortex.loadtest import soak
 
 
 @pytest.mark.heavy
+@pytest.mark.timeout(900)  # the warm-up (2,000 tasks, the models settling), then a minute
 def test_a_short_soak_finds_no_leak(tmp_path):
     out = tmp_path / "soak"
     done = subprocess.run([sys.executable, "-m", "cortex.loadtest", "--scenario", "soak",

@@ -159,5 +159,5 @@ def test_the_warm_up_waits_while_a_model_is_trained_or_owed():
     assert soak.training_due(idle | {"completions_since_training": 500}, 500)
     assert not soak.training_due(idle | {"completions_since_training": 500}, 0)  # never
     assert soak.training_due(idle | {"routing": {"training": True}}, 500)
-    assert soak.training_due(idle | {"routing": {"typed_since_training": 600,
-                                                 "retrain_every": 500}}, 500)
+    failing = idle | {"completions_since_training": 900, "last_failure": {"exit_code": 1}}
+    assert not soak.training_due(failing, 500)  # retried, never owed
