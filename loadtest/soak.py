@@ -2,31 +2,49 @@
 
     python -m cortex.loadtest --scenario soak --duration 4h [--tasks 1000]
 
-Spreads --tasks tasks (echo, short sleeps, a command that starts a child) evenly over the
-first 80% of --duration from a few agents, then lets the suite sit idle for the rest.
-Every sample (about 200 over the run, at least every 5 s) records, per process of the
-suite (supervisord, each service, each worker): RSS, open file descriptors, CPU seconds;
-and the event log's size and the zombies among the suite's processes. It fails (exit 1)
-on a leak:
+First a warm-up, unmeasured: tasks as fast as the suite takes them until every table the
+suite bounds by a count is full, so that what the measured part sees growing is not a
+table filling to its cap. The largest are the event router's ring of recent events
+(`RING_EVENTS`; the dashboard keeps half as many) and the scheduler's finished tasks
+(`[scheduler] retention`: the soak's own suite keeps `SOAK_RETENTION`, and its
+`keep_results` is `SOAK_KEEP_RESULTS` seconds, so the warm-up is minutes, not an hour;
+the bounding code is the same at any size). The warm-up runs until both have been passed
+by `WARMUP_MARGIN`, then waits until the models its tasks asked for (the scheduler
+retrains every `retrain_every` completions) are trained and swapped in, and reports how
+many tasks and events, and how long, that took.
 
-- descriptors of a process alive from start to end not back to their baseline (after
-  the warm-up) within +-5 at the end;
-- RSS of such a process growing more than 1 MB per hour over the second half (the slope
-  of a least-squares line), and by more than 1 MB in all; a run under an hour cannot tell
-  that from warm-up (caches, allocator arenas), so there only growth above 5 MB counts;
+Then the measured part: --tasks tasks (echo, short sleeps, a command that starts a child)
+spread evenly over the first 80% of --duration from a few agents, then the suite idle for
+the rest. Every sample (about 200 over the run, at least every 5 s) records, per process
+of the suite (supervisord, each service, each worker): RSS, open file descriptors, CPU
+seconds; and the event log's size and the zombies among the suite's processes. It fails
+(exit 1) on a leak:
+
+- descriptors of a process alive from start to end not back to their baseline (taken
+  after the warm-up) within +-5 at the end;
+- RSS of such a process growing more than 1 MB per hour over the second half of the
+  measured part (the slope of a least-squares line) and by more than one allocator step
+  (`ALLOCATOR_STEP_MB`: pymalloc takes memory from the system in arenas of 1 MiB, so a
+  bounded churn can raise RSS by one arena at any moment; a smaller rise is not evidence);
 - any zombie seen in two samples running.
 
 Writes `soak.json` (every sample) and `soak.md` (the drift per process) under --out.
+To see what grows, run it with `CORTEX_TRACEMALLOC=1` (services/runtime/memtrace.py): each
+service then logs, at the end of the measured part, the allocations that grew in it by
+source line (its RSS figures are then swollen by tracemalloc: not a verdict).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
+import signal
 import sys
 import threading
 import time
+import tomllib
 from pathlib import Path
 
 import psutil
@@ -34,12 +52,35 @@ import psutil
 from .harness import Target
 
 RSS_SLOPE_MB_H = 1.0
-RSS_NOISE_MB = 1.0
-RSS_NOISE_SHORT_MB = 5.0  # runs under an hour
+ALLOCATOR_STEP_MB = 1.0  # one pymalloc arena (CPython 3.10+ on 64-bit)
 FD_TOLERANCE = 5
+RING_EVENTS = 10_000  # the event router's recent events (services/events/process.py)
+DEFAULT_RETENTION = 10_000  # [scheduler] retention when the suite's config does not set it
+DEFAULT_RETRAIN_EVERY = 500  # [scheduler] retrain_every when the config does not set it
+SOAK_RETENTION = 2_000
+SOAK_KEEP_RESULTS = 60.0
+WARMUP_MARGIN = 1.1
+WARMUP_AGENTS = 8
+TRAINING_SETTLE_S = 300.0  # the longest the warm-up waits for the models to settle
 LOAD_SHARE = 0.8  # of the duration: the rest is the idle tail the baselines are checked on
 AGENTS = 4
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+TRACED = ("broker", "events", "ledger", "scheduler", "pool", "dashboard", "supervisor-events")
+
+
+def mark_memory(target: Target) -> None:
+    """With CORTEX_TRACEMALLOC set (services/runtime/memtrace.py), have every service log
+    the allocations that grew since its previous mark (the first mark is its baseline)."""
+    if os.environ.get("CORTEX_TRACEMALLOC", "").strip() in ("", "0"):
+        return
+    for pid, name in target.services().items():
+        if name in TRACED:
+            try:
+                os.kill(pid, signal.SIGUSR2)
+            except OSError:
+                pass  # gone meanwhile
 
 
 def duration_arg(text: str) -> float:
@@ -53,6 +94,7 @@ def duration_arg(text: str) -> float:
 def config(workers: int, fsync: str) -> str:
     return ("# written by cortex.loadtest (soak)\n"
             f'[suite]\nfsync = "{fsync}"\n'
+            f'[scheduler]\nretention = {SOAK_RETENTION}\nkeep_results = {SOAK_KEEP_RESULTS}\n'
             f'[pool.groups.default]\ncount = {workers}\n'
             'types = ["echo", "sleep", "spawn"]\n'
             '[handlers]\nspawn = { command = ["sh", "-c", "sleep 0.05 & cat > /dev/null; '
@@ -86,6 +128,19 @@ def sample(target: Target, t0: float) -> dict:
             "zombies": target.zombies()}
 
 
+def one_task(client, rng: random.Random, n: float) -> str:
+    """Submit one task of the soak's mix and wait for it; its final state (or error)."""
+    from cortex.protocol import errors
+
+    kind = rng.choice(("echo", "echo", "sleep", "spawn"))
+    payload = {"seconds": 0.2} if kind == "sleep" else {"n": n}
+    try:
+        return client.submit_and_wait(kind, "soak", payload=payload, task_timeout=60,
+                                      timeout=120)["state"]
+    except errors.CortexError as e:
+        return f"error {e.code}"
+
+
 class Load(threading.Thread):
     """One agent: submits its share of tasks at evenly spaced times, waiting for each."""
 
@@ -97,21 +152,137 @@ class Load(threading.Thread):
         self.halt = threading.Event()
 
     def run(self) -> None:
-        from cortex.protocol import Client, errors
+        from cortex.protocol import Client
 
         with Client(self.home, timeout=120) as client:
             for at in self.times:
                 if self.halt.wait(max(0.0, self.t0 + at - time.monotonic())):
                     return
-                kind = self.rng.choice(("echo", "echo", "sleep", "spawn"))
-                payload = {"seconds": 0.2} if kind == "sleep" else {"n": at}
-                try:
-                    task = client.submit_and_wait(kind, "soak", payload=payload,
-                                                  task_timeout=60, timeout=120)
-                    state = task["state"]
-                except errors.CortexError as e:
-                    state = f"error {e.code}"
+                state = one_task(client, self.rng, at)
                 self.done[state] = self.done.get(state, 0) + 1
+
+
+class WarmUp(threading.Thread):
+    """One warm-up agent: tasks back to back until `halt` is set."""
+
+    def __init__(self, home: Path, seed: int, halt: threading.Event):
+        super().__init__(daemon=True)
+        self.home, self.halt = home, halt
+        self.rng = random.Random(seed)
+        self.done: dict[str, int] = {}
+
+    def run(self) -> None:
+        from cortex.protocol import Client
+
+        with Client(self.home, timeout=120) as client:
+            while not self.halt.is_set():
+                state = one_task(client, self.rng, -1)
+                self.done[state] = self.done.get(state, 0) + 1
+
+
+class LineCounter:
+    """Lines appended to the event log since it was made (each line is one event)."""
+
+    def __init__(self, home: Path):
+        self.home = home
+        self.offsets = {p: p.stat().st_size for p in self._files()}
+        self.lines = 0
+
+    def _files(self) -> list[Path]:
+        return sorted((self.home / "events").glob("*.jsonl"))
+
+    def count(self) -> int:
+        for path in self._files():
+            with open(path, "rb") as f:
+                f.seek(self.offsets.get(path, 0))
+                data = f.read()
+            self.lines += data.count(b"\n")
+            self.offsets[path] = self.offsets.get(path, 0) + len(data)
+        return self.lines
+
+
+def retention_of(home: Path) -> int:
+    """The suite's `[scheduler] retention` (its config file, else the default)."""
+    path = home / "cortex.toml"
+    try:
+        value = tomllib.loads(path.read_text()).get("scheduler", {}).get("retention")
+    except (OSError, tomllib.TOMLDecodeError):
+        value = None
+    return value if isinstance(value, int) and value >= 0 else DEFAULT_RETENTION
+
+
+def retrain_every_of(home: Path) -> int:
+    """The suite's `[scheduler] retrain_every` (its config file, else the default)."""
+    try:
+        value = tomllib.loads((home / "cortex.toml").read_text()).get(
+            "scheduler", {}).get("retrain_every")
+    except (OSError, tomllib.TOMLDecodeError):
+        value = None
+    return value if isinstance(value, int) and value >= 0 else DEFAULT_RETRAIN_EVERY
+
+
+def training_due(status: dict, every: int) -> bool:
+    """Is a model being trained or read, or is the predictor's retrain owed (`model.status`)?
+    A router that cannot learn (the soak's tasks all say "soak") is retried in a child
+    that fails at once: owed for ever, so only its training in progress counts."""
+    routing = status.get("routing") or {}
+    owed = every and status.get("completions_since_training", 0) >= every \
+        and not status.get("last_failure")
+    return bool(status.get("training") or routing.get("training") or owed)
+
+
+def settle_training(target: Target, limit_s: float = TRAINING_SETTLE_S) -> float:
+    """Wait until no model is being trained or swapped in and none is owed, so the
+    measured part does not start with the scheduler taking in models the warm-up's tasks
+    asked for (a bounded step of a few MB, not a leak); the seconds it took."""
+    from cortex.protocol import Client
+
+    every, started = retrain_every_of(target.home), time.monotonic()
+    with Client(target.home, timeout=60) as client:
+        while time.monotonic() - started < limit_s:
+            if not training_due(client.call("scheduler", "model.status", {}), every):
+                break
+            time.sleep(2.0)
+    return round(time.monotonic() - started, 1)
+
+
+def warm_up(target: Target, seed: int, quiet: bool, limit_s: float = 1800.0) -> dict:
+    """Tasks back to back until the scheduler's finished tasks and the router's ring of
+    events are both full (past their caps by WARMUP_MARGIN), or `limit_s` has passed."""
+    want_tasks = int(retention_of(target.home) * WARMUP_MARGIN)
+    want_events = int(RING_EVENTS * WARMUP_MARGIN)
+    lines, halt = LineCounter(target.home), threading.Event()
+    agents = [WarmUp(target.home, seed + 100 + i, halt) for i in range(WARMUP_AGENTS)]
+    started = time.monotonic()
+    for agent in agents:
+        agent.start()
+    try:
+        while time.monotonic() - started < limit_s:
+            time.sleep(1.0)
+            tasks = sum(sum(a.done.values()) for a in agents)
+            events = lines.count()
+            if not quiet:
+                print(f"[soak] warm-up: {tasks}/{want_tasks} tasks, {events}/{want_events} "
+                      "events", file=sys.stderr, flush=True)
+            if tasks >= want_tasks and events >= want_events:
+                break
+    finally:
+        halt.set()
+        for agent in agents:
+            agent.join(timeout=150)
+    outcome: dict[str, int] = {}
+    for agent in agents:
+        for state, n in agent.done.items():
+            outcome[state] = outcome.get(state, 0) + n
+    tasks = sum(outcome.values())
+    settled = settle_training(target)
+    return {"tasks": outcome, "events": lines.count(), "training_settled_s": settled,
+            "seconds": round(time.monotonic() - started, 1),
+            "why": f"fill the scheduler's {retention_of(target.home)} finished tasks and the "
+                   f"event router's ring of {RING_EVENTS} events ({WARMUP_MARGIN}x each), "
+                   "then let the models those tasks asked for be trained and swapped in",
+            "full": tasks >= want_tasks and lines.lines >= want_events
+            and settled < TRAINING_SETTLE_S}
 
 
 def slope_mb_per_h(points: list[tuple[float, float]]) -> float:
@@ -129,7 +300,6 @@ def slope_mb_per_h(points: list[tuple[float, float]]) -> float:
 def analyse(samples: list[dict], duration: float) -> tuple[list[dict], list[str]]:
     """Per process alive from the first sample to the last: drift figures and leaks."""
     first, last = samples[0]["procs"], samples[-1]["procs"]
-    noise = RSS_NOISE_MB if duration >= 3600 else RSS_NOISE_SHORT_MB
     rows, leaks = [], []
     for pid, start in first.items():
         end = last.get(pid)
@@ -142,6 +312,7 @@ def analyse(samples: list[dict], duration: float) -> tuple[list[dict], list[str]
         row = {"pid": int(pid), "name": start["name"],
                "rss_start_mb": round(start["rss_mb"], 2), "rss_end_mb": round(end["rss_mb"], 2),
                "rss_slope_2nd_half_mb_h": round(slope, 3),
+               "rss_grown_2nd_half_mb": round(grown, 3),
                "fds_baseline": start["fds"], "fds_end": end["fds"],
                "fds_max": max(p["fds"] for _, p in series),
                "cpu_s": round(end["cpu_s"] - start["cpu_s"], 2)}
@@ -149,7 +320,7 @@ def analyse(samples: list[dict], duration: float) -> tuple[list[dict], list[str]
         if abs(end["fds"] - start["fds"]) > FD_TOLERANCE:
             leaks.append(f"{start['name']} (pid {pid}): {start['fds']} descriptors at the "
                          f"start, {end['fds']} at the end")
-        if slope > RSS_SLOPE_MB_H and grown > noise:
+        if slope > RSS_SLOPE_MB_H and grown > ALLOCATOR_STEP_MB:
             leaks.append(f"{start['name']} (pid {pid}): RSS grew {slope:.2f} MB/h over the "
                          f"second half ({grown:.2f} MB)")
     seen: set[int] = set()
@@ -171,13 +342,12 @@ def run(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with target:
-        from cortex.protocol import Client
-
-        with Client(target.home, timeout=60) as client:  # warm-up: every type once
-            for kind in ("echo", "sleep", "spawn"):
-                client.submit_and_wait(kind, "soak warm-up", payload={"seconds": 0},
-                                       timeout=60)
+        warm = warm_up(target, args.seed, args.quiet)
+        if not warm["full"]:
+            print(f"[soak] warm-up stopped before the tables were full: {warm}",
+                  file=sys.stderr)
         time.sleep(min(5.0, interval))  # the warm-up's snapshots and events settle
+        mark_memory(target)
         t0 = time.monotonic()
         spacing = duration * LOAD_SHARE / max(1, args.tasks)
         times = [i * spacing for i in range(args.tasks)]
@@ -198,7 +368,11 @@ def run(args) -> int:
                 load.halt.set()
             for load in loads:
                 load.join(timeout=150)
+        mark_memory(target)
         rows, leaks = analyse(samples, duration)
+        if not warm["full"]:
+            leaks.append(f"the warm-up did not fill the bounded tables ({warm['why']}), so "
+                         "growth in the measured part may be a table filling, not a leak")
     outcome: dict[str, int] = {}
     for load in loads:
         for state, n in load.done.items():
@@ -207,16 +381,20 @@ def run(args) -> int:
         leaks.append(f"processes left after stop: {target.leftovers}")
     hours = max(duration / 3600, 1e-9)
     growth = (samples[-1]["event_bytes"] - samples[0]["event_bytes"]) / hours
-    report = {"duration_s": duration, "tasks": outcome, "interval_s": interval,
+    report = {"duration_s": duration, "tasks": outcome, "warm_up": warm, "interval_s": interval,
               "event_log_growth_bytes_h": round(growth), "processes": rows, "leaks": leaks,
               "samples": samples}
     (out / "soak.json").write_text(json.dumps(report, indent=1))
     lines = [f"# Soak: {duration:.0f} s, tasks {outcome}", "",
+             f"warm-up (not measured): tasks {warm['tasks']}, {warm['events']} events in "
+             f"{warm['seconds']} s, to {warm['why']}", "",
              f"event log growth: {growth / 2**20:.2f} MB/h", "",
-             "| process | RSS start MB | RSS end MB | RSS slope 2nd half MB/h | fds base | "
-             "fds end | fds max | CPU s |", "|---|---|---|---|---|---|---|---|"]
+             "| process | RSS start MB | RSS end MB | RSS slope 2nd half MB/h | "
+             "RSS grown 2nd half MB | fds base | fds end | fds max | CPU s |",
+             "|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['name']} | {r['rss_start_mb']} | {r['rss_end_mb']} | "
-              f"{r['rss_slope_2nd_half_mb_h']} | {r['fds_baseline']} | {r['fds_end']} | "
+              f"{r['rss_slope_2nd_half_mb_h']} | {r['rss_grown_2nd_half_mb']} | "
+              f"{r['fds_baseline']} | {r['fds_end']} | "
               f"{r['fds_max']} | {r['cpu_s']} |" for r in rows]
     lines += ["", "leaks: " + ("; ".join(leaks) if leaks else "none")]
     (out / "soak.md").write_text("\n".join(lines) + "\n")

@@ -380,6 +380,10 @@ OPERATIONS = [
         F("crashing", Str(2000, empty=True), default="")),
         "the pool reaped a worker (`crashing`: its group's last error, when it crash-loops)",
         senders=frozenset({"pool"})),
+    Operation("ledger.budgets", "scheduler", wire.NOTIFY, SERVICE, (
+        F("budgets", Json(), True),),
+        "the ledger's budgets, sent as one is set (admission refuses what no limit allows)",
+        senders=frozenset({"ledger"})),
     Operation("peer.lost", "scheduler", wire.NOTIFY, BROKER, (
         F("name", Name(), True), F("role", Choice(("client", "worker", "service",
                                                    "unknown")), True)),

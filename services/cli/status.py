@@ -138,6 +138,7 @@ def status_report(home: Path, suite: Suite, processes: list[dict],
         "queue": sched.get("queue"),
         "tasks": sched.get("states"),
         "waiting": sched.get("waiting"),
+        "queued_by_reason": sched.get("queued_by_reason"),
         "memory_pressure": sched.get("memory_pressure"),
         "backoff": sched.get("backoff"),
         "providers": sched.get("providers"),  # each model provider's window (limits.py)
@@ -236,8 +237,11 @@ def _scheduler_lines(r: dict) -> list[str]:
     if queue is None:
         out.append(f"queue      {unknown}")
     else:
-        waits = ", ".join(f"{short(why, 30)} {n}" for why, n in (r.get("waiting") or {}).items())
-        extra = f"  (waiting: {waits or 'none'}; in retry backoff {r['backoff']})"
+        by_reason = r.get("queued_by_reason")
+        if by_reason is None:  # a scheduler that does not say: its announced waits only
+            by_reason = {**(r.get("waiting") or {}), "backoff": r.get("backoff")}
+        waits = ", ".join(f"{short(why, 30)} {n}" for why, n in by_reason.items() if n)
+        extra = f"  (waiting for: {waits or 'nothing'})"
         out.append("queue      " + "  ".join(f"{p} {number(queue.get(p, 0))}"
                                              for p in PRIORITIES) + extra)
         if r.get("memory_pressure"):

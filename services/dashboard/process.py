@@ -49,6 +49,7 @@ from cortex.services.dashboard.state import (
     EventFilter,
     token_ok,
 )
+from cortex.services.runtime import memtrace
 from cortex.services.runtime.durable import write_atomic
 from cortex.services.runtime.process import join_generation, prepare_home
 from cortex.services.runtime.settings import ConfigError
@@ -574,7 +575,10 @@ def main(argv=None) -> None:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         raise SystemExit(f"dashboard: another dashboard is running for {home}") from None
+    memory = memtrace.from_environment(log)  # None unless CORTEX_TRACEMALLOC
     try:
         asyncio.run(Dashboard(home, settings).serve())
     finally:
+        if memory is not None:
+            memory.mark()
         lock.close()

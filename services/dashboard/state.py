@@ -22,7 +22,8 @@ RECENT_EVENTS = 5000  # kept here for a page that changes its filter
 PAGE_EVENTS = 1000  # what a page keeps, and the most it is sent at once
 MAX_QUEUE_ROWS = 500
 QUEUE_EVERY = 0.5  # seconds between two sendings of the queue table
-SERIES_POINTS = 600  # one point a second: the last ten minutes
+SERIES_POINTS = 600  # one point a second (a page open): the last ten minutes
+SERIES_SECONDS = 600.0  # and no older, whatever the poll rate (idle: a point per 10 s)
 LATENCY_WINDOW = 5  # polls whose histogram deltas make one latency point
 MAX_LATENCY_SERIES = 64
 RECENT_NOTES = 30  # rejections and overruns listed with their reasons
@@ -373,8 +374,15 @@ class Services:
 
 # -- resources over time -----------------------------------------------------------------
 
+def keep_recent(points: deque, ts: float, seconds: float = SERIES_SECONDS) -> None:
+    """Drop the points older than `seconds` before `ts` (oldest first), so a series is
+    its last minutes at any poll rate, not `maxlen` polls (100 minutes when idle)."""
+    while points and points[0]["ts"] < ts - seconds:
+        points.popleft()
+
+
 class Resources:
-    """The suite's CPU (cores), memory (MB) and tokens per second, a point a second."""
+    """The suite's CPU (cores), memory (MB) and tokens per second, a point a poll."""
 
     def __init__(self, points: int = SERIES_POINTS):
         self.points: deque[dict] = deque(maxlen=points)
@@ -390,6 +398,7 @@ class Resources:
         point = {"ts": ts, "cpu": round(cores, 3), "rss_mb": round(rss_mb, 1),
                  "tokens": round(tokens, 1), "committed": committed}
         self.points.append(point)
+        keep_recent(self.points, ts)
         return point
 
     def view(self) -> list[dict]:
@@ -476,8 +485,9 @@ class Latency:
         for label, stats in point["series"].items():
             if label not in self.series and len(self.series) >= MAX_LATENCY_SERIES:
                 continue
-            self.series.setdefault(label, deque(maxlen=self.points)).append(
-                {"ts": ts, **stats})
+            series = self.series.setdefault(label, deque(maxlen=self.points))
+            series.append({"ts": ts, **stats})
+            keep_recent(series, ts)
         return point
 
     @staticmethod

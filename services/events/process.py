@@ -45,6 +45,7 @@ RETRY_WRITE = 1.0  # seconds between attempts to write to an unwritable events d
 # sooner when this many events wait; live subscribers get events at once regardless.
 FLUSH_INTERVAL = 0.01
 FLUSH_EVENTS = 5000
+SENDER_LABELS_KEPT = 4096  # fan-in routing ids remembered (each publisher process has one)
 QUERY_QUEUE = 8  # events.query reads waiting at most; more are refused (unavailable)
 
 
@@ -230,8 +231,9 @@ class EventRouter(BusService):
         label = self.sender_labels.get(sender)
         if label is None:
             label = source if source in wire.SERVICE_NAMES else "worker"
-            if len(self.sender_labels) < 100_000:
-                self.sender_labels[sender] = label
+            if len(self.sender_labels) >= SENDER_LABELS_KEPT:
+                self.sender_labels.clear()  # ids of gone publishers: relabelled on their next batch
+            self.sender_labels[sender] = label
         flows = self.fan_in_flows.get(label)
         if flows is None:
             flows = self.fan_in_flows[label] = {"batches": 0, "events": 0, "acks": 0}

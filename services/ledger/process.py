@@ -82,8 +82,10 @@ class Ledger(BusService):
 
     @serves("ledger.set")
     def set_budget(self, fx: Effects, msg: wire.Message, body: dict, now: float) -> None:
-        self.answer(fx, msg, body, self.state.set_budget(body["scope"], body["limit"],
-                                                         body["window"], now=now))
+        outcome = self.state.set_budget(body["scope"], body["limit"], body["window"], now=now)
+        if outcome.ok:  # sent before the reply, so no submit that follows it comes first
+            fx.notify("scheduler", {"op": "ledger.budgets", "budgets": self.state.status(now)})
+        self.answer(fx, msg, body, outcome)
 
     @serves("ledger.status")
     def status(self, fx: Effects, msg: wire.Message, body: dict, now: float) -> None:

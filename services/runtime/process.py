@@ -15,7 +15,7 @@ from pathlib import Path
 import zmq
 
 from cortex.protocol import locate
-from cortex.services.runtime import lineage
+from cortex.services.runtime import lineage, memtrace
 from cortex.services.runtime import settings as config
 
 SUBDIRS = ("run", "state", "wal", "events", "logs", "models")
@@ -150,6 +150,7 @@ class ServiceRuntime:
         signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
+        self.memory = memtrace.from_environment(self.log)  # None unless CORTEX_TRACEMALLOC
         self.ctx = zmq.Context()
 
     def _on_signal(self, signum, frame) -> None:
@@ -171,6 +172,8 @@ class ServiceRuntime:
                 pass
 
     def close(self) -> None:
+        if self.memory is not None:
+            self.memory.mark()
         signal.set_wakeup_fd(-1)
         self.wake_r.close()
         self._wake_w.close()

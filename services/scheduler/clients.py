@@ -11,6 +11,7 @@ from collections import Counter
 import orjson
 
 from cortex.protocol import wire
+from cortex.protocol.vocabulary import PRIORITIES
 from cortex.services.runtime.effects import Effects
 from cortex.services.scheduler.admission import parse_wait
 from cortex.services.scheduler.clock import Now
@@ -198,11 +199,16 @@ class ClientRequests:
     def status(self, now: Now) -> dict:
         states: Counter = Counter()
         waiting: Counter = Counter()
+        queued = dict.fromkeys(PRIORITIES, 0)
         for t in self.tasks.values():
             states[str(t.state)] += 1
-            if t.state is State.QUEUED and t.waiting is not None:
-                waiting[t.waiting] += 1
-        return {"queue": self.queue.by_priority(), "states": dict(states),
+            if t.state is State.QUEUED:
+                queued[t.priority] = queued.get(t.priority, 0) + 1
+                waiting[t.waiting or Reason.WORKER.value] += 1
+        # "queue" holds every queued task, as "states" counts them; the dispatch queue
+        # alone leaves out those held aside (tokens, backoff, cpu, memory, reserving).
+        return {"queue": queued, "states": dict(states),
+                "queued_by_reason": {r.value: waiting[r] for r in Reason if waiting[r]},
                 "workers": self.registry.by_type(),
                 "waiting": {r.value: waiting[r] for r in sorted(ANNOUNCED) if waiting[r]},
                 "backoff": waiting[Reason.BACKOFF.value],

@@ -38,7 +38,8 @@ class Scheduler(BusService):
             Predictor,  # scikit-learn: loaded by the scheduler alone
         )
 
-        self.predictor = Predictor.load(self.rt.home / "models")
+        # Training runs in a child that reads the event log: no completions kept here.
+        self.predictor = Predictor.load(self.rt.home / "models", history_limit=0)
         self.trainer = Trainer(self.rt.home, self.predictor)
         from cortex.services.scheduler.classify import load as load_router
 
@@ -263,6 +264,12 @@ class Scheduler(BusService):
             now = self.now(wall)
             self.state.worker_gone(fx, body["name"], "lost (no heartbeat)", now, kill=True)
             self.state.dispatch(fx, now)
+
+    @serves("ledger.budgets", wire.NOTIFY)
+    def ledger_budgets(self, fx: Effects, msg: wire.Message, body: dict, wall: float) -> None:
+        """A budget was set: admission knows it before any submit that follows."""
+        if isinstance(body["budgets"], list):
+            self.state.admission.know_budgets(body["budgets"])
 
     @serves("worker.exited", wire.NOTIFY)
     def worker_exited(self, fx: Effects, msg: wire.Message, body: dict, wall: float) -> None:

@@ -25,7 +25,7 @@ from cortex.services.scheduler.prediction.models import MODEL_FILE, ModelSet
 
 DEFAULTS = {"duration": 60.0, "tokens": 2000.0, "memory_mb": 64.0, "cpu_s": 1.0}
 AVERAGE_WINDOW = 100  # plain mean up to this many completions, then EWMA with alpha 1/window
-HISTORY_LIMIT = 50_000
+HISTORY_LIMIT = 50_000  # completions a predictor keeps for train() with no rows given
 
 
 @dataclass(slots=True)
@@ -55,17 +55,18 @@ class _RunningAverage:
 
 
 class Predictor:
-    """`min_samples`: fewest valid history rows `train()` fits a model on."""
+    """`min_samples`: fewest valid history rows `train()` fits a model on; `history_limit`:
+    completions kept for it (0 where training reads its rows elsewhere)."""
 
     def __init__(self, model_dir: str | os.PathLike | None, defaults: dict[str, float] | None
-                 = None, min_samples: int = 50):
+                 = None, min_samples: int = 50, history_limit: int = HISTORY_LIMIT):
         self.model_dir = Path(model_dir) if model_dir is not None else None
         self.defaults = {**DEFAULTS, **{k: float(v) for k, v in (defaults or {}).items()
                                         if k in DEFAULTS}}
         self.min_samples = max(int(min_samples), 10)
         self._models: ModelSet | None = None  # swapped whole, never changed in place
         self._averages: dict[str, dict[str, _RunningAverage]] = {}
-        self._history: deque[dict] = deque(maxlen=HISTORY_LIMIT)
+        self._history: deque[dict] = deque(maxlen=max(0, int(history_limit)))
         self._since_training = 0
         self._reason: str | None = "no model trained yet"  # why there is no model
         self._last_error: str | None = None
@@ -105,7 +106,7 @@ class Predictor:
         row = clean_row({"type": task_type, "priority": priority, "description": description,
                          "payload_size": payload_size, **(actual or {})})
         if row is not None:
-            self._history.append(row)
+            self._history.append(row)  # a no-op at history_limit 0
             self._since_training += 1
 
     def completions_since_training(self) -> int:
@@ -131,7 +132,8 @@ class Predictor:
     def read_saved(self) -> Predictor:
         """The models saved under `model_dir`, read into a new predictor (slow: safe to
         call from another thread, changes nothing here)."""
-        return Predictor.load(self.model_dir, self.defaults, self.min_samples)
+        return Predictor.load(self.model_dir, self.defaults, self.min_samples,
+                              self._history.maxlen or 0)
 
     def adopt(self, fresh: Predictor) -> bool:
         """Swap in the models of `fresh` (from read_saved()); keeps the running averages.
@@ -166,9 +168,9 @@ class Predictor:
 
     @classmethod
     def load(cls, model_dir: str | os.PathLike, defaults: dict[str, float] | None = None,
-             min_samples: int = 50) -> Predictor:
+             min_samples: int = 50, history_limit: int = HISTORY_LIMIT) -> Predictor:
         """A predictor with the models saved in `model_dir`, or without (reason in status)."""
-        self = cls(model_dir, defaults, min_samples)
+        self = cls(model_dir, defaults, min_samples, history_limit)
         path = Path(model_dir) / MODEL_FILE
         if not path.exists():
             self._reason = f"no saved model at {path}"
