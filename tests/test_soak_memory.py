@@ -11,7 +11,10 @@ import random
 import signal
 import tracemalloc
 
+import pytest
+
 from cortex.loadtest import soak
+from cortex.protocol.client import Client
 from cortex.services.dashboard.state import SERIES_SECONDS, Latency, Resources
 from cortex.services.runtime import memtrace
 from cortex.services.scheduler.prediction.history import TARGETS
@@ -125,15 +128,19 @@ def test_memory_tracing_is_off_unless_asked_for():
     assert memtrace.from_environment(log, {memtrace.ENV: "0"}) is None
 
 
+@pytest.mark.heavy  # a real suite whose scheduler traces every allocation: slow to start
 def test_a_service_logs_its_memory_growth_on_sigusr2(suites, monkeypatch):
     monkeypatch.setenv(memtrace.ENV, "1")
     suite = suites.start()
     pid = next(row["pid"] for row in suite.processes() if row["name"] == "scheduler")
+    with Client(suite.home, timeout=60) as client:  # it answers: its handler is set
+        client.call("scheduler", "scheduler.status", {})
     log = suite.home / "logs" / "scheduler.log"
     os.kill(pid, signal.SIGUSR2)
-    wait_for(lambda: "baseline taken" in log.read_text(), 60, "the baseline in its log")
+    wait_for(lambda: "baseline taken" in log.read_text(), 120, "the baseline in its log")
     os.kill(pid, signal.SIGUSR2)
-    wait_for(lambda: "top growth by source" in log.read_text(), 60, "a report in its log")
+    wait_for(lambda: "top growth by source" in log.read_text(), 120, "a report in its log")
+    assert next(row["pid"] for row in suite.processes() if row["name"] == "scheduler") == pid
 
 
 def test_dashboard_series_keep_their_last_ten_minutes_at_any_poll_rate():
