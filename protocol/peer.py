@@ -18,7 +18,6 @@ from pathlib import Path
 
 import zmq
 from zmq.utils import z85
-from zmq.utils.monitor import recv_monitor_message
 
 from . import errors, locate, wire
 
@@ -149,6 +148,10 @@ class HandshakeWatch:
 
     def read(self) -> str | None:
         """Take the events waiting; the last failure's cause, None after a success."""
+        # Here, not at the top: pyzmq's monitor module imports asyncio, which a process on
+        # ipc (every worker) never needs.
+        from zmq.utils.monitor import recv_monitor_message
+
         while self._monitor.poll(0):
             try:
                 event = recv_monitor_message(self._monitor, zmq.NOBLOCK)
