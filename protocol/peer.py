@@ -10,6 +10,7 @@ import logging
 import math
 import os
 import socket as _socket
+import struct
 import time
 import tomllib
 import uuid
@@ -18,7 +19,6 @@ from pathlib import Path
 
 import zmq
 from zmq.utils import z85
-from zmq.utils.monitor import recv_monitor_message
 
 from . import errors, locate, wire
 
@@ -128,9 +128,21 @@ def use_keys(sock: zmq.Socket, keys: CurveKeys | None) -> None:
 
 
 _monitors = itertools.count()
+_MONITOR_FRAME = struct.Struct("=Hi")
 _HANDSHAKE_EVENTS = (zmq.EVENT_CONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED
                      | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
                      | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+
+
+def recv_monitor_event(monitor: zmq.Socket, flags: int = 0) -> tuple[int, int]:
+    """(event, value) of the next message of a socket monitor: a 16-bit event and a 32-bit
+    value, then the endpoint (zmq_socket_monitor). pyzmq's own reader comes with asyncio,
+    which would be loaded into every process for this alone."""
+    frames = monitor.recv_multipart(flags)
+    if len(frames) != 2 or len(frames[0]) != 6:
+        raise RuntimeError(f"not a socket monitor message: {frames!r}")
+    event, value = _MONITOR_FRAME.unpack(frames[0])
+    return event, value
 
 
 class HandshakeWatch:
@@ -151,10 +163,10 @@ class HandshakeWatch:
         """Take the events waiting; the last failure's cause, None after a success."""
         while self._monitor.poll(0):
             try:
-                event = recv_monitor_message(self._monitor, zmq.NOBLOCK)
+                kind, value = recv_monitor_event(self._monitor, zmq.NOBLOCK)
             except zmq.ZMQError:
                 break
-            kind, value = event["event"], event["value"]  # value: an fd or an error code
+            # value: an fd or an error code
             if kind == zmq.EVENT_CONNECTED:
                 self.connected = True
             elif kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:

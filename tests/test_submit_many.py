@@ -273,3 +273,83 @@ def test_batches_lose_nothing_and_double_nothing_when_the_scheduler_is_killed(su
         # None doubled: the suite holds these tasks and no others.
         states = c.call("scheduler", "scheduler.status")["states"]
         assert sum(states.values()) == batches * size, states
+
+
+# -- an exception mid-admission leaves nothing behind ------------------------------------
+def queue_push_that_raises_after(state, failing_key: str):
+    """The queue's push does its work, then raises for the task with `failing_key`: the
+    last moment of an admission."""
+    push = state.queue.push
+
+    def push_then_raise(task, *args, **kwargs):
+        push(task, *args, **kwargs)
+        if task.key == failing_key:
+            raise RuntimeError("injected after the queue push")
+    return push_then_raise
+
+
+def agree(state, fx: Effects, accepted_keys: set[str]) -> None:
+    """The table, the queue, the journal records and the events all hold the same tasks."""
+    assert {t.key for t in state.tasks.values()} == accepted_keys
+    assert set(state.table.keys) == accepted_keys
+    assert set(state.table.marks) == set(state.tasks)
+    assert state.queue.depth("echo") == len(accepted_keys)
+    assert {r["task"]["key"] for r in fx.records if r["k"] == "new"} == accepted_keys
+    created = [e[2] for e in fx.events if e[0] == "task.created"]
+    assert sorted(created) == sorted(state.tasks)
+    assert state.counters["submitted"] == len(accepted_keys)
+
+
+def test_a_batch_task_whose_admission_raises_fails_alone_and_leaves_nothing(monkeypatch):
+    state = new_state()
+    monkeypatch.setattr(state.queue, "push", queue_push_that_raises_after(state, "b"))
+    fx, results = submit_many(state, [{"type": "echo", "idempotency_key": k}
+                                      for k in ("a", "b", "c")])
+    assert [r.get("code") for r in results] == [None, "internal", None]
+    assert "RuntimeError" in results[1]["message"]
+    agree(state, fx, {"a", "c"})
+    [failure] = [e for e in fx.events if e[0] == "scheduler.internal_error"]
+    assert failure[1]["index"] == 1 and "injected" in failure[1]["traceback"]
+    # A re-send of the failed task is admitted afresh, never answered as a duplicate.
+    monkeypatch.undo()
+    fx2, again = submit_many(state, [{"type": "echo", "idempotency_key": "b"}])
+    assert again[0].get("code") is None and again[0]["id"] not in {
+        results[0]["id"], results[2]["id"]}
+    assert [r["k"] for r in fx2.records] == ["new"]
+    assert state.counters.get("duplicates", 0) == 0
+    assert state.queue.depth("echo") == 3
+    # What the queue hands out is exactly the table's tasks, each once.
+    popped = []
+    while (task := state.queue.pop_for(["echo"], NOW0.mono)) is not None:
+        popped.append(task.key)
+    assert sorted(popped) == ["a", "b", "c"]
+
+
+def test_a_single_submit_that_raises_leaves_the_state_as_it_was(monkeypatch):
+    state = new_state()
+    fx = Effects()
+    state.submit(fx, CLIENT, b"s1", checked([{"type": "echo", "idempotency_key": "a"}])[0],
+                 NOW0)
+    monkeypatch.setattr(state.queue, "push", queue_push_that_raises_after(state, "b"))
+    failed = Effects()
+    with pytest.raises(RuntimeError):
+        state.submit(failed, CLIENT, b"s2",
+                     checked([{"type": "echo", "idempotency_key": "b"}])[0], NOW0)
+    # The loop drops the failed turn's effects: what stays is the first turn's.
+    agree(state, fx, {"a"})
+
+
+def test_a_record_that_cannot_be_encoded_takes_its_task_back(monkeypatch):
+    """The last check of an admission (its records encode) fails that task alone."""
+    state = new_state()
+    check = Effects.check_encodable
+
+    def refuse_b(fx, mark):
+        if any(r.get("task", {}).get("key") == "b" for r in fx.records[mark[2]:]):
+            raise TypeError("journal record cannot be encoded: injected")
+        check(fx, mark)
+    monkeypatch.setattr(Effects, "check_encodable", refuse_b)
+    fx, results = submit_many(state, [{"type": "echo", "idempotency_key": k}
+                                      for k in ("a", "b", "c")])
+    assert [r.get("code") for r in results] == [None, "internal", None]
+    agree(state, fx, {"a", "c"})

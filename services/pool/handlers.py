@@ -8,7 +8,6 @@ from __future__ import annotations
 import importlib
 import json
 import os
-import subprocess
 
 from cortex.protocol.worker import Cancelled, TaskContext
 
@@ -63,6 +62,7 @@ def command(argv: list[str]):
     worker's process group, so a timeout that ends the group ends it and its children;
     once it exits, what it left holding its output (a detached `cmd &`) is ended, so the
     task does not wait on them (they carry the task's tag: see worker.py)."""
+    import subprocess  # here: only a worker serving a command needs it
 
     def run(ctx: TaskContext):
         proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,

@@ -18,7 +18,8 @@ import socket
 import threading
 
 import zmq
-from zmq.utils.monitor import recv_monitor_message
+
+from cortex.protocol.peer import recv_monitor_event
 
 log = logging.getLogger(__name__)
 
@@ -66,12 +67,12 @@ class SocketMonitor(threading.Thread):
         try:
             while True:
                 try:
-                    event = recv_monitor_message(self._monitor)
+                    kind, value = recv_monitor_event(self._monitor)
                 except zmq.ZMQError:
                     return
-                if event["event"] == zmq.EVENT_MONITOR_STOPPED:
+                if kind == zmq.EVENT_MONITOR_STOPPED:
                     return
-                self.on_event(event["event"], event["value"])
+                self.on_event(kind, value)
         finally:
             self._monitor.close(linger=0)
 

@@ -27,8 +27,10 @@ import sys
 import threading
 import time
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
-import psutil
+if TYPE_CHECKING:
+    import psutil
 
 PORTABLE_ENV = "CORTEX_PORTABLE"
 SUITE_TAG = "CORTEX_SUITE"
@@ -110,6 +112,7 @@ def tagged_below(tag: str, value: str, adopter: int) -> list[psutil.Process]:
     """Live processes tagged `tag=value` (a task's, a worker's), wherever they went:
     below `adopter` (the pool, a subreaper, adopts what a handler's children orphaned).
     Without the Linux calls orphans go to init: every process is looked at."""
+    import psutil  # here: a worker imports this module and rarely calls these
     if not linux_calls():
         return tagged(tag, value)
     try:
@@ -132,6 +135,7 @@ def tagged_below(tag: str, value: str, adopter: int) -> list[psutil.Process]:
 def tagged(tag: str, value: str) -> list[psutil.Process]:
     """Live processes (of any parent) whose environment has `tag=value`, not ourselves
     nor our ancestors."""
+    import psutil  # here: a worker imports this module and rarely calls these
     mine = {os.getpid()}
     try:
         mine.update(p.pid for p in psutil.Process().parents())
@@ -150,6 +154,7 @@ def tagged(tag: str, value: str) -> list[psutil.Process]:
 
 
 def with_descendants(procs: Iterable[psutil.Process]) -> list[psutil.Process]:
+    import psutil  # here: a worker imports this module and rarely calls these
     everything: dict[int, psutil.Process] = {}
     for proc in procs:
         everything[proc.pid] = proc
@@ -165,6 +170,7 @@ def with_descendants(procs: Iterable[psutil.Process]) -> list[psutil.Process]:
 def end(procs: Iterable[psutil.Process], grace: float = 1.0) -> list[psutil.Process]:
     """TERM the processes and their descendants, KILL what is left after `grace`
     seconds; returns those that were alive when asked (zombies are not counted)."""
+    import psutil  # here: a worker imports this module and rarely calls these
     targets = []
     for proc in with_descendants(procs):
         try:
@@ -189,6 +195,7 @@ def end(procs: Iterable[psutil.Process], grace: float = 1.0) -> list[psutil.Proc
 
 def describe(procs: Iterable[psutil.Process]) -> list[str]:
     """`pid (command)` for each, for a message."""
+    import psutil  # here: a worker imports this module and rarely calls these
     out = []
     for proc in procs:
         try:

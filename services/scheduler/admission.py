@@ -166,13 +166,14 @@ class Admission:
         fx.error(peer, corr, code, reason)
 
     def record_refusal(self, fx: Effects, request: Request, code: str, reason: str) -> None:
-        """Remember, journal and announce a refusal (the caller answers it)."""
-        self.remember(request.key, code, reason, request.digest)
+        """Journal, announce and remember a refusal (the caller answers it); remembered
+        last, so a refusal is never kept without its record."""
         fx.records.append({"k": "rejected", "key": request.key, "code": code, "reason": reason,
                            "digest": request.digest})
-        self.counters["rejected"] += 1
         fx.emit("scheduler.rejected", {"type": request.type, "priority": request.priority,
                                        "code": code, "reason": reason})
+        self.counters["rejected"] += 1
+        self.remember(request.key, code, reason, request.digest)
 
     def refused(self, key: str) -> tuple[str, str, str] | None:
         """(code, reason, digest) of the refusal of a submit with this key."""

@@ -48,6 +48,7 @@ from cortex.services.runtime.settings import ConfigError
 from cortex.services.runtime.settings import load as load_settings
 from cortex.services.scheduler.classify_fast import checked_fast_path
 from cortex.services.scheduler.classify_rows import (
+    MODEL_FILE,
     ROUTE_CHARS,
     RoutingError,
     history_rows,
@@ -55,7 +56,6 @@ from cortex.services.scheduler.classify_rows import (
     training_rows,
 )
 
-MODEL_FILE = "router.joblib"
 REPORT_FILE = "router-report.json"
 FORMAT_VERSION = 1
 HISTORY_LIMIT = 200_000  # newest typed tasks read from the event log

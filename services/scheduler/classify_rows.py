@@ -22,6 +22,10 @@ from pathlib import Path
 
 import orjson
 
+# The saved router (classify.py writes it): named here so that the scheduler can tell
+# whether there is one without loading scikit-learn.
+MODEL_FILE = "router.joblib"
+
 ROUTE_CHARS = 200  # task.created events keep the first 200 characters of a description
 MAX_TYPE_CHARS = 64  # as the scheduler accepts on submit
 PER_TYPE_LIMIT = 2000

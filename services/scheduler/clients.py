@@ -6,6 +6,8 @@
 from __future__ import annotations
 
 import hashlib
+import logging
+import traceback
 from collections import Counter
 
 import orjson
@@ -17,6 +19,8 @@ from cortex.services.scheduler.admission import parse_wait
 from cortex.services.scheduler.clock import Now
 from cortex.services.scheduler.tasks import State, Task, new_task_id
 from cortex.services.scheduler.waiting import ANNOUNCED, Reason
+
+log = logging.getLogger("cortex.scheduler")
 
 AUTO = "auto"  # the type that asks the scheduler to choose (routing.py)
 
@@ -53,15 +57,22 @@ class ClientRequests:
     def submit_many(self, fx: Effects, peer: bytes, corr: bytes,
                     items: list[dict | wire.ProtocolError], now: Now) -> None:
         """Each item (a checked submit body, or why it failed its check) admitted on its
-        own, in order; one reply: per item the task (`id`, `state`) or its error."""
+        own, in order; one reply: per item the task (`id`, `state`) or its error. A task
+        whose admission raises is that task's `internal` error (its effects dropped, an
+        event with the traceback); the others keep theirs."""
         results = []
-        for item in items:
+        for index, item in enumerate(items):
             outcome = item
             if isinstance(item, dict):
+                mark = fx.mark()
                 try:
                     outcome = self.admit(fx, peer, item, now)
                 except wire.ProtocolError as e:
+                    fx.rollback(mark)
                     outcome = e
+                except Exception as e:  # a bug in one task's admission fails that task only
+                    fx.rollback(mark)
+                    outcome = self._admission_failed(fx, peer, index, e)
             if isinstance(outcome, Task):
                 results.append({"id": outcome.id, "state": str(outcome.state)})
             elif isinstance(outcome, wire.ProtocolError):
@@ -69,6 +80,20 @@ class ClientRequests:
             else:
                 results.append(wire.error_body(*outcome))
         fx.reply(peer, corr, {"results": results})
+
+    def _admission_failed(self, fx: Effects, peer: bytes, index: int, e: Exception
+                          ) -> tuple[str, str]:
+        """Announce an exception in a batch task's admission as the service loop does for
+        a handler's; the task's result."""
+        trace = traceback.format_exc()
+        self.counters["internal_errors"] = self.counters.get("internal_errors", 0) + 1
+        log.error("task.submit_many task %d from %s failed: %s", index,
+                  peer.decode(errors="replace"), trace)
+        fx.emit("scheduler.internal_error", {
+            "op": "task.submit_many", "type": wire.REQUEST.decode(), "index": index,
+            "peer": peer.decode(errors="replace"), "error": f"{type(e).__name__}: {e}"[:500],
+            "traceback": trace[-4000:]})
+        return "internal", f"scheduler failed on task.submit_many: {type(e).__name__}"
 
     def admit(self, fx: Effects, peer: bytes, body: dict, now: Now) -> Task | tuple[str, str]:
         """The task a submit body asks for (the same one for a key seen before), or the
@@ -92,6 +117,7 @@ class ClientRequests:
             return code, reason  # the same answer, never a late accept
         req = self.admission.parse(body, peer)
         req.digest = digest
+        sent_type = req.type  # before routing may choose one
         routing, refusal = self._route(req)
         refusal = refusal or self.limits.refusal(req)
         if refusal is None:
@@ -101,6 +127,7 @@ class ClientRequests:
             refusal = self.admission.judge(req, waiting, wait_s, now)
         if refusal is not None:
             self.admission.record_refusal(fx, req, *refusal)
+            self._typed(sent_type)
             return refusal
         predicted = None
         if self.predictor is not None:
@@ -112,14 +139,37 @@ class ClientRequests:
                     deadline=req.deadline, times={"created": now.wall},
                     eta=now.wall + wait_s, size=req.size, predicted=predicted,
                     routing=routing, digest=digest)
-        self.waiting.set(fx, task, Reason.WORKER)
-        self.table.add(fx, task, now)
-        self._enqueue(task)
-        fx.emit("task.created", {"type": req.type, "priority": req.priority,
-                                 "tokens": req.tokens, "agent": req.agent, "eta": task.eta,
-                                 "description": req.description[:200],
-                                 **({"routing": routing} if routing else {})}, task.id)
+        self.waiting.set(fx, task, Reason.WORKER)  # the new task's own fields, no event
+        self._take_in(fx, task, now)
+        self._typed(sent_type)
         return task
+
+    def _take_in(self, fx: Effects, task: Task, now: Now) -> None:
+        """The admitted task into the table and the queue, all or nothing. The loop drops
+        the effects of a turn that raises: a task left in memory without its record would
+        be acknowledged later as a duplicate that was never journaled."""
+        mark = fx.mark()
+        submitted = self.counters["submitted"]
+        try:
+            self.table.add(fx, task, now)
+            self._enqueue(task)
+            fx.emit("task.created", {"type": task.type, "priority": task.priority,
+                                     "tokens": task.tokens, "agent": task.agent,
+                                     "eta": task.eta, "description": task.description[:200],
+                                     **({"routing": task.routing} if task.routing else {})},
+                    task.id)
+            fx.check_encodable(mark)  # here, while this task alone can be taken back
+        except BaseException:
+            fx.rollback(mark)
+            self.queue.discard(task)
+            self.table.forget_new(task)
+            self.counters["submitted"] = submitted
+            raise
+
+    def _typed(self, task_type: str) -> None:
+        """One more row of routing history (a task sent with its type, taken or refused)."""
+        if self.routing is not None and task_type != AUTO:
+            self.routing.typed(task_type)
 
     def _route(self, req) -> tuple[dict | None, tuple[str, str] | None]:
         """A task of type "auto" takes the type its description routes to (the decision
@@ -127,8 +177,7 @@ class ClientRequests:
         if self.routing is None:
             return None, None
         if req.type != AUTO:
-            self.routing.typed(req.type)
-            return None, None
+            return None, None  # history to learn once it is judged (_typed)
         decision, refusal = self.routing.decide(req.description)
         if decision is None:
             return None, refusal

@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
 from cortex.protocol import wire
 from cortex.protocol.catalogue import SUBMIT_BATCH, check_reply
 from cortex.services.runtime.effects import Effects
 from cortex.services.runtime.loop import BusService, serves
+from cortex.services.scheduler.classify_rows import MODEL_FILE as ROUTER_FILE
 from cortex.services.scheduler.classify_rows import RoutingError
 from cortex.services.scheduler.clock import Now
 from cortex.services.scheduler.feasibility import ResourceMonitor
 from cortex.services.scheduler.machine import FIXED_MACHINE_ENV, MachineSampler, fixed_sampler
+from cortex.services.scheduler.prediction.predictor import Predictor
 from cortex.services.scheduler.routing import Routing
 from cortex.services.scheduler.state import SchedulerState
 from cortex.services.scheduler.trainer import Trainer
@@ -28,21 +31,25 @@ BUDGETS_CORR = b"budgets"  # our copy of the ledger's budgets (admission.py)
 BUDGETS_REFRESH = 2.0  # seconds between asks
 
 
+def load_router(model_dir: Path):
+    """The saved router (classify.load); scikit-learn is loaded only once there is one."""
+    path = Path(model_dir) / ROUTER_FILE
+    if not path.exists():
+        raise RoutingError("no_model", f"no routing model at {path}")
+    from cortex.services.scheduler.classify import load
+
+    return load(model_dir)
+
+
 class Scheduler(BusService):
     name = "scheduler"
     snapshot_name = "tasks.json"
 
     def __init__(self, home=None):
         super().__init__(home)
-        from cortex.services.scheduler.prediction.predictor import (
-            Predictor,  # scikit-learn: loaded by the scheduler alone
-        )
-
         # Training runs in a child that reads the event log: no completions kept here.
         self.predictor = Predictor.load(self.rt.home / "models", history_limit=0)
         self.trainer = Trainer(self.rt.home, self.predictor)
-        from cortex.services.scheduler.classify import load as load_router
-
         self.routing = Routing(self.rt.home, self.settings.routing, load_router)
         self.state = SchedulerState(self.settings.scheduler, predictor=self.predictor,
                                     monitor=ResourceMonitor(self.machine_sampler()),

@@ -55,6 +55,14 @@ class TaskTable:
         del row["final"]
         fx.records.append({"k": "new", "task": row})
 
+    def forget_new(self, task: Task) -> None:
+        """Take back an add() whose turn failed (its record is dropped with the turn)."""
+        if self.tasks.get(task.id) is task:
+            del self.tasks[task.id]
+        if self.keys.get(task.key) == task.id:
+            del self.keys[task.key]
+        self.marks.pop(task.id, None)
+
     def set(self, fx: Effects, task: Task, **changes) -> None:
         for key, value in changes.items():
             setattr(task, key, value)

@@ -12,6 +12,10 @@ from collections.abc import Iterable
 
 import orjson
 
+# The saved models (models.py writes them): named here so that the predictor can tell
+# whether there are any without loading scikit-learn.
+MODEL_FILE = "predictor.joblib"
+
 TARGETS = ("duration", "tokens", "memory_mb", "cpu_s")
 
 

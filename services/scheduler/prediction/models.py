@@ -33,11 +33,11 @@ from cortex.services.scheduler.prediction.features import (
     hash_columns,
     payload_feature,
 )
+from cortex.services.scheduler.prediction.history import MODEL_FILE
 
 MAX_TYPES = 200  # one-hot columns; rarer types fall back to averages
 TYPE_MIN_ROWS = 5  # a type seen fewer times in training is not trusted to the model
 CACHE_LIMIT = 8192
-MODEL_FILE = "predictor.joblib"
 REPORT_FILE = "predictor-report.json"
 FORMAT_VERSION = 2  # 2: memory is growth and CPU is seconds (1 had peak RSS and cores)
 

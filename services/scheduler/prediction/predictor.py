@@ -17,11 +17,12 @@ import os
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from cortex.services.scheduler.prediction import models as model_files
-from cortex.services.scheduler.prediction.history import TARGETS, clean_row, too_few
-from cortex.services.scheduler.prediction.models import MODEL_FILE, ModelSet
+from cortex.services.scheduler.prediction.history import MODEL_FILE, TARGETS, clean_row, too_few
+
+if TYPE_CHECKING:  # models.py loads numpy and scikit-learn: only once there is a model
+    from cortex.services.scheduler.prediction.models import ModelSet
 
 DEFAULTS = {"duration": 60.0, "tokens": 2000.0, "memory_mb": 64.0, "cpu_s": 1.0}
 AVERAGE_WINDOW = 100  # plain mean up to this many completions, then EWMA with alpha 1/window
@@ -121,6 +122,8 @@ class Predictor:
         refused = too_few(len(rows), self.min_samples)
         if refused is not None:
             return refused
+        from cortex.services.scheduler.prediction import models as model_files
+
         model_set = model_files.fit(rows)
         if self.model_dir is not None:
             model_files.save(self.model_dir, model_set)
@@ -176,6 +179,8 @@ class Predictor:
             self._reason = f"no saved model at {path}"
             return self
         try:
+            from cortex.services.scheduler.prediction import models as model_files
+
             self._models = model_files.load(Path(model_dir))
         except Exception as exc:
             self._reason = f"could not load {path}: {type(exc).__name__}: {exc}"
