@@ -69,6 +69,11 @@ def pytest_collection_modifyitems(config, items):
                 or getattr(item.obj, "is_hypothesis_test", False)
                 or item.path.name in NOT_PURE_MODULES):
             item.add_marker(pytest.mark.pure)
+    if config.getoption("dist", default="no") != "no":
+        # xdist hands out the groups first (most tests first), then single tests in this
+        # order: the slow ones (processes, suites) go first, so the two workers end on
+        # the quick pure tests instead of one waiting for the other's long tail.
+        items.sort(key=lambda item: item.get_closest_marker("pure") is not None)
 
 
 def short_home(prefix: str = "cx") -> Path:
