@@ -69,7 +69,7 @@ def pytest_collection_modifyitems(config, items):
                 or getattr(item.obj, "is_hypothesis_test", False)
                 or item.path.name in NOT_PURE_MODULES):
             item.add_marker(pytest.mark.pure)
-    if config.getoption("dist", default="no") != "no":
+    if hasattr(config, "workerinput"):  # an xdist worker: the collection it reports
         # xdist hands out the groups first (most tests first), then single tests in this
         # order: the slow ones (processes, suites) go first, so the two workers end on
         # the quick pure tests instead of one waiting for the other's long tail.
