@@ -69,11 +69,40 @@ def pytest_collection_modifyitems(config, items):
                 or getattr(item.obj, "is_hypothesis_test", False)
                 or item.path.name in NOT_PURE_MODULES):
             item.add_marker(pytest.mark.pure)
+    if hasattr(config, "workerinput"):  # an xdist worker: the collection it reports
+        # xdist hands out the groups first (most tests first), then single tests in this
+        # order: the slow ones (processes, suites) go first, so the two workers end on
+        # the quick pure tests instead of one waiting for the other's long tail.
+        items.sort(key=lambda item: item.get_closest_marker("pure") is not None)
 
 
 def short_home(prefix: str = "cx") -> Path:
     # ipc paths must stay under 107 bytes: keep homes short, under /tmp.
     return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+
+
+DEFAULT_TYPES = ("echo", "sleep", "simulated_agent", "fail")
+
+
+def suite_config(workers: int = 4, types=DEFAULT_TYPES, *, fsync: str = "off",
+                 snapshot_interval: float | None = 2.0, task_heartbeat: float | None = 1.0,
+                 scheduler: str = "", tables: str = "", pool: str = "",
+                 extra: str = "") -> str:
+    """The config every test suite starts from: fast heartbeats, no fsync, one pool group
+    (`default`, `workers` of them, taking `types`). `scheduler` adds lines to [scheduler],
+    `pool` to the default group; `tables` are whole tables written before the pool's,
+    `extra` after it. A None interval is left to the service's default."""
+    text = f'[suite]\nfsync = "{fsync}"\nheartbeat_interval = 0.5\n'
+    if snapshot_interval is not None:
+        text += f"snapshot_interval = {snapshot_interval}\n"
+    if task_heartbeat is not None or scheduler:
+        text += "[scheduler]\n"
+        if task_heartbeat is not None:
+            text += f"task_heartbeat = {task_heartbeat}\n"
+        text += scheduler
+    types_list = ", ".join(f'"{t}"' for t in types)
+    return (text + tables + f"[pool.groups.default]\ncount = {workers}\n{pool}"
+            f"types = [{types_list}]\n" + extra)
 
 
 def write_config(home: Path, text: str) -> None:
@@ -116,11 +145,8 @@ class SuiteRunner:
     def start(self, config: str | None = None, workers: int = 4, fsync: str = "off",
               extra: str = "") -> Suite:
         home = short_home()
-        write_config(home, config if config is not None else (
-            f'[suite]\nfsync = "{fsync}"\nheartbeat_interval = 0.5\nsnapshot_interval = 2.0\n'
-            f'[scheduler]\ntask_heartbeat = 1.0\n'
-            f'[pool.groups.default]\ncount = {workers}\n'
-            'types = ["echo", "sleep", "simulated_agent", "fail"]\n' + extra))
+        write_config(home, config if config is not None else suite_config(
+            workers, fsync=fsync, extra=extra))
         suite = Suite(home)
         entry = (suite, set())
         self.suites.append(entry)
@@ -177,9 +203,11 @@ def suite(suites):
     return suites.start()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def shared_suite():
-    """One suite for a whole module of tests that do not disturb each other."""
+    """One suite (four workers, the default config) for every test that leaves it as it
+    found it: its tasks and agents are its own (unique names), what it stops it restarts,
+    what it queues it cancels. Each xdist worker starts its own, once, on first use."""
     runner = SuiteRunner()
     try:
         yield runner.start()

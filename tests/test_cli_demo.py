@@ -21,12 +21,10 @@ from cortex.protocol import Client
 from cortex.services.cli.registry import Exit
 from cortex.services.control import Suite, reap_orphans
 
-from .conftest import SuiteRunner, short_home, wait_for
+from .conftest import SuiteRunner, short_home, suite_config, wait_for
 
 CLI = [sys.executable, "-m", "cortex.services.cli"]
-ONE_WORKER = ('[suite]\nfsync = "off"\nheartbeat_interval = 0.5\n'
-              '[pool.groups.default]\ncount = 1\nmax = 1\n'
-              'types = ["echo", "sleep", "simulated_agent", "fail"]\n')
+ONE_WORKER = suite_config(1, snapshot_interval=None, task_heartbeat=None, pool="max = 1\n")
 
 
 @pytest.fixture(scope="module")

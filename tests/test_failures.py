@@ -14,7 +14,7 @@ import pytest
 
 from cortex.protocol import Client
 
-from .conftest import SuiteRunner, jsonl_events_of, wait_for
+from .conftest import SuiteRunner, jsonl_events_of, suite_config, wait_for
 from .test_suite_integration import jsonl_events
 
 SPAWNER = '[handlers]\nspawner = { command = ["sh", "-c", "sleep 300 & sleep 300"] }\n'
@@ -175,11 +175,8 @@ def test_unwritable_events_directory_holds_events_and_resumes(suites):
 
 
 def test_workers_recycle_after_max_tasks_without_losing_work(suites):
-    config = ('[suite]\nfsync = "off"\nheartbeat_interval = 0.5\n'
-              '[scheduler]\ntask_heartbeat = 1.0\n'
-              '[pool.groups.default]\ncount = 1\nmax = 1\nmax_tasks = 3\n'
-              'types = ["echo", "sleep", "simulated_agent", "fail"]\n')
-    suite = suites.start(config=config)
+    suite = suites.start(config=suite_config(1, snapshot_interval=None,
+                                             pool="max = 1\nmax_tasks = 3\n"))
     with Client(suite.home, timeout=60) as c:
         ids = [c.submit("echo", f"recycled {i}", payload=i)["id"] for i in range(10)]
         done = [c.wait(t, timeout=60) for t in ids]

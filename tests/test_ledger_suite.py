@@ -22,7 +22,7 @@ import pytest
 from cortex.protocol import Client, errors
 from cortex.services.cli import app as cli
 
-from .conftest import wait_for
+from .conftest import suite_config, wait_for
 from .test_suite_integration import jsonl_events
 
 R = 100  # tokens every task of the contention test reserves
@@ -36,15 +36,12 @@ NUMBERS = ("limit", "reserved", "committed", "overrun")
 
 def ledger_config(workers: int, budget: int, agents: dict[str, int], fsync: str = "group",
                   windowed=()) -> str:
-    text = (f'[suite]\nfsync = "{fsync}"\nheartbeat_interval = 0.5\nsnapshot_interval = 2.0\n'
-            f'[scheduler]\ntask_heartbeat = 1.0\n'
-            f'[ledger]\nbudget = {budget}\n')
+    tables = f'[ledger]\nbudget = {budget}\n'
     for agent, limit in agents.items():
-        text += f'[ledger.budgets."agent:{agent}"]\nlimit = {limit}\n'
+        tables += f'[ledger.budgets."agent:{agent}"]\nlimit = {limit}\n'
         if agent in windowed:  # a window that will not reset during the test
-            text += 'window = "rolling:86400"\n'
-    return text + (f'[pool.groups.default]\ncount = {workers}\n'
-                   'types = ["echo", "sleep", "simulated_agent", "fail"]\n')
+            tables += 'window = "rolling:86400"\n'
+    return suite_config(workers, fsync=fsync, tables=tables)
 
 
 def initial_budgets(budget: int, agents: dict[str, int]) -> dict[str, dict]:

@@ -21,7 +21,7 @@ from cortex.protocol import Client
 from cortex.services.control import Suite
 from cortex.services.runtime import lineage
 
-from .conftest import jsonl_events_of, short_home, wait_for, write_config
+from .conftest import jsonl_events_of, short_home, suite_config, wait_for, write_config
 
 # A Python handler (in the worker's own process) starting a child in a new session.
 PY_HANDLER = '''
@@ -40,14 +40,11 @@ def broken_at_start(ctx):
 
 
 def _config(workers: int, extra: str = "") -> str:
-    return ('[suite]\nfsync = "off"\nheartbeat_interval = 0.5\nsnapshot_interval = 2.0\n'
-            '[scheduler]\ntask_heartbeat = 1.0\n'
-            f'[pool.groups.default]\ncount = {workers}\n'
-            'types = ["echo", "sleep", "detach", "pydetach"]\n'
+    return suite_config(workers, ("echo", "sleep", "detach", "pydetach"), extra=(
             # A command detaching a grandchild in a new session, output not redirected:
             # the grandchild holds the command's stdout.
             '[handlers]\ndetach = { command = ["sh", "-c", "setsid sleep 1002 & echo {}"] }\n'
-            'pydetach = "h9handlers:detach"\n' + extra)
+            'pydetach = "h9handlers:detach"\n' + extra))
 
 
 def start(suites, workers: int = 2, extra: str = "", module: str = PY_HANDLER):

@@ -13,19 +13,17 @@ import pytest
 
 from cortex.protocol import Client, errors
 
-from .conftest import jsonl_events_of, short_home, wait_for
+from .conftest import jsonl_events_of, short_home, suite_config, wait_for
 
-BASE = ('[suite]\nfsync = "off"\nheartbeat_interval = 0.5\nsnapshot_interval = 2.0\n'
-        '[scheduler]\ntask_heartbeat = 1.0\n')
+AGENTS = ("simulated_agent",)
 
 
 def test_tasks_that_can_never_run_are_refused_at_submit(suites):
-    suite = suites.start(config=BASE + (
+    suite = suites.start(config=suite_config(1, ("echo", "sleep"), tables=(
         '[ledger]\nbudget = 100000\n'
         '[ledger.budgets."agent:small"]\nlimit = 300\n'
         '[ledger.budgets."type:sleep"]\nlimit = 500\nwindow = "rolling:60"\n'
-        '[types]\nexternal = ["translate"]\ngrace = 0\n'
-        '[pool.groups.default]\ncount = 1\ntypes = ["echo", "sleep"]\n'))
+        '[types]\nexternal = ["translate"]\ngrace = 0\n')))
     with Client(suite.home, timeout=60, agent="small") as c:
         with pytest.raises(errors.BudgetExceeded, match="limit of 100000 of budget global"):
             c.submit("echo", "above the global limit", tokens=200_000)
@@ -48,9 +46,8 @@ def test_tasks_that_can_never_run_are_refused_at_submit(suites):
 
 
 def test_a_token_wait_shows_the_limit_what_is_left_and_what_is_asked(suites):
-    suite = suites.start(config=BASE + (
-        '[ledger]\nbudget = 1000\nwindow = "rolling:3600"\n'
-        '[pool.groups.default]\ncount = 2\ntypes = ["simulated_agent"]\n'))
+    suite = suites.start(config=suite_config(
+        2, AGENTS, tables='[ledger]\nbudget = 1000\nwindow = "rolling:3600"\n'))
     with Client(suite.home, timeout=60) as c:
         holder = c.submit("simulated_agent", "holds 700", tokens=700,
                           payload={"tokens": 1, "seconds": 120})
@@ -74,8 +71,7 @@ def test_a_token_wait_shows_the_limit_what_is_left_and_what_is_asked(suites):
 
 @pytest.mark.heavy  # slow: real processes started, killed and restarted
 def test_queued_tasks_keep_their_attempt_through_down_and_up(suites):
-    suite = suites.start(config=BASE + (
-        '[pool.groups.default]\ncount = 1\ntypes = ["sleep"]\n'))
+    suite = suites.start(config=suite_config(1, ("sleep",)))
     with Client(suite.home, timeout=60) as c:
         running = c.submit("sleep", "in hand", payload={"seconds": 2}, retries=0)
         wait_for(lambda: c.status(running["id"])["state"] == "running", 30, "one running")
@@ -104,9 +100,8 @@ def test_a_hundred_tasks_without_tokens_for_a_minute_write_bounded_events(suites
     every 5 s (TOKENS_RETRY_CAP), +-20%: at most 18 in a minute. So 100 x (2 + 18) = 2000
     events in 60 s, whatever the wait's length beyond that grows by 100 per 5 s (131 stuck
     tasks wrote 57,800 in 4 minutes before)."""
-    suite = suites.start(config=BASE + (
-        '[ledger]\nbudget = 1000\nwindow = "rolling:3600"\n'
-        '[pool.groups.default]\ncount = 2\ntypes = ["simulated_agent"]\n'))
+    suite = suites.start(config=suite_config(
+        2, AGENTS, tables='[ledger]\nbudget = 1000\nwindow = "rolling:3600"\n'))
     with Client(suite.home, timeout=60) as c:
         holder = c.submit("simulated_agent", "holds 900", tokens=900,
                           payload={"tokens": 1, "seconds": 300}, timeout=400)
@@ -130,9 +125,7 @@ def test_a_hundred_tasks_without_tokens_for_a_minute_write_bounded_events(suites
 
 @pytest.mark.heavy  # slow: real processes started, killed and restarted
 def test_a_waiting_task_whose_limit_drops_below_its_ask_fails_with_the_reason(suites):
-    suite = suites.start(config=BASE + (
-        '[ledger]\nbudget = 1000\n'
-        '[pool.groups.default]\ncount = 2\ntypes = ["simulated_agent"]\n'))
+    suite = suites.start(config=suite_config(2, AGENTS, tables='[ledger]\nbudget = 1000\n'))
     with Client(suite.home, timeout=60) as c:
         holder = c.submit("simulated_agent", "holds 700", tokens=700,
                           payload={"tokens": 1, "seconds": 120})

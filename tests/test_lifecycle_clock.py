@@ -13,7 +13,7 @@ import pytest
 
 from cortex.protocol import Client
 
-from .conftest import short_home, wait_for, write_config
+from .conftest import short_home, suite_config, wait_for, write_config
 
 
 def libfaketime() -> str | None:
@@ -30,9 +30,7 @@ def test_a_wall_clock_jump_neither_times_out_running_tasks_nor_refuses_submits(s
     home = short_home()
     offset = home / "faketime"
     offset.write_text("+0\n")
-    write_config(home, '[suite]\nfsync = "off"\nheartbeat_interval = 0.5\n'
-                       '[scheduler]\ntask_heartbeat = 1.0\n'
-                       '[pool.groups.default]\ncount = 4\ntypes = ["sleep", "echo"]\n')
+    write_config(home, suite_config(4, ("sleep", "echo"), snapshot_interval=None))
     faked = {"LD_PRELOAD": lib, "FAKETIME_TIMESTAMP_FILE": str(offset),
              "FAKETIME_DONT_FAKE_MONOTONIC": "1", "FAKETIME_NO_CACHE": "1"}
     before = {k: os.environ.get(k) for k in faked}

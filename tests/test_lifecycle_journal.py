@@ -17,7 +17,7 @@ import pytest
 from cortex.protocol import Client, errors
 from cortex.services.runtime.journal import Journal, repair
 
-from .conftest import wait_for
+from .conftest import suite_config, wait_for
 
 
 def _replay(path, after_lsn: int = 0):
@@ -99,10 +99,7 @@ def _twenty_completed(suite) -> list[str]:
 @pytest.fixture
 def slow_snapshots(suites):
     """A suite whose scheduler snapshots only at start and stop."""
-    return suites.start(config=(
-        '[suite]\nfsync = "off"\nheartbeat_interval = 0.5\nsnapshot_interval = 3600\n'
-        '[scheduler]\ntask_heartbeat = 1.0\n'
-        '[pool.groups.default]\ncount = 2\ntypes = ["echo", "sleep"]\n'))
+    return suites.start(config=suite_config(2, ("echo", "sleep"), snapshot_interval=3600))
 
 
 def test_an_empty_snapshot_loses_no_acknowledged_task(slow_snapshots):

@@ -12,25 +12,15 @@ import time
 
 from cortex.loadtest.openai_server import OpenAIServer
 from cortex.protocol import Client
-from tests.conftest import wait_for
+from tests.conftest import suite_config, wait_for
 
 FILE_KEY = "sk-live-file-key-1111222233334444"
 ENV_KEY = "sk-live-env-key-5555666677778888"
 
 
 def config(server: OpenAIServer, key_file) -> str:
-    return f"""
-[suite]
-fsync = "off"
-heartbeat_interval = 0.5
-snapshot_interval = 1.0
-[scheduler]
-task_heartbeat = 1.0
-[ledger.budgets."type:llm"]
-limit = 1000000
-[pool.groups.default]
-count = 1
-types = ["echo"]
+    return suite_config(1, ("echo",), snapshot_interval=1.0,
+                        tables='[ledger.budgets."type:llm"]\nlimit = 1000000\n', extra=f"""
 [pool.groups.llm]
 count = 3
 types = ["llm"]
@@ -47,7 +37,7 @@ api_key_env = "H6_LIVE_KEY"
 base_url = "{server.base_url}"
 model = "plain"
 api_key_env = "H6_LIVE_WRONG_KEY"
-"""
+""")
 
 
 def files_holding(home, secrets: list[str]) -> list[str]:

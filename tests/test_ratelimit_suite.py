@@ -12,7 +12,7 @@ import pytest
 
 from cortex.loadtest.openai_server import OpenAIServer
 from cortex.protocol import Client
-from tests.conftest import jsonl_events_of, wait_for
+from tests.conftest import jsonl_events_of, suite_config, wait_for
 
 WINDOW = 2.0
 PER_WINDOW = 8
@@ -21,18 +21,8 @@ OTHERS = 12
 
 
 def config(server: OpenAIServer) -> str:
-    return f"""
-[suite]
-fsync = "off"
-heartbeat_interval = 0.5
-snapshot_interval = 2.0
-[scheduler]
-task_heartbeat = 1.0
-[ledger.budgets."type:llm"]
-limit = 10000000
-[pool.groups.default]
-count = 1
-types = ["echo"]
+    return suite_config(1, ("echo",),
+                        tables='[ledger.budgets."type:llm"]\nlimit = 10000000\n', extra=f"""
 [pool.groups.llm]
 count = 4
 types = ["llm"]
@@ -46,7 +36,7 @@ window = {WINDOW}
 base_url = "{server.base_url}"
 model = "free;n=3"
 api_key_env = "H11_RATE_KEY"
-"""
+""")
 
 
 def most_in_any_window(times: list[float]) -> int:

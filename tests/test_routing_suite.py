@@ -16,7 +16,7 @@ import pytest
 
 from cortex.loadtest.routing_data import TYPES, labelled_descriptions
 from cortex.protocol import Client, errors
-from tests.conftest import jsonl_events_of, wait_for
+from tests.conftest import jsonl_events_of, suite_config, wait_for
 
 PER_TYPE = 12
 HISTORY = PER_TYPE * len(TYPES)
@@ -24,22 +24,13 @@ HISTORY = PER_TYPE * len(TYPES)
 
 def config() -> str:
     handlers = "\n".join(f'{t} = "cortex.services.pool.handlers:echo"' for t in TYPES)
-    return f"""
-[suite]
-fsync = "off"
-heartbeat_interval = 0.5
-snapshot_interval = 2.0
-[scheduler]
-task_heartbeat = 1.0
-[pool.groups.default]
-count = 2
-types = {json.dumps(["echo", *TYPES])}
+    return suite_config(2, ("echo", *TYPES), extra=f"""
 [handlers]
 {handlers}
 [routing]
 min_confidence = 0.5
 retrain_every = {HISTORY}
-"""
+""")
 
 
 def cli(home, *args) -> subprocess.CompletedProcess:

@@ -10,22 +10,10 @@ import pytest
 
 from cortex.protocol import Client, errors
 
-from .conftest import jsonl_events_of, wait_for
+from .conftest import jsonl_events_of, suite_config, wait_for
 
-CONFIG = """[suite]
-fsync = "off"
-heartbeat_interval = 0.5
-snapshot_interval = 2.0
-[scheduler]
-task_heartbeat = 1.0
-[ledger]
-budget = 100000
-[ledger.budgets."agent:poor"]
-limit = 300
-[pool.groups.default]
-count = 2
-types = ["echo", "sleep", "simulated_agent", "fail"]
-"""
+CONFIG = suite_config(2, tables='[ledger]\nbudget = 100000\n'
+                               '[ledger.budgets."agent:poor"]\nlimit = 300\n')
 
 
 @pytest.fixture(scope="module")

@@ -12,27 +12,21 @@ import pytest
 from cortex.protocol import Client, QueueFull, Rejected
 from cortex.services.runtime.settings import ConfigError, load
 
-from .conftest import jsonl_events_of, wait_for
+from .conftest import jsonl_events_of, suite_config, wait_for
 
-FLOOD = """[suite]
-fsync = "off"
-heartbeat_interval = 0.5
-[scheduler]
-task_heartbeat = 1.0
-max_queue_per_type = 60
-[pool.groups.default]
-count = 2
-max = 5
-idle_exit = 2.0
-types = ["echo", "sleep", "simulated_agent", "fail"]
-"""
+
+def flood_config(count: int = 2, most: int = 5, max_queue: int = 60) -> str:
+    """`count` workers that surge up to `most`, a bounded queue per type."""
+    return suite_config(count, snapshot_interval=None,
+                        scheduler=f"max_queue_per_type = {max_queue}\n",
+                        pool=f"max = {most}\nidle_exit = 2.0\n")
 
 
 LOW_SECONDS = 3.0  # long enough that a new worker starts sooner than a busy one frees
 
 
 def test_critical_tasks_overtake_a_low_priority_flood_with_surge(suites):
-    suite = suites.start(config=FLOOD)
+    suite = suites.start(config=flood_config())
     with Client(suite.home, timeout=60) as c:
         wait_for(lambda: len(c.workers()) == 2, 30, "two workers")
         low = [c.submit("sleep", f"flood {i}", priority="low",
@@ -68,7 +62,7 @@ def test_critical_tasks_overtake_a_low_priority_flood_with_surge(suites):
 
 
 def test_full_queue_rejects_with_queue_full_but_not_critical(suites):
-    suite = suites.start(config=FLOOD.replace("count = 2\nmax = 5", "count = 1\nmax = 1"))
+    suite = suites.start(config=flood_config(count=1, most=1))
     with Client(suite.home, timeout=30) as c:
         wait_for(lambda: len(c.workers()) == 1, 30, "one worker")
         blocker = c.submit("sleep", "blocker", payload={"seconds": 30})["id"]
@@ -84,7 +78,7 @@ def test_full_queue_rejects_with_queue_full_but_not_critical(suites):
 
 
 def test_deadline_that_cannot_be_met_is_rejected_with_the_estimate(suites):
-    suite = suites.start(config=FLOOD.replace("count = 2\nmax = 5", "count = 1\nmax = 1"))
+    suite = suites.start(config=flood_config(count=1, most=1))
     with Client(suite.home, timeout=30) as c:
         wait_for(lambda: len(c.workers()) == 1, 30, "one worker")
         for i in range(3):  # teach the scheduler that sleep tasks take ~0.5 s
@@ -105,9 +99,7 @@ def test_surge_limit_is_checked_in_config(tmp_path):
 
 
 def test_an_agent_flooding_does_not_delay_another_beyond_a_fair_share(suites):
-    config = FLOOD.replace("max_queue_per_type = 60", "max_queue_per_type = 5000").replace(
-        "count = 2\nmax = 5", "count = 2\nmax = 2")
-    suite = suites.start(config=config)
+    suite = suites.start(config=flood_config(most=2, max_queue=5000))
     with Client(suite.home, timeout=60, agent="flooder") as a, \
             Client(suite.home, timeout=60, agent="modest") as b:
         wait_for(lambda: len(a.workers()) == 2, 30, "two workers")

@@ -111,7 +111,8 @@ def service_pids(suite) -> set[int]:
     return {p.pid for p in psutil.Process(suite.supervisord_pid()).children()}
 
 
-def test_every_operation_with_every_wrong_field_is_answered_and_nothing_dies(suite):
+def test_every_operation_with_every_wrong_field_is_answered_and_nothing_dies(shared_suite):
+    suite = shared_suite
     pids = service_pids(suite)
     peers = {role: RawPeer(suite.home, role, secret=role == "service")
              for role in ("client", "worker", "service")}

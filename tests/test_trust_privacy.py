@@ -22,7 +22,7 @@ import pytest
 
 from cortex.services.control import Suite
 
-from .conftest import SuiteRunner, wait_for, write_config
+from .conftest import SuiteRunner, suite_config, wait_for, write_config
 
 pytestmark = pytest.mark.processes
 
@@ -114,8 +114,8 @@ def test_nobody_reads_no_file_of_the_home_and_is_refused_by_every_socket():
 
         home = parent / "h"
         home.mkdir(mode=0o755)
-        write_config(home, '[suite]\nfsync = "off"\nheartbeat_interval = 0.5\n'
-                           '[pool.groups.default]\ncount = 1\ntypes = ["echo"]\n')
+        write_config(home, suite_config(1, ("echo",), snapshot_interval=None,
+                                        task_heartbeat=None))
         os.chmod(home / "cortex.toml", 0o644)  # as a careless editor would leave it
         suite = Suite(home)
         runner.suites.append((suite, set()))

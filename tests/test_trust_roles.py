@@ -155,12 +155,16 @@ def test_a_real_external_worker_still_takes_and_finishes_tasks(shared_suite):
         ctx.progress(0.5, "half")
         return {"loud": str(ctx.payload["text"]).upper()}
 
-    worker = Worker("trust-shout", shout, home=shared_suite.home,
-                    name=unique_name("ext-worker"), install_signals=False)
+    name = unique_name("ext-worker")
+    worker = Worker("trust-shout", shout, home=shared_suite.home, name=name,
+                    install_signals=False)
     thread = threading.Thread(target=worker.run, name="external-worker")
     thread.start()
     try:
         with Client(shared_suite.home, timeout=30) as c:
+            # The scheduler refuses a type no registered worker serves: wait for ours.
+            wait_for(lambda: any(w["name"] == name for w in c.workers()), 60,
+                     "the external worker registered")
             done = c.submit_and_wait("trust-shout", "external", payload={"text": "hi"},
                                      timeout=60)
         assert (done["state"], done["result"]) == ("completed", {"loud": "HI"})

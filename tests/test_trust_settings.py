@@ -116,3 +116,22 @@ def test_up_refuses_a_handler_whose_module_fails_or_lacks_the_function(capsys):
     assert cortex(["--home", str(home), "up", "--timeout", "30"]) == 8
     assert "no-such-prog-h8" in capsys.readouterr().err
     assert Suite(home).supervisord_pid() is None
+
+
+def test_shipped_handlers_for_this_interpreter_are_checked_without_a_child(monkeypatch,
+                                                                              tmp_path):
+    from cortex.services.control import suite as control
+    from cortex.services.runtime.settings import DEFAULT_HANDLERS
+
+    children, run = [], subprocess.run
+    monkeypatch.setattr(control.subprocess, "run",
+                        lambda argv, **kw: children.append(argv) or run(argv, **kw))
+    control.check_handlers(dict(DEFAULT_HANDLERS), sys.executable, tmp_path)
+    assert children == []
+    # Another interpreter, or one handler of the user's: the child imports them all.
+    with pytest.raises(ConfigError, match="could not check the handlers"):
+        control.check_handlers(dict(DEFAULT_HANDLERS), str(tmp_path / "no-python"), tmp_path)
+    mine = {**DEFAULT_HANDLERS, "broken": "no_such_module_h19:run"}
+    with pytest.raises(ConfigError, match="No module named 'no_such_module_h19'"):
+        control.check_handlers(mine, sys.executable, tmp_path)
+    assert len(children) == 2

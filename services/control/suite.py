@@ -28,12 +28,13 @@ from cortex.services.runtime.process import (
     new_suite_secret,
     prepare_home,
 )
-from cortex.services.runtime.settings import ConfigError
+from cortex.services.runtime.settings import DEFAULT_HANDLERS, ConfigError
 from cortex.services.runtime.settings import load as load_settings
 
 SERVICES = ("broker", "events", "ledger", "scheduler", "pool")
 LEFTOVER_GRACE = 10.0  # seconds an earlier generation's services get to stop (snapshot)
 PR_SET_CHILD_SUBREAPER = 36
+SHIPPED_HANDLERS = frozenset(DEFAULT_HANDLERS.values())
 
 
 class SuiteError(Exception):
@@ -63,9 +64,14 @@ print(json.dumps(failed))
 def check_handlers(handlers: dict, python: str, cwd: Path, timeout: float = 60.0) -> None:
     """Import every configured handler in a child process (what a worker does at its
     start), so `cortex up` fails with the import error instead of reporting success
-    while a group's workers crash-loop. ConfigError names the first that failed."""
+    while a group's workers crash-loop. ConfigError names the first that failed.
+    Handlers shipped with this package, for this interpreter, need no child: they import
+    wherever the package does (and a start costs one interpreter less)."""
     import json
 
+    if python == sys.executable and all(
+            isinstance(spec, str) and spec in SHIPPED_HANDLERS for spec in handlers.values()):
+        return
     try:
         done = subprocess.run([python, "-c", _IMPORT_HANDLERS], input=json.dumps(handlers),
                               capture_output=True, text=True, timeout=timeout, cwd=cwd)
