@@ -148,6 +148,51 @@ def test_queue_rows_follow_events_between_polls():
     assert [r["code"] for r in queue.view()["refusals"]] == ["rejected", "queue_full"]
 
 
+def test_recalled_prefetched_task_is_queued_again_until_it_starts_elsewhere():
+    queue = Queue()
+    queue.on_event(event("task.created", "t1", type="echo", priority="low", agent="a",
+                         eta=105.0, description="d"))
+    queue.on_event(event("task.dispatched", "t1", "w1", attempt=1, priority="low",
+                         prefetched=True))
+    assert queue.view()["rows"] == []  # held by w1, to start after its task
+    queue.dirty = False
+    queue.on_event(event("task.recalled", "t1", "w1", attempt=1))
+    [row] = queue.view()["rows"]
+    assert (row["id"], row["type"], row["priority"], row["waiting"], row["attempt"],
+            row["description"]) == ("t1", "echo", "low", "worker", 1, "d")
+    assert queue.dirty
+    queue.on_event(event("task.dispatched", "t1", "w2", attempt=1, priority="low"))
+    assert queue.view()["rows"] == [] and queue.held == {}
+    queue.on_event(event("task.recalled", "t1", "w2", attempt=1))
+    assert queue.view()["rows"] == []  # not prefetched there: nothing to give back
+
+
+def test_prefetched_task_that_starts_or_ends_is_not_queued_again():
+    queue = Queue()
+    for task, end in (("t1", "task.started"), ("t2", "task.cancelled"), ("t3", "task.dead")):
+        queue.on_event(event("task.dispatched", task, "w1", attempt=2, priority="high",
+                             agent="a", prefetched=True))  # created before we looked
+        queue.on_event(event(end, task, "w1", attempt=2))
+        queue.on_event(event("task.recalled", task, "w1", attempt=2))
+    assert queue.view()["rows"] == [] and queue.held == {}
+    queue.on_event(event("task.dispatched", "t4", "w1", attempt=2, priority="high",
+                         agent="a", prefetched=True))
+    queue.on_event(event("task.recalled", "t4", "w1", attempt=2))
+    [row] = queue.view()["rows"]  # known from its dispatch alone: what it said
+    assert (row["id"], row["priority"], row["agent"], row["attempt"], row["waiting"]) == (
+        "t4", "high", "a", 2, "worker")
+
+
+def test_prefetched_rows_kept_are_bounded():
+    queue = Queue()
+    for i in range(MAX_QUEUE_ROWS + 5):
+        queue.on_event(event("task.dispatched", f"t{i}", "w1", attempt=1, priority="low",
+                             prefetched=True))
+    assert len(queue.held) == MAX_QUEUE_ROWS and "t0" not in queue.held
+    queue.on_event(event("task.recalled", "t0", "w1", attempt=1))
+    assert queue.view()["rows"] == []  # forgotten: the next poll shows it
+
+
 def test_queue_poll_replaces_rows_and_reads_counts():
     queue = Queue()
     tasks = [{"id": f"t{i}", "type": "echo", "priority": "low", "waiting": "worker",

@@ -236,6 +236,8 @@ class Queue:
 
     def __init__(self):
         self.rows: dict[str, dict] = {}
+        # Prefetched tasks not started yet (bounded as the rows): a recall gives one back.
+        self.held: dict[str, dict] = {}
         self.totals: dict = {"by_priority": dict.fromkeys(PRIORITIES, 0), "total": 0}
         self.admission: dict = {"admitted": 0, "refused": 0, "rejected": 0, "codes": {}}
         self.refusals: deque[dict] = deque(maxlen=RECENT_NOTES)
@@ -255,9 +257,22 @@ class Queue:
         elif kind == "task.waiting" and task in self.rows:
             detail = {k: v for k, v in data.items() if k != "reason"} or None
             self.rows[task].update(waiting=data.get("reason"), detail=detail)
-        elif kind in ("task.dispatched", "task.cancelled", "task.failed", "task.dead",
-                      "task.completed") and task in self.rows:
-            del self.rows[task]
+        elif kind == "task.dispatched" and isinstance(task, str):
+            shown = self.rows.pop(task, None)
+            row = shown or self.held.pop(task, None)
+            if data.get("prefetched"):
+                self._hold(task, row, data)
+            if shown is None:
+                return  # the view is unchanged
+        elif kind == "task.recalled" and task in self.held:
+            row = self.held.pop(task)  # given back: queued again, waiting for a worker
+            if len(self.rows) < MAX_QUEUE_ROWS:
+                self.rows[task] = {**row, "waiting": "worker", "detail": None}
+        elif kind in ("task.started", "task.cancelled", "task.failed", "task.dead",
+                      "task.completed") and (task in self.rows or task in self.held):
+            self.held.pop(task, None)
+            if self.rows.pop(task, None) is None:
+                return  # the view is unchanged
         elif kind == "scheduler.rejected":
             code = data.get("code") or "unknown"
             self.admission["refused" if code == "queue_full" else "rejected"] += 1
@@ -269,6 +284,17 @@ class Queue:
         else:
             return
         self.dirty = True
+
+    def _hold(self, task: str, row: dict | None, data: dict) -> None:
+        """Keep a prefetched task's row (made from its dispatch if it had none here)."""
+        if row is None:
+            row = {"id": task, "type": None, "priority": data.get("priority"),
+                   "agent": data.get("agent"), "eta": None, "created": None,
+                   "description": ""}
+        row["attempt"] = data.get("attempt") or row.get("attempt")
+        self.held[task] = row
+        while len(self.held) > MAX_QUEUE_ROWS:
+            del self.held[next(iter(self.held))]  # the oldest: its recall is the least likely
 
     def merge_poll(self, tasks: list | None, status: dict | None,
                    metrics: dict | None) -> None:
