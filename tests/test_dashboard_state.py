@@ -85,6 +85,30 @@ def test_a_late_end_of_another_task_does_not_free_a_worker():
     assert fleet.workers["w1"]["state"] == "busy"
 
 
+def test_prefetched_task_shows_as_next_until_it_starts_or_goes_back():
+    fleet = Fleet()
+    fleet.on_event(event("task.dispatched", "t1", "w1", ts=50.0), 1.0)
+    fleet.on_event(event("task.dispatched", "t2", "w1", ts=51.0, prefetched=True), 2.0)
+    row = fleet.workers["w1"]
+    assert (row["task"], row["next"], row["since"]) == ("t1", "t2", 50.0)
+    fleet.on_event(event("task.completed", "t1", "w1", ts=52.0), 3.0)
+    fleet.on_event(event("task.started", "t2", "w1", ts=52.1, at=52.0), 4.0)
+    row = fleet.workers["w1"]
+    assert (row["state"], row["task"], row["next"]) == ("busy", "t2", None)
+    fleet.on_event(event("task.dispatched", "t3", "w1", prefetched=True), 5.0)
+    fleet.on_event(event("task.recalled", "t3", "w1"), 6.0)
+    assert (fleet.workers["w1"]["task"], fleet.workers["w1"]["next"]) == ("t2", None)
+    fleet.on_event(event("task.dispatched", "t4", "w1", prefetched=True), 7.0)
+    fleet.on_event(event("task.cancelled", "t4", "w1"), 8.0)
+    assert (fleet.workers["w1"]["task"], fleet.workers["w1"]["next"]) == ("t2", None)
+    fleet.on_event(event("task.dispatched", "t5", "w1", prefetched=True), 9.0)
+    fleet.merge_poll([{"name": "w1", "state": "busy", "task": "t2", "prefetched": "t6"}],
+                     [], asked_at=20.0, now=20.0)  # the poll knows of a later one
+    assert fleet.workers["w1"]["next"] == "t6"
+    fleet.on_event(event("worker.lost", worker="w1"), 21.0)
+    assert fleet.workers["w1"]["next"] is None
+
+
 def test_lost_and_exited_workers_show_then_go():
     fleet = Fleet()
     fleet.on_event(event("worker.registered", worker="w1", types=["echo"]), 1.0)

@@ -97,7 +97,8 @@ class EventFilter:
 # -- the fleet ---------------------------------------------------------------------------
 
 class Fleet:
-    """One row per worker: its state, its task and since when, its process figures.
+    """One row per worker: its state, its task and since when, the task it holds to start
+    next (`next`, prefetched), its process figures.
 
     Events move a worker at once (dispatched: busy, finished: idle, lost, exited); the
     polls of the scheduler's worker list and the pool's children correct what an event
@@ -113,8 +114,8 @@ class Fleet:
         if row is None:
             row = self.workers[name] = {
                 "name": name, "group": None, "types": [], "state": "starting", "task": None,
-                "since": None, "pid": None, "extra": False, "rss_mb": None, "cpu_s": None,
-                "done": 0, "gone_at": None, "touched": -math.inf}
+                "next": None, "since": None, "pid": None, "extra": False, "rss_mb": None,
+                "cpu_s": None, "done": 0, "gone_at": None, "touched": -math.inf}
         if now is not None:
             row["touched"] = now
         self.changed.add(name)
@@ -136,21 +137,29 @@ class Fleet:
             row = self._row(name, now)
             row.update(state="idle", types=list(data.get("types") or []), gone_at=None)
             row["pid"] = data.get("pid") or row["pid"]
-        elif kind in ("task.dispatched", "task.started") and not data.get("prefetched"):
-            row = self._row(name, now)  # (a prefetched task waits for the one it runs)
+        elif kind == "task.dispatched" and data.get("prefetched"):
+            self._row(name, now)["next"] = task  # it waits for the task its worker runs
+        elif kind in ("task.dispatched", "task.started"):
+            row = self._row(name, now)
             if row["task"] != task or row["state"] != "busy":
                 row.update(state="busy", task=task, since=data.get("at") or ts)
+            if row["next"] == task:
+                row["next"] = None
         elif kind in ("task.completed", "task.failed", "task.cancelled", "task.dead"):
             row = self.workers.get(name)
             if row is not None and row["task"] == task and row["state"] == "busy":
                 row = self._row(name, now)
                 row.update(state="idle", task=None, since=ts, done=row["done"] + 1)
+            elif row is not None and row["next"] == task:
+                self._row(name, now)["next"] = None
+        elif kind == "task.recalled" and self.workers.get(name, {}).get("next") == task:
+            self._row(name, now)["next"] = None  # given back to the queue
         elif kind == "worker.lost":
             row = self._row(name, now)
-            row.update(state="lost", gone_at=now)
+            row.update(state="lost", next=None, gone_at=now)
         elif kind == "worker.exited":
             row = self._row(name, now)
-            row.update(state="exited", task=None, gone_at=now)
+            row.update(state="exited", task=None, next=None, gone_at=now)
         elif kind.startswith("worker."):
             # A worker's own state change (leaving, stopping, ...), however it is named.
             state = data.get("to") or data.get("state")
@@ -187,7 +196,8 @@ class Fleet:
                     task = known.get("task") if state == "busy" else None
                     if state == "busy" and task != row["task"]:
                         row["since"] = wall  # busy before we looked: known from now on
-                    row.update(state=state, task=task, gone_at=None)
+                    row.update(state=state, task=task, gone_at=None,
+                               next=known.get("prefetched") if state == "busy" else None)
                 elif scheduler_rows is not None and row["state"] not in ("lost", "exited"):
                     row["state"] = "starting"  # a process the scheduler does not know yet
             if row != before:
@@ -198,7 +208,7 @@ class Fleet:
             if name in pool or name in sched or row["touched"] >= asked_at:
                 continue
             if row["gone_at"] is None:
-                row.update(state="exited", task=None, gone_at=now)
+                row.update(state="exited", task=None, next=None, gone_at=now)
                 self.changed.add(name)
             elif now - row["gone_at"] >= GONE_AFTER:
                 del self.workers[name]
