@@ -85,6 +85,30 @@ def test_a_late_end_of_another_task_does_not_free_a_worker():
     assert fleet.workers["w1"]["state"] == "busy"
 
 
+def test_prefetched_task_shows_as_next_until_it_starts_or_goes_back():
+    fleet = Fleet()
+    fleet.on_event(event("task.dispatched", "t1", "w1", ts=50.0), 1.0)
+    fleet.on_event(event("task.dispatched", "t2", "w1", ts=51.0, prefetched=True), 2.0)
+    row = fleet.workers["w1"]
+    assert (row["task"], row["next"], row["since"]) == ("t1", "t2", 50.0)
+    fleet.on_event(event("task.completed", "t1", "w1", ts=52.0), 3.0)
+    fleet.on_event(event("task.started", "t2", "w1", ts=52.1, at=52.0), 4.0)
+    row = fleet.workers["w1"]
+    assert (row["state"], row["task"], row["next"]) == ("busy", "t2", None)
+    fleet.on_event(event("task.dispatched", "t3", "w1", prefetched=True), 5.0)
+    fleet.on_event(event("task.recalled", "t3", "w1"), 6.0)
+    assert (fleet.workers["w1"]["task"], fleet.workers["w1"]["next"]) == ("t2", None)
+    fleet.on_event(event("task.dispatched", "t4", "w1", prefetched=True), 7.0)
+    fleet.on_event(event("task.cancelled", "t4", "w1"), 8.0)
+    assert (fleet.workers["w1"]["task"], fleet.workers["w1"]["next"]) == ("t2", None)
+    fleet.on_event(event("task.dispatched", "t5", "w1", prefetched=True), 9.0)
+    fleet.merge_poll([{"name": "w1", "state": "busy", "task": "t2", "prefetched": "t6"}],
+                     [], asked_at=20.0, now=20.0)  # the poll knows of a later one
+    assert fleet.workers["w1"]["next"] == "t6"
+    fleet.on_event(event("worker.lost", worker="w1"), 21.0)
+    assert fleet.workers["w1"]["next"] is None
+
+
 def test_lost_and_exited_workers_show_then_go():
     fleet = Fleet()
     fleet.on_event(event("worker.registered", worker="w1", types=["echo"]), 1.0)
@@ -146,6 +170,51 @@ def test_queue_rows_follow_events_between_polls():
     admission = queue.view()["admission"]
     assert (admission["admitted"], admission["refused"], admission["rejected"]) == (1, 1, 1)
     assert [r["code"] for r in queue.view()["refusals"]] == ["rejected", "queue_full"]
+
+
+def test_recalled_prefetched_task_is_queued_again_until_it_starts_elsewhere():
+    queue = Queue()
+    queue.on_event(event("task.created", "t1", type="echo", priority="low", agent="a",
+                         eta=105.0, description="d"))
+    queue.on_event(event("task.dispatched", "t1", "w1", attempt=1, priority="low",
+                         prefetched=True))
+    assert queue.view()["rows"] == []  # held by w1, to start after its task
+    queue.dirty = False
+    queue.on_event(event("task.recalled", "t1", "w1", attempt=1))
+    [row] = queue.view()["rows"]
+    assert (row["id"], row["type"], row["priority"], row["waiting"], row["attempt"],
+            row["description"]) == ("t1", "echo", "low", "worker", 1, "d")
+    assert queue.dirty
+    queue.on_event(event("task.dispatched", "t1", "w2", attempt=1, priority="low"))
+    assert queue.view()["rows"] == [] and queue.held == {}
+    queue.on_event(event("task.recalled", "t1", "w2", attempt=1))
+    assert queue.view()["rows"] == []  # not prefetched there: nothing to give back
+
+
+def test_prefetched_task_that_starts_or_ends_is_not_queued_again():
+    queue = Queue()
+    for task, end in (("t1", "task.started"), ("t2", "task.cancelled"), ("t3", "task.dead")):
+        queue.on_event(event("task.dispatched", task, "w1", attempt=2, priority="high",
+                             agent="a", prefetched=True))  # created before we looked
+        queue.on_event(event(end, task, "w1", attempt=2))
+        queue.on_event(event("task.recalled", task, "w1", attempt=2))
+    assert queue.view()["rows"] == [] and queue.held == {}
+    queue.on_event(event("task.dispatched", "t4", "w1", attempt=2, priority="high",
+                         agent="a", prefetched=True))
+    queue.on_event(event("task.recalled", "t4", "w1", attempt=2))
+    [row] = queue.view()["rows"]  # known from its dispatch alone: what it said
+    assert (row["id"], row["priority"], row["agent"], row["attempt"], row["waiting"]) == (
+        "t4", "high", "a", 2, "worker")
+
+
+def test_prefetched_rows_kept_are_bounded():
+    queue = Queue()
+    for i in range(MAX_QUEUE_ROWS + 5):
+        queue.on_event(event("task.dispatched", f"t{i}", "w1", attempt=1, priority="low",
+                             prefetched=True))
+    assert len(queue.held) == MAX_QUEUE_ROWS and "t0" not in queue.held
+    queue.on_event(event("task.recalled", "t0", "w1", attempt=1))
+    assert queue.view()["rows"] == []  # forgotten: the next poll shows it
 
 
 def test_queue_poll_replaces_rows_and_reads_counts():

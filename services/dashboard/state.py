@@ -98,7 +98,8 @@ class EventFilter:
 # -- the fleet ---------------------------------------------------------------------------
 
 class Fleet:
-    """One row per worker: its state, its task and since when, its process figures.
+    """One row per worker: its state, its task and since when, the task it holds to start
+    next (`next`, prefetched), its process figures.
 
     Events move a worker at once (dispatched: busy, finished: idle, lost, exited); the
     polls of the scheduler's worker list and the pool's children correct what an event
@@ -114,8 +115,8 @@ class Fleet:
         if row is None:
             row = self.workers[name] = {
                 "name": name, "group": None, "types": [], "state": "starting", "task": None,
-                "since": None, "pid": None, "extra": False, "rss_mb": None, "cpu_s": None,
-                "done": 0, "gone_at": None, "touched": -math.inf}
+                "next": None, "since": None, "pid": None, "extra": False, "rss_mb": None,
+                "cpu_s": None, "done": 0, "gone_at": None, "touched": -math.inf}
         if now is not None:
             row["touched"] = now
         self.changed.add(name)
@@ -137,21 +138,29 @@ class Fleet:
             row = self._row(name, now)
             row.update(state="idle", types=list(data.get("types") or []), gone_at=None)
             row["pid"] = data.get("pid") or row["pid"]
-        elif kind in ("task.dispatched", "task.started") and not data.get("prefetched"):
-            row = self._row(name, now)  # (a prefetched task waits for the one it runs)
+        elif kind == "task.dispatched" and data.get("prefetched"):
+            self._row(name, now)["next"] = task  # it waits for the task its worker runs
+        elif kind in ("task.dispatched", "task.started"):
+            row = self._row(name, now)
             if row["task"] != task or row["state"] != "busy":
                 row.update(state="busy", task=task, since=data.get("at") or ts)
+            if row["next"] == task:
+                row["next"] = None
         elif kind in ("task.completed", "task.failed", "task.cancelled", "task.dead"):
             row = self.workers.get(name)
             if row is not None and row["task"] == task and row["state"] == "busy":
                 row = self._row(name, now)
                 row.update(state="idle", task=None, since=ts, done=row["done"] + 1)
+            elif row is not None and row["next"] == task:
+                self._row(name, now)["next"] = None
+        elif kind == "task.recalled" and self.workers.get(name, {}).get("next") == task:
+            self._row(name, now)["next"] = None  # given back to the queue
         elif kind == "worker.lost":
             row = self._row(name, now)
-            row.update(state="lost", gone_at=now)
+            row.update(state="lost", next=None, gone_at=now)
         elif kind == "worker.exited":
             row = self._row(name, now)
-            row.update(state="exited", task=None, gone_at=now)
+            row.update(state="exited", task=None, next=None, gone_at=now)
         elif kind.startswith("worker."):
             # A worker's own state change (leaving, stopping, ...), however it is named.
             state = data.get("to") or data.get("state")
@@ -188,7 +197,8 @@ class Fleet:
                     task = known.get("task") if state == "busy" else None
                     if state == "busy" and task != row["task"]:
                         row["since"] = wall  # busy before we looked: known from now on
-                    row.update(state=state, task=task, gone_at=None)
+                    row.update(state=state, task=task, gone_at=None,
+                               next=known.get("prefetched") if state == "busy" else None)
                 elif scheduler_rows is not None and row["state"] not in ("lost", "exited"):
                     row["state"] = "starting"  # a process the scheduler does not know yet
             if row != before:
@@ -199,7 +209,7 @@ class Fleet:
             if name in pool or name in sched or row["touched"] >= asked_at:
                 continue
             if row["gone_at"] is None:
-                row.update(state="exited", task=None, gone_at=now)
+                row.update(state="exited", task=None, next=None, gone_at=now)
                 self.changed.add(name)
             elif now - row["gone_at"] >= GONE_AFTER:
                 del self.workers[name]
@@ -237,6 +247,8 @@ class Queue:
 
     def __init__(self):
         self.rows: dict[str, dict] = {}
+        # Prefetched tasks not started yet (bounded as the rows): a recall gives one back.
+        self.held: dict[str, dict] = {}
         self.totals: dict = {"by_priority": dict.fromkeys(PRIORITIES, 0), "total": 0}
         self.admission: dict = {"admitted": 0, "refused": 0, "rejected": 0, "codes": {}}
         self.refusals: deque[dict] = deque(maxlen=RECENT_NOTES)
@@ -256,9 +268,22 @@ class Queue:
         elif kind == "task.waiting" and task in self.rows:
             detail = {k: v for k, v in data.items() if k != "reason"} or None
             self.rows[task].update(waiting=data.get("reason"), detail=detail)
-        elif kind in ("task.dispatched", "task.cancelled", "task.failed", "task.dead",
-                      "task.completed") and task in self.rows:
-            del self.rows[task]
+        elif kind == "task.dispatched" and isinstance(task, str):
+            shown = self.rows.pop(task, None)
+            row = shown or self.held.pop(task, None)
+            if data.get("prefetched"):
+                self._hold(task, row, data)
+            if shown is None:
+                return  # the view is unchanged
+        elif kind == "task.recalled" and task in self.held:
+            row = self.held.pop(task)  # given back: queued again, waiting for a worker
+            if len(self.rows) < MAX_QUEUE_ROWS:
+                self.rows[task] = {**row, "waiting": "worker", "detail": None}
+        elif kind in ("task.started", "task.cancelled", "task.failed", "task.dead",
+                      "task.completed") and (task in self.rows or task in self.held):
+            self.held.pop(task, None)
+            if self.rows.pop(task, None) is None:
+                return  # the view is unchanged
         elif kind == "scheduler.rejected":
             code = data.get("code") or "unknown"
             self.admission["refused" if code == "queue_full" else "rejected"] += 1
@@ -270,6 +295,17 @@ class Queue:
         else:
             return
         self.dirty = True
+
+    def _hold(self, task: str, row: dict | None, data: dict) -> None:
+        """Keep a prefetched task's row (made from its dispatch if it had none here)."""
+        if row is None:
+            row = {"id": task, "type": None, "priority": data.get("priority"),
+                   "agent": data.get("agent"), "eta": None, "created": None,
+                   "description": ""}
+        row["attempt"] = data.get("attempt") or row.get("attempt")
+        self.held[task] = row
+        while len(self.held) > MAX_QUEUE_ROWS:
+            del self.held[next(iter(self.held))]  # the oldest: its recall is the least likely
 
     def merge_poll(self, tasks: list | None, status: dict | None,
                    metrics: dict | None) -> None:

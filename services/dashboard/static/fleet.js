@@ -112,9 +112,11 @@ export class FleetPage {
     tile.dataset.state = row.state;
     tile.className = `tile ${row.state}${row.extra ? " extra" : ""}`;
     tile.title = `${row.name}\npid ${row.pid ?? "–"}, ${row.done} tasks done` +
-      (row.rss_mb ? `, ${row.rss_mb} MB` : "") + (row.extra ? "\nsurge/autoscaled: retires when idle" : "");
+      (row.rss_mb ? `, ${row.rss_mb} MB` : "") + (row.extra ? "\nsurge/autoscaled: retires when idle" : "") +
+      (row.next ? `\nnext (prefetched): ${row.next}` : "");
     tile.children[1].textContent = row.state + (row.extra ? " · extra" : "");
     clear(tile.children[2]).append(row.task ? taskLink(row.task) : "");
+    if (row.next) tile.children[2].append(" · next ", taskLink(row.next));
     tile.dataset.task = row.task || "";
   }
 
