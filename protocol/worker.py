@@ -375,13 +375,13 @@ class Worker:
         if op == "task.run":
             task = body.get("task") or {}
             if self._stopping:
-                self._reject(task.get("id"), task.get("attempt"), "stopping")
+                self._hand_back(task.get("id"), task.get("attempt"), "stopping")
             elif self._current is None:
                 self._start(TaskContext(self, task))
             elif body.get("prefetch") is True and len(self._held) < MAX_HELD:
                 self._held.append(TaskContext(self, task))
             else:
-                self._reject(task.get("id"), task.get("attempt"), "busy")
+                self._hand_back(task.get("id"), task.get("attempt"), "busy")
         elif op == "task.cancel":
             ctx = self._current
             if ctx is not None and ctx.id == body.get("id"):
@@ -406,14 +406,14 @@ class Worker:
         self._next_task_beat = time.monotonic() + self.heartbeat
         self._jobs.put(ctx)
 
-    def _reject(self, task_id, attempt, reason: str) -> None:
+    def _hand_back(self, task_id, attempt, reason: str) -> None:
         self._send("task.rejected", {"id": task_id, "attempt": attempt, "reason": reason})
 
     def _give_back(self, reason: str) -> None:
         """Every prefetched task goes back unstarted (we stop, or the scheduler restarted)."""
         held, self._held = self._held, []
         for ctx in held:
-            self._reject(ctx.id, ctx.attempt, reason)
+            self._hand_back(ctx.id, ctx.attempt, reason)
 
     def _recall(self, task_id, attempt) -> None:
         """Give a prefetched task back if it has not started; say which."""

@@ -10,12 +10,19 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import tempfile
 import time
 from pathlib import Path
 
 import psutil
 import pytest
+
+# A run started in the background by a non-interactive shell ignores SIGINT, and every
+# process the tests start would inherit that (the Ctrl-C tests of the CLI then hang): a
+# handler, unlike "ignore", is reset to the default in a child at exec.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 from cortex.services.control import Suite, become_subreaper, reap_orphans, zombies
 

@@ -82,8 +82,9 @@ def test_count_no_op_tasks_by_hop(tmp_path):
     result = run(args)
     assert result["failed"] == 0 and result["tasks"] == 40
     hops = {(r["from"], r["to"], r["type"]): r["messages"] for r in result["routed"]}
-    # Exactly one dispatch and one finished report (and its acknowledgement) per task.
-    assert hops[("scheduler", "worker", "NOTIFY")] == 40
+    # One dispatch and one finished report (and its acknowledgement) per task; an idle
+    # worker taking back a prefetched task adds a task.recall to its holder.
+    assert 40 <= hops[("scheduler", "worker", "NOTIFY")] <= 2 * 40
     assert hops[("worker", "scheduler", "REQUEST")] == 40
     assert hops[("scheduler", "worker", "REPLY")] == 40
     assert hops[("client", "scheduler", "REQUEST")] >= 40

@@ -362,9 +362,12 @@ def test_service_killed_shows_in_postgres(suites, postgres_url):  # noqa: F811
 
     def in_db():
         with psycopg.connect(url, connect_timeout=5) as conn:
-            rows = conn.execute(
-                "SELECT type, data FROM cortex_events WHERE source = 'supervisor'"
-                " AND data->>'name' = 'scheduler' ORDER BY seq").fetchall()
+            try:
+                rows = conn.execute(
+                    "SELECT type, data FROM cortex_events WHERE source = 'supervisor'"
+                    " AND data->>'name' = 'scheduler' ORDER BY seq").fetchall()
+            except psycopg.errors.UndefinedTable:  # the router has not made its table yet
+                return None
         return crash_and_restart([{"type": t, "data": d} for t, d in rows], old)
 
     wait_for(in_db, 30, "the scheduler's crash and restart in PostgreSQL")
