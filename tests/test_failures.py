@@ -47,7 +47,10 @@ def test_hung_worker_is_detected_and_its_task_completes_elsewhere(suites):
         wait_for(lambda: not psutil.pid_exists(victim)
                  or psutil.Process(victim).status() == psutil.STATUS_ZOMBIE, 30,
                  "the hung worker to be killed")
-    kinds = Counter(ev["type"] for ev in jsonl_events(suite.home) if ev["task"] == task["id"])
+    # The log may be a moment behind the reply: read it once the completion is there.
+    kinds = wait_for(lambda: (k := Counter(ev["type"] for ev in jsonl_events(suite.home)
+                                           if ev["task"] == task["id"]))["task.completed"]
+                     and k, 30, "the completion in the log")
     assert kinds["task.completed"] == 1
     assert kinds["task.retry"] == 1
     # `cortex task trace` tells the story in order: two dispatches around the retry.
