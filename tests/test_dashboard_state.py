@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from cortex.services.dashboard.series import Latency, Resources, percentile
 from cortex.services.dashboard.state import (
     GONE_AFTER,
     MAX_QUEUE_ROWS,
@@ -12,11 +13,8 @@ from cortex.services.dashboard.state import (
     Board,
     EventFilter,
     Fleet,
-    Latency,
     Queue,
-    Resources,
     Services,
-    percentile,
     token_ok,
 )
 

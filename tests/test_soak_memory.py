@@ -15,7 +15,7 @@ import pytest
 
 from cortex.loadtest import soak
 from cortex.protocol.client import Client
-from cortex.services.dashboard.state import SERIES_SECONDS, Latency, Resources
+from cortex.services.dashboard.series import SERIES_SECONDS, Latency, Resources
 from cortex.services.runtime import memtrace
 from cortex.services.scheduler.prediction.history import TARGETS
 from cortex.services.scheduler.prediction.predictor import Predictor
