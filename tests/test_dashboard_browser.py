@@ -97,10 +97,13 @@ def test_queue_shows_a_waiting_task_with_its_reason_and_eta(shared_suite, page, 
     open_page(page, shared_suite, "queue")
     with Client(shared_suite.home) as client:
         workers = len(client.call("pool", "pool.status")["workers"])
-        hogs = [client.submit("sleep", "hog", payload={"seconds": 30})["id"]
-                for _ in range(workers)]
-        wait_for(lambda: all(client.status(h)["state"] == "running" for h in hogs), 30,
-                 "every worker busy")
+        # Every worker busy and holding its next (prefetched) task, all of the waiting
+        # task's priority: so it queues (a higher one would recall a prefetched task).
+        hogs = [client.submit("sleep", "hog", priority="high", payload={"seconds": 30})["id"]
+                for _ in range(2 * workers)]
+        wait_for(lambda: sorted(client.status(h)["state"] for h in hogs)
+                 == ["dispatched"] * workers + ["running"] * workers, 30,
+                 "every worker busy, with its next task")
         waiting = client.submit("sleep", "the one that waits", priority="high",
                                 payload={"seconds": 0.1})
         try:
