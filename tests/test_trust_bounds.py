@@ -241,6 +241,7 @@ def peer_named(client: Client, name: str) -> dict | None:
 
 
 @pytest.mark.heavy
+@pytest.mark.timeout(900)  # 200 replies of ~900 KiB, then 400 unread: minutes on 2 cores
 def test_a_peer_that_never_reads_is_cut_off_past_the_byte_bound_and_a_fast_reader_never(
         suites):
     suite = suites.start(extra="[bus]\nmax_unread_mb = 16\n")
