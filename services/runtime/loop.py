@@ -36,6 +36,10 @@ from cortex.services.runtime.journal import Journal, JournalError, read_snapshot
 from cortex.services.runtime.process import ServiceRuntime, suite_secret
 
 MAX_BATCH = 2000  # messages per turn, so timers and acks still get their turn
+# A turn also ends after a share of the heartbeat interval: the broker declares a service
+# lost after a few silent intervals, and a burst of costly requests (events.recent of
+# 10,000 events is ~10 ms each) would otherwise hold every reply and heartbeat past it.
+TURN_SHARE = 0.25
 PREVIOUS_SUFFIX = ".prev"  # the snapshot before the newest
 BAD_SUFFIX = ".bad"  # an unreadable snapshot, set aside for the operator
 HALTED_CHECK = 1.0  # seconds between looks at a halted service's journal
@@ -75,6 +79,7 @@ class BusService:
                             keys=own_keys(self.rt.home, bus))
         self.events = EventPublisher(ctx, events_in, self.name, self.rt.epoch, secret=secret,
                                      keys=own_keys(self.rt.home, events_in))
+        self.turn_limit = TURN_SHARE * self.settings.suite.heartbeat_interval
         self.catalogue, self.handlers = self._handler_table()
         self.poller = zmq.Poller()
         self.poller.register(self.link.socket, zmq.POLLIN)
@@ -377,17 +382,27 @@ class BusService:
                     self.events.on_message()
                 self.on_sockets(ready, fx)
                 if self.link.socket in ready:
-                    now_wall = time.time()
-                    for _ in range(MAX_BATCH):
-                        parts = recv_frames(self.link.socket)
-                        if parts is None:
-                            break
-                        msg = self.link.accept(parts)  # None: control traffic
-                        if msg is not None:
-                            self._decode(fx, msg, now_wall)
+                    self.read_turn(fx)
                     self.flush(fx)
         finally:
             self.shutdown()
+
+    def read_turn(self, fx: Effects) -> int:
+        """Handle what waits on the bus until none is left, MAX_BATCH are read or the
+        turn's time is up (the rest waits in the socket for the next turn); returns how
+        many messages were read."""
+        now_wall = time.time()
+        turn_ends = time.monotonic() + self.turn_limit
+        for count in range(MAX_BATCH):
+            parts = recv_frames(self.link.socket)
+            if parts is None:
+                return count
+            msg = self.link.accept(parts)  # None: control traffic
+            if msg is not None:
+                self._decode(fx, msg, now_wall)
+                if time.monotonic() > turn_ends:
+                    return count + 1
+        return MAX_BATCH
 
     def shutdown(self) -> None:
         try:

@@ -1,0 +1,66 @@
+"""A service's turn ends when its time is up, so a burst of costly requests cannot keep
+its heartbeats (and every reply of the turn) from the broker past the point where the
+broker declares it lost; what is left waits in the socket for the next turn."""
+
+from __future__ import annotations
+
+import zmq
+
+from cortex.protocol import wire
+from cortex.services.runtime.effects import Effects
+from cortex.services.runtime.loop import BusService
+
+
+class PairLink:
+    """The service's link, over an inproc pair: any frames stand for one request."""
+
+    def __init__(self, socket: zmq.Socket):
+        self.socket = socket
+
+    @staticmethod
+    def accept(parts: list) -> wire.Message:
+        return wire.Message(wire.REQUEST, b"c1", parts[0], wire.encode_body({"n": 1}),
+                            b"client")
+
+
+def service_reading(ctx: zmq.Context, waiting: int, turn_limit: float):
+    inbox, outbox = ctx.socket(zmq.PAIR), ctx.socket(zmq.PAIR)
+    inbox.bind("inproc://turns")
+    outbox.connect("inproc://turns")
+    for i in range(waiting):
+        outbox.send(str(i).encode())
+    svc = object.__new__(BusService)
+    svc.halted, svc.catalogue, svc.turn_limit = None, None, turn_limit
+    svc.link = PairLink(inbox)
+    handled: list[bytes] = []
+    svc.handle = lambda fx, msg, body, now: handled.append(msg.corr)
+    return svc, handled, (inbox, outbox)
+
+
+def test_a_turn_whose_time_is_up_leaves_the_rest_in_the_socket_still_ready():
+    ctx = zmq.Context()
+    svc, handled, sockets = service_reading(ctx, 5, turn_limit=0.0)
+    try:
+        assert svc.read_turn(Effects()) == 1 and handled == [b"0"]
+        poller = zmq.Poller()
+        poller.register(svc.link.socket, zmq.POLLIN)
+        assert dict(poller.poll(0)).get(svc.link.socket) == zmq.POLLIN  # the next turn
+        while svc.read_turn(Effects()):
+            pass
+        assert handled == [str(i).encode() for i in range(5)]  # all, in order
+    finally:
+        for s in sockets:
+            s.close(linger=0)
+        ctx.term()
+
+
+def test_a_turn_with_time_left_reads_everything_waiting():
+    ctx = zmq.Context()
+    svc, handled, sockets = service_reading(ctx, 5, turn_limit=60.0)
+    try:
+        assert svc.read_turn(Effects()) == 5 and len(handled) == 5
+        assert svc.read_turn(Effects()) == 0
+    finally:
+        for s in sockets:
+            s.close(linger=0)
+        ctx.term()
