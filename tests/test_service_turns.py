@@ -64,3 +64,37 @@ def test_a_turn_with_time_left_reads_everything_waiting():
         for s in sockets:
             s.close(linger=0)
         ctx.term()
+
+
+def test_work_after_a_turn_that_fails_keeps_what_it_did_and_the_service_goes_on():
+    """A dispatch that raises part-way: the task it moved stays moved in memory, so its
+    record stays in the turn (and an admitted submit before it keeps its own); what
+    cannot be encoded is dropped; an internal_error event carries the traceback."""
+    import logging
+
+    def half_done(fx, now):
+        fx.records.append({"k": "moved", "task": "t1"})
+        fx.emit("task.dispatched", {"task": "t1"})
+        raise RuntimeError("dispatch bug")
+
+    svc = object.__new__(BusService)
+    svc.name, svc.halted, svc.internal_errors = "scheduler", None, 0
+    svc.log = logging.getLogger("turns-test")
+    svc.after_turn = half_done
+    fx = Effects()
+    fx.records.append({"k": "submit", "task": "t1"})  # the turn's message: admitted
+    svc._after_turn(fx)
+    assert [r["k"] for r in fx.records] == ["submit", "moved"]
+    assert svc.internal_errors == 1
+    [kinds] = [[e[0] for e in fx.events]]
+    assert kinds == ["task.dispatched", "scheduler.internal_error"]
+    assert "dispatch bug" in fx.events[-1][1]["traceback"]
+
+    def unencodable(fx, now):
+        fx.records.append({"k": "moved", "bad": {1, 2}})  # a set: not JSON
+
+    svc.after_turn = unencodable
+    fx = Effects()
+    fx.records.append({"k": "submit", "task": "t2"})
+    svc._after_turn(fx)
+    assert [r["k"] for r in fx.records] == ["submit"] and svc.internal_errors == 2

@@ -314,6 +314,32 @@ class BusService:
                 "op": op, "type": msg.type.decode(), "peer": msg.peer.decode(errors="replace"),
                 "error": f"{type(e).__name__}: {e}"[:500], "traceback": trace[-4000:]})
 
+    def after_turn(self, fx: Effects, now: float) -> None:
+        """Work done once per turn after its messages (the scheduler dispatches here):
+        a failure in it cannot take back what the turn's messages did."""
+
+    def _after_turn(self, fx: Effects) -> None:
+        if self.halted is not None:
+            return
+        mark = fx.mark()
+        try:
+            self.after_turn(fx, time.time())
+            fx.check_encodable(mark)
+        except Exception as e:  # a bug here must not end the service either
+            # Each change in memory made its journal record as it was made, so what the
+            # work did before it failed is kept (the journal still describes memory);
+            # only a part that cannot be encoded is dropped.
+            try:
+                fx.check_encodable(mark)
+            except TypeError:
+                fx.rollback(mark)
+            self.internal_errors += 1
+            trace = traceback.format_exc()
+            self.log.error("%s: the work after a turn failed: %s", self.name, trace)
+            fx.emit(f"{self.name}.internal_error", {
+                "op": None, "type": "after_turn", "peer": None,
+                "error": f"{type(e).__name__}: {e}"[:500], "traceback": trace[-4000:]})
+
     def flush(self, fx: Effects) -> None:
         if self.pending_events:
             fx.events.extend(self.pending_events)
@@ -382,7 +408,8 @@ class BusService:
                     self.events.on_message()
                 self.on_sockets(ready, fx)
                 if self.link.socket in ready:
-                    self.read_turn(fx)
+                    if self.read_turn(fx):
+                        self._after_turn(fx)
                     self.flush(fx)
         finally:
             self.shutdown()

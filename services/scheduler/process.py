@@ -126,7 +126,6 @@ class Scheduler(BusService):
             for p in check_reply("broker.peers", body)["peers"]:
                 if p["role"] == "worker":
                     fx.notify(p["name"], {"op": "worker.sync"})
-        self.state.dispatch(fx, now)
 
     # -- agents and operators (bodies already checked against the catalogue) ---------------
     @serves("task.submit")
@@ -139,7 +138,6 @@ class Scheduler(BusService):
             self.state.scale(fx, now)  # surge at once if no worker can take it
         self.trainer.maybe_auto(self.settings.scheduler.retrain_every, now.mono)
         self.routing.maybe_train(now.mono)
-        self.state.dispatch(fx, now)
 
     @serves("task.submit_many")
     def submit_many(self, fx: Effects, msg: wire.Message, body: dict, wall: float) -> None:
@@ -156,8 +154,8 @@ class Scheduler(BusService):
             critical = critical or item["priority"] == "critical"
             items.append(item)
         self.state.submit_many(fx, msg.peer, msg.corr, items, now)
-        self.state.dispatch(fx, now)
         if critical:
+            self.state.dispatch(fx, now)
             self.state.scale(fx, now)  # surge at once if no worker can take it
         self.trainer.maybe_auto(self.settings.scheduler.retrain_every, now.mono)
         self.routing.maybe_train(now.mono)
@@ -180,7 +178,6 @@ class Scheduler(BusService):
     def cancel(self, fx: Effects, msg: wire.Message, body: dict, wall: float) -> None:
         now = self.now(wall)
         self.state.cancel(fx, msg.peer, msg.corr, body, now)
-        self.state.dispatch(fx, now)
 
     @serves("task.list")
     def list_tasks(self, fx: Effects, msg: wire.Message, body: dict, wall: float) -> None:
@@ -226,7 +223,6 @@ class Scheduler(BusService):
     def finished(self, fx: Effects, msg: wire.Message, body: dict, wall: float) -> None:
         now = self.now(wall)
         self.state.task_finished(fx, msg.peer.decode(), msg.peer, msg.corr, body, now)
-        self.state.dispatch(fx, now)
 
     @serves("worker.ready", wire.NOTIFY)
     def ready(self, fx: Effects, msg: wire.Message, body: dict, wall: float) -> None:
@@ -262,7 +258,6 @@ class Scheduler(BusService):
                     ) -> None:
         now = self.now(wall)
         report(fx, msg.peer.decode(), body, now)
-        self.state.dispatch(fx, now)
 
     # -- other services ------------------------------------------------------------------------
     @serves("peer.lost", wire.NOTIFY)
@@ -270,7 +265,6 @@ class Scheduler(BusService):
         if body["role"] == "worker":
             now = self.now(wall)
             self.state.worker_gone(fx, body["name"], "lost (no heartbeat)", now, kill=True)
-            self.state.dispatch(fx, now)
 
     @serves("ledger.budgets", wire.NOTIFY)
     def ledger_budgets(self, fx: Effects, msg: wire.Message, body: dict, wall: float) -> None:
@@ -286,7 +280,12 @@ class Scheduler(BusService):
                 self.crashing[task_type] = {"crash_looping": body["group"] or body["name"],
                                             "last_error": body["crashing"]}
         self.state.worker_gone(fx, body["name"], "exited", now)
-        self.state.dispatch(fx, now)
+
+    def after_turn(self, fx: Effects, wall: float) -> None:
+        """One dispatch for all the turn's messages (submits, finishes, workers come and
+        gone): cheaper than one per message, it sees the turn's priorities together, and a
+        failure in it cannot take back an admitted submit's journal record."""
+        self.state.dispatch(fx, self.now(wall))
 
     def on_tick(self, fx: Effects, wall: float) -> float:
         now = self.now(wall)
