@@ -95,6 +95,33 @@ def test_bad_arguments_give_one_line_and_an_exit_code(capsys, argv, code, words)
         shutil.rmtree(home, ignore_errors=True)
 
 
+def test_events_query_from_jsonl_gives_the_exact_oldest_and_newest_in_time_order(capsys):
+    """Files hold events in arrival order; two sources interleave, one's earlier events
+    written after the other's later ones: --limit N is still the first (or last) N by
+    time, not the first N lines."""
+    home = short_home()
+    try:
+        (home / "events").mkdir()
+        order = [("b", 5.0), ("b", 6.0), ("b", 7.0), ("a", 1.0), ("a", 2.0), ("a", 8.0)]
+        with open(home / "events" / "events-20261129-001.jsonl", "w") as f:
+            for seq, (source, ts) in enumerate(order):
+                f.write(json.dumps({"id": f"e{ts:g}", "ts": 1.8e9 + ts, "type": "task.created",
+                                    "source": source, "epoch": 1, "seq": seq,
+                                    "data": {}}) + "\n")
+
+        def ids(*argv):
+            code, out, err = run(capsys, "--home", home, "events", "query", "--from",
+                                 "jsonl", "--json", *argv)
+            assert code == 0, err
+            return [json.loads(line)["id"] for line in out.splitlines()], err
+        oldest, note = ids("--limit", "3")
+        assert oldest == ["e1", "e2", "e5"] and "truncated" in note
+        assert ids("--limit", "3", "--newest")[0] == ["e8", "e7", "e6"]
+        assert ids("--limit", "10")[0] == ["e1", "e2", "e5", "e6", "e7", "e8"]
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+
+
 def test_a_real_process_fails_in_one_line_without_a_traceback():
     home = short_home()
     try:

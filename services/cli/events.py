@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import collections
 import fnmatch
+import heapq
 import queue
 import threading
 
 from cortex.protocol import errors
 from cortex.protocol.client import Client
 from cortex.services.runtime.eventlog import read_events
+from cortex.services.runtime.eventread import time_order
 
 from .argtypes import non_negative_int, positive_int, when
 from .reach import connect, home_of, load_settings
@@ -185,14 +186,12 @@ def cmd_events_query(args):
     stats: dict = {}
     if url and args.source != "jsonl":
         events = query_postgres(url, filters, args.limit + 1, args.newest)
-    elif args.newest:
-        kept = collections.deque(read_events(home / "events", **filters, stats=stats),
-                                 maxlen=args.limit + 1)
-        events = sorted(kept, key=lambda e: e.get("ts") or 0, reverse=True)
     else:
-        events = list(read_events(home / "events", **filters, limit=args.limit + 1,
-                                  stats=stats))
-        events.sort(key=lambda e: e.get("ts") or 0)
+        # Files hold events in arrival order, which is not quite time order (sources
+        # interleave): the exact oldest or newest N need the whole matching stream.
+        pick = heapq.nlargest if args.newest else heapq.nsmallest
+        events = pick(args.limit + 1, read_events(home / "events", **filters, stats=stats),
+                      key=time_order)
     truncated = len(events) > args.limit
     events = events[: args.limit]
     for event in events:

@@ -25,6 +25,7 @@ import msgpack
 
 from cortex.protocol import wire
 from cortex.services.runtime.eventlog import read_events
+from cortex.services.runtime.eventread import time_order
 
 QUERY_SECONDS = 10.0  # a query reading the history stops after this long (partial)
 # Seconds of history a JSONL page reads first past its cursor, then more, so a page of
@@ -33,10 +34,7 @@ WINDOWS = (60.0, 900.0, 3600.0, 6 * 3600.0, 86400.0, 7 * 86400.0, None)
 ROOM = wire.MAX_MESSAGE_BYTES - 64 * 1024  # for the events of one reply
 
 
-def key(event: dict) -> tuple[float, str]:
-    ts = event.get("ts")
-    ts = float(ts) if isinstance(ts, int | float) and math.isfinite(ts) else 0.0
-    return ts, str(event.get("id") or "")
+key = time_order  # (ts, id)
 
 
 def cursor_of(event: dict) -> str:

@@ -9,6 +9,7 @@ read in full, so a lost, torn or stale index costs speed, never events.
 from __future__ import annotations
 
 import fnmatch
+import math
 import os
 import re
 from collections.abc import Iterator
@@ -26,6 +27,13 @@ def as_float(value: Any) -> float | None:
     if isinstance(value, int | float) and not isinstance(value, bool) and value == value:
         return float(value)
     return None
+
+
+def time_order(event: dict) -> tuple[float, str]:
+    """The history's order: (ts, id), a missing or non-finite ts as 0."""
+    ts = event.get("ts")
+    ts = float(ts) if isinstance(ts, int | float) and math.isfinite(ts) else 0.0
+    return ts, str(event.get("id") or "")
 
 
 def parse_name(name: str) -> tuple[str, int] | None:
