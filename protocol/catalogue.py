@@ -322,7 +322,8 @@ OPERATIONS = [
     Operation("task.list", "scheduler", wire.REQUEST, ANY, (
         F("state", Choice(TASK_STATES)), F("type", TYPE), F("agent", AGENT),
         F("limit", Int(1, 10_000), default=100), F("newest", Bool(), default=False)),
-        ("`{tasks, total, truncated}`: the latest `limit` matches, oldest first "
+        ("`{tasks, total, truncated, cut_to_fit}`: the latest `limit` matches that fit one "
+         "message (`cut_to_fit`: some did not), oldest first "
          "(`newest`: newest first)")),
     Operation("task.progress", "scheduler", wire.REQUEST, ANY, (
         F("id", TASK_ID, True), F("fraction", Num(0, 1), True),

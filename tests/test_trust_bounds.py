@@ -52,6 +52,27 @@ def test_a_finished_task_keeps_its_result_for_keep_results_seconds_then_is_trimm
     assert newer.result is not None and table.counters["trimmed"] == 1
 
 
+def test_a_task_list_of_long_descriptions_fits_one_message_with_the_latest_tasks():
+    """500 queued tasks with 8 KiB descriptions (4 MiB): the reply keeps the newest that
+    fit one message, says it was cut, and still counts every match."""
+    table = TaskTable(1000, {"submitted": 0}, keep_results=60.0, keep_results_mb=64.0)
+    for i in range(500):
+        table.add(Effects(), Task(id=f"t{i:03}", type="echo", description="d" * 8192,
+                                  priority="medium", tokens=0, timeout=30.0, retries=0,
+                                  agent="a", key=f"k{i}", times={"created": NOW.wall}), NOW)
+    for newest in (False, True):
+        reply = table.listing({"state": "queued", "limit": 500, "newest": newest})
+        ids = [t["id"] for t in reply["tasks"]]
+        assert len(wire.encode_body(reply)) <= wire.MAX_MESSAGE_BYTES
+        assert 50 < len(ids) < 500 and reply["cut_to_fit"] and reply["truncated"]
+        assert reply["total"] == 500
+        latest = [f"t{i:03}" for i in range(500 - len(ids), 500)]
+        assert ids == (latest[::-1] if newest else latest)
+    small = table.listing({"limit": 5})
+    assert [t["id"] for t in small["tasks"]] == [f"t{i}" for i in range(495, 500)]
+    assert small["truncated"] and not small["cut_to_fit"]
+
+
 def test_finished_tasks_past_keep_results_mb_are_trimmed_oldest_first_never_the_newest():
     table = TaskTable(1000, {"submitted": 0}, keep_results=3600.0, keep_results_mb=1.0)
     tasks = [finish(table, f"t{i}", NOW + i, size=200 * KIB) for i in range(10)]

@@ -213,8 +213,9 @@ def cmd_task_list(args):
                      human_duration(now - (t.get("times") or {}).get("created", now))]
                     for t in tasks]))
     if truncated:
-        emit(f"# showing {len(tasks)} of {number(total)} matching tasks (--limit shows more)",
-             err=True)
+        more = ("the rest did not fit one message: narrow the filters"
+                if reply.get("cut_to_fit") else "--limit shows more")
+        emit(f"# showing {len(tasks)} of {number(total)} matching tasks ({more})", err=True)
     return Exit.OK
 
 

@@ -28,6 +28,7 @@ from cortex.services.scheduler.clock import Marks, Now
 from cortex.services.scheduler.tasks import FINAL, State, Task, transition
 
 LIST_LIMIT = 10_000  # the most tasks one task.list returns
+LIST_ROOM = wire.MAX_MESSAGE_BYTES - 64 * 1024  # for the rows of one task.list reply
 
 
 class TaskTable:
@@ -183,8 +184,16 @@ class TaskTable:
                   if (state is None or t.state == state)
                   and (task_type is None or t.type == task_type)
                   and (agent is None or t.agent == agent)]
-        shown = chosen[-limit:]
-        if newest:
-            shown.reverse()
-        return {"tasks": [t.summary() | {"payload": None, "result": None} for t in shown],
-                "total": len(chosen), "truncated": len(shown) < len(chosen)}
+        # The latest `limit`, newest first while they fit one message (descriptions run
+        # to 8 KiB: 500 of them would not); the oldest of them are left out past it.
+        rows, room = [], LIST_ROOM
+        for task in reversed(chosen[-limit:]):
+            row = task.summary() | {"payload": None, "result": None}
+            room -= len(wire.encode_body(row))
+            if room < 0:
+                break
+            rows.append(row)
+        if not newest:
+            rows.reverse()
+        return {"tasks": rows, "total": len(chosen), "truncated": len(rows) < len(chosen),
+                "cut_to_fit": room < 0}
