@@ -181,10 +181,10 @@ class Demo:
             began = time.monotonic()
             submitters = [threading.Thread(target=self.agent, args=(i,), daemon=True)
                           for i in range(self.agents)]
-            for t in submitters:
-                t.start()
             outcome = OK
-            try:
+            try:  # from the first submitter on: a Ctrl-C at any point cancels what it sent
+                for t in submitters:
+                    t.start()
                 if not self.collect(client, submitters, began + self.timeout):
                     outcome = TIMED_OUT
             except KeyboardInterrupt:
@@ -194,7 +194,8 @@ class Demo:
                 self.say(f"{outcome}: cancelling what the demo submitted and is not finished")
                 self.stop.set()
                 for t in submitters:
-                    t.join(BUS_TIMEOUT + 5.0)
+                    if t.ident is not None:  # started before the interrupt
+                        t.join(BUS_TIMEOUT + 5.0)
                 self.say(f"cancelled {self.cancel_leftovers(client)} tasks")
             results = [client.status(task_id) for task_id in list(self.submitted)]
             committed, mismatches = settle_tokens(client, results, time.monotonic() + 15.0)
