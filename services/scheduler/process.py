@@ -101,6 +101,10 @@ class Scheduler(BusService):
     def snapshot(self) -> dict:
         return self.state.snapshot()
 
+    def flush(self, fx: Effects) -> None:
+        self.state.flush_ledger(fx, time.monotonic())  # the turn's ledger orders, batched
+        super().flush(fx)
+
     def restore(self, snapshot, records) -> None:
         if snapshot:
             self.state.load_snapshot(snapshot)
