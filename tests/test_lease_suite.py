@@ -113,6 +113,7 @@ def run_and_check(suites, suite, batches: list[dict], during=None) -> None:
         sampler.close()
     assert sampler.samples > 0 and not sampler.broken, sampler.broken[:3]
     events = jsonl_events(suite.home)
+    assert not [e for e in events if e["type"].endswith("internal_error")]
     completed = Counter(e["task"] for e in events if e["type"] == "task.completed")
     for task_id, task in final.items():
         assert task["state"] == "completed", task
@@ -144,8 +145,9 @@ def test_lease_under_kill_keeps_every_budget_and_leaks_nothing(suites, victims):
 
     def killer(c: Client) -> None:
         for _ in range(2):
-            wait_for(lambda: any(b["reserved"] > 0 for b in balances(c).values()) and
-                     c.call("ledger", "ledger.status")["leases"], 60, "a lease held")
+            wait_for(lambda: c.call("ledger", "ledger.status")["leases"] and
+                     c.call("scheduler", "scheduler.status")["states"].get("running"), 60,
+                     "a lease held while tasks run")
             kill(suites, suite, victims)
 
-    run_and_check(suites, suite, [plans(400, 8, (0.1, 0.3, 0.6))], during=killer)
+    run_and_check(suites, suite, [plans(400, 16, (0.1, 0.3, 0.6))], during=killer)
