@@ -403,7 +403,8 @@ OPERATIONS = [
         F("task", Map((F("id", TASK_ID, True), F("attempt", ATTEMPT, True),
                        F("type", TYPE, True), F("description", Str(MAX_TEXT, empty=True)),
                        F("priority", Choice(PRIORITIES)), F("payload", Json()),
-                       F("tokens", AMOUNT, default=0), F("timeout", Num(0, 7 * 86400)))),
+                       F("tokens", AMOUNT, default=0), F("timeout", Num(0, 7 * 86400)),
+                       F("lease", LEASE_ID))),
           True), F("prefetch", Bool(), default=False)),
         "run this task (`prefetch`: when the one in hand ends; the highest priority first)",
         senders=frozenset({"scheduler"})),
@@ -424,7 +425,10 @@ OPERATIONS = [
         "`{granted, ...}` (a refusal names the scope that blocked)"),
     Operation("ledger.extend", "ledger", wire.REQUEST, ANY, (
         F("task", TASK_ID, True), F("attempt", ATTEMPT, default=1), F("amount", AMOUNT, True),
-        F("seq", Int(1, 2**31 - 1), default=1)), "`{granted, reserved}`"),
+        F("seq", Int(1, 2**31 - 1), default=1), F("lease", LEASE_ID),
+        F("carved", AMOUNT, default=0)),
+        "`{granted, reserved}` (`lease`, `carved`: the task's tokens came from that lease, "
+        "assigned first if the scheduler's assign is still behind)"),
     Operation("ledger.commit", "ledger", wire.REQUEST, CLIENTS, (
         F("task", TASK_ID, True), F("attempt", ATTEMPT, default=1), F("used", AMOUNT, True),
         F("type", TYPE), F("agent", AGENT)), "committed, released, overrun"),
@@ -442,9 +446,10 @@ OPERATIONS = [
         "`{results}`: parts of leases become (task, attempt) reservations, one result each",
         senders=frozenset({"scheduler"})),
     Operation("ledger.settle", "ledger", wire.REQUEST, SERVICE, (
-        F("orders", SETTLE_BATCH, True),),
-        "`{results}`: commit / release orders in one message (one naming a lease assigns "
-        "first if that is still due)", senders=frozenset({"scheduler"})),
+        F("orders", SETTLE_BATCH, True), F("items", ASSIGN_BATCH)),
+        "`{results, assigned}`: commit / release orders in one message (one naming a lease "
+        "assigns first if that is still due), after the `items` to assign, if any",
+        senders=frozenset({"scheduler"})),
     Operation("ledger.return", "ledger", wire.REQUEST, SERVICE, (
         F("lease", LEASE_ID, True),),
         "`{returned}`: a lease's unassigned rest released, the lease closed for good",

@@ -120,6 +120,15 @@ class LeaseLedger(LedgerState):
         return Outcome(True, None, {**self._reserve_reply(rec), "lease": lease_id}, events,
                        record)
 
+    def extend_carved(self, task_id, attempt, amount, now, seq, lease_id, carved) -> list:
+        """An extension of a reservation carved from `lease_id` (`carved` tokens): the
+        assign first if it has not arrived, then the extension."""
+        outcomes = []
+        if lease_id and carved and (task_id, attempt) not in self._attempts:
+            outcomes.append(self.assign(task_id, attempt, carved, lease_id, now=now))
+        outcomes.append(self.extend(task_id, attempt, amount, now=now, seq=seq))
+        return outcomes
+
     def settle(self, order: dict, *, now) -> list:
         """One settle order (commit or release); returns its outcomes, an assign first
         when the order names a lease whose assign has not been seen."""

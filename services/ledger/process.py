@@ -70,8 +70,12 @@ class Ledger(BusService):
 
     @serves("ledger.extend")
     def extend(self, fx: Effects, msg: wire.Message, body: dict, now: float) -> None:
-        self.answer(fx, msg, body, self.state.extend(
-            body["task"], body["attempt"], body["amount"], now=now, seq=body["seq"]))
+        *assigned, outcome = self.state.extend_carved(
+            body["task"], body["attempt"], body["amount"], now, body["seq"], body["lease"],
+            body["carved"])
+        for first in assigned:
+            self.record(fx, body, first)
+        self.answer(fx, msg, body, outcome)
 
     @serves("ledger.commit")
     def commit(self, fx: Effects, msg: wire.Message, body: dict, now: float) -> None:
@@ -95,8 +99,12 @@ class Ledger(BusService):
 
     @serves("ledger.assign")
     def assign(self, fx: Effects, msg: wire.Message, body: dict, now: float) -> None:
+        fx.reply(msg.peer, msg.corr, {"ok": True,
+                                      "results": self.assigned(fx, body["items"], now)})
+
+    def assigned(self, fx: Effects, items: list, now: float) -> list[dict]:
         results = []
-        for index, raw in enumerate(body["items"]):
+        for index, raw in enumerate(items):
             try:
                 item = ASSIGN_BATCH.item("items", index, raw)
             except wire.ProtocolError as e:
@@ -106,10 +114,11 @@ class Ledger(BusService):
                                         item["lease"], now=now, task_type=item["type"],
                                         agent=item["agent"])
             results.append(self.record(fx, item, outcome))
-        fx.reply(msg.peer, msg.corr, {"ok": True, "results": results})
+        return results
 
     @serves("ledger.settle")
     def settle(self, fx: Effects, msg: wire.Message, body: dict, now: float) -> None:
+        assigned = self.assigned(fx, body["items"] or [], now)
         results = []
         for index, raw in enumerate(body["orders"]):
             try:
@@ -121,7 +130,7 @@ class Ledger(BusService):
             # The last outcome settles; an assign before it is its first step.
             results.append([self.record(fx, order, o)
                             for o in self.state.settle(order, now=now)][-1])
-        fx.reply(msg.peer, msg.corr, {"ok": True, "results": results})
+        fx.reply(msg.peer, msg.corr, {"ok": True, "results": results, "assigned": assigned})
 
     @serves("ledger.set")
     def set_budget(self, fx: Effects, msg: wire.Message, body: dict, now: float) -> None:

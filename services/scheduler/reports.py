@@ -308,6 +308,9 @@ class Reports:
             self.waiting.tokens_returned(_amount(body.get("returned")))
             return
         if request["op"] == "ledger.settle":
+            if request.get("items"):
+                self.leases.answered(fx, {"op": "ledger.assign", "items": request["items"]},
+                                     ok, {"results": body.get("assigned")}, now.mono)
             results = body.get("results") if ok else None
             for index, order in enumerate(request["orders"]):
                 self.leases.confirmed(order)

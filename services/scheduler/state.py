@@ -137,18 +137,18 @@ class SchedulerState(ClientRequests, Reports):
         if body is None:
             return
         if self.leases.enabled:
-            self.leases.settle(body)  # sent with the turn's others (flush_ledger)
+            self.leases.settle(body, now.mono)  # sent with others (flush_ledger)
         else:
             self.ledger.send(fx, body, now.mono)
         lease = {"lease": None} if task.lease else {}
         self.table.set(fx, task, reserved=0, settle={**task.settle, str(task.attempt): body},
                        **lease)
 
-    def flush_ledger(self, fx: Effects, now_mono: float) -> None:
-        """At the end of a turn: its carves and settle orders, batched. Sent ahead of
-        the turn's task.run orders, so the ledger has a carve before the worker running
-        it can ask to extend it."""
-        if self.leases.assigns or self.leases.settles:
+    def flush_ledger(self, fx: Effects, now_mono: float, force: bool = False) -> None:
+        """At the end of a turn: the carves and settle orders gathered, once they are due
+        (leases.py), ahead of the turn's task.run orders."""
+        if self.leases.due(now_mono) or (force and (self.leases.assigns or
+                                                    self.leases.settles)):
             mark = len(fx.sends)
             self.leases.flush(fx, self.ledger, now_mono)
             fx.sends[:] = fx.sends[mark:] + fx.sends[:mark]
@@ -317,6 +317,8 @@ class SchedulerState(ClientRequests, Reports):
             "id": task.id, "attempt": task.attempt, "type": task.type,
             "description": task.description, "priority": task.priority,
             "payload": task.payload, "tokens": task.reserved, "timeout": task.timeout}}
+        if task.lease:
+            run["task"]["lease"] = task.lease
         if prefetch:
             run["prefetch"] = True
         fx.notify(worker.name, run)
@@ -385,7 +387,7 @@ class SchedulerState(ClientRequests, Reports):
         # The scans below are O(pending work): at most every WATCH_INTERVAL, not every turn.
         if not self.watch.scan_due(now.mono):
             return max(0.0, min(next_due, self.watch.next_scan) - now.mono)
-        self.flush_ledger(fx, now.mono)  # orders recovered after a restart go at once
+        self.flush_ledger(fx, now.mono, force=True)  # gathered ones wait one scan at most
         self.ledger.resend_due(fx, now.mono)
         if self.leases.held:
             self.leases.give_back(fx, self.ledger, now.mono)
@@ -451,7 +453,7 @@ class SchedulerState(ClientRequests, Reports):
                 self.holds.hold(task, 0)
             for body in task.settle.values():  # ledger orders not confirmed before the crash
                 if self.leases.enabled or body.get("lease"):
-                    self.leases.settle(body)
+                    self.leases.settle(body, 0.0)
                 else:
                     self.ledger.resend_soon(body, now.mono)
         self.leases.restored(self.tasks.values())
