@@ -90,6 +90,19 @@ def test_settle_assigns_first_when_the_assign_is_behind():
     assert late.ok and late.journal is None and row(s, "global")["reserved"] == 60
 
 
+def test_an_extend_naming_its_lease_assigns_first_when_the_assign_is_behind():
+    s = ledger()
+    s.lease("L1", 100, "llm", None, now=T0)
+    first, extended = s.extend_carved("t1", 1, 15, T0, 1, "L1", 30)
+    assert (first.journal["op"], extended.journal["op"]) == ("assign", "extend")
+    assert extended.reply["reserved"] == 45
+    assert row(s, "global")["reserved"] == 115  # 70 left in the lease, 45 held by t1
+    (again,) = s.extend_carved("t1", 1, 15, T0, 1, "L1", 30)  # a re-send: same answer
+    assert again.journal is None and again.reply == extended.reply
+    assert s.assign("t1", 1, 30, "L1", now=T0).journal is None  # the assign, late: no-op
+    check_invariant(s)
+
+
 def test_assign_past_a_returned_lease_is_an_ordinary_reservation():
     s = ledger()
     s.lease("L1", 100, "llm", None, now=T0)
