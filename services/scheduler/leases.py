@@ -186,6 +186,15 @@ class Leases:
                 lease.returning = True
                 ledger.send(fx, {"op": "ledger.return", "lease": lease.lease_id}, now)
 
+    def return_all(self, fx: Effects, ledger, now: float) -> None:
+        """At shutdown: every lease whose carves the ledger has all seen goes back (the
+        replies are not waited for; the next start returns again what is still
+        journaled, which the ledger answers as already done)."""
+        for lease in self.held.values():
+            if not (lease.returning or lease.orders) and (lease.granted or lease.retiring):
+                lease.returning = True
+                ledger.send(fx, {"op": "ledger.return", "lease": lease.lease_id}, now)
+
     # -- journal and recovery --------------------------------------------------------------
     def apply(self, record: dict) -> None:
         """Replay a {"k": "lease"} record: every lease asked and not confirmed returned

@@ -310,6 +310,10 @@ class Scheduler(BusService):
     def shutdown(self) -> None:
         self.trainer.stop()
         self.routing.trainer.stop()
+        if self.state.leases.held and self.halted is None:  # idle leases go back (leases.py)
+            fx = Effects()
+            self.state.leases.return_all(fx, self.state.ledger, time.monotonic())
+            self.flush(fx)
         super().shutdown()
 
 
