@@ -117,3 +117,16 @@ def test_after_a_restart_carves_are_resent_before_the_leases_go_back():
     fx = Effects()
     fresh.tick(fx, sim.now + 1, 5.0)
     assert [b for _, b in ledger_requests(fx)] == [{"op": "ledger.return", "lease": lease_id}]
+
+
+def test_a_batch_the_ledger_failed_on_is_sent_again_not_forgotten():
+    sim = lease_sim()
+    granted_lease(sim)
+    task = sim.add(tokens=10)
+    sim.ready("w1")
+    sim.finish("w1", task, tokens_used=4)
+    (corr, body), = ledger_requests(flush(sim))
+    sim.ledger(corr, ok=False, code="internal", message="ledger failed on ledger.settle")
+    assert task.settle  # still owed
+    fx = flush(sim, 1.5)  # past the re-send delay
+    assert [(c, b) for c, b in ledger_requests(fx)] == [(corr, body)]

@@ -115,8 +115,10 @@ class LeaseLedger(LedgerState):
                   "amount": amount}
         self._journal(record, now)
         rec = self._attempts[(task_id, attempt)]
-        events.append(("ledger.reserved", self._event(record, lease.scopes, lease=lease_id,
-                                                      task_type=task_type, agent=agent)))
+        # Shaped like a reserve's event (its scopes named), marked with the lease.
+        events.append(("ledger.reserved", self._event(
+            {**record, "scopes": lease.scopes}, lease.scopes, task_type=task_type,
+            agent=agent)))
         return Outcome(True, None, {**self._reserve_reply(rec), "lease": lease_id}, events,
                        record)
 

@@ -300,8 +300,11 @@ class Reports:
         request = self.ledger.answered(corr)
         if request is None:
             return
-        if not ok and body.get("code") == "unavailable":
-            self.ledger.again_later(corr, request, now.mono)  # the ledger is restarting
+        batch = request["op"] in ("ledger.settle", "ledger.assign")
+        if not ok and (body.get("code") == "unavailable" or (
+                batch and body.get("code") == "internal")):
+            # The ledger is restarting (or failed on a batch): send it again later.
+            self.ledger.again_later(corr, request, now.mono)
             return
         if request["op"] in ("ledger.lease", "ledger.assign", "ledger.return"):
             self.leases.answered(fx, request, ok, body, now.mono)
