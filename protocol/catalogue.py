@@ -292,6 +292,16 @@ SUBMIT_FIELDS = (
     F("deadline", Num(0, 1e11)), F("payload", Json()), F("agent", AGENT))
 MAX_SUBMIT_BATCH = 200  # tasks per task.submit_many (the message stays within 1 MiB too)
 SUBMIT_BATCH = Batch(SUBMIT_FIELDS, MAX_SUBMIT_BATCH)
+LEASE_ID = Str(64)
+MAX_LEDGER_BATCH = 500  # assigns or settle orders per message
+ASSIGN_BATCH = Batch((F("task", TASK_ID, True), F("attempt", ATTEMPT, True),
+                      F("amount", AMOUNT, True), F("lease", LEASE_ID, True), F("type", TYPE),
+                      F("agent", AGENT)), MAX_LEDGER_BATCH)
+SETTLE_BATCH = Batch((F("op", Choice(("ledger.commit", "ledger.release")), True),
+                      F("task", TASK_ID, True), F("attempt", ATTEMPT, True),
+                      F("used", AMOUNT, default=0), F("type", TYPE), F("agent", AGENT),
+                      F("lease", LEASE_ID), F("amount", AMOUNT, default=0)),
+                     MAX_LEDGER_BATCH)
 ERROR = Map((F("category", Str(32)), F("message", Str(MAX_TEXT, empty=True)),
              F("traceback", Str(16384, empty=True))))
 
@@ -394,7 +404,8 @@ OPERATIONS = [
         F("task", Map((F("id", TASK_ID, True), F("attempt", ATTEMPT, True),
                        F("type", TYPE, True), F("description", Str(MAX_TEXT, empty=True)),
                        F("priority", Choice(PRIORITIES)), F("payload", Json()),
-                       F("tokens", AMOUNT, default=0), F("timeout", Num(0, 7 * 86400)))),
+                       F("tokens", AMOUNT, default=0), F("timeout", Num(0, 7 * 86400)),
+                       F("lease", LEASE_ID))),
           True), F("prefetch", Bool(), default=False)),
         "run this task (`prefetch`: when the one in hand ends; the highest priority first)",
         senders=frozenset({"scheduler"})),
@@ -415,12 +426,35 @@ OPERATIONS = [
         "`{granted, ...}` (a refusal names the scope that blocked)"),
     Operation("ledger.extend", "ledger", wire.REQUEST, ANY, (
         F("task", TASK_ID, True), F("attempt", ATTEMPT, default=1), F("amount", AMOUNT, True),
-        F("seq", Int(1, 2**31 - 1), default=1)), "`{granted, reserved}`"),
+        F("seq", Int(1, 2**31 - 1), default=1), F("lease", LEASE_ID),
+        F("carved", AMOUNT, default=0)),
+        "`{granted, reserved}` (`lease`, `carved`: the task's tokens came from that lease, "
+        "assigned first if the scheduler's assign is still behind)"),
     Operation("ledger.commit", "ledger", wire.REQUEST, CLIENTS, (
         F("task", TASK_ID, True), F("attempt", ATTEMPT, default=1), F("used", AMOUNT, True),
         F("type", TYPE), F("agent", AGENT)), "committed, released, overrun"),
     Operation("ledger.release", "ledger", wire.REQUEST, CLIENTS, (
         F("task", TASK_ID, True), F("attempt", ATTEMPT, default=1)), "released"),
+    # The scheduler's leases (services/ledger/leases.py): tokens held ahead of its tasks.
+    Operation("ledger.lease", "ledger", wire.REQUEST, SERVICE, (
+        F("lease", LEASE_ID, True), F("amount", AMOUNT, True), F("type", TYPE),
+        F("agent", AGENT)),
+        "`{granted, lease, amount, scopes}`: a block of tokens under the scheduler's id "
+        "(a repeated id: the first answer; refused past half of what a scope has left)",
+        senders=frozenset({"scheduler"})),
+    Operation("ledger.assign", "ledger", wire.REQUEST, SERVICE, (
+        F("items", ASSIGN_BATCH, True),),
+        "`{results}`: parts of leases become (task, attempt) reservations, one result each",
+        senders=frozenset({"scheduler"})),
+    Operation("ledger.settle", "ledger", wire.REQUEST, SERVICE, (
+        F("orders", SETTLE_BATCH, True), F("items", ASSIGN_BATCH)),
+        "`{results, assigned}`: commit / release orders in one message (one naming a lease "
+        "assigns first if that is still due), after the `items` to assign, if any",
+        senders=frozenset({"scheduler"})),
+    Operation("ledger.return", "ledger", wire.REQUEST, SERVICE, (
+        F("lease", LEASE_ID, True),),
+        "`{returned}`: a lease's unassigned rest released, the lease closed for good",
+        senders=frozenset({"scheduler"})),
     Operation("ledger.set", "ledger", wire.REQUEST, CLIENTS, (
         F("scope", Str(300), True), F("limit", AMOUNT), F("window", Str(32))),
         "set a budget: scope global, type:X or agent:X (no `limit`: unlimited)"),

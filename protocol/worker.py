@@ -450,6 +450,8 @@ class Worker:
             # twice; answered before the handler stops waiting for it.
             body = {"task": ctx.id, "attempt": ctx.attempt, "amount": data["amount"],
                     "seq": data["seq"]}
+            if ctx.task.get("lease"):  # carved from a lease: the ledger may not know yet
+                body.update(lease=ctx.task["lease"], carved=int(ctx.task.get("tokens", 0)))
 
             def extended(call: Call, ctx: TaskContext = ctx) -> None:
                 reply = call.value if call.error is None else {}

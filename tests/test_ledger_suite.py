@@ -27,7 +27,7 @@ from .test_suite_integration import jsonl_events
 
 R = 100  # tokens every task of the contention test reserves
 CHANGES = ("ledger.reserved", "ledger.extended", "ledger.committed", "ledger.released",
-           "ledger.budget_set")
+           "ledger.budget_set", "ledger.leased", "ledger.lease_returned")
 NUMBERS = ("limit", "reserved", "committed", "overrun")
 
 
@@ -35,13 +35,13 @@ NUMBERS = ("limit", "reserved", "committed", "overrun")
 
 
 def ledger_config(workers: int, budget: int, agents: dict[str, int], fsync: str = "group",
-                  windowed=()) -> str:
+                  windowed=(), scheduler: str = "") -> str:
     tables = f'[ledger]\nbudget = {budget}\n'
     for agent, limit in agents.items():
         tables += f'[ledger.budgets."agent:{agent}"]\nlimit = {limit}\n'
         if agent in windowed:  # a window that will not reset during the test
             tables += 'window = "rolling:86400"\n'
-    return suite_config(workers, fsync=fsync, tables=tables)
+    return suite_config(workers, fsync=fsync, tables=tables, scheduler=scheduler)
 
 
 def initial_budgets(budget: int, agents: dict[str, int]) -> dict[str, dict]:
@@ -115,7 +115,12 @@ def replay_ledger(events: list[dict], initial: dict[str, dict]) -> dict[str, dic
             b = state[scope]
             if kind == "ledger.reserved":
                 assert list(touched) == d["scopes"], d
+                if "lease" not in d:  # assigned from a lease: it was reserved already
+                    b["reserved"] += d["amount"]
+            elif kind == "ledger.leased":
                 b["reserved"] += d["amount"]
+            elif kind == "ledger.lease_returned":
+                b["reserved"] -= d["amount"]
             elif kind == "ledger.extended":
                 b["reserved"] += d["amount"]
             elif kind == "ledger.released":
@@ -128,7 +133,8 @@ def replay_ledger(events: list[dict], initial: dict[str, dict]) -> dict[str, dic
             assert got == {k: b[k] for k in NUMBERS}, f"lsn {lsn} {kind} {scope}: event says " \
                 f"{got}, replay gives {b}"
             assert b["reserved"] >= 0 and fits(b), f"lsn {lsn} {kind} {scope}: {b}"
-            if kind in ("ledger.reserved", "ledger.extended") and b["limit"] is not None:
+            if kind in ("ledger.reserved", "ledger.extended", "ledger.leased") \
+                    and b["limit"] is not None:
                 # A grant needs committed + reserved + amount <= limit before it.
                 assert b["committed"] + b["reserved"] <= b["limit"], \
                     f"lsn {lsn}: {kind} over-allocated {scope}: {b}"
@@ -410,10 +416,12 @@ def test_hundred_agents_contend_for_budgets_exactly(suites):
 # -- 2. the ledger killed -9 ----------------------------------------------------------------
 
 
-def test_ledger_killed_keeps_exact_balances(suites):
+@pytest.mark.parametrize("lease", [False, True])
+def test_ledger_killed_keeps_exact_balances(suites, lease):
     agents = {f"agent-{n}": 2000 for n in range(0, 12, 3)}
     budget = 1_000_000
-    suite = suites.start(config=ledger_config(8, budget, agents))
+    suite = suites.start(config=ledger_config(8, budget, agents,
+                                              scheduler=f"lease = {str(lease).lower()}\n"))
     initial = initial_budgets(budget, agents)
     lock = threading.Lock()
     accepted: dict[str, tuple[int, dict]] = {}

@@ -487,6 +487,8 @@ class LedgerState:
                 if b.window != r["window"]:
                     b.set_window(r["window"], r["now"])
             return
+        if self._apply_extra(r):
+            return
         key = (r["task_id"], r["attempt"])
         rec = self._attempts.get(key)
         if op == "reserve":
@@ -508,6 +510,9 @@ class LedgerState:
             self._settle(key)
         else:
             raise ValueError(f"unknown journal op {op!r}")
+
+    def _apply_extra(self, r: dict) -> bool:
+        return False  # a subclass's own journal ops (leases.py)
 
     def _charge(self, scopes: list[str], reserved=0, committed=0, overrun=0) -> None:
         for s in scopes:

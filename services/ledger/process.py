@@ -5,7 +5,9 @@
 Requests (REQUEST ops): ledger.reserve {task, attempt, amount, type?, agent?},
 ledger.extend {task, attempt, amount}, ledger.commit {task, attempt, used},
 ledger.release {task, attempt}, ledger.set {scope, limit, window?}, ledger.status,
-ledger.task {task}. The logic is budgets.LedgerState; every change is journaled
+ledger.task {task}; from the scheduler only: ledger.lease {lease, amount, type?, agent?},
+ledger.assign {items}, ledger.settle {orders}, ledger.return {lease} (leases.py). The
+logic is leases.LeaseLedger (budgets.LedgerState with leases); every change is journaled
 before the reply leaves.
 """
 
@@ -15,7 +17,8 @@ import os
 import time
 
 from cortex.protocol import wire
-from cortex.services.ledger.budgets import LedgerState
+from cortex.protocol.catalogue import ASSIGN_BATCH, SETTLE_BATCH
+from cortex.services.ledger.leases import LeaseLedger as LedgerState
 from cortex.services.runtime.effects import Effects
 from cortex.services.runtime.entry import serve
 from cortex.services.runtime.loop import BusService, serves
@@ -67,8 +70,12 @@ class Ledger(BusService):
 
     @serves("ledger.extend")
     def extend(self, fx: Effects, msg: wire.Message, body: dict, now: float) -> None:
-        self.answer(fx, msg, body, self.state.extend(
-            body["task"], body["attempt"], body["amount"], now=now, seq=body["seq"]))
+        *assigned, outcome = self.state.extend_carved(
+            body["task"], body["attempt"], body["amount"], now, body["seq"], body["lease"],
+            body["carved"])
+        for first in assigned:
+            self.record(fx, body, first)
+        self.answer(fx, msg, body, outcome)
 
     @serves("ledger.commit")
     def commit(self, fx: Effects, msg: wire.Message, body: dict, now: float) -> None:
@@ -80,6 +87,51 @@ class Ledger(BusService):
     def release(self, fx: Effects, msg: wire.Message, body: dict, now: float) -> None:
         self.answer(fx, msg, body, self.state.release(body["task"], body["attempt"], now=now))
 
+    @serves("ledger.lease")
+    def lease(self, fx: Effects, msg: wire.Message, body: dict, now: float) -> None:
+        self.answer(fx, msg, body, self.state.lease(
+            body["lease"], body["amount"], task_type=body["type"], agent=body["agent"],
+            now=now))
+
+    @serves("ledger.return")
+    def return_lease(self, fx: Effects, msg: wire.Message, body: dict, now: float) -> None:
+        self.answer(fx, msg, body, self.state.return_lease(body["lease"], now=now))
+
+    @serves("ledger.assign")
+    def assign(self, fx: Effects, msg: wire.Message, body: dict, now: float) -> None:
+        fx.reply(msg.peer, msg.corr, {"ok": True,
+                                      "results": self.assigned(fx, body["items"], now)})
+
+    def assigned(self, fx: Effects, items: list, now: float) -> list[dict]:
+        results = []
+        for index, raw in enumerate(items):
+            try:
+                item = ASSIGN_BATCH.item("items", index, raw)
+            except wire.ProtocolError as e:
+                results.append({"ok": False, "code": e.code, "message": e.message})
+                continue
+            outcome = self.state.assign(item["task"], item["attempt"], item["amount"],
+                                        item["lease"], now=now, task_type=item["type"],
+                                        agent=item["agent"])
+            results.append(self.record(fx, item, outcome))
+        return results
+
+    @serves("ledger.settle")
+    def settle(self, fx: Effects, msg: wire.Message, body: dict, now: float) -> None:
+        assigned = self.assigned(fx, body["items"] or [], now)
+        results = []
+        for index, raw in enumerate(body["orders"]):
+            try:
+                order = SETTLE_BATCH.item("orders", index, raw)
+            except wire.ProtocolError as e:
+                results.append({"ok": False, "code": e.code, "message": e.message})
+                continue
+            order["op"] = order["op"].removeprefix("ledger.")
+            # The last outcome settles; an assign before it is its first step.
+            results.append([self.record(fx, order, o)
+                            for o in self.state.settle(order, now=now)][-1])
+        fx.reply(msg.peer, msg.corr, {"ok": True, "results": results, "assigned": assigned})
+
     @serves("ledger.set")
     def set_budget(self, fx: Effects, msg: wire.Message, body: dict, now: float) -> None:
         outcome = self.state.set_budget(body["scope"], body["limit"], body["window"], now=now)
@@ -89,7 +141,8 @@ class Ledger(BusService):
 
     @serves("ledger.status")
     def status(self, fx: Effects, msg: wire.Message, body: dict, now: float) -> None:
-        fx.reply(msg.peer, msg.corr, {"budgets": self.state.status(now), "pid": os.getpid(),
+        fx.reply(msg.peer, msg.corr, {"budgets": self.state.status(now),
+                                      "leases": self.state.leases(), "pid": os.getpid(),
                                       "started": self.rt.started,
                                       "bad_messages": self.bad_messages,
                                       "internal_errors": self.internal_errors})
@@ -97,6 +150,14 @@ class Ledger(BusService):
     @serves("ledger.task")
     def task(self, fx: Effects, msg: wire.Message, body: dict, now: float) -> None:
         fx.reply(msg.peer, msg.corr, {"reservation": self.state.reservation(body["task"])})
+
+    def record(self, fx: Effects, item: dict, outcome) -> dict:
+        """Journal and publish one outcome of a batch; returns its result."""
+        if outcome.journal is not None:
+            fx.records.append({"k": "ledger", "rec": outcome.journal})
+        for type_, data in outcome.events:
+            fx.emit(type_, data, data.get("task_id") or item.get("task"))
+        return {"ok": outcome.ok, "code": outcome.code, **outcome.reply}
 
     def answer(self, fx: Effects, msg: wire.Message, body: dict, outcome) -> None:
         """Journal the change, emit its events, then reply: a refusal is an answer, not an

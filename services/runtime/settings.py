@@ -70,6 +70,8 @@ worker_start = 0.5           # seconds a new worker takes to start (then learned
                              # task surges only if no busy worker frees sooner than this
 prefetch = 1                 # tasks a busy worker may hold to start the moment its task ends
                              # (0: none); a higher-priority task recalls them (1 at most)
+lease = false                # hold a lease of tokens from the ledger and carve tasks'
+                             # reservations from it (no ledger round trip per task)
 
 [ledger]
 budget = 100000000           # global token budget
@@ -174,6 +176,7 @@ class SchedulerSettings:
     scale_backlog: float = 5.0
     worker_start: float = 0.5
     prefetch: int = 1
+    lease: bool = False
 
 
 @dataclass(frozen=True)
@@ -336,6 +339,8 @@ def _section(cls, raw: dict, name: str):
     values = {}
     for key, value in raw.items():
         default = known[key].default
+        if isinstance(default, bool) and not isinstance(value, bool):
+            raise ConfigError(f"[{name}] {key}: expected true or false, got {value!r}")
         if isinstance(default, bool) or default is None:
             values[key] = value
             continue

@@ -101,6 +101,10 @@ class Scheduler(BusService):
     def snapshot(self) -> dict:
         return self.state.snapshot()
 
+    def flush(self, fx: Effects) -> None:
+        self.state.flush_ledger(fx, time.monotonic())  # the turn's ledger orders, batched
+        super().flush(fx)
+
     def restore(self, snapshot, records) -> None:
         if snapshot:
             self.state.load_snapshot(snapshot)
@@ -305,6 +309,10 @@ class Scheduler(BusService):
     def shutdown(self) -> None:
         self.trainer.stop()
         self.routing.trainer.stop()
+        if self.state.leases.held and self.halted is None:  # idle leases go back (leases.py)
+            fx = Effects()
+            self.state.leases.return_all(fx, self.state.ledger, time.monotonic())
+            self.flush(fx)
         super().shutdown()
 
 

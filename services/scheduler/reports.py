@@ -42,6 +42,10 @@ def _finite(value, lo: float, hi: float) -> float:
     return lo
 
 
+def _amount(value) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
 def _types(body: dict) -> tuple[str, ...]:
     types = body.get("types") or [body.get("type")]
     if not isinstance(types, list | tuple) or not all(isinstance(t, str) and t for t in types):
@@ -267,6 +271,14 @@ class Reports:
         self._settle(fx, task, now)
         self.waiters.wake(fx, task)
 
+    def _settled(self, fx: Effects, order: dict, reply: dict) -> None:
+        """A settle order answered: no longer re-sent after a restart."""
+        self.waiting.tokens_returned(_amount(reply.get("released")))
+        task = self.tasks.get(order["task"])
+        if task is not None and str(order["attempt"]) in task.settle:
+            settle = {k: v for k, v in task.settle.items() if k != str(order["attempt"])}
+            self.table.set(fx, task, settle=settle)
+
     def _timings(self, task: Task, body: dict, now: Now) -> dict:
         """How long it queued and ran, and its CPU. The run is the worker's own measure,
         never longer than the monotonic time since its dispatch (a wall clock that jumped
@@ -288,17 +300,30 @@ class Reports:
         request = self.ledger.answered(corr)
         if request is None:
             return
-        if not ok and body.get("code") == "unavailable":
-            self.ledger.again_later(corr, request, now.mono)  # the ledger is restarting
+        batch = request["op"] in ("ledger.settle", "ledger.assign")
+        if not ok and (body.get("code") == "unavailable" or (
+                batch and body.get("code") == "internal")):
+            # The ledger is restarting (or failed on a batch): send it again later.
+            self.ledger.again_later(corr, request, now.mono)
+            return
+        if request["op"] in ("ledger.lease", "ledger.assign", "ledger.return"):
+            self.leases.answered(fx, request, ok, body, now.mono)
+            self.waiting.tokens_returned(_amount(body.get("returned")))
+            return
+        if request["op"] == "ledger.settle":
+            if request.get("items"):
+                self.leases.answered(fx, {"op": "ledger.assign", "items": request["items"]},
+                                     ok, {"results": body.get("assigned")}, now.mono)
+            results = body.get("results") if ok else None
+            for index, order in enumerate(request["orders"]):
+                self.leases.confirmed(order)
+                result = results[index] if isinstance(results, list) and \
+                    index < len(results) and isinstance(results[index], dict) else {}
+                self._settled(fx, order, result)
             return
         task = self.tasks.get(request["task"])
         if request["op"] != "ledger.reserve":
-            released = body.get("released")
-            if isinstance(released, int) and not isinstance(released, bool):
-                self.waiting.tokens_returned(released)
-            if task is not None and str(request["attempt"]) in task.settle:
-                settle = {k: v for k, v in task.settle.items() if k != str(request["attempt"])}
-                self.table.set(fx, task, settle=settle)
+            self._settled(fx, request, body)
             return
         worker = self.registry.get(request.get("worker") or "")
         if worker is not None and not (worker.state is WorkerState.CLAIMED

@@ -3,7 +3,8 @@ that settle an attempt's tokens when it ends, re-sent until answered.
 
 A settle order (commit what the attempt used and release the rest, or release the
 reservation) is journaled with its task (`task.settle`) until the ledger confirms it, so
-a scheduler restart sends it again; the ledger is idempotent by (task, attempt). A task
+a scheduler restart sends it again; the ledger is idempotent by (task, attempt). With
+leases (leases.py) the orders of a turn go in one `ledger.settle`. A task
 with a token budget is released even when no grant was seen: the grant may have been
 made just before a crash.
 """
@@ -20,11 +21,16 @@ LEDGER_RESEND = 1.0  # seconds before an unanswered ledger request is sent again
 def settle_order(task: Task) -> dict | None:
     """The ledger order that settles the task's current attempt, or None (no tokens)."""
     if task.tokens_used > 0:
-        return {"op": "ledger.commit", "task": task.id, "attempt": task.attempt,
-                "used": task.tokens_used, "type": task.type, "agent": task.agent}
-    if task.reserved > 0 or task.tokens > 0:
-        return {"op": "ledger.release", "task": task.id, "attempt": task.attempt}
-    return None
+        order = {"op": "ledger.commit", "task": task.id, "attempt": task.attempt,
+                 "used": task.tokens_used, "type": task.type, "agent": task.agent}
+    elif task.reserved > 0 or task.tokens > 0:
+        order = {"op": "ledger.release", "task": task.id, "attempt": task.attempt}
+    else:
+        return None
+    if task.lease and task.reserved > 0:
+        # Carved from a lease: the ledger assigns it first if the assign is still behind.
+        order.update(lease=task.lease, amount=task.reserved)
+    return order
 
 
 def refusal_detail(reply: dict, now_wall: float) -> dict:

@@ -36,6 +36,7 @@ from cortex.services.scheduler.clock import Marks, Now
 from cortex.services.scheduler.eta import Estimates
 from cortex.services.scheduler.feasibility import ResourceMonitor
 from cortex.services.scheduler.holds import MachineHolds
+from cortex.services.scheduler.leases import Leases
 from cortex.services.scheduler.limits import ProviderLimits
 from cortex.services.scheduler.prefetch import Slots
 from cortex.services.scheduler.progress import ProgressEvents
@@ -78,6 +79,7 @@ class SchedulerState(ClientRequests, Reports):
                                    self.marks)
         self.admission = Admission(settings, self.counters)
         self.ledger = LedgerOrders()
+        self.leases = Leases(settings.lease)
         self.scaler = Scaler(settings, self.queue, self.registry, self.estimates, self.holds,
                              self.counters)
         self.waiters = Waiters()
@@ -132,10 +134,24 @@ class SchedulerState(ClientRequests, Reports):
         """Order the ledger to settle the attempt's tokens (settlement.py); the order is
         journaled with the task until the ledger confirms it."""
         body = settle_order(task)
-        if body is not None:
+        if body is None:
+            return
+        if self.leases.enabled:
+            self.leases.settle(body, now.mono)  # sent with others (flush_ledger)
+        else:
             self.ledger.send(fx, body, now.mono)
-            self.table.set(fx, task, reserved=0, settle={**task.settle,
-                                                         str(task.attempt): body})
+        lease = {"lease": None} if task.lease else {}
+        self.table.set(fx, task, reserved=0, settle={**task.settle, str(task.attempt): body},
+                       **lease)
+
+    def flush_ledger(self, fx: Effects, now_mono: float, force: bool = False) -> None:
+        """At the end of a turn: the carves and settle orders gathered, once they are due
+        (leases.py), ahead of the turn's task.run orders."""
+        if self.leases.due(now_mono) or (force and (self.leases.assigns or
+                                                    self.leases.settles)):
+            mark = len(fx.sends)
+            self.leases.flush(fx, self.ledger, now_mono)
+            fx.sends[:] = fx.sends[mark:] + fx.sends[:mark]
 
     def _kill(self, fx: Effects, worker: Worker, reason: str, now: Now, **data) -> None:
         """Ask the pool to end a worker (hung, timed out, cancelled); it is gone for us."""
@@ -187,7 +203,7 @@ class SchedulerState(ClientRequests, Reports):
                 task = self._next_for(fx, worker, now, machine)
                 if task is None:
                     break
-                if task.tokens > 0 and task.reserved == 0:
+                if task.tokens > 0 and task.reserved == 0 and not self._carve(fx, task, now):
                     # Reserve first; the worker waits for this task meanwhile, while other
                     # workers keep taking other tasks (no head-of-line blocking).
                     self._reserve(fx, task, worker, now)
@@ -224,7 +240,7 @@ class SchedulerState(ClientRequests, Reports):
                 if self.queue.empty():
                     return
                 continue
-            if task.tokens > 0 and task.reserved == 0:
+            if task.tokens > 0 and task.reserved == 0 and not self._carve(fx, task, now):
                 self._reserve(fx, task, None, now)
                 continue
             self._hold(machine, self._dispatch(fx, task, worker, now, prefetch=True))
@@ -252,6 +268,19 @@ class SchedulerState(ClientRequests, Reports):
     def _hold(machine: list, share: dict) -> None:
         for key, value in share.items():
             machine[1][key] += value
+
+    def _carve(self, fx: Effects, task: Task, now: Now) -> bool:
+        """Reserve the task's tokens from a lease we hold, with no round trip (leases.py);
+        False: none fits, reserve from the ledger."""
+        if not self.leases.enabled:
+            return False
+        lease = self.leases.carve(fx, self.ledger, task, now.mono)
+        if lease is None:
+            return False
+        self.table.set(fx, task, reserved=task.tokens, lease=lease)
+        fx.emit("task.reserved", {"attempt": task.attempt, "tokens": task.tokens,
+                                  "lease": lease}, task.id)
+        return True
 
     def _reserve(self, fx: Effects, task: Task, worker: Worker | None, now: Now) -> None:
         """Ask the ledger for the task's tokens, holding `worker` for it (None: a retry
@@ -288,6 +317,8 @@ class SchedulerState(ClientRequests, Reports):
             "id": task.id, "attempt": task.attempt, "type": task.type,
             "description": task.description, "priority": task.priority,
             "payload": task.payload, "tokens": task.reserved, "timeout": task.timeout}}
+        if task.lease:
+            run["task"]["lease"] = task.lease
         if prefetch:
             run["prefetch"] = True
         fx.notify(worker.name, run)
@@ -356,7 +387,10 @@ class SchedulerState(ClientRequests, Reports):
         # The scans below are O(pending work): at most every WATCH_INTERVAL, not every turn.
         if not self.watch.scan_due(now.mono):
             return max(0.0, min(next_due, self.watch.next_scan) - now.mono)
+        self.flush_ledger(fx, now.mono, force=True)  # gathered ones wait one scan at most
         self.ledger.resend_due(fx, now.mono)
+        if self.leases.held:
+            self.leases.give_back(fx, self.ledger, now.mono)
         self.table.trim(now.wall)  # an idle suite lets go of old results too
         soonest = self.waiters.expire(fx, self.tasks, now.mono)
         if soonest is not None:
@@ -393,6 +427,8 @@ class SchedulerState(ClientRequests, Reports):
                                     record.get("digest", ""))
         elif record["k"] == "rate":
             self.limits.apply(record)
+        elif record["k"] == "lease":
+            self.leases.apply(record)
         else:
             self.table.apply(record)
 
@@ -416,7 +452,11 @@ class SchedulerState(ClientRequests, Reports):
                 self.watch.add(task)
                 self.holds.hold(task, 0)
             for body in task.settle.values():  # ledger orders not confirmed before the crash
-                self.ledger.resend_soon(body, now.mono)
+                if self.leases.enabled or body.get("lease"):
+                    self.leases.settle(body, 0.0)
+                else:
+                    self.ledger.resend_soon(body, now.mono)
+        self.leases.restored(self.tasks.values())
         self.limits.restored(quiet, self.tasks, now)
         self.table.retain()
         self.table.recovered(now.wall)
@@ -428,7 +468,7 @@ class SchedulerState(ClientRequests, Reports):
         return {"tasks": list(self.tasks.values()), "counters": self.counters,
                 "avg_duration": self.estimates.avg_duration,
                 "rejected": [[k, *v] for k, v in self.admission.refusals.items()],
-                "rate_limits": self.limits.snapshot()}
+                "rate_limits": self.limits.snapshot(), "leases": self.leases.snapshot()}
 
     def load_snapshot(self, data: dict) -> None:
         for row in data.get("tasks", []):
@@ -441,3 +481,5 @@ class SchedulerState(ClientRequests, Reports):
                 self.admission.remember(*row)
         self.estimates.avg_duration.update(data.get("avg_duration", {}))
         self.limits.load_snapshot(data.get("rate_limits"))
+        for row in data.get("leases", []):
+            self.leases.apply(row)

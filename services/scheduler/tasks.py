@@ -91,6 +91,7 @@ class Task:
     progress: float = 0.0
     message: str = ""
     reserved: int = 0  # tokens currently reserved for this attempt
+    lease: str | None = None  # the ledger lease `reserved` was carved from (leases.py)
     eta: float | None = None
     settle: dict = field(default_factory=dict)  # attempt -> ledger order not yet confirmed
     size: int = 0  # bytes of the submit request (the predictor's payload-size feature)
