@@ -251,6 +251,7 @@ class Worker:
         self._on_settled: dict[bytes, object] = {}  # corr -> callback(call)
         self._stopping = False
         self._ready_due: float | None = 0.0  # when to (re)send worker.ready; None: not needed
+        self._ready_slack = 0.0  # how much later it may go, to ride on a heartbeat's wake
         self.done = 0
         self._thread = threading.Thread(target=self._run_handlers, name="handler", daemon=True)
         if install_signals and threading.current_thread() is threading.main_thread():
@@ -347,7 +348,15 @@ class Worker:
                                     "done": self.done})
         # Repeated while idle: it re-registers us after a scheduler restart and tells the
         # scheduler a task.run lost on the way never arrived.
+        self._idle_ready_due()
+
+    def _idle_ready_due(self) -> None:
+        """The next idle worker.ready, sent on the first wake after it is due: the
+        broker's heartbeat wakes us every interval, so an idle worker wakes once per
+        beat rather than also for its ready. At most one heartbeat period late, so it
+        still comes well within the silence (3 task heartbeats) the scheduler allows."""
         self._ready_due = time.monotonic() + self.heartbeat
+        self._ready_slack = min(self._link.interval, self.heartbeat)
 
     def _on_bus(self, msg: wire.Message) -> None:
         # Orders and answers come from the suite's own services (the broker stamps the
@@ -363,6 +372,7 @@ class Worker:
                 return  # else paused after `unavailable`: _tend_calls sends it again
             if msg.type == wire.ERROR and self._current is None:
                 self._ready_due = time.monotonic() + 0.5  # our ready may have been lost
+                self._ready_slack = 0.0
             return
         if msg.type != wire.NOTIFY:
             return
@@ -473,7 +483,7 @@ class Worker:
                 # our finish, and refills our slot
             else:
                 # The scheduler counts a finish as ready; idle heartbeats resume after.
-                self._ready_due = time.monotonic() + self.heartbeat
+                self._idle_ready_due()
 
     def _should_leave(self) -> bool:
         if self._stopping:
@@ -530,7 +540,7 @@ class Worker:
                         timeout = min(timeout, self._started_due - now)
                 timeout = min(timeout, self._tend_calls(now))
                 if self._ready_due is not None:
-                    timeout = min(timeout, max(0.0, self._ready_due - now))
+                    timeout = min(timeout, max(0.0, self._ready_due - now + self._ready_slack))
                 if self._stopping:
                     timeout = min(timeout, 0.2)
                 for sock, _ in poller.poll(poll_ms(timeout)):

@@ -1,6 +1,7 @@
 """Each process loads what it uses, and no more: a pooled worker (twenty of them in a
-default suite) and the services are spared asyncio, ssl, psutil and the numeric stack;
-the scheduler loads scikit-learn only once it has a saved model to predict or route with."""
+default suite), forked from the pool so that it shares the pool's code, and the services
+are spared asyncio, ssl, psutil and the numeric stack; the scheduler loads scikit-learn
+only once it has a saved model to predict or route with."""
 
 from __future__ import annotations
 
@@ -73,9 +74,15 @@ def test_a_live_suites_workers_and_scheduler_map_no_heavy_library(suite):
         workers = wait_for(lambda: [w for w in client.call("pool", "pool.status")["workers"]
                                     if w.get("pid")], timeout=60, what="the workers")
         scheduler = client.call("scheduler", "scheduler.status")["pid"]
+        pool = client.call("pool", "pool.status")["pid"]
     assert workers
     for worker in workers:
-        assert mapped_libraries(worker["pid"]) == set(), worker
+        # Forked from the pool: its child, sharing the pool's libraries (psutil among
+        # them, at no cost), never started anew as `python -m ...worker`.
+        process = psutil.Process(worker["pid"])
+        assert process.ppid() == pool
+        assert process.cmdline() == psutil.Process(pool).cmdline()
+        assert mapped_libraries(worker["pid"]) - {"psutil"} == set(), worker
     # No model saved yet: nothing to predict or route with, so no scikit-learn.
     assert mapped_libraries(scheduler) & {"numpy", "scipy", "sklearn", "openblas"} == set()
 

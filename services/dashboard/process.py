@@ -60,10 +60,12 @@ STATUS_OPS = {"broker": "broker.status", "events": "events.status",
               "ledger": "ledger.status", "scheduler": "scheduler.status",
               "pool": "pool.status"}
 FLUSH_INTERVAL = 0.1  # seconds: what changed reaches the pages this often
-IDLE_FLUSH_INTERVAL = 1.0  # seconds between flushes while no page is open
+# Seconds between flushes while no page is open (a page opening ends the wait): they
+# only drop what changed, and a page starts from a snapshot.
+IDLE_FLUSH_INTERVAL = 10.0
 # Seconds between status polls while no page is open: every poll wakes every service, and
 # no one is looking. A page opening or a snapshot asked for polls at once.
-IDLE_POLL_INTERVAL = 10.0
+IDLE_POLL_INTERVAL = 30.0
 BUDGET_REFRESH = 0.25  # seconds between ledger polls while ledger events come in
 SUB_HWM = 20_000  # live events queued for us at most; past it the router drops ours
 DRAIN_BATCH = 5000  # live events read per wake-up before others get a turn
@@ -171,6 +173,7 @@ class Dashboard:
         self.port = 0
         self.stopping = asyncio.Event()
         self.watched = asyncio.Event()  # a page opened or a snapshot was asked for: poll now
+        self.page_opened = asyncio.Event()  # ends the flush loop's idle wait
         self.client: AsyncClient | None = None
         self.sampler = ProcessSampler()
         self.worker_pids: set[int] = set()
@@ -323,6 +326,7 @@ class Dashboard:
         page = Page(ws)
         self.pages.add(page)
         self.watched.set()
+        self.page_opened.set()
         sender = asyncio.ensure_future(self.send_loop(page))
         page.push(self.snapshot_text(page))
         try:
@@ -368,8 +372,14 @@ class Dashboard:
         next_budget_poll = 0.0
         while not self.stopping.is_set():
             # The pace of updates, not a wait for a state; with no page open there is
-            # no one to update, only the changes to drop, so the dashboard stays quiet.
-            await asyncio.sleep(FLUSH_INTERVAL if self.pages else IDLE_FLUSH_INTERVAL)
+            # no one to update, only the changes to drop, so the dashboard stays quiet
+            # until a page opens.
+            if self.pages:
+                await asyncio.sleep(FLUSH_INTERVAL)
+            else:
+                self.page_opened.clear()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self.page_opened.wait(), IDLE_FLUSH_INTERVAL)
             mono = time.monotonic()
             if self.board.budgets.stale and mono >= next_budget_poll:
                 next_budget_poll = mono + BUDGET_REFRESH
@@ -426,6 +436,8 @@ class Dashboard:
                 self.dropped += 1
                 continue
             self.board.on_event(event, mono)
+            if not self.pages:
+                continue  # a page opening starts from the board's snapshot
             self.fresh.append(event)
             if len(self.fresh) > 4 * PAGE_EVENTS:
                 del self.fresh[:-PAGE_EVENTS]  # more than a page shows before the flush

@@ -29,6 +29,7 @@ import psutil
 import zmq
 
 from cortex.protocol import backoff, wire
+from cortex.services.pool import forking
 from cortex.services.pool.children import Child, ChildState, Emit, transition
 from cortex.services.runtime import lineage
 from cortex.services.runtime.durable import remove_temp_files, write_atomic
@@ -119,28 +120,33 @@ class Pool(BusService):
     def spawn(self, group: str, slot: int, extra: bool = False) -> Child:
         self.spawned += 1
         name = f"w-{group}-{slot}-{os.getpid() % 100000}-{self.spawned}"[:wire.MAX_NAME_BYTES]
-        cmd = [sys.executable, "-m", "cortex.services.pool.worker", "--home", str(self.rt.home),
-               "--group", group, "--name", name]
+        args = ["--home", str(self.rt.home), "--group", group, "--name", name]
         if extra:  # surge/autoscaled: retires by itself when idle, not restarted
-            cmd += ["--idle-exit", str(self.group(group).idle_exit)]
+            args += ["--idle-exit", str(self.group(group).idle_exit)]
         child = Child(name, group, slot, time.time(), extra=extra)
-        env = {**os.environ, lineage.WORKER_TAG: name}
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                preexec_fn=_worker_preexec(os.getpid()), close_fds=True,
-                                env=env)
-        child.pid = proc.pid
-        fd = proc.stderr.fileno()
+        if forking.can_fork():  # shares the pool's imported code (forking.py)
+            pid, stderr = forking.fork_worker(args, {lineage.WORKER_TAG: name}, os.getpid())
+            self._popen[pid] = None  # ours until reaped
+        else:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "cortex.services.pool.worker", *args],
+                stdin=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                preexec_fn=_worker_preexec(os.getpid()), close_fds=True,
+                env={**os.environ, lineage.WORKER_TAG: name})
+            pid, stderr = proc.pid, proc.stderr
+            self._popen[pid] = proc  # keep the Popen so Python does not warn or reap it
+        child.pid = pid
+        fd = stderr.fileno()
         os.set_blocking(fd, False)
-        self.stderr[fd] = proc.pid
-        self.stderr_files[fd] = proc.stderr
-        self.tails[proc.pid] = bytearray()
+        self.stderr[fd] = pid
+        self.stderr_files[fd] = stderr
+        self.tails[pid] = bytearray()
         self.poller.register(fd, zmq.POLLIN)
         try:
-            child.proc = psutil.Process(proc.pid)
+            child.proc = psutil.Process(pid)
         except psutil.Error:
             pass
-        self._popen[proc.pid] = proc  # keep the Popen so Python does not warn or reap it
-        self.children[proc.pid] = child
+        self.children[pid] = child
         self.record_pids()
         transition(child, ChildState.RUNNING, self.emit, group=group, slot=slot, extra=extra)
         return child

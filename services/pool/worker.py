@@ -77,8 +77,10 @@ def main(argv=None) -> None:
                         help="retire after this many idle seconds (surge workers)")
     args = parser.parse_args(argv)
     home = locate.find_home(args.home)
+    # force: a worker forked from the pool (forking.py) replaces the pool's logging.
     logging.basicConfig(level=os.environ.get("CORTEX_LOG_LEVEL", "WARNING"), stream=sys.stderr,
-                        format=f"%(asctime)s worker {args.name}[%(process)d] %(message)s")
+                        format=f"%(asctime)s worker {args.name}[%(process)d] %(message)s",
+                        force=True)
     pool = os.getppid()
     lineage.die_with_parent(pool, signal.SIGKILL)  # armed by the pool too, where it can
     settings = config.load(home)

@@ -43,6 +43,13 @@ TURN_SHARE = 0.25
 PREVIOUS_SUFFIX = ".prev"  # the snapshot before the newest
 BAD_SUFFIX = ".bad"  # an unreadable snapshot, set aside for the operator
 HALTED_CHECK = 1.0  # seconds between looks at a halted service's journal
+# Idle, a service's wakes are the broker's heartbeat (every interval), its tick and its
+# snapshot timer. A tick this far off is nothing urgent ("look again in a second") and a
+# snapshot is periodic: each may wait a little longer, so that it runs on the turn the
+# heartbeat wakes us for anyway (on_tick and the snapshot check run on every turn).
+SOFT_TICK = 1.0
+TICK_SLACK = 0.25
+SNAPSHOT_SLACK = 1.0
 
 
 def _previous(path):
@@ -385,6 +392,8 @@ class BusService:
                 fx = Effects()
                 tick = self.halted_tick() if self.halted is not None else \
                     self.on_tick(fx, time.time())
+                if tick >= SOFT_TICK:
+                    tick += TICK_SLACK
                 timeout = min(self.link.tick(now), self.events.tick(now), tick)
                 if fx.sends or fx.records or fx.events or self.pending_events:
                     self.flush(fx)
@@ -400,7 +409,7 @@ class BusService:
                             took = time.monotonic() - began
                         self.next_snapshot = time.monotonic() + max(
                             self.settings.suite.snapshot_interval, 20 * took)
-                    timeout = min(timeout, self.next_snapshot - now)
+                    timeout = min(timeout, self.next_snapshot - now + SNAPSHOT_SLACK)
                 ready = dict(self.poller.poll(poll_ms(timeout)))
                 if self.rt.wake_r.fileno() in ready:
                     self.rt.drain_wakeups()
