@@ -94,11 +94,13 @@ DEFAULT_TYPES = ("echo", "sleep", "simulated_agent", "fail")
 def suite_config(workers: int = 4, types=DEFAULT_TYPES, *, fsync: str = "off",
                  snapshot_interval: float | None = 2.0, task_heartbeat: float | None = 1.0,
                  scheduler: str = "", tables: str = "", pool: str = "",
-                 extra: str = "") -> str:
+                 extra: str = "", dashboard: bool = False) -> str:
     """The config every test suite starts from: fast heartbeats, no fsync, one pool group
     (`default`, `workers` of them, taking `types`). `scheduler` adds lines to [scheduler],
     `pool` to the default group; `tables` are whole tables written before the pool's,
-    `extra` after it. A None interval is left to the service's default."""
+    `extra` after it. A None interval is left to the service's default. The dashboard is
+    switched off (an interpreter less per start) unless asked for or a [dashboard] table
+    is given in `tables` or `extra`."""
     text = f'[suite]\nfsync = "{fsync}"\nheartbeat_interval = 0.5\n'
     if snapshot_interval is not None:
         text += f"snapshot_interval = {snapshot_interval}\n"
@@ -108,8 +110,11 @@ def suite_config(workers: int = 4, types=DEFAULT_TYPES, *, fsync: str = "off",
             text += f"task_heartbeat = {task_heartbeat}\n"
         text += scheduler
     types_list = ", ".join(f'"{t}"' for t in types)
-    return (text + tables + f"[pool.groups.default]\ncount = {workers}\n{pool}"
-            f"types = [{types_list}]\n" + extra)
+    text += (tables + f"[pool.groups.default]\ncount = {workers}\n{pool}"
+             f"types = [{types_list}]\n" + extra)
+    if not dashboard and "[dashboard]" not in tables + extra:
+        text += "\n[dashboard]\nenabled = false\n"
+    return text
 
 
 def write_config(home: Path, text: str) -> None:
@@ -150,10 +155,10 @@ class SuiteRunner:
         self.suites: list[tuple[Suite, set[int]]] = []
 
     def start(self, config: str | None = None, workers: int = 4, fsync: str = "off",
-              extra: str = "") -> Suite:
+              extra: str = "", dashboard: bool = False) -> Suite:
         home = short_home()
         write_config(home, config if config is not None else suite_config(
-            workers, fsync=fsync, extra=extra))
+            workers, fsync=fsync, extra=extra, dashboard=dashboard))
         suite = Suite(home)
         entry = (suite, set())
         self.suites.append(entry)
@@ -212,12 +217,13 @@ def suite(suites):
 
 @pytest.fixture(scope="session")
 def shared_suite():
-    """One suite (four workers, the default config) for every test that leaves it as it
-    found it: its tasks and agents are its own (unique names), what it stops it restarts,
-    what it queues it cancels. Each xdist worker starts its own, once, on first use."""
+    """One suite (four workers, the default config, the dashboard on) for every test that
+    leaves it as it found it: its tasks and agents are its own (unique names), what it
+    stops it restarts, what it queues it cancels. Each xdist worker starts its own, once,
+    on first use."""
     runner = SuiteRunner()
     try:
-        yield runner.start()
+        yield runner.start(dashboard=True)
     finally:
         problems = runner.stop_all()
         assert not problems, "; ".join(problems)
