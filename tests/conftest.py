@@ -192,6 +192,18 @@ class SuiteRunner:
         return problems
 
 
+def module_suite(config: str | None = None, **options):
+    """The body of a module-scoped suite fixture (`yield from module_suite(...)`): one
+    suite for the tests of a module that share its configuration and leave it as they
+    found it, stopped and checked for leftovers after the last of them."""
+    runner = SuiteRunner()
+    try:
+        yield runner.start(config, **options)
+    finally:
+        problems = runner.stop_all()
+        assert not problems, "; ".join(problems)
+
+
 @pytest.fixture(autouse=True)
 def reap_what_earlier_tests_orphaned():
     """As a subreaper this process inherits whatever a test orphans; reap those before
