@@ -55,6 +55,23 @@ def _uses_a_wider_fixture(item) -> bool:
     return False
 
 
+def _join_group(item, group: str) -> None:
+    """Put `item` in an xdist group. xdist's worker reads the xdist_group markers in its
+    own collection hook and names the group by a suffix on the node id; pytest 9.2 keeps
+    node ids structured and ignores the field xdist writes, so the groups silently stop
+    working (https://github.com/pytest-dev/pytest-xdist/issues/1386): write the suffix
+    where this pytest reads it. Older pytest: xdist's hook does it, after this one."""
+    item.add_marker(pytest.mark.xdist_group(group))
+    if hasattr(item, "_id") and getattr(item.config.option, "loadgroup", False):
+        from _pytest.nodeid import NodeId
+
+        item._id = NodeId.parse(f"{item.nodeid}@{group}")
+
+
+# First, before xdist's hook (a plugin registered after this file, so otherwise called
+# before it), which must see the groups: a group split across the two workers starts its
+# module-scoped suite once per piece.
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     """Two tiers. Heavy tests run only with --heavy (or when `-m` names them); every test
     that starts no process, searches no property space and is not heavy is marked
@@ -64,7 +81,7 @@ def pytest_collection_modifyitems(config, items):
         # Tests sharing a module-scoped fixture (a suite, a trained model) go to one xdist
         # worker, so it is built once; the others spread one by one (--dist loadgroup).
         if _uses_a_wider_fixture(item):
-            item.add_marker(pytest.mark.xdist_group(item.path.name))
+            _join_group(item, item.path.name)
     skip = pytest.mark.skip(reason="heavy: run with --heavy (CI runs them in a second pass)")
     for item in items:
         heavy = item.get_closest_marker("heavy") is not None
