@@ -20,9 +20,9 @@ client that speaks again is simply greeted anew.
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import os
+from typing import TYPE_CHECKING
 
 import zmq
 
@@ -32,6 +32,9 @@ from .live import AsyncSubscription, Subscription
 from .operations import Plans
 from .peer import BusLink, TimedReceiver, keys_for, recv_frames, send_frames, unique_name
 from .vocabulary import PRIORITIES  # noqa: F401 - part of the client's API
+
+if TYPE_CHECKING:  # asyncio is imported where the async face runs: a sync CLI never needs it
+    import asyncio
 
 SEND_WAIT_MS = 1000
 
@@ -258,6 +261,8 @@ class AsyncClient(_Face):
             session.forget(call)
 
     def _attach(self) -> asyncio.AbstractEventLoop:
+        import asyncio
+
         loop = asyncio.get_running_loop()
         if self._loop is None:
             self._loop = loop

@@ -11,8 +11,6 @@ when closed.
 
 from __future__ import annotations
 
-import asyncio
-
 import zmq
 
 from .calls import decode_event
@@ -66,6 +64,8 @@ class AsyncSubscription:
 
     def __init__(self, ctx: zmq.Context, endpoint: str, pattern: str, timeout: float | None,
                  keys: CurveKeys | None = None):
+        import asyncio  # here, not at the top: the sync faces (the CLI) never load it
+
         self._loop = asyncio.get_running_loop()
         self._socket = _connect(ctx, endpoint, pattern, keys)
         self.timeout = timeout
@@ -83,6 +83,8 @@ class AsyncSubscription:
         return self
 
     async def __anext__(self) -> dict:
+        import asyncio
+
         while not self._socket.closed:
             parts = recv_frames(self._socket)
             if parts is None:

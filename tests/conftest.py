@@ -55,6 +55,23 @@ def _uses_a_wider_fixture(item) -> bool:
     return False
 
 
+def _join_group(item, group: str) -> None:
+    """Put `item` in an xdist group. xdist's worker reads the xdist_group markers in its
+    own collection hook and names the group by a suffix on the node id; pytest 9.2 keeps
+    node ids structured and ignores the field xdist writes, so the groups silently stop
+    working (https://github.com/pytest-dev/pytest-xdist/issues/1386): write the suffix
+    where this pytest reads it. Older pytest: xdist's hook does it, after this one."""
+    item.add_marker(pytest.mark.xdist_group(group))
+    if hasattr(item, "_id") and getattr(item.config.option, "loadgroup", False):
+        from _pytest.nodeid import NodeId
+
+        item._id = NodeId.parse(f"{item.nodeid}@{group}")
+
+
+# First, before xdist's hook (a plugin registered after this file, so otherwise called
+# before it), which must see the groups: a group split across the two workers starts its
+# module-scoped suite once per piece.
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     """Two tiers. Heavy tests run only with --heavy (or when `-m` names them); every test
     that starts no process, searches no property space and is not heavy is marked
@@ -64,7 +81,7 @@ def pytest_collection_modifyitems(config, items):
         # Tests sharing a module-scoped fixture (a suite, a trained model) go to one xdist
         # worker, so it is built once; the others spread one by one (--dist loadgroup).
         if _uses_a_wider_fixture(item):
-            item.add_marker(pytest.mark.xdist_group(item.path.name))
+            _join_group(item, item.path.name)
     skip = pytest.mark.skip(reason="heavy: run with --heavy (CI runs them in a second pass)")
     for item in items:
         heavy = item.get_closest_marker("heavy") is not None
@@ -94,11 +111,13 @@ DEFAULT_TYPES = ("echo", "sleep", "simulated_agent", "fail")
 def suite_config(workers: int = 4, types=DEFAULT_TYPES, *, fsync: str = "off",
                  snapshot_interval: float | None = 2.0, task_heartbeat: float | None = 1.0,
                  scheduler: str = "", tables: str = "", pool: str = "",
-                 extra: str = "") -> str:
+                 extra: str = "", dashboard: bool = False) -> str:
     """The config every test suite starts from: fast heartbeats, no fsync, one pool group
     (`default`, `workers` of them, taking `types`). `scheduler` adds lines to [scheduler],
     `pool` to the default group; `tables` are whole tables written before the pool's,
-    `extra` after it. A None interval is left to the service's default."""
+    `extra` after it. A None interval is left to the service's default. The dashboard is
+    switched off (an interpreter less per start) unless asked for or a [dashboard] table
+    is given in `tables` or `extra`."""
     text = f'[suite]\nfsync = "{fsync}"\nheartbeat_interval = 0.5\n'
     if snapshot_interval is not None:
         text += f"snapshot_interval = {snapshot_interval}\n"
@@ -108,8 +127,11 @@ def suite_config(workers: int = 4, types=DEFAULT_TYPES, *, fsync: str = "off",
             text += f"task_heartbeat = {task_heartbeat}\n"
         text += scheduler
     types_list = ", ".join(f'"{t}"' for t in types)
-    return (text + tables + f"[pool.groups.default]\ncount = {workers}\n{pool}"
-            f"types = [{types_list}]\n" + extra)
+    text += (tables + f"[pool.groups.default]\ncount = {workers}\n{pool}"
+             f"types = [{types_list}]\n" + extra)
+    if not dashboard and "[dashboard]" not in tables + extra:
+        text += "\n[dashboard]\nenabled = false\n"
+    return text
 
 
 def write_config(home: Path, text: str) -> None:
@@ -150,10 +172,10 @@ class SuiteRunner:
         self.suites: list[tuple[Suite, set[int]]] = []
 
     def start(self, config: str | None = None, workers: int = 4, fsync: str = "off",
-              extra: str = "") -> Suite:
+              extra: str = "", dashboard: bool = False) -> Suite:
         home = short_home()
         write_config(home, config if config is not None else suite_config(
-            workers, fsync=fsync, extra=extra))
+            workers, fsync=fsync, extra=extra, dashboard=dashboard))
         suite = Suite(home)
         entry = (suite, set())
         self.suites.append(entry)
@@ -187,6 +209,18 @@ class SuiteRunner:
         return problems
 
 
+def module_suite(config: str | None = None, **options):
+    """The body of a module-scoped suite fixture (`yield from module_suite(...)`): one
+    suite for the tests of a module that share its configuration and leave it as they
+    found it, stopped and checked for leftovers after the last of them."""
+    runner = SuiteRunner()
+    try:
+        yield runner.start(config, **options)
+    finally:
+        problems = runner.stop_all()
+        assert not problems, "; ".join(problems)
+
+
 @pytest.fixture(autouse=True)
 def reap_what_earlier_tests_orphaned():
     """As a subreaper this process inherits whatever a test orphans; reap those before
@@ -212,12 +246,13 @@ def suite(suites):
 
 @pytest.fixture(scope="session")
 def shared_suite():
-    """One suite (four workers, the default config) for every test that leaves it as it
-    found it: its tasks and agents are its own (unique names), what it stops it restarts,
-    what it queues it cancels. Each xdist worker starts its own, once, on first use."""
+    """One suite (four workers, the default config, the dashboard on) for every test that
+    leaves it as it found it: its tasks and agents are its own (unique names), what it
+    stops it restarts, what it queues it cancels. Each xdist worker starts its own, once,
+    on first use."""
     runner = SuiteRunner()
     try:
-        yield runner.start()
+        yield runner.start(dashboard=True)
     finally:
         problems = runner.stop_all()
         assert not problems, "; ".join(problems)

@@ -17,7 +17,7 @@ import pytest
 
 from cortex.protocol import Client
 from cortex.services.control import reap_orphans
-from tests.conftest import wait_for
+from tests.conftest import module_suite, wait_for
 
 MODULE = '''
 import os
@@ -115,8 +115,15 @@ def runners(tmp_path):
         wait_for(lambda kids=kids: not any(alive(p) for p in kids), 30, "the agents to end")
 
 
-def test_agents_run_on_three_processes_restart_and_report(suites, runners):
-    suite = suites.start(workers=1)
+@pytest.fixture(scope="module")
+def agents_suite():
+    """Shared: each test's agents are its own processes (told apart by pid), ended at its
+    end; the suite's services are left alone."""
+    yield from module_suite(workers=1)
+
+
+def test_agents_run_on_three_processes_restart_and_report(agents_suite, runners):
+    suite = agents_suite
     runner = runners(suite.home, 3)
     with Client(suite.home) as client:
         first = wait_for(lambda: len(children(runner)) == 3 and children(runner), 60,
@@ -168,8 +175,8 @@ def test_agents_run_on_three_processes_restart_and_report(suites, runners):
         assert not any(alive(p) for p in last)
 
 
-def test_killing_the_runner_leaves_no_agent_behind(suites, runners):
-    suite = suites.start(workers=1)
+def test_killing_the_runner_leaves_no_agent_behind(agents_suite, runners):
+    suite = agents_suite
     runner = runners(suite.home, 2)
     kids = wait_for(lambda: len(children(runner)) == 2 and children(runner), 60,
                     "two agent processes")

@@ -13,7 +13,7 @@ from cortex.services.cli.status import _scheduler_lines
 from .conftest import wait_for
 
 BASE = ('[suite]\nfsync = "off"\nheartbeat_interval = 0.5\nsnapshot_interval = 2.0\n'
-        '[scheduler]\ntask_heartbeat = 1.0\n')
+        '[dashboard]\nenabled = false\n[scheduler]\ntask_heartbeat = 1.0\n')
 
 
 def _report(**scheduler) -> dict:

@@ -256,6 +256,7 @@ def free_port() -> int:
 def test_switched_off_nothing_answers_on_its_port(suites, page, tmp_path):
     port = free_port()
     suite = suites.start(workers=1, extra=f"[dashboard]\nenabled = false\nport = {port}\n")
+    suite.rpc().supervisor.startProcess("dashboard")  # supervisord leaves it unstarted
     wait_for(lambda: {p["name"]: p for p in suite.processes()}["dashboard"]["statename"]
              == "EXITED", 30, "the dashboard to exit")
     with pytest.raises(Exception, match="ERR_CONNECTION_REFUSED"):

@@ -210,7 +210,7 @@ def test_a_websocket_from_another_origin_is_refused(shared_suite):
 
 
 def test_url_file_goes_at_stop(suites):
-    suite = suites.start(workers=1)
+    suite = suites.start(workers=1, dashboard=True)
     path = suite.home / "run" / "dashboard.url"
     assert path.exists()
     suite.stop()
@@ -220,6 +220,10 @@ def test_url_file_goes_at_stop(suites):
 def test_switched_off_the_dashboard_exits_at_once_and_nothing_listens(suites):
     suite = suites.start(workers=1, extra='[events]\nmetrics_port = -1\n'
                                           '[dashboard]\nenabled = false\n')
+    # supervisord does not start it; started by hand, it exits at once.
+    never = {x["name"]: x for x in suite.processes()}["dashboard"]
+    assert never["statename"] == "STOPPED" and not never["start"], never
+    suite.rpc().supervisor.startProcess("dashboard")
     info = wait_for(lambda: (p := {x["name"]: x for x in suite.processes()}["dashboard"])
                     ["statename"] == "EXITED" and p, 30, "the dashboard to exit")
     assert info["exitstatus"] == 0

@@ -72,7 +72,7 @@ def sample(page, cdp, began: float) -> tuple[float, int, int, float]:
 def test_events_page_stays_bounded_at_1000_events_a_second(suites, tmp_path):
     from playwright.sync_api import sync_playwright
 
-    suite = suites.start(workers=2)
+    suite = suites.start(workers=2, dashboard=True)
     url = (suite.home / "run" / "dashboard.url").read_text().strip()
     dashboard = psutil.Process({p["name"]: p for p in suite.processes()}["dashboard"]["pid"])
     with sync_playwright() as playwright:

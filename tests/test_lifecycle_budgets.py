@@ -8,7 +8,7 @@ import pytest
 from cortex.protocol import Client, errors
 
 BASE = ('[suite]\nfsync = "off"\nheartbeat_interval = 0.5\nsnapshot_interval = 2.0\n'
-        '[scheduler]\ntask_heartbeat = 1.0\n')
+        '[dashboard]\nenabled = false\n[scheduler]\ntask_heartbeat = 1.0\n')
 
 
 def test_a_submit_right_after_a_windowless_limit_changes_meets_the_new_limit(suites):

@@ -9,20 +9,31 @@ import os
 import signal
 import time
 
+import pytest
+
 from cortex.protocol import Client
 from cortex.services.cli.tasks import render_task
 
-from .conftest import jsonl_events_of, wait_for
+from .conftest import jsonl_events_of, module_suite, suite_config, wait_for
 
 LONG = 60  # seconds to wait for anything on this shared machine
 
 
-def one_worker(suites, prefetch: int = 1):
+def one_worker_config(prefetch: int = 1) -> str:
     """One pooled worker and no surge (a surge worker would take the critical task)."""
-    return suites.start(config=(
-        '[suite]\nfsync = "off"\nheartbeat_interval = 0.5\nsnapshot_interval = 2.0\n'
-        f'[scheduler]\ntask_heartbeat = 1.0\nprefetch = {prefetch}\n'
-        '[pool.groups.default]\ncount = 1\nmax = 1\ntypes = ["echo", "sleep"]\n'))
+    return suite_config(1, ("echo", "sleep"), scheduler=f"prefetch = {prefetch}\n",
+                        pool="max = 1\n")
+
+
+def one_worker(suites, prefetch: int = 1):
+    return suites.start(config=one_worker_config(prefetch))
+
+
+@pytest.fixture(scope="module")
+def prefetching():
+    """Shared by the tests that end with every task of theirs finished and only their
+    own worker killed (the pool replaces it)."""
+    yield from module_suite(one_worker_config())
 
 
 def running_long(c: Client, seconds: float, **fields) -> dict:
@@ -41,8 +52,8 @@ def events_of(home, task_id: str) -> list[dict]:
     return [e for e in jsonl_events_of(home) if e.get("task") == task_id]
 
 
-def test_a_critical_task_starts_before_a_prefetched_low_one(suites):
-    suite = one_worker(suites)
+def test_a_critical_task_starts_before_a_prefetched_low_one(prefetching):
+    suite = prefetching
     with Client(suite.home, timeout=LONG) as c:
         wait_for(lambda: len(c.workers()) == 1, LONG, "the worker")
         long_ = running_long(c, 8.0)
@@ -69,8 +80,8 @@ def test_a_critical_task_starts_before_a_prefetched_low_one(suites):
     assert len(started) == 1  # it ran once
 
 
-def test_a_worker_killed_holding_a_prefetched_task_loses_no_attempt_of_it(suites):
-    suite = one_worker(suites)
+def test_a_worker_killed_holding_a_prefetched_task_loses_no_attempt_of_it(prefetching):
+    suite = prefetching
     with Client(suite.home, timeout=LONG) as c:
         wait_for(lambda: len(c.workers()) == 1, LONG, "the worker")
         long_ = running_long(c, 120.0, retries=0)
@@ -79,7 +90,6 @@ def test_a_worker_killed_holding_a_prefetched_task_loses_no_attempt_of_it(suites
         os.kill(victim["pid"], signal.SIGKILL)
         done = c.wait(held["id"], timeout=LONG)
         assert c.wait(long_["id"], timeout=LONG)["state"] == "failed"  # it ran: lost
-        suites.seen(suite)
     assert done["state"] == "completed" and done["attempt"] == 1 and done["result"] == "x"
     assert done["worker"] != victim["name"]
     wait_for(lambda: [e["type"] for e in events_of(suite.home, held["id"])

@@ -12,7 +12,7 @@ import pytest
 from cortex.protocol import Client, QueueFull, Rejected
 from cortex.services.runtime.settings import ConfigError, load
 
-from .conftest import jsonl_events_of, suite_config, wait_for
+from .conftest import jsonl_events_of, module_suite, suite_config, wait_for
 
 
 def flood_config(count: int = 2, most: int = 5, max_queue: int = 60) -> str:
@@ -20,6 +20,13 @@ def flood_config(count: int = 2, most: int = 5, max_queue: int = 60) -> str:
     return suite_config(count, snapshot_interval=None,
                         scheduler=f"max_queue_per_type = {max_queue}\n",
                         pool=f"max = {most}\nidle_exit = 2.0\n")
+
+
+@pytest.fixture(scope="module")
+def one_worker_flood():
+    """One worker, no surge, a queue of 60 per type: shared by the admission tests (what
+    they queue runs or is cancelled, and they read the counters as changes)."""
+    yield from module_suite(flood_config(count=1, most=1))
 
 
 LOW_SECONDS = 3.0  # long enough that a new worker starts sooner than a busy one frees
@@ -61,10 +68,14 @@ def test_critical_tasks_overtake_a_low_priority_flood_with_surge(suites):
     assert any(e["type"] == "pool.scaled" and e["data"]["started"] >= 1 for e in events)
 
 
-def test_full_queue_rejects_with_queue_full_but_not_critical(suites):
-    suite = suites.start(config=flood_config(count=1, most=1))
+def test_full_queue_rejects_with_queue_full_but_not_critical(one_worker_flood):
+    suite = one_worker_flood
     with Client(suite.home, timeout=30) as c:
         wait_for(lambda: len(c.workers()) == 1, 30, "one worker")
+        # An earlier test's tasks have run (the queue is empty) before this one fills it.
+        wait_for(lambda: not c.call("scheduler", "scheduler.status")["states"].get("queued"),
+                 60, "an empty queue")
+        rejected = c.call("scheduler", "scheduler.status")["counters"]["rejected"]
         blocker = c.submit("sleep", "blocker", payload={"seconds": 30})["id"]
         wait_for(lambda: c.workers()[0]["state"] == "busy", 20, "busy")
         for i in range(60):
@@ -73,12 +84,12 @@ def test_full_queue_rejects_with_queue_full_but_not_critical(suites):
             c.submit("echo", "one too many", priority="high")
         assert info.value.code == "queue_full"
         assert c.submit("echo", "critical passes", priority="critical")["state"] == "queued"
-        assert c.call("scheduler", "scheduler.status")["counters"]["rejected"] == 1
-        c.cancel(blocker)  # else stopping the suite waits for it to finish
+        assert c.call("scheduler", "scheduler.status")["counters"]["rejected"] == rejected + 1
+        c.cancel(blocker)  # else stopping the suite (or the next test) waits for it
 
 
-def test_deadline_that_cannot_be_met_is_rejected_with_the_estimate(suites):
-    suite = suites.start(config=flood_config(count=1, most=1))
+def test_deadline_that_cannot_be_met_is_rejected_with_the_estimate(one_worker_flood):
+    suite = one_worker_flood
     with Client(suite.home, timeout=30) as c:
         wait_for(lambda: len(c.workers()) == 1, 30, "one worker")
         for i in range(3):  # teach the scheduler that sleep tasks take ~0.5 s

@@ -8,6 +8,7 @@ import asyncio
 import os
 import signal
 import threading
+import uuid
 
 import pytest
 
@@ -205,7 +206,8 @@ def test_the_client_refuses_a_task_it_cannot_send(task):
 # -- against a live suite -----------------------------------------------------------------
 
 
-def test_both_faces_submit_a_mixed_batch_to_a_live_suite(suite):
+def test_both_faces_submit_a_mixed_batch_to_a_live_suite(shared_suite):
+    suite = shared_suite
     tasks = [{"type": "echo", "payload": {"i": i}} for i in range(30)]
     tasks[7] = {"type": "echo", "priority": "urgent"}
     tasks[8] = {"type": "echo", "timeout": -1}
@@ -220,8 +222,9 @@ def test_both_faces_submit_a_mixed_batch_to_a_live_suite(suite):
 
     async def async_face():
         async with AsyncClient(suite.home, timeout=60) as c:
-            results = await c.submit_many([{"type": "echo", "idempotency_key": "same"},
-                                           {"type": "echo", "idempotency_key": "same"}])
+            key = f"same-{uuid.uuid4().hex}"  # the shared suite's other tests use others
+            results = await c.submit_many([{"type": "echo", "idempotency_key": key},
+                                           {"type": "echo", "idempotency_key": key}])
             assert results[0]["id"] == results[1]["id"]
             return await c.wait(results[0]["id"], timeout=60)
 

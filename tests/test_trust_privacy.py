@@ -115,7 +115,7 @@ def test_nobody_reads_no_file_of_the_home_and_is_refused_by_every_socket():
         home = parent / "h"
         home.mkdir(mode=0o755)
         write_config(home, suite_config(1, ("echo",), snapshot_interval=None,
-                                        task_heartbeat=None))
+                                        task_heartbeat=None, dashboard=True))
         os.chmod(home / "cortex.toml", 0o644)  # as a careless editor would leave it
         suite = Suite(home)
         runner.suites.append((suite, set()))

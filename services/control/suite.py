@@ -146,6 +146,7 @@ class Suite:
         # The suite tag: every process of this home (services, workers, what handlers
         # start, even in a new session) inherits it, so none can be overlooked.
         return {**os.environ, "CORTEX_HOME": str(self.home), "CORTEX_PYTHON": self.python,
+                "CORTEX_DASHBOARD": "true" if self.dashboard_enabled() else "false",
                 lineage.SUITE_TAG: str(self.home)}
 
     def lock_holders(self) -> list[int]:
