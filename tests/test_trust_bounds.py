@@ -73,6 +73,18 @@ def test_a_task_list_of_long_descriptions_fits_one_message_with_the_latest_tasks
     assert small["truncated"] and not small["cut_to_fit"]
 
 
+def test_a_wait_answer_leaves_out_a_payload_that_would_not_fit_with_its_result():
+    big = finish(TaskTable(10, {"submitted": 0}), "t1", NOW, size=520 * KIB)
+    answer = big.answer()
+    assert answer["payload"] is None and answer["payload_omitted"]
+    assert answer["result"] == "r" * (520 * KIB)
+    assert len(wire.encode_body(answer)) <= wire.MAX_MESSAGE_BYTES
+    assert big.payload is not None and big.summary()["payload"] is not None  # status: all
+    small = finish(TaskTable(10, {"submitted": 0}), "t2", NOW, size=300 * KIB)
+    assert small.answer()["payload"] == "p" * (300 * KIB)  # together they fit: kept
+    assert "payload_omitted" not in small.answer()
+
+
 def test_finished_tasks_past_keep_results_mb_are_trimmed_oldest_first_never_the_newest():
     table = TaskTable(1000, {"submitted": 0}, keep_results=3600.0, keep_results_mb=1.0)
     tasks = [finish(table, f"t{i}", NOW + i, size=200 * KIB) for i in range(10)]
@@ -238,12 +250,20 @@ def test_a_reply_over_the_limit_is_too_large_to_the_requester_and_recent_pages(s
     with Client(suite.home, timeout=60) as c:
         for i in range(tasks):
             c.submit("echo", "d" * 8000, payload=i)
+        # Its payload and its result (echoed) each fit a message (payloads to 512 KiB),
+        # both together with an 8 KB description do not.
+        big = c.submit_and_wait("echo", "d" * 8000, payload="b" * 524_000, timeout=120)
+        # The submitter gets its result; the payload it sent is left out of the answer.
+        assert big["result"] == "b" * 524_000 and big["payload_omitted"]
+        assert big["payload"] is None
         wait_for(lambda: c.call("scheduler", "scheduler.status")["states"].get(
-            "completed", 0) >= tasks, 120, "the tasks")
+            "completed", 0) >= tasks + 1, 120, "the tasks")
     peer = RawPeer(suite.home, "client")
     try:
-        kind, body = peer.request("scheduler", {"op": "task.list", "limit": 10_000})
+        kind, body = peer.request("scheduler", {"op": "task.status", "id": big["id"]})
         assert (kind, body["code"]) == (wire.ERROR, "too_large"), body  # to us, at once
+        kind, listed = peer.request("scheduler", {"op": "task.list", "limit": 10_000})
+        assert kind == wire.REPLY and listed["cut_to_fit"] and listed["total"] == tasks + 1
         kind, page = peer.request("events", {"op": "events.recent", "n": 10_000})
         assert kind == wire.REPLY and page["more"], "the ring should need more than a page"
         before, events, pages = page["before"], page["events"], 1

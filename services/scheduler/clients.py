@@ -187,7 +187,7 @@ class ClientRequests:
     def _reply_or_hold(self, fx: Effects, peer: bytes, corr: bytes, task: Task,
                        seconds: float, now: Now) -> None:
         if task.final or seconds <= 0:
-            fx.reply(peer, corr, task.summary())
+            fx.reply(peer, corr, task.answer())
         else:
             self.waiters.hold(task.id, peer, corr, now.mono + seconds)
 
@@ -202,7 +202,7 @@ class ClientRequests:
     def cancel(self, fx: Effects, peer: bytes, corr: bytes, body: dict, now: Now) -> None:
         task = self.get(body)
         if task.final:
-            fx.reply(peer, corr, task.summary())
+            fx.reply(peer, corr, task.answer())
             return
         error = {"category": "cancelled", "message": "cancelled on request"}
         if task.state is State.QUEUED:
@@ -226,7 +226,7 @@ class ClientRequests:
         self._settle(fx, task, now)
         fx.emit("task.cancelled", {"attempt": task.attempt}, task.id, task.worker)
         self.waiters.wake(fx, task)
-        fx.reply(peer, corr, task.summary())
+        fx.reply(peer, corr, task.answer())
 
     def list_tasks(self, body: dict) -> dict:
         return self.table.listing(body)

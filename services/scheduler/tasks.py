@@ -15,6 +15,7 @@ import os
 from dataclasses import dataclass, field, fields
 from enum import StrEnum
 
+from cortex.protocol import wire
 from cortex.protocol.vocabulary import (  # noqa: F401 - the scheduler's names for them
     ERROR_CATEGORIES,
     FINAL_STATES,
@@ -116,6 +117,19 @@ class Task:
         return data
 
 
+    def answer(self) -> dict:
+        """The task as a submit, wait or cancel answers it: without its payload when the
+        payload and the result together would not fit one message (the submitter has the
+        payload; `task.status` still shows all, or says `too_large`)."""
+        data = self.summary()
+        if self.size > BIG_SUBMIT and self.payload is not None \
+                and len(wire.encode_body(data)) > ANSWER_ROOM:
+            data["payload"], data["payload_omitted"] = None, True
+        return data
+
+
+BIG_SUBMIT = 256 * 1024  # a submit this small cannot make an answer pass the room
+ANSWER_ROOM = wire.MAX_MESSAGE_BYTES - 64 * 1024
 FIELD_NAMES = tuple(f.name for f in fields(Task))
 _all_fields = operator.attrgetter(*FIELD_NAMES)
 

@@ -22,7 +22,7 @@ class Waiters:
     def wake(self, fx: Effects, task: Task) -> None:
         """The task ended: answer everyone waiting for it."""
         for peer, corr in self.by_task.pop(task.id, ()):
-            fx.reply(peer, corr, task.summary())
+            fx.reply(peer, corr, task.answer())
 
     def expire(self, fx: Effects, tasks: dict[str, Task], now: float) -> float | None:
         """Answer the holds that are up; returns when the next one is (None: none)."""
@@ -35,7 +35,7 @@ class Waiters:
                     continue
                 del holds[who]
                 if task is not None:
-                    fx.reply(who[0], who[1], task.summary())
+                    fx.reply(who[0], who[1], task.answer())
             if not holds:
                 del self.by_task[task_id]
         return soonest
