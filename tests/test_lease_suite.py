@@ -71,10 +71,13 @@ class Sampler:
 
 def kill(suites, suite, names: tuple[str, ...]) -> None:
     """SIGKILL the named services at once; return when each runs again under a new pid."""
-    info = {p["name"]: p for p in suite.processes()}
+    # A service restarted a moment ago may serve before supervisord calls it RUNNING
+    # (after its startsecs): wait for that, so the kill meets a program supervisord runs.
+    info = wait_for(lambda: (now := {p["name"]: p for p in suite.processes()}) and all(
+        now[n]["statename"] == "RUNNING" for n in names) and now, 60,
+        f"{', '.join(names)} RUNNING before the kill")
     old = {name: info[name]["pid"] for name in names}
     for name in names:
-        assert info[name]["statename"] == "RUNNING", info[name]
         os.kill(old[name], signal.SIGKILL)
 
     def back():

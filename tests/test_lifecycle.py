@@ -173,9 +173,10 @@ def test_kill_9_of_supervisord_then_up_and_down(suites):
         assert up.returncode == 0, up.stderr
         assert f"{stray.pid} (sleep 1004)" in up.stderr, up.stderr
         assert stray.wait(timeout=30) is not None
-        # The new generation answers, and no program of it is crash-looping.
-        assert all(p["statename"] == "RUNNING" for p in suite.processes()
-                   if p["name"] != "dashboard"), suite.processes()
+        # The new generation answers, and every program of it comes to RUNNING (supervisord
+        # says so once a program has lived its startsecs, which can be just after `up`).
+        wait_for(lambda: all(p["statename"] == "RUNNING" for p in suite.processes()
+                             if p["name"] != "dashboard"), 30, "every program RUNNING")
         # A leftover the new supervisord does not own: `down` ends it and says so.
         stray2 = subprocess.Popen(["sleep", "1005"],
                                   env={**env, lineage.SUITE_TAG: str(suite.home)},
