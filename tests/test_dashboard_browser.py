@@ -261,5 +261,10 @@ def test_switched_off_nothing_answers_on_its_port(suites, page, tmp_path):
              == "EXITED", 30, "the dashboard to exit")
     with pytest.raises(Exception, match="ERR_CONNECTION_REFUSED"):
         page.goto(f"http://127.0.0.1:{port}/")
-    page.screenshot(path=tmp_path / "switched-off.png")
+    from playwright.sync_api import Error as PlaywrightError
+
+    try:  # a record of the refusal only: Chromium cannot always capture its error page
+        page.screenshot(path=tmp_path / "switched-off.png")
+    except PlaywrightError:
+        pass
     assert not (suite.home / "run" / "dashboard.url").exists()
