@@ -426,19 +426,22 @@ class BusService:
     def read_turn(self, fx: Effects) -> int:
         """Handle what waits on the bus until none is left, MAX_BATCH are read or the
         turn's time is up (the rest waits in the socket for the next turn); returns how
-        many messages were read."""
+        many messages were handled (heartbeats and other control traffic not counted, so
+        a turn of beats alone asks for no work after it)."""
         now_wall = time.time()
         turn_ends = time.monotonic() + self.turn_limit
-        for count in range(MAX_BATCH):
+        handled = 0
+        for _ in range(MAX_BATCH):
             parts = recv_frames(self.link.socket)
             if parts is None:
-                return count
+                break
             msg = self.link.accept(parts)  # None: control traffic
             if msg is not None:
                 self._decode(fx, msg, now_wall)
+                handled += 1
                 if time.monotonic() > turn_ends:
-                    return count + 1
-        return MAX_BATCH
+                    break
+        return handled
 
     def shutdown(self) -> None:
         try:
