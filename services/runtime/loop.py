@@ -32,14 +32,18 @@ from cortex.protocol.peer import BusLink, own_keys, poll_ms, recv_frames
 from cortex.protocol.publisher import EventPublisher
 from cortex.services.runtime.durable import remove_temp_files
 from cortex.services.runtime.effects import Effects
+from cortex.services.runtime.inbox import Inbox
 from cortex.services.runtime.journal import Journal, JournalError, read_snapshot, write_snapshot
 from cortex.services.runtime.process import ServiceRuntime, suite_secret
 
-MAX_BATCH = 2000  # messages per turn, so timers and acks still get their turn
 # A turn also ends after a share of the heartbeat interval: the broker declares a service
 # lost after a few silent intervals, and a burst of costly requests (events.recent of
 # 10,000 events is ~10 ms each) would otherwise hold every reply and heartbeat past it.
 TURN_SHARE = 0.25
+# And a turn lasts at most this long: its replies and sends wait for its end (one journal
+# sync for all), so under a steady stream of messages the turn's length is every
+# acknowledgement's and every dispatch's latency; a sync (~0.2-1 ms) is cheap beside it.
+TURN_MAX_S = 0.01
 PREVIOUS_SUFFIX = ".prev"  # the snapshot before the newest
 BAD_SUFFIX = ".bad"  # an unreadable snapshot, set aside for the operator
 HALTED_CHECK = 1.0  # seconds between looks at a halted service's journal
@@ -86,7 +90,9 @@ class BusService:
                             keys=own_keys(self.rt.home, bus))
         self.events = EventPublisher(ctx, events_in, self.name, self.rt.epoch, secret=secret,
                                      keys=own_keys(self.rt.home, events_in))
-        self.turn_limit = TURN_SHARE * self.settings.suite.heartbeat_interval
+        self.turn_limit = min(TURN_MAX_S, TURN_SHARE * self.settings.suite.heartbeat_interval)
+        self.end_turn = False  # a handler asks for the turn to end now (urgent work)
+        self.inbox = Inbox(self.rank, self.LANES)  # read from the bus, not yet handled
         self.catalogue, self.handlers = self._handler_table()
         self.poller = zmq.Poller()
         self.poller.register(self.link.socket, zmq.POLLIN)
@@ -410,13 +416,13 @@ class BusService:
                         self.next_snapshot = time.monotonic() + max(
                             self.settings.suite.snapshot_interval, 20 * took)
                     timeout = min(timeout, self.next_snapshot - now + SNAPSHOT_SLACK)
-                ready = dict(self.poller.poll(poll_ms(timeout)))
+                ready = dict(self.poller.poll(0 if self.inbox else poll_ms(timeout)))
                 if self.rt.wake_r.fileno() in ready:
                     self.rt.drain_wakeups()
                 if self.events.socket in ready:
                     self.events.on_message()
                 self.on_sockets(ready, fx)
-                if self.link.socket in ready:
+                if self.link.socket in ready or self.inbox:
                     if self.read_turn(fx):
                         self._after_turn(fx)
                     self.flush(fx)
@@ -424,24 +430,38 @@ class BusService:
             self.shutdown()
 
     def read_turn(self, fx: Effects) -> int:
-        """Handle what waits on the bus until none is left, MAX_BATCH are read or the
-        turn's time is up (the rest waits in the socket for the next turn); returns how
-        many messages were handled (heartbeats and other control traffic not counted, so
-        a turn of beats alone asks for no work after it)."""
+        """Read what waits on the bus into the inbox (bounded), then handle it, urgent
+        messages first, until the inbox is empty or the turn's time is up (the rest waits
+        in the inbox for the next turn); returns how many messages were handled
+        (heartbeats and other control traffic not counted, so a turn of beats alone asks
+        for no work after it). A handler that sets `end_turn` (the scheduler admitting a
+        critical task) ends the turn after its message, so its work is flushed without
+        waiting behind the rest."""
         now_wall = time.time()
         turn_ends = time.monotonic() + self.turn_limit
         handled = 0
-        for _ in range(MAX_BATCH):
+        self.end_turn = False
+        while not self.inbox.full():
             parts = recv_frames(self.link.socket)
             if parts is None:
                 break
             msg = self.link.accept(parts)  # None: control traffic
             if msg is not None:
-                self._decode(fx, msg, now_wall)
-                handled += 1
-                if time.monotonic() > turn_ends:
-                    break
+                self.inbox.put(msg)
+        while self.inbox:
+            self._decode(fx, self.inbox.take(), now_wall)
+            handled += 1
+            if self.end_turn or time.monotonic() > turn_ends:
+                break
         return handled
+
+    LANES = 1  # the inbox's lanes: a message's rank is the lane it is handled in
+
+    def rank(self, msg: wire.Message) -> int:
+        """The lane of a message read with others: 0 is handled first (the scheduler:
+        critical submits, then its workers' reports). Called once per message as it is
+        read: keep it cheap."""
+        return 0
 
     def shutdown(self) -> None:
         try:

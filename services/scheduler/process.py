@@ -140,6 +140,7 @@ class Scheduler(BusService):
         if body["priority"] == "critical":
             self.state.dispatch(fx, now)
             self.state.scale(fx, now)  # surge at once if no worker can take it
+            self.end_turn = True  # its dispatch is sent now, not behind the turn's rest
         self.trainer.maybe_auto(self.settings.scheduler.retrain_every, now.mono)
         self.routing.maybe_train(now.mono)
 
@@ -161,6 +162,7 @@ class Scheduler(BusService):
         if critical:
             self.state.dispatch(fx, now)
             self.state.scale(fx, now)  # surge at once if no worker can take it
+            self.end_turn = True
         self.trainer.maybe_auto(self.settings.scheduler.retrain_every, now.mono)
         self.routing.maybe_train(now.mono)
 
@@ -227,6 +229,7 @@ class Scheduler(BusService):
     def finished(self, fx: Effects, msg: wire.Message, body: dict, wall: float) -> None:
         now = self.now(wall)
         self.state.task_finished(fx, msg.peer.decode(), msg.peer, msg.corr, body, now)
+        self.critical_may_start()
 
     @serves("worker.ready", wire.NOTIFY)
     def ready(self, fx: Effects, msg: wire.Message, body: dict, wall: float) -> None:
@@ -262,6 +265,24 @@ class Scheduler(BusService):
                     ) -> None:
         now = self.now(wall)
         report(fx, msg.peer.decode(), body, now)
+        self.critical_may_start()
+
+    def critical_may_start(self) -> None:
+        """A worker's report may have freed it (or its slot): a queued critical task is
+        then dispatched at the end of this message's turn, not behind the turn's rest."""
+        if self.state.queue.critical_waiting():
+            self.end_turn = True
+
+    LANES = 3
+
+    def rank(self, msg: wire.Message) -> int:
+        """Of the messages read together: a submit that may hold a critical task first (a
+        cheap look at the raw body: a false positive only moves it up), then the
+        workers' reports (a freed worker takes the best queued task sooner), then the
+        rest (clients' submits, waits and queries; other services)."""
+        if msg.type == wire.REQUEST and b"critical" in msg.body:
+            return 0
+        return 1 if msg.role == b"worker" else 2
 
     # -- other services ------------------------------------------------------------------------
     @serves("peer.lost", wire.NOTIFY)
