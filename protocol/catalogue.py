@@ -358,8 +358,9 @@ OPERATIONS = [
         F("result", Json()), F("error", ERROR), F("tokens_used", AMOUNT, default=0),
         F("started_at", Num(0, 1e11)), F("finished_at", Num(0, 1e11)),
         F("cpu_s", Num(0, 1e7), default=0.0), F("rss_mb", Num(0, 1e7), default=0.0),
-        F("mem_mb", Num(0, 1e7), default=0.0)),
-        "a task's end; re-sent until acknowledged"),
+        F("mem_mb", Num(0, 1e7), default=0.0), F("fold", Bool(), default=False)),
+        "a task's end; re-sent until acknowledged (`fold`: the reply may carry the "
+        "worker's next prefetched task as `run`)"),
     Operation("worker.ready", "scheduler", wire.NOTIFY, WORKER, (
         F("types", TYPES, True), F("pid", Int(0, 2**31 - 1), default=0),
         F("done", Int(0, wire.MAX_INT), default=0)), "idle and able to take a task"),

@@ -28,8 +28,10 @@ marked REQUEST):
     task.started {id, attempt, at}        worker -> scheduler   (if still running after 20 ms)
     task.heartbeat {id, attempt, ...}     worker -> scheduler   while the handler runs
     task.cancel {id, attempt}             scheduler -> worker
-    task.finished REQUEST {id, attempt, ok, result|error, tokens_used, timings}
-                                          worker -> scheduler   re-sent until acknowledged
+    task.finished REQUEST {id, attempt, ok, result|error, tokens_used, timings, fold}
+                                          worker -> scheduler   re-sent until acknowledged;
+                                                                the reply may carry our next
+                                                                prefetched task (`run`)
 """
 
 from __future__ import annotations
@@ -338,10 +340,11 @@ class Worker:
         """A task.finished not yet acknowledged."""
         return any(c.op == "task.finished" for c in self._session.calls.values())
 
-    @staticmethod
-    def _finish_settled(call: Call) -> None:
+    def _finish_settled(self, call: Call) -> None:
         if call.error is not None:  # not `unavailable`: a copy would get the same answer
             log.warning("the scheduler refused a task.finished: %s", call.error)
+        elif isinstance(call.value, dict) and "run" in call.value:
+            self._run(call.value["run"], prefetch=True)  # our next task, on the reply
 
     def _ready(self) -> None:
         self._send("worker.ready", {"types": list(self.handlers), "pid": os.getpid(),
@@ -383,15 +386,7 @@ class Worker:
             return
         op = body.get("op")
         if op == "task.run":
-            task = body.get("task") or {}
-            if self._stopping:
-                self._hand_back(task.get("id"), task.get("attempt"), "stopping")
-            elif self._current is None:
-                self._start(TaskContext(self, task))
-            elif body.get("prefetch") is True and len(self._held) < MAX_HELD:
-                self._held.append(TaskContext(self, task))
-            else:
-                self._hand_back(task.get("id"), task.get("attempt"), "busy")
+            self._run(body.get("task"), body.get("prefetch") is True)
         elif op == "task.cancel":
             ctx = self._current
             if ctx is not None and ctx.id == body.get("id"):
@@ -405,6 +400,18 @@ class Worker:
             else:
                 self._task_beat()
             self._give_back("sync")  # the restarted scheduler queues them again
+
+    def _run(self, task, prefetch: bool) -> None:
+        """A task.run order (or one riding on a task.finished reply: a prefetch)."""
+        task = task if isinstance(task, dict) else {}
+        if self._stopping:
+            self._hand_back(task.get("id"), task.get("attempt"), "stopping")
+        elif self._current is None:
+            self._start(TaskContext(self, task))
+        elif prefetch and len(self._held) < MAX_HELD:
+            self._held.append(TaskContext(self, task))
+        else:
+            self._hand_back(task.get("id"), task.get("attempt"), "busy")
 
     def _start(self, ctx: TaskContext) -> None:
         self._current = ctx
@@ -474,7 +481,7 @@ class Worker:
             self._current = None
             self._started_due = None
             self._ask(Request("scheduler", "task.finished",
-                              {"id": ctx.id, "attempt": ctx.attempt, **data},
+                              {"id": ctx.id, "attempt": ctx.attempt, "fold": True, **data},
                               timeout=UNTIL_ACKNOWLEDGED), self._finish_settled)
             if self._should_leave():
                 self._give_back("stopping")

@@ -6,7 +6,7 @@ goes back to the queue with its attempt unchanged."""
 from __future__ import annotations
 
 from cortex.protocol import wire
-from cortex.services.scheduler.prefetch import Slots
+from cortex.services.scheduler.prefetch import Slots, fold_prefetches
 from cortex.services.scheduler.tasks import State, Task
 from cortex.services.scheduler.workers import Worker, WorkerState
 
@@ -90,6 +90,33 @@ def test_the_finish_starts_the_prefetched_task_and_refills_the_slot():
     sim.finish("w1", held)
     assert held.state is State.COMPLETED and held.attempt == 1
     check_invariants(sim.state)
+
+
+def test_the_refill_rides_on_the_reply_to_the_finish_that_allows_it():
+    sim = Sim(prefetch=1)
+    long_, held = busy_with_prefetch(sim)
+    nxt = sim.add(description="next")
+    fx = sim.finish("w1", long_)
+    [reply] = [(p, corr, b) for p, t, corr, b in fx.sends if t == wire.REPLY]
+    assert reply[0] == b"w1" and [t["id"] for _, t in runs(fx)] == [nxt.id]
+    folded = fold_prefetches(fx.sends, {b"w1": reply[1]})
+    assert not [b for _, t, _, b in folded if t == wire.NOTIFY and b.get("op") == "task.run"]
+    [(_, _, corr, body)] = [s for s in folded if s[1] == wire.REPLY]
+    assert corr == reply[1] and body["run"]["id"] == nxt.id and "run" not in reply[2]
+    assert len(folded) == len(fx.sends) - 1
+    # A finish that does not allow it, or another corr, or another worker: as they were.
+    assert fold_prefetches(fx.sends, {}) == fx.sends
+    assert fold_prefetches(fx.sends, {b"w1": b"other"}) == fx.sends
+    assert fold_prefetches(fx.sends, {b"w2": reply[1]}) == fx.sends
+
+
+def test_only_prefetch_orders_fold_and_never_into_an_error():
+    run = {"op": "task.run", "task": {"id": "t1"}}
+    sends = [(b"w1", wire.ERROR, b"c1", wire.error_body("bad_request", "no")),
+             (b"w1", wire.NOTIFY, b"", {**run, "prefetch": True})]
+    assert fold_prefetches(sends, {b"w1": b"c1"}) == sends
+    sends = [(b"w1", wire.REPLY, b"c1", {"ok": True}), (b"w1", wire.NOTIFY, b"", run)]
+    assert fold_prefetches(sends, {b"w1": b"c1"}) == sends  # a start at once: not delayed
 
 
 def test_eta_counts_prefetched_tasks_ahead_of_a_queued_one():

@@ -80,6 +80,28 @@ def test_a_critical_task_starts_before_a_prefetched_low_one(prefetching):
     assert len(started) == 1  # it ran once
 
 
+def test_a_queue_drained_through_the_slot_runs_each_task_once_from_one_dispatch(
+        prefetching):
+    """Each refill of the slot rides on the reply to the worker's finish: were one lost,
+    the worker, idle, would give it back and it would be dispatched twice."""
+    with Client(prefetching.home, timeout=LONG) as c:
+        wait_for(lambda: len(c.workers()) == 1, LONG, "the worker")
+        tasks = c.submit_many([{"type": "echo", "description": f"drain {i}", "payload": i}
+                               for i in range(30)])
+        done = [c.wait(t["id"], timeout=LONG) for t in tasks]
+    assert [d["result"] for d in done] == list(range(30))
+    assert all(d["state"] == "completed" and d["attempt"] == 1 for d in done)
+    ids = {t["id"] for t in tasks}
+    wait_for(lambda: sum(e["type"] == "task.completed" and e.get("task") in ids
+                         for e in jsonl_events_of(prefetching.home)) == 30, LONG,
+             "the completions in the event log")
+    dispatched = [e["task"] for e in jsonl_events_of(prefetching.home)
+                  if e["type"] == "task.dispatched" and e.get("task") in ids]
+    assert sorted(dispatched) == sorted(ids)  # once each
+    assert any(e["type"] == "task.dispatched" and e.get("task") in ids
+               and e["data"].get("prefetched") for e in jsonl_events_of(prefetching.home))
+
+
 def test_a_worker_killed_holding_a_prefetched_task_loses_no_attempt_of_it(prefetching):
     suite = prefetching
     with Client(suite.home, timeout=LONG) as c:

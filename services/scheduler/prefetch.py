@@ -24,6 +24,7 @@ every prefetched task of lower priority, whatever their ages.
 
 from __future__ import annotations
 
+from cortex.protocol import wire
 from cortex.services.scheduler.tasks import PRIORITIES, PRIORITY_RANK, Task
 from cortex.services.scheduler.workers import Worker, WorkerState
 
@@ -116,3 +117,31 @@ class Slots:
                 holder.recalling = True
                 found.append((holder, best[2]))
         return found
+
+
+def fold_prefetches(sends: list, finished: dict[bytes, bytes]) -> list:
+    """The turn's sends with each prefetch order (`task.run` to a slot) folded into the
+    reply to the same worker's `task.finished` (`finished`: worker -> corr of a finish
+    that allows it), as that reply's `run`: one message fewer per task when workers are
+    kept busy. The reply goes out after the journal's sync, the order would have gone
+    before it: a prefetched task only starts when the worker's current one ends, so the
+    sync is off its path. A run whose reply is lost on the way is found as every lost
+    prefetch is: the worker, idle, says it holds nothing."""
+    if not finished:
+        return sends
+    replies = {(peer, corr): i for i, (peer, type_, corr, _body) in enumerate(sends)
+               if type_ == wire.REPLY and finished.get(peer) == corr}
+    if not replies:
+        return sends
+    out, folded = list(sends), set()
+    for i, (peer, type_, _corr, body) in enumerate(sends):
+        if type_ != wire.NOTIFY or body.get("op") != "task.run" or not body.get("prefetch"):
+            continue
+        at = replies.get((peer, finished.get(peer)))
+        if at is None or at in folded:
+            continue
+        to, reply_type, corr, reply = out[at]
+        out[at] = (to, reply_type, corr, {**reply, "run": body["task"]})
+        folded.add(at)
+        out[i] = None
+    return [send for send in out if send is not None]

@@ -22,6 +22,7 @@ from cortex.services.scheduler.clock import Now
 from cortex.services.scheduler.feasibility import ResourceMonitor
 from cortex.services.scheduler.machine import FIXED_MACHINE_ENV, MachineSampler, fixed_sampler
 from cortex.services.scheduler.prediction.predictor import Predictor
+from cortex.services.scheduler.prefetch import fold_prefetches
 from cortex.services.scheduler.routing import Routing
 from cortex.services.scheduler.state import SchedulerState
 from cortex.services.scheduler.trainer import Trainer
@@ -61,6 +62,7 @@ class Scheduler(BusService):
             self.settings.types.grace, time.monotonic())
         self.state.admission.know_budgets(self.settings.ledger.budgets)
         self.next_budgets = 0.0
+        self.finishes: dict[bytes, bytes] = {}  # worker -> its task.finished this turn
         # type -> why its workers do not come (their group crash-loops), until one is ready
         self.crashing: dict[str, dict] = {}
         self.open_journal()
@@ -103,6 +105,8 @@ class Scheduler(BusService):
 
     def flush(self, fx: Effects) -> None:
         self.state.flush_ledger(fx, time.monotonic())  # the turn's ledger orders, batched
+        fx.sends = fold_prefetches(fx.sends, self.finishes)
+        self.finishes = {}
         super().flush(fx)
 
     def restore(self, snapshot, records) -> None:
@@ -229,6 +233,8 @@ class Scheduler(BusService):
     def finished(self, fx: Effects, msg: wire.Message, body: dict, wall: float) -> None:
         now = self.now(wall)
         self.state.task_finished(fx, msg.peer.decode(), msg.peer, msg.corr, body, now)
+        if body["fold"]:  # its next prefetch may ride on our reply
+            self.finishes[msg.peer] = msg.corr
         self.critical_may_start()
 
     @serves("worker.ready", wire.NOTIFY)
