@@ -10,7 +10,7 @@ description (classify.py's router), and the router is retrained in the backgroun
   the chosen type, its confidence, the runner-up and the top 3. History reading skips
   such events, so the router never learns from its own guesses.
 - `RouterModel` is what trainer.Trainer drives for the router as it does for the
-  predictor: the child (`python -m cortex.services.scheduler.classify train`) fits and
+  predictor: the child (`python -m cortex.services.scheduler.classify_child train`) fits and
   saves, a thread reads the file, `adopt` swaps the new router in with one assignment,
   so dispatch never waits for it. A retrain is due every `retrain_every` tasks submitted
   with an explicit type and a description (at most one a minute), but only once those
@@ -82,7 +82,7 @@ class Routing:
         self.settings = settings
         self.model = RouterModel(home / "models", loader)
         self.trainer = Trainer(home, self.model, command=command or [
-            sys.executable, "-m", "cortex.services.scheduler.classify", "train",
+            sys.executable, "-m", "cortex.services.scheduler.classify_child", "train",
             "--home", str(home)], events="router")
         self.counts = {"routed": 0, "fallback": 0, "refused": 0}
 
