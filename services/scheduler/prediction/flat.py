@@ -3,7 +3,7 @@
 The training child (models.py, scikit-learn) fits the gradient-boosted trees, flattens
 them into a few arrays and checks the arrays' answers against scikit-learn's `predict`
 before it saves them here; the scheduler reads the file with numpy and never loads
-scikit-learn (~150 MB of a process's memory with SciPy and OpenBLAS).
+scikit-learn and SciPy (~100 MB of the scheduler's PSS, measured).
 
 `predictor.npz` (np.savez, read with allow_pickle=False) holds the arrays below, the
 probe (held-out feature rows and scikit-learn's answers for them: loading checks the
