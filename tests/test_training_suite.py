@@ -1,13 +1,16 @@
 """Automatic trainings on a live suite: a predictor's retrain that is due waits while
 tasks are queued for workers, and starts once none is; the scheduler that then predicts
-with the new model has no scikit-learn mapped; a suite of one type without descriptions
+with the new model (and refuses an auto task for want of a router) has no scikit-learn
+mapped; a suite of one type without descriptions
 never starts a router training."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from cortex.protocol import Client
+import pytest
+
+from cortex.protocol import Client, errors
 
 from .conftest import jsonl_events_of, suite_config, wait_for
 
@@ -41,6 +44,8 @@ def test_an_automatic_training_waits_until_no_task_is_queued(suites):
         assert not status["waiting_for_lull"]
         late = c.submit("echo", payload=1)
         assert c.status(late["id"])["predicted"]["source"] == "model"
+        with pytest.raises(errors.CortexError, match="no routing model"):
+            c.submit("auto", "route me")  # no router: refused without loading scikit-learn
         pid = c.call("scheduler", "scheduler.status")["pid"]
         routing = status["routing"]
     maps = Path(f"/proc/{pid}/maps").read_text()

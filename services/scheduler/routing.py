@@ -89,14 +89,14 @@ class Routing:
     # -- submit -----------------------------------------------------------------------------
     def decide(self, description: str):
         """(Decision, None), or (None, (code, reason)) when the task cannot be routed."""
-        from cortex.services.scheduler.classify import decide
-
         router = self.model.router
         if router is None:
             self.counts["refused"] += 1
             return None, (UNROUTABLE, "no routing model yet (" + (
                 self.model.last_error or "none trained") + "); give the type, or add "
                 "[routing] examples and wait for a training")
+        from cortex.services.scheduler.classify import decide  # scikit-learn, as the router
+
         decision = decide(router.route(description), self.settings.min_confidence,
                           self.settings.fallback)
         self.counts[decision.outcome] += 1
