@@ -60,13 +60,29 @@ def murmurhash3_32(data: bytes, seed: int = 0) -> int:
     return h - (1 << 32) if h & 0x80000000 else h
 
 
+def token_column(token: str) -> int:
+    """The hashed column of one word (HashingVectorizer's index rule)."""
+    h = murmurhash3_32(token.encode("utf-8"))
+    # abs(-2**31) is special-cased in sklearn's _hashing_fast: the same here.
+    return (2147483647 - (N_HASH - 1)) % N_HASH if h == -2147483648 else abs(h) % N_HASH
+
+
+# Words recur across descriptions: their columns are remembered (hashing in Python costs
+# ~4 us a word, a look-up well under one).
+_COLUMNS: dict[str, int] = {}
+COLUMNS_KEPT = 65536
+
+
 def hash_columns(description: str) -> set[int]:
     """Columns HashingVectorizer(n_features=N_HASH) would set for one text."""
     cols = set()
     for token in _WORD.findall(description.lower()):
-        h = murmurhash3_32(token.encode("utf-8"))
-        # Same index rule as sklearn's _hashing_fast (abs(-2**31) is special-cased there).
-        cols.add((2147483647 - (N_HASH - 1)) % N_HASH if h == -2147483648 else abs(h) % N_HASH)
+        col = _COLUMNS.get(token)
+        if col is None:
+            if len(_COLUMNS) >= COLUMNS_KEPT:
+                _COLUMNS.clear()  # crude but O(1), as the answer cache
+            col = _COLUMNS[token] = token_column(token)
+        cols.add(col)
     return cols
 
 
