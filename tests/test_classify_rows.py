@@ -17,6 +17,7 @@ from cortex.services.scheduler.classify_rows import (
     RoutingError,
     history_rows,
     read_examples,
+    too_little_data,
     training_rows,
 )
 
@@ -171,3 +172,28 @@ def test_explain_entry_uses_the_saved_model(tmp_path, capsys):
     assert code == 0 and report["sources"]["examples"] == 200
     code, out = run_main(tmp_path, capsys, "explain", "fix the crash in billing")
     assert code == 0 and out["type"] == "bug_fix" and len(out["types"]) == 3
+
+
+@pytest.mark.parametrize(("rows", "reason"), [
+    ([], "have 0 descriptions, 0 such types"),
+    ([{"type": "work", "description": f"job {i}"} for i in range(50)], "1 such types"),
+    ([{"type": t, "description": f"job {i}"} for i in range(4) for t in "ab"],
+     "0 such types"),  # two types, but too few descriptions of each
+    ([{"type": t, "description": f"job {i}"} for i in range(5) for t in "ab"], None),
+])
+def test_what_rows_can_teach_a_router(rows, reason):
+    got = too_little_data(rows)
+    assert got == reason if reason is None else reason in got
+
+
+def test_the_training_child_refuses_one_type_before_it_loads_scikit_learn(tmp_path):
+    write_events(tmp_path / "events", [created(i, "work", f"job number {i}")
+                                       for i in range(1, 60)])
+    done = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "cortex.services.scheduler.classify_child",
+         "train", "--home", str(tmp_path)], capture_output=True, timeout=300, check=False)
+    assert done.returncode == 1
+    out = orjson.loads(done.stdout)
+    assert out["code"] == "too_little_data" and "1 such types" in out["reason"]
+    assert b"sklearn" not in done.stderr  # the import log: it never loaded scikit-learn
+    assert not (tmp_path / "models").exists()

@@ -1,7 +1,7 @@
 """Each process loads what it uses, and no more: a pooled worker (twenty of them in a
 default suite), forked from the pool so that it shares the pool's code, and the services
-are spared asyncio, ssl, psutil and the numeric stack; the scheduler loads scikit-learn
-only once it has a saved model to predict or route with."""
+are spared asyncio, ssl, psutil and the numeric stack; the scheduler loads numpy only once
+it has a saved model to predict with, and scikit-learn only once it has a router."""
 
 from __future__ import annotations
 
@@ -87,8 +87,17 @@ def test_a_live_suites_workers_and_scheduler_map_no_heavy_library(suite):
     assert mapped_libraries(scheduler) & {"numpy", "scipy", "sklearn", "openblas"} == set()
 
 
-def test_the_scheduler_loads_scikit_learn_once_a_model_is_saved(tmp_path):
-    """The lazy path still finds a saved router and predictor (and reads them)."""
+def test_the_scheduler_predicts_with_numpy_alone_once_a_model_is_saved(tmp_path):
+    """The lazy path still finds a saved predictor and reads it, with numpy and without
+    scikit-learn (which only the training child loads); no router, no scikit-learn."""
+    train = f"""
+from cortex.services.scheduler.prediction.predictor import Predictor
+rows = [{{"type": "echo", "priority": "medium", "description": f"d{{i}}",
+         "payload_size": i, "duration": 1.0 + i % 3, "tokens": 10.0, "memory_mb": 1.0,
+         "cpu_s": 0.1}} for i in range(40)]
+assert Predictor({str(tmp_path)!r}, min_samples=10).train(rows).get("trained", True)
+"""
+    subprocess.run([sys.executable, "-c", train], timeout=300, check=True)
     code = f"""
 import sys
 from pathlib import Path
@@ -96,19 +105,17 @@ from cortex.services.scheduler.prediction.predictor import Predictor
 from cortex.services.scheduler.process import load_router
 from cortex.services.scheduler.classify_rows import RoutingError
 models = Path({str(tmp_path)!r})
-assert not Predictor.load(models).status()["loaded"]
+assert not Predictor.load(models / "none").status()["loaded"]
+assert "numpy" not in sys.modules
 try:
     load_router(models)
 except RoutingError as e:
     assert "no routing model" in str(e)
-assert "sklearn" not in sys.modules
-predictor = Predictor(models, min_samples=10)
-rows = [{{"type": "echo", "priority": "medium", "description": f"d{{i}}",
-         "payload_size": i, "duration": 1.0 + i % 3, "tokens": 10.0, "memory_mb": 1.0,
-         "cpu_s": 0.1}} for i in range(40)]
-assert predictor.train(rows).get("trained", True)
-assert Predictor.load(models).status()["loaded"]
-assert "sklearn" in sys.modules
+predictor = Predictor.load(models)
+assert predictor.status()["loaded"], predictor.status()["reason"]
+assert predictor.predict("echo", "medium", "d3", 3).source == "model"
+assert "numpy" in sys.modules
+assert not {{"sklearn", "scipy", "joblib"}} & set(sys.modules), "scikit-learn loaded"
 """
     subprocess.run([sys.executable, "-c", code], timeout=300, check=True)
 

@@ -7,7 +7,6 @@ import math
 import subprocess
 import sys
 
-import joblib
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -15,9 +14,9 @@ from hypothesis import strategies as st
 
 from cortex.loadtest import workloads
 from cortex.loadtest.workloads import synthetic_truth, synthetic_workload
-from cortex.services.scheduler.prediction import features
+from cortex.services.scheduler.prediction import features, flat, models
+from cortex.services.scheduler.prediction.flat import MODEL_FILE, REPORT_FILE
 from cortex.services.scheduler.prediction.history import TARGETS, history_from_events
-from cortex.services.scheduler.prediction.models import MODEL_FILE, REPORT_FILE
 from cortex.services.scheduler.prediction.predictor import DEFAULTS, Predictor
 
 
@@ -126,18 +125,48 @@ def test_model_predictions_are_always_finite_and_non_negative(trained, task_type
 def test_hashed_columns_match_hashing_vectorizer():
     texts = ["Summarize the Quarterly report!", "", "a b c", "naïve café — 日本語 テキスト",
              *(r["description"] for r in synthetic_workload(50, seed=6))]
-    expected = features.VECTORIZER.transform(texts).toarray()
+    expected = models.VECTORIZER.transform(texts).toarray()
     for text, row in zip(texts, expected, strict=True):
         assert features.hash_columns(text) == set(np.flatnonzero(row))
 
 
-def test_fast_path_agrees_with_sklearn_predict(trained):
-    models = trained._models
-    assert models.flat is not None, models.fast_path_error
-    for row in synthetic_workload(30, seed=7):
-        x = models.row(*_args(row))
-        slow = [models.models[t].predict(x[None, :])[0] for t in TARGETS]
-        assert models.flat.predict_one(x) == pytest.approx(slow, rel=1e-9, abs=1e-9)
+def test_murmurhash_matches_sklearn():
+    from sklearn.utils import murmurhash3_32
+
+    for text in ["", "a", "ab", "abc", "abcd", "abcde", "naïve", "日本語テキスト", "x" * 37]:
+        assert features.murmurhash3_32(text.encode()) == murmurhash3_32(text, seed=0,
+                                                                         positive=False)
+
+
+def test_saved_flat_arrays_predict_what_the_sklearn_models_predict(tmp_path):
+    """Saved and loaded with numpy alone, the arrays give scikit-learn's answers."""
+    fitted = models.fit(synthetic_workload(300, seed=11))
+    flat.save(tmp_path, fitted.models, fitted.probe_x, fitted.probe_y)
+    loaded = flat.load(tmp_path)
+    assert loaded.types == fitted.models.types and loaded.report == fitted.models.report
+    for row in synthetic_workload(40, seed=7):
+        if row["type"] not in loaded.type_index:
+            continue
+        x = models.matrix(loaded.types, [row])
+        slow = [m.predict(x)[0] for m in fitted.estimators]
+        expected = [flat.from_model_space(v) for v in slow]
+        assert loaded.predict(*_args(row)) == pytest.approx(expected, rel=1e-9, abs=1e-9)
+    with np.load(tmp_path / MODEL_FILE, allow_pickle=False) as blob:  # no pickle inside
+        assert all(blob[k].dtype != object for k in blob.files)
+
+
+def test_arrays_that_disagree_with_sklearn_are_never_saved(tmp_path, monkeypatch):
+    def skewed(estimators):
+        forest = real(estimators)
+        forest.baseline = forest.baseline + 1.0
+        return forest
+
+    real = models.flatten
+    monkeypatch.setattr(models, "flatten", skewed)
+    p = Predictor(tmp_path)
+    with pytest.raises(models.FastPathError):
+        p.train(synthetic_workload(100, seed=3))
+    assert not (tmp_path / MODEL_FILE).exists() and not p.status()["loaded"]
 
 
 # ---------------------------------------------------------------- persistence
@@ -154,7 +183,7 @@ def test_save_and_load_round_trip(tmp_path):
 
     loaded = Predictor.load(tmp_path / "models")
     status = loaded.status()
-    assert status["loaded"] and status["reason"] is None and status["model"]["fast_path"]
+    assert status["loaded"] and status["reason"] is None
     assert status["model"]["trained_at"] == report["trained_at"]
     for row in synthetic_workload(20, seed=9):
         assert loaded.predict(*_args(row)) == p.predict(*_args(row))
@@ -175,13 +204,28 @@ def test_load_missing_or_corrupt_falls_back_with_reason(tmp_path):
     assert pred.source == "default" and pred.tokens == 5.0
 
 
-def test_load_refuses_other_sklearn_version(tmp_path):
+def test_load_refuses_a_tampered_file_or_another_layout(tmp_path):
     Predictor(tmp_path).train(synthetic_workload(100, seed=12))
-    blob = joblib.load(tmp_path / MODEL_FILE)
-    blob["sklearn"] = "0.0.1"
-    joblib.dump(blob, tmp_path / MODEL_FILE)
+    with np.load(tmp_path / MODEL_FILE, allow_pickle=False) as saved:
+        blob = {k: saved[k] for k in saved.files}
+    tampered = {**blob, "value": blob["value"] * 2}
+    np.savez(tmp_path / MODEL_FILE, **tampered)
     status = Predictor.load(tmp_path).status()
-    assert not status["loaded"] and "scikit-learn 0.0.1" in status["reason"]
+    assert not status["loaded"] and "disagree" in status["reason"]
+    out_of_range = {**blob, "left": blob["left"] + len(blob["left"])}
+    np.savez(tmp_path / MODEL_FILE, **out_of_range)
+    assert "left out of range" in Predictor.load(tmp_path).status()["reason"]
+    meta = json.loads(blob["meta"].tobytes())
+    other = {**blob, "meta": np.frombuffer(json.dumps({**meta, "n_hash": 512}).encode(),
+                                           dtype=np.uint8)}
+    np.savez(tmp_path / MODEL_FILE, **other)
+    assert "another feature layout" in Predictor.load(tmp_path).status()["reason"]
+
+
+def test_an_older_pickled_model_asks_for_a_retrain(tmp_path):
+    (tmp_path / "predictor.joblib").write_bytes(b"\x80\x04 an older version's models")
+    status = Predictor.load(tmp_path).status()
+    assert not status["loaded"] and "retrain" in status["reason"]
 
 
 # ---------------------------------------------------------------- models read elsewhere

@@ -1,6 +1,9 @@
-"""Predictions on the real suite: recorded per task, learned from the event log."""
+"""Predictions on the real suite: recorded per task, learned from the event log, made by
+a scheduler that never loads scikit-learn (the training child does)."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from cortex.protocol import Client
 from cortex.services.cli import main as cli
@@ -27,7 +30,17 @@ def test_tasks_record_predicted_and_actual_and_model_trains_from_log(suites, cap
         assert c.call("scheduler", "model.train")["started"] is True
         status = wait_for(lambda: (s := c.call("scheduler", "model.status"))["loaded"]
                           and not s["training"] and s, 60, "a model trained from the log")
+        # The scheduler predicts with the trained arrays, and never maps scikit-learn.
+        modelled = c.submit("simulated_agent", "short job again",
+                            payload={"seconds": 0.01, "tokens": 1})
+        assert c.status(modelled["id"])["predicted"]["source"] == "model"
+        pid = c.call("scheduler", "scheduler.status")["pid"]
     assert status["model"]["samples"] >= 50
-    assert (suite.home / "models" / "predictor.joblib").exists()
+    assert (suite.home / "models" / "predictor.npz").exists()
+    mapped = {line.split()[-1] for line in Path(f"/proc/{pid}/maps").read_text().splitlines()
+              if "/site-packages/" in line}
+    packages = {path.split("/site-packages/")[1].split("/")[0] for path in mapped}
+    assert "numpy" in packages  # the probe sees a package the scheduler did load
+    assert {"sklearn", "scipy"} & packages == set(), packages
     assert cli(["--home", str(suite.home), "model", "status"]) == 0
     assert "within_25".upper()[:6] in capsys.readouterr().out.upper()

@@ -93,5 +93,21 @@ def test_typed_submits_start_a_background_retrain(tmp_path):
     sim.add(type="echo", description="hello")
     assert router.status()["typed_since_training"] == 3
     router.maybe_train(sim.now.mono)
+    assert not router.trainer.busy  # one type: nothing a router could learn
+    assert router.status()["history_can_teach"] is False
+    sim.add(type="translate", description="translate this")
+    router.maybe_train(sim.now.mono, queued=True)
+    assert not router.trainer.busy and router.trainer.status()["waiting_for_lull"]
+    router.maybe_train(sim.now.mono, queued=False)
     assert router.trainer.busy
     router.trainer.stop()
+
+
+def test_typed_submits_without_a_description_teach_nothing(tmp_path):
+    sim, router = sim_with(tmp_path, retrain_every=2)
+    for i in range(4):
+        sim.add(type=("echo", "translate")[i % 2], description="")
+    assert router.status()["typed_since_training"] == 0
+    assert router.status()["history_can_teach"] is False
+    router.maybe_train(sim.now.mono)
+    assert not router.trainer.busy

@@ -15,8 +15,9 @@ scheduler swaps a retrained one in by assigning one reference.
 - :func:`decide` applies ``[routing] min_confidence`` and ``fallback``.
 - :func:`save` and :func:`load`: ``<home>/models/router.joblib`` (what :func:`load` reads)
   and ``router-report.json`` (the same report, for ``jq``), both written atomically.
-- ``python -m cortex.services.scheduler.classify train --home DIR`` trains from the
-  examples file and the event log in a process of its own, so the scheduler never waits.
+- ``python -m cortex.services.scheduler.classify_child train --home DIR`` trains from the
+  examples file and the event log in a process of its own, so the scheduler never waits
+  (and refuses before it loads scikit-learn when the rows cannot teach a router).
 
 Routing sits on the submit path, so one description is routed by :mod:`classify_fast`
 (the same numbers as ``predict_proba``, checked on held-out rows, without its per-call
@@ -29,7 +30,7 @@ import os
 import random
 import re
 import time
-from collections import Counter, deque
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,23 +44,18 @@ from sklearn.pipeline import Pipeline, make_union
 from threadpoolctl import threadpool_limits
 
 from cortex.services.runtime.durable import write_atomic
-from cortex.services.runtime.eventlog import read_events
-from cortex.services.runtime.settings import ConfigError
-from cortex.services.runtime.settings import load as load_settings
+from cortex.services.scheduler import classify_child
 from cortex.services.scheduler.classify_fast import checked_fast_path
 from cortex.services.scheduler.classify_rows import (
+    MIN_ROWS_PER_TYPE,
     MODEL_FILE,
     ROUTE_CHARS,
     RoutingError,
-    history_rows,
-    read_examples,
-    training_rows,
+    too_little_data,
 )
 
 REPORT_FILE = "router-report.json"
 FORMAT_VERSION = 1
-HISTORY_LIMIT = 200_000  # newest typed tasks read from the event log
-MIN_ROWS_PER_TYPE = 5  # a type with fewer rows is left out of training (named in the report)
 HELD_OUT_SHARE = 0.2
 TOP = 3
 PROBE_ROWS = 50  # held-out descriptions that check the one-row path
@@ -250,12 +246,11 @@ def train(rows: list[dict], counts: dict | None = None, seed: int = 0) -> Router
     RoutingError ``too_little_data`` when fewer than two types remain.
     """
     started = time.perf_counter()
+    reason = too_little_data(rows)
+    if reason is not None:
+        raise RoutingError("too_little_data", reason)
     sizes = Counter(r["type"] for r in rows)
     usable = {t for t, n in sizes.items() if n >= MIN_ROWS_PER_TYPE}
-    if len(usable) < 2:
-        raise RoutingError("too_little_data",
-                           f"need two types with {MIN_ROWS_PER_TYPE} descriptions each; "
-                           f"have {len(rows)} descriptions, {len(usable)} such types")
     rows = [r for r in rows if r["type"] in usable]
     fit_rows, held_out = _split(rows, seed)
     measured = _measure(_fit(fit_rows), held_out)
@@ -320,46 +315,9 @@ def load(model_dir: str | os.PathLike) -> Router:
 
 # ---------------------------------------------------------------- the training child
 
-
-def train_from_home(home: str | os.PathLike, limit: int = HISTORY_LIMIT) -> Router:
-    """Train on the home's examples file and typed-task history; save under models/."""
-    home = Path(home)
-    examples_path = load_settings(home).routing.examples
-    examples = read_examples(examples_path) if examples_path else []
-    # The text filter skips decoding every other event's line.
-    events = read_events(home / "events", type_pattern="task.created", text="task.created")
-    rows, counts = training_rows(examples, deque(history_rows(events), maxlen=limit))
-    router = train(rows, counts)
-    save(router, home / "models")
-    return router
-
-
-def main(argv=None) -> int:
-    """`python -m cortex.services.scheduler.classify train --home DIR` trains the router
-    (printing its report as JSON; exit 1 with the reason when it cannot);
-    `... explain --home DIR "some description"` asks the saved one."""
-    import argparse
-
-    from cortex.protocol import locate
-
-    parser = argparse.ArgumentParser(prog="cortex-route", description=main.__doc__)
-    parser.add_argument("command", choices=["train", "explain"])
-    parser.add_argument("description", nargs="?", default="")
-    parser.add_argument("--home")
-    parser.add_argument("--limit", type=int, default=HISTORY_LIMIT,
-                        help="newest typed tasks to learn from")
-    args = parser.parse_args(argv)
-    home = locate.find_home(args.home)
-    try:
-        if args.command == "train":
-            out = train_from_home(home, args.limit).report
-        else:
-            out = load(home / "models").explain(args.description)
-    except (RoutingError, ConfigError) as exc:
-        print(orjson.dumps({"trained": False, "code": exc.code, "reason": str(exc)}).decode())
-        return 1
-    print(orjson.dumps(out).decode())
-    return 0
+# Kept here too: `python -m cortex.services.scheduler.classify train|explain` still works.
+train_from_home = classify_child.train_from_home
+main = classify_child.main
 
 
 if __name__ == "__main__":

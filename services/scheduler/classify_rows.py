@@ -29,6 +29,7 @@ MODEL_FILE = "router.joblib"
 ROUTE_CHARS = 200  # task.created events keep the first 200 characters of a description
 MAX_TYPE_CHARS = 64  # as the scheduler accepts on submit
 PER_TYPE_LIMIT = 2000
+MIN_ROWS_PER_TYPE = 5  # a type with fewer rows is left out of training (named in the report)
 AUTO = "auto"  # the type that asks for routing: never a label
 
 
@@ -94,6 +95,19 @@ def history_rows(events: Iterable[dict]) -> Iterator[dict]:
         if _valid_type(data.get("type")) and isinstance(description, str) \
                 and description.strip():
             yield {"type": data["type"], "description": description}
+
+
+def too_little_data(rows: list[dict]) -> str | None:
+    """Why `rows` cannot teach a router (fewer than two types with MIN_ROWS_PER_TYPE
+    descriptions each), or None when they can."""
+    sizes: dict[str, int] = {}
+    for row in rows:
+        sizes[row["type"]] = sizes.get(row["type"], 0) + 1
+    usable = sum(n >= MIN_ROWS_PER_TYPE for n in sizes.values())
+    if usable >= 2:
+        return None
+    return (f"need two types with {MIN_ROWS_PER_TYPE} descriptions each; have "
+            f"{len(rows)} descriptions, {usable} such types")
 
 
 def training_rows(examples: Iterable[dict], history: Iterable[dict],

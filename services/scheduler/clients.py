@@ -127,7 +127,7 @@ class ClientRequests:
             refusal = self.admission.judge(req, waiting, wait_s, now)
         if refusal is not None:
             self.admission.record_refusal(fx, req, *refusal)
-            self._typed(sent_type)
+            self._typed(sent_type, req.description)
             return refusal
         predicted = None
         if self.predictor is not None:
@@ -141,7 +141,7 @@ class ClientRequests:
                     routing=routing, digest=digest)
         self.waiting.set(fx, task, Reason.WORKER)  # the new task's own fields, no event
         self._take_in(fx, task, now)
-        self._typed(sent_type)
+        self._typed(sent_type, req.description)
         return task
 
     def _take_in(self, fx: Effects, task: Task, now: Now) -> None:
@@ -166,10 +166,10 @@ class ClientRequests:
             self.counters["submitted"] = submitted
             raise
 
-    def _typed(self, task_type: str) -> None:
+    def _typed(self, task_type: str, description: str) -> None:
         """One more row of routing history (a task sent with its type, taken or refused)."""
         if self.routing is not None and task_type != AUTO:
-            self.routing.typed(task_type)
+            self.routing.typed(task_type, description)
 
     def _route(self, req) -> tuple[dict | None, tuple[str, str] | None]:
         """A task of type "auto" takes the type its description routes to (the decision

@@ -145,8 +145,6 @@ class Scheduler(BusService):
             self.state.dispatch(fx, now)
             self.state.scale(fx, now)  # surge at once if no worker can take it
             self.end_turn = True  # its dispatch is sent now, not behind the turn's rest
-        self.trainer.maybe_auto(self.settings.scheduler.retrain_every, now.mono)
-        self.routing.maybe_train(now.mono)
 
     @serves("task.submit_many")
     def submit_many(self, fx: Effects, msg: wire.Message, body: dict, wall: float) -> None:
@@ -167,8 +165,6 @@ class Scheduler(BusService):
             self.state.dispatch(fx, now)
             self.state.scale(fx, now)  # surge at once if no worker can take it
             self.end_turn = True
-        self.trainer.maybe_auto(self.settings.scheduler.retrain_every, now.mono)
-        self.routing.maybe_train(now.mono)
 
     @serves("task.status")
     def status_of(self, fx: Effects, msg: wire.Message, body: dict, wall: float) -> None:
@@ -325,10 +321,12 @@ class Scheduler(BusService):
             self.next_budgets = now.mono + BUDGETS_REFRESH
         self.trainer.poll(fx, now.mono)
         self.routing.trainer.poll(fx, now.mono)
-        self.routing.maybe_train(now.mono)
         timeout = self.state.tick(fx, now, self.settings.scheduler.task_heartbeat)
         self.state.dispatch(fx, now)
         self.state.scale(fx, now)
+        queued = not self.state.queue.empty()  # automatic trainings wait for a lull
+        self.trainer.maybe_auto(self.settings.scheduler.retrain_every, now.mono, queued)
+        self.routing.maybe_train(now.mono, queued)
         if self.trainer.busy or self.routing.trainer.busy:
             timeout = min(timeout, 0.1)  # look at the training child's output soon
         return timeout

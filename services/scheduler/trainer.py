@@ -7,9 +7,13 @@ exits 0 when it saved new models. `model.train` is answered at that first line: 
 or why not (fewer rows than the minimum); or at once when a training already runs; or,
 if the child dies first, with its error output; or, if the child has not said by
 ANSWER_WITHIN, as started (a client's call must not time out: the last failure is then
-in `model.status`). The new models are read in a thread
-(unpickling took ~0.3 s, a stall of every dispatch) and swapped in. The last failure's
-reason is kept for `model.status`.
+in `model.status`). The new models are read in a thread (a stall of every dispatch
+otherwise) and swapped in. The last failure's reason is kept for `model.status`.
+
+An automatic training (not asked for) waits for a lull: the child's import and fit take
+CPU and ~100 MB while it lives, which a saturated suite pays in throughput. It starts on
+the first look with no task queued for workers, or once it has waited MAX_LULL_WAIT (a
+suite that is never idle still retrains); see `lull_allows`.
 """
 
 from __future__ import annotations
@@ -32,6 +36,14 @@ MIN_TRAINING_GAP = 60.0  # seconds between automatic retrains
 ANSWER_WITHIN = 5.0  # seconds a model.train waits for the child's first line
 ANSWERS_KEPT = 16  # model.train answers kept for re-sent copies of the request
 REPORT_CHARS = 2000
+MAX_LULL_WAIT = 300.0  # seconds an automatic training waits for no task to be queued
+
+
+def lull_allows(due_since: float, now: float, queued: bool,
+                max_wait: float = MAX_LULL_WAIT) -> bool:
+    """May an automatic training that is due since `due_since` start `now`? Yes when no
+    task is queued for workers, or when it has waited `max_wait` seconds."""
+    return not queued or now - due_since >= max_wait
 
 
 def _nice_child(parent: int) -> None:  # in the training child, before exec
@@ -60,6 +72,7 @@ class Trainer:
         self._answers: OrderedDict[tuple[bytes, bytes], dict] = OrderedDict()
         self.loader: tuple[threading.Thread, list, str] | None = None  # models being read
         self.next_auto = 0.0  # monotonic: no automatic retrain before
+        self.due_since: float | None = None  # an automatic retrain waits for a lull since
         self.last_failure: dict | None = None  # {at, exit_code, reason}
 
     @property
@@ -67,7 +80,8 @@ class Trainer:
         return self.child is not None or self.loader is not None
 
     def status(self) -> dict:
-        return {"training": self.busy, "last_failure": self.last_failure}
+        return {"training": self.busy, "last_failure": self.last_failure,
+                "waiting_for_lull": self.due_since is not None}
 
     def request(self, fx: Effects, peer: bytes, corr: bytes, now: float) -> None:
         """`model.train`: start a training and answer when the child says if it fits."""
@@ -86,13 +100,24 @@ class Trainer:
         self._asking.append(who)
         self.start(now)
 
-    def maybe_auto(self, every: int, now: float) -> None:
-        """Retrain every `every` completions, at most every MIN_TRAINING_GAP."""
-        if every and not self.busy and now >= self.next_auto \
-                and self.predictor.completions_since_training() >= every:
-            self.start(now)
+    def maybe_auto(self, every: int, now: float, queued: bool = False) -> None:
+        """Retrain every `every` completions, at most every MIN_TRAINING_GAP, in a lull."""
+        if every and self.predictor.completions_since_training() >= every:
+            self.start_in_lull(now, queued)
+
+    def start_in_lull(self, now: float, queued: bool) -> bool:
+        """Start an automatic training that is due, if the lull rule lets it start now."""
+        if self.busy or now < self.next_auto:
+            return False
+        if self.due_since is None:
+            self.due_since = now
+        if not lull_allows(self.due_since, now, queued):
+            return False
+        self.start(now)
+        return True
 
     def start(self, now: float) -> None:
+        self.due_since = None
         self._err = tempfile.TemporaryFile()  # noqa: SIM115 - closed when the child is done
         self._out, self._first_line = b"", None
         self.child = subprocess.Popen(self.command, stdin=subprocess.DEVNULL,

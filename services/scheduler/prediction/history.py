@@ -12,9 +12,10 @@ from collections.abc import Iterable
 
 import orjson
 
-# The saved models (models.py writes them): named here so that the predictor can tell
-# whether there are any without loading scikit-learn.
-MODEL_FILE = "predictor.joblib"
+# The saved models (flat.py writes them): named here so that the predictor can tell
+# whether there are any without loading numpy.
+MODEL_FILE = "predictor.npz"
+LEGACY_MODEL_FILE = "predictor.joblib"  # scikit-learn models pickled: read no more
 
 TARGETS = ("duration", "tokens", "memory_mb", "cpu_s")
 

@@ -7,7 +7,8 @@
 3. "default": the configured defaults (`DEFAULTS`, overridden by `defaults`).
 
 Used from the scheduler's loop only; training runs in a child process (trainer.py), and
-its models are read by `read_saved()` in a thread and swapped in by `adopt()`.
+its models are read by `read_saved()` in a thread and swapped in by `adopt()`. Predicting
+and loading need numpy alone (flat.py); only `train()` loads scikit-learn (models.py).
 """
 
 from __future__ import annotations
@@ -19,10 +20,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cortex.services.scheduler.prediction.history import MODEL_FILE, TARGETS, clean_row, too_few
+from cortex.services.scheduler.prediction.history import (
+    LEGACY_MODEL_FILE,
+    MODEL_FILE,
+    TARGETS,
+    clean_row,
+    too_few,
+)
 
-if TYPE_CHECKING:  # models.py loads numpy and scikit-learn: only once there is a model
-    from cortex.services.scheduler.prediction.models import ModelSet
+if TYPE_CHECKING:  # flat.py loads numpy: only once there is a model
+    from cortex.services.scheduler.prediction.flat import FlatModels
 
 DEFAULTS = {"duration": 60.0, "tokens": 2000.0, "memory_mb": 64.0, "cpu_s": 1.0}
 AVERAGE_WINDOW = 100  # plain mean up to this many completions, then EWMA with alpha 1/window
@@ -65,7 +72,7 @@ class Predictor:
         self.defaults = {**DEFAULTS, **{k: float(v) for k, v in (defaults or {}).items()
                                         if k in DEFAULTS}}
         self.min_samples = max(int(min_samples), 10)
-        self._models: ModelSet | None = None  # swapped whole, never changed in place
+        self._models: FlatModels | None = None  # swapped whole, never changed in place
         self._averages: dict[str, dict[str, _RunningAverage]] = {}
         self._history: deque[dict] = deque(maxlen=max(0, int(history_limit)))
         self._since_training = 0
@@ -122,15 +129,16 @@ class Predictor:
         refused = too_few(len(rows), self.min_samples)
         if refused is not None:
             return refused
-        from cortex.services.scheduler.prediction import models as model_files
+        from cortex.services.scheduler.prediction import flat
+        from cortex.services.scheduler.prediction.models import fit  # scikit-learn
 
-        model_set = model_files.fit(rows)
+        fitted = fit(rows)
         if self.model_dir is not None:
-            model_files.save(self.model_dir, model_set)
-        self._models = model_set
+            flat.save(self.model_dir, fitted.models, fitted.probe_x, fitted.probe_y)
+        self._models = fitted.models
         self._reason = None
         self._since_training = 0
-        return model_set.report
+        return fitted.models.report
 
     def read_saved(self) -> Predictor:
         """The models saved under `model_dir`, read into a new predictor (slow: safe to
@@ -164,9 +172,7 @@ class Predictor:
                          for t, v in self._averages.items()},
         }
         if models is not None:
-            out["model"] = {**models.report, "fast_path": models.flat is not None,
-                            "fast_path_error": models.fast_path_error,
-                            "cached_predictions": len(models.cache)}
+            out["model"] = {**models.report, "cached_predictions": len(models.cache)}
         return out
 
     @classmethod
@@ -176,12 +182,15 @@ class Predictor:
         self = cls(model_dir, defaults, min_samples, history_limit)
         path = Path(model_dir) / MODEL_FILE
         if not path.exists():
-            self._reason = f"no saved model at {path}"
+            legacy = Path(model_dir) / LEGACY_MODEL_FILE
+            self._reason = (f"models saved in an older format ({legacy}): retrain them "
+                            "(cortex model train)") if legacy.exists() else (
+                f"no saved model at {path}")
             return self
         try:
-            from cortex.services.scheduler.prediction import models as model_files
+            from cortex.services.scheduler.prediction import flat
 
-            self._models = model_files.load(Path(model_dir))
+            self._models = flat.load(Path(model_dir))
         except Exception as exc:
             self._reason = f"could not load {path}: {type(exc).__name__}: {exc}"
             return self

@@ -4,8 +4,9 @@
 
 reads the completed-task history from the event log and prints one line before it loads
 scikit-learn and fits (`{"rows": N, "min_samples": M}`: the scheduler answers
-`model.train` with it), fits the models, saves them under <home>/models/, prints the
-report and exits 0 (1: not trained).
+`model.train` with it), fits the models, checks their flattened arrays against
+scikit-learn, saves the arrays under <home>/models/ (flat.py: the scheduler reads them
+with numpy alone), prints the report and exits 0 (1: not trained, with the reason).
 """
 
 from __future__ import annotations
@@ -37,8 +38,12 @@ def main(argv=None) -> int:
     print(json.dumps({"rows": len(history), "min_samples": MIN_SAMPLES}), flush=True)
     report = too_few(len(history), MIN_SAMPLES)  # then it never loads scikit-learn
     if report is None:
-        from cortex.services.scheduler.prediction.predictor import Predictor  # scikit-learn
+        from cortex.services.scheduler.prediction.models import FastPathError  # scikit-learn
+        from cortex.services.scheduler.prediction.predictor import Predictor
 
-        report = Predictor(home / "models", min_samples=MIN_SAMPLES).train(history)
+        try:
+            report = Predictor(home / "models", min_samples=MIN_SAMPLES).train(history)
+        except FastPathError as exc:  # the scheduler could not predict with these
+            report = {"trained": False, "samples": len(history), "reason": str(exc)}
     print(json.dumps(report, default=str), flush=True)
     return 0 if report.get("trained", True) else 1
