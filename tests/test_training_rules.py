@@ -1,6 +1,7 @@
 """When automatic trainings start (pure): they wait for a lull (no task queued for
-workers) or at most MAX_LULL_WAIT; MIN_TRAINING_GAP still holds; a request starts at once;
-and the router is trained only when the typed history shows two types with descriptions."""
+workers for LULL_SECONDS) or at most MAX_LULL_WAIT; MIN_TRAINING_GAP still holds; a
+request starts at once; and the router is trained only when the typed history shows two
+types with descriptions."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 
 from cortex.services.scheduler.routing import can_teach
 from cortex.services.scheduler.trainer import (
+    LULL_SECONDS,
     MAX_LULL_WAIT,
     MIN_TRAINING_GAP,
     Trainer,
@@ -17,20 +19,24 @@ from cortex.services.scheduler.trainer import (
 )
 
 
-@pytest.mark.parametrize(("waited", "queued", "allowed"), [
-    (0.0, False, True),  # nothing queued: at once
-    (0.0, True, False),  # tasks queued: wait
-    (MAX_LULL_WAIT - 0.001, True, False),
-    (MAX_LULL_WAIT, True, True),  # never idle: it still runs after the longest wait
-    (MAX_LULL_WAIT * 3, True, True),
+@pytest.mark.parametrize(("waited", "quiet_for", "allowed"), [
+    (0.0, LULL_SECONDS, True),  # nothing queued for long enough: at once
+    (0.0, LULL_SECONDS - 0.001, False),  # a moment's empty queue is no lull
+    (0.0, None, False),  # tasks queued: wait
+    (MAX_LULL_WAIT - 0.001, None, False),
+    (MAX_LULL_WAIT, None, True),  # never idle: it still runs after the longest wait
+    (MAX_LULL_WAIT * 3, None, True),
 ])
-def test_the_lull_rule(waited, queued, allowed):
-    assert lull_allows(100.0, 100.0 + waited, queued) is allowed
+def test_the_lull_rule(waited, quiet_for, allowed):
+    now = 1000.0 + waited
+    quiet_since = None if quiet_for is None else now - quiet_for
+    assert lull_allows(1000.0, quiet_since, now) is allowed
 
 
-def test_the_lull_rule_takes_its_limit():
-    assert lull_allows(0.0, 5.0, True, max_wait=5.0)
-    assert not lull_allows(0.0, 4.9, True, max_wait=5.0)
+def test_the_lull_rule_takes_its_limits():
+    assert lull_allows(0.0, None, 5.0, max_wait=5.0)
+    assert not lull_allows(0.0, None, 4.9, max_wait=5.0)
+    assert lull_allows(0.0, 3.0, 4.0, lull=1.0) and not lull_allows(0.0, 3.5, 4.0, lull=1.0)
 
 
 @pytest.mark.parametrize(("types", "teaches"), [(0, False), (1, False), (2, True), (7, True)])
@@ -73,7 +79,13 @@ def test_an_automatic_training_waits_for_no_task_queued(quiet_trainer):
     trainer.maybe_auto(5, 20.0, queued=True)
     assert started == []
     trainer.maybe_auto(5, 21.0, queued=False)  # the first look with nothing queued
-    assert started == [21.0] and not trainer.status()["waiting_for_lull"]
+    trainer.maybe_auto(5, 21.0 + LULL_SECONDS - 1, queued=False)
+    assert started == []
+    trainer.maybe_auto(5, 21.0 + LULL_SECONDS - 0.5, queued=True)  # a burst: not yet
+    trainer.maybe_auto(5, 21.0 + LULL_SECONDS, queued=False)
+    assert started == []
+    trainer.maybe_auto(5, 21.0 + 2 * LULL_SECONDS, queued=False)
+    assert started == [21.0 + 2 * LULL_SECONDS] and not trainer.status()["waiting_for_lull"]
 
 
 def test_a_suite_never_idle_still_retrains_after_the_longest_wait(quiet_trainer):
@@ -87,6 +99,7 @@ def test_a_suite_never_idle_still_retrains_after_the_longest_wait(quiet_trainer)
 
 def test_the_gap_between_automatic_trainings_still_holds(quiet_trainer):
     trainer, started = quiet_trainer
+    trainer.maybe_auto(5, 10.0 - LULL_SECONDS, queued=False)  # quiet before it was due
     trainer.maybe_auto(5, 10.0, queued=False)
     trainer.maybe_auto(5, 10.0 + MIN_TRAINING_GAP - 1, queued=False)
     assert started == [10.0]

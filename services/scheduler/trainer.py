@@ -11,9 +11,10 @@ in `model.status`). The new models are read in a thread (a stall of every dispat
 otherwise) and swapped in. The last failure's reason is kept for `model.status`.
 
 An automatic training (not asked for) waits for a lull: the child's import and fit take
-CPU and ~100 MB while it lives, which a saturated suite pays in throughput. It starts on
-the first look with no task queued for workers, or once it has waited MAX_LULL_WAIT (a
-suite that is never idle still retrains); see `lull_allows`.
+CPU and ~100 MB while it lives, which a saturated suite pays in throughput. It starts
+once no task has been queued for workers for LULL_SECONDS (a moment's empty queue
+between two bursts is no lull), or once it has waited MAX_LULL_WAIT (a suite that is
+never idle still retrains); see `lull_allows`.
 """
 
 from __future__ import annotations
@@ -37,13 +38,16 @@ ANSWER_WITHIN = 5.0  # seconds a model.train waits for the child's first line
 ANSWERS_KEPT = 16  # model.train answers kept for re-sent copies of the request
 REPORT_CHARS = 2000
 MAX_LULL_WAIT = 300.0  # seconds an automatic training waits for no task to be queued
+LULL_SECONDS = 5.0  # nothing queued this long is a lull
 
 
-def lull_allows(due_since: float, now: float, queued: bool,
-                max_wait: float = MAX_LULL_WAIT) -> bool:
+def lull_allows(due_since: float, quiet_since: float | None, now: float,
+                max_wait: float = MAX_LULL_WAIT, lull: float = LULL_SECONDS) -> bool:
     """May an automatic training that is due since `due_since` start `now`? Yes when no
-    task is queued for workers, or when it has waited `max_wait` seconds."""
-    return not queued or now - due_since >= max_wait
+    task has been queued for workers since `quiet_since` for `lull` seconds, or when it
+    has waited `max_wait` seconds."""
+    quiet = quiet_since is not None and now - quiet_since >= lull
+    return quiet or now - due_since >= max_wait
 
 
 def _nice_child(parent: int) -> None:  # in the training child, before exec
@@ -72,6 +76,7 @@ class Trainer:
         self._answers: OrderedDict[tuple[bytes, bytes], dict] = OrderedDict()
         self.loader: tuple[threading.Thread, list, str] | None = None  # models being read
         self.next_auto = 0.0  # monotonic: no automatic retrain before
+        self.quiet_since: float | None = None  # no task queued for workers since
         self.due_since: float | None = None  # an automatic retrain waits for a lull since
         self.last_failure: dict | None = None  # {at, exit_code, reason}
 
@@ -102,16 +107,25 @@ class Trainer:
 
     def maybe_auto(self, every: int, now: float, queued: bool = False) -> None:
         """Retrain every `every` completions, at most every MIN_TRAINING_GAP, in a lull."""
+        self.saw_queue(now, queued)
         if every and self.predictor.completions_since_training() >= every:
             self.start_in_lull(now, queued)
 
+    def saw_queue(self, now: float, queued: bool) -> None:
+        """What the queue looked like now (asked on every tick)."""
+        if queued:
+            self.quiet_since = None
+        elif self.quiet_since is None:
+            self.quiet_since = now
+
     def start_in_lull(self, now: float, queued: bool) -> bool:
         """Start an automatic training that is due, if the lull rule lets it start now."""
+        self.saw_queue(now, queued)
         if self.busy or now < self.next_auto:
             return False
         if self.due_since is None:
             self.due_since = now
-        if not lull_allows(self.due_since, now, queued):
+        if not lull_allows(self.due_since, self.quiet_since, now):
             return False
         self.start(now)
         return True
