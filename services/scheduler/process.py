@@ -231,7 +231,7 @@ class Scheduler(BusService):
         self.state.task_finished(fx, msg.peer.decode(), msg.peer, msg.corr, body, now)
         if body["fold"]:  # its next prefetch may ride on our reply
             self.finishes[msg.peer] = msg.corr
-        self.critical_may_start()
+        self.critical_may_start(fx, now)
 
     @serves("worker.ready", wire.NOTIFY)
     def ready(self, fx: Effects, msg: wire.Message, body: dict, wall: float) -> None:
@@ -267,13 +267,18 @@ class Scheduler(BusService):
                     ) -> None:
         now = self.now(wall)
         report(fx, msg.peer.decode(), body, now)
-        self.critical_may_start()
+        self.critical_may_start(fx, now)
 
-    def critical_may_start(self) -> None:
-        """A worker's report may have freed it (or its slot): a queued critical task is
-        then dispatched at the end of this message's turn, not behind the turn's rest."""
-        if self.state.queue.critical_waiting():
-            self.end_turn = True
+    def critical_may_start(self, fx: Effects, now: Now) -> None:
+        """A worker's report may have freed it: a queued critical task is dispatched now,
+        and the turn ends so that its order goes out at once, not behind the turn's rest
+        (only when one was: ending every turn while one waits would handle one message a
+        turn)."""
+        waiting = self.state.queue.critical_waiting()
+        if waiting:
+            self.state.dispatch(fx, now)
+            if self.state.queue.critical_waiting() < waiting:
+                self.end_turn = True
 
     LANES = 3
 

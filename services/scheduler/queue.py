@@ -208,8 +208,9 @@ class TaskQueue:
         # counts, so this is one length test, not a pass over every type's counts.
         return not self._entries
 
-    def critical_waiting(self) -> bool:
-        return any(counts[0] for counts in self.counts.values())
+    def critical_waiting(self) -> int:
+        """Critical tasks queued (of every type)."""
+        return sum(counts[0] for counts in self.counts.values())
 
     def depth(self, task_type: str) -> int:
         return sum(self.counts.get(task_type, ()))
