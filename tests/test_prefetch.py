@@ -6,6 +6,7 @@ goes back to the queue with its attempt unchanged."""
 from __future__ import annotations
 
 from cortex.protocol import wire
+from cortex.services.runtime.effects import Effects
 from cortex.services.scheduler.prefetch import Slots, fold_prefetches
 from cortex.services.scheduler.tasks import State, Task
 from cortex.services.scheduler.workers import Worker, WorkerState
@@ -359,3 +360,33 @@ def test_no_lower_task_is_prefetched_while_a_higher_one_waits_unstarted_in_a_slo
     fx = sim.finish(high.worker, first if high.worker == first.worker else None)
     assert not high.prefetched and [t["id"] for _, t in runs(fx)] == [low.id]
 
+
+
+# -- the scheduler's turn while a critical task waits ---------------------------------------
+class TurnOf:
+    """The scheduler process's turn rules over a Sim's state (no sockets)."""
+
+    def __init__(self, sim: Sim):
+        from cortex.services.scheduler.process import Scheduler
+
+        self.sim, self.end_turn = sim, False
+        self.state = sim.state
+        self.critical_may_start = Scheduler.critical_may_start.__get__(self)
+
+
+def test_a_worker_report_ends_the_turn_only_when_a_critical_task_went_out():
+    sim = Sim(prefetch=1)
+    long_, held = busy_with_prefetch(sim)
+    critical = sim.add(priority="critical", description="urgent")
+    assert critical.state is State.QUEUED
+    turn = TurnOf(sim)
+    fx = Effects()
+    turn.critical_may_start(fx, sim.now)  # nothing freed: it goes on with the turn
+    assert not turn.end_turn and critical.state is State.QUEUED and not runs(fx)
+    recalled(sim, "w1", held)  # the slot gives its low task back
+    fx = sim.turn(sim.state.task_finished, "w1", b"w1", sim.corr(),
+                  {"id": long_.id, "attempt": 1, "ok": True, "result": None}, sim.now,
+                  dispatch=False)
+    turn.critical_may_start(fx, sim.now)
+    assert turn.end_turn and critical.state is State.DISPATCHED and not critical.prefetched
+    assert [t["id"] for _, t in runs(fx)][0] == critical.id  # the low one may refill the slot
