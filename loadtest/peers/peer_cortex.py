@@ -8,6 +8,12 @@ The benchmark's `run_all.sh` runs from its own folder, which holds its `common.p
 benchmark's venv needs Cortex installed first (`<venv>/bin/pip install <this checkout>`).
 Every workload gets a fresh suite (all five services, journals with fsync "group",
 20 pooled workers of one task type whose handler is the benchmark's `handle_task`).
+
+The benchmark's `submit` returns once the system has the task and its `wait` gets the
+result: here `Client.submit` (acknowledged once journaled) then `Client.wait`, two round
+trips, as the other peers do. `PEER_CORTEX_COMBINED=1` runs both in one round trip
+(`submit_and_wait`: what a closed-loop agent would call), so `submit` returns the
+finished task: right for W0-W2, but W3's flood then never builds a backlog.
 """
 
 from __future__ import annotations
@@ -24,8 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402 - the benchmark's own harness
 
 TASK_TYPE = "work"
-# PEER_CORTEX_SPLIT=1: submit then wait, two calls (a flood's submits return at once).
-SPLIT = os.environ.get("PEER_CORTEX_SPLIT") == "1"
+COMBINED = os.environ.get("PEER_CORTEX_COMBINED") == "1"
 
 
 def work(ctx):
@@ -54,17 +59,15 @@ class CortexClient:
         return c
 
     def submit(self, task):
-        if SPLIT:  # submit (acknowledged once journaled), then wait: two round trips
-            return self.client().submit(TASK_TYPE, payload=task, priority=task["prio"],
-                                        retries=0)["id"]
-        # The benchmark times submit and wait apart; Cortex does both in one round trip
-        # (submit_and_wait), so the submit returns the finished task and wait reads it.
-        # A flood of submits (W3) then never builds a backlog: run W3 with the split.
-        return self.client().submit_and_wait(TASK_TYPE, payload=task, priority=task["prio"],
-                                             retries=0, timeout=120)
+        if COMBINED:  # the finished task: wait only reads it
+            return self.client().submit_and_wait(TASK_TYPE, payload=task,
+                                                 priority=task["prio"], retries=0,
+                                                 timeout=120)
+        return self.client().submit(TASK_TYPE, payload=task, priority=task["prio"],
+                                    retries=0)["id"]
 
     def wait(self, done, timeout):
-        if SPLIT:
+        if not COMBINED:
             done = self.client().wait(done, timeout=timeout)
         if done["state"] != "completed":
             raise RuntimeError(f"task {done['id']} {done['state']}: {done.get('error')}")
@@ -104,9 +107,9 @@ class Peer:
                  "endpoints; journals with fsync = group; events to JSONL",
         "workers": "20 pooled worker processes of one task type (no surge: max = count)",
         "client": "cortex.protocol.Client per client thread: " + (
-            "submit(type, payload, priority, retries=0), then wait(id): two round trips"
-            if SPLIT else "submit_and_wait(type, payload, priority, retries=0), one round "
-            "trip"),
+            "submit_and_wait(type, payload, priority, retries=0), one round trip"
+            if COMBINED else "submit(type, payload, priority, retries=0), then wait(id): "
+            "two round trips"),
         "priority": "the task's prio as the Cortex priority",
         "admission": "[scheduler] max_queue_per_type = 10000 (default 500), to hold W3's "
                      "flood of 2,000",
