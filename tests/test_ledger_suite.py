@@ -457,7 +457,8 @@ def test_ledger_killed_keeps_exact_balances(suites, lease):
         assert c.reserve("ext-2", 300)["granted"]
         assert set_budget(c, "agent:agent-3", 5000)["limit"] == 5000
         assert set_budget(c, "type:simulated_agent", 900_000)["limit"] == 900_000
-        wait_for(lambda: balances(c)["global"]["reserved"] == 870, 30, "only ext-1/2 held")
+        wait_for(lambda: balances(c)["global"]["reserved"] == 870 and not any(
+            b["leased"] for b in balances(c).values()), 30, "only ext-1/2 held, no lease")
         before = balances(c)
         tasks_before = {t: c.call("ledger", "ledger.task", {"task": t})["reservation"]
                         for t in [*accepted, "ext-1", "ext-2"]}
