@@ -35,8 +35,9 @@ from .harness import Target
 TASK_TYPE = "echo"
 
 
-def drive(home: str, tasks: int, agents: int, mode: str) -> int:
-    """The agents: `agents` threads, each with its own Client, share `tasks` no-ops."""
+def drive(home: str, tasks: int, agents: int, mode: str, tokens: int = 0) -> int:
+    """The agents: `agents` threads, each with its own Client, share `tasks` no-ops (each
+    reserving `tokens` from the ledger)."""
     counts = [tasks // agents + (1 if i < tasks % agents else 0) for i in range(agents)]
     failed: list[str] = []
 
@@ -44,10 +45,11 @@ def drive(home: str, tasks: int, agents: int, mode: str) -> int:
         with Client(home, timeout=120) as client:
             for _ in range(n):
                 if mode == "one":
-                    task = client.submit_and_wait(TASK_TYPE, payload={"x": 1}, retries=0)
+                    task = client.submit_and_wait(TASK_TYPE, payload={"x": 1}, retries=0,
+                                                  tokens=tokens)
                 else:
                     task = client.wait(client.submit(TASK_TYPE, payload={"x": 1},
-                                                     retries=0)["id"])
+                                                     retries=0, tokens=tokens)["id"])
                 if task["state"] != "completed":
                     failed.append(task["id"])
 
@@ -135,7 +137,8 @@ def fan_in_table(before: dict, after: dict, tasks: int) -> list[dict]:
 
 def markdown(result: dict) -> str:
     tasks = result["tasks"]
-    lines = [f"no-op tasks: {tasks} ({result['mode']}, {result['agents']} agents, "
+    lines = [f"no-op tasks: {tasks} ({result['mode']}, {result.get('tokens', 0)} tokens each, "
+             f"{result['agents']} agents, "
              f"{result['workers']} workers), {result['failed']} not completed", "",
              "| from | to | type | per task |", "| --- | --- | --- | --- |"]
     lines += [f"| {r['from']} | {r['to']} | {r['type']} | {r['per_task']} |"
@@ -165,14 +168,16 @@ def run(args) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     with Target(None, workers=args.workers, fsync="group") as target:
         home = str(target.home)
-        drive(home, max(args.workers * 4, args.agents), args.agents, "one")  # warm-up
+        drive(home, max(args.workers * 4, args.agents), args.agents, "one",
+              args.tokens)  # warm-up
         with Client(home, timeout=30) as client:
             before = flows(client)
         agents = subprocess.Popen(
             [sys.executable, "-c", "import sys, os; from cortex.loadtest.count import "
              "drive; os.read(0, 1); sys.exit(min(1, drive(*sys.argv[1:2], "
-             "*map(int, sys.argv[2:4]), sys.argv[4])))",
-             home, str(args.tasks), str(args.agents), args.mode], stdin=subprocess.PIPE)
+             "*map(int, sys.argv[2:4]), sys.argv[4], int(sys.argv[5]))))",
+             home, str(args.tasks), str(args.agents), args.mode, str(args.tokens)],
+            stdin=subprocess.PIPE)
         traces = []
         try:
             if strace:
@@ -196,7 +201,7 @@ def run(args) -> dict:
     routed = hop_table(before[0], after[0], args.tasks)
     hops = [r for r in routed if r["type"] != "HEARTBEAT"]
     result = {"tasks": args.tasks, "agents": args.agents, "workers": args.workers,
-              "mode": args.mode, "failed": failed, "wall_s": round(wall, 3),
+              "mode": args.mode, "tokens": args.tokens, "failed": failed, "wall_s": round(wall, 3),
               "routed": routed,
               "routed_per_task": round(sum(r["messages"] for r in hops) / args.tasks, 3),
               "fan_in": fan_in_table(before[1], after[1], args.tasks), "syscalls": syscalls}
@@ -213,12 +218,14 @@ def main(argv=None) -> int:
     p.add_argument("--agents", type=int, default=10)
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--mode", choices=("one", "submit-wait"), default="one")
+    p.add_argument("--tokens", type=int, default=0,
+                   help="tokens each task reserves (0: none; the ledger is not asked)")
     p.add_argument("--no-strace", action="store_true", help="count messages only")
     p.add_argument("--out", help="folder for strace's summaries (default: a new one in /tmp)")
     p.add_argument("--json", help="also write the result here")
     args = p.parse_args(argv)
-    if args.tasks < 1 or args.agents < 1 or args.workers < 1:
-        p.error("--tasks, --agents and --workers must be at least 1")
+    if args.tasks < 1 or args.agents < 1 or args.workers < 1 or args.tokens < 0:
+        p.error("--tasks, --agents and --workers must be at least 1, --tokens at least 0")
     result = run(args)
     print(markdown(result))
     if args.json:

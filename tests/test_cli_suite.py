@@ -104,13 +104,18 @@ def test_task_commands_against_a_real_suite(shared_suite, capsys):
 
     code, out, _ = run(capsys, *home, "task", "wait", task_id, "--timeout", "20")
     assert code == Exit.OK and "completed" in out
+
+    def settled():  # with leases the commit reaches the ledger within 50 ms of the end
+        code, out, _ = run(capsys, *home, "task", "show", task_id, "--json")
+        shown = json.loads(out) if code == 0 else {}
+        return (shown.get("ledger") or {}).get("state") == "committed" and shown
+
+    shown = wait_for(settled, 20, "the ledger's commit of the task")
+    assert shown["tokens_used"] == 300 and shown["ledger"]["used"] == 300
     code, out, _ = run(capsys, *home, "task", "show", task_id)
     assert code == 0
     for words in ("write a poem", "high", "completed", "used 300", "granted 500"):
         assert words in out, out
-    code, out, _ = run(capsys, *home, "task", "show", task_id, "--json")
-    shown = json.loads(out)
-    assert shown["tokens_used"] == 300 and shown["ledger"]["used"] == 300
 
     # --json create returns the whole task; the same key twice is the same task.
     code, out, _ = run(capsys, *home, "task", "create", "--type", "sleep", "-d", "nap",
@@ -209,7 +214,9 @@ def test_status_budget_workers_and_tail(shared_suite, capsys):
     assert budgets["type:echo"]["limit"] == 2000 and budgets["type:echo"]["window"] == "daily"
     assert budgets["agent:bob"]["limit"] is None
     code, out, _ = run(capsys, *home, "budget")
-    assert code == 0 and out.splitlines()[0].split()[:3] == ["SCOPE", "LIMIT", "RESERVED"]
+    assert code == 0 and out.splitlines()[0].split()[:4] == ["SCOPE", "LIMIT", "RESERVED",
+                                                             "LEASED"]
+    assert budgets["global"]["leased"] >= 0 and "leased" in budgets["type:echo"]
     assert "type:echo" in out and "2,000" in out
     code, _, err = run(capsys, *home, "budget", "set", "nonsense", "5")
     assert code == Exit.USAGE and "scope" in err and err.count("\n") == 1

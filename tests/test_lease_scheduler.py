@@ -130,3 +130,27 @@ def test_a_batch_the_ledger_failed_on_is_sent_again_not_forgotten():
     assert task.settle  # still owed
     fx = flush(sim, 1.5)  # past the re-send delay
     assert [(c, b) for c, b in ledger_requests(fx)] == [(corr, body)]
+
+
+def test_a_lease_the_ledger_took_back_is_carved_from_no_more():
+    sim = lease_sim()
+    lease_id = granted_lease(sim)
+    task = sim.add(tokens=10)
+    sim.ready("w1")  # carved
+    (corr, body), = ledger_requests(flush(sim))
+    # A client's reservation took the lease's rest back; the carve became its own
+    # reservation (leases.py in the ledger); the reply says the lease is closed.
+    sim.ledger(corr, results=[{"ok": True}], closed=[lease_id])
+    lease = sim.state.leases.held[lease_id]
+    assert lease.left == 0 and sim.state.leases.reclaimed == 1
+    assert task.lease == lease_id and task.reserved == 10  # its carve stands
+    other = sim.add(tokens=10)
+    fx = sim.ready("w2")
+    # Per-task for that key a while: no carve, no new lease asked yet.
+    assert [b["op"] for _, b in ledger_requests(fx)] == ["ledger.reserve"]
+    assert other.state is State.QUEUED and other.lease is None
+    # Returned like a replaced lease (the ledger answers 0), then forgotten.
+    (corr, ret), = ledger_requests(flush(sim, 1.0), "ledger.return")
+    assert ret == {"op": "ledger.return", "lease": lease_id}
+    fx = sim.ledger(corr, lease=lease_id, returned=0)
+    assert {"k": "lease", "id": lease_id, "gone": True} in fx.records

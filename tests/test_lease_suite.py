@@ -1,7 +1,8 @@
-"""Leases on the real suite (`[scheduler] lease = true`): tasks with tokens carved from
-leases, and the scheduler, the ledger or both killed -9 while leases are held and tasks
-run. Every budget keeps committed + reserved <= limit at every sample, every task
-completes once, and at the end nothing is reserved and committed is what the tasks used."""
+"""Leases on the real suite (`[scheduler] lease = true`, the default): tasks with tokens
+carved from leases, a client's reservation that takes an idle lease back, and the
+scheduler, the ledger or both killed -9 while leases are held and tasks run. Every budget
+keeps committed + reserved + leased <= limit at every sample, every task completes once,
+and at the end nothing is reserved or leased and committed is what the tasks used."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import pytest
 from cortex.protocol import Client
 
 from .conftest import suite_config, wait_for
-from .test_ledger_suite import balances, lost_use, run_agents
+from .test_ledger_suite import balances, initial_budgets, lost_use, run_agents, settled_events
 from .test_suite_integration import jsonl_events
 
 R = 100  # tokens every task reserves
@@ -60,7 +61,7 @@ class Sampler:
                 self.samples += 1
                 for row in rows:
                     if row["limit"] is not None and \
-                            row["committed"] + row["reserved"] > row["limit"]:
+                            row["committed"] + row["reserved"] + row["leased"] > row["limit"]:
                         self.broken.append(row)
                 self.stop.wait(0.05)  # a sampling period, not a synchronisation
 
@@ -106,7 +107,8 @@ def run_and_check(suites, suite, batches: list[dict], during=None) -> None:
             assert not errors, errors[:3]
             assert set(final) == set(accepted)
             # Idle leases go back: nothing stays reserved anywhere.
-            wait_for(lambda: all(b["reserved"] == 0 for b in balances(c).values()), 60,
+            wait_for(lambda: all(b["reserved"] == b["leased"] == 0
+                                 for b in balances(c).values()), 60,
                      "every lease returned and every reservation settled")
             end = balances(c)
             wait_for(lambda: c.call("scheduler", "scheduler.status")["events_unacked"] == 0,
@@ -158,13 +160,61 @@ def test_no_lease_outlives_cortex_down_and_up(suites):
         wait_for(lambda: not c.call("ledger", "ledger.status")["leases"], 60,
                  "every lease returned")
         end = balances(c)
-    assert all(b["reserved"] == 0 for b in end.values()), end
+    assert all(b["reserved"] == b["leased"] == 0 for b in end.values()), end
     used = sum(t["tokens_used"] for t in final.values())
     assert end["global"]["committed"] == used
     events = jsonl_events(suite.home)
     leased = {e["data"]["lease"] for e in events if e["type"] == "ledger.leased"}
     returned = {e["data"]["lease"] for e in events if e["type"] == "ledger.lease_returned"}
     assert leased and leased <= returned, leased - returned
+
+
+def test_a_client_reservation_takes_back_the_lease_that_would_starve_it(suites):
+    """All that is left of the budget, asked by a client while a lease holds part of it:
+    granted, the lease taken back (ledger.lease_reclaimed); the scheduler then returns it
+    (answered 0) and the tasks after it still run; the figures end exact."""
+    suite = suites.start(config=suite_config(2, scheduler="lease = true\n",
+                                             tables="[ledger]\nbudget = 20000\n"))
+    used = 0
+    with Client(suite.home, timeout=60, agent="outside") as c:
+
+        def burst(n: int) -> int:
+            ids = [c.submit("simulated_agent", "burst", tokens=R,
+                            payload={"seconds": 0, "steps": 1, "tokens": 10})["id"]
+                   for _ in range(n)]
+            return sum(c.wait(i, timeout=120)["tokens_used"] for i in ids)
+
+        def reclaimed() -> bool:
+            return any(e["type"] == "ledger.lease_reclaimed" for e in c.call(
+                "events", "events.recent", {"n": 1000})["events"])
+
+        for attempt in range(1, 6):  # a lease is idle for 2 s before it goes back
+            used += burst(20)
+            g = balances(c)["global"]
+            if not g["leased"]:
+                continue
+            ask = g["limit"] - g["committed"] - g["reserved"]
+            got = c.reserve(f"outside-{attempt}", ask)
+            assert got["granted"], got  # never starved by a lease
+            c.commit(f"outside-{attempt}", 5)
+            used += 5
+            try:  # none if the lease went back idle between the read and the ask
+                wait_for(reclaimed, 10, "the reclaim's event", interval=0.2)
+                break
+            except AssertionError:
+                continue
+        else:
+            pytest.fail("no lease was held when a burst ended, five times")
+        used += burst(20)  # per-task for a while, then leases again: all still run
+        wait_for(lambda: not c.call("ledger", "ledger.status")["leases"], 60,
+                 "the leases returned")
+        wait_for(lambda: balances(c)["global"]["reserved"] == 0, 30, "settled")
+        end = balances(c)["global"]
+        # Every step, reclaims included, re-derived from the events: never past the limit.
+        events = settled_events(suite, c, initial_budgets(20000, {}))
+    assert (end["committed"], end["reserved"], end["leased"], end["overrun"]) == \
+        (used, 0, 0, 0), end
+    assert [e for e in events if e["type"] == "ledger.lease_reclaimed"]
 
 
 @pytest.mark.heavy

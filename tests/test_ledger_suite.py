@@ -27,8 +27,9 @@ from .test_suite_integration import jsonl_events
 
 R = 100  # tokens every task of the contention test reserves
 CHANGES = ("ledger.reserved", "ledger.extended", "ledger.committed", "ledger.released",
-           "ledger.budget_set", "ledger.leased", "ledger.lease_returned")
-NUMBERS = ("limit", "reserved", "committed", "overrun")
+           "ledger.budget_set", "ledger.leased", "ledger.lease_returned",
+           "ledger.lease_reclaimed")
+NUMBERS = ("limit", "reserved", "leased", "committed", "overrun")
 
 
 # -- helpers ------------------------------------------------------------------------------
@@ -46,7 +47,8 @@ def ledger_config(workers: int, budget: int, agents: dict[str, int], fsync: str 
 
 def initial_budgets(budget: int, agents: dict[str, int]) -> dict[str, dict]:
     scopes = {"global": budget, **{f"agent:{a}": limit for a, limit in agents.items()}}
-    return {s: {"limit": limit, "reserved": 0, "committed": 0, "overrun": 0}
+    return {s: {"limit": limit, "reserved": 0, "leased": 0, "committed": 0,
+                "overrun": 0}
             for s, limit in scopes.items()}
 
 
@@ -81,7 +83,7 @@ def kill_ledger(suites, suite) -> None:
 
 def fits(row: dict) -> bool:
     return row["limit"] is None or row["committed"] - row["overrun"] + row["reserved"] \
-        <= row["limit"]
+        + row["leased"] <= row["limit"]
 
 
 def replay_ledger(events: list[dict], initial: dict[str, dict]) -> dict[str, dict]:
@@ -109,18 +111,19 @@ def replay_ledger(events: list[dict], initial: dict[str, dict]) -> dict[str, dic
         touched = d["budgets"]
         if kind == "ledger.budget_set":
             (scope,) = touched
-            state.setdefault(scope, {"reserved": 0, "committed": 0, "overrun": 0})
+            state.setdefault(scope, {"reserved": 0, "leased": 0, "committed": 0, "overrun": 0})
             state[scope]["limit"] = d["limit"]
         for scope in touched:
             b = state[scope]
             if kind == "ledger.reserved":
                 assert list(touched) == d["scopes"], d
-                if "lease" not in d:  # assigned from a lease: it was reserved already
-                    b["reserved"] += d["amount"]
-            elif kind == "ledger.leased":
                 b["reserved"] += d["amount"]
-            elif kind == "ledger.lease_returned":
-                b["reserved"] -= d["amount"]
+                if "lease" in d:  # assigned from a lease: it was leased already
+                    b["leased"] -= d["amount"]
+            elif kind == "ledger.leased":
+                b["leased"] += d["amount"]
+            elif kind in ("ledger.lease_returned", "ledger.lease_reclaimed"):
+                b["leased"] -= d["amount"]
             elif kind == "ledger.extended":
                 b["reserved"] += d["amount"]
             elif kind == "ledger.released":
@@ -132,11 +135,12 @@ def replay_ledger(events: list[dict], initial: dict[str, dict]) -> dict[str, dic
             got = {k: touched[scope][k] for k in NUMBERS}
             assert got == {k: b[k] for k in NUMBERS}, f"lsn {lsn} {kind} {scope}: event says " \
                 f"{got}, replay gives {b}"
-            assert b["reserved"] >= 0 and fits(b), f"lsn {lsn} {kind} {scope}: {b}"
+            assert b["reserved"] >= 0 and b["leased"] >= 0 and fits(b), \
+                f"lsn {lsn} {kind} {scope}: {b}"
             if kind in ("ledger.reserved", "ledger.extended", "ledger.leased") \
                     and b["limit"] is not None:
-                # A grant needs committed + reserved + amount <= limit before it.
-                assert b["committed"] + b["reserved"] <= b["limit"], \
+                # A grant needs committed + reserved + leased + amount <= limit before it.
+                assert b["committed"] + b["reserved"] + b["leased"] <= b["limit"], \
                     f"lsn {lsn}: {kind} over-allocated {scope}: {b}"
     return state
 
@@ -453,7 +457,8 @@ def test_ledger_killed_keeps_exact_balances(suites, lease):
         assert c.reserve("ext-2", 300)["granted"]
         assert set_budget(c, "agent:agent-3", 5000)["limit"] == 5000
         assert set_budget(c, "type:simulated_agent", 900_000)["limit"] == 900_000
-        wait_for(lambda: balances(c)["global"]["reserved"] == 870, 30, "only ext-1/2 held")
+        wait_for(lambda: balances(c)["global"]["reserved"] == 870 and not any(
+            b["leased"] for b in balances(c).values()), 30, "only ext-1/2 held, no lease")
         before = balances(c)
         tasks_before = {t: c.call("ledger", "ledger.task", {"task": t})["reservation"]
                         for t in [*accepted, "ext-1", "ext-2"]}

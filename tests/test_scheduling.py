@@ -563,7 +563,7 @@ def test_grant_after_the_claimed_worker_left_requeues_with_the_reservation():
 
 
 def test_ledger_unavailable_keeps_the_request_and_resends_it():
-    sim = Sim()
+    sim = Sim(lease=False)  # the per-task ledger protocol (leases: test_lease_*)
     sim.add(tokens=5)
     corr, body = reserve_of(sim.ready("w1"))
     sim.ledger(corr, ok=False, code="unavailable", message="restarting")
@@ -573,7 +573,7 @@ def test_ledger_unavailable_keeps_the_request_and_resends_it():
 
 
 def test_unanswered_ledger_request_is_resent_with_the_same_corr():
-    sim = Sim()
+    sim = Sim(lease=False)  # the per-task ledger protocol (leases: test_lease_*)
     sim.add(tokens=5)
     corr, body = reserve_of(sim.ready("w1"))
     assert ledger_requests(sim.tick(LEDGER_RESEND - 0.01)) == []
@@ -936,7 +936,7 @@ def test_cancel_during_backoff_is_not_requeued_later():
 
 
 def test_cancel_with_tokens_releases_them():
-    sim = Sim()
+    sim = Sim(lease=False)  # the per-task ledger protocol (leases: test_lease_*)
     task = sim.add(tokens=40)
     fx = sim.cancel(task)
     (corr, body), = ledger_requests(fx)
@@ -994,7 +994,7 @@ def test_wait_bad_hold_is_bad_request(hold):
 # --- settling tokens ----------------------------------------------------------------------
 
 def test_finish_with_tokens_used_commits_and_the_reply_clears_the_order():
-    sim = Sim()
+    sim = Sim(lease=False)  # the per-task ledger protocol (leases: test_lease_*)
     task = sim.add(tokens=100)
     corr, _ = reserve_of(sim.ready("w1"))
     sim.ledger(corr, granted=True)
@@ -1009,7 +1009,7 @@ def test_finish_with_tokens_used_commits_and_the_reply_clears_the_order():
 
 
 def test_finish_without_tokens_used_releases_the_reservation():
-    sim = Sim()
+    sim = Sim(lease=False)  # the per-task ledger protocol (leases: test_lease_*)
     task = sim.add(tokens=100)
     corr, _ = reserve_of(sim.ready("w1"))
     sim.ledger(corr, granted=True)
@@ -1026,7 +1026,7 @@ def test_finish_of_a_task_without_tokens_sends_no_ledger_order():
 
 
 def test_lost_attempt_settles_its_own_attempt_and_the_retry_starts_clean():
-    sim = Sim()
+    sim = Sim(lease=False)  # the per-task ledger protocol (leases: test_lease_*)
     task = sim.add(tokens=100)
     corr, _ = reserve_of(sim.ready("w1"))
     sim.ledger(corr, granted=True)
@@ -1041,7 +1041,7 @@ def test_lost_attempt_settles_its_own_attempt_and_the_retry_starts_clean():
 
 
 def test_a_settle_reply_that_gives_tokens_back_lets_the_waiters_try_sooner():
-    sim = Sim()
+    sim = Sim(lease=False)  # the per-task ledger protocol (leases: test_lease_*)
     first = sim.add(tokens=100)
     corr, _ = reserve_of(sim.ready("w1"))
     sim.ledger(corr, granted=True)
@@ -1054,7 +1054,7 @@ def test_a_settle_reply_that_gives_tokens_back_lets_the_waiters_try_sooner():
 
 
 def test_a_commit_that_gives_nothing_back_does_not_wake_the_waiters():
-    sim = Sim()
+    sim = Sim(lease=False)  # the per-task ledger protocol (leases: test_lease_*)
     first = sim.add(tokens=100)
     corr, _ = reserve_of(sim.ready("w1"))
     sim.ledger(corr, granted=True)
@@ -1148,8 +1148,9 @@ def replay(records, snapshot=None, overrides=None) -> SchedulerState:
 
 
 def scenario() -> Sim:
-    """A bit of everything: tokens, a loss and retry, a cancel, failures, a timeout."""
-    sim = Sim()
+    """A bit of everything: tokens, a loss and retry, a cancel, failures, a timeout (the
+    tokens by the per-task ledger protocol; leases: test_lease_scheduler.py)."""
+    sim = Sim(lease=False)
     a = sim.add(tokens=100, payload={"n": 1})
     b = sim.add(priority="high", retries=0)
     c = sim.add()
@@ -1194,7 +1195,7 @@ def test_scenario_touches_every_kind_of_change():
 
 def test_replay_of_every_record_rebuilds_the_task_table():
     sim = scenario()
-    assert table(replay(sim.records)) == table(sim.state)
+    assert table(replay(sim.records, overrides={"lease": False})) == table(sim.state)
 
 
 def test_every_record_is_journalable():
@@ -1238,13 +1239,13 @@ def test_replay_keeps_refusals():
 
 
 def test_restore_requeues_queued_holds_in_flight_and_resends_settle_orders():
-    sim = Sim()
+    sim = Sim(lease=False)  # the per-task ledger protocol (leases: test_lease_*)
     in_flight = running(sim, "w1")
     sim.now += 1
     sim.add()  # stays queued
     settled = sim.add(tokens=9)
     sim.cancel(settled)  # a release order not confirmed before the "crash"
-    fresh = replay(sim.records)
+    fresh = replay(sim.records, overrides={"lease": False})
     fresh.monitor = ResourceMonitor(sample=lambda: IDLE_MACHINE)
     fresh.restore(sim.now)
     flight = fresh.tasks[in_flight.id]

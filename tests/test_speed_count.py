@@ -78,7 +78,7 @@ def test_a_welcomed_peer_answers_the_brokers_heartbeat_at_once():
 @pytest.mark.processes
 def test_count_no_op_tasks_by_hop(tmp_path):
     args = argparse.Namespace(tasks=40, agents=4, workers=2, mode="one", no_strace=True,
-                              out=str(tmp_path / "count"), json=None)
+                              out=str(tmp_path / "count"), json=None, tokens=0)
     result = run(args)
     assert result["failed"] == 0 and result["tasks"] == 40
     hops = {(r["from"], r["to"], r["type"]): r["messages"] for r in result["routed"]}
@@ -94,3 +94,16 @@ def test_count_no_op_tasks_by_hop(tmp_path):
     assert fan_in["scheduler"]["events"] >= 3 * 40
     assert 0 < fan_in["scheduler"]["batches"] <= fan_in["scheduler"]["events"]
     assert result["syscalls"] == {} and "skipped" in result["syscalls_note"]
+
+
+@pytest.mark.processes
+def test_count_token_tasks_their_ledger_orders_carved_from_leases(tmp_path):
+    """With tokens and the default settings (leases): fewer scheduler-to-ledger requests
+    than the per-task protocol's reserve and settle for each task."""
+    args = argparse.Namespace(tasks=40, agents=4, workers=2, mode="one", no_strace=True,
+                              out=str(tmp_path / "count"), json=None, tokens=100)
+    result = run(args)
+    assert result["failed"] == 0 and result["tokens"] == 100
+    hops = {(r["from"], r["to"], r["type"]): r["messages"] for r in result["routed"]}
+    assert 0 < hops[("scheduler", "ledger", "REQUEST")] < 2 * 40
+    assert hops[("ledger", "scheduler", "REPLY")] == hops[("scheduler", "ledger", "REQUEST")]

@@ -57,16 +57,17 @@ def limit_text(limit) -> str:
 
 @command("budget", JSON)
 def cmd_budget(args):
-    """Show token budgets: limit, reserved, committed, overrun, available, window, reset."""
+    """Show token budgets: limit, reserved (by tasks), leased (held by the scheduler's
+    leases, not yet any task's), committed, overrun, available, window, reset."""
     with connect(args) as client:
         budgets = client.budget()["budgets"]
     if args.json:
         emit_json(budgets)
         return Exit.OK
-    emit(table(["SCOPE", "LIMIT", "RESERVED", "COMMITTED", "OVERRUN", "AVAILABLE", "WINDOW",
-                "RESETS_AT"],
+    emit(table(["SCOPE", "LIMIT", "RESERVED", "LEASED", "COMMITTED", "OVERRUN", "AVAILABLE",
+                "WINDOW", "RESETS_AT"],
                [[b["scope"], limit_text(b.get("limit")), number(b.get("reserved")),
-                 number(b.get("committed")), number(b.get("overrun")),
+                 number(b.get("leased", 0)), number(b.get("committed")), number(b.get("overrun")),
                  number(b.get("available")), b.get("window") or "none",
                  local_stamp(b["resets_at"]) if b.get("resets_at") else "never"]
                 for b in budgets]))
@@ -94,6 +95,7 @@ def cmd_budget_set(args):
         return Exit.OK
     emit(f"{escape(reply.get('scope'))}: limit {limit_text(reply.get('limit'))}, window "
          f"{escape(reply.get('window') or 'none')}, reserved {number(reply.get('reserved'))}, "
+         f"leased {number(reply.get('leased', 0))}, "
          f"committed {number(reply.get('committed'))}, available "
          f"{number(reply.get('available'))}")
     if reply.get("note"):

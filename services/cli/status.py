@@ -263,7 +263,8 @@ def _budget_lines(r: dict) -> list[str]:
     if budget is None:
         return []
     line = (f"global limit {number(budget.get('limit'))}, reserved "
-            f"{number(budget.get('reserved'))}, committed {number(budget.get('committed'))}"
+            f"{number(budget.get('reserved'))}, leased {number(budget.get('leased', 0))}, "
+            f"committed {number(budget.get('committed'))}"
             f", available {number(budget.get('available'))}")
     if budget.get("overrun"):
         line += f", overrun {number(budget['overrun'])}"

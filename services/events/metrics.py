@@ -68,7 +68,7 @@ MAX_LABELS = 512  # distinct event types, rejection codes, process names
 OTHER = "other"
 READ_TIMEOUT = 5.0  # seconds a /metrics connection may take to send its request
 MAX_CONNECTIONS = 16  # /metrics connections served at once; more are closed at once
-BUDGET_AMOUNTS = ("limit", "reserved", "committed", "available")
+BUDGET_AMOUNTS = ("limit", "reserved", "leased", "committed", "available")
 
 
 def _number(v) -> bool:
@@ -442,7 +442,7 @@ class _Collector:
                 workers.add_metric((task_type, state), n)
         yield workers
         budgets = GaugeMetricFamily("cortex_budget_tokens", "Token budgets by scope: limit, "
-                                    "reserved, committed, available (from the ledger)",
+                                    "reserved, leased, committed, available (from the ledger)",
                                     labels=("scope", "amount"))
         for row in (suite.get("budgets") or [])[:MAX_LABELS]:
             for amount in BUDGET_AMOUNTS:

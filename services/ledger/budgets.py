@@ -13,12 +13,13 @@ Budgets
 
 Invariant, checked per budget at every instant::
 
-    committed - overrun + reserved <= limit
+    committed - overrun + reserved + leased <= limit
 
 ``overrun`` is the part of ``committed`` that was used beyond a reservation: it happened, so it
 is counted (and it counts against later grants), but it was never granted, so the invariant
-leaves it out. A grant needs ``committed + reserved + amount <= limit`` in every scope it
-touches, and a commit or release can only shrink ``committed - overrun + reserved``, so no
+leaves it out. ``leased`` is held by the scheduler's leases and not yet any task's (leases.py;
+0 here). A grant needs ``committed + reserved + leased + amount <= limit`` in every scope it
+touches, and a commit or release can only shrink the left-hand side, so no
 operation breaks the invariant. One deliberate exception: ``set_budget`` may lower a limit
 below current usage. That budget is then ``over_limit``: every reservation or extension that
 touches it is refused, so its usage only falls (commits, releases, resets) until the
@@ -145,6 +146,7 @@ class _Budget:
     reserved: int = 0
     committed: int = 0
     overrun: int = 0
+    leased: int = 0  # held in leases, not yet carved into tasks' reservations
 
     @classmethod
     def new(cls, scope: str, limit: int | None, window: str | None, now: float) -> _Budget:
@@ -179,18 +181,20 @@ class _Budget:
         self.committed = self.overrun = 0
         return True
 
+    @property
+    def held(self) -> int:
+        return self.committed + self.reserved + self.leased
+
     def blocks(self, amount: int) -> bool:
-        return self.limit is not None and self.committed + self.reserved + amount > self.limit
+        return self.limit is not None and self.held + amount > self.limit
 
     def numbers(self) -> dict:
-        available = None
-        if self.limit is not None:
-            available = max(0, self.limit - self.committed - self.reserved)
-        return {"limit": self.limit, "reserved": self.reserved, "committed": self.committed,
-                "overrun": self.overrun, "available": available}
+        available = None if self.limit is None else max(0, self.limit - self.held)
+        return {"limit": self.limit, "reserved": self.reserved, "leased": self.leased,
+                "committed": self.committed, "overrun": self.overrun, "available": available}
 
     def over_limit(self) -> bool:
-        return self.limit is not None and self.committed + self.reserved > self.limit
+        return self.limit is not None and self.held > self.limit
 
     def to_json(self) -> dict:
         nxt = self.next_reset
@@ -200,7 +204,7 @@ class _Budget:
     @classmethod
     def from_json(cls, scope: str, d: dict) -> _Budget:
         return cls(scope, d["limit"], d["window"], d["origin"], d["window_start"],
-                   d["reserved"], d["committed"], d["overrun"])
+                   d["reserved"], d["committed"], d["overrun"], d.get("leased", 0))
 
 
 @dataclass
@@ -514,12 +518,14 @@ class LedgerState:
     def _apply_extra(self, r: dict) -> bool:
         return False  # a subclass's own journal ops (leases.py)
 
-    def _charge(self, scopes: list[str], reserved=0, committed=0, overrun=0) -> None:
+    def _charge(self, scopes: list[str], reserved=0, committed=0, overrun=0,
+                leased=0) -> None:
         for s in scopes:
             b = self._budgets[s]
             b.reserved += reserved
             b.committed += committed
             b.overrun += overrun
+            b.leased += leased
 
     def _add(self, rec: _Attempt) -> _Attempt:
         self._attempts[(rec.task_id, rec.attempt)] = rec

@@ -3,26 +3,35 @@
 ``LeaseLedger`` is budgets.LedgerState with leases (pure logic like it: no sockets, files
 or clocks); the ledger process runs it.
 
-A lease is granted for one scope key (task type, agent) and counted as *reserved* in
+A lease is granted for one scope key (task type, agent) and counted as *leased* in
 every scope it touches (global, ``type:T``, ``agent:A``: whichever exist), so the
-ledger's invariant ``committed - overrun + reserved <= limit`` covers it as it covers a
-task's reservation. The scheduler carves its tasks' reservations from a lease without
-asking, and tells the ledger in batches:
+ledger's invariant ``committed - overrun + reserved + leased <= limit`` covers it as it
+covers a task's reservation, and a budget shows what leases hold apart from what tasks
+hold. The scheduler carves its tasks' reservations from a lease without asking, and tells
+the ledger in batches:
 
     lease   grant `amount` under the id the scheduler chose (and journaled first): a
             repeated id gets the first answer, so a re-sent request never grants twice.
             Refused when it would take more than half of what any of its scopes has
             left, so direct reservations are never starved and a budget near its limit
             is decided task by task, as without leases.
-    assign  part of a lease becomes the reservation of (task, attempt): reserved stays
-            the same, it changes owner. Idempotent by (task, attempt).
+    assign  part of a lease becomes the reservation of (task, attempt): it moves from
+            leased to reserved. Idempotent by (task, attempt).
     settle  commit / release orders, many in one message; an order naming a lease and
             an amount assigns first if that has not happened (the assign may be behind).
     return  the lease's unassigned rest is released and the lease closed. Its id is
             remembered: a lease request arriving after its return grants nothing.
 
-An assign or settle naming a lease that cannot cover it (returned, unknown, spent)
-falls back to an ordinary reservation in the same scopes, decided against the budgets.
+A direct reservation or extension (a client's, an agent's, the scheduler's per-task
+one) that only the unassigned rest of leases stands in the way of takes those leases
+back first (`reclaim`: journaled, the rest released and the lease closed as by a return),
+so no lease starves it. The scheduler learns it from the `closed` list of its next assign
+or settle reply naming the lease, and takes the per-task path for that key a while.
+
+An assign or settle naming a lease that cannot cover it (returned, reclaimed, unknown,
+spent) falls back to an ordinary reservation in the same scopes, decided against the
+budgets (a carve on its way while its lease was reclaimed: refused only if the budget is
+full, and then its use is charged at its commit as an overrun).
 """
 
 from __future__ import annotations
@@ -122,14 +131,36 @@ class LeaseLedger(LedgerState):
         return Outcome(True, None, {**self._reserve_reply(rec), "lease": lease_id}, events,
                        record)
 
+    def reserve_reclaiming(self, task_id, attempt, amount, task_type=None, agent=None, *,
+                           now) -> list[Outcome]:
+        """A direct reservation (`ledger.reserve`): the leases standing in its way taken
+        back (one outcome each), then the reservation's own outcome."""
+        before = []
+        if not (_check_key(task_id, attempt) or _check_amount("amount", amount)
+                or _check_names(task_type, agent)) and (task_id, attempt) not in self._attempts:
+            before = self._reclaim(amount, self._scopes_for(task_type, agent), now,
+                                   task_id, attempt)
+        return [*before, self.reserve(task_id, attempt, amount, task_type, agent, now=now)]
+
     def extend_carved(self, task_id, attempt, amount, now, seq, lease_id, carved) -> list:
         """An extension of a reservation carved from `lease_id` (`carved` tokens): the
-        assign first if it has not arrived, then the extension."""
+        assign first if it has not arrived, the leases standing in its way taken back,
+        then the extension."""
         outcomes = []
         if lease_id and carved and (task_id, attempt) not in self._attempts:
             outcomes.append(self.assign(task_id, attempt, carved, lease_id, now=now))
+        rec = self._attempts.get((task_id, attempt))
+        if rec is not None and rec.is_open and seq not in rec.extends and \
+                not _check_amount("amount", amount):
+            outcomes += self._reclaim(amount, rec.scopes, now, task_id, attempt)
         outcomes.append(self.extend(task_id, attempt, amount, now=now, seq=seq))
         return outcomes
+
+    def closed(self, lease_ids) -> list[str]:
+        """Those of `lease_ids` that are closed (returned or reclaimed), for the reply to
+        a batch that names them."""
+        return [x for x in dict.fromkeys(lease_ids)
+                if (lease := self._leases.get(x)) is not None and lease.returned]
 
     def settle(self, order: dict, *, now) -> list:
         """One settle order (commit or release); returns its outcomes, an assign first
@@ -172,18 +203,49 @@ class LeaseLedger(LedgerState):
         state = super().from_snapshot(data)
         for d in data.get("leases", []):
             state._remember_lease(Lease.from_json(d))
+        if any("leased" not in b for b in data["budgets"].values()):
+            # Written when a lease's rest counted as reserved: it is leased.
+            for lease in state._leases.values():
+                state._charge(lease.scopes, reserved=-lease.left, leased=lease.left)
         return state
 
     def leases(self) -> list[dict]:
         return [lease.to_json() for lease in self._leases.values() if not lease.returned]
 
     # -- internals -----------------------------------------------------------------------
+    def _reclaim(self, amount, scopes, now, task_id, attempt) -> list[Outcome]:
+        """Take back the open leases (oldest first) whose unassigned rest keeps `amount`
+        from fitting in `scopes`, if taking them back makes it fit; else none."""
+        now, events = self._advance(now)
+        short = {s: b.held + amount - b.limit for s in scopes
+                 if (b := self._budgets[s]).limit is not None and b.held + amount > b.limit}
+        chosen = []
+        for lease in self._leases.values():
+            if not short or max(short.values()) <= 0:
+                break
+            if lease.left and any(s in short for s in lease.scopes):
+                chosen.append(lease)
+                for s in lease.scopes:
+                    if s in short:
+                        short[s] -= lease.left
+        if not chosen or max(short.values()) > 0:
+            return [Outcome(True, None, {}, events)] if events else []
+        outcomes = []
+        for lease in chosen:
+            record = {"op": "reclaim", "lease": lease.lease_id, "amount": lease.left,
+                      "task_id": task_id, "attempt": attempt}
+            self._journal(record, now)
+            outcomes.append(Outcome(True, None, {"lease": lease.lease_id}, [
+                ("ledger.lease_reclaimed", self._event(record, lease.scopes))], record))
+        outcomes[0].events[:0] = events
+        return outcomes
+
     def _lease_too_big(self, lease_id, amount, scopes, now):
         for scope in scopes:
             b = self._budgets[scope]
             if b.limit is None:
                 continue
-            available = max(0, b.limit - b.committed - b.reserved)
+            available = max(0, b.limit - b.held)
             if 2 * amount > available:
                 reply = {"granted": False, "lease": lease_id, "scope": scope,
                          "requested": amount, "available": available, "limit": b.limit,
@@ -198,17 +260,18 @@ class LeaseLedger(LedgerState):
         op = r["op"]
         if op == "lease":
             self._remember_lease(Lease(r["lease"], list(r["scopes"]), r["amount"]))
-            self._charge(r["scopes"], reserved=r["amount"])
+            self._charge(r["scopes"], leased=r["amount"])
         elif op == "assign":
             lease = self._leases[r["lease"]]
             lease.assigned += r["amount"]
+            self._charge(lease.scopes, leased=-r["amount"], reserved=r["amount"])
             self._add(_Attempt(r["task_id"], r["attempt"], list(lease.scopes), r["amount"]))
-        elif op == "return":
+        elif op in ("return", "reclaim"):
             lease = self._leases.get(r["lease"])
             if lease is None:
                 self._remember_lease(Lease(r["lease"], [], 0, returned=True))
             else:
-                self._charge(lease.scopes, reserved=-lease.left)
+                self._charge(lease.scopes, leased=-lease.left)
                 lease.returned = True
                 self._leases.move_to_end(r["lease"])
             self._forget_closed()

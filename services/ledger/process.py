@@ -6,9 +6,10 @@ Requests (REQUEST ops): ledger.reserve {task, attempt, amount, type?, agent?},
 ledger.extend {task, attempt, amount}, ledger.commit {task, attempt, used},
 ledger.release {task, attempt}, ledger.set {scope, limit, window?}, ledger.status,
 ledger.task {task}; from the scheduler only: ledger.lease {lease, amount, type?, agent?},
-ledger.assign {items}, ledger.settle {orders}, ledger.return {lease} (leases.py). The
-logic is leases.LeaseLedger (budgets.LedgerState with leases); every change is journaled
-before the reply leaves.
+ledger.assign {items}, ledger.settle {orders}, ledger.return {lease} (leases.py; the
+replies to assign and settle list the named leases found `closed`). The logic is
+leases.LeaseLedger (budgets.LedgerState with leases); every change is journaled before
+the reply leaves.
 """
 
 from __future__ import annotations
@@ -64,9 +65,13 @@ class Ledger(BusService):
     # -- operations (bodies already checked against the catalogue) ------------------------
     @serves("ledger.reserve")
     def reserve(self, fx: Effects, msg: wire.Message, body: dict, now: float) -> None:
-        self.answer(fx, msg, body, self.state.reserve(
+        # Leases standing in its way are taken back first (leases.py: reclaim).
+        *reclaimed, outcome = self.state.reserve_reclaiming(
             body["task"], body["attempt"], body["amount"], task_type=body["type"],
-            agent=body["agent"], now=now))
+            agent=body["agent"], now=now)
+        for first in reclaimed:
+            self.record(fx, body, first)
+        self.answer(fx, msg, body, outcome)
 
     @serves("ledger.extend")
     def extend(self, fx: Effects, msg: wire.Message, body: dict, now: float) -> None:
@@ -100,7 +105,16 @@ class Ledger(BusService):
     @serves("ledger.assign")
     def assign(self, fx: Effects, msg: wire.Message, body: dict, now: float) -> None:
         fx.reply(msg.peer, msg.corr, {"ok": True,
-                                      "results": self.assigned(fx, body["items"], now)})
+                                      "results": self.assigned(fx, body["items"], now),
+                                      **self.closed(body["items"])})
+
+    def closed(self, *batches) -> dict:
+        """The leases a batch names that are closed (returned, or reclaimed for a direct
+        reservation): the scheduler carves no more from them."""
+        named = [x.get("lease") for batch in batches for x in batch or ()
+                 if isinstance(x, dict)]
+        closed = self.state.closed(x for x in named if isinstance(x, str))
+        return {"closed": closed} if closed else {}
 
     def assigned(self, fx: Effects, items: list, now: float) -> list[dict]:
         results = []
@@ -130,7 +144,8 @@ class Ledger(BusService):
             # The last outcome settles; an assign before it is its first step.
             results.append([self.record(fx, order, o)
                             for o in self.state.settle(order, now=now)][-1])
-        fx.reply(msg.peer, msg.corr, {"ok": True, "results": results, "assigned": assigned})
+        fx.reply(msg.peer, msg.corr, {"ok": True, "results": results, "assigned": assigned,
+                                      **self.closed(body["items"], body["orders"])})
 
     @serves("ledger.set")
     def set_budget(self, fx: Effects, msg: wire.Message, body: dict, now: float) -> None:

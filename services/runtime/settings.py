@@ -70,7 +70,7 @@ worker_start = 0.5           # seconds a new worker takes to start (then learned
                              # task surges only if no busy worker frees sooner than this
 prefetch = 1                 # tasks a busy worker may hold to start the moment its task ends
                              # (0: none); a higher-priority task recalls them (1 at most)
-lease = false                # hold a lease of tokens from the ledger and carve tasks'
+lease = true                 # hold a lease of tokens from the ledger and carve tasks'
                              # reservations from it (no ledger round trip per task)
 
 [ledger]
@@ -176,7 +176,7 @@ class SchedulerSettings:
     scale_backlog: float = 5.0
     worker_start: float = 0.5
     prefetch: int = 1
-    lease: bool = False
+    lease: bool = True
 
 
 @dataclass(frozen=True)

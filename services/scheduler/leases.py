@@ -16,6 +16,10 @@ first when they overtake the batch.
              no assign or settle order naming it is unconfirmed: a carve the ledger has
              not seen must still find its tokens there. Journaled ({"k": "lease",
              "gone": true}) once the ledger confirms.
+    closed   by the ledger, for a direct reservation that only its rest stood in the way
+             of (a reply's `closed`): no more carves from it, it is returned as a
+             replaced one (the ledger answers 0), and its key takes the per-task path
+             for LEASE_RETRY seconds, since its budget is contested.
 
 When no lease fits (none yet, being asked, refused near a limit), the task takes the
 per-task reservation path, so refusals, waiting reasons and ETAs near a limit are as
@@ -62,6 +66,7 @@ class Leases:
         self.assigns: list[dict] = []  # this turn's carves, for one ledger.assign
         self.settles: list[dict] = []  # this turn's settle orders, for one ledger.settle
         self.unassigned = 0  # carves the ledger could not cover from their lease
+        self.reclaimed = 0  # leases the ledger took back for a direct reservation
         self.gathering_since: float | None = None
 
     # -- carving ---------------------------------------------------------------------------
@@ -159,6 +164,19 @@ class Leases:
                     self.unassigned += 1  # its commit is charged as an overrun
         elif op == "ledger.return":
             self._forget(fx, request["lease"])
+
+    def closed(self, lease_ids, now: float) -> None:
+        """Leases the ledger says are closed (reclaimed): carve no more from them."""
+        for lease_id in lease_ids if isinstance(lease_ids, list) else ():
+            lease = self.held.get(lease_id) if isinstance(lease_id, str) else None
+            if lease is None or lease.returning or not lease.granted:
+                continue
+            lease.left = 0
+            in_use = self.in_use.get(lease.key, [])
+            if lease_id in in_use:
+                in_use.remove(lease_id)
+            self.refused_until[lease.key] = now + LEASE_RETRY
+            self.reclaimed += 1
 
     def confirmed(self, order: dict) -> None:
         """A settle order the ledger answered."""

@@ -306,6 +306,8 @@ class Reports:
             # The ledger is restarting (or failed on a batch): send it again later.
             self.ledger.again_later(corr, request, now.mono)
             return
+        if request["op"] in ("ledger.settle", "ledger.assign"):
+            self.leases.closed(body.get("closed"), now.mono)  # reclaimed: carve no more
         if request["op"] in ("ledger.lease", "ledger.assign", "ledger.return"):
             self.leases.answered(fx, request, ok, body, now.mono)
             self.waiting.tokens_returned(_amount(body.get("returned")))
