@@ -83,8 +83,9 @@ def test_count_no_op_tasks_by_hop(tmp_path):
     assert result["failed"] == 0 and result["tasks"] == 40
     hops = {(r["from"], r["to"], r["type"]): r["messages"] for r in result["routed"]}
     # One dispatch and one finished report (and its acknowledgement) per task; an idle
-    # worker taking back a prefetched task adds a task.recall to its holder.
-    assert 40 <= hops[("scheduler", "worker", "NOTIFY")] <= 2 * 40
+    # worker taking back a prefetched task adds a task.recall to its holder; a prefetched
+    # task may ride on the reply to its worker's finish instead of a task.run of its own.
+    assert 0 < hops[("scheduler", "worker", "NOTIFY")] <= 2 * 40
     assert hops[("worker", "scheduler", "REQUEST")] == 40
     assert hops[("scheduler", "worker", "REPLY")] == 40
     assert hops[("client", "scheduler", "REQUEST")] >= 40
