@@ -18,6 +18,7 @@ from cortex.services.scheduler import classify
 from cortex.services.scheduler.feasibility import ResourceMonitor
 from cortex.services.scheduler.routing import Routing
 from cortex.services.scheduler.state import SchedulerState
+from cortex.services.scheduler.trainer import LULL_SECONDS
 from tests.test_scheduling import IDLE_MACHINE, Midpoint, Sim, answer, events
 
 CLEAR = "Please translate the release notes into German"
@@ -98,7 +99,9 @@ def test_typed_submits_start_a_background_retrain(tmp_path):
     sim.add(type="translate", description="translate this")
     router.maybe_train(sim.now.mono, queued=True)
     assert not router.trainer.busy and router.trainer.status()["waiting_for_lull"]
-    router.maybe_train(sim.now.mono, queued=False)
+    router.maybe_train(sim.now.mono, queued=False)  # a lull begins
+    assert not router.trainer.busy
+    router.maybe_train(sim.now.mono + LULL_SECONDS, queued=False)
     assert router.trainer.busy
     router.trainer.stop()
 
