@@ -222,10 +222,23 @@ def test_load_refuses_a_tampered_file_or_another_layout(tmp_path):
     assert "another feature layout" in Predictor.load(tmp_path).status()["reason"]
 
 
-def test_an_older_pickled_model_asks_for_a_retrain(tmp_path):
+def test_an_older_pickled_model_is_retrained_in_the_first_lull(tmp_path):
+    """An upgrade does not wait for `retrain_every` new completions to predict again."""
+    import sys
+
+    from cortex.services.scheduler.trainer import LULL_SECONDS, Trainer
+
     (tmp_path / "predictor.joblib").write_bytes(b"\x80\x04 an older version's models")
-    status = Predictor.load(tmp_path).status()
-    assert not status["loaded"] and "retrain" in status["reason"]
+    predictor = Predictor.load(tmp_path)
+    status = predictor.status()
+    assert not status["loaded"] and "retrain" in status["reason"] and predictor.outdated
+    trainer = Trainer(tmp_path, predictor, command=[sys.executable, "-c", "pass"])
+    started: list[float] = []
+    trainer.start = started.append
+    trainer.maybe_auto(500, 10.0, queued=False)
+    trainer.maybe_auto(500, 10.0 + LULL_SECONDS, queued=False)
+    assert started == [10.0 + LULL_SECONDS]
+    assert not Predictor.load(tmp_path / "elsewhere").outdated  # nothing saved: not due
 
 
 # ---------------------------------------------------------------- models read elsewhere

@@ -108,7 +108,8 @@ class Trainer:
     def maybe_auto(self, every: int, now: float, queued: bool = False) -> None:
         """Retrain every `every` completions, at most every MIN_TRAINING_GAP, in a lull."""
         self.saw_queue(now, queued)
-        if every and self.predictor.completions_since_training() >= every:
+        outdated = getattr(self.predictor, "outdated", False)  # an older format on disk
+        if every and (self.predictor.completions_since_training() >= every or outdated):
             self.start_in_lull(now, queued)
 
     def saw_queue(self, now: float, queued: bool) -> None:

@@ -73,6 +73,7 @@ class Predictor:
                                         if k in DEFAULTS}}
         self.min_samples = max(int(min_samples), 10)
         self._models: FlatModels | None = None  # swapped whole, never changed in place
+        self.outdated = False  # only models of an older format saved: retrain at once
         self._averages: dict[str, dict[str, _RunningAverage]] = {}
         self._history: deque[dict] = deque(maxlen=max(0, int(history_limit)))
         self._since_training = 0
@@ -155,6 +156,7 @@ class Predictor:
         self._models = fresh._models
         self._reason = None
         self._since_training = 0
+        self.outdated = False
         return True
 
     def status(self) -> dict:
@@ -183,9 +185,10 @@ class Predictor:
         path = Path(model_dir) / MODEL_FILE
         if not path.exists():
             legacy = Path(model_dir) / LEGACY_MODEL_FILE
-            self._reason = (f"models saved in an older format ({legacy}): retrain them "
-                            "(cortex model train)") if legacy.exists() else (
-                f"no saved model at {path}")
+            self.outdated = legacy.exists()  # the next lull retrains them (trainer.py)
+            self._reason = (f"models saved in an older format ({legacy}): retrained in "
+                            "the next lull, or now with cortex model train") if \
+                self.outdated else f"no saved model at {path}"
             return self
         try:
             from cortex.services.scheduler.prediction import flat
