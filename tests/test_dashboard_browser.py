@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import socket
+import urllib.request
 
 import pytest
 
@@ -268,3 +269,36 @@ def test_switched_off_nothing_answers_on_its_port(suites, page, tmp_path):
     except PlaywrightError:
         pass
     assert not (suite.home / "run" / "dashboard.url").exists()
+
+
+def test_a_page_opened_on_a_dormant_dashboard_shows_what_ran_meanwhile(suites, page,
+                                                                       monkeypatch, tmp_path):
+    monkeypatch.setenv("CORTEX_DASHBOARD_DORMANT_AFTER", "1")
+    suite = suites.start(workers=2, dashboard=True)
+    base, _, token = url_of(suite).partition("/?token=")
+
+    def dormant() -> bool:
+        request = urllib.request.Request(base + "/api/status",
+                                         headers={"X-Cortex-Token": token})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return json.loads(response.read())["dormant"]
+
+    wait_for(dormant, 60, "the dashboard to go dormant")
+    with Client(suite.home) as client:
+        done = [client.submit("echo", f"while asleep {i}")["id"] for i in range(5)]
+        for task_id in done:
+            client.wait(task_id, timeout=30)
+        busy = client.submit("sleep", "busy while asleep", payload={"seconds": 60})["id"]
+        wait_for(lambda: client.status(busy)["state"] == "running", 30, "the task to run")
+        assert dormant()
+        try:
+            open_page(page, suite, "fleet")
+            page.wait_for_selector(f".tile.busy[data-task='{busy}']", timeout=DEADLINE_MS)
+            page.goto(f"{url_of(suite)}#events")
+            page.fill("input[name=task]", done[-1])
+            row = page.wait_for_selector("#events .ev[data-type='task.completed']",
+                                         timeout=DEADLINE_MS)
+            assert done[-1] in row.inner_text()
+            page.screenshot(path=tmp_path / "woken.png", full_page=True)
+        finally:
+            client.cancel(busy)

@@ -2,7 +2,7 @@
 
 import asyncio
 
-from cortex.services.dashboard.process import all_pages
+from cortex.services.dashboard.paging import all_pages
 
 
 def router(events: list[dict], per_page: int):

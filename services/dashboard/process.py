@@ -10,6 +10,12 @@ subscriber that may drop under load and catches up with the next poll, never a
 blocker) and asks the services for their status over the bus once per
 `[dashboard] refresh`. It reads no other service's files.
 
+Dormant when unwatched: after `DORMANT_AFTER` seconds with no page open and no request,
+it unsubscribes from the live events (a task then costs it nothing) and keeps only its
+idle status polls; the next page or API request wakes it, and it catches its board up
+(a status poll and the router's recent events) before it answers. `/api/status` says
+which it is, without waking it.
+
 Private by default: a random token per start, written with the URL to
 `<home>/run/dashboard.url` (0600, removed at stop). Every request without it is refused
 (403); the page's own requests carry it in a cookie set when the URL is opened, and an
@@ -33,17 +39,24 @@ import time
 from importlib import resources
 from pathlib import Path
 
-import msgpack
-import orjson
-import psutil
 import zmq
 from aiohttp import WSMsgType, web
 
 from cortex.protocol import errors, locate
 from cortex.protocol.client import AsyncClient
-from cortex.protocol.peer import keys_for, make_socket, recv_frames, unique_name, use_keys
+from cortex.protocol.peer import unique_name
+from cortex.services.dashboard.live import (
+    DORMANT_AFTER,
+    SUB_HWM,
+    LiveFeed,
+    dormant_after_from,
+)
+from cortex.services.dashboard.pages import Page, encode, error_response, json_response
+from cortex.services.dashboard.paging import all_pages, recent_events
+from cortex.services.dashboard.sampler import ProcessSampler
 from cortex.services.dashboard.state import (
     PAGE_EVENTS,
+    RECENT_EVENTS,
     BadInput,
     Board,
     EventFilter,
@@ -67,102 +80,18 @@ IDLE_FLUSH_INTERVAL = 10.0
 # no one is looking. A page opening or a snapshot asked for polls at once.
 IDLE_POLL_INTERVAL = 30.0
 BUDGET_REFRESH = 0.25  # seconds between ledger polls while ledger events come in
-SUB_HWM = 20_000  # live events queued for us at most; past it the router drops ours
-DRAIN_BATCH = 5000  # live events read per wake-up before others get a turn
-OUTBOX = 30  # messages queued for one page; a page further behind gets a fresh snapshot
+UNWATCHED = ("/api/status",)  # requests that neither wake the dashboard nor keep it awake
+RECENT_TIMEOUT = 10.0  # seconds for one page of the router's recent events
 CALL_TIMEOUT = 2.0
 TRACE_EVENTS = 5000  # events of one task the task page shows at most
 TOKEN_HEADER = "X-Cortex-Token"
 STATIC = resources.files("cortex.services.dashboard") / "static"
-HTTP_CODES = {"not_found": 404, "bad_request": 400, "conflict": 409, "unavailable": 503,
-              "timeout": 504}
 
 log = logging.getLogger("cortex.dashboard")
 
 
-def encode(value) -> str:
-    """JSON text for a page; events may hold what JSON has no word for (bytes, huge ints)."""
-    try:
-        return orjson.dumps(value, default=str).decode()
-    except TypeError:
-        return json.dumps(value, default=str)
-
-
-def json_response(value, status: int = 200) -> web.Response:
-    return web.Response(text=encode(value), status=status, content_type="application/json")
-
-
-def error_response(code: str, message: str) -> web.Response:
-    return json_response({"code": code, "message": message}, HTTP_CODES.get(code, 500))
-
-
-class Page:
-    """One open page: its WebSocket, its filter, and a bounded queue of messages."""
-
-    def __init__(self, ws: web.WebSocketResponse):
-        self.ws = ws
-        self.filter = EventFilter()
-        self.task: str | None = None
-        self.outbox: asyncio.Queue[str] = asyncio.Queue(OUTBOX)
-        self.behind = False  # dropped updates: it gets a whole snapshot next
-        self.wake = asyncio.Event()
-
-    def push(self, text: str) -> None:
-        if self.behind:
-            return
-        try:
-            self.outbox.put_nowait(text)
-        except asyncio.QueueFull:
-            self.behind = True  # a slow page never holds the others up
-            while not self.outbox.empty():
-                self.outbox.get_nowait()
-        self.wake.set()
-
-
-class ProcessSampler:
-    """CPU (cores) and memory of the suite's processes, from the pids the services
-    reported over the bus (and our own)."""
-
-    def __init__(self):
-        self.procs: dict[int, psutil.Process] = {}
-        self.last: dict[int, float] = {}
-        self.at: float | None = None
-
-    def sample(self, pids: set[int], now: float) -> tuple[float, float]:
-        cpu_used = rss = 0.0
-        current: dict[int, float] = {}
-        for pid in pids:
-            try:
-                proc = self.procs.get(pid) or self.procs.setdefault(pid, psutil.Process(pid))
-                with proc.oneshot():
-                    times = proc.cpu_times()
-                    rss += proc.memory_info().rss / 2**20
-            except psutil.Error:
-                self.procs.pop(pid, None)
-                continue
-            current[pid] = times.user + times.system
-            if pid in self.last:
-                cpu_used += max(0.0, current[pid] - self.last[pid])
-        span = now - self.at if self.at is not None else 0.0
-        self.last, self.at = current, now
-        for pid in set(self.procs) - set(current):
-            del self.procs[pid]
-        return (cpu_used / span if span > 0 else 0.0), rss
-
-
-async def all_pages(query, body: dict, most: int) -> dict:
-    """events.query's pages joined, up to `most` events: a page holds what fits one
-    message, and one task's events (its results) can pass that."""
-    trace = await query({**body, "limit": most})
-    while trace.get("more") and len(trace["events"]) < most:
-        page = await query({**body, "after": trace["cursor"],
-                            "limit": most - len(trace["events"])})
-        trace = {**page, "events": trace["events"] + page["events"]}
-    return trace
-
-
 class Dashboard:
-    def __init__(self, home: Path, settings):
+    def __init__(self, home: Path, settings, dormant_after: float = DORMANT_AFTER):
         self.home = home
         self.settings = settings.dashboard
         self.token = secrets.token_urlsafe(32)
@@ -177,7 +106,12 @@ class Dashboard:
         self.client: AsyncClient | None = None
         self.sampler = ProcessSampler()
         self.worker_pids: set[int] = set()
-        self.dropped = 0  # live events that could not be decoded
+        self.feed = LiveFeed(home, self.on_live)
+        self.dormant_after = dormant_after
+        self.last_seen = time.monotonic()  # the last request (or open page) seen
+        self.waking: asyncio.Future | None = None  # the catch-up under way
+        self.held: list[dict] | None = None  # live events come while catching up
+        self.wakes = 0
 
     # -- HTTP --------------------------------------------------------------------------
     def cookie_name(self) -> str:
@@ -200,6 +134,12 @@ class Dashboard:
             return web.Response(status=403, text=(
                 "403 Forbidden: this dashboard needs its token. Open the URL that "
                 "`cortex dashboard` prints.\n"), headers=self.headers())
+        if request.path not in UNWATCHED:
+            self.last_seen = time.monotonic()
+            if not self.feed.subscribed or self.waking is not None:
+                waking = self.wake()
+                if request.path.startswith(("/api/", "/ws")):  # the page itself need not wait
+                    await asyncio.shield(waking)  # the answer starts from a board caught up
         response = await handler(request)
         if not response.prepared:
             response.headers.update(self.headers())
@@ -311,6 +251,16 @@ class Dashboard:
         self.watched.set()
         return json_response(self.board.snapshot() | {"now": time.time()})
 
+    async def api_status(self, request: web.Request) -> web.Response:
+        """The dashboard's own state; asking does not wake it."""
+        return json_response({
+            "pid": os.getpid(), **self.board.feed(), "subscribed": self.feed.subscribed,
+            "dormant_after": self.dormant_after,
+            "unwatched_for": round(time.monotonic() - self.last_seen, 3),
+            "pages": len(self.pages), "wakes": self.wakes,
+            "events": self.board.counts["events"], "undecodable": self.feed.dropped,
+            "now": time.time()})
+
     # -- the live stream to pages ------------------------------------------------------
     def snapshot_text(self, page: Page) -> str:
         return encode({"t": "snapshot", "now": time.time(), **self.board.snapshot(),
@@ -335,6 +285,7 @@ class Dashboard:
                     self.on_page_message(page, msg.data)
         finally:
             self.pages.discard(page)
+            self.last_seen = time.monotonic()  # watched until now
             sender.cancel()
         return ws
 
@@ -406,42 +357,17 @@ class Dashboard:
                                   "task_events": task[-PAGE_EVENTS:]}))
 
     # -- what the suite says -------------------------------------------------------------
-    def listen(self, ctx: zmq.Context) -> zmq.Socket:
-        """Subscribe to every live event; the socket's fd wakes the asyncio loop."""
-        sub = make_socket(ctx, zmq.SUB)
-        sub.setsockopt(zmq.RCVHWM, SUB_HWM)
-        sub.setsockopt(zmq.SUBSCRIBE, b"")
-        endpoint = locate.endpoints(self.home)["events_live"]
-        use_keys(sub, keys_for(self.home, endpoint))  # CurveZMQ on tcp
-        sub.connect(endpoint)
-        loop = asyncio.get_running_loop()
-        loop.add_reader(sub.getsockopt(zmq.FD), self.drain, sub)
-        loop.call_soon(self.drain, sub)
-        return sub
-
-    def drain(self, sub: zmq.Socket) -> None:
-        # The fd is edge-triggered: read everything there is, or come back for the rest.
-        mono = time.monotonic()
-        for _ in range(DRAIN_BATCH):
-            parts = recv_frames(sub)
-            if parts is None:
-                return
-            try:
-                event = msgpack.unpackb(parts[-1], raw=False, strict_map_key=False)
-            except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError,
-                    msgpack.StackError):
-                self.dropped += 1
-                continue
-            if not isinstance(event, dict):
-                self.dropped += 1
-                continue
-            self.board.on_event(event, mono)
-            if not self.pages:
-                continue  # a page opening starts from the board's snapshot
-            self.fresh.append(event)
-            if len(self.fresh) > 4 * PAGE_EVENTS:
-                del self.fresh[:-PAGE_EVENTS]  # more than a page shows before the flush
-        asyncio.get_running_loop().call_soon(self.drain, sub)
+    def on_live(self, event: dict, mono: float) -> None:
+        if self.held is not None:  # catching up: applied once the board is rebuilt
+            if len(self.held) < SUB_HWM:
+                self.held.append(event)
+            return
+        self.board.on_event(event, mono)
+        if not self.pages:
+            return  # a page opening starts from the board's snapshot
+        self.fresh.append(event)
+        if len(self.fresh) > 4 * PAGE_EVENTS:
+            del self.fresh[:-PAGE_EVENTS]  # more than a page shows before the flush
 
     async def ask(self, service: str, op: str, body: dict | None = None):
         try:
@@ -453,35 +379,30 @@ class Dashboard:
         reply = await self.ask("ledger", "ledger.status")
         self.board.budgets.merge_poll(reply.get("budgets") if reply else None)
 
-    async def poll(self) -> None:
-        board = self.board
-        asked, now = time.monotonic(), time.time()
+    async def ask_status(self) -> dict:
+        """Every service's status, the workers, the queue and the latency histograms."""
         names = list(STATUS_OPS)
         replies = await asyncio.gather(
             *(self.ask(name, STATUS_OPS[name]) for name in names),
             self.ask("scheduler", "worker.list"),
             self.ask("scheduler", "task.list", {"state": "queued", "limit": 500}),
             self.ask("events", "events.metrics", {"buckets": True}))
-        status = dict(zip(names, replies[:len(names)], strict=True))
         workers, queued, metrics = replies[len(names):]
-        for name in names:
-            board.services.merge_poll(name, status[name], now)
-        pool = status["pool"]
-        board.fleet.merge_poll(workers.get("workers") if workers else None,
-                               pool.get("workers") if pool else None, asked, time.monotonic(),
-                               now)
+        return {"status": dict(zip(names, replies[:len(names)], strict=True)),
+                "workers": workers, "queued": queued, "metrics": metrics}
+
+    def note_pids(self, poll: dict) -> None:
+        pool = poll["status"]["pool"]
         if pool:
             self.worker_pids = {w["pid"] for w in pool.get("workers", [])
                                 if isinstance(w.get("pid"), int)}
-        board.queue.merge_poll(queued.get("tasks") if queued else None, status["scheduler"],
-                               metrics)
-        ledger = status["ledger"]
-        board.budgets.merge_poll(ledger.get("budgets") if ledger else None)
-        if metrics:
-            point = board.latency.add(now, metrics)
-            if point is not None:
-                board.pending["latency_point"] = point
-            board.pending["latency_summary"] = board.latency.summary
+
+    async def poll(self) -> None:
+        board = self.board
+        asked, now = time.monotonic(), time.time()
+        replies = await self.ask_status()
+        board.merge_poll(replies, asked, time.monotonic(), now)
+        self.note_pids(replies)
         pids = {row["pid"] for row in board.services.rows.values() if row["pid"]}
         cores, rss = self.sampler.sample(pids | self.worker_pids | {os.getpid()},
                                          time.monotonic())
@@ -506,6 +427,73 @@ class Dashboard:
             wake.cancel()
             stop.cancel()
 
+    # -- dormant while no one watches ---------------------------------------------------
+    async def dormancy_loop(self) -> None:
+        while not self.stopping.is_set():
+            mono = time.monotonic()
+            if self.pages or self.waking is not None:
+                self.last_seen = mono  # watched right now
+            left = self.last_seen + self.dormant_after - mono
+            if left <= 0:
+                if self.feed.subscribed:
+                    self.go_dormant()
+                left = self.dormant_after
+            # A timer, not a wait for a state: a request only pushes the deadline on.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), left)
+
+    def go_dormant(self) -> None:
+        self.feed.unsubscribe()
+        self.board.go_dormant(time.time())
+        self.fresh = []
+        log.info("no page or request for %g s: live events off until one comes",
+                 self.dormant_after)
+
+    def wake(self) -> asyncio.Future:
+        """Subscribe again and catch the board up (once, however many ask)."""
+        if self.waking is None:
+            self.waking = asyncio.ensure_future(self.catch_up())
+        return self.waking
+
+    async def catch_up(self) -> None:
+        began = time.monotonic()
+        held: list[dict] = []
+        self.held = held
+        recent = None
+        rebuilding = False
+        try:
+            self.feed.subscribe()  # first: an event from now on comes live or is recent
+            asked, wall = time.monotonic(), time.time()
+            # At once: the sooner the ring is read, the fewer live events come before it.
+            poll, recent = await asyncio.gather(self.ask_status(), self.recent_events())
+            self.held, rebuilding = None, True
+            self.board.rebuild(poll, recent, held, asked, wall, time.monotonic())
+            self.note_pids(poll)
+        except Exception:  # noqa: BLE001 - a bad reply must not leave the feed held
+            log.exception("catching up after a dormant spell failed")
+            self.held = None
+            for event in [] if rebuilding else held:
+                self.board.on_event(event, time.monotonic())
+            self.board.dormant_since = None  # live again; the polls correct the rest
+        finally:
+            self.held = None
+            self.waking = None
+        self.wakes += 1
+        self.watched.set()
+        log.info("woken: live events on, board caught up in %.3f s (%s recent events)",
+                 time.monotonic() - began, "no" if recent is None else len(recent))
+
+    async def recent_events(self) -> list[dict] | None:
+        """The router's newest events, as many as the board keeps, oldest first (None:
+        the router did not answer)."""
+        async def ask(body: dict) -> dict:
+            return await self.call("events", "events.recent", body, timeout=RECENT_TIMEOUT)
+        try:
+            return await recent_events(ask, RECENT_EVENTS)
+        except errors.CortexError as e:
+            log.warning("the event router's recent events: %s", e)
+            return None
+
     # -- start and stop ----------------------------------------------------------------
     async def serve(self) -> None:
         app = web.Application(middlewares=[self.guard], client_max_size=64 * 1024)
@@ -513,6 +501,7 @@ class Dashboard:
             web.get("/", self.index), web.get("/static/{name}", self.static),
             web.get("/ws", self.stream), web.get("/api/events", self.api_events),
             web.get("/api/snapshot", self.api_snapshot),
+            web.get("/api/status", self.api_status),
             web.get("/api/task/{task}", self.api_task),
             web.post("/api/task/{task}/cancel", self.api_cancel)])
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
@@ -529,23 +518,25 @@ class Dashboard:
         self.client = AsyncClient(self.home, name=unique_name("dashboard"),
                                   timeout=CALL_TIMEOUT)
         ctx = zmq.Context()
-        sub = self.listen(ctx)
+        self.feed.open(ctx)
+        self.last_seen = time.monotonic()
         tasks = [asyncio.ensure_future(self.poll_loop()),
-                 asyncio.ensure_future(self.flush_loop())]
+                 asyncio.ensure_future(self.flush_loop()),
+                 asyncio.ensure_future(self.dormancy_loop())]
         write_atomic(self.url_file, (url + "\n").encode())
         log.info("dashboard at http://127.0.0.1:%d/ (token in %s)", self.port, self.url_file)
         try:
             await self.stopping.wait()
         finally:
             self.url_file.unlink(missing_ok=True)
-            for task in tasks:
-                task.cancel()
-            loop.remove_reader(sub.getsockopt(zmq.FD))
-            sub.close(linger=0)
+            for task in [*tasks, self.waking]:
+                if task is not None:
+                    task.cancel()
+            self.feed.close()
             for page in list(self.pages):
                 await page.ws.close()
             await runner.cleanup()
-            self.client.close()
+            await self.client.close()
             ctx.term()
             log.info("dashboard stopped")
 
@@ -574,6 +565,7 @@ def main(argv=None) -> None:
                         format="%(asctime)s dashboard[%(process)d] %(levelname)s %(message)s")
     try:
         settings = load_settings(home)
+        dormant_after = dormant_after_from(os.environ)
     except ConfigError as e:
         print(f"dashboard: {e}", file=sys.stderr, flush=True)
         raise SystemExit(ConfigError.exit_code) from None
@@ -589,7 +581,7 @@ def main(argv=None) -> None:
         raise SystemExit(f"dashboard: another dashboard is running for {home}") from None
     memory = memtrace.from_environment(log)  # None unless CORTEX_TRACEMALLOC
     try:
-        asyncio.run(Dashboard(home, settings).serve())
+        asyncio.run(Dashboard(home, settings, dormant_after).serve())
     finally:
         if memory is not None:
             memory.mark()

@@ -7,6 +7,10 @@ the page receives only that.
 
 Everything kept is bounded: workers by what the pool and the scheduler report, the
 queue by `MAX_QUEUE_ROWS`, events by `RECENT_EVENTS`, series by their time window.
+
+While no one watches, the process stops following the live events and marks the board
+stale (`go_dormant`); `rebuild` then catches it up from a status poll and the router's
+recent events, as if it had followed them all along.
 """
 
 from __future__ import annotations
@@ -418,14 +422,85 @@ class Board:
         self.counts = {"events": 0}
         self.pending: dict = {}  # parts of the next update not in the components
         self.next_queue = -math.inf
+        # Not following the live events: what only they keep (worker moves, notes, the
+        # recent events) is as old as `dormant_since`; polls still refresh the rest.
+        self.dormant_since: float | None = None
+        self.rebuilt_at: float | None = None  # wall time of the last catch-up
 
     def on_event(self, event: dict, now: float) -> None:
         self.counts["events"] += 1
         self.recent.append(event)
+        self._apply(event, now)
+
+    def _apply(self, event: dict, now: float) -> None:
+        """The event's effect on every component but the recent list and the count."""
         self.fleet.on_event(event, now)
         self.queue.on_event(event)
         self.budgets.on_event(event)
         self.services.on_event(event)
+
+    def merge_poll(self, poll: dict, asked: float, now: float, wall: float) -> None:
+        """A status poll, asked at monotonic `asked` (wall time `wall`), answered by `now`:
+        `poll` holds `status` (service -> its status reply), `workers` (worker.list),
+        `queued` (task.list) and `metrics` (events.metrics), each None when unanswered."""
+        status = poll.get("status") or {}
+        workers, queued, metrics = poll.get("workers"), poll.get("queued"), poll.get("metrics")
+        for name in self.services.rows:
+            self.services.merge_poll(name, status.get(name), wall)
+        pool = status.get("pool")
+        self.fleet.merge_poll(workers.get("workers") if workers else None,
+                              pool.get("workers") if pool else None, asked, now, wall)
+        self.queue.merge_poll(queued.get("tasks") if queued else None, status.get("scheduler"),
+                              metrics)
+        ledger = status.get("ledger")
+        self.budgets.merge_poll(ledger.get("budgets") if ledger else None)
+        if metrics:
+            point = self.latency.add(wall, metrics)
+            if point is not None:
+                self.pending["latency_point"] = point
+            self.pending["latency_summary"] = self.latency.summary
+
+    def go_dormant(self, wall: float) -> None:
+        """No longer fed the live events (until `rebuild`)."""
+        if self.dormant_since is None:
+            self.dormant_since = wall
+
+    def rebuild(self, poll: dict, recent: list[dict] | None, live: list[dict],
+                asked: float, wall: float, now: float) -> None:
+        """Catch up after a dormant spell, as if the live events had come all along.
+
+        `poll` (see `merge_poll`) was asked at monotonic `asked`, wall time `wall`;
+        `recent` are the router's newest events (oldest first, None: it did not answer),
+        asked after the live feed was on again; `live` the live events received since it
+        was. What only events keep (worker moves, prefetched tasks, rejections, overruns,
+        supervisord states) is rebuilt from `recent`: those older than the poll before
+        it (the poll wins over them, as it does over any event it follows), the newer
+        ones after it. Then the live events the recent ones do not hold (by id), in the
+        order they came: an event is applied once, and none is missed."""
+        if recent is None:  # no word from the router: the events-only parts stay as kept
+            self.merge_poll(poll, asked, now, wall)
+            fresh = live
+        else:
+            known = {e.get("id") for e in self.recent}
+            self.fleet, self.queue, self.budgets = Fleet(), Queue(), Budgets()
+            self.recent = deque(recent, maxlen=RECENT_EVENTS)
+            self.counts["events"] += sum(1 for e in recent if e.get("id") not in known)
+            later = []
+            for event in recent:
+                ts = event.get("ts")
+                if isinstance(ts, int | float) and ts < wall:
+                    self._apply(event, asked - (wall - ts))  # when it happened, roughly
+                else:
+                    later.append(event)
+            self.merge_poll(poll, asked, now, wall)
+            for event in later:
+                self._apply(event, now)
+            ids = {e.get("id") for e in recent}
+            fresh = [e for e in live if e.get("id") is None or e.get("id") not in ids]
+        for event in fresh:
+            self.on_event(event, now)
+        self.dormant_since = None
+        self.rebuilt_at = wall
 
     def matching(self, flt: EventFilter, limit: int = PAGE_EVENTS) -> list[dict]:
         """The newest `limit` recent events the filter lets through, oldest first."""
@@ -442,7 +517,12 @@ class Board:
         return {"fleet": self.fleet.snapshot(), "queue": self.queue.view(),
                 "budgets": self.budgets.view(), "services": self.services.view(),
                 "resources": self.resources.view(), "latency": self.latency.view(),
-                "counts": dict(self.counts)}
+                "counts": dict(self.counts), "feed": self.feed()}
+
+    def feed(self) -> dict:
+        """Whether the board follows the live events, or since when it has not."""
+        return {"dormant": self.dormant_since is not None,
+                "dormant_since": self.dormant_since, "rebuilt_at": self.rebuilt_at}
 
     def take_changes(self, now: float) -> dict:
         """What changed since the last call (empty when nothing did). The queue, a
