@@ -11,7 +11,7 @@ in the socket.
 
 from __future__ import annotations
 
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Callable
 
 from cortex.protocol.wire import Message
@@ -26,7 +26,7 @@ class Inbox:
         self.rank = rank  # 0 (first) .. lanes - 1
         self.max_messages, self.max_bytes = max_messages, max_bytes
         self.lanes: list[deque[Message]] = [deque() for _ in range(max(1, lanes))]
-        self.waiting: list[Counter] = [Counter() for _ in self.lanes]  # peer -> messages
+        self.waiting: list[dict[bytes, int]] = [{} for _ in self.lanes]  # peer -> messages
         self.count = self.bytes = 0
 
     def __len__(self) -> int:
@@ -39,11 +39,12 @@ class Inbox:
         last = len(self.lanes) - 1
         lane = min(max(0, self.rank(msg)), last) if last else 0
         for later in range(last, lane, -1):  # its peer's earlier messages come first
-            if self.waiting[later][msg.peer]:
+            if msg.peer in self.waiting[later]:
                 lane = later
                 break
         self.lanes[lane].append(msg)
-        self.waiting[lane][msg.peer] += 1
+        waiting = self.waiting[lane]
+        waiting[msg.peer] = waiting.get(msg.peer, 0) + 1
         self.count += 1
         self.bytes += len(msg.body)
 

@@ -105,6 +105,7 @@ class Predictor:
         the training history only when all four are usable.
         """
         per_type = self._averages.setdefault(str(task_type), {})
+        usable = 0
         for t in TARGETS:
             try:
                 v = float(actual[t])
@@ -112,11 +113,17 @@ class Predictor:
                 continue
             if math.isfinite(v) and v >= 0:
                 per_type.setdefault(t, _RunningAverage()).add(v)
-        row = clean_row({"type": task_type, "priority": priority, "description": description,
-                         "payload_size": payload_size, **(actual or {})})
-        if row is not None:
-            self._history.append(row)  # a no-op at history_limit 0
-            self._since_training += 1
+                usable += 1
+        if usable < len(TARGETS) or task_type in (None, ""):
+            return
+        if self._history.maxlen != 0:  # the scheduler keeps none: its child reads the log
+            row = clean_row({"type": task_type, "priority": priority,
+                             "description": description, "payload_size": payload_size,
+                             **actual})
+            if row is None:
+                return
+            self._history.append(row)
+        self._since_training += 1
 
     def completions_since_training(self) -> int:
         return self._since_training
