@@ -135,6 +135,10 @@ class EventRouter(BusService):
         self.listeners.serve(self.fan_in, self.fan_in_endpoint)
         self.live = make_socket(ctx, zmq.XPUB)
         self.listeners.serve(self.live, self.live_endpoint, track=True)
+        # Topics live subscribers hold (the XPUB passes each topic's first subscribe and
+        # last unsubscribe, a departed subscriber's included): with none, events are
+        # not packed for a fan-out that would drop them (a dashboard nobody watches).
+        self.topics: set[bytes] = set()
         # Past a cap, connections are refused: running out of descriptors would abort us.
         raise_fd_limit()
         cap = self.settings.bus.max_connections or default_cap()
@@ -300,6 +304,10 @@ class EventRouter(BusService):
 
     def publish(self, events: list[dict]) -> None:
         live = self.live
+        if not self.topics:
+            self.read_subscriptions()  # one may have come since we last looked
+            if not self.topics:
+                return
         for event in events:
             try:  # send_frames: pyzmq's send_multipart costs more than the packing
                 send_frames(live, [str(event.get("type", "")).encode(), msgpack.packb(event)])
@@ -416,11 +424,15 @@ class EventRouter(BusService):
             if fresh:
                 self.deliver(fresh)
         if self.live in ready:
-            try:
-                while True:
-                    self.live.recv(flags=zmq.NOBLOCK)  # subscription frames: nothing to do
-            except zmq.Again:
-                pass
+            self.read_subscriptions()
+
+    def read_subscriptions(self) -> None:
+        while (parts := recv_frames(self.live)) is not None:
+            frame = parts[0]
+            if frame[:1] == b"\x01":
+                self.topics.add(frame[1:])
+            elif frame[:1] == b"\x00":
+                self.topics.discard(frame[1:])
 
     def shutdown(self) -> None:
         self.queries.shutdown(wait=False, cancel_futures=True)
