@@ -10,11 +10,11 @@ subscriber that may drop under load and catches up with the next poll, never a
 blocker) and asks the services for their status over the bus once per
 `[dashboard] refresh`. It reads no other service's files.
 
-Dormant when unwatched: after `DORMANT_AFTER` seconds with no page open and no request,
-it unsubscribes from the live events (a task then costs it nothing) and keeps only its
-idle status polls; the next page or API request wakes it, and it catches its board up
-(a status poll and the router's recent events) before it answers. `/api/status` says
-which it is, without waking it.
+Dormant when unwatched: from its start until the first page or request, and after
+`DORMANT_AFTER` seconds with no page open and no request, it unsubscribes from the live
+events (a task then costs it nothing) and keeps only its idle status polls; the next page
+or API request wakes it, and it catches its board up (a status poll and the router's
+recent events) before it answers. `/api/status` says which it is, without waking it.
 
 Private by default: a random token per start, written with the URL to
 `<home>/run/dashboard.url` (0600, removed at stop). Every request without it is refused
@@ -519,7 +519,9 @@ class Dashboard:
                                   timeout=CALL_TIMEOUT)
         ctx = zmq.Context()
         self.feed.open(ctx)
-        self.last_seen = time.monotonic()
+        # Nobody has looked yet: dormant from the start, so a suite whose dashboard is
+        # never opened pays nothing for it; the first page or request catches it up.
+        self.last_seen = time.monotonic() - self.dormant_after
         tasks = [asyncio.ensure_future(self.poll_loop()),
                  asyncio.ensure_future(self.flush_loop()),
                  asyncio.ensure_future(self.dormancy_loop())]
