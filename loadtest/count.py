@@ -68,6 +68,24 @@ def flows(client: Client) -> tuple[dict, dict]:
     return routed, client.call("events", "events.status").get("fan_in", {})
 
 
+def settled_flows(client: Client, timeout: float = 10.0) -> tuple[dict, dict]:
+    """`flows` at a moment when nothing is in flight: every request routed so far has had
+    its reply routed, and the router's fan-in has not moved since the sample before. A
+    lease settle caught between its request and its reply would otherwise count one hop in
+    the run and the other outside it. Past `timeout` the last sample stands."""
+    deadline = time.monotonic() + timeout
+    previous = None
+    while True:
+        routed, fan_in = flows(client)
+        answered = all(n == routed.get((dst, src, "REPLY"), 0) + routed.get((dst, src, "ERROR"), 0)
+                       for (src, dst, type_), n in routed.items()
+                       if type_ == "REQUEST" and dst != "broker")  # it answers its own
+        if (answered and fan_in == previous) or time.monotonic() > deadline:
+            return routed, fan_in
+        previous = fan_in
+        time.sleep(0.05)
+
+
 def start_strace(pids: dict[int, str], out: Path) -> list[tuple[subprocess.Popen, Path, str]]:
     traces = []
     for pid, role in pids.items():
@@ -171,7 +189,7 @@ def run(args) -> dict:
         drive(home, max(args.workers * 4, args.agents), args.agents, "one",
               args.tokens)  # warm-up
         with Client(home, timeout=30) as client:
-            before = flows(client)
+            before = settled_flows(client)
         agents = subprocess.Popen(
             [sys.executable, "-c", "import sys, os; from cortex.loadtest.count import "
              "drive; os.read(0, 1); sys.exit(min(1, drive(*sys.argv[1:2], "
@@ -195,9 +213,8 @@ def run(args) -> dict:
             if agents.poll() is None:
                 agents.kill()
                 agents.wait()
-        time.sleep(1.5)  # the last events reach the router and are acknowledged
         with Client(home, timeout=30) as client:
-            after = flows(client)
+            after = settled_flows(client)  # the last events have reached the router
     routed = hop_table(before[0], after[0], args.tasks)
     hops = [r for r in routed if r["type"] != "HEARTBEAT"]
     result = {"tasks": args.tasks, "agents": args.agents, "workers": args.workers,
