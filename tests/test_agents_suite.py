@@ -122,6 +122,7 @@ def agents_suite():
     yield from module_suite(workers=1)
 
 
+@pytest.mark.heavy  # a service killed or restarted: CI's second pass
 def test_agents_run_on_three_processes_restart_and_report(agents_suite, runners):
     suite = agents_suite
     runner = runners(suite.home, 3)

@@ -323,6 +323,7 @@ def test_no_suite_fails_fast_with_unavailable_naming_the_home(face):
 # --- a broker restart in the middle of a call ---------------------------------------------
 
 
+@pytest.mark.heavy  # a service killed or restarted: CI's second pass
 def test_both_faces_ride_out_a_broker_restart_mid_call(suites):
     suite = suites.start(workers=2)
     broker_pid = {p["name"]: p for p in suite.processes()}["broker"]["pid"]

@@ -420,6 +420,7 @@ def test_hundred_agents_contend_for_budgets_exactly(suites):
 # -- 2. the ledger killed -9 ----------------------------------------------------------------
 
 
+@pytest.mark.heavy  # a service killed or restarted: CI's second pass
 @pytest.mark.parametrize("lease", [False, True])
 def test_ledger_killed_keeps_exact_balances(suites, lease):
     agents = {f"agent-{n}": 2000 for n in range(0, 12, 3)}

@@ -8,6 +8,8 @@ import signal
 import threading
 from collections import Counter
 
+import pytest
+
 from cortex.protocol import Client
 from cortex.services.scheduler.tasks import PRIORITIES
 
@@ -97,6 +99,7 @@ def test_hundred_agents_thousand_tasks_each_completed_once(suites):
     assert len({ev["id"] for ev in events}) == len(events)
 
 
+@pytest.mark.heavy  # a service killed or restarted: CI's second pass
 def test_each_service_killed_comes_back_and_serves(suites):
     suite = suites.start(workers=2)
     for name in ("broker", "events", "ledger", "scheduler", "pool"):

@@ -351,6 +351,7 @@ def test_service_killed_shows_in_jsonl_and_in_tail(suites):
     suites.seen(suite)
 
 
+@pytest.mark.heavy  # a service killed or restarted: CI's second pass
 @pytest.mark.postgres
 def test_service_killed_shows_in_postgres(suites, postgres_url):  # noqa: F811
     import psycopg
