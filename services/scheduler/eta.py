@@ -5,6 +5,8 @@ caller adds the wall clock's now where a user reads a time.
 
 from __future__ import annotations
 
+import math
+
 from cortex.services.scheduler.clock import Marks
 from cortex.services.scheduler.feasibility import estimate_start
 from cortex.services.scheduler.queue import TaskQueue
@@ -98,13 +100,22 @@ class Estimates:
 def start_after(free_at: list[float], ahead: int, duration: float) -> float:
     """When the task after `ahead` others starts, each of them (and each worker's next
     task) taking `duration`, the workers free at `free_at` (seconds from now): what
-    feasibility.estimate_start simulates, in closed form where it is exact. The starts
-    are the merged series free_at[j] + k x duration; when the workers free up within one
-    duration of each other those series interleave round by round, so the answer is in
-    round ahead // workers. Otherwise (a long task running beside short ones) simulated."""
+    feasibility.estimate_start simulates, without simulating each task ahead (asked at
+    every submit, with thousands queued in a flood). The starts are the merged series
+    free_at[j] + k x duration. From the last worker's free time on, the series
+    interleave round by round (each worker's next start there falls within one duration
+    of it), so an answer there is in closed form; only one before it (a long task
+    running beside short ones, and few tasks ahead) is simulated, over those few."""
     free_at = sorted(free_at)
-    workers = len(free_at)
-    if free_at[-1] - free_at[0] <= duration:
+    workers, last = len(free_at), free_at[-1]
+    if last - free_at[0] <= duration:
         rounds, place = divmod(ahead, workers)
         return free_at[place] + rounds * duration
-    return estimate_start(0.0, ahead, duration, workers, free_at)
+    if duration <= 0:
+        return free_at[0]  # the tasks ahead take no time: all start when the first is free
+    before = [math.ceil((last - f) / duration) for f in free_at]  # starts before `last`
+    if ahead < sum(before):
+        return estimate_start(0.0, ahead, duration, workers, free_at)
+    phases = sorted(f + n * duration for f, n in zip(free_at, before, strict=True))
+    rounds, place = divmod(ahead - sum(before), workers)
+    return phases[place] + rounds * duration
