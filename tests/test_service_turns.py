@@ -153,3 +153,42 @@ def test_the_inbox_is_bounded_in_messages_and_bytes():
     inbox.put(message(b"a", b"3"))
     inbox.put(message(b"a", b"4"))
     assert inbox.full()  # 3 messages
+
+
+class TwoPeerLink(PairLink):
+    """Frames starting with b"!" come from an urgent peer, the rest from another."""
+
+    @staticmethod
+    def accept(parts: list) -> wire.Message:
+        peer = b"urgent" if parts[0].startswith(b"!") else b"c1"
+        return wire.Message(wire.REQUEST, peer, parts[0], wire.encode_body({"n": 1}),
+                            b"client")
+
+
+def test_an_urgent_message_arriving_mid_turn_is_handled_next(monkeypatch):
+    """With lanes, a turn looks at the bus as it goes: what arrives meanwhile is ranked
+    with what was read before it, not left behind it until the inbox is empty."""
+    import cortex.services.runtime.loop as loop
+
+    monkeypatch.setattr(loop, "LOOK_EVERY_S", 0.0)  # look after every message
+    ctx = zmq.Context()
+    svc, handled, sockets = service_reading(ctx, 5, turn_limit=60.0)
+    svc.LANES = 2
+    svc.inbox = Inbox(lambda msg: 0 if msg.corr.startswith(b"!") else 1, lanes=2)
+    svc.link = TwoPeerLink(sockets[0])
+
+    def handle(fx, msg, body, now):
+        handled.append(msg.corr)
+        if msg.corr == b"0":
+            sockets[1].send(b"!critical")  # arrives while the other four wait
+
+    svc.handle = handle
+    try:
+        assert sockets[0].poll(1000)  # the five are there to read
+        while svc.read_turn(Effects()):
+            pass
+        assert handled == [b"0", b"!critical", b"1", b"2", b"3", b"4"]
+    finally:
+        for s in sockets:
+            s.close(linger=0)
+        ctx.term()

@@ -1,6 +1,7 @@
 """A service's inbox: the messages read from the bus and not yet handled.
 
-A turn reads what waits on the bus into the inbox first, then handles it lane by lane:
+A turn reads what waits on the bus into the inbox first (and, with lanes, looks again as
+it goes), then handles it lane by lane:
 the service ranks each message as it is read (the scheduler: critical submits first,
 then its workers' reports, which free workers, then the rest), each lane in arrival
 order. A peer's messages keep their order: a message never goes to a lane handled

@@ -19,6 +19,7 @@ events reached the router re-sends them, under their original ids, after its res
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import time
@@ -44,6 +45,10 @@ TURN_SHARE = 0.25
 # sync for all), so under a steady stream of messages the turn's length is every
 # acknowledgement's and every dispatch's latency; a sync (~0.2-1 ms) is cheap beside it.
 TURN_MAX_S = 0.05
+# A service with lanes also looks at the bus this often during a turn: an urgent message
+# (a critical submit, a worker's report) that arrives meanwhile is then handled next,
+# not after everything read before it. An empty look is one non-blocking receive.
+LOOK_EVERY_S = 0.002
 PREVIOUS_SUFFIX = ".prev"  # the snapshot before the newest
 BAD_SUFFIX = ".bad"  # an unreadable snapshot, set aside for the operator
 HALTED_CHECK = 1.0  # seconds between looks at a halted service's journal
@@ -441,18 +446,25 @@ class BusService:
         turn_ends = time.monotonic() + self.turn_limit
         handled = 0
         self.end_turn = False
+        look_every = LOOK_EVERY_S if self.LANES > 1 else math.inf
+        next_look = time.monotonic() + look_every
         while self._fill_inbox():
             while self.inbox:
                 self._decode(fx, self.inbox.take(), now_wall)
                 handled += 1
-                if self.end_turn or time.monotonic() > turn_ends:
+                now = time.monotonic()
+                if self.end_turn or now > turn_ends:
                     return handled
+                if now > next_look:
+                    self._fill_inbox()
+                    next_look = now + look_every
         return handled
 
     def _fill_inbox(self) -> bool:
         """Read what waits on the bus into the inbox, as far as it holds; whether the
-        inbox has anything. Refilled only once it is empty: an empty socket costs a
-        system call to find out, once per batch rather than once per message."""
+        inbox has anything. Refilled once it is empty (and, with lanes, every
+        LOOK_EVERY_S of a turn): an empty socket costs a system call to find out, once per
+        batch rather than once per message."""
         while not self.inbox.full():
             parts = recv_frames(self.link.socket)
             if parts is None:
