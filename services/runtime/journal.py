@@ -103,6 +103,12 @@ class Journal:
     def last_lsn(self) -> int:
         return self._next_lsn - 1
 
+    def fileno(self) -> int:
+        """The open segment's descriptor, for a sync made elsewhere (runtime/syncer.py)."""
+        if self._fd is None:
+            raise JournalError("journal not open: call replay() first")
+        return self._fd
+
     @property
     def previous_path(self) -> str:
         return self.path + PREVIOUS_SUFFIX

@@ -36,6 +36,7 @@ from cortex.services.runtime.effects import Effects
 from cortex.services.runtime.inbox import Inbox
 from cortex.services.runtime.journal import Journal, JournalError, read_snapshot, write_snapshot
 from cortex.services.runtime.process import ServiceRuntime, suite_secret
+from cortex.services.runtime.syncer import HeldSends, Syncer
 
 # A turn also ends after a share of the heartbeat interval: the broker declares a service
 # lost after a few silent intervals, and a burst of costly requests (events.recent of
@@ -104,6 +105,10 @@ class BusService:
         self.poller.register(self.events.socket, zmq.POLLIN)
         self.poller.register(self.rt.wake_r.fileno(), zmq.POLLIN)
         self.journal: Journal | None = None
+        # fsync = "group": the journal syncs in a thread while replies wait (syncer.py).
+        self.syncer: Syncer | None = None
+        self.held = HeldSends()
+        self._written = False  # journal records written since the last sync was asked
         self.pending_events: list = []  # emitted outside a turn's Effects
         self.next_snapshot = time.monotonic() + self.settings.suite.snapshot_interval
         self.bad_messages = 0
@@ -278,6 +283,7 @@ class BusService:
         journal keeps what the previous snapshot needs, so either one can be lost."""
         if self.journal is None:
             return
+        self.settle_syncs()
         self.journal.commit()
         data = self.snapshot()
         data["journal_lsn"] = self.journal.last_lsn  # "lsn" may be the state's own
@@ -377,13 +383,60 @@ class BusService:
             # may re-run a dispatched task whose submit was never acknowledged: at least
             # once, and recorded once.
             self._commit(sync=False)
-        for peer, type_, corr, body in orders:
-            self.link.send(type_, peer, corr, body)
+            self._written = True
+        held = self.held
+        for send in orders:
+            if held and held.holds(send[0]):  # never before a reply held for its peer
+                held.hold(held.last_generation, send)
+            else:
+                self.link.send(send[1], send[0], send[2], send[3])
         if acks and self.journal is not None:
-            self._commit(sync=True)
+            if self.journal.fsync == "group":
+                generation = self._sync_generation()
+                if generation:
+                    for send in acks:
+                        held.hold(generation, send)
+                    acks = []
+            else:
+                self._commit(sync=True)
         for peer, type_, corr, body in acks:
             self.link.send(type_, peer, corr, body)
         self.events.flush()
+
+    def _sync_generation(self) -> int:
+        """The sync that replies sent now must wait for: a new one if records were
+        written since the last was asked, else the one under way (its records may be
+        what they report), else none."""
+        if self.syncer is None:
+            self.syncer = Syncer(self.name)
+            self.poller.register(self.syncer.wake_fd, zmq.POLLIN)
+        if self._written:
+            self._written = False
+            return self.syncer.ask(self.journal.fileno())
+        return self.syncer.in_flight
+
+    def send_synced(self) -> None:
+        """Send the held replies (and what waits behind them) whose sync has ended."""
+        syncer = self.syncer
+        if syncer is None:
+            return
+        if syncer.error is not None:
+            self.log.critical("journal sync failed (%s): exiting without acknowledging",
+                              syncer.error)
+            raise SystemExit(70)
+        for peer, type_, corr, body in self.held.release(syncer.synced):
+            self.link.send(type_, peer, corr, body)
+
+    def settle_syncs(self) -> None:
+        """Wait for the sync under way and send what it held (before the journal file
+        is rotated or closed). A failed sync exits, as in send_synced."""
+        if self.syncer is None:
+            return
+        try:
+            self.syncer.drain()
+        except OSError:
+            pass  # send_synced says it and exits
+        self.send_synced()
 
     def _commit(self, sync: bool) -> None:
         try:
@@ -424,6 +477,9 @@ class BusService:
                 ready = dict(self.poller.poll(0 if self.inbox else poll_ms(timeout)))
                 if self.rt.wake_r.fileno() in ready:
                     self.rt.drain_wakeups()
+                if self.syncer is not None and self.syncer.wake_fd in ready:
+                    self.syncer.clear_wake()
+                    self.send_synced()
                 if self.events.socket in ready:
                     self.events.on_message()
                 self.on_sockets(ready, fx)
@@ -488,6 +544,8 @@ class BusService:
                 self.write_snapshot()
                 self.journal.close()
         finally:
+            if self.syncer is not None:
+                self.syncer.close()
             self.events.flush()
             self.link.close()
             self.events.close()
