@@ -105,6 +105,7 @@ def service(tmp_path, monkeypatch):
     svc.events = SilentEvents()
     svc.link = RecordingLink()
     svc.poller = zmq.Poller()
+    svc._busy = lambda: True  # more work waiting: the loop hands its syncs off
     svc.release = release
     yield svc
     release.set()
@@ -154,3 +155,15 @@ def test_a_reply_with_nothing_written_waits_only_for_a_sync_under_way(service):
     service.release.set()
     service.settle_syncs()
     assert [s[2] for s in service.link.sent] == [b"q1", b"s1", b"q2"]
+
+
+def test_an_idle_loop_syncs_in_place(service):
+    """Nothing else waiting: the sync runs in the loop, the reply right after it."""
+    service._busy = lambda: False
+    service.release.set()
+    fx = Effects()
+    fx.records.append({"k": "task", "id": "t1"})
+    fx.reply(b"client-b", b"s1", {"ok": True})
+    service.flush(fx)
+    assert service.link.sent == [(b"client-b", wire.REPLY, b"s1")]
+    assert service.syncer is None and not service.held

@@ -29,7 +29,7 @@ import zmq
 
 from cortex.protocol import wire
 from cortex.protocol.catalogue import Catalogue
-from cortex.protocol.peer import BusLink, own_keys, poll_ms, recv_frames
+from cortex.protocol.peer import BusLink, has_message, own_keys, poll_ms, recv_frames
 from cortex.protocol.publisher import EventPublisher
 from cortex.services.runtime.durable import remove_temp_files
 from cortex.services.runtime.effects import Effects
@@ -385,23 +385,33 @@ class BusService:
             self._commit(sync=False)
             self._written = True
         held = self.held
+        if held:
+            self.send_synced()  # what a finished sync covers goes before anything new
         for send in orders:
             if held and held.holds(send[0]):  # never before a reply held for its peer
                 held.hold(held.last_generation, send)
             else:
                 self.link.send(send[1], send[0], send[2], send[3])
         if acks and self.journal is not None:
-            if self.journal.fsync == "group":
+            if self.journal.fsync == "group" and (held or self._busy()):
                 generation = self._sync_generation()
                 if generation:
                     for send in acks:
                         held.hold(generation, send)
                     acks = []
             else:
+                # Nothing else to do (or another policy): sync here. Handing an idle
+                # loop's sync to the thread only adds wake-ups to each reply's latency.
                 self._commit(sync=True)
+                self._written = False
         for peer, type_, corr, body in acks:
             self.link.send(type_, peer, corr, body)
         self.events.flush()
+
+    def _busy(self) -> bool:
+        """Is more work waiting (read, or on the bus)? Then the loop should not stop for
+        a sync."""
+        return bool(self.inbox) or has_message(self.link.socket)
 
     def _sync_generation(self) -> int:
         """The sync that replies sent now must wait for: a new one if records were

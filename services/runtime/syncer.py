@@ -3,8 +3,9 @@
 A turn's replies are acknowledgements: each waits until the journal records of its turn
 are durable. Synced in the loop, that wait (0.3-1 ms on an idle disk, tens of ms on a
 busy one) stopped everything else: no message read, no worker given a task. Here a
-thread of its own syncs, once for all that was written before the sync began, and the
-loop goes on; it sends each held reply once a sync asked for after its records were
+thread of its own syncs while more work waits (an idle loop syncs in place: a hand-off
+only adds wake-ups), once for all that was written before the sync began, and the loop
+goes on; it sends each held reply once a sync asked for after its records were
 written has ended, and never before. What goes to a peer that has a reply held waits
 behind that reply (a task.recall never overtakes the reply that carried the task), so
 each peer receives in the order the loop sent. A failed sync leaves every held reply
