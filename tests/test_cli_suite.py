@@ -307,6 +307,10 @@ def test_bulk_cancel_takes_only_what_matches(shared_suite, capsys):
         alice_echo = submit(alice, "echo")
         carol_sleeps = [submit(carol, "sleep") for _ in range(2)]
         held = alice_sleeps + [alice_echo] + carol_sleeps[1:]
+        # Carol's first has tokens: running before the cleanup's "--state running" looks
+        # (dispatched until its worker reports the start).
+        wait_for(lambda: c.status(carol_sleeps[0])["state"] == "running", 20,
+                 "carol's first running")
         wait_for(lambda: all(c.status(t)["waiting"] == "tokens" for t in held), 20,
                  "the others waiting for tokens")
         code, out, err = run(capsys, *home, "task", "cancel", "--state", "queued", "--type",
