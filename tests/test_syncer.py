@@ -167,3 +167,22 @@ def test_an_idle_loop_syncs_in_place(service):
     service.flush(fx)
     assert service.link.sent == [(b"client-b", wire.REPLY, b"s1")]
     assert service.syncer is None and not service.held
+
+
+def test_a_reply_never_overtakes_a_held_one_whose_sync_just_ended(service, monkeypatch):
+    """The sync ends between the flush's release and its replies: the new reply to the
+    same peer still goes behind the held one."""
+    fx = Effects()
+    fx.records.append({"k": "task", "id": "t1"})
+    fx.reply(b"client-b", b"s1", {"ok": True})
+    service.flush(fx)
+    service.release.set()
+    service.syncer.drain()  # ended, its replies not yet released
+    release = service.send_synced
+    monkeypatch.setattr(service, "send_synced", lambda: None)  # as if it ended just after
+    fx = Effects()
+    fx.reply(b"client-b", b"q1", {"status": "t1 queued"})
+    service.flush(fx)
+    assert service.link.sent == []
+    release()
+    assert [s[2] for s in service.link.sent] == [b"s1", b"q1"]

@@ -394,7 +394,9 @@ class BusService:
                 self.link.send(send[1], send[0], send[2], send[3])
         if acks and self.journal is not None:
             if self.journal.fsync == "group" and (held or self._busy()):
-                generation = self._sync_generation()
+                # A sync that ended since the release above still has its replies held:
+                # these go behind them.
+                generation = self._sync_generation() or held.last_generation
                 if generation:
                     for send in acks:
                         held.hold(generation, send)
