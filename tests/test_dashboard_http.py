@@ -170,7 +170,7 @@ def test_websocket_sends_a_snapshot_then_only_what_the_filter_lets_through(share
     url = dashboard_url(shared_suite)
     base, token = split(url)
 
-    async def run() -> tuple[dict, list[dict]]:
+    async def run() -> tuple[dict, list[dict], str]:
         async with aiohttp.ClientSession() as session:
             ws_url = base.replace("http://", "ws://") + "/ws?token=" + token
             async with session.ws_connect(ws_url, origin=base) as ws:
@@ -180,17 +180,27 @@ def test_websocket_sends_a_snapshot_then_only_what_the_filter_lets_through(share
                 with Client(shared_suite.home, timeout=20) as client:
                     task = client.submit("echo", "through the socket")
                 seen: list[dict] = []
-                while not any(e.get("task") == task["id"] for m in seen if m["t"] == "events"
-                              for e in m["events"]):
-                    seen.append(await ws.receive_json(timeout=HEAVY_TIMEOUT))
-                return snapshot, seen
 
-    snapshot, seen = asyncio.run(run())
+                def after_reset() -> list[dict]:  # the messages under the new filter
+                    resets = [i for i, m in enumerate(seen)
+                              if m["t"] == "events" and m.get("reset")]
+                    return seen[resets[0]:] if resets else []
+
+                while not any(e.get("task") == task["id"] for m in after_reset()
+                              if m["t"] == "events" for e in m["events"]):
+                    seen.append(await ws.receive_json(timeout=HEAVY_TIMEOUT))
+                return snapshot, seen, task["id"]
+
+    snapshot, seen, task_id = asyncio.run(run())
     assert snapshot["t"] == "snapshot"
     assert len([w for w in snapshot["fleet"].values() if w["state"] != "exited"]) == 4
     assert {"queue", "budgets", "services", "latency", "resources"} <= set(snapshot)
     assert any(m["t"] == "error" and m["code"] == "bad_request" for m in seen)
-    events = [e for m in seen if m["t"] == "events" for e in m["events"]]
+    # What was pushed before the server took the filter came under the old one: the
+    # filter's answer (a reset) marks where the new one begins.
+    since = next(i for i, m in enumerate(seen) if m["t"] == "events" and m.get("reset"))
+    events = [e for m in seen[since:] if m["t"] == "events" for e in m["events"]]
+    assert any(e.get("task") == task_id for e in events)
     assert events and all(e["type"] == "task.completed" for e in events)
 
 
