@@ -358,7 +358,10 @@ def test_service_killed_shows_in_postgres(suites, postgres_url):  # noqa: F811
 
     url = fresh_database(postgres_url, f"sup_{uuid.uuid4().hex[:12]}")
     suite = suites.start(workers=1, extra=f"[events]\npostgres_url = {json.dumps(url)}\n")
-    old = {p["name"]: p for p in suite.processes()}["scheduler"]["pid"]
+    # The suite answers before supervisord calls its programs RUNNING (startsecs=1, seen
+    # on its next turn): a kill before that is a start that failed (BACKOFF), not a crash.
+    old = wait_for(lambda: (p := {x["name"]: x for x in suite.processes()}["scheduler"])
+                   ["statename"] == "RUNNING" and p["pid"], 20, "the scheduler RUNNING")
     os.kill(old, signal.SIGKILL)
 
     def in_db():
