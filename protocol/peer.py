@@ -341,6 +341,9 @@ class BusLink:
         now = time.monotonic()
         self.last_heard = now
         self.next_beat = now + interval
+        # How long until the broker's next beat, as its last beat said (quiet peers are
+        # beaten less often); the normal interval until one says otherwise.
+        self.spacing = interval
         self.welcomed = False
         self.refused: str | None = None  # why the broker refused our HELLO, if it did
         self.dropped = 0  # malformed messages received and dropped
@@ -370,6 +373,8 @@ class BusLink:
             return None
         self.last_heard = now = time.monotonic()
         if msg.type == wire.HEARTBEAT:
+            if msg.peer == wire.BROKER:
+                self.spacing = self._announced_spacing(msg.body) if msg.body else self.interval
             beating = self.heartbeat and self.welcomed
             if beating or msg.corr:
                 # Answered at once: the broker hears all its peers in one burst after its
@@ -380,7 +385,7 @@ class BusLink:
                 # sent before the probe, which is how it bounds what waits for us.
                 self.send(wire.HEARTBEAT, wire.BROKER, msg.corr)
             if beating:
-                self.next_beat = now + self.interval * ANSWERED_BEAT_SLACK
+                self.next_beat = now + self.spacing * ANSWERED_BEAT_SLACK
             return None
         if msg.type == wire.WELCOME:
             self.welcomed, self.refused = True, None
@@ -399,6 +404,18 @@ class BusLink:
             return None
         return msg
 
+    def _announced_spacing(self, body: bytes) -> float:
+        """The seconds a quiet peer's beat says the next is away: at least our interval,
+        at most MAX_BEAT_SPACING_MS; anything unreadable means the normal interval."""
+        try:
+            next_ms = wire.field_int(wire.decode_body(body), "next_ms", lo=1,
+                                     hi=wire.MAX_BEAT_SPACING_MS)
+        except wire.ProtocolError as e:
+            self.dropped += 1
+            log.warning("ignored a malformed heartbeat from the broker: %s", e)
+            return self.interval
+        return max(self.interval, next_ms / 1000)
+
     def receive(self) -> wire.Message | None:
         """Receive one message without blocking (None if none or it was control traffic)."""
         parts = recv_frames(self.socket)
@@ -406,7 +423,7 @@ class BusLink:
 
     @property
     def broker_alive(self) -> bool:
-        return time.monotonic() - self.last_heard < self.interval * wire.HEARTBEAT_LIVENESS
+        return time.monotonic() - self.last_heard < self.spacing * wire.HEARTBEAT_LIVENESS
 
     def tick(self, now: float | None = None) -> float:
         now = time.monotonic() if now is None else now

@@ -26,7 +26,8 @@ Types and who sends them:
                                    "version": 2, "secret": str (services only)}
     WELCOME    broker -> peer     {"heartbeat_ms": int}
     HEARTBEAT  both ways          {} ; any message counts as a sign of life. From the
-                                  broker, corr may hold a probe token: echo it at once
+                                  broker, corr may hold a probe token: echo it at once;
+                                  a quiet peer's beat says {"next_ms": int}
     WHO        broker -> peer     {} ; "I do not know you" (after a broker restart): say HELLO again
     BYE        peer -> broker     {} ; leaving on purpose
     REQUEST    peer -> peer       {"op": str, ...}; exactly one REPLY or ERROR comes back
@@ -44,6 +45,13 @@ Liveness (Paranoid Pirate): the broker sends HEARTBEAT to every service and work
 HEARTBEAT_INTERVAL and each answers it at once with its own (one burst for the broker, not
 one wake-up per peer); a peer sends one unprompted only when the broker has been silent
 for an interval and a half. A peer not heard from for HEARTBEAT_LIVENESS intervals is dead.
+A peer with no call (REQUEST, REPLY or ERROR) to or from it for QUIET_AFTER_BEATS
+intervals is quiet (an idle worker: its repeated worker.ready is a NOTIFY): the broker
+beats it every QUIET_HEARTBEAT_EVERY intervals instead (`[suite] quiet_heartbeat_every`),
+and such a beat's body says when the next comes, {"next_ms": int}; the peer then waits
+that long (and a half) before beating unprompted, and both sides allow
+HEARTBEAT_LIVENESS of those spacings of silence. A beat without a body means the normal
+interval again (the next timed beat after a call to or from the peer).
 Clients send no heartbeats and the broker sends them none: it forgets a client silent
 for CLIENT_SILENCE seconds, and greets one that speaks again with WHO (the client says
 HELLO anew). A client that waits long asks again every few seconds (held task.wait), so
@@ -103,6 +111,11 @@ PROBE_TOKEN_BYTES = 8  # a broker probe's token (the corr of its HEARTBEAT)
 # Seconds between heartbeats, and how many may be missed before a peer is dead.
 HEARTBEAT_INTERVAL = 1.0
 HEARTBEAT_LIVENESS = 3
+# A peer with no call to or from it for this many intervals is quiet, and the broker
+# beats it every QUIET_HEARTBEAT_EVERY intervals, saying so in the beat: "next_ms".
+QUIET_AFTER_BEATS = 5
+QUIET_HEARTBEAT_EVERY = 3
+MAX_BEAT_SPACING_MS = 600_000  # a larger announced spacing is not believed
 
 # Application limit on a whole message; ZMQ_MAXMSGSIZE is set far above it only as a
 # backstop, because libzmq enforces it per frame by silently dropping the connection.

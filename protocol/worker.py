@@ -355,11 +355,12 @@ class Worker:
 
     def _idle_ready_due(self) -> None:
         """The next idle worker.ready, sent on the first wake after it is due: the
-        broker's heartbeat wakes us every interval, so an idle worker wakes once per
-        beat rather than also for its ready. At most one heartbeat period late, so it
-        still comes well within the silence (3 task heartbeats) the scheduler allows."""
+        broker's heartbeat wakes us (every interval, or its spacing for a quiet peer), so
+        an idle worker wakes once per beat rather than also for its ready. At most one
+        task heartbeat late, so it still comes well within the silence (3 task
+        heartbeats) the scheduler allows."""
         self._ready_due = time.monotonic() + self.heartbeat
-        self._ready_slack = min(self._link.interval, self.heartbeat)
+        self._ready_slack = min(self._link.spacing, self.heartbeat)
 
     def _on_bus(self, msg: wire.Message) -> None:
         # Orders and answers come from the suite's own services (the broker stamps the

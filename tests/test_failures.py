@@ -199,18 +199,20 @@ def test_workers_recycle_after_max_tasks_without_losing_work(suites):
     assert len(exits) >= 3 and all(e["data"]["code"] == 0 for e in exits)
 
 
-@pytest.mark.parametrize("task_heartbeat, bus_interval", [(5.0, 1.0), (1.0, 0.5), (0.05, 1.0)])
+@pytest.mark.parametrize("task_heartbeat, bus_interval, spacing", [
+    (5.0, 1.0, 1.0), (5.0, 1.0, 3.0), (1.0, 0.5, 0.5), (1.0, 0.5, 1.5), (0.05, 1.0, 3.0)])
 def test_an_idle_workers_ready_rides_on_a_heartbeat_yet_comes_within_the_silence_limit(
-        tmp_path, task_heartbeat, bus_interval):
+        tmp_path, task_heartbeat, bus_interval, spacing):
     # An idle worker repeats worker.ready on the first wake after it is due (the broker's
-    # heartbeat wakes it anyway); the scheduler takes a worker silent for
-    # HEARTBEAT_LIVENESS task heartbeats as lost, so the ready may slip by less than that.
+    # heartbeat wakes it anyway: every interval, or every `spacing` once it is quiet); the
+    # scheduler takes a worker silent for HEARTBEAT_LIVENESS task heartbeats as lost, so
+    # the ready may slip by less than that.
     from cortex.protocol import wire
     from cortex.protocol.worker import Worker
 
     worker = Worker("echo", lambda ctx: None, home=tmp_path, install_signals=False,
                     endpoint=f"ipc://{tmp_path}/no-bus.sock", heartbeat=task_heartbeat)
-    worker._link.interval = bus_interval
+    worker._link.interval, worker._link.spacing = bus_interval, spacing
     try:
         worker._ready()
         assert worker._ready_slack > 0  # waits for a heartbeat's wake

@@ -17,6 +17,7 @@ proves everything sent before the probe was read (`confirmed`). `sent - confirme
 
 from __future__ import annotations
 
+import math
 import os
 from collections import deque
 from dataclasses import dataclass, field
@@ -55,6 +56,12 @@ class Peer:
     confirmed: int = 0
     probe_due: int = 0
     probes: deque = field(default_factory=lambda: deque(maxlen=PROBES_KEPT))  # (token, sent)
+    # When it last made or answered a call (a REQUEST, REPLY or ERROR to or from it:
+    # reports and orders, NOTIFY, do not count, so an idle worker's repeated worker.ready
+    # leaves it quiet); a quiet peer's next beat; when it was last promised a slow one.
+    active: float = 0.0
+    quiet_beat_due: float = 0.0
+    quiet_beat_at: float = -math.inf
 
     def __post_init__(self):
         self.name_bytes = self.name.encode()
@@ -71,18 +78,33 @@ class Hello:
     replaced: Peer | None = None
 
 
+# What the broker's timed beat to a peer is this time (see `beat_kind`).
+SKIP, BEAT, QUIET_BEAT = 0, 1, 2
+
+
 @dataclass
 class PeerTable:
     interval: float = wire.HEARTBEAT_INTERVAL
     liveness: int = wire.HEARTBEAT_LIVENESS
     max_in_flight: int = wire.MAX_IN_FLIGHT
     max_unread: int = MAX_UNREAD
+    # A peer that has had no call for QUIET_AFTER_BEATS intervals is beaten
+    # every `quiet_every` intervals (1: never slower): an idle fleet wakes that much less.
+    quiet_every: int = wire.QUIET_HEARTBEAT_EVERY
     by_rid: dict[bytes, Peer] = field(default_factory=dict)
     by_name: dict[str, Peer] = field(default_factory=dict)
 
-    def silence_limit(self, peer: Peer) -> float:
+    @property
+    def quiet_spacing(self) -> float:
+        return self.interval * self.quiet_every
+
+    def silence_limit(self, peer: Peer, now: float) -> float:
         if peer.role == "client":
             return max(self.interval * self.liveness, wire.CLIENT_SILENCE)
+        if now - peer.quiet_beat_at < self.quiet_spacing * self.liveness:
+            # Promised a slow beat lately: it may be as silent as that promise allows,
+            # until it has had the time to hear that beats are fast again.
+            return self.quiet_spacing * self.liveness
         return self.interval * self.liveness
 
     def hello(self, rid: bytes, name: str, role: str, proven: bool, now: float) -> Hello:
@@ -95,7 +117,7 @@ class PeerTable:
         holder = self.by_name.get(name)
         replaced = None
         if holder is not None and holder.rid != rid:
-            if not proven and now - holder.last_seen <= self.silence_limit(holder):
+            if not proven and now - holder.last_seen <= self.silence_limit(holder, now):
                 return Hello(False, f"the name {name!r} is in use by a live peer")
             replaced = self.forget(holder.rid)
         peer = self.by_rid.get(rid)
@@ -103,7 +125,7 @@ class PeerTable:
             self.forget(rid)  # the same connection under a new name: start afresh
             peer = None
         if peer is None:
-            peer = Peer(rid, name, role, now, now, probe_due=self.probe_step)
+            peer = Peer(rid, name, role, now, now, probe_due=self.probe_step, active=now)
             self.by_rid[rid] = peer
             self.by_name[name] = peer
         peer.last_seen = now
@@ -189,9 +211,27 @@ class PeerTable:
         # Clients send no heartbeats and get none; they are forgotten when silent.
         return [p for p in self.by_rid.values() if p.role in ("service", "worker")]
 
+    def quiet(self, peer: Peer, now: float) -> bool:
+        return self.quiet_every > 1 and peer.role != "client" \
+            and now - peer.active >= self.interval * wire.QUIET_AFTER_BEATS
+
+    def beat_kind(self, peer: Peer, now: float) -> int:
+        """This timed beat for `peer`: BEAT; or, when it has been quiet (no call to or
+        from it) for QUIET_AFTER_BEATS intervals, a QUIET_BEAT every `quiet_every` beats
+        (it announces how long until the next) and SKIP in between."""
+        if not self.quiet(peer, now):
+            return BEAT
+        if now < peer.quiet_beat_due:
+            return SKIP
+        # Beats come on a grid of intervals: half a step early is still this one's turn.
+        peer.quiet_beat_due = now + self.quiet_spacing - self.interval / 2
+        peer.quiet_beat_at = now
+        return QUIET_BEAT
+
     def expire(self, now: float) -> list[Peer]:
         """Forget and return peers silent past their limit."""
-        lost = [p for p in self.by_rid.values() if now - p.last_seen > self.silence_limit(p)]
+        lost = [p for p in self.by_rid.values()
+                if now - p.last_seen > self.silence_limit(p, now)]
         for peer in lost:
             self.forget(peer.rid)
         return lost
@@ -204,5 +244,7 @@ class PeerTable:
         return [{"name": p.name, "role": p.role, "uptime": round(now - p.joined, 3),
                  "silent_for": round(now - p.last_seen, 3), "in_flight": len(p.in_flight),
                  "sent": p.sent, "unread": p.sent - p.confirmed,
+                 "beat_every": round(self.quiet_spacing if self.quiet(p, now)
+                                     else self.interval, 3),
                  **({"key": p.key} if p.key else {})}
                 for p in sorted(self.by_rid.values(), key=lambda p: (p.role, p.name))]

@@ -26,7 +26,7 @@ import zmq
 
 from cortex.protocol import wire
 from cortex.protocol.peer import make_socket, poll_ms, recv_with_first, send_frames
-from cortex.services.broker.peers import ENVELOPE_BYTES, MIB, Peer, PeerTable
+from cortex.services.broker.peers import ENVELOPE_BYTES, MIB, QUIET_BEAT, SKIP, Peer, PeerTable
 from cortex.services.runtime.connections import (
     ConnectionGuard,
     default_cap,
@@ -53,7 +53,8 @@ class Broker:
         self.log = self.rt.log
         interval = self.rt.settings.suite.heartbeat_interval
         self.table = PeerTable(interval=interval,
-                               max_unread=int(self.rt.settings.bus.max_unread_mb * MIB))
+                               max_unread=int(self.rt.settings.bus.max_unread_mb * MIB),
+                               quiet_every=self.rt.settings.suite.quiet_heartbeat_every)
         self.secret = suite_secret(self.rt.home).encode()
         self.endpoint = self.rt.endpoints["bus"]
         self.socket = make_socket(self.rt.ctx, zmq.ROUTER)
@@ -119,6 +120,8 @@ class Broker:
         if msg.type == wire.BYE:
             self.table.forget(rid)
             return
+        if msg.type != wire.NOTIFY:  # calls make a peer active; its reports do not
+            peer.active = now
         if msg.peer == wire.BROKER:
             self.flows[source, "broker", msg.type] += 1
             self.serve(rid, msg, now)
@@ -149,6 +152,8 @@ class Broker:
                                 msg.corr, msg.body]):
             self.stats["routed"] += 1
             self.flows[source, dest.label, msg.type] += 1
+            if msg.type != wire.NOTIFY:
+                dest.active = now
             dest.sent += len(msg.body) + ENVELOPE_BYTES
             if dest.sent >= dest.probe_due:
                 self.probe(dest)
@@ -301,8 +306,15 @@ class Broker:
 
     def heartbeat(self, now: float) -> None:
         beat = wire.frames(wire.HEARTBEAT, wire.BROKER, role=b"broker")
+        quiet_beat = wire.frames(wire.HEARTBEAT, wire.BROKER, b"", {
+            "next_ms": int(self.table.quiet_spacing * 1000)}, role=b"broker")
         for peer in self.table.heartbeat_targets():
-            if self.table.probe_pending(peer):  # a beat that also confirms what was sent
+            kind = self.table.beat_kind(peer, now)
+            if kind == SKIP:
+                continue
+            if kind == QUIET_BEAT:  # nothing was sent to it lately: no probe due either
+                self.send(peer.rid, quiet_beat)
+            elif self.table.probe_pending(peer):  # a beat that also confirms what was sent
                 self.probe(peer)
             else:
                 self.send(peer.rid, beat)

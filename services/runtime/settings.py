@@ -14,7 +14,7 @@ import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
-from cortex.protocol import locate
+from cortex.protocol import locate, wire
 from cortex.protocol.vocabulary import window_seconds
 
 FSYNC_POLICIES = ("always", "group", "off")
@@ -38,6 +38,10 @@ DEFAULT_CONFIG = """\
 fsync = "group"
 # Seconds between heartbeats on the bus; a peer silent for 3 of them is dead.
 heartbeat_interval = 1.0
+# A worker or service with no call to or from it for 5 intervals (an idle worker) is
+# beaten every this many intervals, and may be silent 3 times that long: an idle fleet
+# wakes less, and a hung idle peer is found later. 1: every interval.
+quiet_heartbeat_every = 3
 # Seconds between human-readable snapshots under state/.
 snapshot_interval = 5.0
 
@@ -144,6 +148,7 @@ class ConfigError(Exception):
 class SuiteSettings:
     fsync: str = "group"
     heartbeat_interval: float = 1.0
+    quiet_heartbeat_every: int = 3
     snapshot_interval: float = 5.0
 
 
@@ -295,6 +300,7 @@ DAY = 86400.0
 # number without a row must be finite and >= 0.
 RANGES: dict[str, tuple[float, float]] = {
     "suite.heartbeat_interval": (0.01, 60.0),
+    "suite.quiet_heartbeat_every": (1, 60),
     "suite.snapshot_interval": (0.1, DAY),
     "bus.max_connections": (0, 1_000_000),
     "bus.max_unread_mb": (4.0, 1 << 20),
@@ -455,6 +461,9 @@ def load(home: Path) -> Settings:
         raise ConfigError(f"[suite] fsync: must be one of {', '.join(FSYNC_POLICIES)}")
     if suite.heartbeat_interval <= 0:
         raise ConfigError("[suite] heartbeat_interval: must be positive")
+    if suite.heartbeat_interval * suite.quiet_heartbeat_every * 1000 > wire.MAX_BEAT_SPACING_MS:
+        raise ConfigError("[suite] quiet_heartbeat_every: heartbeat_interval times it must "
+                          f"be at most {wire.MAX_BEAT_SPACING_MS // 1000} s")
     ledger_raw = dict(_table(raw.get("ledger", {}), "ledger"))
     sub = _table(ledger_raw.pop("budgets", {}), "ledger.budgets")
     ledger = _section(LedgerSettings, ledger_raw, "ledger")
