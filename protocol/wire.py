@@ -113,7 +113,7 @@ HEARTBEAT_INTERVAL = 1.0
 HEARTBEAT_LIVENESS = 3
 # A peer with no call to or from it for this many intervals is quiet, and the broker
 # beats it every QUIET_HEARTBEAT_EVERY intervals, saying so in the beat: "next_ms".
-QUIET_AFTER_BEATS = 5
+QUIET_AFTER_BEATS = 2
 QUIET_HEARTBEAT_EVERY = 3
 MAX_BEAT_SPACING_MS = 600_000  # a larger announced spacing is not believed
 

@@ -44,9 +44,11 @@ def test_a_peer_without_calls_is_beaten_every_third_interval_and_a_call_ends_its
     assert [kind for _, kind in later] == [QUIET_BEAT, SKIP, SKIP] * 4
     assert table.describe(quiet_from)[0]["beat_every"] == 3.0
     # A call to or from it (the broker notes `active` when it routes one): every beat.
-    worker.active = quiet_from + 12.2
-    assert [kind for _, kind in beats(table, worker, quiet_from + 13, quiet_from + 17)] == \
-        [BEAT] * 4
+    worker.active = called = quiet_from + 12.2
+    after = beats(table, worker, quiet_from + 13, quiet_from + 13 + wire.QUIET_AFTER_BEATS + 1)
+    assert [kind for at, kind in after] == \
+        [BEAT if at - called < wire.QUIET_AFTER_BEATS else QUIET_BEAT for at, _ in after]
+    assert after[0][1] == BEAT and after[-1][1] == QUIET_BEAT  # quiet again later
     assert table.describe(quiet_from + 13)[0]["beat_every"] == 1.0
 
 
@@ -176,7 +178,7 @@ def worker_beats(client: Client) -> tuple[int, dict]:
 
 
 def test_an_idle_suites_workers_are_beaten_less_and_none_is_lost(suites):
-    # heartbeat_interval = 0.5 (the tests' config): quiet after 2.5 s, beaten every 1.5 s.
+    # heartbeat_interval = 0.5 (the tests' config): quiet after 1 s, beaten every 1.5 s.
     suite = suites.start(config=suite_config(4))
     with Client(suite.home, timeout=30) as c:
         assert c.wait(c.submit("echo", "wake them", payload=1)["id"])["state"] == "completed"

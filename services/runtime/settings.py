@@ -38,7 +38,7 @@ DEFAULT_CONFIG = """\
 fsync = "group"
 # Seconds between heartbeats on the bus; a peer silent for 3 of them is dead.
 heartbeat_interval = 1.0
-# A worker or service with no call to or from it for 5 intervals (an idle worker) is
+# A worker or service with no call to or from it for 2 intervals (an idle worker) is
 # beaten every this many intervals, and may be silent 3 times that long: an idle fleet
 # wakes less, and a hung idle peer is found later. 1: every interval.
 quiet_heartbeat_every = 3
