@@ -11,7 +11,7 @@ import msgpack
 import pytest
 import zmq
 
-from cortex.protocol import Client, wire
+from cortex.protocol import Client, locate, wire
 from cortex.protocol.peer import ANSWERED_BEAT_SLACK, BusLink
 from cortex.services.broker.peers import BEAT, QUIET_BEAT, SKIP, PeerTable
 
@@ -147,6 +147,15 @@ def test_a_malformed_beat_is_counted_and_means_the_normal_interval(link, body):
     assert link.dropped == 1
 
 
+def test_a_quiet_probe_is_echoed_and_keeps_the_spacing(link):
+    sent = []
+    link.send = lambda type_, peer, corr=b"", body=None: sent.append((type_, corr)) or True
+    link.accept(wire.frames(wire.HEARTBEAT, wire.BROKER, b"token-01",
+                            wire.encode_body({"next_ms": 3000}), role=b"broker"))
+    assert sent == [(wire.HEARTBEAT, b"token-01")]
+    assert link.spacing == 3.0
+
+
 def test_a_spacing_below_the_interval_is_the_interval(link):
     link.accept(beat_from_broker({"next_ms": 10}))
     assert link.spacing == 1.0
@@ -206,3 +215,45 @@ def test_an_idle_suites_workers_are_beaten_less_and_none_is_lost(suites):
         assert busy
     log = (suite.home / "logs").glob("*.log")
     assert not any("lost: silent" in p.read_text(errors="replace") for p in log)
+
+
+def test_a_quiet_worker_sent_notices_gets_probes_that_keep_it_quiet(suites):
+    # Something sent to a quiet worker (here a client's NOTIFY, which the worker drops)
+    # makes the broker's next beat a probe: it must still say the quiet spacing, or the
+    # worker would expect beats every interval, beat unprompted and say HELLO again.
+    suite = suites.start(config=suite_config(2))
+    with Client(suite.home, timeout=30) as c:
+        quiet = wait_for(lambda: (p := [x for x in c.call("broker", "broker.peers")["peers"]
+                                        if x["role"] == "worker"])
+                         and len(p) == 2 and all(x["beat_every"] == 1.5 for x in p) and p,
+                         30, "two quiet workers")
+        target = quiet[0]["name"].encode()
+
+        def beats() -> tuple[int, int]:
+            flows = c.call("broker", "broker.status")["flows"]
+            count = {(f["from"], f["to"]): f["count"] for f in flows if f["type"] == "HEARTBEAT"}
+            return count.get(("broker", "worker"), 0), count.get(("worker", "broker"), 0)
+
+        ctx = zmq.Context()
+        sender = BusLink(ctx, locate.endpoints(suite.home)["bus"], "c-notices", "client",
+                         heartbeat=False)
+        try:
+            wait_for(lambda: sender.socket.poll(100) and (sender.receive() or True)
+                     and sender.welcomed, 10, "the sender welcomed")
+            to_worker0, from_worker0 = beats()
+            for n in range(8):  # one notice per 0.75 s: a probe due at every quiet beat
+                sender.send(wire.NOTIFY, target, b"", {"op": "task.recall", "n": n})
+                time.sleep(0.75)
+            to_worker, from_worker = beats()
+        finally:
+            sender.close()
+            ctx.term()
+        # Each worker answers each beat once and beats on its own only if the broker is
+        # silent for 1.5 spacings: no more beats from workers than to them (+1 in flight).
+        assert from_worker - from_worker0 <= to_worker - to_worker0 + 2
+        peers = {x["name"]: x for x in c.call("broker", "broker.peers")["peers"]}
+        assert peers[target.decode()]["beat_every"] == 1.5
+        assert c.call("broker", "broker.status")["stats"]["lost_peers"] == 0
+        # The probes' echoes proved the notices read.
+        wait_for(lambda: {x["name"]: x for x in c.call("broker", "broker.peers")["peers"]}
+                 [target.decode()]["unread"] == 0, 10, "the notices proven read")

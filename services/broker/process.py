@@ -55,6 +55,7 @@ class Broker:
         self.table = PeerTable(interval=interval,
                                max_unread=int(self.rt.settings.bus.max_unread_mb * MIB),
                                quiet_every=self.rt.settings.suite.quiet_heartbeat_every)
+        self.quiet_body = wire.encode_body({"next_ms": int(self.table.quiet_spacing * 1000)})
         self.secret = suite_secret(self.rt.home).encode()
         self.endpoint = self.rt.endpoints["bus"]
         self.socket = make_socket(self.rt.ctx, zmq.ROUTER)
@@ -156,7 +157,7 @@ class Broker:
                 dest.active = now
             dest.sent += len(msg.body) + ENVELOPE_BYTES
             if dest.sent >= dest.probe_due:
-                self.probe(dest)
+                self.probe(dest, self.table.quiet(dest, now))
         elif msg.type in (wire.REQUEST, wire.NOTIFY):
             self.reply_error(rid, msg.corr, "unavailable",
                              f"{dest.name} is not taking messages")
@@ -255,13 +256,15 @@ class Broker:
                 shut_connection(peer.fd)  # still that peer's connection: close it
             self.lost(peer)
 
-    def probe(self, peer: Peer) -> None:
-        """Cut the peer off if it is past the bound, else send it a probe."""
+    def probe(self, peer: Peer, quiet: bool) -> None:
+        """Cut the peer off if it is past the bound, else send it a probe. A quiet peer's
+        probe says the spacing too: a beat without it means "the normal interval"."""
         if self.table.slow_reader(peer):
             self.cut_slow_reader(peer)
             return
         token = self.table.probe(peer)
-        self.send(peer.rid, wire.frames(wire.HEARTBEAT, wire.BROKER, token, role=b"broker"))
+        self.send(peer.rid, wire.frames(wire.HEARTBEAT, wire.BROKER, token,
+                                        self.quiet_body if quiet else b"", role=b"broker"))
 
     def cut_slow_reader(self, peer: Peer) -> None:
         """Forget a peer that does not read (as a lost one: its work is requeued) and
@@ -306,18 +309,17 @@ class Broker:
 
     def heartbeat(self, now: float) -> None:
         beat = wire.frames(wire.HEARTBEAT, wire.BROKER, role=b"broker")
-        quiet_beat = wire.frames(wire.HEARTBEAT, wire.BROKER, b"", {
-            "next_ms": int(self.table.quiet_spacing * 1000)}, role=b"broker")
+        quiet_beat = wire.frames(wire.HEARTBEAT, wire.BROKER, b"", self.quiet_body,
+                                 role=b"broker")
         for peer in self.table.heartbeat_targets():
             kind = self.table.beat_kind(peer, now)
             if kind == SKIP:
                 continue
-            if kind == QUIET_BEAT:  # nothing was sent to it lately: no probe due either
-                self.send(peer.rid, quiet_beat)
-            elif self.table.probe_pending(peer):  # a beat that also confirms what was sent
-                self.probe(peer)
+            quiet = kind == QUIET_BEAT
+            if self.table.probe_pending(peer):  # a beat that also confirms what was sent
+                self.probe(peer, quiet)
             else:
-                self.send(peer.rid, beat)
+                self.send(peer.rid, quiet_beat if quiet else beat)
             self.flows["broker", peer.label, wire.HEARTBEAT] += 1
         for peer in self.table.expire(now):
             self.stats["lost_peers"] += 1
