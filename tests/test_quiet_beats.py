@@ -179,11 +179,13 @@ def test_the_setting_is_a_whole_number_from_1_within_ten_minutes_of_spacing(tmp_
 
 # -- a real suite, idle ---------------------------------------------------------------------
 
-def worker_beats(client: Client) -> tuple[int, dict]:
+def heartbeats(client: Client) -> tuple[int, int, dict]:
+    """The broker's counts of beats to workers and from them, and its stats."""
     status = client.call("broker", "broker.status")
-    sent = sum(f["count"] for f in status["flows"]
-               if f["from"] == "broker" and f["to"] == "worker" and f["type"] == "HEARTBEAT")
-    return sent, status["stats"]
+    count = {(f["from"], f["to"]): f["count"] for f in status["flows"]
+             if f["type"] == "HEARTBEAT"}
+    return count.get(("broker", "worker"), 0), count.get(("worker", "broker"), 0), \
+        status["stats"]
 
 
 def test_an_idle_suites_workers_are_beaten_less_and_none_is_lost(suites):
@@ -196,10 +198,10 @@ def test_an_idle_suites_workers_are_beaten_less_and_none_is_lost(suites):
                          and len(p) == 4 and all(x["beat_every"] == 1.5 for x in p) and p,
                          30, "four quiet workers")
         assert len(peers) == 4
-        before, _ = worker_beats(c)
+        before, _, _ = heartbeats(c)
         began = time.monotonic()
         time.sleep(6.0)  # the idle stretch under test (longer than the 4.5 s allowance)
-        after, stats = worker_beats(c)
+        after, _, stats = heartbeats(c)
         elapsed = time.monotonic() - began
         # Every 1.5 s instead of every 0.5 s: about a third of the normal count.
         normal = 4 * elapsed / 0.5
@@ -229,22 +231,17 @@ def test_a_quiet_worker_sent_notices_gets_probes_that_keep_it_quiet(suites):
                          30, "two quiet workers")
         target = quiet[0]["name"].encode()
 
-        def beats() -> tuple[int, int]:
-            flows = c.call("broker", "broker.status")["flows"]
-            count = {(f["from"], f["to"]): f["count"] for f in flows if f["type"] == "HEARTBEAT"}
-            return count.get(("broker", "worker"), 0), count.get(("worker", "broker"), 0)
-
         ctx = zmq.Context()
         sender = BusLink(ctx, locate.endpoints(suite.home)["bus"], "c-notices", "client",
                          heartbeat=False)
         try:
             wait_for(lambda: sender.socket.poll(100) and (sender.receive() or True)
                      and sender.welcomed, 10, "the sender welcomed")
-            to_worker0, from_worker0 = beats()
+            to_worker0, from_worker0, _ = heartbeats(c)
             for n in range(8):  # one notice per 0.75 s: a probe due at every quiet beat
                 sender.send(wire.NOTIFY, target, b"", {"op": "task.recall", "n": n})
                 time.sleep(0.75)
-            to_worker, from_worker = beats()
+            to_worker, from_worker, _ = heartbeats(c)
         finally:
             sender.close()
             ctx.term()

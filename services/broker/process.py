@@ -56,6 +56,9 @@ class Broker:
                                max_unread=int(self.rt.settings.bus.max_unread_mb * MIB),
                                quiet_every=self.rt.settings.suite.quiet_heartbeat_every)
         self.quiet_body = wire.encode_body({"next_ms": int(self.table.quiet_spacing * 1000)})
+        self.beat = wire.frames(wire.HEARTBEAT, wire.BROKER, role=b"broker")
+        self.quiet_beat = wire.frames(wire.HEARTBEAT, wire.BROKER, b"", self.quiet_body,
+                                      role=b"broker")
         self.secret = suite_secret(self.rt.home).encode()
         self.endpoint = self.rt.endpoints["bus"]
         self.socket = make_socket(self.rt.ctx, zmq.ROUTER)
@@ -308,9 +311,6 @@ class Broker:
                              f"unknown operation {str(op)[:64]!r}")
 
     def heartbeat(self, now: float) -> None:
-        beat = wire.frames(wire.HEARTBEAT, wire.BROKER, role=b"broker")
-        quiet_beat = wire.frames(wire.HEARTBEAT, wire.BROKER, b"", self.quiet_body,
-                                 role=b"broker")
         for peer in self.table.heartbeat_targets():
             kind = self.table.beat_kind(peer, now)
             if kind == SKIP:
@@ -319,7 +319,7 @@ class Broker:
             if self.table.probe_pending(peer):  # a beat that also confirms what was sent
                 self.probe(peer, quiet)
             else:
-                self.send(peer.rid, quiet_beat if quiet else beat)
+                self.send(peer.rid, self.quiet_beat if quiet else self.beat)
             self.flows["broker", peer.label, wire.HEARTBEAT] += 1
         for peer in self.table.expire(now):
             self.stats["lost_peers"] += 1
