@@ -146,10 +146,76 @@ def test_a_critical_task_recalls_a_prefetched_low_one_and_starts_first():
     # lower takes the slot meanwhile.
     assert runs(fx) == [] and critical.state is State.QUEUED
     fx = sim.finish("w1", long_)
-    assert [t["id"] for _, t in runs(fx)] == [critical.id, low.id]  # then low, prefetched
+    assert [t["id"] for _, t in runs(fx)] == [critical.id]
+    # The slot stays empty for prefetch_pause after the critical task was queued (the
+    # next of a burst takes the first worker to free up), then takes the low task.
+    assert low.state is State.QUEUED
+    assert runs(sim.tick(0.1)) == []
+    assert [t["id"] for _, t in runs(sim.tick(0.15))] == [low.id]
     assert sim.state.workers["w1"].task == critical.id and low.prefetched
     assert low.attempt == 1
     check_invariants(sim.state)
+
+
+def test_without_the_pause_the_slot_refills_as_the_critical_task_starts():
+    sim = Sim(prefetch=1, prefetch_pause=0.0)
+    long_, low = busy_with_prefetch(sim)
+    sim.submit(priority="critical", description="urgent")
+    critical = next(t for t in sim.state.tasks.values() if t.description == "urgent")
+    recalled(sim, "w1", low)
+    fx = sim.finish("w1", long_)
+    assert [t["id"] for _, t in runs(fx)] == [critical.id, low.id]  # then low, prefetched
+    check_invariants(sim.state)
+
+
+def test_a_burst_of_critical_tasks_recalls_the_slots_once_not_for_each():
+    """Three workers busy with low tasks prefetched; critical tasks arrive one after
+    another, each soon after the last started. The first recalls the three slots; while
+    the burst lasts the slots stay empty, so the others recall nothing and each starts on
+    the next worker to free up. Without the pause every critical task recalls again."""
+    def burst(pause: float) -> tuple[int, list[str]]:
+        sim = Sim(prefetch=1, prefetch_pause=pause)
+        names = ("w1", "w2", "w3")
+        for name in names:
+            sim.ready(name)
+        running = {name: sim.add(description="long") for name in names}
+        for name, task in running.items():
+            sim.started(name, task)
+        for _ in names:
+            sim.add(priority="low")
+        assert all(sim.state.workers[name].prefetched for name in names)
+        asked, started = 0, []
+        for i, name in enumerate(names):
+            fx = sim.submit(priority="critical", description=f"urgent-{i}")
+            for worker, body in recalls(fx):
+                asked += 1
+                recalled(sim, worker, sim.state.tasks[body["id"]])
+            fx = sim.finish(name, running[name])
+            (_, task), *_ = runs(fx)
+            started.append(sim.state.tasks[task["id"]].description)
+            sim.tick(0.05)
+            check_invariants(sim.state)
+        return asked, started
+
+    assert burst(0.2) == (3, ["urgent-0", "urgent-1", "urgent-2"])
+    asked, started = burst(0.0)
+    assert asked > 3 and started == ["urgent-0", "urgent-1", "urgent-2"]
+
+
+def test_the_pause_holds_only_the_critical_tasks_types():
+    slots = Slots(1, pause=0.2)
+    echo, other = Worker("w1", ("echo",), 1), Worker("w2", ("other",), 2)
+    for w in (echo, other):
+        w.state = WorkerState.BUSY
+    counts = {"echo": [1, 0, 0, 1], "other": [0, 0, 0, 1]}
+    slots.pause_for_critical(counts, 10.0)
+    counts["echo"][0] = 0  # the critical task started
+    assert not slots.may_fill(echo, counts, 10.1) and slots.may_fill(other, counts, 10.1)
+    assert slots.may_fill(echo, counts, 10.21)  # the pause is over
+    assert not Slots(1, pause=0.0).paused  # 0: never paused
+    off = Slots(1, pause=0.0)
+    off.pause_for_critical({"echo": [1, 0, 0, 1]}, 10.0)
+    assert off.may_fill(echo, counts, 10.0)
 
 
 def test_a_recall_that_came_too_late_leaves_the_started_task_running():

@@ -74,6 +74,9 @@ worker_start = 0.5           # seconds a new worker takes to start (then learned
                              # task surges only if no busy worker frees sooner than this
 prefetch = 1                 # tasks a busy worker may hold to start the moment its task ends
                              # (0: none); a higher-priority task recalls them (1 at most)
+prefetch_pause = 0.2         # seconds after a critical task is queued during which no slot of
+                             # its type is filled: a burst of critical tasks then finds workers
+                             # freeing up instead of recalling every slot for each (0: never)
 lease = true                 # hold a lease of tokens from the ledger and carve tasks'
                              # reservations from it (no ledger round trip per task)
 
@@ -181,6 +184,7 @@ class SchedulerSettings:
     scale_backlog: float = 5.0
     worker_start: float = 0.5
     prefetch: int = 1
+    prefetch_pause: float = 0.2
     lease: bool = True
 
 
@@ -318,6 +322,7 @@ RANGES: dict[str, tuple[float, float]] = {
     "scheduler.scale_backlog": (0.0, DAY),
     "scheduler.worker_start": (0.0, 3600.0),
     "scheduler.prefetch": (0, 1),
+    "scheduler.prefetch_pause": (0.0, 3600.0),
     "ledger.budget": (0, (1 << 63) - 1),
     "events.max_file_bytes": (4096, 1 << 40),
     "events.metrics_port": (-1, 65535),

@@ -8,6 +8,13 @@ Pure bookkeeping over the registry's `Worker`s (no sockets, no clock):
 - `may_fill()`: a critical task is never prefetched (it waits in the queue for the first
   worker to free up), and while a prefetched task has not started no slot of its type
   takes a lower one, so no lower task held anywhere starts before it;
+- pause: for `[scheduler] prefetch_pause` seconds after a critical task was queued, no
+  slot of its type is filled. Critical tasks come in bursts (an incident, a user waiting);
+  each one queued while every worker is busy recalls every slot it outranks, and without
+  the pause the slots filled again between two of them, so each paid a recall of every
+  slot, its answers and the refills, on a suite already saturated. Paused, the slots
+  empty as their tasks start and the next critical task takes the first worker to free
+  up. A paused worker idles one round trip between tasks (what prefetch saves);
 - `fill()` puts a dispatched task in a worker's slot, `empty()` takes it out (the task
   started there, was given back, or the worker left);
 - recall: once a task enters the queue, `to_recall()` names each slot whose task is of
@@ -33,8 +40,10 @@ BELOW_ALL = len(PRIORITIES)  # a rank below every priority: nothing there
 
 
 class Slots:
-    def __init__(self, size: int):
+    def __init__(self, size: int, pause: float = 0.0):
         self.size = max(0, min(1, size))  # one task per worker at most
+        self.pause = pause
+        self.paused: dict[str, float] = {}  # type -> until when (monotonic) no slot fills
         self.held: dict[str, tuple[str, int, str]] = {}  # worker -> (task id, rank, type)
         self.ranks = [0] * len(PRIORITIES)  # prefetched tasks per priority
         self.by_type: dict[str, int] = {}  # prefetched tasks per type
@@ -44,14 +53,25 @@ class Slots:
         return bool(self.size) and worker.state is WorkerState.BUSY \
             and worker.prefetched is None and not worker.recalling
 
-    def may_fill(self, worker: Worker, counts: dict[str, list[int]]) -> bool:
+    def pause_for_critical(self, counts: dict[str, list[int]], mono: float) -> None:
+        """Critical tasks are queued: the slots of their types fill no more for `pause`
+        seconds from now."""
+        if self.pause > 0:
+            for task_type, queued in counts.items():
+                if queued[0]:
+                    self.paused[task_type] = mono + self.pause
+
+    def may_fill(self, worker: Worker, counts: dict[str, list[int]], mono: float) -> bool:
         """Whether the worker's slot may take the best task queued for its types: not a
         critical one (it waits for the first worker to free up, never behind another
-        task), and nothing while a prefetched task of those types that outranks it has not
-        started (lower work would start first elsewhere)."""
+        task), nothing while a prefetched task of those types that outranks it has not
+        started (lower work would start first elsewhere), and nothing while a critical
+        task of those types was queued less than `pause` seconds ago."""
         best = min((next((rank for rank, n in enumerate(counts.get(t, NONE_QUEUED)) if n),
                          BELOW_ALL) for t in worker.types), default=BELOW_ALL)
         if best in (0, BELOW_ALL):
+            return False
+        if self.paused and any(self.paused.get(t, 0.0) > mono for t in worker.types):
             return False
         held = min((rank for _, rank, task_type in self.held.values()
                     if task_type in worker.types), default=BELOW_ALL)

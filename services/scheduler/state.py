@@ -85,7 +85,7 @@ class SchedulerState(ClientRequests, Reports):
         self.waiters = Waiters()
         self.watch = Watch(self.marks)
         self.progress = ProgressEvents()
-        self.slots = Slots(settings.prefetch)
+        self.slots = Slots(settings.prefetch, settings.prefetch_pause)
         self.scaler.prefetched = self.slots.by_type
 
     @property
@@ -197,6 +197,8 @@ class SchedulerState(ClientRequests, Reports):
             if self.slots.held:  # an idle worker may start a prefetched task sooner
                 self._recall(fx, self.slots.to_steal(self.registry.idle(), self.workers))
             return  # nothing queued: the common case at light load, checked cheaply
+        if self.slots.size and self.queue.critical_waiting():
+            self.slots.pause_for_critical(self.queue.counts, now.mono)
         machine: list = []  # [readings, held], read once a turn when first needed
         for worker in self.registry.idle():
             while worker.state is WorkerState.IDLE:
@@ -233,7 +235,8 @@ class SchedulerState(ClientRequests, Reports):
         whose tokens are not reserved yet is reserved first, holding no worker."""
         for worker in list(self.workers.values()):
             if not (self.slots.free(worker) and self.slots.may_fill(worker,
-                                                                    self.queue.counts)):
+                                                                    self.queue.counts,
+                                                                    now.mono)):
                 continue
             task = self._next_for(fx, worker, now, machine)
             if task is None:
