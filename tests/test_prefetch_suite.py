@@ -20,9 +20,11 @@ LONG = 60  # seconds to wait for anything on this shared machine
 
 
 def one_worker_config(prefetch: int = 1) -> str:
-    """One pooled worker and no surge (a surge worker would take the critical task)."""
-    return suite_config(1, ("echo", "sleep"), scheduler=f"prefetch = {prefetch}\n",
-                        pool="max = 1\n")
+    """One pooled worker and no surge (a surge worker would take the critical task). No
+    pause of the slots after a critical task: the tests that follow the critical one
+    count on the slot at once (the pause is the pure tests' business)."""
+    return suite_config(1, ("echo", "sleep"), pool="max = 1\n",
+                        scheduler=f"prefetch = {prefetch}\nprefetch_pause = 0\n")
 
 
 def one_worker(suites, prefetch: int = 1):
