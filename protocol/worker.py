@@ -12,9 +12,12 @@
 On another machine, with the suite on tcp: `Worker(..., home=..., key_file=...)` (or
 $CORTEX_KEY_FILE, or `[bus] key_file` in that home's cortex.toml): see docs/tcp.md.
 
-The pool's own workers are this same class. The handler runs in a thread of its own
-while the main thread keeps the bus: heartbeats to the broker, task heartbeats to the
-scheduler, progress, cancels. Messages to and from the scheduler (ops, all NOTIFY unless
+The pool's own workers are this same class. The handler runs on the thread that
+called `run()`, with no hand-off to another thread (two wake-ups a task fewer); a handler
+that runs longer than a moment has the bus kept meanwhile by a keeper thread: heartbeats
+to the broker, task heartbeats to the scheduler, progress, cancels, recalls, token
+requests. The keeper looks every 50 ms while tasks run and sleeps after a second
+without one. Messages to and from the scheduler (ops, all NOTIFY unless
 marked REQUEST):
     worker.ready {type, pid, done}        worker -> scheduler   idle and able to take a task
     worker.leaving {}                     worker -> scheduler   stop dispatching to me
@@ -40,19 +43,17 @@ import logging
 import math
 import os
 import queue
-import resource
 import signal
-import sys
 import threading
 import time
-import traceback
 from collections import deque
 
 import msgpack
 import zmq
 
-from . import errors, locate, wire
+from . import locate, wire
 from .calls import Call, Request, Session
+from .handling import BudgetExceeded, Cancelled, TaskMemory, run_task
 from .peer import BusLink, keys_for, make_socket, poll_ms, send_frames, unique_name
 from .vocabulary import PRIORITY_RANK
 
@@ -65,90 +66,11 @@ STARTED_DELAY = 0.02  # a handler still running after this is reported as starte
 TRUSTED_ROLES = (b"service", b"broker")
 TRUSTED_SENDERS = (b"scheduler", b"ledger", b"broker")
 MAX_HELD = 4  # prefetched tasks a worker keeps (the scheduler sends one at a time)
-
-
-class TaskMemory:
-    """How far a task grew this process's RSS, in MB, and the RSS after it.
-
-    On Linux the peak RSS is reset before each task (`/proc/self/clear_refs`, "5") and
-    read after it (VmHWM), about 12 us a task; elsewhere the growth of the lifetime peak
-    (`ru_maxrss`), which misses a task that reuses memory an earlier one freed."""
-
-    def __init__(self):
-        self._status = self._clear = None
-        try:
-            self._status = os.open("/proc/self/status", os.O_RDONLY)
-            self._clear = os.open("/proc/self/clear_refs", os.O_WRONLY)
-        except OSError:
-            if self._status is not None:
-                os.close(self._status)
-            self._status = self._clear = None
-        self._base = self._read()[1]
-
-    def _read(self) -> tuple[float, float]:
-        """(peak, current) RSS in MB."""
-        if self._status is not None:
-            try:
-                text = os.pread(self._status, 8192, 0)
-                return _kb_field(text, b"VmHWM:") / 1024.0, _kb_field(text, b"VmRSS:") / 1024.0
-            except (OSError, ValueError):
-                pass
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        peak_mb = peak / 2**20 if sys.platform == "darwin" else peak / 1024.0  # bytes / KB
-        return peak_mb, peak_mb
-
-    def before_task(self) -> None:
-        if self._clear is not None:
-            try:
-                os.pwrite(self._clear, b"5", 0)
-            except OSError:
-                self._clear = None
-        if self._clear is None:  # no reset: measure from the lifetime peak
-            self._base = self._read()[0]
-
-    def after_task(self) -> tuple[float, float]:
-        peak, current = self._read()
-        grew = max(0.0, peak - self._base)
-        if self._clear is not None:
-            self._base = current  # the next task starts from here
-        return grew, current
-
-
-def _kb_field(text: bytes, key: bytes) -> float:
-    at = text.index(key) + len(key)
-    return float(text[at:text.index(b"kB", at)])
-
-
-MAX_TRACEBACK = 16 * 1024  # bytes of a failed handler's traceback sent with its task
-DETAIL_KINDS = (str, int, float, bool, type(None))
-
-
-def failure(exc: BaseException) -> dict:
-    """The error a failed handler gives its task: the exception's `category` attribute
-    (else handler_error), its message, the scalar entries of its `details` dict (a
-    provider's retry_after, say) and the full traceback (its last 16 KiB)."""
-    category = getattr(exc, "category", None)
-    if not (isinstance(category, str) and 0 < len(category) <= 64):
-        category = "handler_error"
-    text = "".join(traceback.format_exception(exc)).encode()
-    if len(text) > MAX_TRACEBACK:
-        text = b"...\n" + text[-(MAX_TRACEBACK - 4):]  # the raise is at the end: keep that
-    error = {"category": category, "message": f"{type(exc).__name__}: {exc}"[:2000],
-             "traceback": text.decode(errors="ignore")}
-    details = getattr(exc, "details", None)
-    if isinstance(details, dict):
-        error.update({k: v[:500] if isinstance(v, str) else v
-                      for k, v in list(details.items())[:20]
-                      if isinstance(k, str) and k not in error and isinstance(v, DETAIL_KINDS)})
-    return error
-
-
-class BudgetExceeded(errors.BudgetExceeded):
-    """Raised inside a handler before a token use would cross the task's reservation."""
-
-
-class Cancelled(errors.CortexError):
-    code = "cancelled"
+# The keeper thread looks this often, while tasks run, whether a handler has run longer
+# than STARTED_DELAY (then it keeps the bus until the handler returns); after PARK_AFTER
+# with no handler running it sleeps until the next task starts.
+KEEPER_LOOK = 0.05
+PARK_AFTER = 1.0
 
 
 class TaskContext:
@@ -236,11 +158,30 @@ class Worker:
         self._inbox_addr = f"inproc://worker-{id(self)}"
         self._inbox = make_socket(self._ctx, zmq.PAIR)
         self._inbox.bind(self._inbox_addr)
-        self._outbox = make_socket(self._ctx, zmq.PAIR)  # used by the handler thread only
+        self._outbox = make_socket(self._ctx, zmq.PAIR)  # what a running handler reports
         self._outbox.connect(self._inbox_addr)
         self._outbox_lock = threading.Lock()
-        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._current: TaskContext | None = None
+        self._pending: TaskContext | None = None  # started, its handler not yet called
+        # The handler runs on the thread that runs the bus loop, which hands the bus to
+        # the keeper thread while it does (`_bus`: held by whichever of the two serves
+        # it). A short handler never wakes the keeper: it looks every KEEPER_LOOK while
+        # tasks run and takes the bus only from a handler that has run a while (or asked
+        # the ledger for tokens), so heartbeats, task heartbeats, cancels and recalls go
+        # on however long a handler takes.
+        self._bus = threading.Lock()
+        self._handler_since: float | None = None  # monotonic start of the running handler
+        self._keeper_cond = threading.Condition()
+        self._begun = 0  # handlers begun: the keeper sleeps only when none began a while
+        self._keeper_parked = False
+        self._keeper_serving = False
+        self._keeper_urgent = False
+        self._closing = False
+        self._memory = TaskMemory()
+        self._poller = zmq.Poller()
+        self._poller.register(self._link.socket, zmq.POLLIN)
+        self._poller.register(self._inbox, zmq.POLLIN)
+        self._announced_leaving = False
         # Prefetched tasks, to start when the current one ends (the highest priority
         # first), and the last ones started (a recall asks whether one of them started).
         self._held: list[TaskContext] = []
@@ -255,51 +196,82 @@ class Worker:
         self._ready_due: float | None = 0.0  # when to (re)send worker.ready; None: not needed
         self._ready_slack = 0.0  # how much later it may go, to ride on a heartbeat's wake
         self.done = 0
-        self._thread = threading.Thread(target=self._run_handlers, name="handler", daemon=True)
+        self._keeper = threading.Thread(target=self._keep_bus, name="bus-keeper", daemon=True)
         if install_signals and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, lambda *_: self.stop())
             signal.signal(signal.SIGINT, lambda *_: self.stop())
 
-    # -- handler thread -----------------------------------------------------------------
+    # -- the handler, and the keeper of the bus while it runs --------------------------------
     def _post(self, kind: str, data: dict) -> None:
+        """What a running handler reports (progress, tokens, a request for more): read by
+        whichever thread serves the bus; a request for tokens wakes the keeper at once."""
         with self._outbox_lock:
             self._outbox.send(msgpack.packb((kind, data)))
+        if kind == "extend" and self._handler_since is not None:
+            with self._keeper_cond:
+                self._keeper_urgent = True
+                self._keeper_cond.notify()
 
-    def _run_handlers(self) -> None:
-        memory = TaskMemory()
+    def _run_pending(self) -> None:
+        """Run the started task's handler here, the keeper minding the bus if it runs
+        long; then report its end."""
+        ctx, self._pending = self._pending, None
+        self._begun += 1
+        self._handler_since = time.monotonic()
+        with self._keeper_cond:
+            if self._keeper_parked:
+                self._keeper_cond.notify()
+        self._bus.release()
+        try:
+            outcome = run_task(self.handlers.get(ctx.type), ctx, self._memory)
+        finally:
+            self._handler_since = None
+            if self._keeper_serving:  # it polls the bus: end its wait now
+                self._post("release", {})
+            self._bus.acquire()
+        self._read_posts()  # what the handler posted last comes before its end
+        self._on_handler("done", outcome)
+
+    def _read_posts(self) -> None:
         while True:
-            ctx = self._jobs.get()
-            if ctx is None:
+            try:
+                raw = self._inbox.recv(zmq.NOBLOCK)
+            except zmq.Again:
                 return
-            memory.before_task()
-            # Read by the main thread when it is time to report a start (no message:
-            # a short task's start rides on its task.finished).
-            started = ctx.started_at = time.time()
-            cpu0 = time.thread_time()  # the handler thread's own CPU
+            self._on_handler(*msgpack.unpackb(raw, raw=False))
+
+    def _keep_bus(self) -> None:
+        begun, idle_since = -1, time.monotonic()
+        while True:
+            with self._keeper_cond:
+                if self._closing:
+                    return
+                if self._begun != begun:  # tasks ran since the last look: stay awake
+                    begun, idle_since = self._begun, time.monotonic()
+                elif self._handler_since is None and time.monotonic() - idle_since > PARK_AFTER:
+                    self._keeper_parked = True  # the next task to begin wakes us
+                    while self._handler_since is None and not self._closing:
+                        self._keeper_cond.wait()
+                    self._keeper_parked = False
+                    continue
+                if not self._keeper_urgent:
+                    self._keeper_cond.wait(KEEPER_LOOK)
+                urgent, self._keeper_urgent = self._keeper_urgent, False
+            since = self._handler_since
+            if since is not None and (urgent or time.monotonic() - since >= STARTED_DELAY):
+                self._serve_during(since)
+
+    def _serve_during(self, since: float) -> None:
+        """Serve the bus until the handler that began at `since` returns."""
+        with self._bus:
+            self._keeper_serving = True
             try:
-                handler = self.handlers.get(ctx.type)
-                if handler is None:
-                    raise LookupError(f"this worker has no handler for {ctx.type!r}")
-                result = handler(ctx)
-                outcome = {"ok": True, "result": result}
-            except BudgetExceeded as e:
-                outcome = {"ok": False, "error": {"category": "budget_exceeded",
-                                                  "message": str(e)}}
-            except Cancelled as e:
-                outcome = {"ok": False, "error": {"category": "cancelled", "message": str(e)}}
-            except Exception as e:  # a handler's failure is the task's, never the worker's
-                log.warning("handler failed on %s: %s", ctx.id, traceback.format_exc())
-                outcome = {"ok": False, "error": failure(e)}
-            # What the task took of the machine: the predictor's CPU and memory signals.
-            grew_mb, rss_mb = memory.after_task()
-            outcome.update(started_at=started, finished_at=time.time(),
-                           cpu_s=time.thread_time() - cpu0, tokens_used=ctx.tokens_used,
-                           rss_mb=rss_mb, mem_mb=grew_mb)
-            try:
-                self._post("done", outcome)
-            except (TypeError, ValueError) as e:  # result not encodable
-                self._post("done", {**outcome, "ok": False, "result": None, "error": {
-                    "category": "handler_error", "message": f"result not serialisable: {e}"}})
+                while self._handler_since == since and not self._closing:
+                    self._serve_once(time.monotonic())
+            except Exception:  # the loop's own thread meets it again, and stops
+                log.exception("the bus keeper stopped serving")
+            finally:
+                self._keeper_serving = False
 
     # -- main thread: the bus -----------------------------------------------------------
     def stop(self) -> None:
@@ -422,7 +394,7 @@ class Worker:
         # rides on its task.finished (started_at), saving two hops per task.
         self._started_due = time.monotonic() + STARTED_DELAY
         self._next_task_beat = time.monotonic() + self.heartbeat
-        self._jobs.put(ctx)
+        self._pending = ctx  # the loop calls its handler once this message is handled
 
     def _hand_back(self, task_id, attempt, reason: str) -> None:
         self._send("task.rejected", {"id": task_id, "attempt": attempt, "reason": reason})
@@ -508,18 +480,12 @@ class Worker:
 
     def run(self) -> int:
         """Serve until stopped; returns the number of tasks done."""
-        self._thread.start()
-        poller = zmq.Poller()
-        poller.register(self._link.socket, zmq.POLLIN)
-        poller.register(self._inbox, zmq.POLLIN)
-        announced_leaving = False
+        self._bus.acquire()
+        self._keeper.start()
         try:
             while True:
                 now = time.monotonic()
-                if self._stopping and not announced_leaving:
-                    self._send("worker.leaving", {"reason": "stopping"})
-                    self._give_back("stopping")
-                    announced_leaving = True
+                self._announce_leaving()
                 if self._stopping and self._current is None and not self._reporting():
                     break
                 if self._current is not None:
@@ -527,41 +493,60 @@ class Worker:
                 elif self.idle_exit and now - self._idle_since > self.idle_exit:
                     self._stopping = True  # retire: announced as leaving on the next turn
                     continue
-                if self._ready_due is not None and now >= self._ready_due and not self._stopping:
-                    self._ready()
-                timeout = self._link.tick(now)
-                if self._current is not None:
-                    if now >= self._next_task_beat:
-                        self._task_beat()
-                    timeout = min(timeout, self._next_task_beat - now)
-                    due = self._started_due
-                    if due is not None and now >= due:
-                        at = self._current.started_at
-                        if at is None:  # the handler thread has not begun it yet: look again
-                            self._started_due = now + STARTED_DELAY
-                        else:
-                            self._send("task.started", {"id": self._current.id,
-                                                        "attempt": self._current.attempt,
-                                                        "at": at})
-                            self._started_due = None
-                    if self._started_due is not None:
-                        timeout = min(timeout, self._started_due - now)
-                timeout = min(timeout, self._tend_calls(now))
-                if self._ready_due is not None:
-                    timeout = min(timeout, max(0.0, self._ready_due - now + self._ready_slack))
-                if self._stopping:
-                    timeout = min(timeout, 0.2)
-                for sock, _ in poller.poll(poll_ms(timeout)):
-                    if sock is self._inbox:
-                        kind, data = msgpack.unpackb(self._inbox.recv(), raw=False)
-                        self._on_handler(kind, data)
-                    else:
-                        msg = self._link.receive()
-                        if msg is not None:
-                            self._on_bus(msg)
+                self._serve_once(now)
+                if self._pending is not None:
+                    self._run_pending()
         finally:
-            self._jobs.put(None)
+            with self._keeper_cond:
+                self._closing = True
+                self._keeper_cond.notify()
+            self._bus.release()
+            self._keeper.join(timeout=5)
             self._link.close()
             self._inbox.close(linger=0)
             self._outbox.close(linger=0)
         return self.done
+
+    def _announce_leaving(self) -> None:
+        if self._stopping and not self._announced_leaving:
+            self._send("worker.leaving", {"reason": "stopping"})
+            self._give_back("stopping")
+            self._announced_leaving = True
+
+    def _serve_once(self, now: float) -> None:
+        """One turn of the bus: what is due (ready, beats, a task's start and heartbeat,
+        calls), then a wait for the bus or a handler's report and what it brings. Run by
+        the loop's thread, or by the keeper while a handler runs there."""
+        if self._ready_due is not None and now >= self._ready_due and not self._stopping:
+            self._ready()
+        timeout = self._link.tick(now)
+        ctx = self._current
+        if ctx is not None:
+            self._announce_leaving()  # a stop during a long task gives the held ones back
+            if now >= self._next_task_beat:
+                self._task_beat()
+            timeout = min(timeout, self._next_task_beat - now)
+            due = self._started_due
+            if due is not None and now >= due:
+                if ctx.started_at is None:  # its handler has not begun yet: look again
+                    self._started_due = now + STARTED_DELAY
+                else:
+                    self._send("task.started", {"id": ctx.id, "attempt": ctx.attempt,
+                                                "at": ctx.started_at})
+                    self._started_due = None
+            if self._started_due is not None:
+                timeout = min(timeout, self._started_due - now)
+        timeout = min(timeout, self._tend_calls(now))
+        if self._ready_due is not None:
+            timeout = min(timeout, max(0.0, self._ready_due - now + self._ready_slack))
+        if self._stopping:
+            timeout = min(timeout, 0.2)
+        if self._pending is not None:
+            timeout = 0.0  # a task waits to start: only what is already here
+        for sock, _ in self._poller.poll(poll_ms(timeout)):
+            if sock is self._inbox:
+                self._read_posts()
+            else:
+                msg = self._link.receive()
+                if msg is not None:
+                    self._on_bus(msg)

@@ -10,7 +10,8 @@ import pytest
 
 from cortex.protocol import agents
 from cortex.protocol.agents import AgentInputError, agent
-from cortex.protocol.worker import TaskContext, failure
+from cortex.protocol.handling import failure
+from cortex.protocol.worker import TaskContext
 
 
 class Recorder:

@@ -16,7 +16,8 @@ import time
 import pytest
 
 from cortex.loadtest.openai_server import WORD, OpenAIServer, prompt_tokens
-from cortex.protocol.worker import BudgetExceeded, Cancelled, TaskContext, failure
+from cortex.protocol.handling import failure
+from cortex.protocol.worker import BudgetExceeded, Cancelled, TaskContext
 from cortex.services.pool import llm, providers
 from cortex.services.scheduler.ratelimit import Limits, RateLimits
 from tests.conftest import wait_for
