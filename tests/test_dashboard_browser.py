@@ -296,9 +296,13 @@ def test_a_page_opened_on_a_dormant_dashboard_shows_what_ran_meanwhile(suites, p
             page.wait_for_selector(f".tile.busy[data-task='{busy}']", timeout=DEADLINE_MS)
             page.goto(f"{url_of(suite)}#events")
             page.fill("input[name=task]", done[-1])
-            row = page.wait_for_selector("#events .ev[data-type='task.completed']",
-                                         timeout=DEADLINE_MS)
-            assert done[-1] in row.inner_text()
+            # The rows shown before the filter stay until the server's filtered answer
+            # replaces them: wait for that, with the task's completion among them.
+            page.wait_for_function(
+                "id => { const rows = [...document.querySelectorAll('#events .ev-window .ev')];"
+                " return rows.some(r => r.dataset.type === 'task.completed')"
+                " && rows.every(r => r.textContent.includes(id)); }",
+                arg=done[-1], timeout=DEADLINE_MS)
             page.screenshot(path=tmp_path / "woken.png", full_page=True)
         finally:
             client.cancel(busy)
