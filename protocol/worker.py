@@ -28,7 +28,7 @@ marked REQUEST):
     task.rejected {id, attempt, reason}   worker -> scheduler   could not take it (stopping)
     task.recall {id, attempt}             scheduler -> worker   give a prefetched task back
     task.recalled {id, attempt, recalled} worker -> scheduler   given back, or it had started
-    task.started {id, attempt, at}        worker -> scheduler   (if still running after 20 ms)
+    task.started {id, attempt, at}        worker -> scheduler   (if still running 20-70 ms on)
     task.heartbeat {id, attempt, ...}     worker -> scheduler   while the handler runs
     task.cancel {id, attempt}             scheduler -> worker
     task.finished REQUEST {id, attempt, ok, result|error, tokens_used, timings, fold}
@@ -88,7 +88,7 @@ class TaskContext:
         self.reserved: int = int(task.get("tokens", 0))
         self.tokens_used = 0
         self.cancelled = threading.Event()
-        self.started_at: float | None = None  # set by the handler thread as it begins
+        self.started_at: float | None = None  # set as its handler begins
         self._replies: queue.SimpleQueue = queue.SimpleQueue()
         self._extensions = 0
 
@@ -273,7 +273,7 @@ class Worker:
             finally:
                 self._keeper_serving = False
 
-    # -- main thread: the bus -----------------------------------------------------------
+    # -- the bus loop ---------------------------------------------------------------------
     def stop(self) -> None:
         """Finish the task in hand, then leave (safe from a signal handler)."""
         self._stopping = True
