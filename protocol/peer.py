@@ -30,6 +30,7 @@ HWM = 200_000
 # After answering the broker's HEARTBEAT, a peer sends one of its own only if the broker
 # has not beaten again within this many intervals.
 ANSWERED_BEAT_SLACK = 1.5
+BUSY_BODY = wire.encode_body({"busy": True})  # a worker's beat: it took work since the last
 
 
 def make_socket(ctx: zmq.Context, kind: int, *, name: str | None = None) -> zmq.Socket:
@@ -347,6 +348,7 @@ class BusLink:
         self.welcomed = False
         self.refused: str | None = None  # why the broker refused our HELLO, if it did
         self.dropped = 0  # malformed messages received and dropped
+        self.busy = False  # a task was taken since our last beat (`working`)
         self.hello()
 
     def hello(self) -> None:
@@ -383,7 +385,7 @@ class BusLink:
                 # fires if the broker falls silent. A probe's token (corr) is echoed by
                 # every peer, clients too: it proves to the broker that we read all it
                 # sent before the probe, which is how it bounds what waits for us.
-                self.send(wire.HEARTBEAT, wire.BROKER, msg.corr)
+                self.send(wire.HEARTBEAT, wire.BROKER, msg.corr, self._busy_body())
             if beating:
                 self.next_beat = now + self.spacing * ANSWERED_BEAT_SLACK
             return None
@@ -403,6 +405,19 @@ class BusLink:
             self.hello()
             return None
         return msg
+
+    def working(self) -> None:
+        """A worker took a task: its beats say so, as its calls through the broker would
+        (the broker beats a peer without calls less often, and finds it lost later). A
+        peer the broker thinks quiet says it at once, once per beat."""
+        if not self.busy:
+            self.busy = True
+            if self.spacing > self.interval and self.welcomed:
+                self.send(wire.HEARTBEAT, wire.BROKER, b"", BUSY_BODY)
+
+    def _busy_body(self) -> bytes:
+        busy, self.busy = self.busy, False
+        return BUSY_BODY if busy else b""
 
     def _announced_spacing(self, body: bytes) -> float:
         """The seconds a quiet peer's beat says the next is away: at least our interval,
@@ -430,7 +445,7 @@ class BusLink:
         if not self.heartbeat:
             return 3600.0
         if now >= self.next_beat:
-            self.send(wire.HEARTBEAT, wire.BROKER)
+            self.send(wire.HEARTBEAT, wire.BROKER, b"", self._busy_body())
             self.next_beat = now + self.interval
             self._tell_handshake_problem()
             if not self.broker_alive or not self.welcomed:

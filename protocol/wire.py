@@ -27,7 +27,9 @@ Types and who sends them:
     WELCOME    broker -> peer     {"heartbeat_ms": int}
     HEARTBEAT  both ways          {} ; any message counts as a sign of life. From the
                                   broker, corr may hold a probe token: echo it at once;
-                                  a quiet peer's beat says {"next_ms": int}
+                                  a quiet peer's beat says {"next_ms": int}; a worker's
+                                  says {"busy": true} when it took a task since its last
+                                  (its calls may go over the scheduler's direct line)
     WHO        broker -> peer     {} ; "I do not know you" (after a broker restart): say HELLO again
     BYE        peer -> broker     {} ; leaving on purpose
     REQUEST    peer -> peer       {"op": str, ...}; exactly one REPLY or ERROR comes back

@@ -387,6 +387,7 @@ class Worker:
             self._hand_back(task.get("id"), task.get("attempt"), "busy")
 
     def _start(self, ctx: TaskContext) -> None:
+        self._link.working()
         self._current = ctx
         self._started_ids.append((ctx.id, ctx.attempt))
         self._ready_due = None

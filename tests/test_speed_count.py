@@ -1,5 +1,5 @@
 """What a no-op task costs on the bus (loadtest/count.py), and the heartbeat answered at
-once (protocol/peer.py)."""
+once and saying a worker works (protocol/peer.py)."""
 
 from __future__ import annotations
 
@@ -69,6 +69,47 @@ def test_a_welcomed_peer_answers_the_brokers_heartbeat_at_once():
         assert answer[0] == rid and answer[2] == wire.HEARTBEAT
         # Its own beat waits until the broker has been silent past an interval.
         assert link.next_beat >= before + link.interval
+    finally:
+        link.close()
+        broker.close(linger=0)
+        ctx.term()
+
+
+def test_a_worker_that_took_work_says_so_in_its_beats_at_once_when_quiet():
+    """Its calls go over the scheduler's direct line, so its beats tell the broker it
+    works (a peer without calls is beaten as a quiet one, and found lost later)."""
+    ctx = zmq.Context()
+    broker = ctx.socket(zmq.ROUTER)
+    broker.setsockopt(zmq.LINGER, 0)
+    endpoint = f"inproc://busy-{time.monotonic_ns()}"
+    broker.bind(endpoint)
+    link = BusLink(ctx, endpoint, "w-busy", "worker", interval=30.0)
+    try:
+        def heard():
+            return recv_frames(broker)
+
+        rid = wait_for(heard, 10, "the HELLO")[0]
+        send_frames(broker, [rid, *wire.frames(wire.WELCOME, wire.BROKER, b"hello",
+                                                {"heartbeat_ms": 30000}, role=b"broker")])
+        wait_for(lambda: link.socket.poll(0) and (link.receive() or True) and link.welcomed,
+                 10, "the WELCOME")
+
+        def beat(body: dict | None = None) -> list:
+            send_frames(broker, [rid, *wire.frames(wire.HEARTBEAT, wire.BROKER, b"", body,
+                                                    role=b"broker")])
+            wait_for(lambda: link.socket.poll(0) and link.receive() is None, 10, "the beat")
+            return wait_for(heard, 10, "the answer")
+
+        link.working()  # beaten normally: the next answer says it, nothing sent now
+        assert recv_frames(broker) is None
+        assert wire.decode_body(beat()[-1]) == {"busy": True}
+        assert beat()[-1] == b""  # nothing taken since
+        beat({"next_ms": 90000})  # now quiet: beaten every 90 s
+        link.working()
+        told = wait_for(heard, 10, "the busy beat, unprompted")
+        assert told[2] == wire.HEARTBEAT and wire.decode_body(told[-1]) == {"busy": True}
+        link.working()  # once per beat
+        assert recv_frames(broker) is None
     finally:
         link.close()
         broker.close(linger=0)

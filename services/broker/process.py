@@ -118,6 +118,8 @@ class Broker:
         source = peer.label
         if msg.type == wire.HEARTBEAT:
             self.flows[source, "broker", wire.HEARTBEAT] += 1
+            if msg.body:  # "busy": a worker whose calls go over the scheduler's own line
+                peer.active = now
             if msg.corr:  # the echo of a probe (a peer's own beats carry no token)
                 self.table.echoed(peer, msg.corr)
             return
