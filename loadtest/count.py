@@ -61,11 +61,14 @@ def drive(home: str, tasks: int, agents: int, mode: str, tokens: int = 0) -> int
     return len(failed)
 
 
-def flows(client: Client) -> tuple[dict, dict]:
-    """(broker flows {(from, to, type): n}, fan-in {publisher: {batches, events, acks}})."""
+def flows(client: Client) -> tuple[dict, dict, dict]:
+    """(broker flows {(from, to, type): n}, fan-in {publisher: {batches, events, acks}},
+    the scheduler's direct line's flows {(from, to, type): n})."""
     status = client.call("broker", "broker.status")
     routed = {(f["from"], f["to"], f["type"]): f["count"] for f in status.get("flows", [])}
-    return routed, client.call("events", "events.status").get("fan_in", {})
+    line = client.call("scheduler", "scheduler.status").get("direct_line") or {}
+    direct = {(f["from"], f["to"], f["type"]): f["count"] for f in line.get("flows", [])}
+    return routed, client.call("events", "events.status").get("fan_in", {}), direct
 
 
 def settled_flows(client: Client, timeout: float = 10.0) -> tuple[dict, dict]:
@@ -76,13 +79,24 @@ def settled_flows(client: Client, timeout: float = 10.0) -> tuple[dict, dict]:
     deadline = time.monotonic() + timeout
     previous = None
     while True:
-        routed, fan_in = flows(client)
+        routed, fan_in, direct = flows(client)
         answered = all(n == routed.get((dst, src, "REPLY"), 0) + routed.get((dst, src, "ERROR"), 0)
                        for (src, dst, type_), n in routed.items()
                        if type_ == "REQUEST" and dst != "broker")  # it answers its own
         if (answered and fan_in == previous) or time.monotonic() > deadline:
-            return routed, fan_in
+            return routed, fan_in, direct
         previous = fan_in
+        time.sleep(0.05)
+
+
+def on_line(client: Client, workers: int, timeout: float = 10.0) -> int:
+    """Wait until every worker has taken the scheduler's direct line (each takes it as it
+    first reports); how many have, when they all have or at `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        line = client.call("scheduler", "scheduler.status").get("direct_line") or {}
+        if line.get("workers", 0) >= workers or time.monotonic() > deadline:
+            return line.get("workers", 0)
         time.sleep(0.05)
 
 
@@ -162,6 +176,11 @@ def markdown(result: dict) -> str:
     lines += [f"| {r['from']} | {r['to']} | {r['type']} | {r['per_task']} |"
               for r in result["routed"]]
     lines.append(f"| **all routed** | | | **{result['routed_per_task']}** |")
+    lines += ["", "| scheduler's direct line: from | to | type | per task |",
+              "| --- | --- | --- | --- |"]
+    lines += [f"| {r['from']} | {r['to']} | {r['type']} | {r['per_task']} |"
+              for r in result["direct"]]
+    lines.append(f"| **all direct** | | | **{result['direct_per_task']}** |")
     lines += ["", "| publisher → events | batches/task | events/task | acks/task |",
               "| --- | --- | --- | --- |"]
     lines += [f"| {r['publisher']} | {r['batches_per_task']} | {r['events_per_task']} | "
@@ -189,6 +208,7 @@ def run(args) -> dict:
         drive(home, max(args.workers * 4, args.agents), args.agents, "one",
               args.tokens)  # warm-up
         with Client(home, timeout=30) as client:
+            on_line(client, args.workers)
             before = settled_flows(client)
         agents = subprocess.Popen(
             [sys.executable, "-c", "import sys, os; from cortex.loadtest.count import "
@@ -217,10 +237,13 @@ def run(args) -> dict:
             after = settled_flows(client)  # the last events have reached the router
     routed = hop_table(before[0], after[0], args.tasks)
     hops = [r for r in routed if r["type"] != "HEARTBEAT"]
+    direct = hop_table(before[2], after[2], args.tasks)
     result = {"tasks": args.tasks, "agents": args.agents, "workers": args.workers,
               "mode": args.mode, "tokens": args.tokens, "failed": failed, "wall_s": round(wall, 3),
               "routed": routed,
               "routed_per_task": round(sum(r["messages"] for r in hops) / args.tasks, 3),
+              "direct": direct,
+              "direct_per_task": round(sum(r["messages"] for r in direct) / args.tasks, 3),
               "fan_in": fan_in_table(before[1], after[1], args.tasks), "syscalls": syscalls}
     if not strace:
         result["syscalls_note"] = ("skipped (--no-strace)" if args.no_strace

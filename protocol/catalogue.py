@@ -358,12 +358,14 @@ OPERATIONS = [
         F("result", Json()), F("error", ERROR), F("tokens_used", AMOUNT, default=0),
         F("started_at", Num(0, 1e11)), F("finished_at", Num(0, 1e11)),
         F("cpu_s", Num(0, 1e7), default=0.0), F("rss_mb", Num(0, 1e7), default=0.0),
-        F("mem_mb", Num(0, 1e7), default=0.0), F("fold", Bool(), default=False)),
+        F("mem_mb", Num(0, 1e7), default=0.0), F("fold", Bool(), default=False),
+        F("direct", Bool(), default=False)),
         "a task's end; re-sent until acknowledged (`fold`: the reply may carry the "
         "worker's next prefetched task as `run`)"),
     Operation("worker.ready", "scheduler", wire.NOTIFY, WORKER, (
         F("types", TYPES, True), F("pid", Int(0, 2**31 - 1), default=0),
-        F("done", Int(0, wire.MAX_INT), default=0)), "idle and able to take a task"),
+        F("done", Int(0, wire.MAX_INT), default=0), F("direct", Bool(), default=False)),
+        "idle and able to take a task (`direct`: it can take the direct line, see worker.direct)"),
     Operation("worker.leaving", "scheduler", wire.NOTIFY, WORKER, (
         F("reason", Str(64), default="stopping"),), "stop dispatching to me"),
     Operation("task.started", "scheduler", wire.NOTIFY, WORKER, (
@@ -371,8 +373,8 @@ OPERATIONS = [
         "a task still running after a moment"),
     Operation("task.heartbeat", "scheduler", wire.NOTIFY, WORKER, (
         F("id", TASK_ID, True), F("attempt", ATTEMPT, True), F("types", TYPES),
-        F("tokens_used", AMOUNT, default=0), F("pid", Int(0, 2**31 - 1), default=0)),
-        "while a handler runs"),
+        F("tokens_used", AMOUNT, default=0), F("pid", Int(0, 2**31 - 1), default=0),
+        F("direct", Bool(), default=False)), "while a handler runs"),
     Operation("task.rejected", "scheduler", wire.NOTIFY, WORKER, (
         F("id", TASK_ID, True), F("attempt", ATTEMPT, True),
         F("reason", Choice(("stopping", "busy", "sync")), True)),
@@ -416,6 +418,10 @@ OPERATIONS = [
         senders=frozenset({"scheduler"})),
     Operation("task.cancel", "worker", wire.NOTIFY, SERVICE, (
         F("id", TASK_ID, True), F("attempt", ATTEMPT, True)), "stop this task",
+        senders=frozenset({"scheduler"})),
+    Operation("worker.direct", "worker", wire.NOTIFY, SERVICE, (
+        F("token", Str(64), True),),
+        "say HELLO with this token on the scheduler's direct line (`run/work.sock`)",
         senders=frozenset({"scheduler"})),
     Operation("worker.sync", "worker", wire.NOTIFY, SERVICE, (),
               "after a scheduler restart: what do you run?",

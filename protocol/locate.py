@@ -75,6 +75,13 @@ def key_file(home: Path) -> Path | None:
     return own if os.access(own, os.R_OK) else None
 
 
+def direct_endpoint(bus: str) -> str | None:
+    """The scheduler's direct line to local workers (`work.sock` beside an ipc bus's
+    socket); None when the bus is not ipc (workers on other machines use the bus)."""
+    path = ipc_path(bus)
+    return None if path is None else ipc(path.with_name("work.sock"))
+
+
 def ipc_path(endpoint: str) -> Path | None:
     """The socket file behind an ipc:// endpoint (None for any other transport)."""
     return Path(endpoint[len("ipc://"):]) if endpoint.startswith("ipc://") else None

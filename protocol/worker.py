@@ -17,9 +17,14 @@ called `run()`, with no hand-off to another thread (two wake-ups a task fewer); 
 that runs longer than a moment has the bus kept meanwhile by a keeper thread: heartbeats
 to the broker, task heartbeats to the scheduler, progress, cancels, recalls, token
 requests. The keeper looks every 50 ms while tasks run and sleeps after a second
-without one. Messages to and from the scheduler (ops, all NOTIFY unless
+without one. On the scheduler's machine a worker takes the scheduler's direct line
+(direct.py) once offered, and its messages to and from the scheduler go there instead
+of through the broker. Messages to and from the scheduler (ops, all NOTIFY unless
 marked REQUEST):
-    worker.ready {type, pid, done}        worker -> scheduler   idle and able to take a task
+    worker.ready {type, pid, done, direct} worker -> scheduler  idle and able to take a task
+                                                                (`direct`: can take the line)
+    worker.direct {token}                 scheduler -> worker   (over the bus) HELLO on the
+                                                                line with this token
     worker.leaving {}                     worker -> scheduler   stop dispatching to me
     worker.sync {}                        scheduler -> worker   (after its restart) your state?
     task.run {task, prefetch}             scheduler -> worker   run this task (attempt included;
@@ -53,6 +58,7 @@ import zmq
 
 from . import locate, wire
 from .calls import Call, Request, Session
+from .direct import SchedulerLine
 from .handling import BudgetExceeded, Cancelled, TaskMemory, run_task
 from .peer import BusLink, keys_for, make_socket, poll_ms, send_frames, unique_name
 from .vocabulary import PRIORITY_RANK
@@ -181,6 +187,8 @@ class Worker:
         self._poller = zmq.Poller()
         self._poller.register(self._link.socket, zmq.POLLIN)
         self._poller.register(self._inbox, zmq.POLLIN)
+        # The scheduler's direct line (direct.py), on this machine only: an ipc bus.
+        self._line = SchedulerLine(self._ctx, endpoint, self.name, self._poller)
         self._announced_leaving = False
         # Prefetched tasks, to start when the current one ends (the highest priority
         # first), and the last ones started (a recall asks whether one of them started).
@@ -279,7 +287,9 @@ class Worker:
         self._stopping = True
 
     def _send(self, op: str, body: dict, type_=wire.NOTIFY, corr: bytes = b"") -> None:
-        self._link.send(type_, b"scheduler", corr, {"op": op, **body})
+        body = {"op": op, **body}
+        if not self._line.send(type_, corr, body):
+            self._link.send(type_, b"scheduler", corr, body)
 
     def _ask(self, request: Request, on_settled) -> None:
         """Start a call; `on_settled(call)` runs when it is answered or gives up."""
@@ -289,7 +299,7 @@ class Worker:
 
     def _send_due(self, call: Call, now: float) -> None:
         frames = call.frames_due(now)
-        if frames is not None:
+        if frames is not None and not self._line.send_frames(frames):
             send_frames(self._link.socket, frames, block=True)
 
     def _tend_calls(self, now: float) -> float:
@@ -319,8 +329,8 @@ class Worker:
             self._run(call.value["run"], prefetch=True)  # our next task, on the reply
 
     def _ready(self) -> None:
-        self._send("worker.ready", {"types": list(self.handlers), "pid": os.getpid(),
-                                    "done": self.done})
+        self._send("worker.ready", self._line.asking(
+            {"types": list(self.handlers), "pid": os.getpid(), "done": self.done}))
         # Repeated while idle: it re-registers us after a scheduler restart and tells the
         # scheduler a task.run lost on the way never arrived.
         self._idle_ready_due()
@@ -367,7 +377,10 @@ class Worker:
             self._held = [c for c in self._held if c.id != body.get("id")]  # never starts
         elif op == "task.recall":
             self._recall(body.get("id"), body.get("attempt"))
+        elif op == "worker.direct":
+            self._line.take(body.get("token"))
         elif op == "worker.sync":
+            self._line.drop()  # a restarted scheduler knows no line: answer on the bus
             if self._current is None:
                 self._ready()
             else:
@@ -425,9 +438,9 @@ class Worker:
 
     def _task_beat(self) -> None:
         ctx = self._current
-        self._send("task.heartbeat", {"id": ctx.id, "attempt": ctx.attempt,
-                                      "types": list(self.handlers),
-                                      "tokens_used": ctx.tokens_used, "pid": os.getpid()})
+        self._send("task.heartbeat", self._line.asking(
+            {"id": ctx.id, "attempt": ctx.attempt, "types": list(self.handlers),
+             "tokens_used": ctx.tokens_used, "pid": os.getpid()}))
         self._next_task_beat = time.monotonic() + self.heartbeat
 
     def _on_handler(self, kind: str, data: dict) -> None:
@@ -454,9 +467,9 @@ class Worker:
             self.done += 1
             self._current = None
             self._started_due = None
-            self._ask(Request("scheduler", "task.finished",
-                              {"id": ctx.id, "attempt": ctx.attempt, "fold": True, **data},
-                              timeout=UNTIL_ACKNOWLEDGED), self._finish_settled)
+            self._ask(Request("scheduler", "task.finished", self._line.asking(
+                {"id": ctx.id, "attempt": ctx.attempt, "fold": True, **data}),
+                timeout=UNTIL_ACKNOWLEDGED), self._finish_settled)
             if self._should_leave():
                 self._give_back("stopping")
             elif self._held:
@@ -503,6 +516,7 @@ class Worker:
                 self._keeper_cond.notify()
             self._bus.release()
             self._keeper.join(timeout=5)
+            self._line.drop()
             self._link.close()
             self._inbox.close(linger=0)
             self._outbox.close(linger=0)
@@ -547,7 +561,8 @@ class Worker:
         for sock, _ in self._poller.poll(poll_ms(timeout)):
             if sock is self._inbox:
                 self._read_posts()
-            else:
-                msg = self._link.receive()
+            else:  # the bus, or the scheduler's direct line
+                msg = self._link.receive() if sock is self._link.socket else \
+                    self._line.receive()
                 if msg is not None:
                     self._on_bus(msg)

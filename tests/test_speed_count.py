@@ -123,12 +123,16 @@ def test_count_no_op_tasks_by_hop(tmp_path):
     result = run(args)
     assert result["failed"] == 0 and result["tasks"] == 40
     hops = {(r["from"], r["to"], r["type"]): r["messages"] for r in result["routed"]}
-    # One dispatch and one finished report (and its acknowledgement) per task; an idle
-    # worker taking back a prefetched task adds a task.recall to its holder; a prefetched
-    # task may ride on the reply to its worker's finish instead of a task.run of its own.
-    assert 0 < hops[("scheduler", "worker", "NOTIFY")] <= 2 * 40
-    assert hops[("worker", "scheduler", "REQUEST")] == 40
-    assert hops[("scheduler", "worker", "REPLY")] == 40
+    line = {(r["from"], r["to"], r["type"]): r["messages"] for r in result["direct"]}
+    # One dispatch and one finished report (and its acknowledgement) per task, on the
+    # scheduler's direct line, none through the broker; an idle worker taking back a
+    # prefetched task adds a task.recall to its holder; a prefetched task may ride on the
+    # reply to its worker's finish instead of a task.run of its own.
+    assert 0 < line[("scheduler", "worker", "NOTIFY")] <= 2 * 40
+    assert line[("worker", "scheduler", "REQUEST")] == 40
+    assert line[("scheduler", "worker", "REPLY")] == 40
+    assert not {k: n for k, n in hops.items() if "worker" in k[:2] and k[2] != "HEARTBEAT"}
+    assert result["direct_per_task"] >= 2
     assert hops[("client", "scheduler", "REQUEST")] >= 40
     assert hops[("scheduler", "client", "REPLY")] == hops[("client", "scheduler", "REQUEST")]
     fan_in = {r["publisher"]: r for r in result["fan_in"]}

@@ -138,7 +138,8 @@ def test_nobody_reads_no_file_of_the_home_and_is_refused_by_every_socket():
         assert as_nobody(read_files, [str(p) for p in files])["readable"] == []
 
         sockets = [str(p) for p in everything if p.is_socket()]
-        assert {"bus.sock", "events-in.sock", "events.sock"} <= {Path(p).name for p in sockets}
+        assert {"bus.sock", "events-in.sock", "events.sock", "work.sock"} <= {
+            Path(p).name for p in sockets}
         urls = []
         for name in ("metrics.url", "dashboard.url"):
             if (home / "run" / name).exists():

@@ -27,10 +27,11 @@ import traceback
 
 import zmq
 
-from cortex.protocol import wire
+from cortex.protocol import locate, wire
 from cortex.protocol.catalogue import Catalogue
 from cortex.protocol.peer import BusLink, has_message, own_keys, poll_ms, recv_frames
 from cortex.protocol.publisher import EventPublisher
+from cortex.services.runtime.direct import DirectLine
 from cortex.services.runtime.durable import remove_temp_files
 from cortex.services.runtime.effects import Effects
 from cortex.services.runtime.inbox import Inbox
@@ -81,6 +82,7 @@ class BusService:
     # Damaged journal records halt the service (its state would lose what they held);
     # a service that journals only its events may carry on instead.
     halt_on_damage = True
+    direct: DirectLine | None = None  # the scheduler's line to local workers
     name = "service"
     snapshot_name: str | None = None  # file under state/ for stateful services
 
@@ -116,6 +118,21 @@ class BusService:
         self.snapshot_lsn = -1  # journal position the last snapshot covered
         self.halted: dict | None = None  # journal damage: what, where, what to do
         self._journal_seen: tuple = ()
+
+    def open_direct_line(self) -> None:
+        """Take local workers' messages on a line of our own (direct.py), when the bus
+        is ipc (its workers are then on this machine)."""
+        endpoint = locate.direct_endpoint(self.rt.endpoints["bus"])
+        if endpoint is None:
+            return
+        self.rt.remove_socket(endpoint)  # left by a killed predecessor (we hold the lock)
+        self.direct = DirectLine(self.rt.ctx, endpoint, self.log)
+        self.poller.register(self.direct.socket, zmq.POLLIN)
+
+    def send(self, type_: bytes, peer: bytes, corr: bytes, body) -> None:
+        """To a peer: over the direct line when it is on it, else over the bus."""
+        if self.direct is None or not self.direct.send(type_, peer, corr, body):
+            self.link.send(type_, peer, corr, body)
 
     def _handler_table(self):
         """(catalogue, {(type, op): handler}) from the methods marked with @serves."""
@@ -391,7 +408,7 @@ class BusService:
             if held and held.holds(send[0]):  # never before a reply held for its peer
                 held.hold(held.last_generation, send)
             else:
-                self.link.send(send[1], send[0], send[2], send[3])
+                self.send(send[1], send[0], send[2], send[3])
         if acks and self.journal is not None:
             if self.journal.fsync == "group" and (held or self._busy()):
                 # A sync that ended since the release above still has its replies held:
@@ -407,13 +424,14 @@ class BusService:
                 self._commit(sync=True)
                 self._written = False
         for peer, type_, corr, body in acks:
-            self.link.send(type_, peer, corr, body)
+            self.send(type_, peer, corr, body)
         self.events.flush()
 
     def _busy(self) -> bool:
         """Is more work waiting (read, or on the bus)? Then the loop should not stop for
         a sync."""
-        return bool(self.inbox) or has_message(self.link.socket)
+        return bool(self.inbox) or has_message(self.link.socket) or (
+            self.direct is not None and has_message(self.direct.socket))
 
     def _sync_generation(self) -> int:
         """The sync that replies sent now must wait for: a new one if records were
@@ -437,7 +455,7 @@ class BusService:
                               syncer.error)
             raise SystemExit(70)
         for peer, type_, corr, body in self.held.release(syncer.synced):
-            self.link.send(type_, peer, corr, body)
+            self.send(type_, peer, corr, body)
 
     def settle_syncs(self) -> None:
         """Wait for the sync under way and send what it held (before the journal file
@@ -495,7 +513,8 @@ class BusService:
                 if self.events.socket in ready:
                     self.events.on_message()
                 self.on_sockets(ready, fx)
-                if self.link.socket in ready or self.inbox:
+                if self.link.socket in ready or self.inbox or (
+                        self.direct is not None and self.direct.socket in ready):
                     if self.read_turn(fx):
                         self._after_turn(fx)
                     self.flush(fx)
@@ -533,13 +552,22 @@ class BusService:
         inbox has anything. Refilled once it is empty (and, with lanes, every
         LOOK_EVERY_S of a turn): an empty socket costs a system call to find out, once per
         batch rather than once per message."""
-        while not self.inbox.full():
-            parts = recv_frames(self.link.socket)
-            if parts is None:
-                break
-            msg = self.link.accept(parts)  # None: control traffic
-            if msg is not None:
-                self.inbox.put(msg)
+        bus, direct = True, self.direct is not None
+        while (bus or direct) and not self.inbox.full():  # the two in turn
+            if bus:
+                parts = recv_frames(self.link.socket)
+                if parts is None:
+                    bus = False
+                else:
+                    msg = self.link.accept(parts)  # None: control traffic
+                    if msg is not None:
+                        self.inbox.put(msg)
+            if direct:
+                msg = self.direct.receive()  # None: nothing waits; False: handled there
+                if msg is None:
+                    direct = False
+                elif msg:
+                    self.inbox.put(msg)
         return bool(self.inbox)
 
     LANES = 1  # the inbox's lanes: a message's rank is the lane it is handled in
@@ -558,6 +586,9 @@ class BusService:
         finally:
             if self.syncer is not None:
                 self.syncer.close()
+            if self.direct is not None:
+                self.direct.close()
+                self.rt.remove_socket(self.direct.endpoint)
             self.events.flush()
             self.link.close()
             self.events.close()

@@ -66,6 +66,7 @@ class Scheduler(BusService):
         # type -> why its workers do not come (their group crash-loops), until one is ready
         self.crashing: dict[str, dict] = {}
         self.open_journal()
+        self.open_direct_line()  # local workers' run orders and finishes skip the broker
         # Workers that were busy when we stopped tell us what they run (worker.sync).
         self.link.send(wire.REQUEST, wire.BROKER, SYNC_CORR, {"op": "broker.peers"})
 
@@ -222,7 +223,8 @@ class Scheduler(BusService):
         fx.reply(msg.peer, msg.corr, self.state.status(now) | {
             "uptime": now.wall - self.rt.started, "bad_messages": self.bad_messages,
             "internal_errors": self.internal_errors, "pid": os.getpid(),
-            "events_unacked": self.events.unacked})
+            "events_unacked": self.events.unacked,
+            "direct_line": self.direct.status() if self.direct is not None else None})
 
     # -- workers -------------------------------------------------------------------------------
     @serves("task.finished")
@@ -231,12 +233,15 @@ class Scheduler(BusService):
         self.state.task_finished(fx, msg.peer.decode(), msg.peer, msg.corr, body, now)
         if body["fold"]:  # its next prefetch may ride on our reply
             self.finishes[msg.peer] = msg.corr
+        self.can_take_line(msg.peer, body)
+        self.offer_line(fx, msg.peer, now)
         self.critical_may_start(fx, now)
 
     @serves("worker.ready", wire.NOTIFY)
     def ready(self, fx: Effects, msg: wire.Message, body: dict, wall: float) -> None:
         for task_type in body["types"]:  # a worker of that type started after all
             self.crashing.pop(task_type, None)
+        self.can_take_line(msg.peer, body)
         self.from_worker(self.state.worker_ready, fx, msg, body, wall)
 
     @serves("task.started", wire.NOTIFY)
@@ -245,6 +250,7 @@ class Scheduler(BusService):
 
     @serves("task.heartbeat", wire.NOTIFY)
     def heartbeat(self, fx: Effects, msg: wire.Message, body: dict, wall: float) -> None:
+        self.can_take_line(msg.peer, body)
         self.from_worker(self.state.task_heartbeat, fx, msg, body, wall)
 
     @serves("task.progress", wire.NOTIFY)
@@ -267,7 +273,28 @@ class Scheduler(BusService):
                     ) -> None:
         now = self.now(wall)
         report(fx, msg.peer.decode(), body, now)
+        if self.state.registry.get(msg.peer.decode()) is None:  # gone (left, or refused)
+            self.forget_line(msg.peer)
+        else:
+            self.offer_line(fx, msg.peer, now)
         self.critical_may_start(fx, now)
+
+    # -- the direct line (runtime/direct.py) -------------------------------------------------
+    def can_take_line(self, name: bytes, body: dict) -> None:
+        if self.direct is not None and body["direct"]:
+            self.direct.peers.capable.add(name)
+
+    def offer_line(self, fx: Effects, name: bytes, now: Now) -> None:
+        """A worker that can take the line and is not on it gets a token (over the bus,
+        which delivers it to the name's holder alone)."""
+        if self.direct is not None:
+            token = self.direct.peers.offer(name, now.mono)
+            if token is not None:
+                fx.notify(name.decode(), {"op": "worker.direct", "token": token})
+
+    def forget_line(self, name: bytes) -> None:
+        if self.direct is not None:
+            self.direct.peers.forget(name)
 
     def critical_may_start(self, fx: Effects, now: Now) -> None:
         """A worker's report may have freed it: a queued critical task is dispatched now,
@@ -296,6 +323,7 @@ class Scheduler(BusService):
     def peer_lost(self, fx: Effects, msg: wire.Message, body: dict, wall: float) -> None:
         if body["role"] == "worker":
             now = self.now(wall)
+            self.forget_line(body["name"].encode())
             self.state.worker_gone(fx, body["name"], "lost (no heartbeat)", now, kill=True)
 
     @serves("ledger.budgets", wire.NOTIFY)
@@ -311,6 +339,7 @@ class Scheduler(BusService):
             for task_type in body["types"]:
                 self.crashing[task_type] = {"crash_looping": body["group"] or body["name"],
                                             "last_error": body["crashing"]}
+        self.forget_line(body["name"].encode())
         self.state.worker_gone(fx, body["name"], "exited", now)
 
     def after_turn(self, fx: Effects, wall: float) -> None:

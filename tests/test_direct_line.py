@@ -1,0 +1,203 @@
+"""The scheduler's direct line to the workers on its machine (services/runtime/direct.py):
+who may take it, what a stranger on it gets, and that work goes on over it through a
+scheduler's kill -9."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+import zmq
+
+from cortex.protocol import Client, wire
+from cortex.protocol.peer import make_socket
+from cortex.services.runtime.direct import DirectPeers
+from tests.conftest import wait_for
+from tests.trust_peers import RawPeer
+
+
+# -- who holds the line (pure) ---------------------------------------------------------------
+def test_an_offer_goes_only_to_a_worker_that_can_take_the_line_and_is_not_on_it():
+    peers = DirectPeers(reoffer_after=2.0)
+    assert peers.offer(b"w1", 0.0) is None  # never said it can
+    peers.capable.add(b"w1")
+    token = peers.offer(b"w1", 0.0)
+    assert token and len(token) == 32
+    assert peers.offer(b"w1", 1.0) is None  # one offer at a time
+    again = peers.offer(b"w1", 2.5)  # not taken: a new token replaces the old
+    assert again and again != token
+    assert not peers.hello(b"r1", b"w1", token)
+    assert peers.hello(b"r1", b"w1", again)
+    assert peers.offer(b"w1", 10.0) is None  # on the line
+
+
+def test_a_token_opens_the_line_once_and_only_for_the_name_it_was_offered_to():
+    peers = DirectPeers()
+    peers.capable.update({b"w1", b"w2"})
+    token = peers.offer(b"w1", 0.0)
+    assert not peers.hello(b"r9", b"w2", token)  # someone else's name
+    assert not peers.hello(b"r9", b"w1", token[:-1] + "0" if token[-1] != "0" else "1")
+    assert peers.hello(b"r1", b"w1", token)
+    assert not peers.hello(b"r2", b"w1", token)  # used up
+    assert peers.rid_of == {b"w1": b"r1"} and peers.name_of == {b"r1": b"w1"}
+
+
+def test_a_worker_reconnecting_takes_its_name_over_and_forget_leaves_nothing():
+    peers = DirectPeers(reoffer_after=0.0)
+    peers.capable.add(b"w1")
+    assert peers.hello(b"r1", b"w1", peers.offer(b"w1", 0.0))
+    peers.unbind(b"w1")  # its connection failed (a send found it gone)
+    assert peers.hello(b"r2", b"w1", peers.offer(b"w1", 1.0))
+    assert peers.rid_of == {b"w1": b"r2"} and peers.name_of == {b"r2": b"w1"}
+    peers.forget(b"w1")
+    assert not (peers.rid_of or peers.name_of or peers.tokens or peers.offered_at
+                or peers.capable)
+
+
+# -- on a real suite ----------------------------------------------------------------------------
+def line_status(home) -> dict:
+    with Client(home, timeout=30) as c:
+        return c.call("scheduler", "scheduler.status")["direct_line"]
+
+
+def line_socket(home) -> zmq.Socket:
+    sock = make_socket(zmq.Context.instance(), zmq.DEALER)
+    sock.connect(f"ipc://{home}/run/work.sock")
+    return sock
+
+
+def answer(sock: zmq.Socket, timeout_ms: int = 10_000) -> wire.Message:
+    assert sock.poll(timeout_ms), "no answer on the direct line"
+    return wire.parse(sock.recv_multipart())
+
+
+@pytest.mark.processes
+def test_workers_take_the_line_and_their_tasks_no_longer_pass_the_broker(suites):
+    suite = suites.start(workers=2)
+    with Client(suite.home, timeout=60) as c:
+        for n in range(6):
+            assert c.submit_and_wait("echo", "warm", payload=n)["state"] == "completed"
+        wait_for(lambda: line_status(suite.home)["workers"] == 2, 20,
+                 "both workers on the line")
+
+        def worker_hops():
+            flows = c.call("broker", "broker.status")["flows"]
+            return {(f["from"], f["to"], f["type"]): f["count"] for f in flows
+                    if "worker" in (f["from"], f["to"]) and f["type"] != "HEARTBEAT"}
+
+        def line_hops():
+            return {(f["from"], f["to"], f["type"]): f["count"]
+                    for f in line_status(suite.home)["flows"]}
+
+        broker_before, line_before = worker_hops(), line_hops()
+        ids = [c.submit("echo", "on the line", payload=n)["id"] for n in range(20)]
+        assert all(c.wait(i)["state"] == "completed" for i in ids)
+        assert worker_hops() == broker_before  # not one run, finish or answer routed
+        finishes = line_hops()[("worker", "scheduler", "REQUEST")] \
+            - line_before.get(("worker", "scheduler", "REQUEST"), 0)
+        assert finishes == 20
+
+
+@pytest.mark.processes
+def test_a_stranger_on_the_line_is_told_who_and_a_forged_token_opens_nothing(shared_suite):
+    home = shared_suite.home
+    before = line_status(home)
+    sock = line_socket(home)
+    try:
+        # An order before any HELLO: not read as anything, answered WHO.
+        sock.send_multipart(wire.frames(wire.REQUEST, b"scheduler", b"c1", {
+            "op": "task.finished", "id": "t-nope", "attempt": 1, "ok": True}))
+        assert answer(sock).type == wire.WHO
+        # A HELLO with a token never offered, as a worker that is on the bus.
+        with Client(home, timeout=30) as c:
+            name = c.call("scheduler", "worker.list")["workers"][0]["name"]
+        sock.send_multipart(wire.frames(wire.HELLO, b"scheduler", b"h1", {
+            "role": "worker", "name": name, "version": 2, "token": "0" * 32}))
+        refused = answer(sock)
+        assert refused.type == wire.ERROR and refused.decoded()["code"] == "unauthorized"
+        # Malformed: a HELLO without its token, a client's HELLO, a broken envelope.
+        for body in ({"role": "worker", "name": name, "version": 2},
+                     {"role": "client", "name": "x", "version": 2, "token": "a" * 32},
+                     {"role": "worker", "name": name, "token": 7}):
+            sock.send_multipart(wire.frames(wire.HELLO, b"scheduler", b"h2", body))
+            got = answer(sock)
+            assert got.type == wire.ERROR and got.decoded()["code"] == "bad_request"
+        sock.send_multipart([b"CX2", b"REQUEST"])
+        got = answer(sock)
+        assert got.type == wire.ERROR and got.decoded()["code"] == "bad_request"
+    finally:
+        sock.close(linger=0)
+    after = line_status(home)  # the scheduler serves on
+    assert after["refused"] >= before["refused"] + 2
+    assert after["malformed"] >= before["malformed"] + 4
+    with Client(home, timeout=30) as c:
+        assert c.submit_and_wait("echo", "still serving")["state"] == "completed"
+
+
+@pytest.mark.processes
+def test_only_the_name_the_broker_bound_gets_the_token_and_it_opens_the_line(suites):
+    """A raw worker asks for the line through the bus and takes it with the token the
+    scheduler sent to its name; its reports then arrive under that name. A client
+    cannot ask (worker.ready is a worker's)."""
+    home = suites.start(workers=1).home
+    client = RawPeer(home, "client")
+    worker = RawPeer(home, "worker")
+    sock = None
+    try:
+        client.notify("scheduler", {"op": "worker.ready", "types": ["echo"], "direct": True})
+        worker.notify("scheduler", {"op": "worker.ready", "types": ["nothing-runs-this"],
+                                    "direct": True})
+        offer = worker.receive(lambda m: m.type == wire.NOTIFY
+                               and m.decoded().get("op") == "worker.direct", 20)
+        assert offer.peer == b"scheduler" and offer.role == b"service"
+        token = offer.decoded()["token"]
+        sock = line_socket(home)
+        sock.send_multipart(wire.frames(wire.HELLO, b"scheduler", b"h", {
+            "role": "worker", "name": worker.name, "version": 2, "token": token}))
+        assert answer(sock).type == wire.WELCOME
+        # The same token again, on another connection: used up.
+        other = line_socket(home)
+        try:
+            other.send_multipart(wire.frames(wire.HELLO, b"scheduler", b"h", {
+                "role": "worker", "name": worker.name, "version": 2, "token": token}))
+            assert answer(other).decoded()["code"] == "unauthorized"
+        finally:
+            other.close(linger=0)
+        # On the line, the scheduler knows us by the broker's name for us.
+        sock.send_multipart(wire.frames(wire.NOTIFY, b"scheduler", b"", {
+            "op": "worker.leaving", "reason": "test"}))
+        with Client(home, timeout=30) as c:
+            wait_for(lambda: any(w["name"] == worker.name and w["state"] == "leaving"
+                                 for w in c.call("scheduler", "worker.list")["workers"]),
+                     20, "the raw worker leaving, as told on the line")
+            assert not any(w["name"] == client.name
+                           for w in c.call("scheduler", "worker.list")["workers"])
+        with pytest.raises(AssertionError):  # no offer ever reaches a client
+            client.receive(lambda m: m.type == wire.NOTIFY, 1.0)
+    finally:
+        if sock is not None:
+            sock.close(linger=0)
+        worker.close()
+        client.close()
+
+
+@pytest.mark.processes
+def test_after_a_scheduler_kill_work_goes_on_and_the_workers_take_the_new_line(suites):
+    suite = suites.start(workers=2, fsync="group")
+    with Client(suite.home, timeout=90) as c:
+        for n in range(6):
+            assert c.submit_and_wait("echo", "before", payload=n)["state"] == "completed"
+        wait_for(lambda: line_status(suite.home)["workers"] == 2, 20, "both on the line")
+        ids = [c.submit("echo", "across the kill", payload=n)["id"] for n in range(10)]
+        pid = c.call("scheduler", "scheduler.status")["pid"]
+        os.kill(pid, signal.SIGKILL)
+        ids += [c.submit("echo", "after the kill", payload=n)["id"] for n in range(10)]
+        finals = [c.wait(i) for i in ids]
+        assert [f["state"] for f in finals] == ["completed"] * 20
+        assert c.call("scheduler", "scheduler.status")["pid"] != pid
+        wait_for(lambda: line_status(suite.home)["workers"] == 2, 30,
+                 "both workers on the new scheduler's line")
+        more = [c.submit("echo", "on the new line", payload=n)["id"] for n in range(6)]
+        assert all(c.wait(i)["state"] == "completed" for i in more)
+    suites.seen(suite)
