@@ -61,17 +61,20 @@ def drive(home: str, tasks: int, agents: int, mode: str, tokens: int = 0) -> int
     return len(failed)
 
 
-def flows(client: Client) -> tuple[dict, dict, dict]:
+def flows(home: str) -> tuple[dict, dict, dict]:
     """(broker flows {(from, to, type): n}, fan-in {publisher: {batches, events, acks}},
-    the scheduler's direct line's flows {(from, to, type): n})."""
-    status = client.call("broker", "broker.status")
-    routed = {(f["from"], f["to"], f["type"]): f["count"] for f in status.get("flows", [])}
-    line = client.call("scheduler", "scheduler.status").get("direct_line") or {}
-    direct = {(f["from"], f["to"], f["type"]): f["count"] for f in line.get("flows", [])}
-    return routed, client.call("events", "events.status").get("fan_in", {}), direct
+    the scheduler's direct line's flows {(from, to, type): n}). A client of its own each
+    time: one that kept asking would take the line, and its asks would count there."""
+    with Client(home, timeout=30) as client:
+        status = client.call("broker", "broker.status")
+        routed = {(f["from"], f["to"], f["type"]): f["count"]
+                  for f in status.get("flows", [])}
+        line = client.call("scheduler", "scheduler.status").get("direct_line") or {}
+        direct = {(f["from"], f["to"], f["type"]): f["count"] for f in line.get("flows", [])}
+        return routed, client.call("events", "events.status").get("fan_in", {}), direct
 
 
-def settled_flows(client: Client, timeout: float = 10.0) -> tuple[dict, dict]:
+def settled_flows(home: str, timeout: float = 10.0) -> tuple[dict, dict, dict]:
     """`flows` at a moment when nothing is in flight: every request routed so far has had
     its reply routed, and the router's fan-in has not moved since the sample before. A
     lease settle caught between its request and its reply would otherwise count one hop in
@@ -79,7 +82,7 @@ def settled_flows(client: Client, timeout: float = 10.0) -> tuple[dict, dict]:
     deadline = time.monotonic() + timeout
     previous = None
     while True:
-        routed, fan_in, direct = flows(client)
+        routed, fan_in, direct = flows(home)
         answered = all(n == routed.get((dst, src, "REPLY"), 0) + routed.get((dst, src, "ERROR"), 0)
                        for (src, dst, type_), n in routed.items()
                        if type_ == "REQUEST" and dst != "broker")  # it answers its own
@@ -89,12 +92,13 @@ def settled_flows(client: Client, timeout: float = 10.0) -> tuple[dict, dict]:
         time.sleep(0.05)
 
 
-def on_line(client: Client, workers: int, timeout: float = 10.0) -> int:
+def on_line(home: str, workers: int, timeout: float = 10.0) -> int:
     """Wait until every worker has taken the scheduler's direct line (each takes it as it
     first reports); how many have, when they all have or at `timeout`."""
     deadline = time.monotonic() + timeout
     while True:
-        line = client.call("scheduler", "scheduler.status").get("direct_line") or {}
+        with Client(home, timeout=30) as client:
+            line = client.call("scheduler", "scheduler.status").get("direct_line") or {}
         if line.get("workers", 0) >= workers or time.monotonic() > deadline:
             return line.get("workers", 0)
         time.sleep(0.05)
@@ -207,9 +211,8 @@ def run(args) -> dict:
         home = str(target.home)
         drive(home, max(args.workers * 4, args.agents), args.agents, "one",
               args.tokens)  # warm-up
-        with Client(home, timeout=30) as client:
-            on_line(client, args.workers)
-            before = settled_flows(client)
+        on_line(home, args.workers)
+        before = settled_flows(home)
         agents = subprocess.Popen(
             [sys.executable, "-c", "import sys, os; from cortex.loadtest.count import "
              "drive; os.read(0, 1); sys.exit(min(1, drive(*sys.argv[1:2], "
@@ -233,8 +236,7 @@ def run(args) -> dict:
             if agents.poll() is None:
                 agents.kill()
                 agents.wait()
-        with Client(home, timeout=30) as client:
-            after = settled_flows(client)  # the last events have reached the router
+        after = settled_flows(home)  # the last events have reached the router
     routed = hop_table(before[0], after[0], args.tasks)
     hops = [r for r in routed if r["type"] != "HEARTBEAT"]
     direct = hop_table(before[2], after[2], args.tasks)

@@ -350,6 +350,9 @@ OPERATIONS = [
         F("description", Str(MAX_TEXT), True), F("words", Int(1, 20), default=5)),
         ("how a description would be routed: `type`, `confidence`, `runner_up`, `top`, "
          "and per top type the `words` that weighed most (error `unavailable`: no router)")),
+    Operation("line.open", "scheduler", wire.REQUEST, frozenset({"client"}), (),
+              "a token (`{token}`, good once) to say HELLO with on the scheduler's direct "
+              "line (`run/work.sock`); error `unavailable` where there is none (a tcp bus)"),
     Operation("model.train", "scheduler", wire.REQUEST, CLIENTS, (),
               "retrain now, in a child (`{started, reason}`: why it did not start)"),
     # -- scheduler: workers ----------------------------------------------------------------

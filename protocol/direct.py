@@ -1,11 +1,12 @@
-"""A worker's end of the scheduler's direct line (the scheduler's end, and why there is
-one: services/runtime/direct.py).
+"""A worker's or client's end of the scheduler's direct line (the scheduler's end, and
+why there is one: services/runtime/direct.py).
 
-The scheduler offers the line through the bus (`worker.direct {token}`); the worker
-connects a DEALER to `run/work.sock`, says HELLO with its name and the token, and once
-WELCOMEd sends everything for the scheduler on it, and hears the scheduler's orders and
-answers on it. A WHO or a refused HELLO (the scheduler restarted, or the token is
-stale) closes the line: the worker goes back to the bus and asks for a new offer.
+The scheduler offers the line through the bus (to a worker, `worker.direct {token}`; a
+client asks for it, `line.open`); the peer connects a DEALER to `run/work.sock`, says
+HELLO with its name, role and the token, and once WELCOMEd sends everything for the
+scheduler on it, and hears the scheduler's orders and answers on it. A WHO or a refused
+HELLO (the scheduler restarted, forgot an idle client, or the token is stale) closes the
+line: the peer goes back to the bus and asks again later.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import time
 import zmq
 
 from . import locate, wire
-from .peer import make_socket, recv_frames, send_frames
+from .peer import LINGER_MS, make_socket, recv_frames, send_frames
 
 log = logging.getLogger(__name__)
 
@@ -26,14 +27,15 @@ LINE_PATIENCE = 5.0  # seconds a HELLO may go unanswered before the worker asks 
 
 
 class DirectLink:
-    def __init__(self, ctx: zmq.Context, endpoint: str, name: str, token: str):
+    def __init__(self, ctx: zmq.Context, endpoint: str, name: str, token: str,
+                 role: str = "worker"):
         self.socket = make_socket(ctx, zmq.DEALER)
         self.socket.connect(endpoint)
         self.welcomed = False
         self.closed = False  # refused or told WHO: the owner drops it
         self.dropped = 0
         send_frames(self.socket, wire.frames(wire.HELLO, SCHEDULER, HELLO_CORR, {
-            "role": "worker", "name": name, "version": wire.VERSION, "token": token}))
+            "role": role, "name": name, "version": wire.VERSION, "token": token}))
 
     def send_frames(self, frames: list) -> bool:
         """Send a message meant for the scheduler; False when the line cannot take it
@@ -50,8 +52,10 @@ class DirectLink:
         """One message from the scheduler, or None (none waits, or it was the line's
         own: WELCOME, WHO, a refused HELLO)."""
         parts = recv_frames(self.socket)
-        if parts is None:
-            return None
+        return None if parts is None else self.accept(parts)
+
+    def accept(self, parts: list) -> wire.Message | None:
+        """A received message for the owner, or None (the line's own, or malformed)."""
         try:
             msg = wire.parse(parts)
         except wire.ProtocolError as e:
@@ -69,8 +73,14 @@ class DirectLink:
             return None
         return msg
 
-    def close(self) -> None:
-        self.socket.close(linger=0)
+    def close(self, bye: bool = False) -> None:
+        """`bye`: tell the scheduler first (a client closing), so it forgets us now."""
+        if bye and self.welcomed:
+            try:
+                send_frames(self.socket, wire.frames(wire.BYE, SCHEDULER))
+            except zmq.ZMQError:
+                pass
+        self.socket.close(linger=LINGER_MS if bye else 0)
 
 
 class SchedulerLine:

@@ -27,8 +27,8 @@ def test_an_offer_goes_only_to_a_worker_that_can_take_the_line_and_is_not_on_it(
     assert peers.offer(b"w1", 1.0) is None  # one offer at a time
     again = peers.offer(b"w1", 2.5)  # not taken: a new token replaces the old
     assert again and again != token
-    assert not peers.hello(b"r1", b"w1", token)
-    assert peers.hello(b"r1", b"w1", again)
+    assert not peers.hello(b"r1", b"w1", token, "worker")
+    assert peers.hello(b"r1", b"w1", again, "worker")
     assert peers.offer(b"w1", 10.0) is None  # on the line
 
 
@@ -36,19 +36,21 @@ def test_a_token_opens_the_line_once_and_only_for_the_name_it_was_offered_to():
     peers = DirectPeers()
     peers.capable.update({b"w1", b"w2"})
     token = peers.offer(b"w1", 0.0)
-    assert not peers.hello(b"r9", b"w2", token)  # someone else's name
-    assert not peers.hello(b"r9", b"w1", token[:-1] + "0" if token[-1] != "0" else "1")
-    assert peers.hello(b"r1", b"w1", token)
-    assert not peers.hello(b"r2", b"w1", token)  # used up
+    assert not peers.hello(b"r9", b"w2", token, "worker")  # someone else's name
+    assert not peers.hello(b"r9", b"w1", token[:-1] + ("0" if token[-1] != "0" else "1"),
+                           "worker")
+    assert not peers.hello(b"r9", b"w1", token, "client")  # offered to a worker
+    assert peers.hello(b"r1", b"w1", token, "worker")
+    assert not peers.hello(b"r2", b"w1", token, "worker")  # used up
     assert peers.rid_of == {b"w1": b"r1"} and peers.name_of == {b"r1": b"w1"}
 
 
 def test_a_worker_reconnecting_takes_its_name_over_and_forget_leaves_nothing():
     peers = DirectPeers(reoffer_after=0.0)
     peers.capable.add(b"w1")
-    assert peers.hello(b"r1", b"w1", peers.offer(b"w1", 0.0))
+    assert peers.hello(b"r1", b"w1", peers.offer(b"w1", 0.0), "worker")
     peers.unbind(b"w1")  # its connection failed (a send found it gone)
-    assert peers.hello(b"r2", b"w1", peers.offer(b"w1", 1.0))
+    assert peers.hello(b"r2", b"w1", peers.offer(b"w1", 1.0), "worker")
     assert peers.rid_of == {b"w1": b"r2"} and peers.name_of == {b"r2": b"w1"}
     peers.forget(b"w1")
     assert not (peers.rid_of or peers.name_of or peers.tokens or peers.offered_at
@@ -116,9 +118,13 @@ def test_a_stranger_on_the_line_is_told_who_and_a_forged_token_opens_nothing(sha
             "role": "worker", "name": name, "version": 2, "token": "0" * 32}))
         refused = answer(sock)
         assert refused.type == wire.ERROR and refused.decoded()["code"] == "unauthorized"
-        # Malformed: a HELLO without its token, a client's HELLO, a broken envelope.
+        # A client's HELLO with a token never given to it.
+        sock.send_multipart(wire.frames(wire.HELLO, b"scheduler", b"h1", {
+            "role": "client", "name": "x", "version": 2, "token": "a" * 32}))
+        assert answer(sock).decoded()["code"] == "unauthorized"
+        # Malformed: a HELLO without its token, as a service, a broken envelope.
         for body in ({"role": "worker", "name": name, "version": 2},
-                     {"role": "client", "name": "x", "version": 2, "token": "a" * 32},
+                     {"role": "service", "name": "scheduler", "version": 2, "token": "a" * 32},
                      {"role": "worker", "name": name, "token": 7}):
             sock.send_multipart(wire.frames(wire.HELLO, b"scheduler", b"h2", body))
             got = answer(sock)
@@ -129,7 +135,7 @@ def test_a_stranger_on_the_line_is_told_who_and_a_forged_token_opens_nothing(sha
     finally:
         sock.close(linger=0)
     after = line_status(home)  # the scheduler serves on
-    assert after["refused"] >= before["refused"] + 2
+    assert after["refused"] >= before["refused"] + 3
     assert after["malformed"] >= before["malformed"] + 4
     with Client(home, timeout=30) as c:
         assert c.submit_and_wait("echo", "still serving")["state"] == "completed"
@@ -201,3 +207,58 @@ def test_after_a_scheduler_kill_work_goes_on_and_the_workers_take_the_new_line(s
         more = [c.submit("echo", "on the new line", payload=n)["id"] for n in range(6)]
         assert all(c.wait(i)["state"] == "completed" for i in more)
     suites.seen(suite)
+
+
+# -- clients on the line ------------------------------------------------------------------------
+@pytest.mark.processes
+def test_a_client_that_keeps_calling_takes_the_line_and_leaves_it_when_closed(suites):
+    suite = suites.start(workers=2)
+    before = line_status(suite.home)
+    with Client(suite.home, timeout=30) as c:
+        results = [c.submit_and_wait("echo", "client on the line", payload=n)
+                   for n in range(8)]
+        assert [r["result"] for r in results] == list(range(8))
+        during = line_status(suite.home)
+        assert during["clients"] >= before["clients"] + 1
+        flows = {(f["from"], f["to"], f["type"]): f["count"] for f in during["flows"]}
+        assert flows[("client", "scheduler", "REQUEST")] >= 4  # its later calls
+        assert flows[("scheduler", "client", "REPLY")] >= 4
+        # Calls to other services still go over the bus, and work.
+        assert c.call("broker", "broker.status")["stats"]["routed"] >= 0
+    wait_for(lambda: line_status(suite.home)["clients"] == before["clients"], 10,
+             "the closed client's BYE on the line")
+
+
+@pytest.mark.processes
+def test_a_client_on_the_line_has_at_most_64_requests_waiting(suites):
+    """The broker's bound on a client holds on the line: held waits beyond 64 are
+    answered `too_many` at once, and the scheduler serves on."""
+    suite = suites.start(workers=1)
+    home = suite.home
+    with Client(home, timeout=30) as c:
+        sleeper = c.submit("sleep", "holds the waits", payload={"seconds": 60})["id"]
+    raw = RawPeer(home, "client")
+    sock = None
+    try:
+        kind, body = raw.request("scheduler", {"op": "line.open"})
+        assert kind == wire.REPLY
+        sock = line_socket(home)
+        sock.send_multipart(wire.frames(wire.HELLO, b"scheduler", b"h", {
+            "role": "client", "name": raw.name, "version": 2, "token": body["token"]}))
+        assert answer(sock).type == wire.WELCOME
+        for n in range(70):
+            sock.send_multipart(wire.frames(wire.REQUEST, b"scheduler", f"w{n}".encode(),
+                                            {"op": "task.wait", "id": sleeper, "hold": 30}))
+        refused = [answer(sock) for _ in range(6)]
+        assert {m.type for m in refused} == {wire.ERROR}
+        assert {m.decoded()["code"] for m in refused} == {"too_many"}
+        assert sorted(m.corr for m in refused) == sorted(f"w{n}".encode()
+                                                          for n in range(64, 70))
+        assert line_status(home)["too_many"] >= 6
+    finally:
+        if sock is not None:
+            sock.close(linger=0)
+        raw.close()
+        with Client(home, timeout=30) as c:
+            c.cancel(sleeper)
+            assert c.submit_and_wait("echo", "still serving")["state"] == "completed"

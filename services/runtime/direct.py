@@ -14,9 +14,16 @@ the sender, the role `worker`. A connection that has not said HELLO with a valid
 is answered WHO and nothing it sends is read as an order. Liveness stays the broker's:
 a worker it declares lost is forgotten here too.
 
-Everything sent to a worker the line does not know (or can no longer reach) goes over
-the bus, as before: a worker on another machine, or one that has not taken the line.
-`DirectPeers` holds the state (tokens, names, offers); `DirectLine` the socket.
+A client of this machine (the `Client` face) takes the line the same way, asking for its
+token over the bus (`line.open`): then its submits, waits and their answers skip the
+broker too. The broker's bounds on a client hold on the line: at most MAX_IN_FLIGHT
+requests waiting for replies (`too_many`), and a client silent on the line for
+CLIENT_IDLE is forgotten (it is told WHO when it speaks again and goes back to the bus).
+
+Everything sent to a peer the line does not know (or can no longer reach) goes over
+the bus, as before: a worker or client on another machine, or one that has not taken
+the line. `DirectPeers` holds the state (tokens, names, roles, offers, what waits for
+replies); `DirectLine` the socket.
 """
 
 from __future__ import annotations
@@ -36,23 +43,30 @@ REOFFER_AFTER = 2.0  # seconds before a worker that has not taken an offer gets 
 # only one that stopped reading gets near it: past it, its messages go over the bus,
 # which bounds a slow reader in bytes and cuts it off.
 SEND_HWM = 1000
-WORKER = b"worker"
 SCHEDULER = b"scheduler"
 SERVICE = b"service"
 HELLO_KEYS = frozenset({"role", "name", "version", "token"})
+LINE_ROLES = ("worker", "client")
+CLIENT = b"client"
+CLIENT_IDLE = 300.0  # seconds a client may be silent on the line before it is forgotten
 
 
 class DirectPeers:
     """Who holds the line: name <-> routing id, the tokens offered, the workers that can
     take it (they said so in a `worker.ready` or `task.heartbeat`)."""
 
-    def __init__(self, reoffer_after: float = REOFFER_AFTER):
+    def __init__(self, reoffer_after: float = REOFFER_AFTER,
+                 max_in_flight: int = wire.MAX_IN_FLIGHT):
         self.reoffer_after = reoffer_after
-        self.rid_of: dict[bytes, bytes] = {}  # worker name -> its connection's routing id
+        self.max_in_flight = max_in_flight
+        self.rid_of: dict[bytes, bytes] = {}  # peer name -> its connection's routing id
         self.name_of: dict[bytes, bytes] = {}
-        self.tokens: dict[bytes, str] = {}  # worker name -> the token offered to it
+        self.role_of: dict[bytes, bytes] = {}  # peer name -> b"worker" | b"client"
+        self.tokens: dict[bytes, tuple[str, str]] = {}  # name -> (token offered, role)
         self.offered_at: dict[bytes, float] = {}
         self.capable: set[bytes] = set()
+        self.waiting: dict[bytes, set[bytes]] = {}  # client -> corrs of unanswered requests
+        self.heard: dict[bytes, float] = {}  # client -> when last heard on the line
 
     def offer(self, name: bytes, mono: float) -> str | None:
         """A new token for a worker that can take the line and has not (None: no offer
@@ -61,27 +75,61 @@ class DirectPeers:
             return None
         if mono - self.offered_at.get(name, -1e18) < self.reoffer_after:
             return None
+        self.offered_at[name] = mono
+        return self.token_for(name, "worker")
+
+    def token_for(self, name: bytes, role: str) -> str:
+        """A fresh token for `name` in `role` (a client asks for its own: `line.open`)."""
         token = secrets.token_hex(16)
-        self.tokens[name], self.offered_at[name] = token, mono
+        self.tokens[name] = (token, role)
         return token
 
-    def hello(self, rid: bytes, name: bytes, token: str) -> bool:
-        """Bind a connection to the worker the token was offered to."""
+    def hello(self, rid: bytes, name: bytes, token: str, role: str, mono: float = 0.0
+              ) -> bool:
+        """Bind a connection to the peer the token was offered to, in its role."""
         offered = self.tokens.get(name)
-        if offered is None or not hmac.compare_digest(offered.encode(), token.encode()):
+        if offered is None or offered[1] != role \
+                or not hmac.compare_digest(offered[0].encode(), token.encode()):
             return False
         del self.tokens[name]  # once: a copy of the token opens nothing
         self.unbind(name)
         old = self.name_of.pop(rid, None)
         if old is not None:
-            self.rid_of.pop(old, None)
+            self.unbind(old)
         self.rid_of[name], self.name_of[rid] = rid, name
+        self.role_of[name] = role.encode()
+        if role == "client":
+            self.heard[name] = mono
         return True
+
+    def request_in(self, name: bytes, corr: bytes, mono: float) -> bool:
+        """A client's request arrived on the line: False when it has too many waiting
+        for replies already (a re-send of one of them is not another)."""
+        self.heard[name] = mono
+        waiting = self.waiting.setdefault(name, set())
+        if corr not in waiting and len(waiting) >= self.max_in_flight:
+            return False
+        waiting.add(corr)
+        return True
+
+    def answered(self, name: bytes, corr: bytes) -> None:
+        """A reply to `name` goes out (on either path)."""
+        waiting = self.waiting.get(name)
+        if waiting is not None:
+            waiting.discard(corr)
+            if not waiting:
+                del self.waiting[name]
+
+    def idle_clients(self, mono: float, idle: float = CLIENT_IDLE) -> list[bytes]:
+        return [name for name, at in self.heard.items() if mono - at > idle]
 
     def unbind(self, name: bytes) -> None:
         rid = self.rid_of.pop(name, None)
         if rid is not None:
             self.name_of.pop(rid, None)
+        self.role_of.pop(name, None)
+        self.heard.pop(name, None)
+        self.waiting.pop(name, None)
 
     def forget(self, name: bytes) -> None:
         """The worker is gone (lost, exited, leaving): nothing of it is kept."""
@@ -104,12 +152,12 @@ class DirectLine:
         raise_fd_limit()  # one connection per local worker
         self.guard = ConnectionGuard(self.socket, default_cap(), "work")
         self.socket.bind(endpoint)
-        self.stats = {"refused": 0, "malformed": 0, "fallbacks": 0}
+        self.stats = {"refused": 0, "malformed": 0, "fallbacks": 0, "too_many": 0}
         self.flows: Counter = Counter()  # (from, to, type) -> messages, as the broker's
 
-    def receive(self) -> wire.Message | None | bool:
-        """One message from a worker (its name and role stamped), None when nothing
-        waits, False for one handled here (a HELLO, something refused)."""
+    def receive(self, mono: float = 0.0) -> wire.Message | None | bool:
+        """One message from a worker or client (its name and role stamped), None when
+        nothing waits, False for one handled here (a HELLO, a BYE, something refused)."""
         parts = recv_frames(self.socket)
         if parts is None:
             return None
@@ -121,35 +169,52 @@ class DirectLine:
             self._answer(rid, wire.ERROR, b"", wire.error_body(e.code, e.message))
             return False
         if msg.type == wire.HELLO:
-            self._hello(rid, msg)
+            self._hello(rid, msg, mono)
             return False
         name = self.peers.name_of.get(rid)
         if name is None:  # never introduced, or forgotten (lost, or we restarted)
             self.stats["refused"] += 1
             self._answer(rid, wire.WHO, b"", b"")
             return False
+        role = self.peers.role_of[name]
+        if msg.type == wire.BYE:
+            self.peers.unbind(name)  # closing: what goes to it next goes over the bus
+            return False
         if msg.type not in (wire.REQUEST, wire.NOTIFY, wire.REPLY, wire.ERROR):
-            return False  # heartbeats and farewells belong to the bus
-        self.flows["worker", "scheduler", msg.type] += 1
-        return wire.Message(msg.type, name, msg.corr, msg.body, WORKER)
+            return False  # heartbeats belong to the bus
+        if role == CLIENT:
+            if msg.type != wire.REQUEST:
+                return False  # a client only asks
+            if not self.peers.request_in(name, msg.corr, mono):
+                self.stats["too_many"] += 1
+                self._answer(rid, wire.ERROR, msg.corr, wire.error_body(
+                    "too_many", f"{self.peers.max_in_flight} requests already wait for "
+                                "replies"))
+                return False
+        self.flows[role.decode(), "scheduler", msg.type] += 1
+        return wire.Message(msg.type, name, msg.corr, msg.body, role)
 
-    def _hello(self, rid: bytes, msg: wire.Message) -> None:
+    def forget_idle_clients(self, mono: float) -> None:
+        for name in self.peers.idle_clients(mono):
+            self.peers.unbind(name)
+
+    def _hello(self, rid: bytes, msg: wire.Message, mono: float) -> None:
         try:
             body = msg.decoded()
-            name, token = body.get("name"), body.get("token")
-            if set(body) - HELLO_KEYS or body.get("role") != "worker" \
+            name, token, role = body.get("name"), body.get("token"), body.get("role")
+            if set(body) - HELLO_KEYS or role not in LINE_ROLES \
                     or not wire.valid_name(name) or not isinstance(token, str) \
                     or not 0 < len(token) <= 64:
-                raise wire.ProtocolError("bad_request", "a direct HELLO is {role: worker, "
-                                                        "name, version, token}")
+                raise wire.ProtocolError("bad_request", "a direct HELLO is {role: worker "
+                                                        "or client, name, version, token}")
         except wire.ProtocolError as e:
             self.stats["malformed"] += 1
             self._answer(rid, wire.ERROR, msg.corr, wire.error_body(e.code, e.message))
             return
-        if not self.peers.hello(rid, name.encode(), token):
+        if not self.peers.hello(rid, name.encode(), token, role, mono):
             self.stats["refused"] += 1
             self._answer(rid, wire.ERROR, msg.corr, wire.error_body(
-                "unauthorized", "no such offer: take the direct line from worker.direct"))
+                "unauthorized", "no such offer: ask for the line (worker.direct, line.open)"))
             return
         self._answer(rid, wire.WELCOME, msg.corr, b"")
 
@@ -161,7 +226,9 @@ class DirectLine:
             pass  # gone already, or not reading: it learns on its next message
 
     def send(self, type_: bytes, peer: bytes, corr: bytes, body) -> bool:
-        """Send to a worker on the line; False when it is not on it (send over the bus)."""
+        """Send to a peer on the line; False when it is not on it (send over the bus)."""
+        if type_ in (wire.REPLY, wire.ERROR):
+            self.peers.answered(peer, corr)
         rid = self.peers.rid_of.get(peer)
         if rid is None:
             return False
@@ -176,11 +243,13 @@ class DirectLine:
             self.stats["fallbacks"] += 1
             self.peers.unbind(peer)
             return False
-        self.flows["scheduler", "worker", type_] += 1
+        self.flows["scheduler", self.peers.role_of[peer].decode(), type_] += 1
         return True
 
     def status(self) -> dict:
-        return {"workers": len(self.peers.rid_of), **self.stats,
+        roles = list(self.peers.role_of.values())
+        return {"workers": roles.count(b"worker"), "clients": roles.count(CLIENT),
+                **self.stats,
                 "flows": [{"from": src, "to": dst, "type": type_.decode(), "count": n}
                           for (src, dst, type_), n in sorted(self.flows.items())]}
 

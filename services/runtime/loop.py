@@ -563,7 +563,7 @@ class BusService:
                     if msg is not None:
                         self.inbox.put(msg)
             if direct:
-                msg = self.direct.receive()  # None: nothing waits; False: handled there
+                msg = self.direct.receive(time.monotonic())  # None: none; False: handled
                 if msg is None:
                     direct = False
                 elif msg:

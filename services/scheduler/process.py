@@ -30,6 +30,7 @@ from cortex.services.scheduler.trainer import Trainer
 SYNC_CORR = b"sync-peers"
 BUDGETS_CORR = b"budgets"  # our copy of the ledger's budgets (admission.py)
 BUDGETS_REFRESH = 2.0  # seconds between asks
+LINE_SWEEP = 10.0  # seconds between looks for clients gone silent on the direct line
 
 
 def load_router(model_dir: Path):
@@ -62,6 +63,7 @@ class Scheduler(BusService):
             self.settings.types.grace, time.monotonic())
         self.state.admission.know_budgets(self.settings.ledger.budgets)
         self.next_budgets = 0.0
+        self.next_line_sweep = 0.0
         self.finishes: dict[bytes, bytes] = {}  # worker -> its task.finished this turn
         # type -> why its workers do not come (their group crash-loops), until one is ready
         self.crashing: dict[str, dict] = {}
@@ -213,6 +215,16 @@ class Scheduler(BusService):
         except RoutingError as e:
             fx.error(msg.peer, msg.corr, "unavailable", str(e))
 
+    @serves("line.open")
+    def line_open(self, fx: Effects, msg: wire.Message, body: dict, wall: float) -> None:
+        """A client of this machine asks for the direct line (runtime/direct.py): its
+        token goes back over the bus, to the name the broker bound."""
+        if self.direct is None:
+            fx.error(msg.peer, msg.corr, "unavailable", "no direct line on a tcp bus")
+        else:
+            fx.reply(msg.peer, msg.corr, {"token": self.direct.peers.token_for(msg.peer,
+                                                                               "client")})
+
     @serves("model.train")
     def model_train(self, fx: Effects, msg: wire.Message, body: dict, wall: float) -> None:
         self.trainer.request(fx, msg.peer, msg.corr, self.now(wall).mono)
@@ -350,6 +362,9 @@ class Scheduler(BusService):
 
     def on_tick(self, fx: Effects, wall: float) -> float:
         now = self.now(wall)
+        if now.mono >= self.next_line_sweep and self.direct is not None:
+            self.direct.forget_idle_clients(now.mono)
+            self.next_line_sweep = now.mono + LINE_SWEEP
         if now.mono >= self.next_budgets:
             fx.sends.append((b"ledger", wire.REQUEST, BUDGETS_CORR, {"op": "ledger.status"}))
             self.next_budgets = now.mono + BUDGETS_REFRESH
