@@ -11,15 +11,12 @@ line: the peer goes back to the bus and asks again later.
 
 from __future__ import annotations
 
-import logging
 import time
 
 import zmq
 
 from . import locate, wire
-from .peer import LINGER_MS, make_socket, recv_frames, send_frames
-
-log = logging.getLogger(__name__)
+from .peer import LINGER_MS, make_socket, parse_or_drop, recv_frames, send_frames
 
 SCHEDULER = b"scheduler"
 HELLO_CORR = b"direct-hello"
@@ -56,11 +53,8 @@ class DirectLink:
 
     def accept(self, parts: list) -> wire.Message | None:
         """A received message for the owner, or None (the line's own, or malformed)."""
-        try:
-            msg = wire.parse(parts)
-        except wire.ProtocolError as e:
-            self.dropped += 1
-            log.warning("dropped a malformed message on the direct line: %s", e)
+        msg = parse_or_drop(parts, self, "the scheduler's direct line")
+        if msg is None:
             return None
         if msg.peer != SCHEDULER:
             self.dropped += 1

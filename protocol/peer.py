@@ -301,6 +301,17 @@ class TimedReceiver:
         return parts
 
 
+def parse_or_drop(parts: list, owner, source: str) -> wire.Message | None:
+    """The message in `parts`, or None when it breaks the envelope (counted in
+    `owner.dropped` and logged)."""
+    try:
+        return wire.parse(parts)
+    except wire.ProtocolError as e:
+        owner.dropped += 1
+        log.warning("dropped a malformed message from %s: %s", source, e)
+        return None
+
+
 def poll_ms(seconds: float | None) -> int | None:
     """A zmq poll timeout from seconds: rounded up, because pyzmq truncates a float to
     whole milliseconds and a deadline 0.4 ms away would make the loop spin until it."""
@@ -367,11 +378,8 @@ class BusLink:
 
     def accept(self, parts: list) -> wire.Message | None:
         """Consume control messages; return anything else for the owner."""
-        try:
-            msg = wire.parse(parts)
-        except wire.ProtocolError as e:
-            self.dropped += 1
-            log.warning("dropped malformed message from broker: %s", e)
+        msg = parse_or_drop(parts, self, "the broker")
+        if msg is None:
             return None
         self.last_heard = now = time.monotonic()
         if msg.type == wire.HEARTBEAT:

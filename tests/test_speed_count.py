@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from contextlib import contextmanager
 
 import pytest
 import zmq
@@ -40,17 +41,26 @@ def test_cpu_per_task_by_process_and_for_the_suite():
     assert cpu_per_task({"broker": 1.0}, 1.0, 0) == {}
 
 
-def test_a_welcomed_peer_answers_the_brokers_heartbeat_at_once():
+@contextmanager
+def a_broker_and_a_link(name: str):
+    """A ROUTER playing the broker and a worker's BusLink to it: (broker, link, heard),
+    `heard()` being the next message the broker has, or None."""
     ctx = zmq.Context()
     broker = ctx.socket(zmq.ROUTER)
     broker.setsockopt(zmq.LINGER, 0)
-    endpoint = f"inproc://beat-{time.monotonic_ns()}"
+    endpoint = f"inproc://{name}-{time.monotonic_ns()}"
     broker.bind(endpoint)
-    link = BusLink(ctx, endpoint, "w-beat", "worker", interval=30.0)
+    link = BusLink(ctx, endpoint, name, "worker", interval=30.0)
     try:
-        def heard():
-            return recv_frames(broker)
+        yield broker, link, lambda: recv_frames(broker)
+    finally:
+        link.close()
+        broker.close(linger=0)
+        ctx.term()
 
+
+def test_a_welcomed_peer_answers_the_brokers_heartbeat_at_once():
+    with a_broker_and_a_link("w-beat") as (broker, link, heard):
         hello = wait_for(heard, 10, "the HELLO")
         rid = hello[0]
         assert hello[2] == wire.HELLO
@@ -69,25 +79,12 @@ def test_a_welcomed_peer_answers_the_brokers_heartbeat_at_once():
         assert answer[0] == rid and answer[2] == wire.HEARTBEAT
         # Its own beat waits until the broker has been silent past an interval.
         assert link.next_beat >= before + link.interval
-    finally:
-        link.close()
-        broker.close(linger=0)
-        ctx.term()
 
 
 def test_a_worker_that_took_work_says_so_in_its_beats_at_once_when_quiet():
     """Its calls go over the scheduler's direct line, so its beats tell the broker it
     works (a peer without calls is beaten as a quiet one, and found lost later)."""
-    ctx = zmq.Context()
-    broker = ctx.socket(zmq.ROUTER)
-    broker.setsockopt(zmq.LINGER, 0)
-    endpoint = f"inproc://busy-{time.monotonic_ns()}"
-    broker.bind(endpoint)
-    link = BusLink(ctx, endpoint, "w-busy", "worker", interval=30.0)
-    try:
-        def heard():
-            return recv_frames(broker)
-
+    with a_broker_and_a_link("w-busy") as (broker, link, heard):
         rid = wait_for(heard, 10, "the HELLO")[0]
         send_frames(broker, [rid, *wire.frames(wire.WELCOME, wire.BROKER, b"hello",
                                                 {"heartbeat_ms": 30000}, role=b"broker")])
@@ -110,10 +107,6 @@ def test_a_worker_that_took_work_says_so_in_its_beats_at_once_when_quiet():
         assert told[2] == wire.HEARTBEAT and wire.decode_body(told[-1]) == {"busy": True}
         link.working()  # once per beat
         assert recv_frames(broker) is None
-    finally:
-        link.close()
-        broker.close(linger=0)
-        ctx.term()
 
 
 @pytest.mark.processes
