@@ -45,6 +45,17 @@ def test_a_token_opens_the_line_once_and_only_for_the_name_it_was_offered_to():
     assert peers.rid_of == {b"w1": b"r1"} and peers.name_of == {b"r1": b"w1"}
 
 
+def test_a_token_not_used_within_a_minute_is_stale_and_dropped():
+    peers = DirectPeers()
+    token = peers.token_for(b"c1", "client", 0.0)
+    assert not peers.hello(b"r1", b"c1", token, "client", 61.0)
+    peers.token_for(b"c2", "client", 100.0)
+    peers.idle_clients(120.0)
+    assert set(peers.tokens) == {b"c2"}  # c1's never used: not kept
+    peers.idle_clients(161.0)
+    assert peers.tokens == {}
+
+
 def test_a_worker_reconnecting_takes_its_name_over_and_forget_leaves_nothing():
     peers = DirectPeers(reoffer_after=0.0)
     peers.capable.add(b"w1")

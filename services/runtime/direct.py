@@ -49,6 +49,7 @@ HELLO_KEYS = frozenset({"role", "name", "version", "token"})
 LINE_ROLES = ("worker", "client")
 CLIENT = b"client"
 CLIENT_IDLE = 300.0  # seconds a client may be silent on the line before it is forgotten
+TOKEN_TTL = 60.0  # seconds an offered token stays good (one never used is not kept)
 
 
 class DirectPeers:
@@ -62,7 +63,8 @@ class DirectPeers:
         self.rid_of: dict[bytes, bytes] = {}  # peer name -> its connection's routing id
         self.name_of: dict[bytes, bytes] = {}
         self.role_of: dict[bytes, bytes] = {}  # peer name -> b"worker" | b"client"
-        self.tokens: dict[bytes, tuple[str, str]] = {}  # name -> (token offered, role)
+        # name -> (token offered, role, when): one per name, dropped when used or stale
+        self.tokens: dict[bytes, tuple[str, str, float]] = {}
         self.offered_at: dict[bytes, float] = {}
         self.capable: set[bytes] = set()
         self.waiting: dict[bytes, set[bytes]] = {}  # client -> corrs of unanswered requests
@@ -76,19 +78,19 @@ class DirectPeers:
         if mono - self.offered_at.get(name, -1e18) < self.reoffer_after:
             return None
         self.offered_at[name] = mono
-        return self.token_for(name, "worker")
+        return self.token_for(name, "worker", mono)
 
-    def token_for(self, name: bytes, role: str) -> str:
+    def token_for(self, name: bytes, role: str, mono: float) -> str:
         """A fresh token for `name` in `role` (a client asks for its own: `line.open`)."""
         token = secrets.token_hex(16)
-        self.tokens[name] = (token, role)
+        self.tokens[name] = (token, role, mono)
         return token
 
     def hello(self, rid: bytes, name: bytes, token: str, role: str, mono: float = 0.0
               ) -> bool:
         """Bind a connection to the peer the token was offered to, in its role."""
         offered = self.tokens.get(name)
-        if offered is None or offered[1] != role \
+        if offered is None or offered[1] != role or mono - offered[2] > TOKEN_TTL \
                 or not hmac.compare_digest(offered[0].encode(), token.encode()):
             return False
         del self.tokens[name]  # once: a copy of the token opens nothing
@@ -121,6 +123,10 @@ class DirectPeers:
                 del self.waiting[name]
 
     def idle_clients(self, mono: float, idle: float = CLIENT_IDLE) -> list[bytes]:
+        """The clients silent on the line past `idle`; stale tokens are dropped meanwhile
+        (a peer that asked and never came, so asking cannot fill the table)."""
+        for name in [n for n, t in self.tokens.items() if mono - t[2] > TOKEN_TTL]:
+            del self.tokens[name]
         return [name for name, at in self.heard.items() if mono - at > idle]
 
     def unbind(self, name: bytes) -> None:

@@ -222,8 +222,8 @@ class Scheduler(BusService):
         if self.direct is None:
             fx.error(msg.peer, msg.corr, "unavailable", "no direct line on a tcp bus")
         else:
-            fx.reply(msg.peer, msg.corr, {"token": self.direct.peers.token_for(msg.peer,
-                                                                               "client")})
+            token = self.direct.peers.token_for(msg.peer, "client", self.now(wall).mono)
+            fx.reply(msg.peer, msg.corr, {"token": token})
 
     @serves("model.train")
     def model_train(self, fx: Effects, msg: wire.Message, body: dict, wall: float) -> None:
