@@ -142,10 +142,13 @@ def tagged(tag: str, value: str) -> list[psutil.Process]:
     except psutil.Error:
         pass
     found = []
-    for proc in psutil.process_iter():
-        if proc.pid in mine:
+    # Fresh objects, not process_iter()'s cache: a cached one whose pid was reused reads
+    # the new process's environment but refuses to signal it (pids wrap at 32768 here).
+    for pid in psutil.pids():
+        if pid in mine:
             continue
         try:
+            proc = psutil.Process(pid)
             if proc.environ().get(tag) == value and proc.status() != psutil.STATUS_ZOMBIE:
                 found.append(proc)
         except (psutil.Error, OSError):
