@@ -456,3 +456,32 @@ def test_a_worker_report_ends_the_turn_only_when_a_critical_task_went_out():
     turn.critical_may_start(fx, sim.now)
     assert turn.end_turn and critical.state is State.DISPATCHED and not critical.prefetched
     assert [t["id"] for _, t in runs(fx)][0] == critical.id  # the low one may refill the slot
+
+
+def test_after_a_restart_a_task_its_live_worker_never_mentions_goes_back():
+    """In flight at a restart, on a worker that is alive and says so (ready while idle,
+    heartbeats of another task) but never names the task (its order or the reply carrying
+    it was lost with the old scheduler): the worker's beats do not keep it in flight. A
+    prefetched one goes back to the queue unstarted; one it should have been running is
+    retried."""
+    sim = Sim(prefetch=1)
+    long_, held = busy_with_prefetch(sim)
+    sim.ready("w2")
+    lost = sim.add(description="its run order was lost")
+    assert lost.worker == "w2" and not lost.prefetched
+    fresh = replay(sim.records, overrides={"prefetch": 1})
+    fresh.restore(sim.now)
+    sim.state = fresh
+    restarted = len(sim.effects)
+    for _ in range(int(wire.HEARTBEAT_LIVENESS) + 2):
+        # w1 runs its long task and says so; w2 is idle and says so, every beat.
+        sim.heartbeat("w1", fresh.tasks[long_.id])
+        sim.ready("w2")
+        sim.tick(HB)
+    sent = [(worker, task["id"], task["attempt"]) for fx in sim.effects[restarted:]
+            for worker, task in runs(fx)]
+    # Both are sent again (to whichever worker has room), the prefetched one unstarted.
+    assert any(t == held.id and attempt == 1 for _, t, attempt in sent), sent
+    assert any(t == lost.id and attempt == 2 for _, t, attempt in sent), sent
+    assert fresh.tasks[long_.id].state is State.RUNNING and fresh.tasks[long_.id].attempt == 1
+    check_invariants(fresh)

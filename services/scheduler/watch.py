@@ -6,7 +6,8 @@ flight)):
 - timeout: the attempt has run longer than the task's `timeout` since its dispatch (since
   the recovery, for a task in flight when the scheduler restarted);
 - silence: nothing heard of it (its start, a heartbeat, anything from its worker) for
-  `lost_after` seconds (three task heartbeats).
+  `lost_after` seconds (three task heartbeats). After a restart, only a report naming
+  the task counts until one comes: the worker's other messages do not.
 """
 
 from __future__ import annotations
@@ -51,7 +52,11 @@ class Watch:
                 continue
             seen = max(since, marks.heard or since) if marks is not None else since
             worker = registry.get(task.worker or "")
-            if worker is not None:
+            # A live worker vouches for its task, except for one in flight at a restart
+            # that it never named since: its order, or the reply carrying it, may have
+            # been lost with the old scheduler.
+            if worker is not None and not (marks is not None and marks.recovered
+                                           and marks.heard is None):
                 seen = max(seen, worker.last_seen)
             if now - seen > lost_after:
                 found.append((task, "silent", now - seen))
