@@ -485,3 +485,34 @@ def test_after_a_restart_a_task_its_live_worker_never_mentions_goes_back():
     assert any(t == lost.id and attempt == 2 for _, t, attempt in sent), sent
     assert fresh.tasks[long_.id].state is State.RUNNING and fresh.tasks[long_.id].attempt == 1
     check_invariants(fresh)
+
+
+def test_after_a_restart_a_worker_first_heard_with_recovered_tasks_is_asked_to_sync():
+    """The broker's list at our start may miss a worker (it was reconnecting): its first
+    message asks it to sync, so a prefetched task it holds comes back unstarted before
+    the watch could send it elsewhere. A worker with nothing recovered is not asked."""
+    sim = Sim(prefetch=1)
+    long_, held = busy_with_prefetch(sim)
+    sim.ready("w2")
+    lost = sim.add(description="its run order was lost")
+    fresh = replay(sim.records, overrides={"prefetch": 1})
+    fresh.restore(sim.now)
+    sim.state = fresh
+
+    def syncs(fx) -> list[str]:
+        return [p.decode() for p, t, _, b in fx.sends
+                if t == wire.NOTIFY and b.get("op") == "worker.sync"]
+
+    assert syncs(sim.heartbeat("w1", fresh.tasks[long_.id])) == ["w1"]
+    assert syncs(sim.heartbeat("w1", fresh.tasks[long_.id])) == []  # first contact only
+    assert syncs(sim.ready("w2")) == ["w2"]
+    assert syncs(sim.ready("w3")) == []
+    # w1 answers the sync as a worker does: what it holds comes back, same attempt.
+    sim.turn(fresh.task_rejected, "w1", {"id": held.id, "attempt": 1, "reason": "sync"},
+             sim.now)
+    assert fresh.tasks[held.id].attempt == 1 and not fresh.tasks[held.id].prefetched
+    for _ in range(int(wire.HEARTBEAT_LIVENESS) + 2):
+        sim.heartbeat("w1", fresh.tasks[long_.id])
+        sim.tick(HB)
+    assert fresh.tasks[lost.id].attempt == 2  # never named by w2: sent again
+    check_invariants(fresh)

@@ -74,6 +74,7 @@ class Reports:
         if worker is None:
             self.registry.register(fx, name, types, pid, now)
             self.scaler.registered(types, now.mono)
+            self._sync_if_recovered(fx, name)
             return
         worker.last_seen = now.mono
         if worker.state in (W.CLAIMED, W.LEAVING):
@@ -89,6 +90,16 @@ class Reports:
             self._unprefetch(fx, worker, now)  # idle: it holds nothing either
             self.registry.move(fx, worker, W.IDLE, now)
         worker.types, worker.pid = types, pid
+
+    def _sync_if_recovered(self, fx: Effects, name: str) -> None:
+        """A worker heard from for the first time since our restart, with tasks recovered
+        as its own: it is asked to sync (as every worker the broker knew at our start
+        was), so a prefetched task it holds comes back before it could start it, rather
+        than after the watch gave up on it and sent it elsewhere."""
+        marks = self.marks
+        if any(task.worker == name and (m := marks.get(task.id)) is not None and m.recovered
+               for task in self.watch.active.values()):
+            fx.notify(name, {"op": "worker.sync"})
 
     def worker_leaving(self, fx: Effects, name: str, body: dict, now: Now) -> None:
         """It stops (or recycles): it finishes the task in hand and gets no other."""
@@ -134,6 +145,7 @@ class Reports:
                 fx, name, _types(body), wire.field_int(body, "pid", required=False,
                                                        default=0),
                 now, busy=True, task=task.id if task is not None else None)
+            self._sync_if_recovered(fx, name)
         worker.last_seen = now.mono
         if task is None:
             return
