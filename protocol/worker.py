@@ -72,7 +72,6 @@ STARTED_DELAY = 0.02  # a handler still running after this is reported as starte
 TRUSTED_ROLES = (b"service", b"broker")
 TRUSTED_SENDERS = (b"scheduler", b"ledger", b"broker")
 MAX_HELD = 4  # prefetched tasks a worker keeps (the scheduler sends one at a time)
-MAX_WAITING_READ = 16  # looks at the sockets between a handler's end and its report
 # The keeper thread looks this often, while tasks run, whether a handler has run longer
 # than STARTED_DELAY (then it keeps the bus until the handler returns); after PARK_AFTER
 # with no handler running it sleeps until the next task starts.
@@ -239,26 +238,7 @@ class Worker:
                 self._post("release", {})
             self._bus.acquire()
         self._read_posts()  # what the handler posted last comes before its end
-        self._read_waiting()
         self._on_handler("done", outcome)
-
-    def _read_waiting(self) -> None:
-        """What the scheduler sent while the handler ran, read before its end is reported
-        and a held task starts: a recall that came in time gives the held task back (a
-        critical task then takes this worker, rather than waiting for the held task too);
-        the recall's answer goes out before the finish. A few µs when nothing waits."""
-        for _ in range(MAX_WAITING_READ):
-            ready = self._poller.poll(0)
-            if not ready:
-                return
-            for sock, _ in ready:
-                if sock is self._inbox:
-                    self._read_posts()
-                    continue
-                msg = self._link.receive() if sock is self._link.socket else \
-                    self._line.receive()
-                if msg is not None:
-                    self._on_bus(msg)
 
     def _read_posts(self) -> None:
         while True:

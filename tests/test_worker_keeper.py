@@ -104,36 +104,3 @@ def test_a_long_handler_gets_more_tokens_while_it_runs(suites):
         done = c.wait(task["id"], timeout=LONG)
         assert done["state"] == "completed", done
         assert done["result"] == 1500 and granted and granted[0] >= 1500
-
-
-def test_a_recall_that_came_while_a_short_handler_ran_gives_the_held_task_back(
-        probe_suite, monkeypatch):
-    """A handler too short for the keeper to serve the bus: the recall of the task held
-    next (a critical task came) waits unread until the handler returns. It is read before
-    the held task starts, so the critical task runs next and the held one after it."""
-    import cortex.protocol.worker as worker_module
-
-    monkeypatch.setattr(worker_module, "KEEPER_LOOK", 3600.0)  # the keeper never serves
-    order, release = [], threading.Event()
-
-    def handler(ctx):
-        order.append(ctx.description)
-        if ctx.payload == "hold":
-            release.wait(LONG)
-        return ctx.description
-
-    with OwnWorker(probe_suite.home, handler), Client(probe_suite.home, timeout=LONG) as c:
-        first = c.submit("probe", "first", payload="hold", priority="low", retries=0)
-        wait_for(lambda: order == ["first"], LONG, "the first task's handler")
-        held = c.submit("probe", "held", payload=None, priority="low", retries=0)
-        wait_for(lambda: c.status(held["id"])["prefetched"], LONG, "the prefetch")
-        urgent = c.submit("probe", "urgent", payload=None, priority="critical", retries=0)
-        wait_for(lambda: any(e["type"] == "task.recall" for e in
-                             events_of(probe_suite.home, held["id"])), LONG, "the recall")
-        release.set()
-        for task in (first, urgent, held):
-            done = c.wait(task["id"], timeout=LONG)
-            assert done["state"] == "completed" and done["attempt"] == 1, done
-    assert order == ["first", "urgent", "held"]
-    kinds = [e["type"] for e in events_of(probe_suite.home, held["id"])]
-    assert "task.recalled" in kinds, kinds
