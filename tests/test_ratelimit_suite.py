@@ -104,7 +104,9 @@ def test_a_provider_limit_is_never_exceeded_and_holds_no_other_provider(suites, 
         print(f"\nprovider limit: {AGENTS} tasks, at most {worst} requests in any "
               f"{WINDOW:g} s window (limit {PER_WINDOW}); spread over "
               f"{max(limited_times) - min(limited_times):.1f} s")
-        assert worst == PER_WINDOW  # reached, never passed
+        # Never passed; reached, or one short of it: whether the last slot of a window is
+        # used is a matter of timing (a loaded machine's tick comes a little late).
+        assert PER_WINDOW - 1 <= worst <= PER_WINDOW
         # Server side too: every limited request reached it once, none failed.
         assert len(server.of_model("limited")) == AGENTS
         # The free provider's tasks were never held by the limit, and all were counted
