@@ -482,7 +482,9 @@ class Board:
             fresh = live
         else:
             known = {e.get("id") for e in self.recent}
+            admission = self.queue.admission  # the router's counts, if its metrics are late
             self.fleet, self.queue, self.budgets = Fleet(), Queue(), Budgets()
+            self.queue.admission = admission
             self.recent = deque(recent, maxlen=RECENT_EVENTS)
             self.counts["events"] += sum(1 for e in recent if e.get("id") not in known)
             later = []
