@@ -466,6 +466,8 @@ class Dashboard:
             asked, wall = time.monotonic(), time.time()
             # At once: the sooner the ring is read, the fewer live events come before it.
             poll, recent = await asyncio.gather(self.ask_status(), self.recent_events())
+            if poll["metrics"] is None:  # its counts would wait for the next poll: ask again
+                poll["metrics"] = await self.ask("events", "events.metrics", {"buckets": True})
             self.held, rebuilding = None, True
             self.board.rebuild(poll, recent, held, asked, wall, time.monotonic())
             self.note_pids(poll)
