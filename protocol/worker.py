@@ -60,7 +60,7 @@ from . import locate, wire
 from .calls import Call, Request, Session
 from .direct import SchedulerLine
 from .handling import BudgetExceeded, Cancelled, TaskMemory, run_task
-from .peer import BusLink, keys_for, make_socket, poll_ms, send_frames, unique_name
+from .peer import BusLink, has_message, keys_for, make_socket, poll_ms, send_frames, unique_name
 from .vocabulary import PRIORITY_RANK
 
 log = logging.getLogger(__name__)
@@ -241,12 +241,9 @@ class Worker:
         self._on_handler("done", outcome)
 
     def _read_posts(self) -> None:
-        while True:
-            try:
-                raw = self._inbox.recv(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            self._on_handler(*msgpack.unpackb(raw, raw=False))
+        # Asked first: most handlers post nothing, and an empty receive costs more.
+        while has_message(self._inbox):
+            self._on_handler(*msgpack.unpackb(self._inbox.recv(), raw=False))
 
     def _keep_bus(self) -> None:
         begun, idle_since = -1, time.monotonic()
