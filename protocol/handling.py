@@ -13,7 +13,7 @@ import traceback
 
 import msgpack
 
-from . import errors
+from . import errors, wire
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,9 @@ def _kb_field(text: bytes, key: bytes) -> float:
 
 
 MAX_TRACEBACK = 16 * 1024  # bytes of a failed handler's traceback sent with its task
+# An outcome larger than this cannot go to the scheduler in one message (the rest of the
+# message, its id and timings, is far smaller than the room left).
+MAX_OUTCOME_BYTES = wire.MAX_MESSAGE_BYTES - 64 * 1024
 DETAIL_KINDS = (str, int, float, bool, type(None))
 
 
@@ -128,8 +131,14 @@ def run_task(handler, ctx, memory: TaskMemory) -> dict:
                    cpu_s=time.thread_time() - cpu0, tokens_used=ctx.tokens_used,
                    rss_mb=rss_mb, mem_mb=grew_mb)
     try:
-        msgpack.packb(outcome)
+        size = len(msgpack.packb(outcome))
     except (TypeError, ValueError) as e:  # it goes to the scheduler as msgpack
         outcome.update(ok=False, result=None, error={
             "category": "handler_error", "message": f"result not serialisable: {e}"})
+    else:
+        if size > MAX_OUTCOME_BYTES:  # the message would be refused: the task fails instead
+            outcome.update(ok=False, result=None, error={
+                "category": "handler_error",
+                "message": f"outcome of {size} bytes exceeds the {MAX_OUTCOME_BYTES}-byte "
+                           "limit of a task.finished"})
     return outcome

@@ -223,3 +223,18 @@ def test_an_idle_workers_ready_rides_on_a_heartbeat_yet_comes_within_the_silence
         worker._link.close()
         worker._inbox.close(linger=0)
         worker._outbox.close(linger=0)
+
+
+def test_a_result_too_large_for_a_message_fails_its_task_and_the_worker_goes_on(suites):
+    big = '[handlers]\nbig = { command = ["python3", "-c", "print(\'x\' * 2_000_000)"] }\n'
+    suite = suites.start(config=suite_config(1, types=("big", "echo"), tables=big))
+    with Client(suite.home, timeout=60) as c:
+        failed = c.wait(c.submit("big", "two megabytes of output", retries=0)["id"],
+                        timeout=60)
+        assert failed["state"] == "failed"
+        assert failed["error"]["category"] == "handler_error"
+        assert "exceeds" in failed["error"]["message"]
+        after = c.wait(c.submit("echo", "next", payload=1)["id"], timeout=60)
+        assert after["state"] == "completed" and after["worker"] == failed["worker"]
+        suites.seen(suite)
+    assert not [e for e in jsonl_events(suite.home) if e["type"] == "worker.exited"]
