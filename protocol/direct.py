@@ -79,11 +79,12 @@ class DirectLink:
 
 class SchedulerLine:
     """A worker's use of the line: offered, taken, dropped. Registers the link's socket
-    with the worker's poller while there is one."""
+    with the worker's pollers while there is one."""
 
-    def __init__(self, ctx: zmq.Context, bus_endpoint: str, name: str, poller: zmq.Poller):
+    def __init__(self, ctx: zmq.Context, bus_endpoint: str, name: str,
+                 pollers: tuple[zmq.Poller, ...]):
         self.endpoint = locate.direct_endpoint(bus_endpoint)  # None: not on this machine
-        self.ctx, self.name, self.poller = ctx, name, poller
+        self.ctx, self.name, self.pollers = ctx, name, pollers
         self.link: DirectLink | None = None
         self.since = 0.0
 
@@ -98,12 +99,14 @@ class SchedulerLine:
         self.drop()
         self.link = DirectLink(self.ctx, self.endpoint, self.name, token)
         self.since = time.monotonic()
-        self.poller.register(self.link.socket, zmq.POLLIN)
+        for poller in self.pollers:
+            poller.register(self.link.socket, zmq.POLLIN)
 
     def drop(self) -> None:
         """Back to the bus alone (the scheduler restarted, or refused the line)."""
         if self.link is not None:
-            self.poller.unregister(self.link.socket)
+            for poller in self.pollers:
+                poller.unregister(self.link.socket)
             self.link.close()
             self.link = None
 

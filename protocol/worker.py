@@ -184,11 +184,18 @@ class Worker:
         self._keeper_urgent = False
         self._closing = False
         self._memory = TaskMemory()
+        # The loop's thread waits on the bus alone: a handler's posts come while it runs
+        # the handler, and are read as it returns. The keeper, serving the bus while a
+        # handler runs, waits on the posts too. (Each socket a wait watches costs system
+        # calls on every wait: libzmq asks each one, before and after it blocks.)
         self._poller = zmq.Poller()
         self._poller.register(self._link.socket, zmq.POLLIN)
-        self._poller.register(self._inbox, zmq.POLLIN)
+        self._keeper_poller = zmq.Poller()
+        self._keeper_poller.register(self._link.socket, zmq.POLLIN)
+        self._keeper_poller.register(self._inbox, zmq.POLLIN)
         # The scheduler's direct line (direct.py), on this machine only: an ipc bus.
-        self._line = SchedulerLine(self._ctx, endpoint, self.name, self._poller)
+        self._line = SchedulerLine(self._ctx, endpoint, self.name,
+                                   (self._poller, self._keeper_poller))
         self._announced_leaving = False
         # Prefetched tasks, to start when the current one ends (the highest priority
         # first), and the last ones started (a recall asks whether one of them started).
@@ -272,7 +279,7 @@ class Worker:
             self._keeper_serving = True
             try:
                 while self._handler_since == since and not self._closing:
-                    self._serve_once(time.monotonic())
+                    self._serve_once(time.monotonic(), self._keeper_poller)
             except Exception:  # the loop's own thread meets it again, and stops
                 log.exception("the bus keeper stopped serving")
             finally:
@@ -525,10 +532,10 @@ class Worker:
             self._give_back("stopping")
             self._announced_leaving = True
 
-    def _serve_once(self, now: float) -> None:
+    def _serve_once(self, now: float, poller: zmq.Poller | None = None) -> None:
         """One turn of the bus: what is due (ready, beats, a task's start and heartbeat,
-        calls), then a wait for the bus or a handler's report and what it brings. Run by
-        the loop's thread, or by the keeper while a handler runs there."""
+        calls), then a wait for the bus (and, for the keeper, a handler's report) and what
+        it brings. Run by the loop's thread, or by the keeper while a handler runs there."""
         if self._ready_due is not None and now >= self._ready_due and not self._stopping:
             self._ready()
         timeout = self._link.tick(now)
@@ -555,7 +562,7 @@ class Worker:
             timeout = min(timeout, 0.2)
         if self._pending is not None:
             timeout = 0.0  # a task waits to start: only what is already here
-        for sock, _ in self._poller.poll(poll_ms(timeout)):
+        for sock, _ in (poller or self._poller).poll(poll_ms(timeout)):
             if sock is self._inbox:
                 self._read_posts()
             else:  # the bus, or the scheduler's direct line
