@@ -244,10 +244,8 @@ def recv_frames(sock: zmq.Socket) -> list[bytes] | None:
     Received straight away, never asked about first: asking (ZMQ_EVENTS) makes libzmq
     check its command pipe, a poll() and a getpid() per message, where a receive that
     finds a message makes none and only the last, empty one (zmq.Again) pays once per
-    batch. That receive also re-arms the socket's fd, as asking would. (Where one message
-    or none is the usual find, asking first is the cheaper: see the service loop's fill.)
-    Frames rather than bytes: a frame knows whether more follow (RCVMORE is an option
-    lookup)."""
+    batch. That receive also re-arms the socket's fd, as asking would. Frames rather
+    than bytes: a frame knows whether more follow (RCVMORE is an option lookup)."""
     try:
         frame = _recv(sock, _NOBLOCK, False)
     except zmq.Again:

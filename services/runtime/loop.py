@@ -49,13 +49,8 @@ TURN_SHARE = 0.25
 TURN_MAX_S = 0.05
 # A service with lanes also looks at the bus this often during a turn: an urgent message
 # (a critical submit, a worker's report) that arrives meanwhile is then handled next,
-# not after everything read before it. An empty look is one check per socket.
+# not after everything read before it. An empty look is one non-blocking receive.
 LOOK_EVERY_S = 0.002
-# A fill asks each socket whether a message waits for its first reads (ZMQ_EVENTS: a
-# poll() and a getpid(), ~2 us) rather than receiving until a receive fails (the same
-# calls plus pyzmq's zmq.Again, ~5 us, and more in a busy process): most turns below
-# saturation read one message per socket or none.
-ASK_ROUNDS = 2
 PREVIOUS_SUFFIX = ".prev"  # the snapshot before the newest
 BAD_SUFFIX = ".bad"  # an unreadable snapshot, set aside for the operator
 HALTED_CHECK = 1.0  # seconds between looks at a halted service's journal
@@ -555,20 +550,12 @@ class BusService:
     def _fill_inbox(self) -> bool:
         """Read what waits on the bus into the inbox, as far as it holds; whether the
         inbox has anything. Refilled once it is empty (and, with lanes, every
-        LOOK_EVERY_S of a turn). Finding a socket empty costs a system call either way;
-        for the first ASK_ROUNDS reads of a fill it is asked (ZMQ_EVENTS), which is
-        cheaper than a receive that fails (pyzmq raises zmq.Again), and after that a
-        batch is flowing and each socket is read until a receive finds it empty: a light
-        turn (one message, then none) pays the cheaper check, a busy one a single
-        failed receive per socket."""
+        LOOK_EVERY_S of a turn): an empty socket costs a system call to find out, once per
+        batch rather than once per message."""
         bus, direct = True, self.direct is not None
-        rounds = 0
         while (bus or direct) and not self.inbox.full():  # the two in turn
-            ask = rounds < ASK_ROUNDS
-            rounds += 1
             if bus:
-                parts = None if ask and not has_message(self.link.socket) else \
-                    recv_frames(self.link.socket)
+                parts = recv_frames(self.link.socket)
                 if parts is None:
                     bus = False
                 else:
@@ -576,8 +563,7 @@ class BusService:
                     if msg is not None:
                         self.inbox.put(msg)
             if direct:
-                msg = None if ask and not has_message(self.direct.socket) else \
-                    self.direct.receive(time.monotonic())  # None: none; False: handled
+                msg = self.direct.receive(time.monotonic())  # None: none; False: handled
                 if msg is None:
                     direct = False
                 elif msg:
