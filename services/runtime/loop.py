@@ -515,27 +515,30 @@ class BusService:
                 self.on_sockets(ready, fx)
                 if self.link.socket in ready or self.inbox or (
                         self.direct is not None and self.direct.socket in ready):
-                    if self.read_turn(fx):
+                    if self.read_turn(fx, ready):
                         self._after_turn(fx)
                     self.flush(fx)
         finally:
             self.shutdown()
 
-    def read_turn(self, fx: Effects) -> int:
+    def read_turn(self, fx: Effects, ready: dict | None = None) -> int:
         """Read what waits on the bus into the inbox (bounded), then handle it, urgent
         messages first, until the inbox is empty or the turn's time is up (the rest waits
         in the inbox for the next turn); returns how many messages were handled
         (heartbeats and other control traffic not counted, so a turn of beats alone asks
         for no work after it). A handler that sets `end_turn` (the scheduler admitting a
         critical task) ends the turn after its message, so its work is flushed without
-        waiting behind the rest."""
+        waiting behind the rest. `ready`: what the loop's poll found, so that the first
+        fill skips a socket the poll has just seen empty."""
         now_wall = time.time()
         turn_ends = time.monotonic() + self.turn_limit
         handled = 0
         self.end_turn = False
         look_every = LOOK_EVERY_S if self.LANES > 1 else math.inf
         next_look = time.monotonic() + look_every
-        while self._fill_inbox():
+        polled = ready
+        while self._fill_inbox(polled):
+            polled = None
             while self.inbox:
                 self._decode(fx, self.inbox.take(), now_wall)
                 handled += 1
@@ -547,12 +550,15 @@ class BusService:
                     next_look = now + look_every
         return handled
 
-    def _fill_inbox(self) -> bool:
+    def _fill_inbox(self, polled: dict | None = None) -> bool:
         """Read what waits on the bus into the inbox, as far as it holds; whether the
         inbox has anything. Refilled once it is empty (and, with lanes, every
         LOOK_EVERY_S of a turn): an empty socket costs a system call to find out, once per
-        batch rather than once per message."""
-        bus, direct = True, self.direct is not None
+        batch rather than once per message. A socket the loop's poll has just seen empty
+        (`polled`, its ready sockets) is not read: at light load, where a turn reads one
+        message, that is one failed receive fewer; what comes meanwhile is read next."""
+        bus = polled is None or self.link.socket in polled
+        direct = self.direct is not None and (polled is None or self.direct.socket in polled)
         while (bus or direct) and not self.inbox.full():  # the two in turn
             if bus:
                 parts = recv_frames(self.link.socket)
