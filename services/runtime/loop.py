@@ -528,17 +528,15 @@ class BusService:
         (heartbeats and other control traffic not counted, so a turn of beats alone asks
         for no work after it). A handler that sets `end_turn` (the scheduler admitting a
         critical task) ends the turn after its message, so its work is flushed without
-        waiting behind the rest. `ready`: what the loop's poll found, so that the first
-        fill skips a socket the poll has just seen empty."""
+        waiting behind the rest. `ready`: the poll's finds (see _fill_inbox)."""
         now_wall = time.time()
         turn_ends = time.monotonic() + self.turn_limit
         handled = 0
         self.end_turn = False
         look_every = LOOK_EVERY_S if self.LANES > 1 else math.inf
         next_look = time.monotonic() + look_every
-        polled = ready
-        while self._fill_inbox(polled):
-            polled = None
+        while self._fill_inbox(ready):
+            ready = None
             while self.inbox:
                 self._decode(fx, self.inbox.take(), now_wall)
                 handled += 1
@@ -554,9 +552,9 @@ class BusService:
         """Read what waits on the bus into the inbox, as far as it holds; whether the
         inbox has anything. Refilled once it is empty (and, with lanes, every
         LOOK_EVERY_S of a turn): an empty socket costs a system call to find out, once per
-        batch rather than once per message. A socket the loop's poll has just seen empty
-        (`polled`, its ready sockets) is not read: at light load, where a turn reads one
-        message, that is one failed receive fewer; what comes meanwhile is read next."""
+        batch rather than once per message. The turn's first fill skips a socket the
+        poll has just seen empty (not in `polled`): at light load, one failed receive
+        fewer; what comes meanwhile is read by the next fill."""
         bus = polled is None or self.link.socket in polled
         direct = self.direct is not None and (polled is None or self.direct.socket in polled)
         while (bus or direct) and not self.inbox.full():  # the two in turn
