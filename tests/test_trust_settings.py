@@ -4,6 +4,7 @@ import."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -47,8 +48,25 @@ MALFORMED = [
 ]
 
 
-def home_with(config: bytes) -> Path:
+_HOMES: list[Path] = []
+
+
+@pytest.fixture(autouse=True)
+def remove_homes():
+    """Each test's homes go with it (nothing in them runs: every start is refused)."""
+    yield
+    while _HOMES:
+        shutil.rmtree(_HOMES.pop(), ignore_errors=True)
+
+
+def new_home() -> Path:
     home = short_home("cxs")
+    _HOMES.append(home)
+    return home
+
+
+def home_with(config: bytes) -> Path:
+    home = new_home()
     (home / "cortex.toml").write_bytes(config)
     return home
 
@@ -102,7 +120,7 @@ def test_up_refuses_a_handler_it_cannot_import(capsys):
 
 @pytest.mark.processes
 def test_up_refuses_a_handler_whose_module_fails_or_lacks_the_function(capsys):
-    home = short_home("cxs")
+    home = new_home()
     (home / "h8_failing.py").write_text("raise RuntimeError('import-time failure')\n")
     (home / "h8_empty.py").write_text("x = 1\n")
     for spec, words in (("h8_failing:run", "import-time failure"),
