@@ -386,10 +386,14 @@ class Dashboard:
             *(self.ask(name, STATUS_OPS[name]) for name in names),
             self.ask("scheduler", "worker.list"),
             self.ask("scheduler", "task.list", {"state": "queued", "limit": 500}),
-            self.ask("events", "events.metrics", {"buckets": True}))
+            self.ask_metrics())
         workers, queued, metrics = replies[len(names):]
         return {"status": dict(zip(names, replies[:len(names)], strict=True)),
                 "workers": workers, "queued": queued, "metrics": metrics}
+
+    def ask_metrics(self):
+        """The router's counts and latency histograms (None when unanswered)."""
+        return self.ask("events", "events.metrics", {"buckets": True})
 
     def note_pids(self, poll: dict) -> None:
         pool = poll["status"]["pool"]
@@ -467,7 +471,7 @@ class Dashboard:
             # At once: the sooner the ring is read, the fewer live events come before it.
             poll, recent = await asyncio.gather(self.ask_status(), self.recent_events())
             if poll["metrics"] is None:  # its counts would wait for the next poll: ask again
-                poll["metrics"] = await self.ask("events", "events.metrics", {"buckets": True})
+                poll["metrics"] = await self.ask_metrics()
             self.held, rebuilding = None, True
             self.board.rebuild(poll, recent, held, asked, wall, time.monotonic())
             self.note_pids(poll)
