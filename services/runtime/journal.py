@@ -11,7 +11,7 @@ Journal format, one record per line so an operator can `cat`/`grep` it:
 Recovery never raises on bad content (a crash at start-up becomes a permanent FATAL
 under supervisord): a torn tail is cut off, a corrupt middle record is skipped and reported
 (`ReplayReport.damage` says where, and what the damaged line still shows); what to do about
-it is the service loop's choice (it halts: runtime/loop.py).
+it is the service loop's choice (it halts: runtime/recovery.py).
 
 Two segments: at each snapshot the journal is rotated (`rotate()`): the current file becomes
 `NAME.wal.prev` and the one before is dropped. So the journal always reaches back to the
