@@ -5,6 +5,10 @@ acknowledges after its JSONL write), and re-sends unacknowledged events when the
 was silent or restarted. The router de-duplicates by (source, epoch, seq), so a re-send
 never doubles an event. PUB/SUB would drop them silently (see docs/pitfalls.md).
 
+A service that journals its events (they survive its kill -9 there) lets them wait up to
+`linger` seconds for company: at light load every turn emits a few, and one batch for
+several turns is one turn of the router's instead of several (its CPU per task halves).
+
 The router takes events only from the suite's own processes: every batch carries the
 suite's secret (a file under the home's run/, readable by its owner alone).
 """
@@ -35,6 +39,9 @@ class EventPublisher:
     def __init__(self, ctx: zmq.Context, endpoint: str, source: str, epoch: int,
                  secret: str | None = None, keys: CurveKeys | None = None):
         self.source = source
+        # Seconds emitted events may wait to be sent with later ones: only for a publisher
+        # whose events are journaled (an event held here is lost with the process).
+        self.linger = 0.0
         self.secret = secret
         self.epoch = epoch
         self.seq = 0
@@ -42,6 +49,7 @@ class EventPublisher:
         use_keys(self.socket, keys)  # CurveZMQ on tcp
         self.socket.connect(endpoint)
         self._pending: list[dict] = []  # emitted, not yet sent
+        self._pending_since: float | None = None  # when the oldest of them was held
         self._unacked: deque[dict] = deque()  # sent, not yet acknowledged
         # When the oldest unacknowledged event was last sent or the head last advanced: a
         # head stuck past RESEND_AFTER is re-sent even while newer events keep flowing
@@ -84,10 +92,18 @@ class EventPublisher:
             return False
         return True
 
-    def flush(self) -> None:
-        """Send what was emitted since the last flush (call once per loop turn)."""
+    def flush(self, force: bool = False) -> None:
+        """Send what was emitted since the last flush (call once per loop turn), or hold
+        it while it is younger than `linger` (`tick` sends it then) unless `force`."""
         if not self._pending:
             return
+        if self.linger and not force and len(self._pending) < BATCH_MAX:
+            now = time.monotonic()
+            if self._pending_since is None:
+                self._pending_since = now
+            if now - self._pending_since < self.linger:
+                return
+        self._pending_since = None
         batch, self._pending = self._pending, []
         if not self._unacked:
             self._head_since = time.monotonic()
@@ -139,16 +155,24 @@ class EventPublisher:
         return len(self._unacked) + len(self._pending)
 
     def tick(self, now: float) -> float:
-        """Re-send the unacknowledged backlog after a silence; returns time to next check."""
+        """Send held events that have waited `linger`; re-send the unacknowledged backlog
+        after a silence. Returns the time to the next check."""
+        wait = IDLE_WAKE  # nothing held or unacknowledged: flush() starts the clocks
+        if self._pending_since is not None:
+            due = self._pending_since + self.linger
+            if now < due:
+                wait = due - now
+            else:
+                self.flush(force=True)
         if not self._unacked:
-            return IDLE_WAKE  # nothing to re-send: flush() starts the clock again
+            return wait
         due = self._head_since + RESEND_AFTER
         if now >= due:
             # Oldest first and bounded: the router acknowledges contiguous sequences only.
             self._send(list(itertools.islice(self._unacked, RESEND_MAX)))
             self._head_since = now
-            return RESEND_AFTER
-        return due - now
+            return min(wait, RESEND_AFTER)
+        return min(wait, due - now)
 
     def close(self) -> None:
         self.socket.close(linger=200)

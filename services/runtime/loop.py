@@ -447,7 +447,7 @@ class BusService(JournalOwner):
             if self.direct is not None:
                 self.direct.close()
                 self.rt.remove_socket(self.direct.endpoint)
-            self.events.flush()
+            self.events.flush(force=True)
             self.link.close()
             self.events.close()
             self.rt.close()
