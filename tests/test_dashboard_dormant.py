@@ -17,7 +17,7 @@ from cortex.services.dashboard.paging import recent_events
 from cortex.services.dashboard.state import Board
 from cortex.services.runtime.settings import ConfigError
 
-from .conftest import suite_config, wait_for
+from .conftest import jsonl_events_of, suite_config, wait_for
 
 SERVICES = ("broker", "events", "ledger", "scheduler", "pool")
 WAIT = 60  # seconds: real suites are slow on a shared machine
@@ -225,6 +225,11 @@ def test_a_dormant_dashboard_wakes_to_show_what_ran_while_it_slept(suites, monke
         wait_for(lambda: all(client.status(t)["state"] == "running" for t in busy), WAIT,
                  "both workers busy")
         queued = client.submit("echo", "waits for a worker")["id"]
+        # Its creation reaches the router a few ms later (a service's events wait up to
+        # 10 ms for company): the admission count the page catches up on includes it then.
+        wait_for(lambda: any(e["type"] == "task.created" and e.get("task") == queued
+                             for e in jsonl_events_of(suite.home)), WAIT,
+                 "the queued task's creation at the router")
         asleep = get_json(base, token, "/api/status")
         assert asleep["dormant"] is True and asleep["events"] == seen  # nothing came
         snapshot, task, live = asyncio.run(open_page(base, token, client))

@@ -94,10 +94,14 @@ def test_a_provider_limit_is_never_exceeded_and_holds_no_other_provider(suites, 
             status = client.call("scheduler", "scheduler.status")
             assert status["providers"]["limited"]["allowed"]["requests"] == PER_WINDOW
 
+        def counted_dispatches():
+            # A task's dispatch reaches the log a few ms after it (events travel in batches).
+            counted = {e["task"]: e["data"]["provider"] for e in jsonl_events_of(home)
+                       if e["type"] == "task.dispatched" and e["data"].get("provider")}
+            return counted if set(limited) <= set(counted) else None
+
+        counted = wait_for(counted_dispatches, 30, "every limited task's dispatch logged")
         events = jsonl_events_of(home)
-        dispatched = [e for e in events if e["type"] == "task.dispatched"]
-        counted = {e["task"]: e["data"]["provider"] for e in dispatched
-                   if e["data"].get("provider")}
         limited_times = [counted[t]["counted_at"] for t in limited]
         assert all(counted[t]["name"] == "limited" for t in limited)
         worst = most_in_any_window(limited_times)
