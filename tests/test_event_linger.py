@@ -4,12 +4,16 @@ held is in what the snapshot keeps."""
 
 import time
 from contextlib import contextmanager
+from types import SimpleNamespace
 
 import zmq
 
 from cortex.protocol import wire
 from cortex.protocol.peer import make_socket
 from cortex.protocol.publisher import BATCH_MAX, IDLE_WAKE, RESEND_AFTER, EventPublisher
+from cortex.services.runtime.loop import BusService
+from cortex.services.runtime.recovery import EVENT_LINGER
+from cortex.services.runtime.syncer import HeldSends
 
 
 @contextmanager
@@ -65,3 +69,21 @@ def test_without_linger_every_flush_sends_and_an_idle_publisher_sleeps():
         publisher.emit("task.created", {})
         publisher.flush()
         assert len(_batch(sink)) == 1
+
+
+def test_an_event_emitted_on_a_tick_sets_how_long_the_loop_may_wait():
+    """The loop's wait is reckoned after the tick's events are held, so a quiet service
+    (its next heartbeat seconds away) still sends them within the linger."""
+    with _publishing(linger=EVENT_LINGER) as (sink, publisher):
+        svc = object.__new__(BusService)  # the loop's due work alone, no process
+        svc.halted, svc.journal, svc.pending_events, svc.held = None, None, [], HeldSends()
+        svc.link = SimpleNamespace(tick=lambda now: 5.0)  # the next heartbeat
+        svc.events = publisher
+        svc.on_tick = lambda fx, wall: fx.emit("svc.ticked", {}) or 5.0
+        now = time.monotonic()
+        wait = svc.do_due(now)
+        assert publisher.unacked == 1 and not sink.poll(0)  # held, not sent
+        assert 0 <= wait <= EVENT_LINGER + (time.monotonic() - now)  # held during the call
+        svc.on_tick = lambda fx, wall: 5.0
+        svc.do_due(time.monotonic() + wait)  # the wake it asked for
+        assert [e["type"] for e in _batch(sink)] == ["svc.ticked"]

@@ -336,28 +336,8 @@ class BusService(JournalOwner):
         self.log.info("%s serving %s", self.name, self.rt.home)
         try:
             while not self.rt.stopping:
-                now = time.monotonic()
+                timeout = self.do_due(time.monotonic())
                 fx = Effects()
-                tick = self.halted_tick() if self.halted is not None else \
-                    self.on_tick(fx, time.time())
-                if tick >= SOFT_TICK:
-                    tick += TICK_SLACK
-                timeout = min(self.link.tick(now), self.events.tick(now), tick)
-                if fx.sends or fx.records or fx.events or self.pending_events:
-                    self.flush(fx)
-                    fx = Effects()
-                if self.journal is not None:
-                    if now >= self.next_snapshot:
-                        # Only when something changed, and never more than ~5% of the
-                        # loop's time: a big table takes a while to write.
-                        took = 0.0
-                        if self.journal.last_lsn != self.snapshot_lsn or self.events.unacked:
-                            began = time.monotonic()
-                            self.write_snapshot()
-                            took = time.monotonic() - began
-                        self.next_snapshot = time.monotonic() + max(
-                            self.settings.suite.snapshot_interval, 20 * took)
-                    timeout = min(timeout, self.next_snapshot - now + SNAPSHOT_SLACK)
                 ready = dict(self.poller.poll(0 if self.inbox else poll_ms(timeout)))
                 if self.rt.wake_r.fileno() in ready:
                     self.rt.drain_wakeups()
@@ -374,6 +354,32 @@ class BusService(JournalOwner):
                     self.flush(fx)
         finally:
             self.shutdown()
+
+    def do_due(self, now: float) -> float:
+        """What is due before the loop waits (the service's tick, heartbeats, held events,
+        a snapshot); returns how long it may wait."""
+        fx = Effects()
+        tick = self.halted_tick() if self.halted is not None else \
+            self.on_tick(fx, time.time())
+        if tick >= SOFT_TICK:
+            tick += TICK_SLACK
+        if fx.sends or fx.records or fx.events or self.pending_events:
+            self.flush(fx)
+        # After the flush: events it held are due within the linger.
+        timeout = min(self.link.tick(now), self.events.tick(now), tick)
+        if self.journal is not None:
+            if now >= self.next_snapshot:
+                # Only when something changed, and never more than ~5% of the loop's
+                # time: a big table takes a while to write.
+                took = 0.0
+                if self.journal.last_lsn != self.snapshot_lsn or self.events.unacked:
+                    began = time.monotonic()
+                    self.write_snapshot()
+                    took = time.monotonic() - began
+                self.next_snapshot = time.monotonic() + max(
+                    self.settings.suite.snapshot_interval, 20 * took)
+            timeout = min(timeout, self.next_snapshot - now + SNAPSHOT_SLACK)
+        return timeout
 
     def read_turn(self, fx: Effects, ready: dict | None = None) -> int:
         """Read what waits on the bus into the inbox (bounded), then handle it, urgent
