@@ -38,6 +38,26 @@ DEFAULT_ORDER = ("latency", "rate", "noop", "onetype", "utilization", "priority"
                  "chaos", "events")  # "dashboard" (it needs a browser) only when asked
 
 
+def at_least(kind, low: float, *, above: bool = False):
+    """An argparse type: a number of `kind` no smaller than `low` (greater, if `above`),
+    refused with the rule (a zero wait or count would divide by zero or spin)."""
+    def parse_number(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if value != value or value < low or (above and value == low):  # NaN too
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: must be {'greater than' if above else 'at least'} {low:g}")
+        return value
+    return parse_number
+
+
+POSITIVE_INT = at_least(int, 1)
+POSITIVE = at_least(float, 0, above=True)
+NON_NEGATIVE = at_least(float, 0)
+
+
 def parse(argv=None):
     p = argparse.ArgumentParser(prog="python -m cortex.loadtest", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -48,31 +68,31 @@ def parse(argv=None):
     p.add_argument("--scenario", default="all",
                    help=f"comma-separated: {', '.join(SCENARIOS)} or all (default all); "
                         "or soak alone (hours of a trickle of tasks, watched for leaks)")
-    p.add_argument("--agents", type=int, default=100, help="concurrent agents (100)")
-    p.add_argument("--tasks", type=int, default=1000, help="tasks per scenario (1000)")
-    p.add_argument("--workers", type=int, default=20,
+    p.add_argument("--agents", type=POSITIVE_INT, default=100, help="concurrent agents (100)")
+    p.add_argument("--tasks", type=POSITIVE_INT, default=1000, help="tasks per scenario (1000)")
+    p.add_argument("--workers", type=POSITIVE_INT, default=20,
                    help="workers of the suite started for the test (20; ignored with --home)")
-    p.add_argument("--rate", type=float, default=1000.0, help="rate scenario: tasks/s offered")
+    p.add_argument("--rate", type=POSITIVE, default=1000.0, help="rate scenario: tasks/s offered")
     p.add_argument("--duration", type=duration_arg, default=0.0,
                    help="seconds (or 30m, 4h): bounds closed-loop scenarios; rate sends rate "
                         "x duration tasks (0: task-count bound only); soak runs this long "
                         "(default 10m)")
-    p.add_argument("--sleep-ms", type=float, default=50.0,
+    p.add_argument("--sleep-ms", type=NON_NEGATIVE, default=50.0,
                    help="task length of the utilization and priority scenarios (50)")
     p.add_argument("--sweep-agents", default="10,50,100,200",
                    help="agent counts of the sweep (10,50,100,200)")
-    p.add_argument("--mixed-scale", type=float, default=10.0,
+    p.add_argument("--mixed-scale", type=POSITIVE, default=10.0,
                    help="mixed scenario: a synthetic duration d runs as d ms x this (10: "
                         "30 ms to ~4 s, mean ~0.7 s, so jitter is small against it); "
                         "larger is more accurate and slower")
     p.add_argument("--chaos-base", default="noop", choices=("noop", "utilization", "mixed"),
                    help="the workload run under chaos")
-    p.add_argument("--chaos-interval", type=float, default=2.0,
+    p.add_argument("--chaos-interval", type=POSITIVE, default=2.0,
                    help="mean seconds between kills in the chaos scenario")
-    p.add_argument("--procs", type=int, default=-1,
+    p.add_argument("--procs", type=at_least(int, -1), default=-1,
                    help="agent processes (threads within each); -1 auto, 0/1 all threads "
                         "in this process")
-    p.add_argument("--runs", type=int, default=1, help="repeat, report medians (1)")
+    p.add_argument("--runs", type=POSITIVE_INT, default=1, help="repeat, report medians (1)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--fsync", default="group", choices=("always", "group", "off"),
                    help="journal fsync policy of the suite started for the test (group)")
@@ -86,24 +106,27 @@ def parse(argv=None):
                    help="run its own suite on tcp://127.0.0.1 with CurveZMQ keys")
     p.add_argument("--quiet", action="store_true", help="no progress line")
     p.add_argument("--keep-home", action="store_true", help="keep the temporary home")
-    p.add_argument("--idle-seconds", type=float, default=3.0)
-    p.add_argument("--sample-interval", type=float, default=0.5)
-    p.add_argument("--call-timeout", type=float, default=30.0)
-    p.add_argument("--wait-timeout", type=float, default=120.0)
-    p.add_argument("--grace", type=float, default=30.0,
+    p.add_argument("--idle-seconds", type=POSITIVE, default=3.0,
+                   help="seconds of each idle CPU measurement, before and after (3)")
+    p.add_argument("--sample-interval", type=POSITIVE, default=0.5)
+    p.add_argument("--call-timeout", type=POSITIVE, default=30.0)
+    p.add_argument("--wait-timeout", type=POSITIVE, default=120.0)
+    p.add_argument("--grace", type=NON_NEGATIVE, default=30.0,
                    help="seconds to let unfinished tasks finish before calling them lost")
     args = p.parse_args(argv)
     names = DEFAULT_ORDER if args.scenario == "all" else tuple(
         s.strip() for s in args.scenario.split(",") if s.strip())
-    if not args.mixed_scale > 0:
-        p.error("--mixed-scale must be > 0")
     if "soak" in names and len(names) > 1:
         p.error("soak runs alone")
     bad = [n for n in names if n not in (*SCENARIOS, "soak")]
     if bad:
         p.error(f"unknown scenario(s): {', '.join(bad)}")
     args.scenarios = list(names)
-    args.sweep_agents = [int(x) for x in str(args.sweep_agents).split(",") if x.strip()]
+    try:
+        args.sweep_agents = [POSITIVE_INT(x.strip())
+                             for x in str(args.sweep_agents).split(",") if x.strip()]
+    except argparse.ArgumentTypeError as e:
+        p.error(f"--sweep-agents: {e}")
     return args
 
 

@@ -116,6 +116,26 @@ def test_unknown_scenario_is_refused():
         cli.parse(["--scenario", "nope"])
 
 
+@pytest.mark.parametrize("args", [
+    ["--idle-seconds", "0"], ["--idle-seconds", "nan"], ["--tasks", "0"], ["--agents", "-3"],
+    ["--workers", "two"], ["--rate", "0"], ["--runs", "0"], ["--sample-interval", "0"],
+    ["--call-timeout", "-1"], ["--grace", "-1"], ["--procs", "-2"], ["--mixed-scale", "0"],
+    ["--sweep-agents", "10,x"], ["--sweep-agents", "10,0"]])
+def test_a_count_or_a_wait_out_of_range_is_refused_with_the_rule(args, capsys):
+    with pytest.raises(SystemExit) as ended:
+        cli.parse(args)
+    assert ended.value.code == 2  # argparse's usage error, before any suite starts
+    said = capsys.readouterr().err
+    assert args[0] in said and ("must be" in said or "not a number" in said), said
+
+
+def test_counts_and_waits_in_range_are_taken():
+    args = cli.parse(["--idle-seconds", "0.5", "--tasks", "1", "--procs", "-1",
+                      "--grace", "0", "--sweep-agents", "1, 2"])
+    assert (args.idle_seconds, args.tasks, args.procs, args.grace) == (0.5, 1, -1, 0.0)
+    assert args.sweep_agents == [1, 2]
+
+
 def test_mixed_phases_and_scaled_jobs():
     import random
 
