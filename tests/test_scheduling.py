@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections import Counter
 
 import msgpack
 import orjson
@@ -1095,6 +1096,36 @@ def test_status_counts():
     assert status["states"] == {"running": 1, "queued": 2}
     assert status["queue"] == {"critical": 0, "high": 1, "medium": 0, "low": 1}
     assert status["workers"] == {"echo": {"idle": 0, "busy": 1, "leaving": 0}}
+
+
+def _counted_in_full(state) -> tuple[dict, dict, dict]:
+    """What status reports, counted the slow way: every task of the table."""
+    states, queued, waiting = Counter(), Counter(), Counter()
+    for t in state.tasks.values():
+        states[str(t.state)] += 1
+        if t.state is State.QUEUED:
+            queued[t.priority] += 1
+            waiting[t.waiting or "worker"] += 1
+    return dict(states), dict(queued), dict(waiting)
+
+
+def test_status_counts_the_whole_table_live_and_after_a_restart():
+    sim = Sim(lease=False, retention=3)
+    running(sim, "w1")
+    for i in range(6):  # more finished than retention keeps
+        sim.cancel(sim.add(priority="low", idempotency_key=f"gone{i}"))
+    sim.add(priority="high")
+    sim.add(tokens=10**9)  # waits for tokens, queued all the same
+    sim.add(priority="low")
+    fresh = replay(sim.records, overrides={"lease": False, "retention": 3})
+    fresh.monitor = ResourceMonitor(sample=lambda: IDLE_MACHINE)
+    fresh.restore(sim.now)
+    for state in (sim.state, fresh):
+        status = state.status(sim.now)
+        states, queued, waiting = _counted_in_full(state)
+        assert status["states"] == states and states["cancelled"] == 3
+        assert {p: n for p, n in status["queue"].items() if n} == queued
+        assert sum(status["queued_by_reason"].values()) == sum(waiting.values()) == 3
 
 
 def test_retention_forgets_the_oldest_finished_tasks_and_their_keys():

@@ -9,6 +9,7 @@ import hashlib
 import logging
 import traceback
 from collections import Counter
+from operator import attrgetter
 
 import orjson
 
@@ -29,6 +30,9 @@ AUTO = "auto"  # the type that asks the scheduler to choose (routing.py)
 # what the key is for).
 CONTENT = ("type", "description", "priority", "tokens", "timeout", "retries", "deadline",
            "payload")
+
+
+_STATE_OF = attrgetter("state")
 
 
 def content_digest(body: dict) -> str:
@@ -246,17 +250,19 @@ class ClientRequests:
             task.type, task.priority, now.mono, ahead=self.queue.ahead_of(task))
 
     def status(self, now: Now) -> dict:
-        states: Counter = Counter()
+        # Asked every second while a dashboard is open: the table (finished tasks up to
+        # `retention`) is counted in C, and only the live tasks are looked at one by one.
+        states = Counter(map(_STATE_OF, self.tasks.values()))
         waiting: Counter = Counter()
         queued = dict.fromkeys(PRIORITIES, 0)
-        for t in self.tasks.values():
-            states[str(t.state)] += 1
-            if t.state is State.QUEUED:
+        for task_id in self.marks:  # the live tasks (table.py)
+            t = self.tasks.get(task_id)
+            if t is not None and t.state is State.QUEUED:
                 queued[t.priority] = queued.get(t.priority, 0) + 1
                 waiting[t.waiting or Reason.WORKER.value] += 1
         # "queue" holds every queued task, as "states" counts them; the dispatch queue
         # alone leaves out those held aside (tokens, backoff, cpu, memory, reserving).
-        return {"queue": queued, "states": dict(states),
+        return {"queue": queued, "states": {str(state): n for state, n in states.items()},
                 "queued_by_reason": {r.value: waiting[r] for r in Reason if waiting[r]},
                 "workers": self.registry.by_type(),
                 "waiting": {r.value: waiting[r] for r in sorted(ANNOUNCED) if waiting[r]},
