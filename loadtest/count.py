@@ -23,9 +23,9 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
-import uuid
 from pathlib import Path
 
 from cortex.protocol import Client
@@ -204,9 +204,17 @@ def markdown(result: dict) -> str:
 
 
 def run(args) -> dict:
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        return _count(args, out)
+    with tempfile.TemporaryDirectory(prefix="cxcount-") as scratch:  # nothing left behind
+        return _count(args, Path(scratch))
+
+
+def _count(args, out: Path) -> dict:
+    """`run` with strace's summaries written to `out`."""
     strace = shutil.which("strace") if not args.no_strace else None
-    out = Path(args.out or f"/tmp/cxcount-{uuid.uuid4().hex[:8]}")
-    out.mkdir(parents=True, exist_ok=True)
     with Target(None, workers=args.workers, fsync="group") as target:
         home = str(target.home)
         drive(home, max(args.workers * 4, args.agents), args.agents, "one",
@@ -263,7 +271,8 @@ def main(argv=None) -> int:
     p.add_argument("--tokens", type=int, default=0,
                    help="tokens each task reserves (0: none; the ledger is not asked)")
     p.add_argument("--no-strace", action="store_true", help="count messages only")
-    p.add_argument("--out", help="folder for strace's summaries (default: a new one in /tmp)")
+    p.add_argument("--out", help="keep strace's raw summaries in this folder (default: a "
+                                 "temporary one, removed at the end)")
     p.add_argument("--json", help="also write the result here")
     args = p.parse_args(argv)
     if args.tasks < 1 or args.agents < 1 or args.workers < 1 or args.tokens < 0:
