@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -88,9 +89,13 @@ def test_queued_tasks_keep_their_attempt_through_down_and_up(suites):
 
 def test_the_client_fails_fast_when_no_suite_runs():
     home = short_home()
-    # A deadline far above the test's own timeout: only failing fast can pass.
-    with pytest.raises(errors.Unavailable), Client(home, timeout=3600) as c:
-        c.submit("echo", "nobody home")
+    try:
+        # A deadline far above the test's own timeout: only failing fast can pass.
+        with pytest.raises(errors.Unavailable), Client(home, timeout=3600) as c:
+            c.submit("echo", "nobody home")
+        assert not any(home.iterdir())  # a client leaves nothing in a home
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
 
 
 @pytest.mark.heavy
