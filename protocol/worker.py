@@ -71,6 +71,7 @@ UNTIL_ACKNOWLEDGED = math.inf  # a task.finished is re-sent until the scheduler 
 STARTED_DELAY = 0.02  # a handler still running after this is reported as started
 TRUSTED_ROLES = (b"service", b"broker")
 TRUSTED_SENDERS = (b"scheduler", b"ledger", b"broker")
+READ_WAITING_MAX = 64  # messages read at a task's end before a held task starts
 MAX_HELD = 4  # prefetched tasks a worker keeps (the scheduler sends one at a time)
 # The keeper thread looks this often, while tasks run, whether a handler has run longer
 # than STARTED_DELAY (then it keeps the bus until the handler returns); after PARK_AFTER
@@ -468,6 +469,11 @@ class Worker:
             self._ask(Request("ledger", "ledger.extend", body, timeout=EXTEND_TIMEOUT - 0.5),
                       extended)
         elif kind == "done":
+            # What came while the handler ran is read before the next task is chosen: a
+            # recall of a held task (or of one whose order came meanwhile) would else
+            # find it started, and the task that outranks it would wait for that one's
+            # end too. A short handler leaves the bus unread until it returns.
+            self._read_waiting()
             self.done += 1
             self._current = None
             self._started_due = None
@@ -482,6 +488,19 @@ class Worker:
             else:
                 # The scheduler counts a finish as ready; idle heartbeats resume after.
                 self._idle_ready_due()
+
+    def _read_waiting(self) -> None:
+        """Handle what the scheduler's line and the bus already hold, without waiting."""
+        for _ in range(READ_WAITING_MAX):
+            line = self._line.link
+            if line is not None and has_message(line.socket):
+                msg = self._line.receive()
+            elif has_message(self._link.socket):
+                msg = self._link.receive()
+            else:
+                return
+            if msg is not None:
+                self._on_bus(msg)
 
     def _should_leave(self) -> bool:
         if self._stopping:

@@ -12,6 +12,7 @@ import threading
 import pytest
 
 from cortex.protocol import Client
+from cortex.protocol import worker as worker_module
 from cortex.protocol.worker import Worker
 
 from .conftest import jsonl_events_of, suite_config, wait_for
@@ -104,3 +105,43 @@ def test_a_long_handler_gets_more_tokens_while_it_runs(suites):
         done = c.wait(task["id"], timeout=LONG)
         assert done["state"] == "completed", done
         assert done["result"] == 1500 and granted and granted[0] >= 1500
+
+
+def test_a_recall_that_came_while_the_handler_ran_is_read_before_the_next_task(
+        probe_suite, monkeypatch):
+    """A short handler leaves the bus to the worker's own thread, which reads it once the
+    handler returns. The order of a prefetched low task and its recall (a critical task
+    came) both wait there meanwhile; read before the next task is chosen, the recall
+    gives the low task back, and the critical task runs first. Here the keeper is kept
+    off the bus (as for any handler shorter than STARTED_DELAY) while the first handler
+    is held open until the recall has been sent."""
+    monkeypatch.setattr(worker_module, "STARTED_DELAY", 3600.0)
+    entered, gate = threading.Event(), threading.Event()
+    order = []
+
+    def handler(ctx):
+        order.append(ctx.payload)
+        if ctx.payload == "first":
+            entered.set()
+            gate.wait(LONG)
+        return ctx.payload
+
+    home = probe_suite.home
+    with OwnWorker(home, handler), Client(home, timeout=LONG) as c:
+        first = c.submit("probe", "first", payload="first", retries=0)
+        assert entered.wait(LONG), "the first task never started"
+        low = c.submit("probe", "low", payload="low", priority="low", retries=0)
+        wait_for(lambda: c.status(low["id"])["prefetched"], LONG, "the low task prefetched")
+        critical = c.submit("probe", "urgent", payload="critical", priority="critical",
+                            retries=0)
+        # Sent in the turn that emitted its event; the event is logged ~20 ms later.
+        wait_for(lambda: any(e["type"] == "task.recall" for e in events_of(home, low["id"])),
+                 LONG, "the recall sent")
+        gate.set()
+        done = {name: c.wait(task["id"], timeout=LONG)
+                for name, task in (("first", first), ("critical", critical), ("low", low))}
+    assert order == ["first", "critical", "low"]
+    assert {d["state"] for d in done.values()} == {"completed"}
+    assert done["low"]["attempt"] == 1  # given back unstarted: no attempt spent
+    wait_for(lambda: any(e["type"] == "task.recalled" for e in events_of(home, low["id"])),
+             LONG, "the low task given back")
