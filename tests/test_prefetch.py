@@ -255,6 +255,75 @@ def test_recall_only_where_the_worker_serves_the_waiting_type():
     assert recalls(fx) == []
 
 
+# -- the reserve: an idle worker kept for the next critical task of a burst ---------------
+def three_busy(sim: Sim) -> dict:
+    """w1, w2, w3 each running a medium task, three low ones queued behind."""
+    for name in ("w1", "w2", "w3"):
+        sim.ready(name)
+    running = {name: sim.add(description=f"long-{name}") for name in ("w1", "w2", "w3")}
+    for name, task in running.items():
+        sim.started(name, task)
+    for i in range(3):
+        sim.add(priority="low", description=f"low-{i}")
+    return running
+
+
+def test_during_a_critical_burst_one_idle_worker_waits_for_the_next_critical_task():
+    sim = Sim(critical_reserve=1, prefetch_pause=0.2)
+    running = three_busy(sim)
+    first = sim.add(priority="critical", description="urgent-0")
+    assert first.state is State.QUEUED  # every worker busy
+    fx = sim.finish("w1", running["w1"])
+    assert [t["id"] for _, t in runs(fx)] == [first.id]
+    # The next worker to free up takes no low task: it is kept for the burst.
+    assert runs(sim.finish("w2", running["w2"])) == []
+    assert sim.state.workers["w2"].state is WorkerState.IDLE
+    # One is enough: when the critical task ends, its worker takes a low one.
+    fx = sim.finish("w1", first)
+    assert [(w, t["description"]) for w, t in runs(fx)] == [("w1", "low-0")]
+    # The next critical task starts at once on the kept worker, with no recall.
+    sim.tick(0.05)
+    fx = sim.submit(priority="critical", description="urgent-1")
+    (worker, task), = runs(fx)
+    assert worker == "w2" and task["description"] == "urgent-1"
+    fx = sim.finish("w2", sim.state.tasks[task["id"]])
+    assert runs(fx) == []  # kept again while the window lasts
+    # The window closes 0.2 s after the last critical task was queued: the state's tick
+    # wakes for it, and the kept worker goes back to the low tasks.
+    assert 0.0 < sim.state.tick(Effects(), sim.now, HB) <= 0.2 + 1e-9
+    assert [(w, t["description"]) for w, t in runs(sim.tick(0.21))] == [("w2", "low-1")]
+    check_invariants(sim.state)
+
+
+def test_a_types_only_worker_is_never_kept_and_0_keeps_none():
+    for workers, reserve in ((("w1",), 1), (("w1", "w2"), 0)):
+        sim = Sim(critical_reserve=reserve, prefetch_pause=0.2)
+        for name in workers:
+            sim.ready(name)
+        running = {name: sim.add(description="long") for name in workers}
+        sim.add(priority="low", description="low")
+        critical = sim.add(priority="critical")
+        assert [t["id"] for _, t in runs(sim.finish("w1", running["w1"]))] == [critical.id]
+        fx = sim.finish("w1", critical)
+        assert [t["description"] for _, t in runs(fx)] == ["low"], (workers, reserve)
+
+
+def test_the_reserve_counts_a_worker_of_several_types_for_each():
+    slots = Slots(0, pause=0.2, reserve=1)
+    both = Worker("w1", ("echo", "llm"), 1)
+    echo = Worker("w2", ("echo",), 2)
+    llm = Worker("w3", ("llm",), 3)
+    slots.pause_for_critical({"echo": [1, 0, 0, 0], "llm": [1, 0, 0, 0]}, 10.0)
+    serving = {"echo": 5, "llm": 5}.get
+    # One kept for each type: w3 for llm, then w2 for echo (the last idle of each).
+    kept, closes = slots.kept_free([both, echo, llm], serving, 10.1)
+    assert kept == {"w2", "w3"} and closes == 10.2
+    kept, _ = slots.kept_free([echo, both], serving, 10.1)
+    assert kept == {"w1"}  # the one serving both stands for both
+    assert slots.kept_free([both, echo, llm], serving, 10.21) == (set(), None)
+    assert not slots.paused  # closed windows are forgotten
+
+
 # -- the worker goes: its prefetched task returns, attempt unchanged ----------------------
 def test_a_lost_worker_returns_its_prefetched_task_without_spending_an_attempt():
     sim = Sim(prefetch=1, default_retries=2)

@@ -58,7 +58,8 @@ class Midpoint(random.Random):
 
 
 def new_state(**overrides) -> SchedulerState:
-    overrides = {"prefetch": 0, **overrides}  # one task per worker (test_prefetch*.py: 1)
+    # One task per worker, none kept idle for critical tasks (test_prefetch*.py: both).
+    overrides = {"prefetch": 0, "critical_reserve": 0, **overrides}
     return SchedulerState(SchedulerSettings(**overrides),
                           monitor=ResourceMonitor(sample=lambda: IDLE_MACHINE), rng=Midpoint())
 
@@ -67,7 +68,7 @@ class Sim:
     """A SchedulerState, its clocks, and every journal record it wrote."""
 
     def __init__(self, **overrides):
-        overrides = {"prefetch": 0, **overrides}
+        overrides = {"prefetch": 0, "critical_reserve": 0, **overrides}
         self.settings = SchedulerSettings(**overrides)
         self.state = new_state(**overrides)
         self.records: list[dict] = []

@@ -77,6 +77,9 @@ prefetch = 1                 # tasks a busy worker may hold to start the moment 
 prefetch_pause = 0.2         # seconds after a critical task is queued during which no slot of
                              # its type is filled: a burst of critical tasks then finds workers
                              # freeing up instead of recalling every slot for each (0: never)
+critical_reserve = 1         # idle workers of that type kept meanwhile for critical tasks
+                             # alone, so the next one starts at once (0: none; never a
+                             # type's only workers)
 lease = true                 # hold a lease of tokens from the ledger and carve tasks'
                              # reservations from it (no ledger round trip per task)
 
@@ -185,6 +188,7 @@ class SchedulerSettings:
     worker_start: float = 0.5
     prefetch: int = 1
     prefetch_pause: float = 0.2
+    critical_reserve: int = 1
     lease: bool = True
 
 
@@ -323,6 +327,7 @@ RANGES: dict[str, tuple[float, float]] = {
     "scheduler.worker_start": (0.0, 3600.0),
     "scheduler.prefetch": (0, 1),
     "scheduler.prefetch_pause": (0.0, 3600.0),
+    "scheduler.critical_reserve": (0, 1000),
     "ledger.budget": (0, (1 << 63) - 1),
     "events.max_file_bytes": (4096, 1 << 40),
     "events.metrics_port": (-1, 65535),

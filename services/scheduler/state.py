@@ -85,7 +85,9 @@ class SchedulerState(ClientRequests, Reports):
         self.waiters = Waiters()
         self.watch = Watch(self.marks)
         self.progress = ProgressEvents()
-        self.slots = Slots(settings.prefetch, settings.prefetch_pause)
+        self.slots = Slots(settings.prefetch, settings.prefetch_pause,
+                           settings.critical_reserve)
+        self.reserve_closes: float | None = None  # when an idle worker kept free may work
         self.scaler.prefetched = self.slots.by_type
 
     @property
@@ -193,14 +195,19 @@ class SchedulerState(ClientRequests, Reports):
         """Give every idle worker the best task it can take and that fits the machine;
         then, while tasks are left, fill the busy workers' prefetch slots the same way,
         and recall the prefetched tasks a queued one outranks (prefetch.py)."""
+        self.reserve_closes = None
         if self.queue.empty():
             if self.slots.held:  # an idle worker may start a prefetched task sooner
-                self._recall(fx, self.slots.to_steal(self.registry.idle(), self.workers))
+                self._recall(fx, self.slots.to_steal(self._idle_for_any(now), self.workers))
             return  # nothing queued: the common case at light load, checked cheaply
-        if self.slots.size and self.queue.critical_waiting():
+        if (self.slots.size or self.slots.reserve) and self.queue.critical_waiting():
             self.slots.pause_for_critical(self.queue.counts, now.mono)
         machine: list = []  # [readings, held], read once a turn when first needed
-        for worker in self.registry.idle():
+        idle = self.registry.idle()
+        kept, self.reserve_closes = self.slots.kept_free(idle, self._serving, now.mono)
+        for worker in idle:
+            if kept and worker.name in kept and not self._critical_queued(worker):
+                continue  # kept for the next critical task of its types (prefetch.py)
             while worker.state is WorkerState.IDLE:
                 task = self._next_for(fx, worker, now, machine)
                 if task is None:
@@ -214,13 +221,29 @@ class SchedulerState(ClientRequests, Reports):
             if self.queue.empty():
                 # Nothing left for anyone: no need to ask the others.
                 if self.slots.held:
-                    self._recall(fx, self.slots.to_steal(self.registry.idle(),
+                    self._recall(fx, self.slots.to_steal(self._idle_for_any(now),
                                                          self.workers))
                 return
         if self.slots.size:
             self._prefetch(fx, now, machine)
         if self.slots.recall_due:
             self._recall(fx, self.slots.to_recall(self.workers, self.queue.counts))
+
+    def _idle_for_any(self, now: Now) -> list[Worker]:
+        """The idle workers that may take a lower task (not kept for critical ones)."""
+        idle = self.registry.idle()
+        kept, closes = self.slots.kept_free(idle, self._serving, now.mono)
+        if not kept:
+            return idle
+        self.reserve_closes = closes
+        return [w for w in idle if w.name not in kept]
+
+    def _serving(self, task_type: str) -> int:
+        return len(self.registry.serving(task_type))
+
+    def _critical_queued(self, worker: Worker) -> bool:
+        counts = self.queue.counts
+        return any(counts[t][0] for t in worker.types if t in counts)
 
     def _recall(self, fx: Effects, found: list[tuple[Worker, str]]) -> None:
         for worker, task_id in found:
@@ -384,7 +407,8 @@ class SchedulerState(ClientRequests, Reports):
             else:
                 self._enqueue(task, front=True)
         next_due = now.mono + 1.0
-        for due in (self.waiting.next_due(), self.progress.due(fx, now.mono)):
+        for due in (self.waiting.next_due(), self.progress.due(fx, now.mono),
+                    self.reserve_closes):
             if due is not None:
                 next_due = min(next_due, due)
         # The scans below are O(pending work): at most every WATCH_INTERVAL, not every turn.
