@@ -342,9 +342,14 @@ class _Scan:
             "shows": line[:SALVAGE_BYTES].decode(errors="replace")})
 
 
+def snapshot_bytes(data: dict) -> bytes:
+    """A snapshot's file content: pretty JSON, keys sorted, for an operator to read."""
+    return orjson.dumps(data, option=_SNAPSHOT_OPTS) + b"\n"
+
+
 def write_snapshot(path: str | os.PathLike, data: dict) -> None:
     """Atomically and durably replace `path` with pretty JSON."""
-    write_atomic(path, orjson.dumps(data, option=_SNAPSHOT_OPTS) + b"\n")
+    write_atomic(path, snapshot_bytes(data))
 
 
 def read_snapshot(path: str | os.PathLike) -> tuple[dict | None, str | None]:

@@ -57,7 +57,6 @@ LOOK_EVERY_S = 0.002
 # heartbeat wakes us for anyway (on_tick and the snapshot check run on every turn).
 SOFT_TICK = 1.0
 TICK_SLACK = 0.25
-SNAPSHOT_SLACK = 1.0
 
 
 def serves(op: str, type_: bytes = wire.REQUEST):
@@ -368,17 +367,7 @@ class BusService(JournalOwner):
         # After the flush: events it held are due within the linger.
         timeout = min(self.link.tick(now), self.events.tick(now), tick)
         if self.journal is not None:
-            if now >= self.next_snapshot:
-                # Only when something changed, and never more than ~5% of the loop's
-                # time: a big table takes a while to write.
-                took = 0.0
-                if self.journal.last_lsn != self.snapshot_lsn or self.events.unacked:
-                    began = time.monotonic()
-                    self.write_snapshot()
-                    took = time.monotonic() - began
-                self.next_snapshot = time.monotonic() + max(
-                    self.settings.suite.snapshot_interval, 20 * took)
-            timeout = min(timeout, self.next_snapshot - now + SNAPSHOT_SLACK)
+            timeout = min(timeout, self.snapshot_tick(now))
         return timeout
 
     def read_turn(self, fx: Effects, ready: dict | None = None) -> int:

@@ -13,9 +13,15 @@ import sys
 import time
 
 from cortex.protocol import wire
-from cortex.services.runtime.durable import remove_temp_files
+from cortex.services.runtime.durable import fsync_dir, remove_temp_files, write_atomic
 from cortex.services.runtime.effects import Effects
-from cortex.services.runtime.journal import Journal, read_snapshot, write_snapshot
+from cortex.services.runtime.forked import ForkedWrite
+from cortex.services.runtime.journal import (
+    Journal,
+    read_snapshot,
+    snapshot_bytes,
+    write_snapshot,
+)
 
 # Seconds a journaled service's events may wait to be batched with later ones (each is
 # in the journal, so nothing is lost by waiting): at light load the event router then
@@ -25,6 +31,11 @@ EVENT_LINGER = 0.01
 PREVIOUS_SUFFIX = ".prev"  # the snapshot before the newest
 BAD_SUFFIX = ".bad"  # an unreadable snapshot, set aside for the operator
 HALTED_CHECK = 1.0  # seconds between looks at a halted service's journal
+# A snapshot takes at most ~5 % of the loop's time: the next one waits 20 times as long
+# as this one took in the loop, and at least [suite] snapshot_interval.
+SNAPSHOT_SHARE = 20
+SNAPSHOT_SLACK = 1.0  # seconds a due snapshot may wait for the loop's next wake
+FORKED_LOOK = 0.02  # seconds between looks at a snapshot's child while it writes
 
 
 def _previous(path):
@@ -32,6 +43,11 @@ def _previous(path):
 
 
 class JournalOwner:
+    # Whether the periodic snapshot is written by a forked child (forked.py): for a
+    # service whose snapshot is large (the scheduler's task table) and that reaps no
+    # children of its own with waitpid(-1) (the pool does).
+    FORKED_SNAPSHOTS = False
+
     def open_journal(self) -> None:
         """The newest good snapshot + the journal. A bad snapshot is set aside and the
         previous one used (the journal reaches back to it); damaged journal records halt
@@ -112,6 +128,7 @@ class JournalOwner:
         self.emit(f"{self.name}.journal_damaged", {
             "halted": True, "corrupt": report.corrupt, **{
                 k: v for k, v in self.halted.items() if k != "message"}})
+        self.stop_snapshots()
         self.journal.close()  # the repair must be able to take it
         self.journal = None
         self.events.linger = 0.0  # events are journaled no more
@@ -150,11 +167,107 @@ class JournalOwner:
         else:
             fx.error(msg.peer, msg.corr, "unavailable", self.halted["message"][:500])
 
-    def write_snapshot(self) -> None:
+    def snapshot_tick(self, now: float) -> float:
+        """The periodic snapshot: when due and something changed since the last; returns
+        seconds until the next look."""
+        forked = self._forked()
+        if forked.running:
+            self._take_forked(block=False)
+            if forked.running:
+                return FORKED_LOOK
+        if now >= self.next_snapshot:
+            took = 0.0
+            if self.journal.last_lsn != self.snapshot_lsn or self.events.unacked:
+                began = time.monotonic()
+                if not self._fork_snapshot():
+                    self.write_snapshot()
+                took = time.monotonic() - began
+            self.next_snapshot = time.monotonic() + max(
+                self.settings.suite.snapshot_interval, SNAPSHOT_SHARE * took)
+        return self.next_snapshot - now + SNAPSHOT_SLACK
+
+    def stop_snapshots(self) -> bool:
+        """A snapshot's child still writing is killed and reaped (we stop, halt, or
+        write one here); whether there was one (the journal was rotated for it)."""
+        forked = getattr(self, "forked", None)
+        if forked is None or not forked.running:
+            return False
+        forked.cancel()
+        return True
+
+    def _forked(self) -> ForkedWrite:
+        forked = getattr(self, "forked", None)
+        if forked is None:
+            forked = self.forked = ForkedWrite(self.rt.home / "state" / self.snapshot_name)
+        return forked
+
+    def _fork_snapshot(self) -> bool:
+        """Start a child writing the snapshot as of now; False: write it in place (not
+        this service's way, no newest snapshot to keep as the previous one, or no fork).
+
+        The journal is rotated as the child starts, at the snapshot's position, as
+        write_snapshot rotates once it is written: the newest snapshot and the journal
+        rebuild the state at every step. Until the child's snapshot is in place, the one
+        before the newest can no longer stand in for it (its records went with the
+        rotation)."""
+        if not self.FORKED_SNAPSHOTS:
+            return False
+        forked = self._forked()
+        if not forked.target.exists():
+            return False
+        self.settle_syncs()  # the syncer must not sync the segment being closed
+        self.journal.rotate()
+        lsn = self.journal.last_lsn  # the state holds every record up to it
+
+        def produce() -> bytes:  # in the child, on its copy of the state
+            data = self.snapshot()
+            data["journal_lsn"] = lsn
+            data["unacked_events"] = self.events.unacked_events()
+            data["written_at"] = time.time()
+            return snapshot_bytes(data)
+
+        try:
+            forked.start(produce, tag=lsn)
+        except OSError as e:
+            self.log.warning("cannot fork to write the snapshot (%s): writing it here", e)
+            self.write_snapshot(rotate=False)  # rotated already
+        return True
+
+    def _take_forked(self, block: bool) -> None:
+        """Put a finished child's snapshot in place, the newest becoming the previous.
+        A failed child's is written here instead (the journal was rotated already)."""
+        found = self._forked().poll(block)
+        if found is None:
+            return
+        tmp, lsn = found
+        if tmp is None:
+            self.log.error("the child writing the snapshot failed: writing it here")
+            self.write_snapshot(rotate=False)
+            return
+        path = self._forked().target
+        try:
+            had_newest = path.exists()
+            if had_newest:
+                os.replace(path, _previous(path))
+            os.replace(tmp, path)
+            if not had_newest:  # lost meanwhile: this one is both
+                write_atomic(_previous(path), path.read_bytes())
+            fsync_dir(path.parent)
+        except OSError as e:
+            self.log.error("cannot put the snapshot in place (%s): writing it here", e)
+            self.write_snapshot(rotate=False)
+            return
+        self.snapshot_lsn = lsn
+
+    def write_snapshot(self, rotate: bool = True) -> None:
         """Snapshot, keeping the one before (`NAME.prev`), then rotate the journal. The
-        journal keeps what the previous snapshot needs, so either one can be lost."""
+        journal keeps what the previous snapshot needs, so either one can be lost.
+        `rotate=False`: it was rotated when a forked snapshot began (which this one
+        replaces), and the previous snapshot needs what is left of it."""
         if self.journal is None:
             return
+        if self.stop_snapshots():  # in place of a child's: rotated when it began
+            rotate = False
         self.settle_syncs()
         self.journal.commit()
         data = self.snapshot()
@@ -170,4 +283,5 @@ class JournalOwner:
             # No newest one to keep (first snapshot, or it was lost): this one is both.
             write_snapshot(path, data)
             write_snapshot(_previous(path), data)
-        self.journal.rotate()
+        if rotate:
+            self.journal.rotate()
