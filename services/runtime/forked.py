@@ -19,16 +19,14 @@ closed (no flock on the journal outlives the parent through it), and it ends wit
 from __future__ import annotations
 
 import contextlib
-import ctypes
+import gc
 import os
 import signal
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from cortex.services.runtime import lineage
 from cortex.services.runtime.durable import FILE_MODE, TEMP_SUFFIX
-
-PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def temp_path(target: Path, pid: int) -> Path:
@@ -92,7 +90,8 @@ class ForkedWrite:
 def _child(produce: Callable[[], bytes], tmp: Path, parent: int) -> None:
     code = 1
     try:
-        _die_with_parent(parent)
+        gc.disable()  # short-lived: a collection would only copy the pages it shares
+        lineage.arm_in_child(parent, signal.SIGKILL)
         signal.set_wakeup_fd(-1)  # else a signal's byte could land in our file
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2):
             signal.signal(sig, signal.SIG_DFL)
@@ -111,14 +110,6 @@ def _child(produce: Callable[[], bytes], tmp: Path, parent: int) -> None:
         code = 1
     finally:
         os._exit(code)
-
-
-def _die_with_parent(parent: int) -> None:
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != parent:  # it died before that: nobody would put the file in place
-        os._exit(1)
 
 
 def _max_fd() -> int:
