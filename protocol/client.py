@@ -214,14 +214,18 @@ class Client(_Face):
     # -- moving bytes and time -----------------------------------------------------------
     def _perform(self, request):
         self._check_running(self.endpoint)
-        self._maybe_open_line(request)
         self._on_line = self._line is not None and request.service == "scheduler"
         try:
-            return exchange(self._session, request, self._send, self._receive)
+            answer = exchange(self._session, request, self._send, self._receive)
         except (errors.Unavailable, errors.Timeout) as e:
             raise self._link.explain(e) from None
         finally:
             self._on_line = False
+        # After the call that earns it, not before: opening the line is a round trip
+        # through the broker and a handshake (tens of ms on a busy machine), which the
+        # call's own answer, and the task it submitted, never wait for.
+        self._maybe_open_line(request)
+        return answer
 
     def _send(self, frames: list) -> None:
         line = self._line

@@ -11,6 +11,7 @@ import pytest
 import zmq
 
 from cortex.protocol import Client, wire
+from cortex.protocol.client import LINE_AFTER_CALLS
 from cortex.protocol.peer import make_socket
 from cortex.services.runtime.direct import DirectPeers
 from tests.conftest import wait_for
@@ -238,6 +239,24 @@ def test_a_client_that_keeps_calling_takes_the_line_and_leaves_it_when_closed(su
         assert c.call("broker", "broker.status")["stats"]["routed"] >= 0
     wait_for(lambda: line_status(suite.home)["clients"] == before["clients"], 10,
              "the closed client's BYE on the line")
+
+
+def test_the_call_that_earns_the_line_goes_over_the_bus_and_opens_it_after(suites):
+    """Opening the line is a round trip through the broker and a handshake: done after
+    the call that earns it, so that call (a submit, say) never waits for it."""
+    suite = suites.start(workers=1)
+    before = line_status(suite.home)
+    with Client(suite.home, timeout=30) as c:
+        for n in range(LINE_AFTER_CALLS):
+            assert c.submit_and_wait("echo", "on the bus", payload=n)["result"] == n
+        during = line_status(suite.home)
+        assert during["clients"] == before["clients"] + 1  # opened, after the last call
+        flows = {(f["from"], f["to"], f["type"]): f["count"] for f in during["flows"]}
+        assert flows.get(("client", "scheduler", "REQUEST"), 0) == 0  # none on it yet
+        assert c.submit_and_wait("echo", "on the line", payload="x")["result"] == "x"
+        flows = {(f["from"], f["to"], f["type"]): f["count"]
+                 for f in line_status(suite.home)["flows"]}
+        assert flows[("client", "scheduler", "REQUEST")] == 1
 
 
 @pytest.mark.processes
