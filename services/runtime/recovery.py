@@ -170,10 +170,11 @@ class JournalOwner:
     def snapshot_tick(self, now: float) -> float:
         """The periodic snapshot: when due and something changed since the last; returns
         seconds until the next look."""
-        forked = self._forked()
-        if forked.running:
+        # Every turn of every journaled service passes here: the ledger and the pool
+        # (no forked snapshots) look at nothing more.
+        if self.FORKED_SNAPSHOTS and self._forked().running:
             self._take_forked(block=False)
-            if forked.running:
+            if self.forked.running:
                 return FORKED_LOOK
         if now >= self.next_snapshot:
             took = 0.0
