@@ -20,6 +20,12 @@ Rules it keeps:
   idempotency key and every other operation is idempotent.
 - The first reply wins; a reply to a call already settled or forgotten is late and is
   dropped (counted in `late`).
+- A submit asked to `follow` its task (`task.submit` with `follow`) is answered twice:
+  at once, and when the task ends, under the submit's corr + `+`. The session expects
+  that second answer as a held `task.wait` already sent (`followed`, the newest
+  MAX_FOLLOWED): a later wait for the task takes it over instead of asking, so a submit
+  and a wait cost one request, not two; if the answer does not come (the scheduler
+  restarted and forgot the hold), the wait is sent as one `resend_after` later.
 - Fail fast: until the bus has answered once (any message from it), a call that hears
   nothing within `connect_timeout` ends with `Unavailable` naming the home: no suite is
   answering there. Once the bus has answered, silence is a restart to ride out until the
@@ -45,6 +51,8 @@ RESEND_AFTER = 1.0  # seconds of silence before a call is sent again
 CONNECT_TIMEOUT = 5.0
 PAUSE_BASE = 0.05  # the first pause after `unavailable`; doubles up to PAUSE_CAP
 PAUSE_CAP = 1.0
+FOLLOW_MARGIN = 5.0  # how long past its hold a followed task's answer may take to come
+MAX_FOLLOWED = 256  # followed submits whose end is expected (the oldest forgotten first)
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,7 +72,7 @@ class Call:
 
     __slots__ = ("corr", "service", "op", "frames", "started", "timeout", "deadline",
                  "connect_by", "resend_after", "next_send", "sends", "pauses", "done", "value",
-                 "error", "unavailable")
+                 "error", "unavailable", "follow", "until")
 
     def __init__(self, corr: bytes, request: Request, frames: list, now: float,
                  timeout: float, connect_by: float | None):
@@ -84,6 +92,8 @@ class Call:
         self.value = None
         self.error: errors.CortexError | None = None
         self.unavailable: errors.Unavailable | None = None  # why we are pausing
+        self.follow = 0.0  # a submit's `follow`: its task's end is answered too
+        self.until = now  # a followed wait: when the scheduler's hold is up at the latest
 
     def frames_due(self, now: float) -> list | None:
         """The frames to send now, if a send is due (then the next is `resend_after` away)."""
@@ -166,6 +176,7 @@ class Session:
         self.rng = rng
         self.connected = False  # the bus answered at least once
         self.calls: dict[bytes, Call] = {}
+        self.followed: dict[str, Call] = {}  # task id -> the wait its submit asked for
         self.late = 0  # answers that matched no call in flight (dropped)
         self.stray = 0  # messages that are no answer at all (dropped)
         salt = os.urandom(12)
@@ -178,6 +189,10 @@ class Session:
         return f"{self._key_prefix}-{next(self._ids):x}"
 
     def start(self, request: Request) -> Call:
+        if self.followed and request.op == "task.wait":
+            call = self._take_followed(request)
+            if call is not None:
+                return call
         body = {"op": request.op, **request.body} if request.body else {"op": request.op}
         corr = self._corr_prefix + next(self._ids).to_bytes(6, "big")
         frames = wire.frames(wire.REQUEST, request.service.encode(), corr, body)
@@ -188,7 +203,50 @@ class Session:
         now = self.clock()
         connect_by = None if self.connected else now + min(self.connect_timeout, timeout)
         call = Call(corr, request, frames, now, timeout, connect_by)
+        if request.op == "task.submit" and not body.get("wait"):
+            follow = body.get("follow")
+            if isinstance(follow, int | float) and follow > 0:
+                call.follow = follow
         self.calls[corr] = call
+        return call
+
+    def _follow(self, submit: Call) -> None:
+        """The submit is answered: expect its task's end as the answer to a held
+        `task.wait` sent with it (its corr + FOLLOW_SUFFIX)."""
+        task = submit.value
+        if not isinstance(task, dict) or not isinstance(task.get("id"), str):
+            return
+        hold, now = submit.follow, self.clock()
+        corr = submit.corr + wire.FOLLOW_SUFFIX
+        request = Request(submit.service, "task.wait", {"id": task["id"], "hold": hold},
+                          timeout=hold + FOLLOW_MARGIN, resend_after=hold + RESEND_AFTER)
+        frames = wire.frames(wire.REQUEST, submit.service.encode(), corr,
+                             {"op": "task.wait", **request.body})
+        call = Call(corr, request, frames, now, request.timeout, None)
+        # Sent, in effect, with the submit: asked again only if the answer is late.
+        call.sends, call.next_send, call.until = 1, now + request.resend_after, now + hold
+        if task.get("final"):
+            call.settle(value=task)
+        old = self.followed.pop(task["id"], None)  # a submit of the same task again
+        if old is not None:
+            self.forget(old)
+        self.calls[corr] = self.followed[task["id"]] = call
+        if len(self.followed) > MAX_FOLLOWED:  # never waited for: stop expecting it
+            self.forget(self.followed.pop(next(iter(self.followed))))
+
+    def _take_followed(self, request: Request) -> Call | None:
+        """The followed wait a `task.wait` request can stand on, if it is answered no
+        later than the request's own hold would be."""
+        body = request.body or {}
+        call = self.followed.get(body.get("id"))
+        if call is None:
+            return None
+        hold = body.get("hold", 0)
+        if not call.done and call.until > self.clock() + (hold if hold > 0 else 0):
+            return None  # the caller cannot wait that long: it asks on its own
+        del self.followed[body["id"]]
+        if self.calls.get(call.corr) is not call:
+            return None
         return call
 
     def heard(self) -> None:
@@ -210,6 +268,8 @@ class Session:
             self.late += 1
             return None
         call.on_answer(msg, self.clock(), self.rng)
+        if call.follow and call.done and call.error is None:
+            self._follow(call)
         return call
 
     def on_clock(self, call: Call) -> None:
@@ -238,10 +298,10 @@ def exchange(session: Session, request: Request, send, receive):
     """Run one call to its end over a blocking transport: `send(frames)` puts a message
     on the wire, `receive(seconds)` waits at most that long and returns a message for the
     owner or None (nothing came, or only control traffic)."""
-    call = session.start(request)
+    call = session.start(request)  # may be answered already (a followed wait)
     try:
         now = session.clock()
-        while True:
+        while not call.done:
             frames = call.frames_due(now)
             if frames is not None:
                 send(frames)
@@ -249,9 +309,8 @@ def exchange(session: Session, request: Request, send, receive):
             if msg is not None:
                 session.on_message(msg)
             session.on_clock(call)
-            if call.done:
-                return call.outcome()
             now = session.clock()
+        return call.outcome()
     finally:
         session.forget(call)
 

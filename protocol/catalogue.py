@@ -308,9 +308,13 @@ ERROR = Map((F("category", Str(32)), F("message", Str(MAX_TEXT, empty=True)),
 OPERATIONS = [
     # -- scheduler: agents and operators --------------------------------------------------
     Operation("task.submit", "scheduler", wire.REQUEST, ANY, (
-        *SUBMIT_FIELDS, F("wait", Num(0, 60), default=0.0)),
+        *SUBMIT_FIELDS, F("wait", Num(0, 60), default=0.0),
+        F("follow", Num(0, 60), default=0.0)),
         ("the task; same key again: the same task (different content: `conflict`). With "
-         "`wait`: the task when it ends or `wait` is up, as `task.wait`. Type `auto`: the "
+         "`wait`: the task when it ends or `wait` is up, as `task.wait`. With `follow` "
+         "(and no `wait`): the task now, and again when it ends or `follow` is up, as a "
+         "held `task.wait` answered under this request's corr + `+` (none if the corr is "
+         "64 bytes). Type `auto`: the "
          "scheduler chooses it from the description (`routing` in the task). Errors: "
          "`queue_full`, `rejected` (with the estimated start; for `auto`, with the "
          "candidate types)")),

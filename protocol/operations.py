@@ -38,12 +38,16 @@ class Plans:
     def submit(self, task_type: str, description: str = "", *, priority: str = "medium",
                tokens: int = 0, timeout: float | None = None, retries: int | None = None,
                deadline: float | None = None, payload=None, idempotency_key: str | None = None,
-               agent: str | None = None) -> dict:
+               agent: str | None = None, follow: bool = True) -> dict:
         """Queue a task; returns its summary (id, state, eta). The same idempotency key
         twice gives the same task. `timeout`: how long the task may run; `deadline`: the
-        unix time by which it must start."""
+        unix time by which it must start. `follow` (the default): the scheduler also
+        sends the task's end (or its state after WAIT_HOLD seconds) unasked, so a `wait`
+        for it soon after costs no request; False for a task nobody here will wait for."""
         body = self._submit_body(task_type, description, priority, tokens, timeout, retries,
                                  deadline, payload, idempotency_key, agent)
+        if follow:
+            body["follow"] = WAIT_HOLD
         return (yield Request("scheduler", "task.submit", body))
 
     def submit_many(self, tasks: list[dict]) -> list[dict | errors.CortexError]:

@@ -125,6 +125,9 @@ MAX_MESSAGE_BYTES = 1 << 20
 MAXMSGSIZE_BACKSTOP = 128 << 20
 MAX_NAME_BYTES = 64
 MAX_CORR_BYTES = 64
+# A `task.submit` with `follow` is answered twice: at once, and when the task ends (as a
+# held `task.wait`), the second under the submit's corr with this appended.
+FOLLOW_SUFFIX = b"+"
 MAX_INT = (1 << 63) - 1
 
 ROLES = frozenset({"client", "service", "worker"})

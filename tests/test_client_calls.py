@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from cortex.protocol import errors, wire
 from cortex.protocol.calls import (
+    MAX_FOLLOWED,
     PAUSE_BASE,
     PAUSE_CAP,
     RESEND_AFTER,
@@ -278,9 +279,11 @@ class FakeScheduler:
     """Answers task.submit / task.wait the way the scheduler does: a task that ends
     `runs` seconds after it was submitted; holds honoured."""
 
-    def __init__(self, runs: float, honours_submit_wait: bool = True, state="completed"):
+    def __init__(self, runs: float, honours_submit_wait: bool = True, state="completed",
+                 honours_follow: bool = True):
         self.runs = runs
         self.honours_submit_wait = honours_submit_wait
+        self.honours_follow = honours_follow
         self.final_state = state
         self.ends_at: float | None = None
 
@@ -295,6 +298,10 @@ class FakeScheduler:
             if self.ends_at is None:
                 self.ends_at = bus.now + self.runs
             hold = body.get("wait", 0) if self.honours_submit_wait else 0
+            follow = body.get("follow", 0) if not body.get("wait") else 0
+            if follow and self.honours_follow and bus.now < self.ends_at:
+                after = min(follow, self.ends_at - bus.now)
+                bus.answer(corr + wire.FOLLOW_SUFFIX, self.task(bus.now + after), after=after)
         elif body["op"] == "task.wait":
             hold = body["hold"]
         else:
@@ -360,6 +367,81 @@ def test_wait_rides_out_a_scheduler_restart():
     bus.respond = forgets_held_waits_for_a_while
     task = bus.run_plan(bus.plans().wait("t1", timeout=60))
     assert task["final"] and bus.now == pytest.approx(1020.0)
+
+
+# --- a followed submit: its task's end comes unasked -----------------------------------------
+
+def test_a_submit_and_a_wait_for_it_cost_one_request():
+    bus = FakeBus(FakeScheduler(runs=0.5))
+    submitted = bus.run_plan(bus.plans().submit("sleep"))
+    assert not submitted["final"]
+    done = bus.run_plan(bus.plans().wait("t1", timeout=30))
+    assert done["state"] == "completed" and bus.now == pytest.approx(1000.5)
+    assert [op for _, op, _, _ in bus.sent] == ["task.submit"]
+    assert bus.session.calls == {} and bus.session.followed == {}
+
+
+def test_a_task_that_ended_by_its_submit_answer_is_waited_for_without_a_message():
+    bus = FakeBus(FakeScheduler(runs=0.0))
+    assert bus.run_plan(bus.plans().submit("echo"))["final"]
+    done = bus.run_plan(bus.plans().wait("t1", timeout=30))
+    assert done["state"] == "completed" and bus.now == 1000.0
+    assert [op for _, op, _, _ in bus.sent] == ["task.submit"]
+
+
+def test_a_follow_up_that_never_comes_is_asked_for_after_its_hold():
+    # A scheduler restarted between the submit and the task's end forgets the hold.
+    bus = FakeBus(FakeScheduler(runs=2.0, honours_follow=False))
+    bus.run_plan(bus.plans().submit("sleep"))
+    submit_corr = bus.sent[0][2]
+    done = bus.run_plan(bus.plans().wait("t1", timeout=30))
+    assert done["final"]
+    (_, _, _, _), (at, op, corr, body) = bus.sent
+    assert (op, corr, body["id"]) == ("task.wait", submit_corr + wire.FOLLOW_SUFFIX, "t1")
+    assert at == pytest.approx(1000.0 + WAIT_HOLD + RESEND_AFTER)
+
+
+def test_a_long_task_is_followed_up_to_the_hold_then_waited_for_as_usual():
+    bus = FakeBus(FakeScheduler(runs=12.0))
+    bus.run_plan(bus.plans().submit("sleep"))
+    done = bus.run_plan(bus.plans().wait("t1", timeout=60))
+    assert done["final"] and bus.now == pytest.approx(1012.0)
+    assert [(t - 1000.0, op) for t, op, _, _ in bus.sent] == [
+        (0.0, "task.submit"), (pytest.approx(WAIT_HOLD), "task.wait"),
+        (pytest.approx(2 * WAIT_HOLD), "task.wait")]  # the first wait came unasked
+
+
+def test_a_wait_shorter_than_the_follow_asks_on_its_own_and_keeps_its_timeout():
+    bus = FakeBus(FakeScheduler(runs=100.0))
+    bus.run_plan(bus.plans().submit("sleep"))
+    with pytest.raises(errors.Timeout):
+        bus.run_plan(bus.plans().wait("t1", timeout=1.0))
+    assert bus.now == pytest.approx(1001.0)
+    assert [op for _, op, _, _ in bus.sent] == ["task.submit", "task.wait"]
+
+
+def test_submits_never_waited_for_are_forgotten_beyond_a_bound():
+    session = Session(HOME, clock=lambda: 1000.0)
+    for n in range(MAX_FOLLOWED + 20):
+        call = session.start(Request("scheduler", "task.submit", {"follow": WAIT_HOLD}))
+        answer_to(session, wire.REPLY, call.corr, {"id": f"t{n}", "final": False})
+        session.forget(call)
+    assert len(session.followed) == MAX_FOLLOWED and len(session.calls) == MAX_FOLLOWED
+    assert "t0" not in session.followed and f"t{MAX_FOLLOWED + 19}" in session.followed
+    # A follow-up for one forgotten is late, as any answer for nobody.
+    answer_to(session, wire.REPLY, b"x" * 12 + wire.FOLLOW_SUFFIX, {"id": "t0"})
+    assert session.late == 1
+
+
+def test_no_follow_without_the_field_with_wait_or_after_an_error():
+    session = Session(HOME, clock=lambda: 1000.0)
+    plain = session.start(Request("scheduler", "task.submit", {}))
+    held = session.start(Request("scheduler", "task.submit", {"follow": 5.0, "wait": 5.0}))
+    refused = session.start(Request("scheduler", "task.submit", {"follow": 5.0}))
+    answer_to(session, wire.REPLY, plain.corr, {"id": "a", "final": False})
+    answer_to(session, wire.REPLY, held.corr, {"id": "b", "final": False})
+    answer_to(session, wire.ERROR, refused.corr, wire.error_body("queue_full", "full"))
+    assert session.followed == {}
 
 
 def test_wait_with_a_dead_scheduler_gives_up_near_its_deadline():
@@ -509,8 +591,9 @@ def test_a_minimal_submit():
     key = body.pop("idempotency_key")
     assert (request.service, request.op) == ("scheduler", "task.submit")
     assert body == {"type": "echo", "description": "d", "priority": "medium", "tokens": 0,
-                    "agent": "n"}
+                    "agent": "n", "follow": WAIT_HOLD}
     assert key
+    assert "follow" not in submit_request(follow=False).body
 
 
 def test_a_fresh_idempotency_key_each_submit_unless_given():

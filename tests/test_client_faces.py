@@ -15,7 +15,7 @@ import uuid
 
 import pytest
 
-from cortex.protocol import AsyncClient, Client, errors
+from cortex.protocol import AsyncClient, Client, errors, wire
 from tests.conftest import short_home, wait_for
 
 # --- the same operations on both faces ----------------------------------------------------
@@ -176,6 +176,32 @@ def test_submit_and_wait_is_one_round_trip(shared_suite, face):
         done = await c.submit_and_wait("echo", "faces: one call", payload=[face], timeout=60)
         assert done["state"] == "completed" and done["result"] == [face]
         assert calls == ["task.submit"]
+
+    run_with(face, shared_suite.home, scenario)
+
+
+@pytest.mark.parametrize("face", FACES)
+def test_a_submit_then_a_wait_for_it_is_one_request(shared_suite, face):
+    async def scenario(c):
+        owner = c if face == "async" else c.client
+        sent, send = [], owner._send
+
+        def recording(frames):
+            op = wire.parse(frames).decoded()["op"]
+            if op != "line.open":  # the sync face's ask for the direct line
+                sent.append(op)
+            return send(frames)
+
+        owner._send = recording
+        task = await c.submit("sleep", "faces: followed", payload={"seconds": 0.3})
+        assert not task["final"]
+        done = await c.wait(task["id"], timeout=60)
+        assert done["state"] == "completed" and done["result"] == {"slept": 0.3}
+        assert sent == ["task.submit"]  # the task's end came unasked
+        quiet = await c.submit("sleep", "faces: not followed", payload={"seconds": 0.1},
+                               follow=False)
+        assert (await c.wait(quiet["id"], timeout=60))["state"] == "completed"
+        assert sent == ["task.submit", "task.submit", "task.wait"]
 
     run_with(face, shared_suite.home, scenario)
 

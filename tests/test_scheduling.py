@@ -985,6 +985,43 @@ def test_wait_on_a_final_task_answers_at_once():
     assert answer(sim.wait(task, 30), b"waiter")[1]["final"] is True
 
 
+def test_a_followed_submit_is_answered_now_and_again_when_its_task_ends():
+    sim = Sim()
+    fx = sim.submit(follow=5.0)
+    (_, _, corr, body), = [s for s in fx.sends if s[0] == CLIENT]
+    assert body["state"] == "queued"
+    task = sim.state.tasks[body["id"]]
+    sim.ready("wk")
+    fx = sim.finish("wk", task)
+    assert [(c, b["state"]) for p, t, c, b in fx.sends if p == CLIENT] == [
+        (corr + wire.FOLLOW_SUFFIX, "completed")]
+    assert sim.state.waiters.by_task == {}
+
+
+def test_a_follow_is_up_after_its_hold_with_the_current_state():
+    sim = Sim()
+    (_, _, corr, body), = sim.submit(follow=2.0).sends
+    assert [s for s in sim.tick(1).sends if s[0] == CLIENT] == []
+    sim.state.watch.next_scan = 0  # look again at once (tick scans every WATCH_INTERVAL)
+    fx = sim.tick(1.5)
+    assert [(c, b["state"], b["final"]) for p, t, c, b in fx.sends if p == CLIENT] == [
+        (corr + wire.FOLLOW_SUFFIX, "queued", False)]
+
+
+def test_no_follow_with_wait_for_an_ended_task_or_a_full_corr():
+    sim = Sim()
+    sim.submit(follow=5.0, wait=5.0)  # the submit's own answer waits instead
+    long_corr = b"c" * wire.MAX_CORR_BYTES
+    sim.turn(sim.state.submit, CLIENT, long_corr, {"idempotency_key": "long", "type": "echo",
+                                                   "follow": 5.0}, sim.now)
+    assert [len(holds) for holds in sim.state.waiters.by_task.values()] == [1]
+    task = sim.add()
+    sim.cancel(task)
+    again = sim.turn(sim.state.submit, CLIENT, b"again", {
+        "idempotency_key": task.key, "type": "echo", "follow": 5.0}, sim.now)
+    assert answer(again)[1]["final"] and task.id not in sim.state.waiters.by_task
+
+
 @pytest.mark.parametrize("hold", [-1, 61, math.nan, "5"])
 def test_wait_bad_hold_is_bad_request(hold):
     sim = Sim()

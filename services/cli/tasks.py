@@ -61,7 +61,8 @@ def cmd_task_create(args):
         task = client.submit(args.type, args.description, priority=args.priority,
                              tokens=args.tokens, timeout=args.timeout, retries=args.retries,
                              deadline=args.deadline, payload=args.payload,
-                             idempotency_key=args.key, agent=args.agent)
+                             idempotency_key=args.key, agent=args.agent,
+                             follow=False)  # we exit: nobody here waits for it
     if args.json:
         emit_json(task)
     else:

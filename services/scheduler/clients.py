@@ -53,10 +53,17 @@ class ClientRequests:
 
     def submit(self, fx: Effects, peer: bytes, corr: bytes, body: dict, now: Now) -> None:
         outcome = self.admit(fx, peer, body, now)
-        if isinstance(outcome, Task):
-            self._reply_or_hold(fx, peer, corr, outcome, parse_wait(body), now)
-        else:
+        if not isinstance(outcome, Task):
             fx.error(peer, corr, *outcome)
+            return
+        wait = parse_wait(body)
+        self._reply_or_hold(fx, peer, corr, outcome, wait, now)
+        follow = wire.field_number(body, "follow", lo=0, hi=60, required=False, default=0.0)
+        if follow > 0 and wait <= 0 and not outcome.final \
+                and len(corr) < wire.MAX_CORR_BYTES:
+            # Answered again when it ends, as a wait sent with the submit would be: the
+            # submitter's next wait for it then costs no request (calls.py).
+            self.waiters.hold(outcome.id, peer, corr + wire.FOLLOW_SUFFIX, now.mono + follow)
 
     def submit_many(self, fx: Effects, peer: bytes, corr: bytes,
                     items: list[dict | wire.ProtocolError], now: Now) -> None:
