@@ -72,7 +72,7 @@ class Call:
 
     __slots__ = ("corr", "service", "op", "frames", "started", "timeout", "deadline",
                  "connect_by", "resend_after", "next_send", "sends", "pauses", "done", "value",
-                 "error", "unavailable", "follow", "until")
+                 "error", "unavailable", "follow", "until", "body")
 
     def __init__(self, corr: bytes, request: Request, frames: list, now: float,
                  timeout: float, connect_by: float | None):
@@ -94,11 +94,15 @@ class Call:
         self.unavailable: errors.Unavailable | None = None  # why we are pausing
         self.follow = 0.0  # a submit's `follow`: its task's end is answered too
         self.until = now  # a followed wait: when the scheduler's hold is up at the latest
+        self.body: dict | None = None  # a followed wait's, its frames made if it is sent
 
     def frames_due(self, now: float) -> list | None:
         """The frames to send now, if a send is due (then the next is `resend_after` away)."""
         if self.done or now < self.next_send:
             return None
+        if self.frames is None:
+            self.frames = wire.frames(wire.REQUEST, self.service.encode(), self.corr,
+                                      self.body)
         self.sends += 1
         self.next_send = now + self.resend_after
         return self.frames
@@ -220,11 +224,10 @@ class Session:
         corr = submit.corr + wire.FOLLOW_SUFFIX
         request = Request(submit.service, "task.wait", {"id": task["id"], "hold": hold},
                           timeout=hold + FOLLOW_MARGIN, resend_after=hold + RESEND_AFTER)
-        frames = wire.frames(wire.REQUEST, submit.service.encode(), corr,
-                             {"op": "task.wait", **request.body})
-        call = Call(corr, request, frames, now, request.timeout, None)
+        call = Call(corr, request, None, now, request.timeout, None)
         # Sent, in effect, with the submit: asked again only if the answer is late.
         call.sends, call.next_send, call.until = 1, now + request.resend_after, now + hold
+        call.body = {"op": "task.wait", **request.body}
         if task.get("final"):
             call.settle(value=task)
         old = self.followed.pop(task["id"], None)  # a submit of the same task again

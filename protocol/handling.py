@@ -5,6 +5,7 @@ worker's). Used by `Worker` (worker.py), which reports the outcome to the schedu
 from __future__ import annotations
 
 import logging
+import math
 import os
 import resource
 import sys
@@ -22,11 +23,20 @@ class TaskMemory:
     """How far a task grew this process's RSS, in MB, and the RSS after it.
 
     On Linux the peak RSS is reset before each task (`/proc/self/clear_refs`, "5") and
-    read after it (VmHWM), about 12 us a task; elsewhere the growth of the lifetime peak
-    (`ru_maxrss`), which misses a task that reuses memory an earlier one freed."""
+    read after it (VmHWM); elsewhere the growth of the lifetime peak (`ru_maxrss`), which
+    misses a task that reuses memory an earlier one freed. Reading /proc/self/status
+    costs a worker 20-30 us, a large share of a no-op task's: after a handler shorter
+    than SHORT_TASK (which cannot have touched more than a few MB: a page fault each 4
+    KiB) it is read only if the last read is READ_EVERY old, and the task reports no
+    growth and the RSS last read."""
+
+    SHORT_TASK = 0.001  # seconds
+    READ_EVERY = 1.0  # seconds
 
     def __init__(self):
         self._status = self._clear = None
+        self._read_at = -math.inf  # monotonic time of the last read
+        self._current = 0.0
         try:
             self._status = os.open("/proc/self/status", os.O_RDONLY)
             self._clear = os.open("/proc/self/clear_refs", os.O_WRONLY)
@@ -34,10 +44,11 @@ class TaskMemory:
             if self._status is not None:
                 os.close(self._status)
             self._status = self._clear = None
-        self._base = self._read()[1]
+        self._base = self._current = self._read()[1]
 
     def _read(self) -> tuple[float, float]:
         """(peak, current) RSS in MB."""
+        self._read_at = time.monotonic()
         if self._status is not None:
             try:
                 text = os.pread(self._status, 8192, 0)
@@ -57,8 +68,12 @@ class TaskMemory:
         if self._clear is None:  # no reset: measure from the lifetime peak
             self._base = self._read()[0]
 
-    def after_task(self) -> tuple[float, float]:
+    def after_task(self, ran: float = math.inf) -> tuple[float, float]:
+        """(growth, RSS) in MB of a task whose handler ran `ran` seconds."""
+        if ran < self.SHORT_TASK and time.monotonic() - self._read_at < self.READ_EVERY:
+            return 0.0, self._current
         peak, current = self._read()
+        self._current = current
         grew = max(0.0, peak - self._base)
         if self._clear is not None:
             self._base = current  # the next task starts from here
@@ -126,8 +141,9 @@ def run_task(handler, ctx, memory: TaskMemory) -> dict:
         log.warning("handler failed on %s: %s", ctx.id, traceback.format_exc())
         outcome = {"ok": False, "error": failure(e)}
     # What the task took of the machine: the predictor's CPU and memory signals.
-    grew_mb, rss_mb = memory.after_task()
-    outcome.update(started_at=started, finished_at=time.time(),
+    finished = time.time()
+    grew_mb, rss_mb = memory.after_task(finished - started)
+    outcome.update(started_at=started, finished_at=finished,
                    cpu_s=time.thread_time() - cpu0, tokens_used=ctx.tokens_used,
                    rss_mb=rss_mb, mem_mb=grew_mb)
     try:

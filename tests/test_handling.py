@@ -45,3 +45,29 @@ def test_a_result_that_fits_is_kept_whole():
     result = {"text": "z" * (MAX_OUTCOME_BYTES // 2)}
     outcome = run_task(lambda c: result, ctx(), TaskMemory())
     assert outcome["ok"] is True and outcome["result"] == result and sendable(outcome)
+
+
+def test_a_task_that_touches_memory_reports_its_growth():
+    memory = TaskMemory()
+
+    def grows(c):
+        block = bytearray(b"x") * (64 << 20)  # written, so resident
+        return len(block)
+
+    outcome = run_task(grows, ctx(), memory)
+    assert outcome["ok"] is True
+    assert outcome["mem_mb"] >= 48 and outcome["rss_mb"] > 0
+
+
+def test_short_tasks_read_the_process_status_at_most_once_a_second(monkeypatch):
+    memory = TaskMemory()
+    reads = []
+    real_read = memory._read
+    monkeypatch.setattr(memory, "_read", lambda: reads.append(1) or real_read())
+    for _ in range(50):
+        outcome = run_task(lambda c: None, ctx(), memory)
+        assert outcome["mem_mb"] == 0.0 and outcome["rss_mb"] == memory._current > 0
+    assert reads == []  # read when it was made, well under a second ago
+    memory._read_at -= TaskMemory.READ_EVERY  # a second on: the next short task reads
+    run_task(lambda c: None, ctx(), memory)
+    assert reads == [1]
