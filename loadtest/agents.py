@@ -146,10 +146,13 @@ class _Agent:
         rec["t_submit"] = time.time()
         for _ in range(max(1, self.opts.submit_attempts)):
             try:
+                # An open-loop agent polls its oldest task with held waits of its own
+                # between submits: a followed task's end would come twice.
                 task = self.client.submit(job.type, job.description, priority=job.priority,
                                           tokens=job.tokens, timeout=job.timeout,
                                           retries=job.retries, payload=job.payload,
-                                          idempotency_key=key)
+                                          idempotency_key=key,
+                                          follow=self.plan.mode != "open")
             except (errors.Timeout, errors.Unavailable) as e:
                 rec["code"] = e.code
                 continue

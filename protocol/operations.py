@@ -43,7 +43,8 @@ class Plans:
         twice gives the same task. `timeout`: how long the task may run; `deadline`: the
         unix time by which it must start. `follow` (the default): the scheduler also
         sends the task's end (or its state after WAIT_HOLD seconds) unasked, so a `wait`
-        for it soon after costs no request; False for a task nobody here will wait for."""
+        for it soon after costs no request; False for a task nobody here will wait for,
+        or one polled with `task.wait` calls of its own (its end would come twice)."""
         body = self._submit_body(task_type, description, priority, tokens, timeout, retries,
                                  deadline, payload, idempotency_key, agent)
         if follow:
