@@ -25,10 +25,10 @@ class TaskMemory:
     On Linux the peak RSS is reset before each task (`/proc/self/clear_refs`, "5") and
     read after it (VmHWM); elsewhere the growth of the lifetime peak (`ru_maxrss`), which
     misses a task that reuses memory an earlier one freed. Reading /proc/self/status
-    costs a worker 20-30 us, a large share of a no-op task's: after a handler shorter
-    than SHORT_TASK (which cannot have touched more than a few MB: a page fault each 4
-    KiB) it is read only if the last read is READ_EVERY old, and the task reports no
-    growth and the RSS last read."""
+    costs a worker about 11 us warm, a no-op task's largest system call: after a
+    handler shorter than SHORT_TASK (which cannot have touched more than a few MB: a
+    page fault each 4 KiB) it is read only if the last read is READ_EVERY old, and the
+    task reports no growth and the RSS last read."""
 
     SHORT_TASK = 0.001  # seconds
     READ_EVERY = 1.0  # seconds
