@@ -131,5 +131,11 @@ def test_the_router_is_retrained_from_history_and_learns_a_new_type(suites, tmp_
         assert learnt["trained_at"] > first["trained_at"]
         task = client.wait(client.submit("auto", new[0]["description"])["id"], timeout=60)
         assert task["type"] == "write_docs", task["routing"]
-    trained = [e for e in jsonl_events_of(home) if e["type"] == "router.trained"]
+    # The retrained router answers before its event is in the log: events reach the
+    # router in batches and are written a moment later.
+    def trainings():
+        found = [e for e in jsonl_events_of(home) if e["type"] == "router.trained"]
+        return found if len(found) >= 2 else None
+
+    trained = wait_for(trainings, 30, "both trainings' router.trained events in the log")
     assert len(trained) >= 2
