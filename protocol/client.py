@@ -37,7 +37,15 @@ from .calls import CONNECT_TIMEOUT, Request, Session, drive, drive_async, exchan
 from .direct import SCHEDULER, DirectLink
 from .live import AsyncSubscription, Subscription
 from .operations import Plans
-from .peer import BusLink, TimedReceiver, keys_for, recv_frames, send_frames, unique_name
+from .peer import (
+    BusLink,
+    TimedReceiver,
+    has_message,
+    keys_for,
+    recv_frames,
+    send_frames,
+    unique_name,
+)
 from .vocabulary import PRIORITIES  # noqa: F401 - part of the client's API
 
 if TYPE_CHECKING:  # asyncio is imported where the async face runs: a sync CLI never needs it
@@ -251,9 +259,12 @@ class Client(_Face):
             self._session.heard()
             return self._link.accept(parts)
         # On the line; what the bus holds (a reply that fell back to it) is looked at too.
-        parts = recv_frames(self._link.socket)
-        if parts is not None:
-            return self._link.accept(parts)
+        # Asked, not received: the bus is nearly always empty here, and a receive that
+        # finds nothing costs pyzmq an exception (~5 us against ~2 for asking).
+        if has_message(self._link.socket):
+            parts = recv_frames(self._link.socket)
+            if parts is not None:
+                return self._link.accept(parts)
         line = self._line
         parts = self._line_inbox.within(min(seconds, LINE_LOOK_AT_BUS))
         if parts is None:

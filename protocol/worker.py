@@ -168,6 +168,7 @@ class Worker:
         self._outbox = make_socket(self._ctx, zmq.PAIR)  # what a running handler reports
         self._outbox.connect(self._inbox_addr)
         self._outbox_lock = threading.Lock()
+        self._posts_sent = self._posts_read = 0  # a handler's reports, sent and read
         self._current: TaskContext | None = None
         self._pending: TaskContext | None = None  # started, its handler not yet called
         # The handler runs on the thread that runs the bus loop, which hands the bus to
@@ -222,6 +223,7 @@ class Worker:
         """What a running handler reports (progress, tokens, a request for more): read by
         whichever thread serves the bus; a request for tokens wakes the keeper at once."""
         with self._outbox_lock:
+            self._posts_sent += 1  # before: a reader that sees the post also sees it counted
             self._outbox.send(msgpack.packb((kind, data)))
         if kind == "extend" and self._handler_since is not None:
             with self._keeper_cond:
@@ -249,8 +251,10 @@ class Worker:
         self._on_handler("done", outcome)
 
     def _read_posts(self) -> None:
-        # Asked first: most handlers post nothing, and an empty receive costs more.
-        while has_message(self._inbox):
+        # Most handlers post nothing: counted as they are sent, so that costs no look at
+        # the socket (asking is a system call or two). Read under `_bus`, by either thread.
+        while self._posts_read < self._posts_sent and has_message(self._inbox):
+            self._posts_read += 1
             self._on_handler(*msgpack.unpackb(self._inbox.recv(), raw=False))
 
     def _keep_bus(self) -> None:
