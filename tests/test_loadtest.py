@@ -5,6 +5,7 @@ a unit test asserts."""
 from __future__ import annotations
 
 import json
+import sys
 
 import psutil
 import pytest
@@ -192,3 +193,24 @@ def test_retrain_waits_for_its_own_training(tmp_path):
     assert out["previous_trained_at"] == 2.0 and out["train_calls"] == 2
     out = retrain_model(_FakeScheduler(running="forever"), tmp_path, timeout=0.6)
     assert not out["loaded"] and "no new model" in out["reason"]
+
+
+@pytest.mark.processes  # a server process per transport
+def test_the_transport_instrument_measures_both_hops(capsys):
+    from cortex.loadtest import transport
+
+    assert transport.main(["--count", "30", "--runs", "1", "--size", "10"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    measured = rows[2:]  # after the header and its rule
+    expected = ["zmq", "unix"] if sys.platform.startswith("linux") else ["zmq"]
+    assert [row.split("|")[1].strip() for row in measured] == expected
+    assert all(row.count(" us ") == 3 for row in measured)  # three figures per transport
+    assert not psutil.Process().children()  # each server process was waited for
+
+
+def test_the_transport_frames_survive_a_datagram():
+    from cortex.loadtest.transport import envelope, pack, unpack
+
+    frames = envelope(300)
+    assert unpack(pack(frames)) == frames
+    assert unpack(pack([b"", b"x"])) == [b"", b"x"]
