@@ -13,6 +13,8 @@ from cortex.services.scheduler.queue import TaskQueue
 from cortex.services.scheduler.tasks import PRIORITY_RANK, Task
 from cortex.services.scheduler.workers import WorkerRegistry, WorkerState
 
+BUSY, LEAVING = WorkerState.BUSY, WorkerState.LEAVING
+
 DEFAULT_DURATION = 1.0  # seconds a task of a type nothing is known of is expected to take
 
 
@@ -41,7 +43,8 @@ class Estimates:
         """Predicted seconds until a dispatched task ends (negative once overdue)."""
         if mean is None:
             mean = self.mean_duration(task.type)
-        expected = (task.predicted or {}).get("duration", mean)
+        predicted = task.predicted
+        expected = predicted.get("duration", mean) if predicted else mean
         marks = self.marks.get(task.id)
         since = marks.dispatched if marks is not None and marks.dispatched is not None else now
         return since + expected - now
@@ -62,9 +65,10 @@ class Estimates:
         busy: list[Task] = []
         prefetched = 0  # tasks held by busy workers that start before it (lower: recalled)
         for w in self.registry.workers.values():
-            if task_type not in w.types or w.state is WorkerState.LEAVING:
+            state = w.state
+            if state is LEAVING or task_type not in w.types:
                 continue
-            task = tasks.get(w.task or "") if w.state is WorkerState.BUSY else None
+            task = tasks.get(w.task) if state is BUSY and w.task is not None else None
             if task is None:
                 free += 1
                 if ahead < free:
@@ -78,8 +82,11 @@ class Estimates:
         if not busy:
             free = max(free, 1)  # none registered yet: the least the pool keeps of a type
         mean = self.mean_duration(task_type)
-        remaining = [max(0.0, self.time_left(task, now, mean)) for task in busy]
-        return start_after([0.0] * free + remaining, ahead, mean)
+        free_at = [0.0] * free
+        for task in busy:
+            left = self.time_left(task, now, mean)
+            free_at.append(left if left > 0.0 else 0.0)
+        return start_after(free_at, ahead, mean)
 
     def next_free(self, workers, now: float) -> float:
         """Seconds until the first of these busy workers is expected to free up. A task
