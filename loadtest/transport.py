@@ -3,6 +3,7 @@ scheduler's direct line uses (a ZeroMQ DEALER to a ROUTER on ipc) against a plai
 socket (SOCK_SEQPACKET: one datagram per message, no library thread in between).
 
     python -m cortex.loadtest.transport --count 20000 --runs 3
+    python -m cortex.loadtest.transport --window 10   # ten in flight, as under load
 
 A client process sends a six-frame message (the protocol's envelope, `--size` bytes of
 body) and waits for it to come back, `--count` times; the server process waits for it
@@ -29,7 +30,10 @@ import time
 from pathlib import Path
 
 WARMUP = 200  # round trips before the clocks start
-HEADER = struct.Struct("<I")  # a frame's length, before it, in a Unix socket datagram
+HEADER = struct.Struct("<I")
+# What a window may hold: a Unix socket charges each datagram its size and ~1 KiB of
+# kernel bookkeeping against a buffer of ~208 KiB by default.
+IN_FLIGHT_BYTES = 150_000  # a frame's length, before it, in a Unix socket datagram
 
 
 def envelope(size: int) -> list[bytes]:
@@ -55,15 +59,15 @@ def unpack(datagram: bytes) -> list[bytes]:
 
 
 # -- the two ends, per transport ----------------------------------------------------------
-def serve_zmq(path: str, count: int) -> float:
+def serve_zmq(path: str, warm: int, count: int) -> float:
     import zmq
 
     ctx = zmq.Context()
     sock = ctx.socket(zmq.ROUTER)
     sock.bind(f"ipc://{path}")
     print("ready", flush=True)
-    for i in range(WARMUP + count):
-        if i == WARMUP:
+    for i in range(warm + count):
+        if i == warm:
             start = cpu_seconds()
         sock.send_multipart(sock.recv_multipart())
     used = cpu_seconds() - start
@@ -72,36 +76,47 @@ def serve_zmq(path: str, count: int) -> float:
     return used
 
 
-def client_zmq(path: str, count: int, frames: list[bytes]) -> tuple[float, float]:
+def client_zmq(path: str, warm: int, count: int, frames: list[bytes], window: int
+               ) -> tuple[float, float]:
     import zmq
 
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
     sock.connect(f"ipc://{path}")
-    for i in range(WARMUP + count):
-        if i == WARMUP:
+    for i in range(0, warm + count, window):
+        if i == warm:
             start, began = cpu_seconds(), time.perf_counter()
-        sock.send_multipart(frames)
-        sock.recv_multipart()
+        for _ in range(window):
+            sock.send_multipart(frames)
+        for _ in range(window):
+            sock.recv_multipart()
     used, wall = cpu_seconds() - start, time.perf_counter() - began
     sock.close(linger=0)
     ctx.term()
     return used, wall
 
 
-def serve_unix(path: str, count: int) -> float:
+def serve_unix(path: str, warm: int, count: int) -> float:
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     listener.bind(path)
     listener.listen()
     print("ready", flush=True)
     conn, _ = listener.accept()
+    conn.setblocking(False)
     poller = select.epoll()
     poller.register(conn.fileno(), select.EPOLLIN)
-    for i in range(WARMUP + count):
-        if i == WARMUP:
-            start = cpu_seconds()
+    served, start = 0, None
+    while served < warm + count:
         poller.poll()
-        conn.send(pack(unpack(conn.recv(1 << 20))))
+        while served < warm + count:  # what the wake found, without waiting again
+            try:
+                datagram = conn.recv(1 << 20)
+            except BlockingIOError:
+                break
+            if served == warm:
+                start = cpu_seconds()
+            conn.sendall(pack(unpack(datagram)))
+            served += 1
     used = cpu_seconds() - start
     poller.close()
     conn.close()
@@ -109,14 +124,17 @@ def serve_unix(path: str, count: int) -> float:
     return used
 
 
-def client_unix(path: str, count: int, frames: list[bytes]) -> tuple[float, float]:
+def client_unix(path: str, warm: int, count: int, frames: list[bytes], window: int
+                ) -> tuple[float, float]:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     sock.connect(path)
-    for i in range(WARMUP + count):
-        if i == WARMUP:
+    for i in range(0, warm + count, window):
+        if i == warm:
             start, began = cpu_seconds(), time.perf_counter()
-        sock.send(pack(frames))
-        unpack(sock.recv(1 << 20))
+        for _ in range(window):
+            sock.send(pack(frames))
+        for _ in range(window):
+            unpack(sock.recv(1 << 20))
     used, wall = cpu_seconds() - start, time.perf_counter() - began
     sock.close()
     return used, wall
@@ -126,17 +144,18 @@ SERVERS = {"zmq": serve_zmq, "unix": serve_unix}
 CLIENTS = {"zmq": client_zmq, "unix": client_unix}
 
 
-def one_run(kind: str, count: int, size: int) -> dict:
+def one_run(kind: str, count: int, size: int, window: int) -> dict:
     """Start the server process, run the client here, return per-round-trip figures."""
+    warm = -(-WARMUP // window) * window  # whole windows
     with tempfile.TemporaryDirectory(prefix="cx-transport-") as folder:
         path = str(Path(folder) / "hop.sock")
         server = subprocess.Popen(
             [sys.executable, "-m", "cortex.loadtest.transport", "--serve", kind, path,
-             "--count", str(count)], stdout=subprocess.PIPE, text=True)
+             str(warm), "--count", str(count)], stdout=subprocess.PIPE, text=True)
         try:
             if server.stdout.readline().strip() != "ready":
                 raise RuntimeError(f"the {kind} server did not start")
-            client_cpu, wall = CLIENTS[kind](path, count, envelope(size))
+            client_cpu, wall = CLIENTS[kind](path, warm, count, envelope(size), window)
             out, _ = server.communicate(timeout=60)
         finally:
             if server.poll() is None:
@@ -154,13 +173,22 @@ def main(argv=None) -> int:
     p.add_argument("--count", type=int, default=20000, help="round trips per run")
     p.add_argument("--runs", type=int, default=3, help="runs per transport (medians shown)")
     p.add_argument("--size", type=int, default=120, help="body bytes per message")
-    p.add_argument("--serve", nargs=2, metavar=("KIND", "PATH"), help=argparse.SUPPRESS)
+    p.add_argument("--window", type=int, default=1,
+                   help="messages in flight: sent together, then their answers read (a busy "
+                        "server's wake finds several)")
+    p.add_argument("--serve", nargs=3, metavar=("KIND", "PATH", "WARM"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.count < 1 or args.runs < 1 or not 0 <= args.size <= 1 << 19:
-        p.error("--count and --runs must be at least 1, --size within 0..524288")
+    if args.count < 1 or args.runs < 1 or not 0 <= args.size <= 1 << 16 \
+            or not 1 <= args.window <= 100:
+        p.error("--count and --runs must be at least 1, --size within 0..65536, --window "
+                "within 1..100")
+    if args.window * (args.size + 1024) > IN_FLIGHT_BYTES:
+        p.error(f"--window x (--size + 1024) must stay within {IN_FLIGHT_BYTES} bytes: a "
+                "window both ends send before reading must fit the socket's buffers")
+    count = -(-args.count // args.window) * args.window  # whole windows
     if args.serve:
-        kind, path = args.serve
-        print(f"{SERVERS[kind](path, args.count):.6f}", flush=True)
+        kind, path, warm = args.serve
+        print(f"{SERVERS[kind](path, int(warm), count):.6f}", flush=True)
         return 0
     kinds = ["zmq"]
     if sys.platform.startswith("linux"):
@@ -168,9 +196,9 @@ def main(argv=None) -> int:
     rows = {kind: [] for kind in kinds}
     for _ in range(args.runs):  # alternated, so a drift of the machine hits both
         for kind in kinds:
-            rows[kind].append(one_run(kind, args.count, args.size))
-    print(f"{args.count} round trips x {args.runs} runs, {args.size}-byte bodies "
-          f"(medians, per round trip)\n")
+            rows[kind].append(one_run(kind, count, args.size, args.window))
+    print(f"{count} round trips x {args.runs} runs, {args.size}-byte bodies, "
+          f"{args.window} in flight (medians, per round trip)\n")
     print("| transport | round trip | client CPU | server CPU |")
     print("| --- | --- | --- | --- |")
     for kind, runs in rows.items():
