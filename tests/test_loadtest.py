@@ -214,3 +214,31 @@ def test_the_transport_frames_survive_a_datagram():
     frames = envelope(300)
     assert unpack(pack(frames)) == frames
     assert unpack(pack([b"", b"x"])) == [b"", b"x"]
+
+
+@pytest.mark.processes  # a suite of its own
+def test_the_idle_instrument_reads_each_role_by_window(capsys):
+    from cortex.loadtest import idle
+
+    assert idle.main(["--workers", "2", "--tasks", "4", "--clients", "2",
+                      "--task-seconds", "0", "--after", "0", "--windows", "2",
+                      "--window", "0.5"]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| ")]
+    header = [cell.strip() for cell in rows[0].strip("|").split("|")]
+    assert header[:2] == ["after the work", "suite"]
+    assert {"broker", "scheduler", "events", "ledger", "pool", "workers"} <= set(header)
+    assert [row.split("|")[1].strip() for row in rows[2:]] == ["0.0-0.5 s", "0.5-1.0 s"]
+    for row in rows[2:]:  # every cell a share of a core, the suite's the sum of the rest
+        cells = [float(c.strip().strip("*")) for c in row.strip("|").split("|")[1:]]
+        assert all(c >= 0 for c in cells) and abs(cells[0] - sum(cells[1:])) < 0.05
+
+
+@pytest.mark.parametrize("args", [["--windows", "0"], ["--window", "0.01"],
+                                  ["--task-seconds", "-1"], ["--workers", "0"]])
+def test_the_idle_instrument_refuses_what_it_cannot_measure(args, capsys):
+    from cortex.loadtest import idle
+
+    with pytest.raises(SystemExit) as ended:
+        idle.main(args)
+    assert ended.value.code == 2 and "must be" in capsys.readouterr().err
