@@ -78,6 +78,9 @@ def test_hundred_megabyte_frame_is_too_large(shared_suite, raw):
     ({"description": "nul \x00 inside"}, "bad_request"),
     ({"timeout": float("inf")}, "bad_request"),
     ({"type": ""}, "bad_request"),
+    ({"follow": -1}, "bad_request"),
+    ({"follow": 61}, "bad_request"),
+    ({"follow": "soon"}, "bad_request"),
 ])
 def test_bad_fields_are_refused(shared_suite, raw, fields, code):
     corr = b"f" + str(sorted(fields)).encode()[:40]

@@ -248,6 +248,11 @@ BAD_SUBMITS = [
     ({"deadline": math.nan}, "nan deadline"),
     ({"agent": ""}, "empty agent"),
     ({"agent": "a" * 129}, "long agent"),
+    ({"follow": -1}, "negative follow"),
+    ({"follow": 61}, "follow above a minute"),
+    ({"follow": "5"}, "follow str"),
+    ({"follow": True}, "bool follow"),
+    ({"follow": math.nan}, "nan follow"),
 ]
 
 

@@ -52,13 +52,14 @@ class ClientRequests:
     _kill, _settle)."""
 
     def submit(self, fx: Effects, peer: bytes, corr: bytes, body: dict, now: Now) -> None:
+        # Checked before admitting: a bad field must refuse the submit before any change.
+        follow = wire.field_number(body, "follow", lo=0, hi=60, required=False, default=0.0)
         outcome = self.admit(fx, peer, body, now)
         if not isinstance(outcome, Task):
             fx.error(peer, corr, *outcome)
             return
         wait = parse_wait(body)
         self._reply_or_hold(fx, peer, corr, outcome, wait, now)
-        follow = wire.field_number(body, "follow", lo=0, hi=60, required=False, default=0.0)
         if follow > 0 and wait <= 0 and not outcome.final \
                 and len(corr) < wire.MAX_CORR_BYTES:
             # Answered again when it ends, as a wait sent with the submit would be: the
