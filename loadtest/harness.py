@@ -292,27 +292,52 @@ class Sampler(threading.Thread):
             self.timeline.append(row)
 
 
-def cpu_of(pids) -> float:
-    total = 0.0
+def cpu_ns(pid: int) -> int | None:
+    """Nanoseconds of CPU of every thread of `pid` (None: gone, or no schedstat)."""
+    total, found = 0, False
+    for path in glob.glob(f"/proc/{pid}/task/*/schedstat"):
+        try:
+            with open(path) as f:
+                total += int(f.read().split()[0])
+            found = True
+        except (OSError, ValueError, IndexError):
+            continue
+    return total if found else None
+
+
+def cpu_seconds(pids) -> dict[int, float]:
+    """pid -> seconds of CPU: its own (every thread's nanoseconds where the system keeps
+    schedstat, else 10 ms ticks) and what it reaped (children's, in ticks)."""
+    out = {}
     for pid in pids:
         try:
-            t = psutil.Process(pid).cpu_times()
-            total += t.user + t.system
+            times = psutil.Process(pid).cpu_times()
         except psutil.Error:
-            pass
-    return total
+            continue
+        own = cpu_ns(pid)
+        out[pid] = (own / 1e9 if own is not None else times.user + times.system) \
+            + times.children_user + times.children_system
+    return out
+
+
+def cpu_by_role(roles: dict[int, str], seconds: float) -> dict[str, float]:
+    """Seconds of CPU by role over `seconds` from now (a process gone meanwhile is not
+    counted)."""
+    before = cpu_seconds(roles)
+    time.sleep(seconds)
+    after = cpu_seconds(roles)
+    by_role: dict[str, float] = {}
+    for pid, role in roles.items():
+        if pid in before and pid in after:
+            by_role[role] = by_role.get(role, 0.0) + max(0.0, after[pid] - before[pid])
+    return by_role
 
 
 def idle_cpu(target: Target, seconds: float = 3.0, settle: float = 2.0) -> dict:
     """CPU of the whole suite over a quiet period (after `settle` s of nothing), as a
     fraction of one core, in total and by role."""
     time.sleep(settle)  # let the last work drain before the quiet period starts
-    roles = target.roles()
-    before = {pid: cpu_of([pid]) for pid in roles}
-    time.sleep(seconds)  # the quiet period being measured
-    by_role: dict[str, float] = {}
-    for pid, role in roles.items():
-        by_role[role] = by_role.get(role, 0.0) + max(0.0, cpu_of([pid]) - before[pid])
+    by_role = cpu_by_role(target.roles(), seconds)  # the quiet period being measured
     used = sum(by_role.values())
     return {"seconds": seconds, "cpu_s": round(used, 4),
             "fraction_of_core": round(used / seconds, 5),

@@ -20,16 +20,13 @@ summed, the model trainer apart). Measures, never asserts.
 from __future__ import annotations
 
 import argparse
-import glob
 import sys
 import threading
 import time
 
-import psutil
-
 from cortex.protocol import Client
 
-from .harness import Target
+from .harness import Target, cpu_by_role
 
 TASK_TYPE = "sleep"
 
@@ -54,44 +51,10 @@ def warm_up(home: str, tasks: int, clients: int, seconds: float) -> int:
     return len(failed)
 
 
-def cpu_ns(pid: int) -> int | None:
-    """Nanoseconds of CPU of every thread of `pid` (None: gone, or no schedstat)."""
-    total, found = 0, False
-    for path in glob.glob(f"/proc/{pid}/task/*/schedstat"):
-        try:
-            with open(path) as f:
-                total += int(f.read().split()[0])
-            found = True
-        except (OSError, ValueError, IndexError):
-            continue
-    return total if found else None
-
-
-def sample(roles: dict[int, str]) -> dict[int, float]:
-    """pid -> seconds of CPU: its own, and what it reaped (children's, in ticks)."""
-    out = {}
-    for pid in roles:
-        try:
-            times = psutil.Process(pid).cpu_times()
-        except psutil.Error:
-            continue
-        own = cpu_ns(pid)
-        out[pid] = (own / 1e9 if own is not None else times.user + times.system) \
-            + times.children_user + times.children_system
-    return out
-
-
 def measure(target: Target, windows: int, window: float) -> list[dict]:
     rows = []
     for _ in range(windows):
-        roles = target.roles()
-        before = sample(roles)
-        time.sleep(window)
-        after = sample(roles)
-        by_role: dict[str, float] = {}
-        for pid, role in roles.items():
-            if pid in before and pid in after:  # one that left meanwhile is not counted
-                by_role[role] = by_role.get(role, 0.0) + max(0.0, after[pid] - before[pid])
+        by_role = cpu_by_role(target.roles(), window)
         rows.append({"suite": sum(by_role.values()) / window,
                      "by_role": {k: v / window for k, v in sorted(by_role.items())}})
     return rows
