@@ -35,20 +35,22 @@ from .harness import Target
 TASK_TYPE = "echo"
 
 
-def drive(home: str, tasks: int, agents: int, mode: str, tokens: int = 0) -> int:
-    """The agents: `agents` threads, each with its own Client, share `tasks` no-ops (each
-    reserving `tokens` from the ledger)."""
+def drive(home: str, tasks: int, agents: int, mode: str, tokens: int = 0, *,
+          task_type: str = TASK_TYPE, payload=None) -> int:
+    """The agents: `agents` threads, each with its own Client, share `tasks` tasks of
+    `task_type` (no-ops; each reserving `tokens` from the ledger); how many failed."""
     counts = [tasks // agents + (1 if i < tasks % agents else 0) for i in range(agents)]
+    payload = {"x": 1} if payload is None else payload
     failed: list[str] = []
 
     def agent(n: int) -> None:
         with Client(home, timeout=120) as client:
             for _ in range(n):
                 if mode == "one":
-                    task = client.submit_and_wait(TASK_TYPE, payload={"x": 1}, retries=0,
+                    task = client.submit_and_wait(task_type, payload=payload, retries=0,
                                                   tokens=tokens)
                 else:
-                    task = client.wait(client.submit(TASK_TYPE, payload={"x": 1},
+                    task = client.wait(client.submit(task_type, payload=payload,
                                                      retries=0, tokens=tokens)["id"])
                 if task["state"] != "completed":
                     failed.append(task["id"])

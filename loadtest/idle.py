@@ -21,34 +21,17 @@ from __future__ import annotations
 
 import argparse
 import sys
-import threading
 import time
 
-from cortex.protocol import Client
-
-from .harness import Target, cpu_by_role
-
-TASK_TYPE = "sleep"
+from .count import drive
+from .cpu import cpu_by_role
+from .harness import Target
 
 
 def warm_up(home: str, tasks: int, clients: int, seconds: float) -> int:
     """`tasks` sleep tasks from `clients` threads, each its own Client; how many failed."""
-    counts = [tasks // clients + (1 if i < tasks % clients else 0) for i in range(clients)]
-    failed: list[str] = []
-
-    def client(n: int) -> None:
-        with Client(home, timeout=120) as c:
-            for _ in range(n):
-                task = c.wait(c.submit(TASK_TYPE, payload={"seconds": seconds})["id"])
-                if task["state"] != "completed":
-                    failed.append(task["id"])
-
-    threads = [threading.Thread(target=client, args=(n,)) for n in counts if n]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return len(failed)
+    return drive(home, tasks, clients, "submit-wait", task_type="sleep",
+                 payload={"seconds": seconds})
 
 
 def measure(target: Target, windows: int, window: float) -> list[dict]:
