@@ -150,6 +150,15 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.05):
         time.sleep(interval)  # polling an outside condition with a deadline
 
 
+def pid_ended(pid: int) -> bool:
+    """Gone, or a zombie waiting for its parent: asked in one step, since a process can be
+    reaped between asking whether it exists and asking its status."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
 def jsonl_events_of(home: Path) -> list[dict]:
     """Every event in a home's JSONL files, in file order."""
     import orjson

@@ -44,9 +44,7 @@ def test_hung_worker_is_detected_and_its_task_completes_elsewhere(suites):
         assert done["attempt"] == 2
         assert done["worker"] != running["worker"]
         # The stopped worker was ended by the pool, not left behind.
-        wait_for(lambda: not psutil.pid_exists(victim)
-                 or psutil.Process(victim).status() == psutil.STATUS_ZOMBIE, 30,
-                 "the hung worker to be killed")
+        wait_for(lambda: not alive(victim), 30, "the hung worker to be killed")
     # The log may be a moment behind the reply: read it once the completion is there.
     kinds = wait_for(lambda: (k := Counter(ev["type"] for ev in jsonl_events(suite.home)
                                            if ev["task"] == task["id"]))["task.completed"]
