@@ -150,13 +150,13 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.05):
         time.sleep(interval)  # polling an outside condition with a deadline
 
 
-def pid_ended(pid: int) -> bool:
-    """Gone, or a zombie waiting for its parent: asked in one step, since a process can be
-    reaped between asking whether it exists and asking its status."""
+def pid_alive(pid: int) -> bool:
+    """Running (not gone, not a zombie waiting for its parent): asked in one step, since a
+    process can be reaped between asking whether it exists and asking its status."""
     try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
-        return True
+        return False
 
 
 def jsonl_events_of(home: Path) -> list[dict]:

@@ -17,7 +17,7 @@ import pytest
 
 from cortex.protocol import Client
 from cortex.services.control import reap_orphans
-from tests.conftest import module_suite, wait_for
+from tests.conftest import module_suite, pid_alive, wait_for
 
 MODULE = '''
 import os
@@ -59,10 +59,7 @@ def stuck(ctx):
 
 def alive(pid: int) -> bool:
     reap_orphans()  # children of a killed runner are re-parented to the test: reap them
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
+    return pid_alive(pid)
 
 
 def children(runner: subprocess.Popen) -> set[int]:

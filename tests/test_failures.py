@@ -14,7 +14,7 @@ import pytest
 
 from cortex.protocol import Client
 
-from .conftest import SuiteRunner, jsonl_events_of, suite_config, wait_for
+from .conftest import SuiteRunner, jsonl_events_of, pid_alive, suite_config, wait_for
 from .test_suite_integration import jsonl_events
 
 SPAWNER = '[handlers]\nspawner = { command = ["sh", "-c", "sleep 300 & sleep 300"] }\n'
@@ -44,7 +44,7 @@ def test_hung_worker_is_detected_and_its_task_completes_elsewhere(suites):
         assert done["attempt"] == 2
         assert done["worker"] != running["worker"]
         # The stopped worker was ended by the pool, not left behind.
-        wait_for(lambda: not alive(victim), 30, "the hung worker to be killed")
+        wait_for(lambda: not pid_alive(victim), 30, "the hung worker to be killed")
     # The log may be a moment behind the reply: read it once the completion is there.
     kinds = wait_for(lambda: (k := Counter(ev["type"] for ev in jsonl_events(suite.home)
                                            if ev["task"] == task["id"]))["task.completed"]
@@ -65,13 +65,6 @@ def test_hung_worker_is_detected_and_its_task_completes_elsewhere(suites):
     assert story[retry]["data"]["category"] == "worker_lost"
 
 
-def alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
 def test_timeout_kills_the_task_with_its_children(suites):
     suite = suites.start(workers=1, extra=SPAWNER.replace(
         "[handlers]", '[pool.groups.spawners]\ncount = 1\ntypes = ["spawner"]\n[handlers]'))
@@ -87,7 +80,7 @@ def test_timeout_kills_the_task_with_its_children(suites):
         assert done["state"] == "failed"
         assert done["error"]["category"] == "timeout"
         # A child may go between two looks at it: ask once (a zombie counts as gone).
-        wait_for(lambda: not any(alive(p) for p in children), 30,
+        wait_for(lambda: not any(pid_alive(p) for p in children), 30,
                  "the timed-out command's children to be gone")
         suites.seen(suite)
         # The pool replaced the worker, and the next task runs.

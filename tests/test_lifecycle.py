@@ -23,7 +23,7 @@ from cortex.services.runtime import lineage
 
 from .conftest import (
     jsonl_events_of,
-    pid_ended,
+    pid_alive,
     short_home,
     suite_config,
     wait_for,
@@ -145,7 +145,7 @@ def test_a_timed_out_handler_is_ended_promptly(suites):
                    if w["name"] == running["worker"])
         assert c.wait(task["id"], timeout=30)["state"] in ("failed", "dead")
         # Polled with a deadline shorter than the grace a stop gives the task in hand.
-        wait_for(lambda: pid_ended(pid), 4.5, "the timed-out worker to be killed")
+        wait_for(lambda: not pid_alive(pid), 4.5, "the timed-out worker to be killed")
     events = [e for e in jsonl_events_of(suite.home)
               if e["type"] in ("worker.stopping", "worker.killed", "worker.exited")
               and e.get("worker") == running["worker"]]
