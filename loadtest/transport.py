@@ -30,17 +30,17 @@ import time
 from pathlib import Path
 
 WARMUP = 200  # round trips before the clocks start
-HEADER = struct.Struct("<I")
+HEADER = struct.Struct("<I")  # a frame's length, before it, in a Unix socket datagram
 # What a window may hold: a Unix socket charges each datagram its size and ~1 KiB of
 # kernel bookkeeping against a buffer of ~208 KiB by default.
-IN_FLIGHT_BYTES = 150_000  # a frame's length, before it, in a Unix socket datagram
+IN_FLIGHT_BYTES = 150_000
 
 
 def envelope(size: int) -> list[bytes]:
     return [b"CX2", b"\x01", b"scheduler", b"", b"corr-000001", b"x" * size]
 
 
-def cpu_seconds() -> float:
+def own_cpu() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
 
@@ -68,9 +68,9 @@ def serve_zmq(path: str, warm: int, count: int) -> float:
     print("ready", flush=True)
     for i in range(warm + count):
         if i == warm:
-            start = cpu_seconds()
+            start = own_cpu()
         sock.send_multipart(sock.recv_multipart())
-    used = cpu_seconds() - start
+    used = own_cpu() - start
     sock.close(linger=1000)
     ctx.term()
     return used
@@ -85,12 +85,12 @@ def client_zmq(path: str, warm: int, count: int, frames: list[bytes], window: in
     sock.connect(f"ipc://{path}")
     for i in range(0, warm + count, window):
         if i == warm:
-            start, began = cpu_seconds(), time.perf_counter()
+            start, began = own_cpu(), time.perf_counter()
         for _ in range(window):
             sock.send_multipart(frames)
         for _ in range(window):
             sock.recv_multipart()
-    used, wall = cpu_seconds() - start, time.perf_counter() - began
+    used, wall = own_cpu() - start, time.perf_counter() - began
     sock.close(linger=0)
     ctx.term()
     return used, wall
@@ -114,10 +114,10 @@ def serve_unix(path: str, warm: int, count: int) -> float:
             except BlockingIOError:
                 break
             if served == warm:
-                start = cpu_seconds()
+                start = own_cpu()
             conn.sendall(pack(unpack(datagram)))
             served += 1
-    used = cpu_seconds() - start
+    used = own_cpu() - start
     poller.close()
     conn.close()
     listener.close()
@@ -130,12 +130,12 @@ def client_unix(path: str, warm: int, count: int, frames: list[bytes], window: i
     sock.connect(path)
     for i in range(0, warm + count, window):
         if i == warm:
-            start, began = cpu_seconds(), time.perf_counter()
+            start, began = own_cpu(), time.perf_counter()
         for _ in range(window):
             sock.send(pack(frames))
         for _ in range(window):
             unpack(sock.recv(1 << 20))
-    used, wall = cpu_seconds() - start, time.perf_counter() - began
+    used, wall = own_cpu() - start, time.perf_counter() - began
     sock.close()
     return used, wall
 
