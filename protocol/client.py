@@ -145,7 +145,6 @@ class Client(_Face):
         self._link.socket.setsockopt(zmq.SNDTIMEO, SEND_WAIT_MS)
         self._line_endpoint = locate.direct_endpoint(self.endpoint)  # None: not local
         self._line: DirectLink | None = None
-        self._line_inbox: TimedReceiver | None = None
         self._line_calls = 0  # scheduler calls since the last look at the line
         self._on_line = False  # the call under way goes over the line
         self._line_sent: list | None = None  # the frames last sent on it
@@ -199,25 +198,24 @@ class Client(_Face):
                              self._send, self._receive)["token"]
         except (errors.CortexError, KeyError, TypeError):
             return  # stay on the bus
-        link = DirectLink(self._ctx, self._line_endpoint, self.name, str(token)[:64],
-                          role="client")
-        inbox = TimedReceiver(link.socket)
+        link = DirectLink(self._line_endpoint, self.name, str(token)[:64], role="client")
         deadline = self._session.clock() + LINE_OPEN_TIMEOUT
         while not (link.welcomed or link.closed):
             left = deadline - self._session.clock()
-            parts = inbox.within(left) if left > 0 else None
-            if parts is None:
+            if left <= 0:
                 break
-            link.accept(parts)
+            parts = link.within(left)
+            if parts is not None:
+                link.accept(parts)
         if link.welcomed:
-            self._line, self._line_inbox, self._line_calls = link, inbox, 0
+            self._line, self._line_calls = link, 0
         else:
             link.close()
 
     def _drop_line(self, bye: bool = False) -> None:
         if self._line is not None:
             self._line.close(bye=bye)
-            self._line = self._line_inbox = None
+            self._line = None
 
     # -- moving bytes and time -----------------------------------------------------------
     def _perform(self, request):
@@ -246,6 +244,9 @@ class Client(_Face):
             elif line.send_frames(frames):
                 self._line_sent = frames
                 return
+            elif line.closed:  # the scheduler is gone or forgot us: the bus, from now
+                self._drop_line()
+                self._on_line = False
         try:
             send_frames(self._link.socket, frames, block=True)
         except zmq.Again:
@@ -266,13 +267,13 @@ class Client(_Face):
             if parts is not None:
                 return self._link.accept(parts)
         line = self._line
-        parts = self._line_inbox.within(min(seconds, LINE_LOOK_AT_BUS))
-        if parts is None:
-            return None
-        self._session.heard()
-        msg = line.accept(parts)
-        if line.closed:  # WHO: the scheduler restarted or forgot us; re-sent on the bus
-            self._drop_line()
+        parts = line.within(min(seconds, LINE_LOOK_AT_BUS))
+        msg = None
+        if parts is not None:
+            self._session.heard()
+            msg = line.accept(parts)
+        if line.closed:  # WHO or its end: the scheduler restarted or forgot us; re-sent
+            self._drop_line()  # on the bus
             self._on_line = False
         return msg
 

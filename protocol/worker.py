@@ -198,7 +198,7 @@ class Worker:
         self._keeper_poller.register(self._link.socket, zmq.POLLIN)
         self._keeper_poller.register(self._inbox, zmq.POLLIN)
         # The scheduler's direct line (direct.py), on this machine only: an ipc bus.
-        self._line = SchedulerLine(self._ctx, endpoint, self.name,
+        self._line = SchedulerLine(endpoint, self.name,
                                    (self._poller, self._keeper_poller))
         self._announced_leaving = False
         # Prefetched tasks, to start when the current one ends (the highest priority
@@ -498,8 +498,7 @@ class Worker:
     def _read_waiting(self) -> None:
         """Handle what the scheduler's line and the bus already hold, without waiting."""
         for _ in range(READ_WAITING_MAX):
-            line = self._line.link
-            if line is not None and has_message(line.socket):
+            if self._line.pending():
                 msg = self._line.receive()
             elif has_message(self._link.socket):
                 msg = self._link.receive()

@@ -4,16 +4,21 @@ scheduler's kill -9."""
 
 from __future__ import annotations
 
+import logging
 import os
+import select
+import shutil
 import signal
+import socket
+import tempfile
+import time
 
 import pytest
-import zmq
 
 from cortex.protocol import Client, wire
 from cortex.protocol.client import LINE_AFTER_CALLS
-from cortex.protocol.peer import make_socket
-from cortex.services.runtime.direct import DirectPeers
+from cortex.protocol.direct import MAX_DATAGRAM, DirectLink, pack, unpack
+from cortex.services.runtime.direct import DirectLine, DirectPeers
 from tests.conftest import wait_for
 from tests.trust_peers import RawPeer
 
@@ -69,19 +74,170 @@ def test_a_worker_reconnecting_takes_its_name_over_and_forget_leaves_nothing():
                 or peers.capable)
 
 
+# -- the line's sockets, in this process -------------------------------------------------------
+@pytest.fixture
+def line():
+    """A DirectLine on a socket of its own (a short path: Unix socket paths are short)."""
+    where = tempfile.mkdtemp(prefix="cx-line-", dir="/tmp")
+    endpoint = f"ipc://{where}/work.sock"
+    server = DirectLine(endpoint, logging.getLogger("test"))
+    try:
+        yield server, endpoint
+    finally:
+        server.close()
+        shutil.rmtree(where)
+
+
+def serve(server: DirectLine, until, seconds: float = 10.0) -> list:
+    """Read the line as the scheduler's loop would until `until(messages)` holds."""
+    messages: list = []
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        select.select([server.fd], [], [], 0.05)
+        while (msg := server.receive(time.monotonic())) is not None:
+            if msg:
+                messages.append(msg)
+        if until(messages):
+            return messages
+    raise AssertionError(f"the line never got there; read {messages}")
+
+
+def welcomed(server: DirectLine, endpoint: str, name: str, role: str = "client") -> DirectLink:
+    token = server.peers.token_for(name.encode(), role, time.monotonic())
+    link = DirectLink(endpoint, name, token, role=role)
+    serve(server, lambda _: name.encode() in server.peers.rid_of)
+    parts = link.within(10)
+    assert parts is not None and link.accept(parts) is None and link.welcomed
+    return link
+
+
+def test_a_message_each_way_and_a_peer_that_ends_is_off_the_line_at_once(line):
+    server, endpoint = line
+    link = welcomed(server, endpoint, "c1")
+    assert link.send_frames(wire.frames(wire.REQUEST, b"scheduler", b"k1", {"op": "x"}))
+    msg = serve(server, lambda got: got)[0]
+    assert (msg.type, msg.peer, msg.role, msg.corr) == (wire.REQUEST, b"c1", b"client", b"k1")
+    assert server.send(wire.REPLY, b"c1", b"k1", {"answer": 42})
+    got = link.accept(link.within(10))
+    assert got.type == wire.REPLY and got.role == b"service" and got.decoded() == {
+        "answer": 42}
+    link.close()  # no BYE: as a killed peer's connection ends
+    serve(server, lambda _: not server.conns)
+    assert server.peers.rid_of == {} and not server.send(wire.REPLY, b"c1", b"k2", {})
+
+
+def test_what_a_peer_sent_before_closing_with_our_messages_unread_is_still_read(line):
+    """A peer that closes with messages from us unread makes the kernel report a reset
+    before the datagrams it sent first (a leaving worker's hand-back, say): read, not lost."""
+    server, endpoint = line
+    link = welcomed(server, endpoint, "w1", role="worker")
+    assert server.send(wire.NOTIFY, b"w1", b"", {"op": "task.run"})  # never read
+    assert link.send_frames(wire.frames(wire.NOTIFY, b"scheduler", b"", {
+        "op": "task.rejected", "id": "t-1"}))
+    link.close()
+    got = serve(server, lambda got: got and not server.conns)
+    assert [m.decoded()["op"] for m in got] == ["task.rejected"]
+    assert server.peers.rid_of == {}
+
+
+def test_a_message_the_buffer_cannot_take_goes_over_the_bus_and_so_does_what_follows(line):
+    server, endpoint = line
+    link = welcomed(server, endpoint, "w1", role="worker")
+    rid = server.peers.rid_of[b"w1"]
+    server.conns[rid].setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    assert not server.send(wire.NOTIFY, b"w1", b"", {"op": "task.run", "x": "y" * 100_000})
+    assert server.stats["fallbacks"] == 1
+    assert not server.send(wire.NOTIFY, b"w1", b"", {"op": "task.cancel"})  # in order
+    # The worker speaks on the line again: told WHO, it closes its end.
+    assert link.send_frames(wire.frames(wire.NOTIFY, b"scheduler", b"", {"op": "x"}))
+    serve(server, lambda _: server.stats["refused"] == 1)
+    assert link.accept(link.within(10)) is None and link.closed
+    link.close()
+
+
+def test_connections_past_the_cap_are_closed_and_a_missing_line_is_just_closed(line):
+    server, endpoint = line
+    server.cap = 1
+    first = welcomed(server, endpoint, "c1")
+    token = server.peers.token_for(b"c2", "client", time.monotonic())
+    second = DirectLink(endpoint, "c2", token, role="client")
+    serve(server, lambda _: server.stats["over_cap"] == 1)
+    assert second.within(10) is None and second.closed  # its connection ended
+    assert list(server.peers.rid_of) == [b"c1"]
+    second.close()
+    first.close()
+    nowhere = DirectLink(endpoint.replace("work.sock", "none.sock"), "c3", "t" * 32)
+    assert nowhere.closed and not nowhere.send_frames(wire.frames(wire.NOTIFY, b"scheduler"))
+    nowhere.close()
+
+
+def test_silent_strangers_and_idle_clients_have_their_connections_ended(line):
+    server, endpoint = line
+    worker = welcomed(server, endpoint, "w1", role="worker")
+    client = welcomed(server, endpoint, "c1")
+    stranger = LineSocket.__new__(LineSocket)
+    stranger.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    stranger.sock.connect(endpoint[len("ipc://"):])
+    serve(server, lambda _: len(server.conns) == 3)
+    now = time.monotonic()
+    server.end_idle(now + 30)  # not yet
+    assert len(server.conns) == 3
+    server.end_idle(now + 61)  # the stranger never said HELLO: ended
+    assert len(server.conns) == 2 and stranger.poll(10_000)
+    assert stranger.sock.recv(MAX_DATAGRAM) == b""
+    server.end_idle(now + 301)  # a silent client (a worker's liveness is the broker's)
+    assert list(server.peers.rid_of) == [b"w1"] and len(server.conns) == 1
+    assert client.within(10) is None and client.closed  # back to the bus
+    for peer in (worker, client, stranger):
+        peer.close()
+
+
+def test_a_datagram_is_an_array_of_byte_strings_and_nothing_else():
+    frames = wire.frames(wire.NOTIFY, b"scheduler", b"c", {"op": "x"})
+    assert unpack(pack(frames)) == frames
+    assert unpack(memoryview(pack(frames))) == frames
+    for bad in (b"", b"\xc1", pack([b"a", "b"]), pack({"a": b"b"}), pack(7), pack([[b"a"]]),
+                pack(frames) + b"\x00"):
+        with pytest.raises(wire.ProtocolError):
+            unpack(bad)
+
+
 # -- on a real suite ----------------------------------------------------------------------------
 def line_status(home) -> dict:
     with Client(home, timeout=30) as c:
         return c.call("scheduler", "scheduler.status")["direct_line"]
 
 
-def line_socket(home) -> zmq.Socket:
-    sock = make_socket(zmq.Context.instance(), zmq.DEALER)
-    sock.connect(f"ipc://{home}/run/work.sock")
-    return sock
+class LineSocket:
+    """A raw connection to the line, as any local process of the owner could open."""
+
+    def __init__(self, home):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.sock.connect(str(home / "run" / "work.sock"))
+
+    def send_multipart(self, frames: list) -> None:
+        self.sock.send(pack(frames))
+
+    def send_raw(self, data: bytes) -> None:
+        self.sock.send(data)
+
+    def poll(self, timeout_ms: int) -> bool:
+        return bool(select.select([self.sock], [], [], timeout_ms / 1000)[0])
+
+    def recv_multipart(self) -> list:
+        data = self.sock.recv(MAX_DATAGRAM)
+        assert data, "the scheduler ended the connection"
+        return unpack(data)
+
+    def close(self, linger: int = 0) -> None:
+        self.sock.close()
 
 
-def answer(sock: zmq.Socket, timeout_ms: int = 10_000) -> wire.Message:
+def line_socket(home) -> LineSocket:
+    return LineSocket(home)
+
+
+def answer(sock: LineSocket, timeout_ms: int = 10_000) -> wire.Message:
     assert sock.poll(timeout_ms), "no answer on the direct line"
     return wire.parse(sock.recv_multipart())
 
@@ -141,14 +297,21 @@ def test_a_stranger_on_the_line_is_told_who_and_a_forged_token_opens_nothing(sha
             sock.send_multipart(wire.frames(wire.HELLO, b"scheduler", b"h2", body))
             got = answer(sock)
             assert got.type == wire.ERROR and got.decoded()["code"] == "bad_request"
-        sock.send_multipart([b"CX2", b"REQUEST"])
+        sock.send_multipart([b"CX2", b"REQUEST"])  # two frames of six
         got = answer(sock)
         assert got.type == wire.ERROR and got.decoded()["code"] == "bad_request"
+        for raw in (b"\xc1", b"\x92\x01\x02", pack({"a": b"b"})):  # not frames
+            sock.send_raw(raw)
+            got = answer(sock)
+            assert got.type == wire.ERROR and got.decoded()["code"] == "bad_request"
+        # An empty datagram reads as the connection's end (a read of 0 bytes): ended.
+        sock.send_raw(b"")
+        assert sock.poll(10_000) and sock.sock.recv(MAX_DATAGRAM) == b""
     finally:
         sock.close(linger=0)
     after = line_status(home)  # the scheduler serves on
     assert after["refused"] >= before["refused"] + 3
-    assert after["malformed"] >= before["malformed"] + 4
+    assert after["malformed"] >= before["malformed"] + 7
     with Client(home, timeout=30) as c:
         assert c.submit_and_wait("echo", "still serving")["state"] == "completed"
 

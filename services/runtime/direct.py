@@ -3,8 +3,12 @@
 A task costs five routed messages, and three of them are between the scheduler and the
 worker: its run order, the worker's finish and the answer to it. Each one through the
 broker is two hops and a broker turn. Local workers talk to the scheduler over its own
-ROUTER (`run/work.sock`, beside the bus socket, in the same owner-only directory)
-instead: one hop, and the broker's work goes.
+socket (`run/work.sock`, beside the bus socket, in the same owner-only directory)
+instead: one hop, and the broker's work goes. It is a Unix `SOCK_SEQPACKET` socket, not
+a ZeroMQ one: a datagram per message is one system call on each side, where each ZeroMQ
+message also passes through libzmq's I/O threads (about twice the CPU per message:
+`python -m cortex.loadtest.transport`). It needs Linux (epoll, and SEQPACKET on AF_UNIX);
+elsewhere, and with CORTEX_PORTABLE=1, there is no line and everything takes the bus.
 
 The broker still fixes who is who. The scheduler offers the line to a worker through
 the bus (`worker.direct`, a fresh random token sent to the name the broker bound at the
@@ -18,31 +22,33 @@ A client of this machine (the `Client` face) takes the line the same way, asking
 token over the bus (`line.open`): then its submits, waits and their answers skip the
 broker too. The broker's bounds on a client hold on the line: at most MAX_IN_FLIGHT
 requests waiting for replies (`too_many`), and a client silent on the line for
-CLIENT_IDLE is forgotten (it is told WHO when it speaks again and goes back to the bus).
+CLIENT_IDLE is forgotten (its connection is closed: it goes back to the bus). A peer
+whose connection ends (it exited, or was killed) is forgotten at once.
 
 Everything sent to a peer the line does not know (or can no longer reach) goes over
 the bus, as before: a worker or client on another machine, or one that has not taken
 the line. `DirectPeers` holds the state (tokens, names, roles, offers, what waits for
-replies); `DirectLine` the socket.
+replies); `DirectLine` the sockets.
 """
 
 from __future__ import annotations
 
 import hmac
 import secrets
+import select
+import socket
 from collections import Counter
 
-import zmq
-
-from cortex.protocol import wire
-from cortex.protocol.peer import make_socket, recv_frames, send_frames
-from cortex.services.runtime.connections import ConnectionGuard, default_cap, raise_fd_limit
+from cortex.protocol import locate, wire
+from cortex.protocol.direct import MAX_DATAGRAM, Datagrams, line_socket, pack, unpack
+from cortex.services.runtime.connections import default_cap, raise_fd_limit
 
 REOFFER_AFTER = 2.0  # seconds before a worker that has not taken an offer gets another
-# Messages waiting for one worker on the line. A worker holds at most a few tasks, so
-# only one that stopped reading gets near it: past it, its messages go over the bus,
-# which bounds a slow reader in bytes and cuts it off.
-SEND_HWM = 1000
+# A peer that stops reading fills its connection's buffer (MAX_DATAGRAM, doubled by the
+# kernel): past it, its messages go over the bus, which bounds a slow reader in bytes and
+# cuts it off.
+READY_MAX = 64  # connections taken from one look at epoll
+ACCEPT_MAX = 64  # connections accepted in one go
 SCHEDULER = b"scheduler"
 SERVICE = b"service"
 HELLO_KEYS = frozenset({"role", "name", "version", "token"})
@@ -146,30 +152,62 @@ class DirectPeers:
 
 
 class DirectLine:
-    """The ROUTER local workers connect to; what it receives becomes bus messages."""
+    """The socket local workers and clients connect to, and their connections (each a
+    routing id here: its file descriptor); what they send becomes bus messages."""
 
-    def __init__(self, ctx: zmq.Context, endpoint: str, log):
+    def __init__(self, endpoint: str, log, cap: int | None = None):
         self.endpoint = endpoint
         self.log = log
         self.peers = DirectPeers()
-        self.socket = make_socket(ctx, zmq.ROUTER)
-        self.socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        self.socket.setsockopt(zmq.SNDHWM, SEND_HWM)
-        raise_fd_limit()  # one connection per local worker
-        self.guard = ConnectionGuard(self.socket, default_cap(), "work")
-        self.socket.bind(endpoint)
-        self.stats = {"refused": 0, "malformed": 0, "fallbacks": 0, "too_many": 0}
+        raise_fd_limit()  # one connection per local worker and client
+        self.cap = default_cap() if cap is None else cap
+        self.conns: dict[int, socket.socket] = {}
+        self.accepted_at: dict[int, float] = {}  # connection -> when (monotonic)
+        self._ready: list[tuple[int, int]] = []  # from the last look at epoll, not yet read
+        self._datagrams = Datagrams()
+        self.listener = line_socket()
+        self.epoll = select.epoll()
+        try:
+            self.listener.bind(str(locate.ipc_path(endpoint)))
+            self.listener.listen(socket.SOMAXCONN)
+            self.epoll.register(self.listener.fileno(), select.EPOLLIN)
+        except OSError:
+            self.close()
+            raise
+        self.fd = self.epoll.fileno()  # readable when any connection is: for the loop's poll
+        self.stats = {"refused": 0, "malformed": 0, "fallbacks": 0, "too_many": 0,
+                      "over_cap": 0}
         self.flows: Counter = Counter()  # (from, to, type) -> messages, as the broker's
+
+    def has_message(self) -> bool:
+        """Whether a connection (or the listener) has something to read."""
+        if not self._ready:
+            self._ready = self.epoll.poll(0, READY_MAX)
+        return bool(self._ready)
 
     def receive(self, mono: float = 0.0) -> wire.Message | None | bool:
         """One message from a worker or client (its name and role stamped), None when
-        nothing waits, False for one handled here (a HELLO, a BYE, something refused)."""
-        parts = recv_frames(self.socket)
-        if parts is None:
-            return None
-        rid = parts[0]
+        nothing waits, False for one handled here (a HELLO, a BYE, a connection accepted
+        or ended, something refused). One message per ready connection per look at epoll:
+        a busy peer does not starve the rest."""
+        while True:
+            if not self.has_message():
+                return None
+            rid = self._ready.pop()[0]
+            if rid == self.listener.fileno():
+                self._accept(mono)
+                return False
+            conn = self.conns.get(rid)
+            if conn is None:
+                continue  # closed since the look
+            data = self._datagrams.read(conn)
+            if data is not None:
+                break
+        if not data:
+            self._end(rid)
+            return False
         try:
-            msg = wire.parse(parts[1:])
+            msg = wire.parse(unpack(data))
         except wire.ProtocolError as e:
             self.stats["malformed"] += 1
             self._answer(rid, wire.ERROR, b"", wire.error_body(e.code, e.message))
@@ -200,11 +238,52 @@ class DirectLine:
         self.flows[role.decode(), "scheduler", msg.type] += 1
         return wire.Message(msg.type, name, msg.corr, msg.body, role)
 
-    def forget_idle_clients(self, mono: float) -> None:
-        for name in self.peers.idle_clients(mono):
-            self.peers.unbind(name)
+    def _accept(self, mono: float) -> None:
+        for _ in range(ACCEPT_MAX):
+            try:
+                conn = self.listener.accept()[0]
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:  # out of descriptors: those waiting stay in the backlog
+                self.log.warning("direct line: accept failed: %s", e)
+                return
+            if len(self.conns) >= self.cap:
+                self.stats["over_cap"] += 1
+                conn.close()  # its peer finds the line closed and stays on the bus
+                continue
+            conn.setblocking(False)
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, MAX_DATAGRAM)
+            self.conns[conn.fileno()] = conn
+            self.accepted_at[conn.fileno()] = mono
+            self.epoll.register(conn.fileno(), select.EPOLLIN)
 
-    def _hello(self, rid: bytes, msg: wire.Message, mono: float) -> None:
+    def _end(self, rid: int) -> None:
+        """A connection ended (its peer closed it, exited or was killed), or we end it:
+        its peer is off the line."""
+        conn = self.conns.pop(rid, None)
+        if conn is None:
+            return
+        self.accepted_at.pop(rid, None)
+        name = self.peers.name_of.get(rid)
+        if name is not None:
+            self.peers.unbind(name)
+        self.epoll.unregister(rid)
+        conn.close()
+
+    def end_idle(self, mono: float) -> None:
+        """End the connections of clients silent past CLIENT_IDLE, and those that hold
+        no peer's name (never said HELLO, or fell back to the bus) after TOKEN_TTL: their
+        peers find the line closed and go back to the bus, and the descriptors are free."""
+        for name in self.peers.idle_clients(mono):
+            rid = self.peers.rid_of.get(name)
+            self.peers.unbind(name)
+            if rid is not None:
+                self._end(rid)
+        for rid, at in list(self.accepted_at.items()):
+            if rid not in self.peers.name_of and mono - at > TOKEN_TTL:
+                self._end(rid)
+
+    def _hello(self, rid: int, msg: wire.Message, mono: float) -> None:
         try:
             body = msg.decoded()
             name, token, role = body.get("name"), body.get("token"), body.get("role")
@@ -224,11 +303,11 @@ class DirectLine:
             return
         self._answer(rid, wire.WELCOME, msg.corr, b"")
 
-    def _answer(self, rid: bytes, type_: bytes, corr: bytes, body) -> None:
+    def _answer(self, rid: int, type_: bytes, corr: bytes, body) -> None:
         try:
-            send_frames(self.socket, [rid, *wire.frames(type_, SCHEDULER, corr, body,
-                                                         role=SERVICE)])
-        except zmq.ZMQError:
+            self.conns[rid].send(pack(wire.frames(type_, SCHEDULER, corr, body,
+                                                  role=SERVICE)))
+        except OSError:
             pass  # gone already, or not reading: it learns on its next message
 
     def send(self, type_: bytes, peer: bytes, corr: bytes, body) -> bool:
@@ -239,13 +318,12 @@ class DirectLine:
         if rid is None:
             return False
         try:
-            send_frames(self.socket, [rid, *wire.frames(type_, SCHEDULER, corr, body,
-                                                         role=SERVICE)])
-        except zmq.ZMQError as e:
-            if e.errno not in (zmq.EHOSTUNREACH, zmq.EAGAIN):
-                raise
-            # Disconnected, or not reading: this and what follows go over the bus (which
-            # bounds a slow reader), in order.
+            self.conns[rid].send(pack(wire.frames(type_, SCHEDULER, corr, body,
+                                                  role=SERVICE)))
+        except OSError:
+            # Not reading (its buffer is full), a message too large for the buffer, or
+            # gone: this and what follows go over the bus (which bounds a slow reader),
+            # in order. Its next message on the line is answered WHO.
             self.stats["fallbacks"] += 1
             self.peers.unbind(peer)
             return False
@@ -255,10 +333,13 @@ class DirectLine:
     def status(self) -> dict:
         roles = list(self.peers.role_of.values())
         return {"workers": roles.count(b"worker"), "clients": roles.count(CLIENT),
-                **self.stats,
+                "connections": len(self.conns), **self.stats,
                 "flows": [{"from": src, "to": dst, "type": type_.decode(), "count": n}
                           for (src, dst, type_), n in sorted(self.flows.items())]}
 
     def close(self) -> None:
-        self.guard.stop()
-        self.socket.close(linger=0)
+        for conn in self.conns.values():
+            conn.close()
+        self.conns.clear()
+        self.epoll.close()
+        self.listener.close()

@@ -35,6 +35,7 @@ from cortex.services.runtime.direct import DirectLine
 from cortex.services.runtime.effects import Effects
 from cortex.services.runtime.inbox import Inbox
 from cortex.services.runtime.journal import Journal, JournalError
+from cortex.services.runtime.lineage import linux_calls
 from cortex.services.runtime.process import ServiceRuntime, suite_secret
 from cortex.services.runtime.recovery import JournalOwner
 from cortex.services.runtime.syncer import HeldSends, Syncer
@@ -117,9 +118,15 @@ class BusService(JournalOwner):
         endpoint = locate.direct_endpoint(self.rt.endpoints["bus"])
         if endpoint is None:
             return
+        if not linux_calls():  # epoll, and SEQPACKET on AF_UNIX: everything takes the bus
+            return
         self.rt.remove_socket(endpoint)  # left by a killed predecessor (we hold the lock)
-        self.direct = DirectLine(self.rt.ctx, endpoint, self.log)
-        self.poller.register(self.direct.socket, zmq.POLLIN)
+        try:
+            self.direct = DirectLine(endpoint, self.log)
+        except OSError as e:
+            self.log.warning("no direct line (%s): workers and clients use the bus", e)
+            return
+        self.poller.register(self.direct.fd, zmq.POLLIN)
 
     def send(self, type_: bytes, peer: bytes, corr: bytes, body) -> None:
         """To a peer: over the direct line when it is on it, else over the bus."""
@@ -284,7 +291,7 @@ class BusService(JournalOwner):
         """Is more work waiting (read, or on the bus)? Then the loop should not stop for
         a sync."""
         return bool(self.inbox) or has_message(self.link.socket) or (
-            self.direct is not None and has_message(self.direct.socket))
+            self.direct is not None and self.direct.has_message())
 
     def _sync_generation(self) -> int:
         """The sync that replies sent now must wait for: a new one if records were
@@ -347,7 +354,7 @@ class BusService(JournalOwner):
                     self.events.on_message()
                 self.on_sockets(ready, fx)
                 if self.link.socket in ready or self.inbox or (
-                        self.direct is not None and self.direct.socket in ready):
+                        self.direct is not None and self.direct.fd in ready):
                     if self.read_turn(fx, ready):
                         self._after_turn(fx)
                     self.flush(fx)
@@ -409,10 +416,10 @@ class BusService(JournalOwner):
         (~5 us, against ~2 for asking)."""
         if polled is None:
             bus = has_message(self.link.socket)
-            direct = self.direct is not None and has_message(self.direct.socket)
+            direct = self.direct is not None and self.direct.has_message()
         else:
             bus = self.link.socket in polled
-            direct = self.direct is not None and self.direct.socket in polled
+            direct = self.direct is not None and self.direct.fd in polled
         while (bus or direct) and not self.inbox.full():  # the two in turn
             if bus:
                 parts = recv_frames(self.link.socket)

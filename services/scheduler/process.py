@@ -364,7 +364,7 @@ class Scheduler(BusService):
     def on_tick(self, fx: Effects, wall: float) -> float:
         now = self.now(wall)
         if now.mono >= self.next_line_sweep and self.direct is not None:
-            self.direct.forget_idle_clients(now.mono)
+            self.direct.end_idle(now.mono)
             self.next_line_sweep = now.mono + LINE_SWEEP
         if now.mono >= self.next_budgets:
             fx.sends.append((b"ledger", wire.REQUEST, BUDGETS_CORR, {"op": "ledger.status"}))
