@@ -1,6 +1,7 @@
-"""What one message hop costs between two processes, by transport: the one the
-scheduler's direct line uses (a ZeroMQ DEALER to a ROUTER on ipc) against a plain Unix
-socket (SOCK_SEQPACKET: one datagram per message, no library thread in between).
+"""What one message hop costs between two processes, by transport: the bus's (a ZeroMQ
+DEALER to a ROUTER on ipc, which the scheduler's direct line also used until it was
+measured here) against a plain Unix socket (SOCK_SEQPACKET: one datagram per message,
+no library thread in between: the direct line's transport now).
 
     python -m cortex.loadtest.transport --count 20000 --runs 3
     python -m cortex.loadtest.transport --window 10   # ten in flight, as under load
@@ -11,7 +12,7 @@ body) and waits for it to come back, `--count` times; the server process waits f
 Reported per round trip, medians of `--runs`: the wall time, and the CPU time of each
 process (all its threads, libzmq's I/O thread included: getrusage). Neither side does
 anything else, so this is the floor each transport puts under a task's messages: a task
-is five or six such messages on the direct line (`python -m cortex.loadtest.count`).
+is six such messages on the direct line (`python -m cortex.loadtest.count`).
 Measures, never asserts: run it on a quiet machine and compare the two rows.
 """
 
