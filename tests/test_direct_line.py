@@ -148,10 +148,17 @@ def test_a_message_the_buffer_cannot_take_goes_over_the_bus_and_so_does_what_fol
     assert not server.send(wire.NOTIFY, b"w1", b"", {"op": "task.run", "x": "y" * 100_000})
     assert server.stats["fallbacks"] == 1
     assert not server.send(wire.NOTIFY, b"w1", b"", {"op": "task.cancel"})  # in order
-    # The worker speaks on the line again: told WHO, it closes its end.
-    assert link.send_frames(wire.frames(wire.NOTIFY, b"scheduler", b"", {"op": "x"}))
-    serve(server, lambda _: server.stats["refused"] == 1)
-    assert link.accept(link.within(10)) is None and link.closed
+    # The worker reads the line's end at once (not at its next look at the bus); what
+    # it sent before it knew is still read.
+    assert link.send_frames(wire.frames(wire.NOTIFY, b"scheduler", b"", {"op": "late"}))
+    assert link.within(10) is None and link.closed
+    got = serve(server, lambda got: got)
+    assert [m.decoded()["op"] for m in got] == ["late"] and got[0].peer == b"w1"
+    # A peer that never reads the end has its connection ended a minute on.
+    server.end_idle(time.monotonic() + 30)
+    assert server.conns
+    server.end_idle(time.monotonic() + 61)
+    assert not server.conns and not server.peers.name_of and not server.peers.role_of
     link.close()
 
 

@@ -37,6 +37,7 @@ import hmac
 import secrets
 import select
 import socket
+import time
 from collections import Counter
 
 from cortex.protocol import locate, wire
@@ -135,6 +136,11 @@ class DirectPeers:
             del self.tokens[name]
         return [name for name, at in self.heard.items() if mono - at > idle]
 
+    def shut(self, name: bytes) -> None:
+        """Sends to `name` go over the bus from now; what its connection still brings
+        is read as its own until the connection ends."""
+        self.rid_of.pop(name, None)
+
     def unbind(self, name: bytes) -> None:
         rid = self.rid_of.pop(name, None)
         if rid is not None:
@@ -163,6 +169,7 @@ class DirectLine:
         self.cap = default_cap() if cap is None else cap
         self.conns: dict[int, socket.socket] = {}
         self.accepted_at: dict[int, float] = {}  # connection -> when (monotonic)
+        self.shut_at: dict[int, float] = {}  # connection -> when its sending side was shut
         self._ready: list[tuple[int, int]] = []  # from the last look at epoll, not yet read
         self._datagrams = Datagrams()
         self.listener = line_socket()
@@ -264,23 +271,26 @@ class DirectLine:
         if conn is None:
             return
         self.accepted_at.pop(rid, None)
-        name = self.peers.name_of.get(rid)
-        if name is not None:
-            self.peers.unbind(name)
+        self.shut_at.pop(rid, None)
+        name = self.peers.name_of.pop(rid, None)
+        if name is not None and self.peers.rid_of.get(name, rid) == rid:
+            self.peers.unbind(name)  # (not when it has said HELLO on a new connection)
         self.epoll.unregister(rid)
         conn.close()
 
     def end_idle(self, mono: float) -> None:
-        """End the connections of clients silent past CLIENT_IDLE, and those that hold
-        no peer's name (never said HELLO, or fell back to the bus) after TOKEN_TTL: their
-        peers find the line closed and go back to the bus, and the descriptors are free."""
+        """End the connections of clients silent past CLIENT_IDLE, those that never said
+        HELLO (or were refused) TOKEN_TTL after they came, and those shut TOKEN_TTL ago
+        whose peer never read their end: the peers go back to the bus, and the
+        descriptors are free."""
         for name in self.peers.idle_clients(mono):
             rid = self.peers.rid_of.get(name)
             self.peers.unbind(name)
             if rid is not None:
                 self._end(rid)
         for rid, at in list(self.accepted_at.items()):
-            if rid not in self.peers.name_of and mono - at > TOKEN_TTL:
+            since = self.shut_at.get(rid, None if rid in self.peers.name_of else at)
+            if since is not None and mono - since > TOKEN_TTL:
                 self._end(rid)
 
     def _hello(self, rid: int, msg: wire.Message, mono: float) -> None:
@@ -323,9 +333,16 @@ class DirectLine:
         except OSError:
             # Not reading (its buffer is full), a message too large for the buffer, or
             # gone: this and what follows go over the bus (which bounds a slow reader),
-            # in order. Its next message on the line is answered WHO.
+            # in order. Our end of the connection is shut: the peer reads what the line
+            # holds, then its end, and turns to the bus at once (where a reply it waits
+            # for now is); what it sent meanwhile is still read here, as its own.
             self.stats["fallbacks"] += 1
-            self.peers.unbind(peer)
+            self.peers.shut(peer)
+            self.shut_at.setdefault(rid, time.monotonic())
+            try:
+                self.conns[rid].shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
             return False
         self.flows["scheduler", self.peers.role_of[peer].decode(), type_] += 1
         return True
