@@ -143,11 +143,14 @@ def test_what_a_peer_sent_before_closing_with_our_messages_unread_is_still_read(
 def test_a_message_the_buffer_cannot_take_goes_over_the_bus_and_so_does_what_follows(line):
     server, endpoint = line
     link = welcomed(server, endpoint, "w1", role="worker")
+    server.peers.capable.add(b"w1")  # (as its reports said before it took the line)
     rid = server.peers.rid_of[b"w1"]
     server.conns[rid].setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
     assert not server.send(wire.NOTIFY, b"w1", b"", {"op": "task.run", "x": "y" * 100_000})
     assert server.stats["fallbacks"] == 1
     assert not server.send(wire.NOTIFY, b"w1", b"", {"op": "task.cancel"})  # in order
+    server.peers.reoffer_after = 0.0
+    assert server.peers.offer(b"w1", time.monotonic()) is None  # not before it read the end
     # The worker reads the line's end at once (not at its next look at the bus); what
     # it sent before it knew is still read.
     assert link.send_frames(wire.frames(wire.NOTIFY, b"scheduler", b"", {"op": "late"}))

@@ -138,8 +138,11 @@ class DirectPeers:
 
     def shut(self, name: bytes) -> None:
         """Sends to `name` go over the bus from now; what its connection still brings
-        is read as its own until the connection ends."""
+        is read as its own until the connection ends. No new offer until it says it can
+        take the line again, which it does once it has read the old one's end: a new
+        line taken sooner would close the old one with our messages unread."""
         self.rid_of.pop(name, None)
+        self.capable.discard(name)
 
     def unbind(self, name: bytes) -> None:
         rid = self.rid_of.pop(name, None)
