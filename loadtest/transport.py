@@ -23,15 +23,15 @@ import resource
 import select
 import socket
 import statistics
-import struct
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from cortex.protocol.direct import Datagrams, pack, unpack
+
 WARMUP = 200  # round trips before the clocks start
-HEADER = struct.Struct("<I")  # a frame's length, before it, in a Unix socket datagram
 # What a window may hold: a Unix socket charges each datagram its size and ~1 KiB of
 # kernel bookkeeping against a buffer of ~208 KiB by default.
 IN_FLIGHT_BYTES = 150_000
@@ -44,19 +44,6 @@ def envelope(size: int) -> list[bytes]:
 def own_cpu() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
-
-
-def pack(frames: list[bytes]) -> bytes:
-    return b"".join(HEADER.pack(len(f)) + f for f in frames)
-
-
-def unpack(datagram: bytes) -> list[bytes]:
-    frames, at = [], 0
-    while at < len(datagram):
-        (n,) = HEADER.unpack_from(datagram, at)
-        frames.append(datagram[at + 4:at + 4 + n])
-        at += 4 + n
-    return frames
 
 
 # -- the two ends, per transport ----------------------------------------------------------
@@ -106,13 +93,13 @@ def serve_unix(path: str, warm: int, count: int) -> float:
     conn.setblocking(False)
     poller = select.epoll()
     poller.register(conn.fileno(), select.EPOLLIN)
+    datagrams = Datagrams()  # the line's own receiving and framing
     served, start = 0, None
     while served < warm + count:
         poller.poll()
         while served < warm + count:  # what the wake found, without waiting again
-            try:
-                datagram = conn.recv(1 << 20)
-            except BlockingIOError:
+            datagram = datagrams.read(conn)
+            if not datagram:
                 break
             if served == warm:
                 start = own_cpu()
@@ -129,13 +116,14 @@ def client_unix(path: str, warm: int, count: int, frames: list[bytes], window: i
                 ) -> tuple[float, float]:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     sock.connect(path)
+    datagrams = Datagrams()
     for i in range(0, warm + count, window):
         if i == warm:
             start, began = own_cpu(), time.perf_counter()
         for _ in range(window):
             sock.send(pack(frames))
         for _ in range(window):
-            unpack(sock.recv(1 << 20))
+            unpack(datagrams.read(sock))
     used, wall = own_cpu() - start, time.perf_counter() - began
     sock.close()
     return used, wall
