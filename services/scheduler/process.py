@@ -65,6 +65,7 @@ class Scheduler(BusService):
         self.state.admission.know_budgets(self.settings.ledger.budgets)
         self.next_budgets = 0.0
         self.next_line_sweep = 0.0
+        self.submitted_seen = 0  # tasks submitted at the last tick (a lull has none)
         self.finishes: dict[bytes, bytes] = {}  # worker -> its task.finished this turn
         # type -> why its workers do not come (their group crash-loops), until one is ready
         self.crashing: dict[str, dict] = {}
@@ -374,9 +375,14 @@ class Scheduler(BusService):
         timeout = self.state.tick(fx, now, self.settings.scheduler.task_heartbeat)
         self.state.dispatch(fx, now)
         self.state.scale(fx, now)
-        queued = not self.state.queue.empty()  # automatic trainings wait for a lull
-        self.trainer.maybe_auto(self.settings.scheduler.retrain_every, now.mono, queued)
-        self.routing.maybe_train(now.mono, queued)
+        # Automatic trainings wait for a lull: nothing queued for workers, and nothing
+        # submitted since the last look (an open-loop load whose tasks each find a free
+        # worker leaves the queue empty, yet a training's child would take its CPU).
+        submitted = self.state.counters["submitted"]
+        busy = submitted != self.submitted_seen or not self.state.queue.empty()
+        self.submitted_seen = submitted
+        self.trainer.maybe_auto(self.settings.scheduler.retrain_every, now.mono, busy)
+        self.routing.maybe_train(now.mono, busy)
         if self.trainer.busy or self.routing.trainer.busy:
             timeout = min(timeout, 0.1)  # look at the training child's output soon
         return timeout

@@ -12,8 +12,9 @@ otherwise) and swapped in. The last failure's reason is kept for `model.status`.
 
 An automatic training (not asked for) waits for a lull: the child's import and fit take
 CPU and ~100 MB while it lives, which a saturated suite pays in throughput. It starts
-once no task has been queued for workers for LULL_SECONDS (a moment's empty queue
-between two bursts is no lull), or once it has waited MAX_LULL_WAIT (a suite that is
+once no task has been queued for workers, nor submitted, for LULL_SECONDS (a moment's
+empty queue between two bursts is no lull, nor is a steady load whose tasks each find a
+free worker), or once it has waited MAX_LULL_WAIT (a suite that is
 never idle still retrains); see `lull_allows`.
 """
 
