@@ -38,7 +38,7 @@ from cortex.services.runtime.journal import Journal, JournalError
 from cortex.services.runtime.lineage import linux_calls
 from cortex.services.runtime.process import ServiceRuntime, suite_secret
 from cortex.services.runtime.recovery import JournalOwner
-from cortex.services.runtime.syncer import HeldSends, Syncer
+from cortex.services.runtime.syncer import STALL, HeldSends, Syncer
 
 # A turn also ends after a share of the heartbeat interval: the broker declares a service
 # lost after a few silent intervals, and a burst of costly requests (events.recent of
@@ -103,6 +103,7 @@ class BusService(JournalOwner):
         # fsync = "group": the journal syncs in a thread while replies wait (syncer.py).
         self.syncer: Syncer | None = None
         self.held = HeldSends()
+        self.stall_ended = 0.0  # when the last sync in the loop that stalled it ended
         self._written = False  # journal records written since the last sync was asked
         self.pending_events: list = []  # emitted outside a turn's Effects
         self.next_snapshot = time.monotonic() + self.settings.suite.snapshot_interval
@@ -281,8 +282,11 @@ class BusService(JournalOwner):
             else:
                 # Nothing else to do (or another policy): sync here. Handing an idle
                 # loop's sync to the thread only adds wake-ups to each reply's latency.
+                began = time.monotonic()
                 self._commit(sync=True)
                 self._written = False
+                if time.monotonic() - began > STALL:
+                    self.stall_ended = time.monotonic()
         for peer, type_, corr, body in acks:
             self.send(type_, peer, corr, body)
         self.events.flush()
@@ -304,6 +308,19 @@ class BusService(JournalOwner):
             self._written = False
             return self.syncer.ask(self.journal.fileno())
         return self.syncer.in_flight
+
+    def orders_left(self, now: float) -> float:
+        """Since when (monotonic) what we sent has been leaving: `now` while a journal
+        sync holds replies back for longer than STALL, else when the last such
+        stall ended. A peer cannot answer what has not reached it: its silence, or its
+        saying it has nothing, counts from then."""
+        syncer = self.syncer
+        if syncer is None:
+            return self.stall_ended
+        began = syncer.began
+        if began is not None and now - began > STALL:
+            return now
+        return max(self.stall_ended, syncer.stall_ended)
 
     def send_synced(self) -> None:
         """Send the held replies (and what waits behind them) whose sync has ended."""

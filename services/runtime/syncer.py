@@ -16,7 +16,13 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections import deque
+
+# A sync this long is a stall (a loaded or failing disk: a sync takes milliseconds). The
+# replies it holds back leave late, and their peers' silence meanwhile is ours, not
+# theirs (the loop's `orders_left`).
+STALL = 1.0
 
 
 class Syncer:
@@ -31,6 +37,8 @@ class Syncer:
         self._fd: int | None = None
         self._closing = False
         self.error: OSError | None = None
+        self.began: float | None = None  # monotonic start of the sync under way
+        self.stall_ended = 0.0  # when the last sync that took over STALL ended
         self.wake_fd, self._wake_w = os.pipe()
         os.set_blocking(self.wake_fd, False)
         os.set_blocking(self._wake_w, False)
@@ -86,6 +94,7 @@ class Syncer:
                 if self._asked == self._synced:
                     return  # closing, nothing left to sync
                 target, fd = self._asked, self._fd
+                self.began = time.monotonic()
             try:
                 os.fdatasync(fd)
             except OSError as e:
@@ -96,6 +105,10 @@ class Syncer:
                 return
             with self._cond:
                 self._synced = target
+                ended = time.monotonic()
+                if ended - self.began > STALL:
+                    self.stall_ended = ended
+                self.began = None
                 self._cond.notify_all()
             self._wake()
 

@@ -256,6 +256,7 @@ class Scheduler(BusService):
         for task_type in body["types"]:  # a worker of that type started after all
             self.crashing.pop(task_type, None)
         self.can_take_line(msg.peer, body)
+        self.state.orders_left_at = self.orders_left(time.monotonic())
         self.from_worker(self.state.worker_ready, fx, msg, body, wall)
 
     @serves("task.started", wire.NOTIFY)
@@ -372,6 +373,7 @@ class Scheduler(BusService):
             self.next_budgets = now.mono + BUDGETS_REFRESH
         self.trainer.poll(fx, now.mono)
         self.routing.trainer.poll(fx, now.mono)
+        self.state.orders_left_at = self.orders_left(now.mono)
         timeout = self.state.tick(fx, now, self.settings.scheduler.task_heartbeat)
         self.state.dispatch(fx, now)
         self.state.scale(fx, now)

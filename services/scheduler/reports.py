@@ -83,7 +83,10 @@ class Reports:
             task = self.tasks.get(worker.task or "")
             if task is not None and not task.final and task.worker == name:
                 dispatched = self.marks[task.id].dispatched
-                if dispatched is not None and now.mono - dispatched < DISPATCH_GRACE:
+                # Counted from when our order could leave: a stalled journal sync holds
+                # the reply that carries it (loop.py, `orders_left`).
+                if dispatched is not None and now.mono - max(
+                        dispatched, self.orders_left_at) < DISPATCH_GRACE:
                     return  # its ready crossed our task.run on the way
                 # Idle long after we gave it a task: the task (or its run order) was lost.
                 self._retry(fx, task, "worker_lost", "worker does not have its task", now)

@@ -65,6 +65,9 @@ class SchedulerState(ClientRequests, Reports):
         self.settings = settings
         self.rng = rng or random.Random()
         self.counters = dict.fromkeys(COUNTERS, 0)
+        # Since when our orders have been leaving (monotonic; the loop's `orders_left`):
+        # no worker is judged silent, or lost its task, for what a stall held back.
+        self.orders_left_at = 0.0
         self.table = TaskTable(settings.retention, self.counters, settings.keep_results,
                                settings.keep_results_mb)
         self.tasks, self.marks = self.table.tasks, self.table.marks
@@ -423,7 +426,8 @@ class SchedulerState(ClientRequests, Reports):
         if soonest is not None:
             next_due = min(next_due, soonest)
         lost_after = task_heartbeat * wire.HEARTBEAT_LIVENESS
-        for task, kind, seconds in self.watch.overdue(self.registry, now.mono, lost_after):
+        for task, kind, seconds in self.watch.overdue(self.registry, now.mono, lost_after,
+                                                      self.orders_left_at):
             if task.state not in ACTIVE:
                 continue  # given back by a kill earlier in this scan (it was prefetched)
             if task.prefetched:  # recovered, and no worker said it runs it: never started

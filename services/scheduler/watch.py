@@ -38,15 +38,18 @@ class Watch:
         self.next_scan = now + WATCH_INTERVAL
         return True
 
-    def overdue(self, registry: WorkerRegistry, now: float, lost_after: float
-                ) -> list[tuple[Task, str, float]]:
+    def overdue(self, registry: WorkerRegistry, now: float, lost_after: float,
+                orders_left: float = 0.0) -> list[tuple[Task, str, float]]:
         """(task, "timeout" | "silent", seconds) for each task past its timeout (seconds
-        run) or silent too long (seconds silent)."""
+        run) or silent too long (seconds silent). Neither counts from before
+        `orders_left`: while a stalled journal sync held our orders back, no worker
+        could run, or speak of, what had not reached it."""
         found = []
         for task in self.active.values():
             marks = self.marks.get(task.id)
             since = marks.dispatched if marks is not None and marks.dispatched is not None \
                 else now
+            since = max(since, orders_left)
             if now - since > task.timeout:
                 found.append((task, "timeout", now - since))
                 continue
