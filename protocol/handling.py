@@ -28,8 +28,7 @@ class TaskMemory:
     costs a worker about 11 us warm, a no-op task's largest system call: after a
     handler shorter than SHORT_TASK (which cannot have touched more than a few MB: a
     page fault each 4 KiB) it is read only if the last read is READ_EVERY old, and the
-    task reports no growth and the RSS last read; the peak is reset only after a read, so
-    the growth of unread short tasks (a few MB at most) counts to the next task read."""
+    task reports no growth and the RSS last read."""
 
     SHORT_TASK = 0.001  # seconds
     READ_EVERY = 1.0  # seconds
@@ -38,7 +37,6 @@ class TaskMemory:
         self._status = self._clear = None
         self._read_at = -math.inf  # monotonic time of the last read
         self._current = 0.0
-        self._reset_due = True  # the peak was read since the last reset
         try:
             self._status = os.open("/proc/self/status", os.O_RDONLY)
             self._clear = os.open("/proc/self/clear_refs", os.O_WRONLY)
@@ -62,12 +60,9 @@ class TaskMemory:
         return peak_mb, peak_mb
 
     def before_task(self) -> None:
-        # Reset only after a read: short tasks in between go unread, so a reset before
-        # each of them (a system call) would be measured by nothing.
-        if self._clear is not None and self._reset_due:
+        if self._clear is not None:
             try:
                 os.pwrite(self._clear, b"5", 0)
-                self._reset_due = False
             except OSError:
                 self._clear = None
         if self._clear is None:  # no reset: measure from the lifetime peak
@@ -82,7 +77,6 @@ class TaskMemory:
         grew = max(0.0, peak - self._base)
         if self._clear is not None:
             self._base = current  # the next task starts from here
-            self._reset_due = True
         return grew, current
 
 

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import mmap
-import os
 from types import SimpleNamespace
 
 import msgpack
-import pytest
 
 from cortex.protocol import wire
 from cortex.protocol.handling import MAX_OUTCOME_BYTES, TaskMemory, run_task
@@ -74,36 +71,3 @@ def test_short_tasks_read_the_process_status_at_most_once_a_second(monkeypatch):
     memory._read_at -= TaskMemory.READ_EVERY  # a second on: the next short task reads
     run_task(lambda c: None, ctx(), memory)
     assert reads == [1]
-
-
-def test_the_peak_is_reset_after_a_read_not_before_every_task(monkeypatch):
-    memory = TaskMemory()
-    if memory._clear is None:
-        pytest.skip("no /proc/self/clear_refs here: the lifetime peak is measured instead")
-    resets = []
-    real_pwrite = os.pwrite
-    monkeypatch.setattr(os, "pwrite", lambda fd, data, at: resets.append(data)
-                        or real_pwrite(fd, data, at))
-
-    def grows(mb):
-        def handler(c):
-            # Fresh pages from the kernel, each written (resident), unmapped on return: an
-            # allocator's free list could hand back pages already resident.
-            with mmap.mmap(-1, mb << 20) as block:
-                for at in range(0, len(block), mmap.PAGESIZE):
-                    block[at] = 1
-                return len(block)
-        return handler
-
-    for _ in range(20):  # short and unread: one reset, before the first
-        run_task(lambda c: None, ctx(), memory)
-    assert resets == [b"5"]
-    # Read after, however short they run (huge pages let a task touch 16 MB within the
-    # millisecond under which it is not read): the next task resets.
-    memory._read_at -= TaskMemory.READ_EVERY
-    first = run_task(grows(64), ctx(), memory)
-    memory._read_at -= TaskMemory.READ_EVERY
-    second = run_task(grows(16), ctx(), memory)
-    assert resets == [b"5", b"5"]
-    assert first["mem_mb"] >= 48
-    assert 8 <= second["mem_mb"] < 40  # its own growth, not the first one's peak
