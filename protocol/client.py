@@ -196,8 +196,12 @@ class Client(_Face):
             token = exchange(self._session, Request("scheduler", "line.open", {},
                                                     timeout=LINE_OPEN_TIMEOUT),
                              self._send, self._receive)["token"]
-        except (errors.CortexError, KeyError, TypeError):
+        except errors.CortexError as e:
+            if e.code == "no_line":  # none here (portable mode): never ask again
+                self._line_endpoint = None
             return  # stay on the bus
+        except (KeyError, TypeError):
+            return
         link = DirectLink(self._line_endpoint, self.name, str(token)[:64], role="client")
         deadline = self._session.clock() + LINE_OPEN_TIMEOUT
         while not (link.welcomed or link.closed):

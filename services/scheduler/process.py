@@ -222,7 +222,10 @@ class Scheduler(BusService):
         """A client of this machine asks for the direct line (runtime/direct.py): its
         token goes back over the bus, to the name the broker bound."""
         if self.direct is None:
-            fx.error(msg.peer, msg.corr, "unavailable", "no direct line on a tcp bus")
+            # Not `unavailable`, which a client pauses on and asks again for seconds:
+            # there is none to wait for (a tcp bus, or no epoll and SEQPACKET here).
+            fx.error(msg.peer, msg.corr, "no_line", "this scheduler has no direct line "
+                     "(a tcp bus, or a system without epoll or SEQPACKET sockets)")
         else:
             token = self.direct.peers.token_for(msg.peer, "client", self.now(wall).mono)
             fx.reply(msg.peer, msg.corr, {"token": token})
