@@ -356,7 +356,9 @@ OPERATIONS = [
          "and per top type the `words` that weighed most (error `unavailable`: no router)")),
     Operation("line.open", "scheduler", wire.REQUEST, frozenset({"client"}), (),
               "a token (`{token}`, good once) to say HELLO with on the scheduler's direct "
-              "line (`run/work.sock`); error `unavailable` where there is none (a tcp bus)"),
+              "line (`run/work.sock`); error `no_line` where there is none (a tcp bus, or "
+              "`CORTEX_PORTABLE=1` and systems without epoll or `SEQPACKET` sockets): the "
+              "client then stays on the bus for good"),
     Operation("model.train", "scheduler", wire.REQUEST, CLIENTS, (),
               "retrain now, in a child (`{started, reason}`: why it did not start)"),
     # -- scheduler: workers ----------------------------------------------------------------

@@ -148,6 +148,7 @@ ERROR_CODES = {
     "rejected": "admission refused the task",
     "unauthorized": "the peer may not do this",
     "too_many": "too many requests of this peer are waiting for replies",
+    "no_line": "the scheduler has no direct line (a tcp bus, or no epoll or SEQPACKET)",
     "internal": "the service failed while handling the request",
 }
 
