@@ -285,8 +285,9 @@ class BusService(JournalOwner):
                 began = time.monotonic()
                 self._commit(sync=True)
                 self._written = False
-                if time.monotonic() - began > STALL:
-                    self.stall_ended = time.monotonic()
+                ended = time.monotonic()
+                if ended - began > STALL:
+                    self.stall_ended = ended
         for peer, type_, corr, body in acks:
             self.send(type_, peer, corr, body)
         self.events.flush()
