@@ -346,7 +346,8 @@ OPERATIONS = [
     Operation("worker.list", "scheduler", wire.REQUEST, ANY, (),
               "workers (`state`: idle, claimed, busy, leaving)"),
     Operation("scheduler.status", "scheduler", wire.REQUEST, ANY, (),
-              "queues, states, waiting reasons, counters, `providers` (their windows)"),
+              ("queues, states, waiting reasons, counters, `providers` (their windows), "
+               "`ledger_orders` (requests to the ledger not yet answered)")),
     Operation("model.status", "scheduler", wire.REQUEST, ANY, (),
               ("models (trained on what, when, held-out accuracy), `training`, "
                "`last_failure`; `routing`: the router's held-out accuracy and confusion")),

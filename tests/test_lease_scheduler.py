@@ -119,6 +119,33 @@ def test_after_a_restart_carves_are_resent_before_the_leases_go_back():
     assert [b for _, b in ledger_requests(fx)] == [{"op": "ledger.return", "lease": lease_id}]
 
 
+def test_ledger_orders_counts_what_the_ledger_has_not_answered():
+    """`scheduler.status` `ledger_orders`: a task's carve and settle count from the turn
+    that makes them (gathered) until the ledger answers them; at 0 its totals are final."""
+    sim = lease_sim()
+    granted_lease(sim)
+    assert sim.state.ledger_orders() == 0
+    task = sim.add(tokens=10)
+    sim.ready("w1")
+    sim.finish("w1", task, tokens_used=7)
+    assert sim.state.ledger_orders() == 2  # its carve and its settle, gathered
+    (corr, _), = ledger_requests(flush(sim))
+    assert sim.state.ledger_orders() == 1  # one batch on its way
+    sim.ledger(corr, results=[{"ok": True, "released": 3}], assigned=[{"ok": True}])
+    assert sim.state.ledger_orders() == 0
+    # The per-task path: the reservation, then the commit, each until answered.
+    sim = Sim(lease=False)
+    task = sim.add(tokens=10)
+    (corr, _), = ledger_requests(sim.ready("w0"), "ledger.reserve")
+    assert sim.state.ledger_orders() == 1
+    sim.ledger(corr, granted=True)
+    assert sim.state.ledger_orders() == 0
+    (corr, _), = ledger_requests(sim.finish("w0", task, tokens_used=4), "ledger.commit")
+    assert sim.state.ledger_orders() == 1
+    sim.ledger(corr, committed=4, released=6)
+    assert sim.state.ledger_orders() == 0
+
+
 def test_a_batch_the_ledger_failed_on_is_sent_again_not_forgotten():
     sim = lease_sim()
     granted_lease(sim)

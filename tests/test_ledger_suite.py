@@ -56,6 +56,15 @@ def balances(client: Client) -> dict[str, dict]:
     return {row["scope"]: row for row in client.budget()["budgets"]}
 
 
+def settled_balances(client: Client) -> dict[str, dict]:
+    """The balances once every ledger order is answered and nothing is reserved: a task's
+    end reaches its client before the ledger hears its settle order."""
+    wait_for(lambda: client.call("scheduler", "scheduler.status")["ledger_orders"] == 0
+             and all(b["reserved"] == 0 for b in balances(client).values()), 30,
+             "every ledger order answered, nothing reserved")
+    return balances(client)
+
+
 def numbers(rows: dict[str, dict]) -> dict[str, tuple]:
     return {s: tuple(row[k] for k in NUMBERS) for s, row in rows.items()}
 
@@ -340,9 +349,7 @@ def test_hundred_agents_contend_for_budgets_exactly(suites):
             t.join(timeout=120)
         assert not errors, errors[:3]
         assert set(final) == set(accepted), "an agent did not get every task back"
-        wait_for(lambda: all(b["reserved"] == 0 for b in balances(c).values()), 30,
-                 "every reservation settled")
-        end = balances(c)
+        end = settled_balances(c)
         reservations = {t: c.call("ledger", "ledger.task", {"task": t})["reservation"]
                         for t in accepted}
         events = settled_events(suite, c, initial)
@@ -497,9 +504,7 @@ def test_ledger_killed_keeps_exact_balances(suites, lease):
             t.join(timeout=120)
         assert not errors, errors[:3]
         assert set(final) == set(accepted) and len(final) == 96
-        wait_for(lambda: all(b["reserved"] == 0 for b in balances(c).values()), 30,
-                 "every reservation settled")
-        end = balances(c)
+        end = settled_balances(c)
         events = settled_events(suite, c, initial)
 
     for task_id, task in final.items():

@@ -240,7 +240,7 @@ class Scheduler(BusService):
         fx.reply(msg.peer, msg.corr, self.state.status(now) | {
             "uptime": now.wall - self.rt.started, "bad_messages": self.bad_messages,
             "internal_errors": self.internal_errors, "pid": os.getpid(),
-            "events_unacked": self.events.unacked,
+            "events_unacked": self.events.unacked, "ledger_orders": self.state.ledger_orders(),
             "direct_line": self.direct.status() if self.direct is not None else None})
 
     # -- workers -------------------------------------------------------------------------------

@@ -149,6 +149,12 @@ class SchedulerState(ClientRequests, Reports):
         self.table.set(fx, task, reserved=0, settle={**task.settle, str(task.attempt): body},
                        **lease)
 
+    def ledger_orders(self) -> int:
+        """Requests to the ledger not yet answered, sent or gathered for the next batch: at
+        0, after the tasks have ended, the ledger has heard every settle order and its
+        totals are final (a client hears its task's end before the ledger does)."""
+        return len(self.ledger.pending) + len(self.leases.assigns) + len(self.leases.settles)
+
     def flush_ledger(self, fx: Effects, now_mono: float, force: bool = False) -> None:
         """At the end of a turn: the carves and settle orders gathered, once they are due
         (leases.py), ahead of the turn's task.run orders."""
