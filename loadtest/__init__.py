@@ -12,7 +12,9 @@ report.json keys (schema "cortex.loadtest/1"; every figure is the median over --
 - ``dashboard_page`` (with --dashboard-page: the page kept open during every scenario)
   {page, browser_cpu_s, event_to_screen_s, event_to_page_s}, else null;
 - ``idle_cpu`` {before, after}: {seconds, cpu_s, fraction_of_core, by_role} of the suite
-  over a quiet period before and after the load;
+  over a quiet period before and after the load, and {models_s, models_busy}: the probe
+  after the load first waits (60 s at most) for a model training the load made due,
+  which starts in the lull after it, to end; how long, and whether one still ran;
 - ``targets``: [{scenario, metric, what, op, target, unit, value, met, peers}] against
   docs/targets.md;
 - ``scenarios.<name>`` (latency, rate, noop, onetype, utilization, priority, mixed, chaos):

@@ -293,15 +293,40 @@ class Sampler(threading.Thread):
             self.timeline.append(row)
 
 
-def idle_cpu(target: Target, seconds: float = 3.0, settle: float = 2.0) -> dict:
+MODELS_PATIENCE = 60.0  # seconds the idle probe waits for a due model training to end
+
+
+def models_busy(client: Client) -> bool:
+    """Is a model training running, or due and waiting for its lull (the predictor's or
+    the router's)? Either is work the suite has to do, not idling."""
+    status = client.call("scheduler", "model.status", timeout=5)
+    return any(part.get("training") or part.get("waiting_for_lull")
+               for part in (status, status.get("routing") or {}))
+
+
+def idle_cpu(target: Target, seconds: float = 3.0, settle: float = 2.0,
+             client: Client | None = None) -> dict:
     """CPU of the whole suite over a quiet period (after `settle` s of nothing), as a
-    fraction of one core, in total and by role."""
+    fraction of one core, in total and by role. With `client`, first the end of a model
+    training the load made due (it starts in the lull after the load): how long that took
+    is reported (`models_s`), and `models_busy` if it had not ended within the patience."""
+    waited, busy = 0.0, False
+    if client is not None:
+        began = time.monotonic()
+        try:
+            while (busy := models_busy(client)) and \
+                    time.monotonic() - began < MODELS_PATIENCE:
+                time.sleep(0.5)  # polling the scheduler's own account, with a deadline
+        except errors.CortexError:
+            busy = False  # not asked: measured as it is
+        waited = time.monotonic() - began
     time.sleep(settle)  # let the last work drain before the quiet period starts
     by_role = cpu_by_role(target.roles(), seconds)  # the quiet period being measured
     used = sum(by_role.values())
     return {"seconds": seconds, "cpu_s": round(used, 4),
             "fraction_of_core": round(used / seconds, 5),
-            "by_role": {k: round(v / seconds, 5) for k, v in sorted(by_role.items())}}
+            "by_role": {k: round(v / seconds, 5) for k, v in sorted(by_role.items())},
+            "models_s": round(waited, 2), "models_busy": busy}
 
 
 def memory(target: Target) -> dict:

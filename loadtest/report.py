@@ -285,7 +285,7 @@ def markdown(report: dict, charts: list[str]) -> str:
               f"Suite CPU over {get(idle, 'before.seconds')} s quiet: before the load "
               f"{_fmt(get(idle, 'before.fraction_of_core'), 4)}, after it "
               f"{_fmt(get(idle, 'after.fraction_of_core'), 4)} of one core (target < "
-              f"{IDLE_TARGET}).", ""]
+              f"{IDLE_TARGET}).{_models_waited(idle.get('after') or {})}", ""]
     for t in by_scen.get("idle", []):
         lines += [f"Idle target: **{'met' if t['met'] else 'not met'}**.", ""]
     if any(r.get("leftovers") or []):
@@ -295,6 +295,17 @@ def markdown(report: dict, charts: list[str]) -> str:
     for note in r.get("notes", []):
         lines += [f"> {note}", ""]
     return "\n".join(lines)
+
+
+def _models_waited(after: dict) -> str:
+    """What the probe after the load waited for first, said beside its figure."""
+    waited = after.get("models_s") or 0
+    if after.get("models_busy"):
+        return f" A model training was still running after {_fmt(waited, 1)} s: it is in it."
+    if waited >= 1:
+        return (f" It began once the model training the load made due had ended "
+                f"({_fmt(waited, 1)} s after the load).")
+    return ""
 
 
 def write(out: Path, report: dict, charts: list[str]) -> None:

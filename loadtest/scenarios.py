@@ -569,7 +569,8 @@ class Session:
             for name in names:
                 results[name] = getattr(self, name)()
             time.sleep(1.0)  # let the last acknowledgements and snapshots go out
-            idle_after = harness.idle_cpu(self.target, self.args.idle_seconds)
+            idle_after = harness.idle_cpu(self.target, self.args.idle_seconds,
+                                          client=self.client)
         finally:
             self.sampler.stop()
             if self.client is not None:

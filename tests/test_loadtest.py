@@ -92,6 +92,8 @@ def test_smoke_noop_and_latency(tmp_path, capsys):
     assert report["scenarios"]["noop"]["agents"] == 10
     idle = report["idle_cpu"]["after"]
     assert idle["fraction_of_core"] >= 0 and set(idle["by_role"]) >= {"scheduler", "workers"}
+    # 600 tasks make a model training due: the probe after the load waited for its end.
+    assert idle["models_busy"] is False and idle["models_s"] >= 0
     names = {(t["scenario"], t["metric"]) for t in report["targets"]}
     assert ("latency", "latency_ms.coordination.p50") in names
     assert ("noop", "throughput") in names
@@ -105,6 +107,16 @@ def test_smoke_noop_and_latency(tmp_path, capsys):
         assert "charts skipped" in md
     # Nothing of the suite is left: no cxlt supervisord among our children.
     assert supervisords_among_our_children() - suites_before == set()
+
+
+def test_the_idle_line_says_what_the_probe_waited_for():
+    from cortex.loadtest.report import _models_waited
+
+    assert _models_waited({"models_s": 0.2, "models_busy": False}) == ""
+    assert "had ended (6.2 s after" in _models_waited({"models_s": 6.2,
+                                                        "models_busy": False})
+    assert "still running after 60.0 s" in _models_waited({"models_s": 60.0,
+                                                             "models_busy": True})
 
 
 def supervisords_among_our_children() -> set[int]:
