@@ -1,5 +1,6 @@
 """`cortex status`: its queue line counts the same queued tasks as its tasks line, those
-held out of the dispatch queue (waiting for tokens, a retry, cpu or memory) included."""
+held out of the dispatch queue (waiting for tokens, a retry, cpu or memory) included; and
+a suite just started (supervisord's first second) is healthy once its services answer."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import subprocess
 import sys
 
 from cortex.protocol import Client
-from cortex.services.cli.status import _scheduler_lines
+from cortex.services.cli.status import _scheduler_lines, problems
 
 from .conftest import wait_for
 
@@ -38,6 +39,28 @@ def _status(home) -> dict:
                            "status", "--json"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)
+
+
+def test_a_service_that_answers_while_supervisord_still_says_starting_is_up():
+    def report(state, alive, helper="RUNNING"):
+        service = {"state": state, "alive": alive}
+        return {"services": dict.fromkeys(("broker", "events", "ledger", "scheduler",
+                                           "pool"), {"state": "RUNNING", "alive": True})
+                | {"broker": service},
+                "helpers": {"supervisor-events": {"state": helper, "started": True,
+                                                  "exit_code": None}}}
+
+    assert problems(report("STARTING", True, helper="STARTING")) == []
+    assert problems(report("STARTING", False)) == ["broker is STARTING"]
+    assert problems(report("BACKOFF", True)) == ["broker is BACKOFF"]
+    assert problems(report("RUNNING", True, helper="BACKOFF")) == [
+        "supervisor-events is BACKOFF"]
+
+
+def test_right_after_up_the_status_is_healthy(suites):
+    suite = suites.start(config=BASE)  # returns once every service answers on the bus
+    status = _status(suite.home)  # exit 0: healthy, within supervisord's first second too
+    assert status["healthy"] and status["problems"] == []
 
 
 def test_a_task_waiting_for_tokens_is_in_the_queue_line_as_in_the_tasks_line(suites):

@@ -456,8 +456,11 @@ def test_tail_reads_through_the_client(shared_suite, capsys, monkeypatch):
 
     monkeypatch.setattr(client_module.Client, "subscribe", recording)
     with Client(shared_suite.home, timeout=10) as c:
-        for i in range(3):
-            c.submit("echo", f"before the tail {i}")
+        before = [c.submit("echo", f"before the tail {i}")["id"] for i in range(3)]
+        # A submit is answered before its events reach the router (they go in batches).
+        wait_for(lambda: set(before) <= {e["task"] for e in c.call(
+            "events", "events.recent", {"n": 50, "type": "task.created"})["events"]},
+                 10, "the three task.created events in the router's ring")
     stop = threading.Event()
     marker = unique("live")
 

@@ -80,6 +80,12 @@ def gather(home: Path) -> dict:
     return report
 
 
+# A process's first second (supervisord's startsecs) is STARTING, and `cortex up` returns
+# once every service answers on the bus, which can be within it: a service that answers
+# is up, and a helper starting is not down (a crash loop shows as BACKOFF, then FATAL).
+STARTING = "STARTING"
+
+
 def problems(report: dict) -> list[str]:
     """What makes the suite unhealthy: a service not running or not answering, a helper
     program that ran and is no longer running."""
@@ -88,7 +94,8 @@ def problems(report: dict) -> list[str]:
         service = report["services"].get(name)
         if service is None:
             found.append(f"{name} is not configured in supervisord")
-        elif service["state"] != "RUNNING":
+        elif service["state"] != "RUNNING" and not (service["state"] == STARTING
+                                                    and service["alive"]):
             found.append(f"{name} is {service['state']}")
         elif not service["alive"]:
             found.append(f"{name} is not answering on the bus")
@@ -102,7 +109,7 @@ def problems(report: dict) -> list[str]:
         # switch it off): off by choice, not down.
         switched_off = (helper["state"] == NEVER_STARTED and not helper.get("started")) or \
             (helper["state"] == "EXITED" and helper.get("exit_code") == 0)
-        if helper["state"] != "RUNNING" and not switched_off:
+        if helper["state"] not in ("RUNNING", STARTING) and not switched_off:
             found.append(f"{name} is {helper['state']}")
     return found
 
