@@ -294,6 +294,21 @@ class Suite:
         raise SuiteError(f"not answering on the bus after {timeout:.0f} s: "
                          f"{', '.join(missing)} (logs in {self.home}/logs/)")
 
+    def wait_past_starting(self, timeout: float = 3.0) -> bool:
+        """Until supervisord counts no program as STARTING (its first `startsecs`), so that
+        `supervisorctl status` right after `cortex up` says RUNNING; whether it got there
+        within `timeout` (a program still STARTING then is for `cortex status` to show)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if all(p.get("statename") != "STARTING" for p in self.processes()):
+                    return True
+            except SuiteError:
+                return False
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.1)  # supervisord's own state: polled with a deadline
+
     def pids(self) -> list[int]:
         """Every live process of the suite: supervisord, services, workers."""
         pids = []
