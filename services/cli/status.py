@@ -80,9 +80,9 @@ def gather(home: Path) -> dict:
     return report
 
 
-# A process's first second (supervisord's startsecs) is STARTING, and `cortex up` returns
-# once every service answers on the bus, which can be within it: a service that answers
-# is up, and a helper starting is not down (a crash loop shows as BACKOFF, then FATAL).
+# A process's first second (supervisord's startsecs) is STARTING, and a service started
+# or restarted answers on the bus within it: a service that answers is up, and a helper
+# starting is not down (a crash loop shows as BACKOFF, then FATAL).
 STARTING = "STARTING"
 
 
