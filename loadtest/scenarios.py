@@ -179,8 +179,8 @@ class Session:
 
     @staticmethod
     def settle_ledger(client, timeout: float = 10.0) -> None:
-        """Commits follow completions asynchronously: wait until nothing is reserved and
-        the committed figure holds still."""
+        """Commits follow completions asynchronously: wait until the scheduler has no
+        ledger order unanswered, nothing is reserved and the committed figure holds still."""
         from cortex.protocol import errors
 
         deadline = time.monotonic() + timeout
@@ -188,12 +188,14 @@ class Session:
         while time.monotonic() < deadline:
             try:
                 rows = client.budget().get("budgets", [])
+                orders = client.call("scheduler", "scheduler.status",
+                                     timeout=5).get("ledger_orders", 0)
             except errors.CortexError:
                 time.sleep(0.2)
                 continue
             glob = [r for r in rows if r.get("scope") == "global"]
             key = tuple((r.get("reserved"), r.get("committed")) for r in glob)
-            if key == last and all(not r.get("reserved") for r in glob):
+            if key == last and not orders and all(not r.get("reserved") for r in glob):
                 return
             last = key
             time.sleep(0.2)  # polling the ledger's view until it is still
