@@ -69,9 +69,6 @@ def cmd_up(args):
         running = " (supervisord is still running: `cortex down` stops it)" \
             if suite.supervisord_pid() else ""
         raise CliError(Exit.UNAVAILABLE, f"{e}{running}") from e
-    # The services answer within supervisord's first second, which it counts as STARTING:
-    # wait it out, so that what `cortex up` says and `supervisorctl status` says agree.
-    suite.wait_past_starting(min(3.0, max(0.0, args.timeout - (time.monotonic() - started))))
     if suite.ended_earlier:
         emit(f"stopped {len(suite.ended_earlier)} processes of an earlier start of this "
              f"home: {', '.join(suite.ended_earlier)}", err=True)

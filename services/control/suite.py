@@ -244,7 +244,12 @@ class Suite:
                                   umask=PRIVATE_UMASK)
             if done.returncode != 0:
                 raise SuiteError(f"supervisord did not start: {done.stderr.strip()[-500:]}")
+        began = time.monotonic()
         self.wait_ready(timeout)
+        # Ready is also supervisord's word: the services answer within its first second,
+        # which it counts as STARTING, and what `supervisorctl status` says after a start
+        # should agree with what the start said.
+        self.wait_past_starting(min(3.0, max(0.0, timeout - (time.monotonic() - began))))
 
     def ping(self, timeout: float = 2.0) -> dict[str, bool]:
         """Does each service answer on the bus?"""
@@ -296,7 +301,7 @@ class Suite:
 
     def wait_past_starting(self, timeout: float = 3.0) -> bool:
         """Until supervisord counts no program as STARTING (its first `startsecs`), so that
-        `supervisorctl status` right after `cortex up` says RUNNING; whether it got there
+        `supervisorctl status` right after a start says RUNNING; whether it got there
         within `timeout` (a program still STARTING then is for `cortex status` to show)."""
         deadline = time.monotonic() + timeout
         while True:
